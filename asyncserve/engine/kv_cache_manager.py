@@ -1,0 +1,114 @@
+"""Which blocks each sequence holds: allocation, prefix-cache hits, fork with copy-on-write, free."""
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from asyncserve.engine.block_pool import BlockPool, KVCacheBlock
+from asyncserve.engine.sequence import Sequence
+
+
+def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
+    """Content hash of a full block, chained on its prefix so equal blocks at other offsets differ."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update((parent_hash or 0).to_bytes(16, "little"))
+    digest.update(array("q", token_ids).tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        # (src, dst) block copies the runner must do before this step's forward (copy-on-write).
+        self.pending_copies: list[tuple[int, int]] = []
+
+    def _update_hashes(self, seq: Sequence) -> None:
+        num_full = seq.num_tokens // self.block_size
+        hashes = seq.block_hashes
+        while len(hashes) < num_full:
+            start = len(hashes) * self.block_size
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, seq.token_ids[start:start + self.block_size]))
+
+    def find_cached_prefix(self, seq: Sequence) -> list[KVCacheBlock]:
+        """Longest run of cached full blocks at the start of a sequence that holds none yet.
+
+        At least one token is left to compute, so the step still produces logits.
+        """
+        if not self.pool.enable_caching or seq.blocks:
+            return []
+        self._update_hashes(seq)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in seq.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.pool.num_cache_queries += max_blocks
+        return hits
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       cached: list[KVCacheBlock] = ()) -> bool:
+        """Makes room for `num_new_tokens` more computed tokens; False (nothing changed) if the pool is short."""
+        num_computed = seq.num_computed_tokens + len(cached) * self.block_size
+        num_held = len(seq.blocks) + len(cached)
+        num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - num_held
+        write_block = num_computed // self.block_size
+        needs_copy = (write_block < len(seq.blocks) and num_computed % self.block_size != 0
+                      and seq.blocks[write_block].ref_cnt > 1)
+        revived = sum(1 for block in cached if block.ref_cnt == 0)  # leave the free queue
+        if max(0, num_needed) + int(needs_copy) + revived > self.pool.num_free_blocks:
+            return False
+        for block in cached:
+            self.pool.touch(block)
+            seq.blocks.append(block)
+            seq.block_table.append(block.block_id)
+        if cached:
+            self.pool.num_cache_hits += len(cached)
+            seq.num_computed_tokens = num_computed
+        if needs_copy:
+            self._copy_on_write(seq, write_block)
+        if num_needed > 0:
+            new_blocks = self.pool.allocate(num_needed)
+            seq.blocks.extend(new_blocks)
+            seq.block_table.extend(block.block_id for block in new_blocks)
+        return True
+
+    def _copy_on_write(self, seq: Sequence, index: int) -> None:
+        shared = seq.blocks[index]
+        (private,) = self.pool.allocate(1)
+        self.pool.free([shared])
+        seq.blocks[index] = private
+        seq.block_table[index] = private.block_id
+        self.pending_copies.append((shared.block_id, private.block_id))
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Registers the blocks that became full and computed, so later requests can share them."""
+        if not self.pool.enable_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.blocks))
+        self._update_hashes(seq)
+        for index in range(num_full):
+            block = seq.blocks[index]
+            if block.block_hash is None:
+                self.pool.cache_full_block(block, seq.block_hashes[index])
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every block of the parent; the shared partial block is copied on first write."""
+        for block in parent.blocks:
+            self.pool.touch(block)
+        child.blocks = list(parent.blocks)
+        child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes[:parent.num_prompt_tokens // self.block_size])
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.free(reversed(seq.blocks))
+        seq.blocks = []
+        seq.block_table = []
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies

@@ -1,0 +1,96 @@
+"""Applies a step's sampled tokens to sequences: text, logprobs, stop conditions, forks, outputs."""
+from __future__ import annotations
+
+import time
+
+from asyncserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from asyncserve.engine.sequence import FinishReason, Request, Sequence
+from asyncserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    def make_detokenizer(self, request: Request) -> IncrementalDetokenizer:
+        params = request.params
+        return IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
+                                      params.spaces_between_special_tokens)
+
+    def _decoded(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def position_logprobs(self, chosen_id: int, entry) -> dict[int, Logprob]:
+        logprob, rank, top = entry
+        position = {chosen_id: Logprob(logprob, rank, self._decoded(chosen_id))}
+        for top_rank, (token_id, value) in enumerate(top, start=1):
+            if token_id not in position:
+                position[token_id] = Logprob(value, top_rank, self._decoded(token_id))
+        return position
+
+    def append_token(self, seq: Sequence, token_id: int, logprob_entry=None) -> bool:
+        """Adds one sampled token; returns True when it finished the sequence."""
+        params = seq.params
+        seq.token_ids.append(token_id)
+        if logprob_entry is not None:
+            seq.cumulative_logprob += logprob_entry[0]
+            if seq.logprobs is not None:
+                seq.logprobs.append(self.position_logprobs(token_id, logprob_entry))
+        detokenizer = seq.detokenizer
+        delta = detokenizer.step(token_id)
+        num_output = seq.num_output_tokens
+        if num_output >= params.min_tokens:
+            if token_id in params.extra_eos_token_ids:
+                return self._finish(seq, FinishReason.STOP, None)
+            if token_id in params.stop_token_ids:
+                return self._finish(seq, FinishReason.STOP, token_id)
+            found = find_stop_string(detokenizer.output_text, len(delta), params.stop,
+                                     params.include_stop_str_in_output)
+            if found is not None:
+                stop, end = found
+                detokenizer.truncate(end)
+                seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
+                return True
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return self._finish(seq, FinishReason.LENGTH, None)
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, FinishReason.LENGTH, None)
+        return False
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, stop_reason) -> bool:
+        seq.detokenizer.flush()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        return True
+
+    def add_prompt_logprobs(self, request: Request, entries) -> None:
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]  # the first prompt token has no context
+        start = len(request.prompt_logprobs)
+        for offset, entry in enumerate(entries):
+            target = request.prompt_token_ids[start + offset]
+            request.prompt_logprobs.append(self.position_logprobs(target, entry))
+
+    def request_output(self, request: Request) -> RequestOutput:
+        finished = request.is_finished
+        params = request.params
+        seqs = request.seqs
+        if finished and len(seqs) > params.n:  # best_of: keep the n most likely continuations
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        hold_back = max(0, params.max_stop_str_len - 1)
+        outputs = []
+        for index, seq in enumerate(seqs[:params.n]):
+            text = seq.output_text
+            if hold_back and seq.finish_reason is None:
+                text = text[:max(0, len(text) - hold_back)]  # may still become a stop string
+            outputs.append(CompletionOutput(
+                index=index, text=text, token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        if finished and request.finished_time is None:
+            request.finished_time = time.monotonic()
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids, outputs=outputs, finished=finished,
+            prompt_logprobs=request.prompt_logprobs, num_cached_tokens=request.num_cached_tokens)

@@ -1,0 +1,98 @@
+"""Requests and the sequences they generate: token ids, progress through the KV cache, status."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason:
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class Sequence:
+    """One generated continuation. Its KV lives in `blocks`; `num_computed_tokens` of its tokens are cached."""
+
+    def __init__(self, seq_id: int, request: "Request", token_ids: list[int], index: int = 0):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids = token_ids
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.blocks: list = []          # KVCacheBlock objects, owned through the KVCacheManager
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hashes of the full blocks of token_ids, grown lazily
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
+        self.generator: Any = None      # torch.Generator for seeded sampling, made by the engine
+        self.detokenizer: Any = None    # IncrementalDetokenizer, made by the engine
+        self.num_preemptions = 0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def output_text(self) -> str:
+        return self.detokenizer.output_text if self.detokenizer is not None else ""
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, status={self.status.value})")
+
+
+@dataclass
+class Request:
+    """What a caller asked for: one prompt, its sampling parameters, and the sequences it spawned."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+    num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
+    fork_generators: list = field(default_factory=list)  # per sequence index: torch.Generator or None
+
+    @property
+    def is_finished(self) -> bool:
+        return not self.num_forks_pending and all(seq.is_finished for seq in self.seqs)

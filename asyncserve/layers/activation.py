@@ -1,0 +1,14 @@
+"""Gated activations of the MLP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.kernels import silu_and_mul
+
+
+class SiluAndMul(nn.Module):
+    """[T, 2I] (gate | up) -> [T, I]."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(gate_up)

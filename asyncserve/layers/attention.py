@@ -1,0 +1,54 @@
+"""Attention over the paged KV pool; the step's metadata is passed in, never read from globals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from asyncserve.kernels import paged_attention, paged_decode_attention, write_kv_cache
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens live in the pool and what each one may attend to."""
+
+    slot_mapping: torch.Tensor     # [T] int64: pool slot of each new token (-1: padding)
+    block_tables: torch.Tensor     # [B, max_blocks] int32
+    seq_lens: torch.Tensor         # [B] int32: context length including the new tokens
+    query_start_loc: torch.Tensor  # [B + 1] int32: offsets of each sequence's new tokens
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class PagedAttention(nn.Module):
+    """Writes the new K/V into the pool, then attends over each sequence's whole context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; bound by the runner.
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = query.shape[0]
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = self.kv_cache
+        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            out = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                         self.scale, meta.max_seq_len)
+        else:
+            out = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                  meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,20 @@
+"""RMSNorm, fused with the residual add that precedes it in every pre-norm block."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.kernels import fused_add_rms_norm, rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)

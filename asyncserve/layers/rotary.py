@@ -1,0 +1,63 @@
+"""Rotary position embeddings: a cos|sin table per position, with the scalings checkpoints use."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from asyncserve.kernels import rotary_embedding
+
+
+def rope_parameters(hf_config) -> tuple[float, dict]:
+    """(theta, scaling dict) from either transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    merged = {**scaling, **params}
+    merged.setdefault("rope_type", merged.get("type", "default"))
+    return float(theta), merged
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3 are).")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings to flattened q [T, H*D] and k [T, Hkv*D] at given positions."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict,
+                 is_neox_style: bool = True):
+        super().__init__()
+        self.head_dim = head_dim
+        self.is_neox_style = is_neox_style
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]            # [P, D/2]
+        # [P, D]: cos of each frequency, then sin; kept in fp32 for every model dtype.
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
+                             persistent=False)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+        return rotary_embedding(positions, query, key, self.cos_sin_cache, self.is_neox_style)

@@ -1,0 +1,80 @@
+"""The offline front door: `LLM(model=...).generate(prompts, SamplingParams(...))`, as in vLLM."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence as SequenceType
+
+from tqdm.auto import tqdm
+
+from asyncserve.config import EngineConfig
+from asyncserve.engine.llm_engine import LLMEngine, PromptType
+from asyncserve.errors import InvalidParameterError
+from asyncserve.outputs import RequestOutput
+from asyncserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generates for a batch of prompts with continuous batching; `LLM()` uses the built-in tiny model."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | SequenceType[PromptType],
+                 sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise InvalidParameterError(f"Got {len(params_list)} SamplingParams for {len(prompts)} "
+                                            "prompts: pass one, or one per prompt.", "sampling_params")
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except Exception:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="Generating", unit="req",
+                        disable=not use_tqdm or len(request_ids) < 2)
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            progress.close()
+        return [finished[request_id] for request_id in request_ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            tokenize=True, return_dict=False)} for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,26 @@
+"""Which model class serves which Hugging Face architecture name."""
+from __future__ import annotations
+
+from asyncserve.errors import UnsupportedModelError
+from asyncserve.models import llama
+
+_ARCHITECTURES = {
+    "LlamaForCausalLM": llama.LlamaForCausalLM,
+    "MistralForCausalLM": llama.MistralForCausalLM,
+    "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def model_class(hf_config):
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in _ARCHITECTURES:
+            return _ARCHITECTURES[name]
+    raise UnsupportedModelError(
+        f"Model architecture {names or '(none in config.json)'} is not supported. "
+        f"Supported architectures: {', '.join(supported_architectures())}.")

@@ -1,0 +1,134 @@
+"""Turns a step description into the flat, unpadded tensors the model and the sampler read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.layers.sampler import SamplingTensors
+from asyncserve.runner.step import StepInput
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor        # [T]
+    positions: torch.Tensor        # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor   # [S]: the hidden row each sample reads (repeated for forks)
+    # (row in the hidden states, target token) for prompt logprobs, grouped per sequence.
+    prompt_rows: torch.Tensor | None
+    prompt_targets: torch.Tensor | None
+    prompt_row_counts: list[int]   # per scheduled sequence
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -> ModelInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    seq_lens: list[int] = []
+    query_start_loc = [0]
+    logits_indices: list[int] = []
+    prompt_rows: list[int] = []
+    prompt_targets: list[int] = []
+    prompt_row_counts: list[int] = []
+    max_blocks = max((len(seq.block_table) for seq in step.seqs), default=1)
+    block_tables: list[list[int]] = []
+    for seq in step.seqs:
+        start, count = seq.start_position, len(seq.new_token_ids)
+        row0 = len(input_ids)
+        input_ids.extend(seq.new_token_ids)
+        positions.extend(range(start, start + count))
+        table = seq.block_table
+        slot_mapping.extend(table[p // block_size] * block_size + p % block_size
+                            for p in range(start, start + count))
+        seq_lens.append(start + count)
+        query_start_loc.append(row0 + count)
+        block_tables.append(table + [0] * (max_blocks - len(table)))
+        logits_indices.extend([row0 + count - 1] * seq.num_samples)
+        num_rows = 0
+        if seq.prompt_logprobs is not None:
+            last = min(start + count, seq.num_prompt_tokens - 1)
+            for position in range(start, last):
+                prompt_rows.append(row0 + position - start)
+                prompt_targets.append(seq.prompt_token_ids[position + 1])
+            num_rows = max(0, last - start)
+        prompt_row_counts.append(num_rows)
+    meta = AttentionMetadata(
+        slot_mapping=_to_device(slot_mapping, torch.int64, device),
+        block_tables=_to_device(block_tables, torch.int32, device),
+        seq_lens=_to_device(seq_lens, torch.int32, device),
+        query_start_loc=_to_device(query_start_loc, torch.int32, device),
+        max_query_len=max(len(seq.new_token_ids) for seq in step.seqs),
+        max_seq_len=max(seq_lens),
+    )
+    return ModelInputs(
+        input_ids=_to_device(input_ids, torch.int64, device),
+        positions=_to_device(positions, torch.int64, device),
+        meta=meta,
+        logits_indices=_to_device(logits_indices, torch.int64, device),
+        prompt_rows=_to_device(prompt_rows, torch.int64, device) if prompt_rows else None,
+        prompt_targets=_to_device(prompt_targets, torch.int64, device) if prompt_rows else None,
+        prompt_row_counts=prompt_row_counts,
+    )
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(row) for row in rows))
+    return _to_device([row + [pad] * (width - len(row)) for row in rows], torch.int64, device)
+
+
+def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.device) -> SamplingTensors | None:
+    """One row per sample (a sequence that completes its prompt with best_of > 1 has several)."""
+    rows = [(seq, generator) for seq in step.seqs if seq.num_samples
+            for generator in seq.generators[:seq.num_samples]]
+    if not rows:
+        return None
+    params = [seq.params for seq, _ in rows]
+    temperature = [p.temperature for p in params]
+    all_greedy = all(p.is_greedy for p in params)
+    t = SamplingTensors(
+        temperature=_to_device(temperature, torch.float32, device),
+        top_p=_to_device([p.top_p for p in params], torch.float32, device)
+        if any(p.top_p < 1.0 for p in params) else None,
+        top_k=_to_device([p.top_k or vocab_size for p in params], torch.int64, device)
+        if any(p.top_k for p in params) else None,
+        min_p=_to_device([p.min_p for p in params], torch.float32, device)
+        if any(p.min_p > 0.0 for p in params) else None,
+        generators=[generator for _, generator in rows],
+        all_greedy=all_greedy,
+    )
+    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+        t.presence_penalty = _to_device([p.presence_penalty for p in params], torch.float32, device)
+        t.frequency_penalty = _to_device([p.frequency_penalty for p in params], torch.float32, device)
+        t.repetition_penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device)
+        t.output_tokens = _padded([seq.output_token_ids for seq, _ in rows], vocab_size, device)
+        t.prompt_tokens = _padded([seq.prompt_token_ids for seq, _ in rows], vocab_size, device)
+    bias_rows = [_bias_entries(seq) for seq, _ in rows]
+    if any(bias_rows):
+        bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
+        for row, entries in enumerate(bias_rows):
+            for token_id, value in entries:
+                if 0 <= token_id < vocab_size:
+                    bias[row, token_id] += value
+        t.logit_bias = bias.to(device, non_blocking=True)
+    num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    if num_logprobs or any(p.best_of > p.n for p in params):
+        t.max_num_logprobs = max(num_logprobs, default=0)
+    return t
+
+
+def _bias_entries(seq) -> list[tuple[int, float]]:
+    params = seq.params
+    entries = [(int(k), float(v)) for k, v in (params.logit_bias or {}).items()]
+    if len(seq.output_token_ids) < params.min_tokens:
+        banned = set(params.stop_token_ids) | set(params.extra_eos_token_ids)
+        entries.extend((token_id, _NEG_INF) for token_id in banned)
+    return entries

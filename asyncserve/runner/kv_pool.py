@@ -1,0 +1,33 @@
+"""The KV pool tensors and how many blocks fit in the memory we are allowed to use."""
+from __future__ import annotations
+
+import torch
+
+
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype) -> int:
+    """K and V of every layer for `block_size` tokens."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+class KVPool:
+    """One K and one V tensor per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeroed, not empty: kernels may load whole blocks, and 0 * NaN garbage would be NaN.
+        self.storage = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.storage[0, layer], self.storage[1, layer]) for layer in range(self.storage.shape[1])]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of shared partial blocks, for every layer at once."""
+        device = self.storage.device
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=device)
+        self.storage[:, :, dst] = self.storage[:, :, src]

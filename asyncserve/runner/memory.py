@@ -1,0 +1,85 @@
+"""Sizing the KV pool: measure what the model needs at its peak, give the rest to blocks."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.layers.sampler import SamplingTensors
+from asyncserve.runner.kv_pool import bytes_per_block
+
+logger = logging.getLogger("asyncserve")
+
+_GIB = 1 << 30
+
+
+def num_kv_blocks(runner, config, model_config, max_num_batched_tokens: int) -> int:
+    attention = runner.model.attention_layers()
+    block_bytes = bytes_per_block(len(attention), config.block_size, attention[0].num_kv_heads,
+                                  attention[0].head_dim, model_config.dtype)
+    if config.num_gpu_blocks_override is not None:
+        return config.num_gpu_blocks_override
+    if model_config.device.type != "cuda":
+        return max(1, int(config.cpu_kv_cache_space * _GIB) // block_bytes)
+    peak = profile_peak_memory(runner, max_num_batched_tokens, config.max_num_seqs,
+                               model_config.max_model_len)
+    total = torch.cuda.get_device_properties(model_config.device).total_memory
+    free_now, _ = torch.cuda.mem_get_info(model_config.device)
+    used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
+    budget = total * config.gpu_memory_utilization - peak - max(0, used_by_others)
+    num_blocks = int(budget // block_bytes)
+    logger.info("memory profile: weights %.2f GiB, peak activations %.2f GiB, other processes %.2f GiB, "
+                "KV pool %.2f GiB (gpu_memory_utilization=%.2f)",
+                torch.cuda.memory_allocated(model_config.device) / _GIB,
+                (peak - torch.cuda.memory_allocated(model_config.device)) / _GIB,
+                max(0, used_by_others) / _GIB, max(0, num_blocks) * block_bytes / _GIB,
+                config.gpu_memory_utilization)
+    if num_blocks <= 0:
+        raise MemoryError("No memory is left for the KV cache after loading the model: raise "
+                          "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model.")
+    return num_blocks
+
+
+@torch.inference_mode()
+def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+    """Peak bytes of a forward over the largest prefill batch plus the sampler over max_num_seqs rows."""
+    device = runner.device
+    attention = runner.model.attention_layers()
+    layer = attention[0]
+    scratch = torch.zeros(1, runner.block_size, layer.num_kv_heads, layer.head_dim,
+                          dtype=runner.dtype, device=device)
+    for attn in attention:
+        attn.kv_cache = (scratch, scratch)
+    num_seqs = max(1, min(max_num_seqs, -(-num_tokens // max_model_len)))
+    lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+    starts = [0]
+    for length in lens:
+        starts.append(starts[-1] + length)
+    max_blocks = -(-max(lens) // runner.block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        block_tables=torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        max_query_len=max(lens), max_seq_len=max(lens))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions = torch.cat([torch.arange(length, device=device) for length in lens])
+    hidden = runner.model(input_ids, positions, meta)
+    rows = hidden[:1].expand(max_num_seqs, -1)
+    logits = runner.model.compute_logits(rows)
+    sampling = SamplingTensors(
+        temperature=torch.ones(max_num_seqs, device=device),
+        top_p=torch.full((max_num_seqs,), 0.9, device=device),
+        top_k=torch.full((max_num_seqs,), 50, dtype=torch.int64, device=device), min_p=None,
+        generators=[None] * max_num_seqs, all_greedy=False, max_num_logprobs=20)
+    runner.sampler(logits, sampling)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    for attn in attention:
+        attn.kv_cache = None
+    del hidden, logits, scratch
+    torch.cuda.empty_cache()
+    return peak

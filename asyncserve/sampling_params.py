@@ -1,0 +1,123 @@
+"""Sampling parameters: vLLM's names and defaults, validated once at the boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asyncserve.errors import SamplingParamsError
+
+_GREEDY_EPS = 1e-5
+
+
+def _check(ok: bool, name: str, allowed: str, value) -> None:
+    if not ok:
+        raise SamplingParamsError(f"{name} must be {allowed}, got {value!r}.", param=name)
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. Field names and meanings follow vLLM's `SamplingParams`."""
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    # Filled by the engine from the model's generation config: eos ids beyond the tokenizer's.
+    extra_eos_token_ids: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.best_of is None:
+            self.best_of = self.n
+        if self.top_k is None or self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
+        _check(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
+               f"an integer >= n ({self.n})", self.best_of)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-2.0 <= value <= 2.0, name, "in [-2, 2]", value)
+        _check(0.0 < self.repetition_penalty <= 2.0 or self.repetition_penalty == 1.0,
+               "repetition_penalty", "in (0, 2]", self.repetition_penalty)
+        _check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
+        _check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
+               "0 or -1 (disabled) or a positive integer", self.top_k)
+        _check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _check(self.seed is None or isinstance(self.seed, int), "seed", "an integer or None", self.seed)
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               "max_tokens", "an integer >= 1 or None", self.max_tokens)
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+               "an integer >= 0", self.min_tokens)
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens",
+                   f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+               "logprobs", "an integer >= 0 or None", self.logprobs)
+        _check(self.prompt_logprobs is None
+               or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+               "prompt_logprobs", "an integer >= 0 or None", self.prompt_logprobs)
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               "a non-empty string or a list of them", self.stop)
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "a list of non-negative token ids", self.stop_token_ids)
+        if self.logit_bias:
+            _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
+                   "a map of token id to a bias in [-100, 100]", self.logit_bias)
+        if self.is_greedy:
+            _check(self.best_of == 1 or self.best_of == self.n, "best_of",
+                   "1 when sampling greedily (temperature 0)", self.best_of)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def max_stop_str_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)
+
+    def clone(self) -> "SamplingParams":
+        from copy import deepcopy
+        return deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search settings, as in vLLM's `LLM.beam_search`."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
+               "an integer >= 1", self.beam_width)
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+               "an integer >= 1", self.max_tokens)

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny checkpoints of every supported family, built offline once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from asyncserve.tiny_model import FAMILIES, build_tiny_checkpoint
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """family -> checkpoint path, built lazily so a test only pays for the families it uses."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = build_tiny_checkpoint(root / family, family, shard=family == "llama3")
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_model_dir):
+    """family -> (transformers model in fp32, tokenizer): the reference we must match token for token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            path = tiny_model_dir(family)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            cache[family] = (model, AutoTokenizer.from_pretrained(path))
+        return cache[family]
+
+    return get
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate, stopping at EOS like ours."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def assert_pool_clean(engine) -> None:
+    """After a workload: no request left, every block free, every ref count zero."""
+    assert not engine.requests, f"requests left: {list(engine.requests)}"
+    assert not engine.scheduler.has_work()
+    pool = engine.block_pool
+    pool.check_invariants([])
+    assert pool.num_free_blocks == pool.num_blocks
+    assert all(block.ref_cnt == 0 for block in pool.blocks)
+
+
+@pytest.fixture
+def make_llm(tiny_model_dir):
+    """Builds an LLM on a tiny family; checks the block pool is clean when the test ends."""
+    from asyncserve import LLM
+    made = []
+
+    def make(family: str = "qwen3", **kwargs):
+        kwargs.setdefault("num_gpu_blocks_override", 512)
+        kwargs.setdefault("device", "cpu")
+        llm = LLM(tiny_model_dir(family), **kwargs)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        assert_pool_clean(llm.engine)
+
+
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "Ünïcödé façade — naïve café, 日本語のテキスト, emoji 🍣🎉 and Ελληνικά ρήματα.",
+    "A",
+    " ".join(["The quick brown fox jumps over the lazy dog."] * 12),
+    "Once upon a time, in a land far away, there lived a",
+]
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -16,6 +16,7 @@ from asyncserve.engine.scheduler import Scheduler, SchedulerConfig
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
 from asyncserve.models.loader import load_model
+from asyncserve.models.registry import model_class
 from asyncserve.outputs import RequestOutput
 from asyncserve.runner.memory import num_kv_blocks
 from asyncserve.runner.model_runner import ModelRunner
@@ -34,6 +35,7 @@ class LLMEngine:
         path = config.model_path
         self.model_config: ModelConfig = load_model_config(config, path)
         mc = self.model_config
+        model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
         self.tokenizer = load_tokenizer(config, path)
         torch.manual_seed(config.seed)
         model = load_model(mc.hf_config, path, mc.dtype, mc.device, config.load_format, config.seed)

@@ -60,6 +60,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.startup_seconds = time.perf_counter() - started
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
+        self.finished_timings: dict[str, dict] = {}
         kv_tokens = num_blocks * config.block_size
         logger.info(
             "asyncserve engine ready in %.1f s: model=%s (%s) dtype=%s device=%s | KV pool: %d blocks "
@@ -219,7 +220,19 @@ class LLMEngine:
             outputs.append(processor.request_output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
+                self._record_timings(request)
         return outputs
+
+    def _record_timings(self, request: Request) -> None:
+        num_generated = sum(seq.num_output_tokens for seq in request.seqs)
+        self.finished_timings[request.request_id] = {
+            "arrival_time": request.arrival_time,
+            "first_token_time": request.first_token_time,
+            "finished_time": time.monotonic(),
+            "num_generation_tokens": num_generated,
+        }
+        if len(self.finished_timings) > 10000:  # nobody is collecting them (offline use)
+            self.finished_timings.clear()
 
     def _fork(self, parent: Sequence, count: int) -> list[Sequence]:
         request = parent.request

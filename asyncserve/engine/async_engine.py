@@ -1,0 +1,182 @@
+"""The engine as a coroutine on the caller's event loop: `generate()` streams, the loop never blocks.
+
+The model step runs in one worker thread (torch releases the GIL inside its kernels), so the loop keeps
+serving HTTP while the CPU or GPU computes. Everything else — scheduling, block accounting, detokenizing,
+streams — happens on the loop thread, so engine state needs no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+from asyncserve.config import EngineConfig
+from asyncserve.engine.llm_engine import LLMEngine, PromptType
+from asyncserve.errors import EngineDeadError, QueueFullError
+from asyncserve.outputs import RequestOutput
+from asyncserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("asyncserve")
+
+
+class RequestStream:
+    """Latest output of one request: outputs are cumulative, so a slow reader just skips to the newest."""
+
+    def __init__(self) -> None:
+        self._latest: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._latest = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._latest = self._latest, None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        self.config = config or EngineConfig(**kwargs)
+        self.engine = LLMEngine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.model_config.max_model_len
+        self._streams: dict[str, RequestStream] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self.max_loop_lag = 0.0
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="asyncserve-engine")
+
+    async def stop(self) -> None:
+        """Aborts what is in flight and stops the engine coroutine."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done() and self._dead is None
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"The engine stopped after an internal error: {self._dead!r}")
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None):
+        """Validates and queues a request; raises InvalidParameterError / QueueFullError before anything runs."""
+        self.check_health()
+        if self._task is None:
+            raise EngineDeadError("The engine is not started: `await engine.start()` first, or mount "
+                                  "its app so that start-up runs it.")
+        bound = self.config.max_num_waiting
+        if bound is not None and self.engine.scheduler.num_waiting >= bound:
+            raise QueueFullError(f"{self.engine.scheduler.num_waiting} requests are already waiting; "
+                                 "try again later.")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = self.engine.add_request(request_id, prompt, params)
+        stream = RequestStream()
+        self._streams[request_id] = stream
+        self._wakeup.set()
+        return request, stream
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs until the request finishes; leaving early aborts it."""
+        request, stream = self.add_request(prompt, sampling_params or SamplingParams(), request_id)
+        finished = False
+        try:
+            while not finished:
+                output = await stream.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Frees the request's KV blocks now; its stream ends with finish_reason 'abort'."""
+        stream = self._streams.pop(request_id, None)
+        output = self.engine.abort_request(request_id)
+        if stream is not None and output is not None:
+            stream.put(output)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        try:
+            while True:
+                if not engine.has_unfinished_requests():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                step, scheduled = engine.schedule()
+                if not scheduled:
+                    await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests
+                    continue
+                output = await loop.run_in_executor(self._executor, engine.runner.execute, step)
+                for result in engine.process(scheduled, output):
+                    self._deliver(result)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug or a device failure: fail every stream, refuse new work
+            logger.exception("engine loop failed")
+            self._dead = exc
+            for request_id, stream in list(self._streams.items()):
+                stream.put(EngineDeadError(f"The engine failed: {exc!r}"))
+                self._streams.pop(request_id, None)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        if output.finished:
+            del self._streams[output.request_id]
+            request_metrics(output, self.engine)
+        stream.put(output)
+
+    # ---- what the server reports ----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        scheduler, pool = self.engine.scheduler, self.engine.block_pool
+        return {
+            "num_requests_running": scheduler.num_running,
+            "num_requests_waiting": scheduler.num_waiting,
+            "kv_cache_usage_perc": pool.usage(),
+            "prompt_tokens_total": self.engine.stats["prompt_tokens"],
+            "generation_tokens_total": self.engine.stats["generation_tokens"],
+            "num_preemptions_total": scheduler.num_preemptions,
+            "prefix_cache_queries_total": pool.num_cache_queries,
+            "prefix_cache_hits_total": pool.num_cache_hits,
+        }
+
+
+def request_metrics(output: RequestOutput, engine: LLMEngine) -> None:
+    """Timings of a finished request, for the server's latency histograms."""
+    request = engine.finished_timings.pop(output.request_id, None)
+    if request is not None:
+        output.metrics.update(request)

@@ -24,6 +24,7 @@ class EngineConfig:
 
     model: str | None = None
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False  # token ids in, token ids out (benchmarks with dummy weights)
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"

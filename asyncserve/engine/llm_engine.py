@@ -36,7 +36,7 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(config, path)
         mc = self.model_config
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
-        self.tokenizer = load_tokenizer(config, path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config, path)
         torch.manual_seed(config.seed)
         model = load_model(mc.hf_config, path, mc.dtype, mc.device, config.load_format, config.seed)
         self.runner = self._make_runner(model)
@@ -93,14 +93,20 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameterError("This engine runs with skip_tokenizer_init: pass prompts as "
+                                        "{'prompt_token_ids': [...]}, not text.", "prompt")
+        return self.tokenizer.encode(text)
+
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self._encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+                return prompt["prompt"], self._encode(prompt["prompt"])
             raise InvalidParameterError("A prompt dict needs 'prompt' or 'prompt_token_ids'.", "prompt")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -123,6 +129,9 @@ class LLMEngine:
                 raise InvalidParameterError(
                     f"{name}={value} is more than this server allows (max_logprobs="
                     f"{self.config.max_logprobs}).", name)
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError("Stop strings need a tokenizer; this engine runs with "
+                                        "skip_tokenizer_init. Use stop_token_ids.", "stop")
         if params.best_of > self.config.max_num_seqs:
             raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
                                         f"{self.config.max_num_seqs}.", "n")
@@ -147,7 +156,7 @@ class LLMEngine:
 
     def eos_token_ids(self) -> list[int]:
         ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 

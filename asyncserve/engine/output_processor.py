@@ -8,6 +8,21 @@ from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 
+class NullDetokenizer:
+    """Token ids only (skip_tokenizer_init): no text is produced."""
+
+    output_text = ""
+
+    def step(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+    def truncate(self, length: int) -> None:
+        pass
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, max_model_len: int):
         self.tokenizer = tokenizer
@@ -15,11 +30,13 @@ class OutputProcessor:
 
     def make_detokenizer(self, request: Request) -> IncrementalDetokenizer:
         params = request.params
+        if self.tokenizer is None:
+            return NullDetokenizer()
         return IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
                                       params.spaces_between_special_tokens)
 
-    def _decoded(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _decoded(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
 
     def position_logprobs(self, chosen_id: int, entry) -> dict[int, Logprob]:
         logprob, rank, top = entry

@@ -1,0 +1,77 @@
+"""Shared by the GPU benchmarks: hardware floors measured on the card, model resolution, HF baselines."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import torch
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(path, load_format): a name from scripts/model_configs runs with dummy weights."""
+    candidate = os.path.join(CONFIG_DIR, name)
+    if os.path.isdir(candidate):
+        return candidate, "dummy"
+    return name, "auto"
+
+
+def measure_bandwidth(device="cuda", nbytes=2 << 30, repeats=10) -> float:
+    """Device-to-device copy rate in bytes/s (read + write)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def measure_matmul_rate(device="cuda", size=8192, repeats=20) -> float:
+    """Dense bf16 matmul FLOP/s."""
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    del a, b
+    return 2 * size ** 3 / seconds
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def hf_model(path: str, dtype=torch.bfloat16):
+    """transformers' own model with random weights of the same shape (the baseline)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def free_cuda(*objects) -> None:
+    del objects
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def random_prompts(num: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab - 10, (length,), generator=generator).tolist() for length in lengths]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
+# Usage: bash scripts/gpu_check.sh [tests|bench|all]
+set -uo pipefail
+OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+what=${1:-all}
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  cd scripts
+  python3 bench_latency.py --model qwen2.5-0.5b 2>&1 | tee "../$OUT/latency_qwen0.5b.log" | grep -v -E "^(INFO|captured)" | tail -6
+  python3 bench_latency.py --model llama-3.1-8b 2>&1 | tee "../$OUT/latency_llama8b.log" | tail -6
+  python3 bench_throughput.py --model llama-3.1-8b 2>&1 | tee "../$OUT/throughput_llama8b.log" | tail -6
+fi

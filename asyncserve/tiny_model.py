@@ -1,0 +1,276 @@
+"""Tiny Hugging Face checkpoints of real architectures, with random weights and a
+real BPE tokenizer, built offline for tests and as the built-in default model.
+
+Weights are drawn with a larger std than Hugging Face's 0.02 so that greedy
+decoding has well-separated logits: a token-exact comparison with transformers
+must not hinge on float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+
+from ._tiny_corpus import CORPUS
+
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+INIT_STD = 0.25  # std of every linear / embedding weight
+NORM_STD = 0.1  # norm weights are 1 + N(0, NORM_STD): wrong norm loading shows up
+DEFAULT_MODEL_VERSION = 1  # bump when the corpus, tokenizers or init change
+MARKER_FILE = "asyncserve_tiny.json"  # written last: the checkpoint is complete
+
+# Qwen2's pre-tokenizer split (also what transformers' Qwen2Tokenizer rebuilds).
+_BYTE_LEVEL_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_METASPACE_MIN_CHAR_COUNT = 3  # rarer characters are left to byte fallback
+
+_CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Llama-2 chat: a system message is folded into the first [INST] block.
+_LLAMA2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_prefix = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
+    "{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set system_prefix = '' %}{%- set turns = messages %}{%- endif %}"
+    "{%- for message in turns %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- bos_token + '[INST] ' + (system_prefix if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+    "{%- else %}{{- ' ' + message['content'] | trim + ' ' + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+# family -> (model_type, architecture, tokenizer style, config beyond the shared shape)
+_FAMILY_SPECS = {
+    "llama": ("llama", "LlamaForCausalLM", "metaspace", {"rope_theta": 10000.0}),
+    "llama3": ("llama", "LlamaForCausalLM", "byte_level", {
+        "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    }),
+    "mistral": ("mistral", "MistralForCausalLM", "metaspace",
+                {"rope_theta": 1000000.0, "sliding_window": None}),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", "byte_level", {
+        "rope_theta": 1000000.0, "tie_word_embeddings": True,
+        "use_sliding_window": False, "sliding_window": None,
+    }),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", "byte_level", {
+        "rope_theta": 1000000.0, "tie_word_embeddings": True, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None,
+    }),
+}
+_SHARED_SHAPE = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+    "tie_word_embeddings": False, "rope_scaling": None, "initializer_range": INIT_STD,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _train_backend(style: str) -> str:
+    """Train the `tokenizers` pipeline of `style`; its JSON serialisation."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers, processors, trainers
+
+    lines = CORPUS.strip().splitlines(keepends=True)
+    if style == "byte_level":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_BYTE_LEVEL_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=768, show_progress=False,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(lines, trainer)
+        return tokenizer.to_str()
+    if style != "metaspace":
+        raise ValueError(f"unknown tokenizer style {style!r}; use 'byte_level' or 'metaspace'")
+
+    # The trainer's own `limit_alphabet` breaks count ties in hash order, so
+    # rare characters are dropped here instead: the vocabulary stays the same
+    # from run to run, and those characters (and newlines) go to byte fallback.
+    char_counts = Counter(CORPUS)
+    lines = ["".join(c if char_counts[c] >= _METASPACE_MIN_CHAR_COUNT else " " for c in line)
+             for line in CORPUS.strip().splitlines()]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=640, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(lines, trainer)
+
+    # Llama-2 layout: <unk> <s> </s>, then <0x00>..<0xFF>, then the learned pieces.
+    spec = json.loads(tokenizer.to_str())
+    learned = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])
+    vocab = {piece: index for piece, index in learned[:3]}
+    vocab.update({f"<0x{byte:02X}>": 3 + byte for byte in range(256)})
+    for piece, _ in learned[3:]:
+        vocab[piece] = len(vocab)
+    spec["model"].update(vocab=vocab, fuse_unk=True, byte_fallback=True)
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0),
+    ])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return tokenizer.to_str()
+
+
+def build_tokenizer(style: str):
+    """A fast tokenizer of `style` ("byte_level" or "metaspace"), the same every call."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(_train_backend(style))
+    if style == "byte_level":  # Qwen-like: no BOS, ChatML turns end with <|im_end|>
+        special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "unk_token": None, "bos_token": None}
+        template = _CHATML_TEMPLATE
+    else:
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        template = _LLAMA2_TEMPLATE
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, chat_template=template,
+        clean_up_tokenization_spaces=False, model_max_length=2048, **special)
+
+
+def _special_token_ids(tokenizer, style: str) -> dict:
+    """bos/eos/pad ids in the form of the real family's generation_config."""
+    if style == "byte_level":
+        end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        return {"bos_token_id": end_of_text, "pad_token_id": end_of_text,
+                "eos_token_id": [tokenizer.convert_tokens_to_ids("<|im_end|>"), end_of_text]}
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+
+
+def _init_weights(model, seed: int) -> None:
+    """Deterministic weights: N(0, INIT_STD) for matrices and biases, ~1 for norms."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights appear once
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + NORM_STD * noise)
+            else:
+                param.copy_(INIT_STD * noise)
+
+
+def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrides: dict) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    model_type, architecture, style, family_config = _FAMILY_SPECS[family]
+    tokenizer = build_tokenizer(style)
+    ids = _special_token_ids(tokenizer, style)
+    eos_ids = ids["eos_token_id"]
+    # config.json in the form of the real checkpoints on the Hub (rope_theta/rope_scaling).
+    hub_config = {**_SHARED_SHAPE, **copy.deepcopy(family_config), "vocab_size": len(tokenizer),
+                  "bos_token_id": ids["bos_token_id"],
+                  "eos_token_id": eos_ids[0] if isinstance(eos_ids, list) else eos_ids,
+                  **overrides}
+    config = AutoConfig.for_model(model_type, **copy.deepcopy(hub_config))
+    config.architectures = [architecture]
+    with torch.random.fork_rng(devices=[]):  # from_config's own init must not move the global RNG
+        model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    _init_weights(model, seed)
+    model.generation_config = GenerationConfig(**ids)
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar
+    try:
+        model.save_pretrained(out_dir, max_shard_size="256KB" if shard else "2GB")
+    finally:
+        if progress_bars:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(out_dir)
+
+    # Hub checkpoints spell rope as rope_theta/rope_scaling; transformers 5 reads both.
+    _update_json(os.path.join(out_dir, "config.json"), drop="rope_parameters",
+                 rope_theta=hub_config["rope_theta"], rope_scaling=hub_config["rope_scaling"],
+                 torch_dtype="float32")
+    # A class name that transformers 4 and 5 both map to the plain tokenizers-backed class.
+    _update_json(os.path.join(out_dir, "tokenizer_config.json"),
+                 tokenizer_class="PreTrainedTokenizerFast", chat_template=tokenizer.chat_template)
+    _write_json(os.path.join(out_dir, MARKER_FILE),
+                {"family": family, "seed": seed, "shard": shard, "overrides": overrides,
+                 "version": DEFAULT_MODEL_VERSION})
+
+
+def _update_json(path: str, drop: str | None = None, **updates) -> None:
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    obj.pop(drop, None)
+    _write_json(path, {**obj, **updates})
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        f.write("\n")
+
+
+def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = False,
+                          **config_overrides) -> str:
+    """Write a complete Hugging Face checkpoint of `family` at `path`; return the path.
+
+    The directory appears atomically (built beside it, then renamed). `path`
+    must not be a non-empty directory; if a concurrent builder gets there
+    first, its checkpoint is kept.
+    """
+    if family not in _FAMILY_SPECS:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and os.listdir(path):
+        raise FileExistsError(f"{path} exists and is not empty; remove it or choose another path")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp's 0o700 would follow the checkpoint after the rename
+        _write_checkpoint(staging, family, seed, shard, dict(config_overrides))
+        try:
+            os.rename(staging, path)  # replaces an empty directory, fails on a full one
+        except OSError:
+            if not os.path.exists(os.path.join(path, MARKER_FILE)):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def default_model_path() -> str:
+    """The built-in default model (tiny qwen3), built once into the cache dir."""
+    cache_dir = os.environ.get("ASYNCSERVE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "asyncserve")
+    path = os.path.join(cache_dir, f"tiny-qwen3-v{DEFAULT_MODEL_VERSION}")
+    if os.path.exists(os.path.join(path, MARKER_FILE)):
+        return path
+    if os.path.isdir(path):  # left incomplete by something else: rebuild
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        return build_tiny_checkpoint(path, "qwen3")
+    except FileExistsError:  # another process finished between our check and build
+        if os.path.exists(os.path.join(path, MARKER_FILE)):
+            return path
+        raise

@@ -17,11 +17,15 @@ def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int):
+    def __init__(self, pool: BlockPool, block_size: int, num_host_blocks: int = 0):
         self.pool = pool
         self.block_size = block_size
         # (src, dst) block copies the runner must do before this step's forward (copy-on-write).
         self.pending_copies: list[tuple[int, int]] = []
+        self.free_host_blocks: list[int] = list(range(num_host_blocks))
+        self.pending_swap_out: list[tuple[int, int]] = []
+        self.pending_swap_in: list[tuple[int, int]] = []
+        self.num_swaps = 0
 
     def _update_hashes(self, seq: Sequence) -> None:
         num_full = seq.num_tokens // self.block_size
@@ -108,7 +112,32 @@ class KVCacheManager:
         self.pool.free(reversed(seq.blocks))
         seq.blocks = []
         seq.block_table = []
+        self.free_host_blocks.extend(seq.host_blocks)
+        seq.host_blocks = []
 
-    def take_pending_copies(self) -> list[tuple[int, int]]:
-        copies, self.pending_copies = self.pending_copies, []
-        return copies
+    def swap_out(self, seq: Sequence) -> bool:
+        """Moves a sequence's KV to host memory and frees its device blocks; False if the host is full."""
+        if len(seq.blocks) > len(self.free_host_blocks):
+            return False
+        host = [self.free_host_blocks.pop() for _ in seq.blocks]
+        self.pending_swap_out.extend(zip(seq.block_table, host))
+        self.pool.free(reversed(seq.blocks))
+        seq.blocks, seq.block_table, seq.host_blocks = [], [], host
+        self.num_swaps += 1
+        return True
+
+    def swap_in(self, seq: Sequence) -> bool:
+        """Brings a swapped sequence's KV back into fresh device blocks; False if the pool is short."""
+        if len(seq.host_blocks) > self.pool.num_free_blocks:
+            return False
+        blocks = self.pool.allocate(len(seq.host_blocks))
+        self.pending_swap_in.extend(zip(seq.host_blocks, (block.block_id for block in blocks)))
+        self.free_host_blocks.extend(seq.host_blocks)
+        seq.blocks, seq.block_table, seq.host_blocks = blocks, [b.block_id for b in blocks], []
+        return True
+
+    def take_block_moves(self) -> tuple[list, list, list]:
+        """(swap_out, swap_in, copies) the runner must do before this step's forward."""
+        moves = (self.pending_swap_out, self.pending_swap_in, self.pending_copies)
+        self.pending_swap_out, self.pending_swap_in, self.pending_copies = [], [], []
+        return moves

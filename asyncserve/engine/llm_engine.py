@@ -50,10 +50,12 @@ class LLMEngine:
         self.runner.allocate_kv_pool(num_blocks)
         self.runner.prepare()
         self.block_pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.kv_manager = KVCacheManager(self.block_pool, config.block_size)
+        self.kv_manager = KVCacheManager(self.block_pool, config.block_size,
+                                         self._num_host_blocks(num_blocks))
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_chunked_prefill=config.enable_chunked_prefill, block_size=config.block_size),
+            enable_chunked_prefill=config.enable_chunked_prefill, block_size=config.block_size,
+            preemption_mode=config.preemption_mode),
             self.kv_manager)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -68,6 +70,16 @@ class LLMEngine:
             self.startup_seconds, config.model, type(model).__name__, str(mc.dtype).removeprefix("torch."),
             mc.device, num_blocks, config.block_size, kv_tokens, mc.max_model_len,
             kv_tokens / mc.max_model_len)
+
+    def _num_host_blocks(self, num_blocks: int) -> int:
+        """Host blocks for swapped-out sequences: `swap_space` GiB, allocated only in swap mode."""
+        if self.config.preemption_mode != "swap":
+            return 0
+        pool = self.runner.kv_pool
+        block_bytes = pool.storage[:, :, 0].numel() * pool.storage.element_size()
+        num_host = max(1, int(self.config.swap_space * (1 << 30)) // block_bytes)
+        pool.allocate_swap_space(num_host)
+        return num_host
 
     def _make_runner(self, model) -> ModelRunner:
         mc = self.model_config

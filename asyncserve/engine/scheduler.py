@@ -18,6 +18,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     enable_chunked_prefill: bool
     block_size: int
+    preemption_mode: str = "recompute"  # or "swap": keep the KV in host memory
 
 
 class Scheduler:
@@ -26,13 +27,14 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> tuple[StepInput, list[tuple[Sequence, int]]]:
         """Chooses this step's work: [(sequence, number of new tokens)] and its description for the runner."""
@@ -55,8 +57,24 @@ class Scheduler:
                 index += 1
                 continue
             break
+        # Swapped-out sequences come back before new work is admitted, oldest first.
+        while self.swapped and budget > 0 and not preempted:
+            seq = self.swapped[0]
+            if len(self.running) + 1 > self.config.max_num_seqs or not self.kv.swap_in(seq):
+                break
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(seq, num_new):
+                self.kv.free(seq)  # the blocks just swapped in are dropped: recompute it later
+                self._requeue_for_recompute(seq)
+                self.swapped.popleft()
+                break
+            self.swapped.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
         # Admitting new work while others were just evicted would only thrash the pool.
-        while self.waiting and budget > 0 and not preempted:
+        while self.waiting and budget > 0 and not preempted and not self.swapped:
             seq = self.waiting[0]
             num_forks = seq.request.num_forks_pending if seq.index == 0 else 0
             if len(self.running) + 1 + num_forks > self.config.max_num_seqs:
@@ -76,8 +94,9 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+        swap_out, swap_in, copies = self.kv.take_block_moves()
         step = StepInput([self._describe(seq, num_new) for seq, num_new in scheduled],
-                         block_copies=self.kv.take_pending_copies())
+                         block_copies=copies, swap_out=swap_out, swap_in=swap_in)
         return step, scheduled
 
     def _describe(self, seq: Sequence, num_new: int) -> ScheduledSequence:
@@ -109,12 +128,20 @@ class Scheduler:
         )
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: drop the KV, keep the tokens, go back to the front of the queue."""
-        self.kv.free(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
+        """Frees a running sequence's device blocks: its KV goes to host memory (swap) or is dropped."""
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        if self.config.preemption_mode == "swap" and self.kv.swap_out(seq):
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+            return
+        self.kv.free(seq)
+        self._requeue_for_recompute(seq)
+
+    def _requeue_for_recompute(self, seq: Sequence) -> None:
+        """Keeps the tokens, forgets the KV, and goes back to the front of the queue."""
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
     def admit_forks(self, children: list[Sequence]) -> None:
@@ -128,6 +155,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
 

@@ -12,6 +12,7 @@ from asyncserve.sampling_params import SamplingParams
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV copied to host memory
     FINISHED = "finished"
 
 
@@ -33,6 +34,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.blocks: list = []          # KVCacheBlock objects, owned through the KVCacheManager
         self.block_table: list[int] = []
+        self.host_blocks: list[int] = []  # where its KV waits while swapped out
         self.block_hashes: list[int] = []  # hashes of the full blocks of token_ids, grown lazily
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

@@ -118,8 +118,7 @@ class CudaModelRunner(ModelRunner):
             return self._execute(step)
 
     def _execute(self, step: StepInput) -> StepOutput:
-        if step.block_copies:
-            self.kv_pool.copy_blocks(step.block_copies)
+        self.apply_block_moves(step)
         inputs = build_model_inputs(step, self.block_size, self.device)
         sampling = build_sampling_tensors(step, self.vocab_size, self.device)
         batch = len(step.seqs)

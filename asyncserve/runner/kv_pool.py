@@ -21,6 +21,24 @@ class KVPool:
         shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         # Zeroed, not empty: kernels may load whole blocks, and 0 * NaN garbage would be NaN.
         self.storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.host_storage: torch.Tensor | None = None
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """Host memory for preempted sequences' blocks (pinned, so copies overlap with compute)."""
+        shape = (*self.storage.shape[:2], num_blocks, *self.storage.shape[3:])
+        pin = self.storage.device.type == "cuda"
+        self.host_storage = torch.zeros(shape, dtype=self.storage.dtype, pin_memory=pin)
+
+    def swap_out(self, moves: list[tuple[int, int]]) -> None:
+        device_ids = torch.tensor([d for d, _ in moves], dtype=torch.int64, device=self.storage.device)
+        host_ids = torch.tensor([h for _, h in moves], dtype=torch.int64)
+        self.host_storage[:, :, host_ids] = self.storage[:, :, device_ids].cpu()
+
+    def swap_in(self, moves: list[tuple[int, int]]) -> None:
+        host_ids = torch.tensor([h for h, _ in moves], dtype=torch.int64)
+        device_ids = torch.tensor([d for _, d in moves], dtype=torch.int64, device=self.storage.device)
+        blocks = self.host_storage[:, :, host_ids].to(self.storage.device, non_blocking=True)
+        self.storage[:, :, device_ids] = blocks
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.storage[0, layer], self.storage[1, layer]) for layer in range(self.storage.shape[1])]

@@ -25,6 +25,15 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_pool: KVPool | None = None
 
+    def apply_block_moves(self, step: StepInput) -> None:
+        """Swaps and copy-on-write copies, before the forward can overwrite the blocks they read."""
+        if step.swap_out:
+            self.kv_pool.swap_out(step.swap_out)
+        if step.swap_in:
+            self.kv_pool.swap_in(step.swap_in)
+        if step.block_copies:
+            self.kv_pool.copy_blocks(step.block_copies)
+
     def allocate_kv_pool(self, num_blocks: int) -> None:
         attention_layers = self.model.attention_layers()
         first = attention_layers[0]
@@ -38,8 +47,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        if step.block_copies:
-            self.kv_pool.copy_blocks(step.block_copies)
+        self.apply_block_moves(step)
         inputs = build_model_inputs(step, self.block_size, self.device)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         sampling = build_sampling_tensors(step, self.vocab_size, self.device)

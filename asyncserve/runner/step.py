@@ -26,7 +26,9 @@ class ScheduledSequence:
 @dataclass
 class StepInput:
     seqs: list[ScheduledSequence]
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, on the device
+    swap_out: list[tuple[int, int]] = field(default_factory=list)      # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)       # (host block, device block)
 
     @property
     def num_tokens(self) -> int:

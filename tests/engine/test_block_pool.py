@@ -78,9 +78,9 @@ def test_fork_shares_blocks_and_copies_the_partial_one_on_write():
     for seq, token in ((parent, 50), (child, 60)):
         seq.token_ids.append(token)
     assert kv.allocate_slots(parent, 1)
-    assert kv.take_pending_copies() == [(child.block_table[1], parent.block_table[1])]
+    assert kv.take_block_moves()[2] == [(child.block_table[1], parent.block_table[1])]
     assert kv.allocate_slots(child, 1)  # the shared block now has one owner: no copy
-    assert kv.take_pending_copies() == []
+    assert kv.take_block_moves()[2] == []
     assert parent.block_table[0] == child.block_table[0]
     assert parent.block_table[1] != child.block_table[1]
     pool.check_invariants([parent.block_table, child.block_table])
@@ -95,12 +95,13 @@ def test_allocation_failure_changes_nothing():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["new", "step", "fork", "free", "preempt"]),
+@given(st.lists(st.tuples(st.sampled_from(["new", "step", "fork", "free", "preempt", "swap_out", "swap_in"]),
                           st.integers(0, 7), st.integers(1, 9)), min_size=1, max_size=60))
 def test_random_interleavings_keep_ref_counts_equal_to_block_tables(ops):
     pool = BlockPool(24)
-    kv = KVCacheManager(pool, BLOCK)
+    kv = KVCacheManager(pool, BLOCK, num_host_blocks=10)
     live: list[Sequence] = []
+    swapped: list[Sequence] = []
     next_id = 0
     shared_prefix = list(range(100, 108))  # so that new sequences hit the prefix cache
     for op, pick, amount in ops:
@@ -113,6 +114,9 @@ def test_random_interleavings_keep_ref_counts_equal_to_block_tables(ops):
                 seq.num_computed_tokens += todo
                 kv.cache_computed_blocks(seq)
                 live.append(seq)
+        elif op == "swap_in":
+            if swapped and kv.swap_in(swapped[0]):
+                live.append(swapped.pop(0))
         elif live:
             seq = live[pick % len(live)]
             if op == "step":
@@ -130,7 +134,7 @@ def test_random_interleavings_keep_ref_counts_equal_to_block_tables(ops):
             elif op in ("free", "preempt"):
                 kv.free(seq)
                 live.remove(seq)
-        kv.take_pending_copies()
+        kv.take_block_moves()[2]
         pool.check_invariants([seq.block_table for seq in live])
         for seq in live:
             assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens

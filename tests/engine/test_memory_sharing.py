@@ -98,3 +98,15 @@ def _peak_blocks(engine) -> int:
         peak = max(peak, engine.block_pool.num_blocks - engine.block_pool.num_free_blocks)
         engine.block_pool.check_invariants(engine.live_block_tables())
     return peak
+
+
+def test_swap_preemption_gives_identical_output(make_llm):
+    prompts = [f"Story {i}: once upon a time, " + "far away " * i for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    expected = _tokens(make_llm("qwen2", enable_prefix_caching=False).generate(prompts, params,
+                                                                               use_tqdm=False))
+    llm = make_llm("qwen2", enable_prefix_caching=False, num_gpu_blocks_override=16, max_model_len=256,
+                   preemption_mode="swap", swap_space=0.01)
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+    assert llm.engine.kv_manager.num_swaps > 0
+    assert len(llm.engine.kv_manager.free_host_blocks) == llm.engine.runner.kv_pool.host_storage.shape[2]

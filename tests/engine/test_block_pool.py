@@ -134,11 +134,17 @@ def test_random_interleavings_keep_ref_counts_equal_to_block_tables(ops):
             elif op in ("free", "preempt"):
                 kv.free(seq)
                 live.remove(seq)
-        kv.take_block_moves()[2]
+            elif op == "swap_out" and kv.swap_out(seq):
+                live.remove(seq)
+                swapped.append(seq)
+        kv.take_block_moves()
         pool.check_invariants([seq.block_table for seq in live])
+        host_held = sorted(kv.free_host_blocks + [b for seq in swapped for b in seq.host_blocks])
+        assert host_held == list(range(10))
         for seq in live:
             assert len(seq.block_table) * BLOCK >= seq.num_computed_tokens
-    for seq in live:
+    for seq in live + swapped:
         kv.free(seq)
     pool.check_invariants([])
+    assert sorted(kv.free_host_blocks) == list(range(10))
     assert pool.num_free_blocks == pool.num_blocks

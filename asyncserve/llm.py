@@ -18,6 +18,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine.stream_outputs = False  # generate() returns finished outputs only
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):

@@ -66,8 +66,8 @@ def hf_model(path: str, dtype=torch.bfloat16):
     return model.eval()
 
 
-def free_cuda(*objects) -> None:
-    del objects
+def free_cuda() -> None:
+    """Returns the memory of models that went out of scope to the device."""
     gc.collect()
     torch.cuda.empty_cache()
 

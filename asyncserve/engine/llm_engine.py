@@ -63,6 +63,8 @@ class LLMEngine:
         self.startup_seconds = time.perf_counter() - started
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.finished_timings: dict[str, dict] = {}
+        # Streaming callers get every request's output each step; offline ones only finished outputs.
+        self.stream_outputs = True
         kv_tokens = num_blocks * config.block_size
         logger.info(
             "asyncserve engine ready in %.1f s: model=%s (%s) dtype=%s device=%s | KV pool: %d blocks "
@@ -238,7 +240,8 @@ class LLMEngine:
                     self.scheduler.finish(target)
         outputs = []
         for request in touched.values():
-            outputs.append(processor.request_output(request))
+            if self.stream_outputs or request.is_finished:
+                outputs.append(processor.request_output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
                 self._record_timings(request)

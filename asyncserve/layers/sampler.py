@@ -10,7 +10,7 @@ import torch
 class SamplingTensors:
     """Per-row sampling settings of one step, built once per step by the runner."""
 
-    temperature: torch.Tensor            # [S] float32; 0 marks greedy rows
+    temperature: torch.Tensor | None     # [S] float32, 0 marks greedy rows; None when all are greedy
     top_p: torch.Tensor | None           # [S] float32, or None when no row uses it
     top_k: torch.Tensor | None           # [S] int64 (vocab size = off), or None
     min_p: torch.Tensor | None           # [S] float32, or None

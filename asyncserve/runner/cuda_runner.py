@@ -34,12 +34,15 @@ class _DecodeGraphs:
     def __init__(self, runner: "CudaModelRunner", max_batch: int, max_model_len: int):
         device = runner.device
         self.max_model_len = max_model_len
+        self.max_batch = max_batch
+        self.block_size = runner.block_size
         max_blocks = -(-max_model_len // runner.block_size)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        # One int64 and one int32 buffer, so a step's inputs arrive in two copies.
+        self.longs = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.longs.view(3, max_batch)
+        self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = self.ints[:max_batch]
+        self.block_tables = self.ints[max_batch:].view(max_batch, max_blocks)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -72,19 +75,24 @@ class _DecodeGraphs:
                 return size
         return None
 
-    def run(self, inputs, batch: int, padded: int) -> torch.Tensor:
-        """Copies this step's inputs into the static buffers and replays; returns [batch, V] logits."""
-        meta = inputs.meta
-        self.input_ids[:batch].copy_(inputs.input_ids, non_blocking=True)
-        self.positions[:batch].copy_(inputs.positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[batch:padded].fill_(-1)  # padding rows write nowhere
-        width = meta.block_tables.shape[1]
-        self.block_tables[:batch, :width].copy_(meta.block_tables, non_blocking=True)
-        self.seq_lens[:batch].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[batch:padded].fill_(1)
+    def run(self, step: StepInput, padded: int) -> torch.Tensor:
+        """Writes this step's inputs straight into the static buffers and replays; returns [B, V] logits."""
+        seqs, block_size, pad = step.seqs, self.block_size, self.max_batch - len(step.seqs)
+        positions = [seq.start_position for seq in seqs]
+        slots = [seq.block_table[p // block_size] * block_size + p % block_size
+                 for seq, p in zip(seqs, positions)]
+        longs = ([seq.new_token_ids[0] for seq in seqs] + [0] * pad + positions + [0] * pad
+                 + slots + [-1] * pad)  # padding rows write nowhere
+        self.longs.copy_(torch.tensor(longs, dtype=torch.int64), non_blocking=True)
+        self.seq_lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
+                            non_blocking=True)
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        self.block_tables[:len(seqs), :width].copy_(tables, non_blocking=True)
         self.graphs[padded].replay()
-        return self.logits[padded][:batch]
+        return self.logits[padded][:len(seqs)]
 
 
 class CudaModelRunner(ModelRunner):
@@ -119,20 +127,19 @@ class CudaModelRunner(ModelRunner):
 
     def _execute(self, step: StepInput) -> StepOutput:
         self.apply_block_moves(step)
-        inputs = build_model_inputs(step, self.block_size, self.device)
         sampling = build_sampling_tensors(step, self.vocab_size, self.device)
-        batch = len(step.seqs)
         padded = None
-        replayable = (step.is_decode_only and inputs.prompt_rows is None
-                      and all(seq.num_samples == 1 for seq in step.seqs))
-        if self.decode_graphs is not None and replayable:
-            padded = self.decode_graphs.padded_size(batch)
+        if self.decode_graphs is not None and all(
+                len(seq.new_token_ids) == 1 and seq.num_samples == 1 and seq.prompt_logprobs is None
+                for seq in step.seqs):
+            padded = self.decode_graphs.padded_size(len(step.seqs))
         if padded is not None:
-            logits = self.decode_graphs.run(inputs, batch, padded)
-            sampled = self.sampler(logits, sampling) if sampling is not None else None
-            return self._to_host(step, sampled, None, inputs)
+            logits = self.decode_graphs.run(step, padded)
+            return self._to_host(step, self.sampler(logits, sampling), None, [0] * len(step.seqs))
+        inputs = build_model_inputs(step, self.block_size, self.device)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         sampled = None
         if sampling is not None:
             sampled = self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), sampling)
-        return self._to_host(step, sampled, self._prompt_logprobs(hidden, inputs, step), inputs)
+        return self._to_host(step, sampled, self._prompt_logprobs(hidden, inputs, step),
+                             inputs.prompt_row_counts)

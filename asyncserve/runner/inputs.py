@@ -25,8 +25,12 @@ class ModelInputs:
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
+    # Pageable on purpose: pinning a fresh buffer costs more than these few bytes take to copy.
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _split(packed: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(packed.split(sizes))
 
 
 def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -> ModelInputs:
@@ -61,23 +65,21 @@ def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -
                 prompt_targets.append(seq.prompt_token_ids[position + 1])
             num_rows = max(0, last - start)
         prompt_row_counts.append(num_rows)
+    # Two host-to-device copies per step, whatever the batch: one per dtype.
+    longs = [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets]
+    ids, pos, slots, logits_rows, rows, targets = _split(
+        _to_device([v for part in longs for v in part], torch.int64, device), [len(p) for p in longs])
+    ints = [seq_lens, query_start_loc, [b for table in block_tables for b in table]]
+    lens, starts, tables = _split(
+        _to_device([v for part in ints for v in part], torch.int32, device), [len(p) for p in ints])
     meta = AttentionMetadata(
-        slot_mapping=_to_device(slot_mapping, torch.int64, device),
-        block_tables=_to_device(block_tables, torch.int32, device),
-        seq_lens=_to_device(seq_lens, torch.int32, device),
-        query_start_loc=_to_device(query_start_loc, torch.int32, device),
-        max_query_len=max(len(seq.new_token_ids) for seq in step.seqs),
-        max_seq_len=max(seq_lens),
-    )
-    return ModelInputs(
-        input_ids=_to_device(input_ids, torch.int64, device),
-        positions=_to_device(positions, torch.int64, device),
-        meta=meta,
-        logits_indices=_to_device(logits_indices, torch.int64, device),
-        prompt_rows=_to_device(prompt_rows, torch.int64, device) if prompt_rows else None,
-        prompt_targets=_to_device(prompt_targets, torch.int64, device) if prompt_rows else None,
-        prompt_row_counts=prompt_row_counts,
-    )
+        slot_mapping=slots, block_tables=tables.view(len(block_tables), max_blocks), seq_lens=lens,
+        query_start_loc=starts, max_query_len=max(len(seq.new_token_ids) for seq in step.seqs),
+        max_seq_len=max(seq_lens))
+    return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
+                       prompt_rows=rows if prompt_rows else None,
+                       prompt_targets=targets if prompt_rows else None,
+                       prompt_row_counts=prompt_row_counts)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -94,8 +96,13 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
     params = [seq.params for seq, _ in rows]
     temperature = [p.temperature for p in params]
     all_greedy = all(p.is_greedy for p in params)
+    if all_greedy and not any(p.logprobs is not None or p.logit_bias or p.min_tokens or p.best_of > p.n
+                              or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                              for p in params):
+        return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
+                               generators=[], all_greedy=True)
     t = SamplingTensors(
-        temperature=_to_device(temperature, torch.float32, device),
+        temperature=None if all_greedy else _to_device(temperature, torch.float32, device),
         top_p=_to_device([p.top_p for p in params], torch.float32, device)
         if any(p.top_p < 1.0 for p in params) else None,
         top_k=_to_device([p.top_k or vocab_size for p in params], torch.int64, device)

@@ -56,7 +56,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             sampled = self.sampler(logits, sampling)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs, step)
-        return self._to_host(step, sampled, prompt_logprobs, inputs)
+        return self._to_host(step, sampled, prompt_logprobs, inputs.prompt_row_counts)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -73,7 +73,7 @@ class ModelRunner:
         return chosen[:, 0].tolist(), ranks.tolist(), top_values.tolist(), top_ids.tolist()
 
     def _to_host(self, step: StepInput, sampled: SamplerOutput | None, prompt_logprobs,
-                 inputs: ModelInputs) -> StepOutput:
+                 prompt_row_counts: list[int]) -> StepOutput:
         token_ids = sampled.token_ids.tolist() if sampled is not None else []
         has_logprobs = sampled is not None and sampled.logprobs is not None
         if has_logprobs:
@@ -82,7 +82,7 @@ class ModelRunner:
         results = []
         row = 0
         prompt_row = 0
-        for seq, num_prompt_rows in zip(step.seqs, inputs.prompt_row_counts):
+        for seq, num_prompt_rows in zip(step.seqs, prompt_row_counts):
             result = SequenceResult(token_ids=token_ids[row:row + seq.num_samples])
             if has_logprobs and seq.num_samples:
                 num_top = seq.params.logprobs or 0

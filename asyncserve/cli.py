@@ -1,0 +1,172 @@
+"""`asyncserve --model NAME_OR_PATH --port 8000`: the OpenAI-compatible server, with vLLM's flag names."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+
+from asyncserve.config import EngineConfig
+from asyncserve.errors import ConfigError, UnsupportedModelError
+
+logger = logging.getLogger("asyncserve")
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)
+             if f.default is not dataclasses.MISSING}
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncserve",
+        description="Serve a language model with an OpenAI-compatible HTTP API (/v1/completions, "
+                    "/v1/chat/completions, /v1/models, /metrics, ...), from one Python process.",
+        epilog="Example: asyncserve --model Qwen/Qwen2.5-0.5B-Instruct --port 8000")
+    d = _DEFAULTS
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help="Hugging Face hub id or local checkpoint directory (default: the built-in tiny "
+                            "model, for trying things out).")
+    model.add_argument("--tokenizer", default=None, help="Tokenizer id or path (default: the model's).")
+    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="Name(s) clients use in the 'model' field (default: --model).")
+    model.add_argument("--dtype", default=d["dtype"], choices=_DTYPES,
+                       help="Weights and activations dtype; 'auto' keeps fp16/bf16 checkpoints as they are "
+                            "on GPU and uses float32 on CPU (default: %(default)s).")
+    model.add_argument("--max-model-len", type=int, default=None,
+                       help="Context length: prompt + output tokens (default: from the model's config).")
+    model.add_argument("--seed", type=int, default=d["seed"], help="Random seed (default: %(default)s).")
+    model.add_argument("--load-format", default=d["load_format"], choices=("auto", "safetensors", "dummy"),
+                       help="'dummy' skips the weights (random values), for benchmarks (default: %(default)s).")
+    model.add_argument("--quantization", "-q", default=None, help="Weight quantization (not built yet).")
+    model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
+                                                             "(default: %(default)s).")
+
+    server = parser.add_argument_group("HTTP server")
+    server.add_argument("--host", default="0.0.0.0", help="Interface to listen on (default: %(default)s).")
+    server.add_argument("--port", type=_port, default=8000, help="Port (default: %(default)s).")
+    server.add_argument("--api-key", default=os.environ.get("ASYNCSERVE_API_KEY"),
+                        help="Require 'Authorization: Bearer KEY' on the API routes (not on /health, "
+                             "/version, /metrics); also read from $ASYNCSERVE_API_KEY.")
+    server.add_argument("--chat-template", default=None,
+                        help="Jinja chat template, as a file path or the template itself (default: the "
+                             "tokenizer's).")
+    server.add_argument("--max-logprobs", type=int, default=d["max_logprobs"],
+                        help="Most logprobs / top_logprobs a request may ask for (default: %(default)s).")
+    server.add_argument("--max-num-waiting", type=int, default=None,
+                        help="Answer 503 when this many requests already wait (default: no bound).")
+    server.add_argument("--max-request-body-mb", type=float, default=4.0,
+                        help="Largest request body, in MiB; larger ones get 413 (default: %(default)s).")
+    server.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="On SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
+                             "aborted (default: %(default)s).")
+    server.add_argument("--disable-log-requests", action="store_true",
+                        help="Do not log each request (nor the access log).")
+    server.add_argument("--disable-log-stats", action="store_true", help="Do not log engine statistics.")
+
+    cache = parser.add_argument_group("KV cache")
+    cache.add_argument("--block-size", type=int, default=d["block_size"], choices=(8, 16, 32, 64, 128, 256),
+                       help="Tokens per KV-cache block (default: %(default)s).")
+    cache.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"],
+                       help="Fraction of GPU memory for weights, activations and KV cache "
+                            "(default: %(default)s).")
+    cache.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                       help="Use exactly this many KV blocks instead of profiling memory.")
+    cache.add_argument("--cpu-kv-cache-space", type=float, default=d["cpu_kv_cache_space"],
+                       help="GiB of KV cache when running on the CPU (default: %(default)s).")
+    cache.add_argument("--swap-space", type=float, default=d["swap_space"],
+                       help="GiB of CPU memory for swapped-out KV blocks (default: %(default)s).")
+    cache.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"],
+                       help="KV cache dtype; only 'auto' (the model dtype) is built (default: %(default)s).")
+    cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d["enable_prefix_caching"],
+                       help="Reuse the KV of shared prompt prefixes (default: on).")
+
+    scheduler = parser.add_argument_group("scheduler")
+    scheduler.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"],
+                           help="Most sequences in one batch (default: %(default)s).")
+    scheduler.add_argument("--max-num-batched-tokens", type=int, default=None,
+                           help="Token budget of one step (default: 8192 on GPU, 2048 on CPU).")
+    scheduler.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                           default=d["enable_chunked_prefill"],
+                           help="Split long prompts across steps, next to running decodes (default: on).")
+    scheduler.add_argument("--preemption-mode", default=d["preemption_mode"], choices=("recompute", "swap"),
+                           help="What happens to a sequence that loses its KV blocks (default: %(default)s).")
+
+    parallel = parser.add_argument_group("parallelism and execution")
+    parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
+                          help="GPUs to shard the model over (only 1 is built yet).")
+    parallel.add_argument("--enforce-eager", action="store_true",
+                          help="Never capture CUDA graphs (slower decode, faster start-up).")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype,
+        device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
+        preemption_mode=args.preemption_mode, swap_space=args.swap_space, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_logprobs=args.max_logprobs,
+        served_model_name=args.served_model_name, max_num_waiting=args.max_num_waiting,
+        disable_log_stats=args.disable_log_stats)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = engine_config(args)
+        names = config.model_names  # before loading: the tiny default is "asyncserve-tiny", not its cache path
+        from asyncserve.server.chat import load_chat_template
+        load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
+        from asyncserve.engine.async_engine import AsyncEngine
+        engine = AsyncEngine(config)
+    except (ConfigError, UnsupportedModelError) as exc:
+        parser.exit(2, f"asyncserve: error: {exc}\n")
+
+    from aiohttp import web
+
+    from asyncserve.server import openai_app
+    app = openai_app(engine, served_model_name=names, api_key=args.api_key, chat_template=args.chat_template,
+                     log_requests=not args.disable_log_requests,
+                     max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
+                     drain_timeout=args.shutdown_timeout)
+
+    def announce(_message: str) -> None:
+        logger.info("serving %s at http://%s:%d/v1 (health: /health, metrics: /metrics); Ctrl+C stops",
+                    ", ".join(names), args.host, args.port)
+
+    web.run_app(app, host=args.host, port=args.port, loop=new_event_loop(), print=announce,
+                access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access"),
+                handler_cancellation=True, shutdown_timeout=args.shutdown_timeout + 5.0)
+    logger.info("asyncserve stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""POST /v1/chat/completions: messages through the chat template, `chat.completion(.chunk)` objects out."""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+
+import jinja2
+from aiohttp import web
+
+from asyncserve.errors import ConfigError
+from asyncserve.outputs import RequestOutput
+from asyncserve.server.errors import bad_request
+from asyncserve.server.generation import Generation, Prompt, check_prompt
+from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
+from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
+                                       stream, usage)
+from asyncserve.server.sse import ChunkEncoder
+from asyncserve.server.state import SERVER_STATE, ServerState
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a file's contents, or the template itself when it looks like Jinja."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template string.")
+
+
+def _reserved_template_kwargs(tokenizer) -> frozenset[str]:
+    names = inspect.signature(tokenizer.apply_chat_template).parameters
+    return frozenset(name for name in names if name != "kwargs") | {"messages", "add_generation_prompt"}
+
+
+def render(state: ServerState, parsed: ChatRequest) -> Prompt:
+    """The conversation as a prompt, exactly as `tokenizer.apply_chat_template(..., tokenize=True)` makes it."""
+    tokenizer = state.tokenizer
+    template = state.chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise bad_request("This model has no chat template: start the server with --chat-template, or use "
+                          "/v1/completions.", "messages")
+    clash = set(parsed.chat_template_kwargs) & _reserved_template_kwargs(tokenizer)
+    if clash:
+        raise bad_request(f"'chat_template_kwargs' may not set {sorted(clash)}.", "chat_template_kwargs")
+    try:
+        text = tokenizer.apply_chat_template(parsed.messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=parsed.add_generation_prompt,
+                                             **parsed.chat_template_kwargs)
+    except (jinja2.TemplateError, ValueError) as exc:
+        raise bad_request(f"The chat template cannot render these messages: {exc}", "messages") from None
+    # The template writes BOS itself where the model wants one, so no special tokens are added here.
+    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+
+
+class ChatStreamWriter:
+    def __init__(self, state: ServerState, parsed: ChatRequest, encoder: ChunkEncoder):
+        self.state = state
+        self.n = parsed.params.n
+        self.num_top = parsed.top_logprobs
+        self.encoder = encoder
+        self.cursors = [Cursor() for _ in range(self.n)]
+
+    def first_frame(self) -> bytes:
+        return self.encoder.frame([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None} for index in range(self.n)])
+
+    def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
+        choices = []
+        for _, output in batch:
+            for completion in output.outputs:
+                delta = self.cursors[completion.index].advance(completion)
+                if delta is None:
+                    continue
+                text, first_new, finish_reason = delta
+                logprobs = None
+                if self.num_top is not None:
+                    logprobs = {"content": self.state.logprobs.chat(
+                        completion.token_ids[first_new:], completion.logprobs[first_new:], self.num_top)}
+                elif not text and finish_reason is None:
+                    continue  # tokens that do not make a whole character yet
+                choices.append({"index": completion.index, "delta": {"content": text} if text else {},
+                                "logprobs": logprobs, "finish_reason": finish_reason})
+        return self.encoder.frame(choices) if choices else b""
+
+    def usage_frame(self, usage_body: dict) -> bytes:
+        return self.encoder.usage_frame(usage_body)
+
+
+def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
+          generation: Generation, latest: dict[int, RequestOutput]) -> dict:
+    choices = []
+    for completion in latest[0].outputs:
+        logprobs = None
+        if parsed.top_logprobs is not None:
+            logprobs = {"content": state.logprobs.chat(completion.token_ids, completion.logprobs,
+                                                       parsed.top_logprobs)}
+        choices.append({"index": completion.index,
+                        "message": {"role": "assistant", "content": completion.text},
+                        "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                        "stop_reason": completion.stop_reason})
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices, "usage": usage(generation, latest)}
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[SERVER_STATE]
+    state.check_accepting()
+    data = await read_json(request, state.max_body_bytes)
+    model = state.resolve_model(Fields(data).string("model"))
+    engine = state.engine
+    parsed = parse_chat(data, vocab_size=engine.engine.model_config.vocab_size,
+                        max_logprobs=engine.config.max_logprobs)
+    prompt = render(state, parsed)
+    check_prompt(engine, prompt, parsed.params, "messages")
+    response_id, created = state.new_id("chatcmpl"), int(time.time())
+    generation = Generation(engine, response_id, [prompt], parsed.params)
+    log_request(state, response_id, "chat", generation, parsed.stream)
+    if parsed.stream:
+        encoder = ChunkEncoder(response_id, "chat.completion.chunk", created, model, parsed.include_usage,
+                               chat=True)
+        return await stream(request, state, generation, ChatStreamWriter(state, parsed, encoder),
+                            parsed.include_usage)
+    latest = await collect(request, state, generation)
+    if latest is None:
+        return client_closed()
+    return json_response(_body(state, parsed, response_id, created, model, generation, latest))

@@ -1,0 +1,140 @@
+"""POST /v1/completions: prompts in (text or token ids, one or many), `text_completion` objects out."""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from asyncserve.outputs import CompletionOutput, RequestOutput
+from asyncserve.server.generation import Generation, Prompt, check_prompt
+from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
+from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
+                                       stream, usage)
+from asyncserve.server.sse import ChunkEncoder
+from asyncserve.server.state import SERVER_STATE, ServerState
+
+
+def _prompt(engine, prompt: str | list[int]) -> Prompt:
+    text, token_ids = engine.engine.tokenize_prompt(prompt)
+    return Prompt(text, token_ids)
+
+
+class _Echo:
+    """What `echo` puts in front of each choice: the prompt text, and its logprobs when asked for."""
+
+    def __init__(self, state: ServerState, parsed: CompletionRequest, prompts: list[Prompt]):
+        self.enabled = parsed.echo
+        self.state = state
+        self.texts = [p.text if p.text is not None else state.tokenizer.decode(p.token_ids) for p in prompts]
+        self.prompts = prompts
+
+    def text(self, prompt_index: int) -> str:
+        return self.texts[prompt_index] if self.enabled else ""
+
+    def logprobs(self, prompt_index: int, output: RequestOutput, num_top: int) -> dict | None:
+        if not self.enabled:
+            return None
+        return self.state.logprobs.completion(self.prompts[prompt_index].token_ids, output.prompt_logprobs or [],
+                                              num_top, 0)
+
+
+def _join_logprobs(head: dict | None, tail: dict) -> dict:
+    if head is None:
+        return tail
+    return {key: head[key] + tail[key] for key in tail}
+
+
+class CompletionStreamWriter:
+    def __init__(self, state: ServerState, parsed: CompletionRequest, encoder: ChunkEncoder, echo: _Echo):
+        self.state = state
+        self.n = parsed.params.n
+        self.num_top = parsed.params.logprobs
+        self.encoder = encoder
+        self.echo = echo
+        self.cursors: dict[int, Cursor] = {}
+        self.echoed: set[int] = set()
+
+    def first_frame(self) -> bytes:
+        return b""
+
+    def _choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> dict | None:
+        index = prompt_index * self.n + completion.index
+        cursor = self.cursors.get(index)
+        if cursor is None:
+            cursor = self.cursors[index] = Cursor()
+        text_offset = len(self.echo.text(prompt_index)) + cursor.text_len
+        delta = cursor.advance(completion)
+        if delta is None:
+            return None
+        text, first_new, finish_reason = delta
+        echo_now = self.echo.enabled and index not in self.echoed
+        if not text and finish_reason is None and self.num_top is None and not echo_now:
+            return None  # tokens that do not make a whole character yet
+        logprobs = None
+        if self.num_top is not None:
+            logprobs = self.state.logprobs.completion(completion.token_ids[first_new:],
+                                                      completion.logprobs[first_new:], self.num_top, text_offset)
+        if echo_now:
+            self.echoed.add(index)
+            text = self.echo.text(prompt_index) + text
+            if logprobs is not None:
+                logprobs = _join_logprobs(self.echo.logprobs(prompt_index, output, self.num_top), logprobs)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                "stop_reason": completion.stop_reason if finish_reason else None}
+
+    def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
+        choices = []
+        for prompt_index, output in batch:
+            for completion in output.outputs:
+                choice = self._choice(prompt_index, output, completion)
+                if choice is not None:
+                    choices.append(choice)
+        return self.encoder.frame(choices) if choices else b""
+
+    def usage_frame(self, usage_body: dict) -> bytes:
+        return self.encoder.usage_frame(usage_body)
+
+
+def _body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
+          generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> dict:
+    n, num_top = parsed.params.n, parsed.params.logprobs
+    choices = []
+    for prompt_index in range(len(generation.prompts)):
+        output = latest[prompt_index]
+        prefix = echo.text(prompt_index)
+        for completion in output.outputs:
+            logprobs = None
+            if num_top is not None:
+                logprobs = _join_logprobs(
+                    echo.logprobs(prompt_index, output, num_top),
+                    state.logprobs.completion(completion.token_ids, completion.logprobs, num_top, len(prefix)))
+            choices.append({"index": prompt_index * n + completion.index, "text": prefix + completion.text,
+                            "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                            "stop_reason": completion.stop_reason})
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(generation, latest)}
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[SERVER_STATE]
+    state.check_accepting()
+    data = await read_json(request, state.max_body_bytes)
+    model = state.resolve_model(Fields(data).string("model"))
+    engine = state.engine
+    parsed = parse_completion(data, vocab_size=engine.engine.model_config.vocab_size,
+                              max_logprobs=engine.config.max_logprobs)
+    prompts = [_prompt(engine, prompt) for prompt in parsed.prompts]
+    for prompt in prompts:
+        check_prompt(engine, prompt, parsed.params, "prompt")
+    echo = _Echo(state, parsed, prompts)
+    response_id, created = state.new_id("cmpl"), int(time.time())
+    generation = Generation(engine, response_id, prompts, parsed.params)
+    log_request(state, response_id, "completions", generation, parsed.stream)
+    if parsed.stream:
+        encoder = ChunkEncoder(response_id, "text_completion", created, model, parsed.include_usage, chat=False)
+        return await stream(request, state, generation, CompletionStreamWriter(state, parsed, encoder, echo),
+                            parsed.include_usage)
+    latest = await collect(request, state, generation)
+    if latest is None:
+        return client_closed()
+    return json_response(_body(state, parsed, response_id, created, model, generation, latest, echo))

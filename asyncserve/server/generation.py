@@ -1,0 +1,91 @@
+"""One HTTP request's engine requests (one per prompt): validated together, streamed together, aborted together."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from asyncserve.outputs import RequestOutput
+from asyncserve.sampling_params import SamplingParams
+from asyncserve.server.errors import bad_request
+
+
+@dataclass
+class Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str) -> None:
+    """Everything the engine would refuse, refused before anything is queued (400s, never 500s)."""
+    max_len = engine.max_model_len
+    num_prompt = len(prompt.token_ids)
+    if num_prompt and params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the {param}, {params.max_tokens} in "
+            "the completion). Please reduce the length of the prompt or of max_tokens.",
+            param if num_prompt >= max_len else "max_tokens")
+    engine.engine.validate_prompt(prompt.token_ids, params)  # empty, out-of-vocab ids, too long, logprobs
+
+
+class Generation:
+    """The engine requests behind one HTTP request; `outputs()` must be closed (aclosing) to abort leftovers."""
+
+    def __init__(self, engine, base_id: str, prompts: list[Prompt], params: SamplingParams):
+        self.engine = engine
+        self.prompts = prompts
+        self.params = params
+        self.request_ids: list[str] = []
+        self._streams = []
+        self._finished = [False] * len(prompts)
+        try:
+            for index, prompt in enumerate(prompts):
+                request_id = f"{base_id}-{index}"
+                _, stream = engine.add_request({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids},
+                                               params, request_id)
+                self.request_ids.append(request_id)
+                self._streams.append(stream)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for index, request_id in enumerate(self.request_ids):
+            if not self._finished[index]:
+                self.engine.abort(request_id)
+
+    async def outputs(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Per engine step: [(prompt_index, newest cumulative output)]; leaving early aborts the rest."""
+        try:
+            if len(self._streams) == 1:
+                stream = self._streams[0]
+                while not self._finished[0]:
+                    output = await stream.get()
+                    self._finished[0] = output.finished
+                    yield [(0, output)]
+            else:
+                async for batch in self._merged():
+                    yield batch
+        finally:
+            self.abort()
+
+    async def _merged(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        pending = {asyncio.ensure_future(stream.get()): index for index, stream in enumerate(self._streams)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                batch = []
+                for task in done:
+                    index = pending.pop(task)
+                    output = task.result()
+                    batch.append((index, output))
+                    if output.finished:
+                        self._finished[index] = True
+                    else:
+                        pending[asyncio.ensure_future(self._streams[index].get())] = index
+                batch.sort(key=lambda item: item[0])
+                yield batch
+        finally:
+            for task in pending:
+                task.cancel()

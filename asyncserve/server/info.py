@@ -1,0 +1,89 @@
+"""The small endpoints: models, health, version, metrics, tokenize, detokenize."""
+from __future__ import annotations
+
+from aiohttp import web
+
+import asyncserve
+from asyncserve.server.chat import render
+from asyncserve.server.errors import ApiError, bad_request
+from asyncserve.server.metrics import CONTENT_TYPE
+from asyncserve.server.protocol import Fields, parse_chat
+from asyncserve.server.serving import json_response, read_json
+from asyncserve.server.state import SERVER_STATE, ServerState
+
+
+def _model_card(state: ServerState, name: str) -> dict:
+    engine = state.engine
+    return {"id": name, "object": "model", "created": state.created, "owned_by": "asyncserve",
+            "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[SERVER_STATE]
+    return json_response({"object": "list", "data": [_model_card(state, name) for name in state.model_names]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    state = request.app[SERVER_STATE]
+    return json_response(_model_card(state, state.resolve_model(request.match_info["model"])))
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 while the engine runs; 503 once it died or stopped (a load balancer takes the replica out)."""
+    engine = request.app[SERVER_STATE].engine
+    engine.check_health()
+    if not engine.is_running:
+        raise ApiError(503, "The engine is not running.", code="engine_not_running")
+    return web.Response(status=200)
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": asyncserve.__version__})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[SERVER_STATE]
+    extra = [
+        ("event_loop_lag_seconds_max", "gauge", "Worst event-loop lag seen since start-up.", state.lag.max_lag),
+        ("num_http_requests_active", "gauge", "Generation requests being answered.", len(state.active)),
+        ("engine_healthy", "gauge", "1 while the engine runs, 0 after it died or stopped.",
+         int(state.engine.is_running)),
+    ]
+    text = state.metrics.render(state.engine.stats(), extra, {"model_name": state.model_names[0]},
+                                [state.lag.histogram])
+    return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """`{"prompt": str, "add_special_tokens": true}` or `{"messages": [...]}` -> token ids."""
+    state = request.app[SERVER_STATE]
+    data = await read_json(request, state.max_body_bytes)
+    fields = Fields(data)
+    state.resolve_model(fields.string("model"))
+    engine = state.engine
+    if "messages" in data:
+        parsed = parse_chat(data, vocab_size=engine.engine.model_config.vocab_size,
+                            max_logprobs=engine.config.max_logprobs)
+        token_ids = render(state, parsed).token_ids
+    else:
+        prompt = fields.string("prompt")
+        if prompt is None:
+            raise bad_request("'prompt' (a string) or 'messages' is required.", "prompt")
+        token_ids = state.tokenizer.encode(prompt, add_special_tokens=fields.boolean("add_special_tokens", True))
+    body = {"count": len(token_ids), "max_model_len": engine.max_model_len, "tokens": token_ids}
+    if fields.boolean("return_token_strs", False):
+        body["token_strs"] = state.tokenizer.convert_ids_to_tokens(token_ids)
+    return json_response(body)
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """`{"tokens": [ids]}` -> `{"prompt": text}`."""
+    state = request.app[SERVER_STATE]
+    data = await read_json(request, state.max_body_bytes)
+    fields = Fields(data)
+    state.resolve_model(fields.string("model"))
+    tokens = data.get("tokens")
+    vocab_size = state.engine.engine.model_config.vocab_size
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
+        raise bad_request(f"'tokens' must be an array of token ids in [0, {vocab_size}).", "tokens")
+    return json_response({"prompt": state.tokenizer.decode(tokens)})

@@ -1,0 +1,313 @@
+"""OpenAI request bodies -> validated requests with SamplingParams; every problem is a 400 naming its field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import orjson
+
+from asyncserve.errors import SamplingParamsError
+from asyncserve.sampling_params import SamplingParams
+from asyncserve.server.errors import ApiError, bad_request
+
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Features of OpenAI's API that are not built: refuse them rather than silently ignore them.
+_UNSUPPORTED = {
+    "tools": "tool calling", "functions": "function calling", "audio": "audio output",
+    "prediction": "predicted outputs",
+}
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+class Fields:
+    """A request's JSON object, read field by field; null means "not given" as in OpenAI's API."""
+
+    def __init__(self, data):
+        if not isinstance(data, dict):
+            raise bad_request(f"The request body must be a JSON object, got {_kind(data)}.")
+        self.data = data
+
+    def raw(self, name: str, default=None):
+        value = self.data.get(name)
+        return default if value is None else value
+
+    def integer(self, name: str, default=None, minimum: int | None = None):
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if type(value) is not int:
+            raise bad_request(f"'{name}' must be an integer, got {_kind(value)}.", name)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise bad_request(f"'{name}' must fit in a signed 64-bit integer, got {value}.", name)
+        if minimum is not None and value < minimum:
+            raise bad_request(f"'{name}' must be >= {minimum}, got {value}.", name)
+        return value
+
+    def number(self, name: str, default=None) -> float | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise bad_request(f"'{name}' must be a finite number, got {_kind(value)}.", name)
+        return float(value)
+
+    def boolean(self, name: str, default: bool | None = False) -> bool | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if type(value) is not bool:
+            raise bad_request(f"'{name}' must be true or false, got {_kind(value)}.", name)
+        return value
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise bad_request(f"'{name}' must be a string, got {_kind(value)}.", name)
+        return value
+
+    def refuse_unsupported(self) -> None:
+        for name, feature in _UNSUPPORTED.items():
+            if self.data.get(name):
+                raise bad_request(f"'{name}': {feature} is not supported by this server.", name)
+        response_format = self.data.get("response_format")
+        if response_format is not None and response_format != {"type": "text"}:
+            raise bad_request("'response_format': only {\"type\": \"text\"} is supported.", "response_format")
+
+
+@dataclass
+class GenerationRequest:
+    """What both endpoints share once parsed."""
+
+    model: str | None
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    prompts: list[str | list[int]] = field(default_factory=list)
+    echo: bool = False
+
+
+@dataclass
+class ChatRequest(GenerationRequest):
+    messages: list[dict] = field(default_factory=list)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict = field(default_factory=dict)
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
+
+
+def _stream_fields(fields: Fields) -> tuple[bool, bool]:
+    stream = fields.boolean("stream", False)
+    options = fields.data.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise bad_request(f"'stream_options' must be an object, got {_kind(options)}.", "stream_options")
+    if not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    include_usage = Fields(options).boolean("include_usage", False)
+    return stream, include_usage
+
+
+def _stop(fields: Fields) -> list[str]:
+    stop = fields.raw("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("'stop' must be a non-empty string or an array of non-empty strings.", "stop")
+    return stop
+
+
+def _int_list(fields: Fields, name: str) -> list[int]:
+    value = fields.raw(name, [])
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v <= _INT64_MAX for v in value):
+        raise bad_request(f"'{name}' must be an array of non-negative integers.", name)
+    return value
+
+
+def _logit_bias(fields: Fields, vocab_size: int) -> dict[int, float] | None:
+    bias = fields.raw("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad_request(f"'logit_bias' must be an object mapping token ids to biases, got {_kind(bias)}.",
+                          "logit_bias")
+    parsed = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r}.", "logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(f"'logit_bias' token id {token_id} is outside the vocabulary [0, {vocab_size}).",
+                              "logit_bias")
+        if type(value) not in (int, float) or not -100 <= value <= 100:
+            raise bad_request(f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for "
+                              f"token {key}.", "logit_bias")
+        parsed[token_id] = float(value)
+    return parsed
+
+
+def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None, vocab_size: int, max_logprobs: int,
+                    logprobs_param: str) -> SamplingParams:
+    """The sampling fields both endpoints share (OpenAI's and vLLM's extras)."""
+    for name, value in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and value > max_logprobs:
+            raise bad_request(f"'{name}'={value} is more than this server allows (max_logprobs="
+                              f"{max_logprobs}).", name)
+    n = fields.integer("n", 1)
+    try:
+        return SamplingParams(
+            n=n, best_of=fields.integer("best_of"),
+            presence_penalty=fields.number("presence_penalty", 0.0),
+            frequency_penalty=fields.number("frequency_penalty", 0.0),
+            repetition_penalty=fields.number("repetition_penalty", 1.0),
+            temperature=fields.number("temperature", 1.0),
+            top_p=fields.number("top_p", 1.0),
+            top_k=fields.integer("top_k", 0, minimum=-1),
+            min_p=fields.number("min_p", 0.0),
+            seed=fields.integer("seed"),
+            stop=_stop(fields),
+            stop_token_ids=_int_list(fields, "stop_token_ids"),
+            include_stop_str_in_output=fields.boolean("include_stop_str_in_output", False),
+            ignore_eos=fields.boolean("ignore_eos", False),
+            max_tokens=max_tokens,
+            min_tokens=fields.integer("min_tokens", 0),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=fields.boolean("skip_special_tokens", True),
+            spaces_between_special_tokens=fields.boolean("spaces_between_special_tokens", True),
+            logit_bias=_logit_bias(fields, vocab_size),
+        )
+    except SamplingParamsError as exc:
+        raise bad_request(str(exc), exc.param) from None
+
+
+def _check_best_of_stream(params: SamplingParams, stream: bool) -> None:
+    if stream and params.best_of > params.n:
+        raise bad_request("'best_of' > 'n' cannot be streamed: the best sequences are only known at the "
+                          "end. Set stream to false, or best_of to n.", "best_of")
+
+
+def _prompts(fields: Fields) -> list[str | list[int]]:
+    prompt = fields.data.get("prompt")
+    if prompt is None:
+        raise bad_request("'prompt' is required: a string, an array of strings, an array of token ids, "
+                          "or an array of token-id arrays.", "prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(type(t) is int for t in prompt):
+            return [prompt]
+        if all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
+            return list(prompt)
+    raise bad_request("'prompt' must be a string, an array of strings, a non-empty array of token ids, "
+                      "or an array of non-empty token-id arrays.", "prompt")
+
+
+def parse_completion(data, *, vocab_size: int, max_logprobs: int) -> CompletionRequest:
+    fields = Fields(data)
+    fields.refuse_unsupported()
+    if fields.data.get("suffix") is not None:
+        raise bad_request("'suffix' is not supported by this server.", "suffix")
+    prompts = _prompts(fields)
+    stream, include_usage = _stream_fields(fields)
+    echo = fields.boolean("echo", False)
+    logprobs = fields.integer("logprobs", minimum=0)
+    prompt_logprobs = fields.integer("prompt_logprobs", minimum=0)
+    if echo and logprobs is not None and prompt_logprobs is None:
+        prompt_logprobs = logprobs  # OpenAI returns the echoed prompt's logprobs too
+    max_tokens = fields.integer("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS, minimum=1)
+    params = sampling_params(fields, max_tokens=max_tokens,
+                             logprobs=logprobs, prompt_logprobs=prompt_logprobs, vocab_size=vocab_size,
+                             max_logprobs=max_logprobs, logprobs_param="logprobs")
+    _check_best_of_stream(params, stream)
+    fields.string("user")
+    return CompletionRequest(model=fields.string("model"), params=params, stream=stream,
+                             include_usage=include_usage, prompts=prompts, echo=echo)
+
+
+def _message(message, index: int) -> dict:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"'{where}' must be an object with 'role' and 'content', got {_kind(message)}.",
+                          "messages")
+    role = message.get("role")
+    if role not in _ROLES:
+        raise bad_request(f"'{where}.role' must be one of {', '.join(_ROLES)}; got {role!r}.",
+                          f"{where}.role")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": ...}}: "
+                                  "only text input is supported.", f"{where}.content")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif content is None:
+        if role != "assistant":
+            raise bad_request(f"'{where}.content' is required for role {role!r}.", f"{where}.content")
+        content = ""
+    elif not isinstance(content, str):
+        raise bad_request(f"'{where}.content' must be a string or an array of text parts, got "
+                          f"{_kind(content)}.", f"{where}.content")
+    parsed = {"role": "system" if role == "developer" else role, "content": content}
+    name = message.get("name")
+    if isinstance(name, str):
+        parsed["name"] = name
+    return parsed
+
+
+def parse_chat(data, *, vocab_size: int, max_logprobs: int) -> ChatRequest:
+    fields = Fields(data)
+    fields.refuse_unsupported()
+    messages = fields.data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array of {\"role\", \"content\"} objects.",
+                          "messages")
+    messages = [_message(message, index) for index, message in enumerate(messages)]
+    stream, include_usage = _stream_fields(fields)
+    want_logprobs = fields.boolean("logprobs", False)
+    top_logprobs = fields.integer("top_logprobs", minimum=0)
+    if top_logprobs is not None and not want_logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs' set to true.", "top_logprobs")
+    logprobs = (top_logprobs or 0) if want_logprobs else None
+    max_tokens = fields.integer("max_completion_tokens", minimum=1)
+    if max_tokens is None:
+        max_tokens = fields.integer("max_tokens", minimum=1)
+    params = sampling_params(fields, max_tokens=max_tokens, logprobs=logprobs,
+                             prompt_logprobs=fields.integer("prompt_logprobs", minimum=0), vocab_size=vocab_size,
+                             max_logprobs=max_logprobs, logprobs_param="top_logprobs")
+    _check_best_of_stream(params, stream)
+    kwargs = fields.raw("chat_template_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise bad_request("'chat_template_kwargs' must be an object.", "chat_template_kwargs")
+    fields.string("user")
+    return ChatRequest(model=fields.string("model"), params=params, stream=stream, include_usage=include_usage,
+                       messages=messages, add_generation_prompt=fields.boolean("add_generation_prompt", True),
+                       chat_template_kwargs=kwargs, top_logprobs=logprobs)
+
+
+def parse_json(body: bytes):
+    if not body:
+        raise bad_request("The request body is empty: send a JSON object.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None

@@ -38,37 +38,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Hugging Face hub id or local checkpoint directory (default: the built-in tiny "
                             "model, for trying things out).")
     model.add_argument("--tokenizer", default=None, help="Tokenizer id or path (default: the model's).")
-    model.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--revision", default=None, metavar="REV",
+                       help="Hub revision (branch, tag or commit) of the model.")
     model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="Name(s) clients use in the 'model' field (default: --model).")
     model.add_argument("--dtype", default=d["dtype"], choices=_DTYPES,
                        help="Weights and activations dtype; 'auto' keeps fp16/bf16 checkpoints as they are "
                             "on GPU and uses float32 on CPU (default: %(default)s).")
-    model.add_argument("--max-model-len", type=int, default=None,
+    model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="Context length: prompt + output tokens (default: from the model's config).")
-    model.add_argument("--seed", type=int, default=d["seed"], help="Random seed (default: %(default)s).")
+    model.add_argument("--seed", type=int, default=d["seed"], metavar="N",
+                       help="Random seed (default: %(default)s).")
     model.add_argument("--load-format", default=d["load_format"], choices=("auto", "safetensors", "dummy"),
                        help="'dummy' skips the weights (random values), for benchmarks (default: %(default)s).")
-    model.add_argument("--quantization", "-q", default=None, help="Weight quantization (not built yet).")
+    model.add_argument("--quantization", "-q", default=None, metavar="METHOD",
+                       help="Weight quantization (not built yet).")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 
     server = parser.add_argument_group("HTTP server")
     server.add_argument("--host", default="0.0.0.0", help="Interface to listen on (default: %(default)s).")
     server.add_argument("--port", type=_port, default=8000, help="Port (default: %(default)s).")
-    server.add_argument("--api-key", default=os.environ.get("ASYNCSERVE_API_KEY"),
+    server.add_argument("--api-key", default=os.environ.get("ASYNCSERVE_API_KEY"), metavar="KEY",
                         help="Require 'Authorization: Bearer KEY' on the API routes (not on /health, "
                              "/version, /metrics); also read from $ASYNCSERVE_API_KEY.")
-    server.add_argument("--chat-template", default=None,
+    server.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                         help="Jinja chat template, as a file path or the template itself (default: the "
                              "tokenizer's).")
-    server.add_argument("--max-logprobs", type=int, default=d["max_logprobs"],
+    server.add_argument("--max-logprobs", type=int, default=d["max_logprobs"], metavar="N",
                         help="Most logprobs / top_logprobs a request may ask for (default: %(default)s).")
-    server.add_argument("--max-num-waiting", type=int, default=None,
+    server.add_argument("--max-num-waiting", type=int, default=None, metavar="N",
                         help="Answer 503 when this many requests already wait (default: no bound).")
-    server.add_argument("--max-request-body-mb", type=float, default=4.0,
+    server.add_argument("--max-request-body-mb", type=float, default=4.0, metavar="MIB",
                         help="Largest request body, in MiB; larger ones get 413 (default: %(default)s).")
-    server.add_argument("--shutdown-timeout", type=float, default=5.0,
+    server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="On SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
                              "aborted (default: %(default)s).")
     server.add_argument("--disable-log-requests", action="store_true",
@@ -79,24 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--block-size", type=int, default=d["block_size"], choices=(8, 16, 32, 64, 128, 256),
                        help="Tokens per KV-cache block (default: %(default)s).")
     cache.add_argument("--gpu-memory-utilization", type=float, default=d["gpu_memory_utilization"],
+                       metavar="FRACTION",
                        help="Fraction of GPU memory for weights, activations and KV cache "
                             "(default: %(default)s).")
-    cache.add_argument("--num-gpu-blocks-override", type=int, default=None,
+    cache.add_argument("--num-gpu-blocks-override", type=int, default=None, metavar="N",
                        help="Use exactly this many KV blocks instead of profiling memory.")
-    cache.add_argument("--cpu-kv-cache-space", type=float, default=d["cpu_kv_cache_space"],
+    cache.add_argument("--cpu-kv-cache-space", type=float, default=d["cpu_kv_cache_space"], metavar="GIB",
                        help="GiB of KV cache when running on the CPU (default: %(default)s).")
-    cache.add_argument("--swap-space", type=float, default=d["swap_space"],
+    cache.add_argument("--swap-space", type=float, default=d["swap_space"], metavar="GIB",
                        help="GiB of CPU memory for swapped-out KV blocks (default: %(default)s).")
-    cache.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"],
+    cache.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"], metavar="DTYPE",
                        help="KV cache dtype; only 'auto' (the model dtype) is built (default: %(default)s).")
     cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d["enable_prefix_caching"],
                        help="Reuse the KV of shared prompt prefixes (default: on).")
 
     scheduler = parser.add_argument_group("scheduler")
-    scheduler.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"],
+    scheduler.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"], metavar="N",
                            help="Most sequences in one batch (default: %(default)s).")
-    scheduler.add_argument("--max-num-batched-tokens", type=int, default=None,
+    scheduler.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                            help="Token budget of one step (default: 8192 on GPU, 2048 on CPU).")
     scheduler.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                            default=d["enable_chunked_prefill"],
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parallel = parser.add_argument_group("parallelism and execution")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
+                          metavar="N",
                           help="GPUs to shard the model over (only 1 is built yet).")
     parallel.add_argument("--enforce-eager", action="store_true",
                           help="Never capture CUDA graphs (slower decode, faster start-up).")
@@ -138,12 +143,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config(args)
         names = config.model_names  # before loading: the tiny default is "asyncserve-tiny", not its cache path
         from asyncserve.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from asyncserve.engine.async_engine import AsyncEngine
         engine = AsyncEngine(config)
     except (ConfigError, UnsupportedModelError) as exc:

@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Usage: bash scripts/gpu_check.sh [tests|bench|all]
 set -uo pipefail
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -17,7 +17,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   cd scripts
-  timeout 150 python3 bench_latency.py --model qwen2.5-0.5b 2>&1 | tee "../$OUT/latency_qwen0.5b.log" | grep -v -E "^(INFO|captured)" | tail -6
-  timeout 200 python3 bench_latency.py --model llama-3.1-8b 2>&1 | tee "../$OUT/latency_llama8b.log" | tail -6
-  timeout 260 python3 bench_throughput.py --model llama-3.1-8b 2>&1 | tee "../$OUT/throughput_llama8b.log" | tail -6
+  timeout 150 python3 bench_latency.py --model qwen2.5-0.5b 2>&1 | tee "$OUT/latency_qwen0.5b.log" | grep -v -E "^(INFO|captured)" | tail -6
+  timeout 200 python3 bench_latency.py --model llama-3.1-8b 2>&1 | tee "$OUT/latency_llama8b.log" | tail -6
+  timeout 260 python3 bench_throughput.py --model llama-3.1-8b 2>&1 | tee "$OUT/throughput_llama8b.log" | tail -6
 fi

@@ -93,11 +93,14 @@ class KVCacheManager:
         if not self.pool.enable_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.blocks))
+        if num_full <= seq.num_cached_blocks:  # most steps: no block filled up
+            return
         self._update_hashes(seq)
-        for index in range(num_full):
+        for index in range(seq.num_cached_blocks, num_full):
             block = seq.blocks[index]
             if block.block_hash is None:
                 self.pool.cache_full_block(block, seq.block_hashes[index])
+        seq.num_cached_blocks = num_full
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent; the shared partial block is copied on first write."""
@@ -106,12 +109,14 @@ class KVCacheManager:
         child.blocks = list(parent.blocks)
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_blocks = parent.num_cached_blocks
         child.block_hashes = list(parent.block_hashes[:parent.num_prompt_tokens // self.block_size])
 
     def free(self, seq: Sequence) -> None:
         self.pool.free(reversed(seq.blocks))
         seq.blocks = []
         seq.block_table = []
+        seq.num_cached_blocks = 0
         self.free_host_blocks.extend(seq.host_blocks)
         seq.host_blocks = []
 
@@ -123,6 +128,7 @@ class KVCacheManager:
         self.pending_swap_out.extend(zip(seq.block_table, host))
         self.pool.free(reversed(seq.blocks))
         seq.blocks, seq.block_table, seq.host_blocks = [], [], host
+        seq.num_cached_blocks = 0
         self.num_swaps += 1
         return True
 

@@ -35,6 +35,7 @@ class Sequence:
         self.blocks: list = []          # KVCacheBlock objects, owned through the KVCacheManager
         self.block_table: list[int] = []
         self.host_blocks: list[int] = []  # where its KV waits while swapped out
+        self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.block_hashes: list[int] = []  # hashes of the full blocks of token_ids, grown lazily
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

@@ -84,7 +84,7 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
     seconds to finish, then are aborted (streams end with finish_reason "abort" and `[DONE]`).
-    When mounted, the host app's `client_max_size` (aiohttp's default 1 MiB) also bounds bodies.
+    Request bodies over `max_body_bytes` get 413, whether the app runs alone or mounted.
     `freeze_gc` moves everything alive at start-up out of the garbage collector's reach (`gc.freeze()`),
     which removes 100-200 ms full-collection pauses of the loop under load.
     """

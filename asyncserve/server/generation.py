@@ -1,7 +1,8 @@
-"""One HTTP request's engine requests (one per prompt): validated together, streamed together, aborted together."""
+"""One HTTP request's engine requests, one per prompt: checked, streamed and aborted together."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -20,13 +21,15 @@ def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str) -> 
     """Everything the engine would refuse, refused before anything is queued (400s, never 500s)."""
     max_len = engine.max_model_len
     num_prompt = len(prompt.token_ids)
-    if num_prompt and params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
+    if num_prompt >= max_len:
+        raise bad_request(f"This model's maximum context length is {max_len} tokens, and the {param} has "
+                          f"{num_prompt}: at least one token must be generated. Shorten the {param}.", param)
+    if params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
         raise bad_request(
             f"This model's maximum context length is {max_len} tokens. However, you requested "
             f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the {param}, {params.max_tokens} in "
-            "the completion). Please reduce the length of the prompt or of max_tokens.",
-            param if num_prompt >= max_len else "max_tokens")
-    engine.engine.validate_prompt(prompt.token_ids, params)  # empty, out-of-vocab ids, too long, logprobs
+            "the completion). Reduce the length of the prompt or max_tokens.", "max_tokens")
+    engine.engine.validate_prompt(prompt.token_ids, params)  # empty, out-of-vocab ids, logprobs, best_of
 
 
 class Generation:
@@ -65,8 +68,9 @@ class Generation:
                     self._finished[0] = output.finished
                     yield [(0, output)]
             else:
-                async for batch in self._merged():
-                    yield batch
+                async with contextlib.aclosing(self._merged()) as merged:
+                    async for batch in merged:
+                        yield batch
         finally:
             self.abort()
 

@@ -84,7 +84,9 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
     state.track(generation)
     try:
         response = await open_stream(request)
-        await response.write(writer.first_frame())
+        first = writer.first_frame()
+        if first:
+            await response.write(first)
         async with contextlib.aclosing(generation.outputs()) as batches:
             async for batch in batches:
                 for index, output in batch:

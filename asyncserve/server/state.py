@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -14,12 +15,15 @@ from asyncserve.server.lag import LagMonitor
 from asyncserve.server.logprobs import LogprobFormatter
 from asyncserve.server.metrics import ServerMetrics
 
+if TYPE_CHECKING:
+    from asyncserve.engine.async_engine import AsyncEngine
+
 logger = logging.getLogger("asyncserve.server")
 
 
 @dataclass
 class ServerState:
-    engine: object  # AsyncEngine
+    engine: AsyncEngine
     model_names: list[str]
     chat_template: str | None = None
     api_key: str | None = None

@@ -12,12 +12,19 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 what=${1:-all}
+ROOT=$(pwd)
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  cd scripts
+  cd "$ROOT/scripts"
   timeout 150 python3 bench_latency.py --model qwen2.5-0.5b 2>&1 | tee "$OUT/latency_qwen0.5b.log" | grep -v -E "^(INFO|captured)" | tail -6
   timeout 200 python3 bench_latency.py --model llama-3.1-8b 2>&1 | tee "$OUT/latency_llama8b.log" | tail -6
   timeout 260 python3 bench_throughput.py --model llama-3.1-8b 2>&1 | tee "$OUT/throughput_llama8b.log" | tail -6
+fi
+if [ "$what" = extra ] || [ "$what" = all ]; then
+  cd "$ROOT/scripts"
+  timeout 90 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | tee "$OUT/profile_qwen0.5b.log" | head -4
+  timeout 150 python3 bench_throughput.py --model llama-3.1-8b --no-hf --no-chunked-prefill 2>&1 | tee "$OUT/throughput_llama8b_nochunk.log" | tail -2
+  timeout 200 python3 bench_sharing.py --model llama-3.1-8b 2>&1 | tee "$OUT/sharing_llama8b.log" | tail -4
 fi

@@ -10,7 +10,8 @@ from asyncserve.config import EngineConfig
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
 from asyncserve.errors import InvalidParameterError
 from asyncserve.outputs import RequestOutput
-from asyncserve.sampling_params import SamplingParams
+from asyncserve.engine.beam_search import BeamSearchOutput, beam_search
+from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -69,6 +70,13 @@ class LLM:
         finally:
             progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+    def beam_search(self, prompts: PromptType | SequenceType[PromptType],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search as vLLM's `LLM.beam_search`: outputs in prompt order, beams best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return beam_search(self.engine, list(prompts), params)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,

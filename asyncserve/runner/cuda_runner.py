@@ -14,7 +14,7 @@ import torch
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.runner.inputs import build_model_inputs, build_sampling_tensors
 from asyncserve.runner.model_runner import ModelRunner
-from asyncserve.runner.step import StepInput, StepOutput
+from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
 
 logger = logging.getLogger("asyncserve")
 
@@ -46,6 +46,7 @@ class _DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.greedy_tokens: dict[int, torch.Tensor] = {}  # argmax inside the graph: greedy steps skip the sampler
         self.sizes: list[int] = []
 
     def meta(self, batch: int) -> AttentionMetadata:
@@ -66,6 +67,7 @@ class _DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool, stream=runner.stream):
                 hidden = model(self.input_ids[:batch], self.positions[:batch], meta)
                 self.logits[batch] = model.compute_logits(hidden)
+                self.greedy_tokens[batch] = self.logits[batch].argmax(dim=-1)
             self.graphs[batch] = graph
         self.sizes = sorted(self.graphs)
 
@@ -75,8 +77,11 @@ class _DecodeGraphs:
                 return size
         return None
 
-    def run(self, step: StepInput, padded: int) -> torch.Tensor:
-        """Writes this step's inputs straight into the static buffers and replays; returns [B, V] logits."""
+    def run(self, step: StepInput, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes this step's inputs straight into the static buffers and replays.
+
+        Returns ([B, V] logits, [B] greedy token ids).
+        """
         seqs, block_size, pad = step.seqs, self.block_size, self.max_batch - len(step.seqs)
         positions = [seq.start_position for seq in seqs]
         slots = [seq.block_table[p // block_size] * block_size + p % block_size
@@ -92,7 +97,13 @@ class _DecodeGraphs:
             tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
         self.block_tables[:len(seqs), :width].copy_(tables, non_blocking=True)
         self.graphs[padded].replay()
-        return self.logits[padded][:len(seqs)]
+        return self.logits[padded][:len(seqs)], self.greedy_tokens[padded][:len(seqs)]
+
+
+def _plain_greedy(sampling) -> bool:
+    """Argmax of the raw logits is the answer: no bias, penalty or logprob to apply."""
+    return (sampling.all_greedy and sampling.logit_bias is None and sampling.output_tokens is None
+            and sampling.max_num_logprobs < 0)
 
 
 class CudaModelRunner(ModelRunner):
@@ -134,7 +145,9 @@ class CudaModelRunner(ModelRunner):
                 for seq in step.seqs):
             padded = self.decode_graphs.padded_size(len(step.seqs))
         if padded is not None:
-            logits = self.decode_graphs.run(step, padded)
+            logits, greedy_tokens = self.decode_graphs.run(step, padded)
+            if _plain_greedy(sampling):
+                return StepOutput([SequenceResult([token]) for token in greedy_tokens.tolist()])
             return self._to_host(step, self.sampler(logits, sampling), None, [0] * len(step.seqs))
         inputs = build_model_inputs(step, self.block_size, self.device)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)

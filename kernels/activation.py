@@ -1,0 +1,45 @@
+"""SwiGLU gate of the MLP: silu(gate) * up over the two halves of the fused projection."""
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import tl, triton, use_triton
+
+_BLOCK = 1024
+
+
+def silu_and_mul_ref(x):
+    """x [..., 2I] -> [..., I]."""
+    intermediate = x.shape[-1] // 2
+    return F.silu(x[..., :intermediate]) * x[..., intermediate:]
+
+
+@triton.jit
+def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_out, intermediate,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_triton(x):
+    """Triton version of `silu_and_mul_ref`: one pass, silu in fp32."""
+    intermediate = x.shape[-1] // 2
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    out = torch.empty(x2d.shape[0], intermediate, dtype=x.dtype, device=x.device)
+    if x2d.shape[0] > 0:
+        grid = (x2d.shape[0], triton.cdiv(intermediate, _BLOCK))
+        _silu_and_mul_kernel[grid](out, x2d, x2d.stride(0), out.stride(0), intermediate,
+                                   BLOCK=_BLOCK, num_warps=4)
+    return out.view(*x.shape[:-1], intermediate)
+
+
+def silu_and_mul(x):
+    """Triton on CUDA, torch reference elsewhere."""
+    return (silu_and_mul_triton if use_triton(x) else silu_and_mul_ref)(x)

@@ -1,0 +1,44 @@
+"""Entry points of paged attention: pick the decode or prefill kernel, or the torch reference."""
+
+from ._triton import use_triton
+from .attention_decode import paged_decode_attention_triton
+from .attention_prefill import paged_prefill_attention_triton
+from .attention_ref import (
+    paged_attention_ref,
+    paged_decode_attention_ref,
+    paged_prefill_attention_ref,
+)
+
+
+def paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                           max_query_len, max_seq_len, scale):
+    """query [T, H, D] -> out [T, H, D]. A step of only decodes (max_query_len == 1, so
+    T == num_seqs) takes the flash-decoding kernel, any other the prefill kernel."""
+    if max_query_len == 1:
+        return paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
+                                             scale, max_seq_len)
+    return paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
+                                          query_start_loc, max_query_len, max_seq_len, scale)
+
+
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                    max_query_len, max_seq_len, scale):
+    """Triton on CUDA, torch reference elsewhere."""
+    attend = paged_attention_triton if use_triton(query) else paged_attention_ref
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                  max_query_len, max_seq_len, scale)
+
+
+def paged_prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                            max_query_len, max_seq_len, scale):
+    """Triton on CUDA, torch reference elsewhere."""
+    attend = paged_prefill_attention_triton if use_triton(query) else paged_prefill_attention_ref
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                  max_query_len, max_seq_len, scale)
+
+
+def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                           max_seq_len=None):
+    """Triton on CUDA, torch reference elsewhere."""
+    attend = paged_decode_attention_triton if use_triton(query) else paged_decode_attention_ref
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)

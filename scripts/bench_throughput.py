@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--num-prompts", type=int, default=512)
     parser.add_argument("--input-len-range", type=int, nargs=2, default=[255, 765])
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--no-chunked-prefill", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

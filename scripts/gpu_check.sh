@@ -24,7 +24,11 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
 fi
 if [ "$what" = extra ] || [ "$what" = all ]; then
   cd "$ROOT/scripts"
-  timeout 90 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | tee "$OUT/profile_qwen0.5b.log" | head -4
+  timeout 90 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | tee "$OUT/profile_qwen0.5b.log" | grep "graph replay"
+  timeout 120 python3 profile_decode.py --model llama-3.1-8b 2>&1 | tee "$OUT/profile_llama8b.log" | grep "graph replay"
   timeout 150 python3 bench_throughput.py --model llama-3.1-8b --no-hf --no-chunked-prefill 2>&1 | tee "$OUT/throughput_llama8b_nochunk.log" | tail -2
+fi
+if [ "$what" = sharing ]; then
+  cd "$ROOT/scripts"
   timeout 200 python3 bench_sharing.py --model llama-3.1-8b 2>&1 | tee "$OUT/sharing_llama8b.log" | tail -4
 fi

@@ -19,6 +19,12 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: offsets of each sequence's new tokens
     max_query_len: int
     max_seq_len: int
+    # Mixed steps: the leading `num_decodes` sequences have one new token each and take the decode
+    # kernel; the rest take the prefill kernel with these offsets (query_start_loc shifted to 0).
+    num_decodes: int = 0
+    prefill_query_start_loc: torch.Tensor | None = None
+    decode_max_seq_len: int = 0
+    prefill_max_seq_len: int = 0
 
     @property
     def is_decode(self) -> bool:
@@ -48,6 +54,15 @@ class PagedAttention(nn.Module):
         if meta.is_decode:
             out = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                          self.scale, meta.max_seq_len)
+        elif meta.num_decodes:
+            decodes = meta.num_decodes
+            out = torch.empty_like(query)
+            out[:decodes] = paged_decode_attention(
+                query[:decodes], k_cache, v_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes],
+                self.scale, meta.decode_max_seq_len)
+            out[decodes:] = paged_attention(
+                query[decodes:], k_cache, v_cache, meta.block_tables[decodes:], meta.seq_lens[decodes:],
+                meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale)
         else:
             out = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale)

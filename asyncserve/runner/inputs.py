@@ -69,13 +69,21 @@ def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -
     longs = [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets]
     ids, pos, slots, logits_rows, rows, targets = _split(
         _to_device([v for part in longs for v in part], torch.int64, device), [len(p) for p in longs])
-    ints = [seq_lens, query_start_loc, [b for table in block_tables for b in table]]
-    lens, starts, tables = _split(
+    max_query_len = max(len(seq.new_token_ids) for seq in step.seqs)
+    num_decodes = 0
+    if max_query_len > 1:  # a mixed step: its leading decodes go to the decode kernel
+        while len(step.seqs[num_decodes].new_token_ids) == 1:
+            num_decodes += 1
+    prefill_starts = [start - num_decodes for start in query_start_loc[num_decodes:]] if num_decodes else []
+    ints = [seq_lens, query_start_loc, [b for table in block_tables for b in table], prefill_starts]
+    lens, starts, tables, shifted = _split(
         _to_device([v for part in ints for v in part], torch.int32, device), [len(p) for p in ints])
     meta = AttentionMetadata(
         slot_mapping=slots, block_tables=tables.view(len(block_tables), max_blocks), seq_lens=lens,
-        query_start_loc=starts, max_query_len=max(len(seq.new_token_ids) for seq in step.seqs),
-        max_seq_len=max(seq_lens))
+        query_start_loc=starts, max_query_len=max_query_len, max_seq_len=max(seq_lens),
+        num_decodes=num_decodes, prefill_query_start_loc=shifted if num_decodes else None,
+        decode_max_seq_len=max(seq_lens[:num_decodes], default=0),
+        prefill_max_seq_len=max(seq_lens[num_decodes:], default=0))
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
                        prompt_rows=rows if prompt_rows else None,
                        prompt_targets=targets if prompt_rows else None,

@@ -67,3 +67,25 @@ def test_kv_pool_is_sized_from_memory_utilization(tiny_model_dir):
     assert used < 0.35
     out = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) >= 1 for o in out)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_mixed_decode_and_chunked_prefill_steps_on_cuda(family, make_cuda_llm, hf_reference):
+    """Small token budget: steps mix decodes (decode kernel) with prefill chunks (prefill kernel)."""
+    llm = make_cuda_llm(family, dtype="float32", max_num_batched_tokens=32, max_num_seqs=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+    mixed = 0
+    for index, prompt in enumerate(PROMPTS):
+        engine.add_request(str(index), prompt, params)
+    results = {}
+    while engine.has_unfinished_requests():
+        step, scheduled = engine.schedule()
+        mixed += len({seq.is_prefilling for seq, _ in scheduled}) == 2
+        for output in engine.process(scheduled, engine.runner.execute(step)):
+            if output.finished:
+                results[int(output.request_id)] = output.outputs[0].token_ids
+    assert mixed > 0
+    model, tokenizer = hf_reference(family)
+    assert [results[i] for i in range(len(PROMPTS))] == [hf_greedy(model, tokenizer.encode(p), MAX_NEW)
+                                                         for p in PROMPTS]

@@ -43,6 +43,13 @@ class _DecodeGraphs:
         self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = self.ints[:max_batch]
         self.block_tables = self.ints[max_batch:].view(max_batch, max_blocks)
+        # Pinned mirrors, filled through numpy: the copies are truly asynchronous. A step rewrites
+        # them only after the previous step's tokens were read back, so no copy is still pending.
+        self.host_longs = torch.zeros(3 * max_batch, dtype=torch.int64, pin_memory=True)
+        self.host_ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
+        self.host_longs_np = self.host_longs.numpy().reshape(3, max_batch)
+        self.host_seq_lens_np = self.host_ints.numpy()[:max_batch]
+        self.host_tables_np = self.host_ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -82,20 +89,22 @@ class _DecodeGraphs:
 
         Returns ([B, V] logits, [B] greedy token ids).
         """
-        seqs, block_size, pad = step.seqs, self.block_size, self.max_batch - len(step.seqs)
+        seqs, block_size, batch = step.seqs, self.block_size, len(step.seqs)
         positions = [seq.start_position for seq in seqs]
-        slots = [seq.block_table[p // block_size] * block_size + p % block_size
-                 for seq, p in zip(seqs, positions)]
-        longs = ([seq.new_token_ids[0] for seq in seqs] + [0] * pad + positions + [0] * pad
-                 + slots + [-1] * pad)  # padding rows write nowhere
-        self.longs.copy_(torch.tensor(longs, dtype=torch.int64), non_blocking=True)
-        self.seq_lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),
-                            non_blocking=True)
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+        longs = self.host_longs_np
+        longs[0, :batch] = [seq.new_token_ids[0] for seq in seqs]
+        longs[1, :batch] = positions
+        longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
+                            for seq, p in zip(seqs, positions)]
+        longs[2, batch:] = -1  # padding rows write nowhere
+        self.host_seq_lens_np[:batch] = [p + 1 for p in positions]
+        self.host_seq_lens_np[batch:] = 1
+        tables = self.host_tables_np
         for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self.block_tables[:len(seqs), :width].copy_(tables, non_blocking=True)
+            tables[row, :len(seq.block_table)] = seq.block_table
+        self.longs.copy_(self.host_longs, non_blocking=True)
+        used = self.max_batch + padded * tables.shape[1]
+        self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
         self.graphs[padded].replay()
         return self.logits[padded][:len(seqs)], self.greedy_tokens[padded][:len(seqs)]
 

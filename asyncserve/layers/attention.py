@@ -23,6 +23,8 @@ class AttentionMetadata:
     # kernel; the rest take the prefill kernel with these offsets (query_start_loc shifted to 0).
     num_decodes: int = 0
     prefill_query_start_loc: torch.Tensor | None = None
+    prefill_seq_lens: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None
     decode_max_seq_len: int = 0
     prefill_max_seq_len: int = 0
 
@@ -61,7 +63,7 @@ class PagedAttention(nn.Module):
                 query[:decodes], k_cache, v_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes],
                 self.scale, meta.decode_max_seq_len)
             out[decodes:] = paged_attention(
-                query[decodes:], k_cache, v_cache, meta.block_tables[decodes:], meta.seq_lens[decodes:],
+                query[decodes:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_seq_lens,
                 meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale)
         else:
             out = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,

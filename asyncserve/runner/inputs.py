@@ -29,8 +29,26 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _split(packed: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    return list(packed.split(sizes))
+# Triton specializes kernels on 16-byte pointer alignment and on integers divisible by 16: keeping
+# every packed part aligned and block-table rows a multiple of 16 wide means one compiled variant
+# per kernel, instead of a fresh compile whenever a step's batch shifts an offset.
+_ALIGN = 16
+
+
+def _round_up(value: int, multiple: int = _ALIGN) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pack(parts: list[list[int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One host-to-device copy for several int lists; each comes back as an aligned view."""
+    flat: list[int] = []
+    spans = []
+    for part in parts:
+        spans.append((len(flat), len(part)))
+        flat.extend(part)
+        flat.extend([0] * (_round_up(len(flat)) - len(flat)))
+    packed = _to_device(flat or [0], dtype, device)
+    return [packed[start:start + size] for start, size in spans]
 
 
 def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -> ModelInputs:
@@ -43,7 +61,7 @@ def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -
     prompt_rows: list[int] = []
     prompt_targets: list[int] = []
     prompt_row_counts: list[int] = []
-    max_blocks = max((len(seq.block_table) for seq in step.seqs), default=1)
+    max_blocks = _round_up(max((len(seq.block_table) for seq in step.seqs), default=1))
     block_tables: list[list[int]] = []
     for seq in step.seqs:
         start, count = seq.start_position, len(seq.new_token_ids)
@@ -66,22 +84,27 @@ def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -
             num_rows = max(0, last - start)
         prompt_row_counts.append(num_rows)
     # Two host-to-device copies per step, whatever the batch: one per dtype.
-    longs = [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets]
-    ids, pos, slots, logits_rows, rows, targets = _split(
-        _to_device([v for part in longs for v in part], torch.int64, device), [len(p) for p in longs])
+    ids, pos, slots, logits_rows, rows, targets = _pack(
+        [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets], torch.int64, device)
     max_query_len = max(len(seq.new_token_ids) for seq in step.seqs)
     num_decodes = 0
     if max_query_len > 1:  # a mixed step: its leading decodes go to the decode kernel
         while len(step.seqs[num_decodes].new_token_ids) == 1:
             num_decodes += 1
-    prefill_starts = [start - num_decodes for start in query_start_loc[num_decodes:]] if num_decodes else []
-    ints = [seq_lens, query_start_loc, [b for table in block_tables for b in table], prefill_starts]
-    lens, starts, tables, shifted = _split(
-        _to_device([v for part in ints for v in part], torch.int32, device), [len(p) for p in ints])
+    prefill_starts, prefill_lens, prefill_tables = [], [], []
+    if num_decodes:  # the prefill part's own aligned copies, rather than offset views
+        prefill_starts = [start - num_decodes for start in query_start_loc[num_decodes:]]
+        prefill_lens = seq_lens[num_decodes:]
+        prefill_tables = [b for table in block_tables[num_decodes:] for b in table]
+    lens, starts, tables, shifted, part_lens, part_tables = _pack(
+        [seq_lens, query_start_loc, [b for table in block_tables for b in table], prefill_starts,
+         prefill_lens, prefill_tables], torch.int32, device)
     meta = AttentionMetadata(
         slot_mapping=slots, block_tables=tables.view(len(block_tables), max_blocks), seq_lens=lens,
         query_start_loc=starts, max_query_len=max_query_len, max_seq_len=max(seq_lens),
         num_decodes=num_decodes, prefill_query_start_loc=shifted if num_decodes else None,
+        prefill_seq_lens=part_lens if num_decodes else None,
+        prefill_block_tables=part_tables.view(-1, max_blocks) if num_decodes else None,
         decode_max_seq_len=max(seq_lens[:num_decodes], default=0),
         prefill_max_seq_len=max(seq_lens[num_decodes:], default=0))
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,

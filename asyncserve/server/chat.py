@@ -43,7 +43,7 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
     if not template:
         raise bad_request("This model has no chat template: start the server with --chat-template, or use "
                           "/v1/completions.", "messages")
-    clash = set(parsed.chat_template_kwargs) & _reserved_template_kwargs(tokenizer)
+    clash = parsed.chat_template_kwargs and set(parsed.chat_template_kwargs) & _reserved_template_kwargs(tokenizer)
     if clash:
         raise bad_request(f"'chat_template_kwargs' may not set {sorted(clash)}.", "chat_template_kwargs")
     try:

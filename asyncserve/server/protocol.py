@@ -117,7 +117,10 @@ def _stream_fields(fields: Fields) -> tuple[bool, bool]:
         raise bad_request(f"'stream_options' must be an object, got {_kind(options)}.", "stream_options")
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-    include_usage = Fields(options).boolean("include_usage", False)
+    include_usage = options.get("include_usage")
+    include_usage = False if include_usage is None else include_usage
+    if type(include_usage) is not bool:
+        raise bad_request("'stream_options.include_usage' must be true or false.", "stream_options.include_usage")
     return stream, include_usage
 
 

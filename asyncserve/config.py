@@ -83,7 +83,7 @@ class EngineConfig:
         """The local checkpoint directory (downloads a hub id; builds the tiny default model)."""
         if self.model is None:
             from asyncserve.tiny_model import default_model_path
-            self.model = default_model_path()
+            return default_model_path()
         return resolve_checkpoint(self.model, self.revision)
 
     @property

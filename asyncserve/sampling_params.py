@@ -87,8 +87,11 @@ class SamplingParams:
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "a list of non-negative token ids", self.stop_token_ids)
         if self.logit_bias:
-            _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
-                   "a map of token id to a bias in [-100, 100]", self.logit_bias)
+            _check(isinstance(self.logit_bias, dict)
+                   and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                           and isinstance(b, (int, float)) and not isinstance(b, bool) and -100.0 <= b <= 100.0
+                           for t, b in self.logit_bias.items()),
+                   "logit_bias", "a map of token id (int >= 0) to a bias in [-100, 100]", self.logit_bias)
         if self.is_greedy:
             _check(self.best_of == 1 or self.best_of == self.n, "best_of",
                    "1 when sampling greedily (temperature 0)", self.best_of)

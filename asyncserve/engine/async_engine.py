@@ -54,7 +54,6 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._ids = itertools.count()
-        self.max_loop_lag = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
         temperature=None if all_greedy else _to_device(temperature, torch.float32, device),
         top_p=_to_device([p.top_p for p in params], torch.float32, device)
         if any(p.top_p < 1.0 for p in params) else None,
-        top_k=_to_device([p.top_k or vocab_size for p in params], torch.int64, device)
+        top_k=_to_device([min(p.top_k or vocab_size, vocab_size) for p in params], torch.int64, device)
         if any(p.top_k for p in params) else None,
         min_p=_to_device([p.min_p for p in params], torch.float32, device)
         if any(p.min_p > 0.0 for p in params) else None,

@@ -15,7 +15,7 @@ from asyncserve.server.state import SERVER_STATE, ServerState
 def _model_card(state: ServerState, name: str) -> dict:
     engine = state.engine
     return {"id": name, "object": "model", "created": state.created, "owned_by": "asyncserve",
-            "root": engine.config.model, "parent": None, "max_model_len": engine.max_model_len}
+            "root": engine.config.model or engine.engine.model_config.path, "parent": None, "max_model_len": engine.max_model_len}
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -79,6 +79,9 @@ def test_eos_ends_with_stop_unless_ignored(make_llm):
     ("repetition_penalty", 0.0, "repetition_penalty"),
     ("logprobs", -1, "logprobs"),
     ("stop", [""], "stop"),
+    ("logit_bias", {"12": 1.0}, "logit_bias"),
+    ("logit_bias", {12: "high"}, "logit_bias"),
+    ("logit_bias", {12: 500.0}, "logit_bias"),
 ])
 def test_bad_sampling_params_name_the_field(field, value, needle):
     with pytest.raises(SamplingParamsError, match=needle) as info:

@@ -13,7 +13,6 @@ import torch
 
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.runner.inputs import build_model_inputs, build_sampling_tensors
-from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
 
@@ -129,7 +128,6 @@ class CudaModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def prepare(self) -> None:
-        tune_single_row_products(self.model)
         if self.enforce_eager:
             return
         started = time.perf_counter()

@@ -17,7 +17,8 @@ from asyncserve.config import EngineConfig
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
 from asyncserve.errors import EngineDeadError, QueueFullError
 from asyncserve.outputs import RequestOutput
-from asyncserve.sampling_params import SamplingParams
+from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
+from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger("asyncserve")
 
@@ -54,6 +55,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._ids = itertools.count()
+        self._last_log = (time.monotonic(), 0, 0)  # time, prompt tokens, generated tokens
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -115,6 +117,11 @@ class AsyncEngine:
             if not finished:
                 self.abort(request.request_id)
 
+    async def beam_search(self, prompt: PromptType, params: BeamSearchParams) -> BeamSearchOutput:
+        """Beam search for one prompt, sharing the engine with everything else in flight."""
+        _, prompt_ids = self.engine.tokenize_prompt(prompt)
+        return await beam_search_async(self, prompt_ids, params)
+
     def abort(self, request_id: str) -> None:
         """Frees the request's KV blocks now; its stream ends with finish_reason 'abort'."""
         stream = self._streams.pop(request_id, None)
@@ -140,6 +147,7 @@ class AsyncEngine:
                 output = await loop.run_in_executor(self._executor, engine.runner.execute, step)
                 for result in engine.process(scheduled, output):
                     self._deliver(result)
+                self._log_stats()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug or a device failure: fail every stream, refuse new work
@@ -159,6 +167,23 @@ class AsyncEngine:
         stream.put(output)
 
     # ---- what the server reports ----------------------------------------------------------------
+
+    def _log_stats(self, interval: float = 10.0) -> None:
+        """One line every `interval` seconds while busy: throughput, queues, KV use, prefix-cache hits."""
+        now = time.monotonic()
+        if self.config.disable_log_stats or now - self._last_log[0] < interval:
+            return
+        stats = self.stats()
+        last_time, last_prompt, last_generated = self._last_log
+        elapsed = now - last_time
+        queries = stats["prefix_cache_queries_total"]
+        logger.info(
+            "prompt %.1f tokens/s, generation %.1f tokens/s | running %d, waiting %d | KV cache %.1f%% | "
+            "prefix cache hit rate %.1f%%", (stats["prompt_tokens_total"] - last_prompt) / elapsed,
+            (stats["generation_tokens_total"] - last_generated) / elapsed, stats["num_requests_running"],
+            stats["num_requests_waiting"], 100 * stats["kv_cache_usage_perc"],
+            100 * stats["prefix_cache_hits_total"] / queries if queries else 0.0)
+        self._last_log = (now, stats["prompt_tokens_total"], stats["generation_tokens_total"])
 
     def stats(self) -> dict:
         scheduler, pool = self.engine.scheduler, self.engine.block_pool

@@ -1,11 +1,16 @@
 """Beam search over the engine: every live beam is a one-token request; the prefix cache shares
 the beams' common blocks, so a step recomputes at most each beam's last partial block.
+
+`BeamState` holds one prompt's beams and picks the next ones; the offline (`beam_search`) and the
+async (`beam_search_async`) drivers only differ in how they run a step's one-token requests.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field
 
+from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -23,59 +28,95 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]  # best first
 
 
-def _score(beam: BeamSearchSequence, num_prompt_tokens: int, length_penalty: float) -> float:
-    generated = max(1, len(beam.tokens) - num_prompt_tokens)
-    return beam.cum_logprob / (generated ** length_penalty)
+class BeamState:
+    """One prompt's running beams and finished hypotheses, chosen as transformers' beam search does."""
+
+    def __init__(self, prompt_ids: list[int], params: BeamSearchParams, eos_ids: set[int]):
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.eos_ids = eos_ids
+        self.running = [BeamSearchSequence(list(prompt_ids))]
+        self.completed: list[BeamSearchSequence] = []
+
+    def step_params(self) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * self.params.beam_width,
+                              ignore_eos=True)
+
+    def advance(self, outputs: list[RequestOutput]) -> None:
+        """`outputs[i]` is the one-token output for `running[i]`; keeps the best beam_width continuations."""
+        width = self.params.beam_width
+        candidates = []
+        for beam, output in zip(self.running, outputs):
+            top = sorted(output.outputs[0].logprobs[0].items(), key=lambda item: item[1].logprob,
+                         reverse=True)[:2 * width]
+            candidates.extend((beam.cum_logprob + lp.logprob, beam, token, lp.logprob) for token, lp in top)
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        next_beams = []
+        for rank, (score, beam, token, logprob) in enumerate(candidates[:2 * width]):
+            child = BeamSearchSequence(beam.tokens + [token], score, beam.logprobs + [logprob])
+            if token in self.eos_ids:
+                if rank < width:  # as transformers: an EOS outside the top beams is not a hypothesis
+                    child.finished = True
+                    self.completed.append(child)
+                continue
+            next_beams.append(child)
+            if len(next_beams) == width:
+                break
+        self.running = next_beams if len(self.completed) < width else []
+
+    def result(self, tokenizer) -> BeamSearchOutput:
+        def score(beam):
+            generated = max(1, len(beam.tokens) - self.num_prompt_tokens)
+            return beam.cum_logprob / (generated ** self.params.length_penalty)
+        best = sorted(self.completed + self.running, key=score, reverse=True)[:self.params.beam_width]
+        if tokenizer is not None:
+            for beam in best:
+                beam.text = tokenizer.decode(beam.tokens[self.num_prompt_tokens:], skip_special_tokens=True)
+        return BeamSearchOutput(best)
+
+
+def _eos_ids(engine, params: BeamSearchParams) -> set[int]:
+    return set() if params.ignore_eos else set(engine.eos_token_ids())
 
 
 def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    width = params.beam_width
-    step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * width, ignore_eos=True)
-    eos_ids = set() if params.ignore_eos else set(engine.eos_token_ids())
-    prompt_ids = [engine.tokenize_prompt(prompt)[1] for prompt in prompts]
-    running = [[BeamSearchSequence(list(ids))] for ids in prompt_ids]
-    completed: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    """Offline: drives an LLMEngine's steps until every beam of every prompt has its next token."""
+    eos_ids = _eos_ids(engine, params)
+    states = [BeamState(engine.tokenize_prompt(prompt)[1], params, eos_ids) for prompt in prompts]
     counter = itertools.count()
     for _ in range(params.max_tokens):
         requests = {}
-        for index, beams in enumerate(running):
-            for beam in beams:
+        for state in states:
+            for beam in state.running:
                 request_id = f"beam-{next(counter)}"
-                engine.add_request(request_id, {"prompt_token_ids": beam.tokens}, step_params)
-                requests[request_id] = (index, beam)
+                engine.add_request(request_id, {"prompt_token_ids": beam.tokens}, state.step_params())
+                requests[request_id] = state
         if not requests:
             break
-        candidates: list[list[tuple[float, BeamSearchSequence, int, float]]] = [[] for _ in prompts]
+        finished: dict[str, RequestOutput] = {}
         while engine.has_unfinished_requests():
             for output in engine.step():
-                if not output.finished or output.request_id not in requests:
-                    continue
-                index, beam = requests[output.request_id]
-                position = output.outputs[0].logprobs[0]
-                top = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)[:2 * width]
-                candidates[index].extend((beam.cum_logprob + lp.logprob, beam, token, lp.logprob)
-                                         for token, lp in top)
-        for index in range(len(prompts)):
-            ranked = sorted(candidates[index], key=lambda c: c[0], reverse=True)[:2 * width]
-            next_beams = []
-            for rank, (score, beam, token, logprob) in enumerate(ranked):
-                child = BeamSearchSequence(beam.tokens + [token], score, beam.logprobs + [logprob])
-                if token in eos_ids:
-                    if rank < width:  # as transformers: an EOS outside the top beams is not a hypothesis
-                        child.finished = True
-                        completed[index].append(child)
-                    continue
-                next_beams.append(child)
-                if len(next_beams) == width:
-                    break
-            running[index] = next_beams if len(completed[index]) < width else []
-    outputs = []
-    for index, ids in enumerate(prompt_ids):
-        pool = completed[index] + running[index]
-        pool.sort(key=lambda b: _score(b, len(ids), params.length_penalty), reverse=True)
-        best = pool[:width]
-        if engine.tokenizer is not None:
-            for beam in best:
-                beam.text = engine.tokenizer.decode(beam.tokens[len(ids):], skip_special_tokens=True)
-        outputs.append(BeamSearchOutput(best))
-    return outputs
+                if output.finished and output.request_id in requests:
+                    finished[output.request_id] = output
+        for state in states:
+            ids = [request_id for request_id, owner in requests.items() if owner is state]
+            if ids:
+                state.advance([finished[request_id] for request_id in ids])
+    return [state.result(engine.tokenizer) for state in states]
+
+
+async def beam_search_async(engine, prompt_ids: list[int], params: BeamSearchParams) -> BeamSearchOutput:
+    """On an AsyncEngine: each step's beams run as concurrent one-token requests beside other traffic."""
+    state = BeamState(prompt_ids, params, _eos_ids(engine.engine, params))
+
+    async def next_token(beam: BeamSearchSequence) -> RequestOutput:
+        last = None
+        async for output in engine.generate({"prompt_token_ids": beam.tokens}, state.step_params()):
+            last = output
+        return last
+
+    for _ in range(params.max_tokens):
+        if not state.running:
+            break
+        state.advance(await asyncio.gather(*(next_token(beam) for beam in state.running)))
+    return state.result(engine.tokenizer)

@@ -11,6 +11,7 @@ from aiohttp import web
 from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
 from asyncserve.server.errors import bad_request
+from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
 from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
@@ -117,6 +118,11 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     prompt = render(state, parsed)
     check_prompt(engine, prompt, parsed.params, "messages")
     response_id, created = state.new_id("chatcmpl"), int(time.time())
+    if parsed.use_beam_search:
+        check_beam_request(parsed.params, parsed.stream)
+        latest = await beam_search_outputs(engine, [prompt], parsed.params, parsed.length_penalty)
+        return json_response(_body(state, parsed, response_id, created, model, BeamGeneration([prompt]),
+                                   latest))
     generation = Generation(engine, response_id, [prompt], parsed.params)
     log_request(state, response_id, "chat", generation, parsed.stream)
     if parsed.stream:

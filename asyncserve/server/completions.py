@@ -6,6 +6,7 @@ import time
 from aiohttp import web
 
 from asyncserve.outputs import CompletionOutput, RequestOutput
+from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
 from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
@@ -128,6 +129,11 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         check_prompt(engine, prompt, parsed.params, "prompt")
     echo = _Echo(state, parsed, prompts)
     response_id, created = state.new_id("cmpl"), int(time.time())
+    if parsed.use_beam_search:
+        check_beam_request(parsed.params, parsed.stream)
+        latest = await beam_search_outputs(engine, prompts, parsed.params, parsed.length_penalty)
+        return json_response(_body(state, parsed, response_id, created, model, BeamGeneration(prompts),
+                                   latest, echo))
     generation = Generation(engine, response_id, prompts, parsed.params)
     log_request(state, response_id, "completions", generation, parsed.stream)
     if parsed.stream:

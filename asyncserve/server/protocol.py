@@ -92,6 +92,8 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 @dataclass
@@ -242,7 +244,9 @@ def parse_completion(data, *, vocab_size: int, max_logprobs: int) -> CompletionR
     _check_best_of_stream(params, stream)
     fields.string("user")
     return CompletionRequest(model=fields.string("model"), params=params, stream=stream,
-                             include_usage=include_usage, prompts=prompts, echo=echo)
+                             include_usage=include_usage, prompts=prompts, echo=echo,
+                             use_beam_search=fields.boolean("use_beam_search", False),
+                             length_penalty=fields.number("length_penalty", 1.0))
 
 
 def _message(message, index: int) -> dict:
@@ -303,6 +307,8 @@ def parse_chat(data, *, vocab_size: int, max_logprobs: int) -> ChatRequest:
         raise bad_request("'chat_template_kwargs' must be an object.", "chat_template_kwargs")
     fields.string("user")
     return ChatRequest(model=fields.string("model"), params=params, stream=stream, include_usage=include_usage,
+                       use_beam_search=fields.boolean("use_beam_search", False),
+                       length_penalty=fields.number("length_penalty", 1.0),
                        messages=messages, add_generation_prompt=fields.boolean("add_generation_prompt", True),
                        chat_template_kwargs=kwargs, top_logprobs=logprobs)
 

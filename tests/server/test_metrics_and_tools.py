@@ -110,3 +110,10 @@ async def test_health_and_version(server, http):
         assert response.status == 200
     async with http.get(server.url + "/version") as response:
         assert await response.json() == {"version": asyncserve.__version__}
+
+
+async def test_engine_logs_prefix_cache_hit_rate(server, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="asyncserve")
+    server.engine._log_stats(interval=0.0)
+    assert "prefix cache hit rate" in caplog.text

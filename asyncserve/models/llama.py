@@ -8,7 +8,7 @@ from torch import nn
 
 from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
-from asyncserve.layers.linear import MergedLinear
+from asyncserve.layers.linear import Linear, MergedLinear, linear
 from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -28,7 +28,7 @@ class LlamaAttention(nn.Module):
         attention_bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size,
                                                           "v": self.kv_size}, bias=qkv_bias or attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=attention_bias)
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
@@ -55,7 +55,7 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
@@ -85,6 +85,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     qk_norm = False
+    logits_use_matvec = False  # set by timing at start-up, like Linear.use_matvec
     # checkpoint name fragment -> (our merged module name, shard)
     stacked_params = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"),
                       ("v_proj", "qkv_proj", "v"), ("gate_proj", "gate_up_proj", "gate"),
@@ -99,7 +100,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -114,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)           # [S, V]
+        return linear(hidden, weight, None, self.logits_use_matvec)  # [S, V]
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -13,6 +13,7 @@ import torch
 
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.runner.inputs import build_model_inputs, build_sampling_tensors
+from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
 
@@ -128,6 +129,7 @@ class CudaModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def prepare(self) -> None:
+        tune_single_row_products(self.model)
         if self.enforce_eager:
             return
         started = time.perf_counter()

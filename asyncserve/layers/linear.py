@@ -1,4 +1,4 @@
-"""Linear layers: a single-row product may take the matrix-vector kernel, and fused projections
+"""Linear layers: one-row products may take another kernel than cuBLAS's GEMM, and fused projections
 (QKV, gate|up) stack several checkpoint tensors in one weight."""
 from __future__ import annotations
 
@@ -6,23 +6,32 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from asyncserve.kernels import gemv_triton
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_matvec: bool) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T. For M == 1 cuBLAS's GEMM picks split-K kernels that read some
-    weight shapes at half the memory bandwidth; its matrix-vector kernel may do better."""
-    if use_matvec and x.shape[0] == 1:
+# How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
+# config (see asyncserve.kernels.GEMV_CONFIGS). Chosen per weight shape by timing at start-up.
+SingleRowKernel = None | str | tuple
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           single_row: SingleRowKernel = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias). For M == 1 cuBLAS's GEMM picks split-K kernels that read
+    some weight shapes at half the memory bandwidth, so batch-1 decode may use another kernel."""
+    if single_row is None or x.shape[0] != 1:
+        return F.linear(x, weight, bias)
+    if single_row == "mv":
         out = torch.mv(weight, x[0])
         return (out if bias is None else out + bias)[None]
-    return F.linear(x, weight, bias)
+    return gemv_triton(x, weight, bias, single_row)
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the single-row choice above; `use_matvec` is set by timing at start-up."""
+    """nn.Linear with the one-row choice above."""
 
-    use_matvec = False
+    single_row: SingleRowKernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.use_matvec)
+        return linear(x, self.weight, self.bias, self.single_row)
 
 
 class MergedLinear(Linear):

@@ -85,7 +85,7 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias = False
     qk_norm = False
-    logits_use_matvec = False  # set by timing at start-up, like Linear.use_matvec
+    logits_single_row = None  # the LM head's one-row kernel, chosen at start-up like Linear.single_row
     # checkpoint name fragment -> (our merged module name, shard)
     stacked_params = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"),
                       ("v_proj", "qkv_proj", "v"), ("gate_proj", "gate_up_proj", "gate"),
@@ -115,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight, None, self.logits_use_matvec)  # [S, V]
+        return linear(hidden, weight, None, self.logits_single_row)  # [S, V]
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,8 +1,8 @@
-"""Chooses, per weight shape, between cuBLAS GEMM and matrix-vector kernels for one-row products.
+"""Chooses, per weight shape, the fastest kernel for one-row products (batch-1 decode).
 
-Batch-1 decode reads every weight once per token: a kernel at half the memory bandwidth on a few
-projections costs more than all the attention of a short context. Timing both at start-up takes
-milliseconds and keeps whichever is faster on this GPU, this library version, this shape.
+Batch-1 decode reads every weight once per token, so a kernel at half the memory bandwidth on a few
+projections costs more than all the attention of a short context. Timing the candidates at start-up
+takes well under a second and keeps whichever is fastest on this GPU, library version and shape.
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import logging
 import torch
 from torch.nn import functional as F
 
-from asyncserve.layers.linear import Linear
+from asyncserve.kernels import GEMV_CONFIGS, HAS_TRITON
+from asyncserve.layers.linear import Linear, linear
 
 logger = logging.getLogger("asyncserve")
 
 
-def _time(fn, repeats: int = 20) -> float:
+def _time(fn, repeats: int = 30) -> float:
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -29,27 +30,33 @@ def _time(fn, repeats: int = 20) -> float:
 
 
 @torch.inference_mode()
-def matvec_is_faster(weight: torch.Tensor) -> bool:
+def fastest_single_row_kernel(weight: torch.Tensor):
+    """None (cuBLAS GEMM) unless another candidate is at least 5% faster."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    gemm = _time(lambda: F.linear(x, weight))
-    matvec = _time(lambda: torch.mv(weight, x[0]))
-    return matvec < 0.95 * gemm
+    baseline = _time(lambda: F.linear(x, weight))
+    candidates = ["mv"] + (list(GEMV_CONFIGS) if HAS_TRITON else [])
+    best, best_time = None, 0.95 * baseline
+    for candidate in candidates:
+        elapsed = _time(lambda: linear(x, weight, None, candidate))
+        if elapsed < best_time:
+            best, best_time = candidate, elapsed
+    return best, baseline, best_time
 
 
 def tune_single_row_products(model: torch.nn.Module) -> None:
-    choice: dict[tuple, bool] = {}
-    chosen = []
-    for name, module in model.named_modules():
+    choices: dict[tuple, object] = {}
+    report = []
+    for module in model.modules():
         if isinstance(module, Linear):
             key = (tuple(module.weight.shape), module.weight.dtype)
-            if key not in choice:
-                choice[key] = matvec_is_faster(module.weight)
-                if choice[key]:
-                    chosen.append(f"{key[0][0]}x{key[0][1]}")
-            module.use_matvec = choice[key]
-    if hasattr(model, "logits_use_matvec"):
-        weight = model.embed_tokens.weight if model.tie_word_embeddings else model.lm_head.weight
-        model.logits_use_matvec = matvec_is_faster(weight)
-        if model.logits_use_matvec:
-            chosen.append("logits")
-    logger.info("single-row products through the matrix-vector kernel: %s", ", ".join(chosen) or "none")
+            if key not in choices:
+                choices[key], baseline, best = fastest_single_row_kernel(module.weight)
+                if choices[key] is not None:
+                    report.append(f"{key[0][0]}x{key[0][1]}: {choices[key]} {best * 1e3:.1f} us "
+                                  f"(cuBLAS {baseline * 1e3:.1f} us)")
+            module.single_row = choices[key]
+    weight = model.embed_tokens.weight if model.tie_word_embeddings else model.lm_head.weight
+    model.logits_single_row, baseline, best = fastest_single_row_kernel(weight)
+    if model.logits_single_row is not None:
+        report.append(f"logits: {model.logits_single_row} {best * 1e3:.1f} us (cuBLAS {baseline * 1e3:.1f} us)")
+    logger.info("one-row products: %s", "; ".join(report) or "cuBLAS GEMM for every shape")

@@ -1,8 +1,20 @@
-"""Fused projections load each checkpoint tensor into its own rows."""
+"""Linear layers: one-row kernels compute the same product; fused projections load shards in place."""
 import pytest
 import torch
 
-from asyncserve.layers.linear import MergedLinear
+from asyncserve.kernels import HAS_TRITON
+from asyncserve.layers.linear import MergedLinear, linear
+
+
+@pytest.mark.parametrize("kernel", ["mv", pytest.param((8, 512, 4, 4), marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed"))])
+def test_one_row_kernels_equal_linear(kernel):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(37, 19), torch.randn(37), torch.randn(1, 19)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(linear(x, weight, bias, kernel), expected, rtol=1e-5, atol=1e-5)
+    rows = torch.randn(3, 19)  # several rows always take the GEMM
+    assert torch.equal(linear(rows, weight, None, kernel), torch.nn.functional.linear(rows, weight))
 
 
 def test_merged_linear_loads_shards_in_place():

@@ -1,0 +1,49 @@
+"""One-row products x[1, K] @ W[N, K]^T (+ bias): batch-1 decode's every projection.
+
+cuBLAS picks split-K GEMM kernels for some of these shapes that read the weight at about half the
+memory bandwidth. This kernel streams W once, rows split over programs, K in pipelined tiles.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import tl, triton
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the runner times these against cuBLAS per shape.
+GEMV_CONFIGS = ((8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 3))
+
+
+def gemv_ref(x, weight, bias=None):
+    """x [1, K], weight [N, K], bias [N] or None -> [1, N]."""
+    return F.linear(x, weight, bias)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gemv_triton(x, weight, bias=None, config=GEMV_CONFIGS[0]):
+    """Triton version of `gemv_ref`; `config` is one of GEMV_CONFIGS."""
+    block_n, block_k, num_warps, num_stages = config
+    num_rows, k = weight.shape
+    assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1
+    out = torch.empty(1, num_rows, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(num_rows, block_n),)](
+        x, weight, bias if bias is not None else weight, out, num_rows, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -5,8 +5,6 @@ contiguous; a token's slot is `block_id * block_size + offset`. Slots < 0 mark p
 tokens (CUDA-graph batches) and are skipped.
 """
 
-import torch
-
 from ._triton import tl, triton, use_triton, next_power_of_2
 
 

@@ -6,8 +6,6 @@ Neox style rotates the halves (x[:r/2], x[r/2:r]), GPT-J style the interleaved p
 input is read with D = rotary_dim.
 """
 
-import torch
-
 from ._triton import tl, triton, use_triton, next_power_of_2
 
 

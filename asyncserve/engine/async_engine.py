@@ -19,6 +19,7 @@ from asyncserve.errors import EngineDeadError, QueueFullError
 from asyncserve.outputs import RequestOutput
 from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
+from asyncserve.tasks import cancel_and_wait
 
 logger = logging.getLogger("asyncserve")
 
@@ -68,13 +69,8 @@ class AsyncEngine:
         """Aborts what is in flight and stops the engine coroutine."""
         for request_id in list(self._streams):
             self.abort(request_id)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     @property
     def is_running(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from asyncserve.server.metrics import LAG_BUCKETS, Histogram
+from asyncserve.tasks import cancel_and_wait
 
 
 class LagMonitor:
@@ -19,13 +20,8 @@ class LagMonitor:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="asyncserve-lag-monitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def reset(self) -> float:
         """Returns the worst lag so far and starts a new window."""

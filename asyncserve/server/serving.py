@@ -76,6 +76,14 @@ def usage(generation: Generation, latest: dict[int, RequestOutput]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _record(state: ServerState, latest: dict[int, RequestOutput], batch) -> None:
+    """Keeps each prompt's newest output; finished ones feed the latency histograms."""
+    for index, output in batch:
+        latest[index] = output
+        if output.finished:
+            state.metrics.observe_finished(output)
+
+
 async def stream(request: web.Request, state: ServerState, generation: Generation, writer: StreamWriter,
                  include_usage: bool) -> web.StreamResponse:
     """One SSE frame per engine step; a client that goes away aborts its requests (their KV is freed)."""
@@ -89,10 +97,7 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
             await response.write(first)
         async with contextlib.aclosing(generation.outputs()) as batches:
             async for batch in batches:
-                for index, output in batch:
-                    latest[index] = output
-                    if output.finished:
-                        state.metrics.observe_finished(output)
+                _record(state, latest, batch)
                 frame = writer.step_frame(batch)
                 if frame:
                     await response.write(frame)
@@ -121,10 +126,7 @@ async def collect(request: web.Request, state: ServerState,
     try:
         async with contextlib.aclosing(generation.outputs()) as batches:
             async for batch in batches:
-                for index, output in batch:
-                    latest[index] = output
-                    if output.finished:
-                        state.metrics.observe_finished(output)
+                _record(state, latest, batch)
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     return None

@@ -63,13 +63,14 @@ class ModelRunner:
         return self.model(input_ids, positions, meta)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, step: StepInput):
+        """(logprob of each next prompt token, its rank, top-N values, top-N ids), one row per position."""
         if inputs.prompt_rows is None:
             return None
         num_top = max(seq.prompt_logprobs or 0 for seq in step.seqs)
         logprobs = self.model.compute_logits(hidden[inputs.prompt_rows]).float().log_softmax(dim=-1)
         chosen = logprobs.gather(1, inputs.prompt_targets[:, None])
         ranks = (logprobs > chosen).sum(dim=-1) + 1
-        top_values, top_ids = logprobs.topk(num_top, dim=-1) if num_top else (chosen[:, :0], ranks[:, None][:, :0])
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)  # num_top may be 0: empty rows
         return chosen[:, 0].tolist(), ranks.tolist(), top_values.tolist(), top_ids.tolist()
 
     def _to_host(self, step: StepInput, sampled: SamplerOutput | None, prompt_logprobs,

@@ -1,17 +1,22 @@
-"""The GPU runner: a dedicated CUDA stream, and CUDA graphs replayed for decode-only steps.
+"""The GPU runner: a dedicated CUDA stream, CUDA graphs replayed for decode-only steps, and a
+one-step lookahead that hides the engine's host work behind the GPU.
 
-A decode step of a small model is a few hundred tiny kernels: launched one by one from Python they take
-longer than the GPU needs to run them. Captured once per padded batch size at start-up, a step becomes
-one graph launch. Mixed and prefill steps (variable shapes) run eagerly.
+Lookahead: after a plain greedy decode step, if every sequence's next token stays in its current block,
+the runner launches the next step at once, fed on the device with the ids just sampled, and only then
+waits for this step's ids. While the GPU runs it, the engine detokenizes, checks stops and schedules.
+If the engine then asks for exactly that step, it is already running; if anything changed (a sequence
+finished, a request arrived, a block is needed), its results are simply not used: it wrote KV only into
+slots past each sequence's computed length, which the next real write overwrites before anyone reads.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
-from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
 from asyncserve.runner.inputs import build_model_inputs, build_sampling_tensors
 from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
@@ -20,94 +25,18 @@ from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
 logger = logging.getLogger("asyncserve")
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to max_num_seqs: padding wastes at most 7 rows."""
-    sizes = [size for size in (1, 2, 4) if size < max_num_seqs]
-    sizes += list(range(8, max_num_seqs + 1, 8))
-    if not sizes or sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
-    return sorted(set(sizes))
+@dataclass
+class _Lookahead:
+    """A decode step launched before the engine asked for it."""
 
+    seq_ids: list[int]
+    positions: list[int]
+    padded: int
 
-class _DecodeGraphs:
-    """Static input buffers sized for the largest batch, and one captured graph per padded size."""
-
-    def __init__(self, runner: "CudaModelRunner", max_batch: int, max_model_len: int):
-        device = runner.device
-        self.max_model_len = max_model_len
-        self.max_batch = max_batch
-        self.block_size = runner.block_size
-        max_blocks = -(-max_model_len // runner.block_size)
-        # One int64 and one int32 buffer, so a step's inputs arrive in two copies.
-        self.longs = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.longs.view(3, max_batch)
-        self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
-        self.seq_lens = self.ints[:max_batch]
-        self.block_tables = self.ints[max_batch:].view(max_batch, max_blocks)
-        # Pinned mirrors, filled through numpy: the copies are truly asynchronous. A step rewrites
-        # them only after the previous step's tokens were read back, so no copy is still pending.
-        self.host_longs = torch.zeros(3 * max_batch, dtype=torch.int64, pin_memory=True)
-        self.host_ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
-        self.host_longs_np = self.host_longs.numpy().reshape(3, max_batch)
-        self.host_seq_lens_np = self.host_ints.numpy()[:max_batch]
-        self.host_tables_np = self.host_ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.greedy_tokens: dict[int, torch.Tensor] = {}  # argmax inside the graph: greedy steps skip the sampler
-        self.sizes: list[int] = []
-
-    def meta(self, batch: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
-            seq_lens=self.seq_lens[:batch], query_start_loc=self.query_start_loc[:batch + 1],
-            max_query_len=1, max_seq_len=self.max_model_len)
-
-    def capture(self, runner: "CudaModelRunner", sizes: list[int]) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        model = runner.model
-        for batch in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its memory
-            meta = self.meta(batch)
-            for _ in range(2):  # warm-up: compiles the Triton kernels for this shape
-                model.compute_logits(model(self.input_ids[:batch], self.positions[:batch], meta))
-            torch.cuda.synchronize(runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=runner.stream):
-                hidden = model(self.input_ids[:batch], self.positions[:batch], meta)
-                self.logits[batch] = model.compute_logits(hidden)
-                self.greedy_tokens[batch] = self.logits[batch].argmax(dim=-1)
-            self.graphs[batch] = graph
-        self.sizes = sorted(self.graphs)
-
-    def padded_size(self, batch: int) -> int | None:
-        for size in self.sizes:
-            if size >= batch:
-                return size
-        return None
-
-    def run(self, step: StepInput, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes this step's inputs straight into the static buffers and replays.
-
-        Returns ([B, V] logits, [B] greedy token ids).
-        """
-        seqs, block_size, batch = step.seqs, self.block_size, len(step.seqs)
-        positions = [seq.start_position for seq in seqs]
-        longs = self.host_longs_np
-        longs[0, :batch] = [seq.new_token_ids[0] for seq in seqs]
-        longs[1, :batch] = positions
-        longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
-                            for seq, p in zip(seqs, positions)]
-        longs[2, batch:] = -1  # padding rows write nowhere
-        self.host_seq_lens_np[:batch] = [p + 1 for p in positions]
-        self.host_seq_lens_np[batch:] = 1
-        tables = self.host_tables_np
-        for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = seq.block_table
-        self.longs.copy_(self.host_longs, non_blocking=True)
-        used = self.max_batch + padded * tables.shape[1]
-        self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
-        self.graphs[padded].replay()
-        return self.logits[padded][:len(seqs)], self.greedy_tokens[padded][:len(seqs)]
+    def matches(self, step: StepInput, padded: int) -> bool:
+        return (padded == self.padded and len(step.seqs) == len(self.seq_ids)
+                and all(seq.seq_id == seq_id and seq.start_position == position
+                        for seq, seq_id, position in zip(step.seqs, self.seq_ids, self.positions)))
 
 
 def _plain_greedy(sampling) -> bool:
@@ -126,6 +55,9 @@ class CudaModelRunner(ModelRunner):
         self.enforce_eager = enforce_eager
         self.decode_graphs: _DecodeGraphs | None = None
         self.capture_seconds = 0.0
+        self.lookahead: _Lookahead | None = None
+        self.num_lookahead_hits = 0
+        self._host_tokens = torch.zeros(max(1, max_num_seqs), dtype=torch.int64, pin_memory=True)
         # Before the memory profile: the timing briefly holds extra weight copies.
         tune_single_row_products(model)
 
@@ -149,6 +81,7 @@ class CudaModelRunner(ModelRunner):
             return self._execute(step)
 
     def _execute(self, step: StepInput) -> StepOutput:
+        lookahead, self.lookahead = self.lookahead, None
         self.apply_block_moves(step)
         sampling = build_sampling_tensors(step, self.vocab_size, self.device)
         padded = None
@@ -157,9 +90,14 @@ class CudaModelRunner(ModelRunner):
                 for seq in step.seqs):
             padded = self.decode_graphs.padded_size(len(step.seqs))
         if padded is not None:
-            logits, greedy_tokens = self.decode_graphs.run(step, padded)
             if _plain_greedy(sampling):
-                return StepOutput([SequenceResult([token]) for token in greedy_tokens.tolist()])
+                moved = step.block_copies or step.swap_in or step.swap_out
+                if lookahead is not None and not moved and lookahead.matches(step, padded):
+                    self.num_lookahead_hits += 1  # this step is already on the GPU
+                else:
+                    self.decode_graphs.run(step, padded)
+                return StepOutput([SequenceResult([token]) for token in self._greedy_ids(step, padded)])
+            logits, _ = self.decode_graphs.run(step, padded)
             return self._to_host(step, self.sampler(logits, sampling), None, [0] * len(step.seqs))
         inputs = build_model_inputs(step, self.block_size, self.device)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
@@ -168,3 +106,19 @@ class CudaModelRunner(ModelRunner):
             sampled = self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), sampling)
         return self._to_host(step, sampled, self._prompt_logprobs(hidden, inputs, step),
                              inputs.prompt_row_counts)
+
+    def _greedy_ids(self, step: StepInput, padded: int) -> list[int]:
+        """This step's ids, read back only after the next step (if it can be foreseen) is launched."""
+        graphs, batch = self.decode_graphs, len(step.seqs)
+        host = self._host_tokens[:batch]
+        host.copy_(graphs.greedy_tokens[padded][:batch], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        block_size = self.block_size
+        positions = [seq.start_position + 1 for seq in step.seqs]
+        if all(position % block_size != 0 for position in positions):
+            graphs.advance(batch)
+            graphs.replay(padded)
+            self.lookahead = _Lookahead([seq.seq_id for seq in step.seqs], positions, padded)
+        done.synchronize()
+        return host.tolist()

@@ -39,6 +39,8 @@ def test_greedy_fp32_on_cuda_matches_transformers(family, enforce_eager, make_cu
     model, tokenizer = hf_reference(family)
     expected = [hf_greedy(model, tokenizer.encode(p), MAX_NEW) for p in PROMPTS]
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    # Greedy decode steps were launched ahead of the engine, and their results were used.
+    assert (llm.engine.runner.num_lookahead_hits > 0) != enforce_eager
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])

@@ -1,0 +1,118 @@
+"""CUDA graphs of decode steps: static input buffers, one captured graph per padded batch size.
+
+A decode step of a small model is a few hundred tiny kernels: launched one by one from Python they take
+longer than the GPU needs to run them. Captured once per padded batch size at start-up, a step becomes
+one graph launch.
+"""
+from __future__ import annotations
+
+import torch
+
+from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.runner.step import StepInput
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_num_seqs: padding wastes at most 7 rows."""
+    sizes = [size for size in (1, 2, 4) if size < max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sorted(set(sizes))
+
+
+class _DecodeGraphs:
+    """Static input buffers sized for the largest batch, and one captured graph per padded size."""
+
+    def __init__(self, runner, max_batch: int, max_model_len: int):
+        device = runner.device
+        self.max_model_len = max_model_len
+        self.max_batch = max_batch
+        self.block_size = runner.block_size
+        max_blocks = -(-max_model_len // runner.block_size)
+        # One int64 and one int32 buffer, so a step's inputs arrive in two copies.
+        self.longs = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.longs.view(3, max_batch)
+        self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = self.ints[:max_batch]
+        self.block_tables = self.ints[max_batch:].view(max_batch, max_blocks)
+        # Pinned mirrors, filled through numpy: the copies are truly asynchronous. A step rewrites
+        # them only after the previous step's tokens were read back, so no copy is still pending.
+        self.host_longs = torch.zeros(3 * max_batch, dtype=torch.int64, pin_memory=True)
+        self.host_ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
+        self.host_longs_np = self.host_longs.numpy().reshape(3, max_batch)
+        self.host_seq_lens_np = self.host_ints.numpy()[:max_batch]
+        self.host_tables_np = self.host_ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.greedy_tokens: dict[int, torch.Tensor] = {}  # argmax inside the graph: greedy steps skip the sampler
+        self.sizes: list[int] = []
+        self.last_padded = 0
+
+    def meta(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
+            seq_lens=self.seq_lens[:batch], query_start_loc=self.query_start_loc[:batch + 1],
+            max_query_len=1, max_seq_len=self.max_model_len)
+
+    def capture(self, runner, sizes: list[int]) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        model = runner.model
+        for batch in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its memory
+            meta = self.meta(batch)
+            for _ in range(2):  # warm-up: compiles the Triton kernels for this shape
+                model.compute_logits(model(self.input_ids[:batch], self.positions[:batch], meta))
+            torch.cuda.synchronize(runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=runner.stream):
+                hidden = model(self.input_ids[:batch], self.positions[:batch], meta)
+                self.logits[batch] = model.compute_logits(hidden)
+                self.greedy_tokens[batch] = self.logits[batch].argmax(dim=-1)
+            self.graphs[batch] = graph
+        self.sizes = sorted(self.graphs)
+
+    def padded_size(self, batch: int) -> int | None:
+        for size in self.sizes:
+            if size >= batch:
+                return size
+        return None
+
+    def run(self, step: StepInput, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes this step's inputs straight into the static buffers and replays.
+
+        Returns ([B, V] logits, [B] greedy token ids).
+        """
+        seqs, block_size, batch = step.seqs, self.block_size, len(step.seqs)
+        positions = [seq.start_position for seq in seqs]
+        longs = self.host_longs_np
+        longs[0, :batch] = [seq.new_token_ids[0] for seq in seqs]
+        longs[1, :batch] = positions
+        longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
+                            for seq, p in zip(seqs, positions)]
+        longs[2, batch:] = -1  # padding rows write nowhere
+        self.host_seq_lens_np[:batch] = [p + 1 for p in positions]
+        self.host_seq_lens_np[batch:] = 1
+        tables = self.host_tables_np
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = seq.block_table
+        self.longs.copy_(self.host_longs, non_blocking=True)
+        used = self.max_batch + padded * tables.shape[1]
+        self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
+        self.replay(padded)
+        return self.logits[padded][:len(seqs)], self.greedy_tokens[padded][:len(seqs)]
+
+    def replay(self, padded: int) -> None:
+        self.graphs[padded].replay()
+        self.last_padded = padded
+
+
+    def advance(self, batch: int) -> None:
+        """Inputs of the step after the last replay, on the device: its sampled ids, one position further.
+
+        Valid only while every sequence's next slot is in the same block as its last one.
+        """
+        self.input_ids[:batch].copy_(self.greedy_tokens[self.last_padded][:batch])
+        self.positions[:batch] += 1
+        self.slot_mapping[:batch] += 1
+        self.seq_lens[:batch] += 1

@@ -51,7 +51,7 @@ class LLMEngine:
         self.runner.prepare()
         self.block_pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.kv_manager = KVCacheManager(self.block_pool, config.block_size,
-                                         self._num_host_blocks(num_blocks))
+                                         self._num_host_blocks())
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             enable_chunked_prefill=config.enable_chunked_prefill, block_size=config.block_size,
@@ -74,7 +74,7 @@ class LLMEngine:
             mc.device, num_blocks, config.block_size, kv_tokens, mc.max_model_len,
             kv_tokens / mc.max_model_len)
 
-    def _num_host_blocks(self, num_blocks: int) -> int:
+    def _num_host_blocks(self) -> int:
         """Host blocks for swapped-out sequences: `swap_space` GiB, allocated only in swap mode."""
         if self.config.preemption_mode != "swap":
             return 0

@@ -95,7 +95,7 @@ class OutputProcessor:
         seqs = request.seqs
         if finished and len(seqs) > params.n:  # best_of: keep the n most likely continuations
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
-        hold_back = max(0, params.max_stop_str_len - 1)
+        hold_back = params.max_stop_str_len - 1 if params.stop else 0
         outputs = []
         for index, seq in enumerate(seqs[:params.n]):
             text = seq.output_text

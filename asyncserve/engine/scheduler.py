@@ -122,7 +122,7 @@ class Scheduler:
             params=seq.params,
             generators=generators,
             prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids if num_samples else [],
+            token_ids=seq.token_ids,
             prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None,
             num_prompt_tokens=seq.num_prompt_tokens,
         )

@@ -98,4 +98,9 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return not self.num_forks_pending and all(seq.is_finished for seq in self.seqs)
+        if self.num_forks_pending:
+            return False
+        for seq in self.seqs:  # a loop, not all(genexpr): this runs for every request every step
+            if seq.status is not SequenceStatus.FINISHED:
+                return False
+        return True

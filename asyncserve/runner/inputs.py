@@ -166,7 +166,7 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
 def _bias_entries(seq) -> list[tuple[int, float]]:
     params = seq.params
     entries = [(int(k), float(v)) for k, v in (params.logit_bias or {}).items()]
-    if len(seq.output_token_ids) < params.min_tokens:
+    if seq.num_output_tokens < params.min_tokens:
         banned = set(params.stop_token_ids) | set(params.extra_eos_token_ids)
         entries.extend((token_id, _NEG_INF) for token_id in banned)
     return entries

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     seq_id: int
     new_token_ids: list[int]      # the tokens whose KV this step computes
@@ -18,9 +18,17 @@ class ScheduledSequence:
     params: Any                   # SamplingParams
     generators: list[Any]         # one per sample: torch.Generator, or None for the global RNG
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]          # the whole sequence (prompt + output), shared with the engine: read only
     prompt_logprobs: int | None = None  # set on prompt chunks of requests that want them
     num_prompt_tokens: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -39,7 +47,7 @@ class StepInput:
         return all(len(seq.new_token_ids) == 1 for seq in self.seqs)
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceResult:
     token_ids: list[int]                   # num_samples sampled tokens
     # Per sample: (logprob of the chosen token, its rank, [(token_id, logprob), ...] top-N) or None.

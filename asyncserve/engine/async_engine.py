@@ -80,6 +80,32 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"The engine stopped after an internal error: {self._dead!r}")
 
+    # ---- the face the server and other callers use ---------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def model_path(self) -> str:
+        """Where the weights came from: the hub id or directory given, else the built-in model's path."""
+        return self.config.model or self.engine.model_config.path
+
+    @property
+    def max_logprobs(self) -> int:
+        return self.config.max_logprobs
+
+    def eos_token_ids(self) -> list[int]:
+        return self.engine.eos_token_ids()
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) for any prompt form `generate` takes."""
+        return self.engine.tokenize_prompt(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Every engine-side rule a request must meet, raised before anything is queued."""
+        self.engine.validate_prompt(prompt_token_ids, params)
+
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None):
@@ -115,7 +141,7 @@ class AsyncEngine:
 
     async def beam_search(self, prompt: PromptType, params: BeamSearchParams) -> BeamSearchOutput:
         """Beam search for one prompt, sharing the engine with everything else in flight."""
-        _, prompt_ids = self.engine.tokenize_prompt(prompt)
+        _, prompt_ids = self.tokenize_prompt(prompt)
         return await beam_search_async(self, prompt_ids, params)
 
     def abort(self, request_id: str) -> None:

@@ -107,7 +107,7 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSea
 
 async def beam_search_async(engine, prompt_ids: list[int], params: BeamSearchParams) -> BeamSearchOutput:
     """On an AsyncEngine: each step's beams run as concurrent one-token requests beside other traffic."""
-    state = BeamState(prompt_ids, params, _eos_ids(engine.engine, params))
+    state = BeamState(prompt_ids, params, _eos_ids(engine, params))
 
     async def next_token(beam: BeamSearchSequence) -> RequestOutput:
         last = None

@@ -113,8 +113,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     data = await read_json(request, state.max_body_bytes)
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
-    parsed = parse_chat(data, vocab_size=engine.engine.model_config.vocab_size,
-                        max_logprobs=engine.config.max_logprobs)
+    parsed = parse_chat(data, vocab_size=engine.vocab_size,
+                        max_logprobs=engine.max_logprobs)
     prompt = render(state, parsed)
     check_prompt(engine, prompt, parsed.params, "messages")
     response_id, created = state.new_id("chatcmpl"), int(time.time())

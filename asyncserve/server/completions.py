@@ -16,7 +16,7 @@ from asyncserve.server.state import SERVER_STATE, ServerState
 
 
 def _prompt(engine, prompt: str | list[int]) -> Prompt:
-    text, token_ids = engine.engine.tokenize_prompt(prompt)
+    text, token_ids = engine.tokenize_prompt(prompt)
     return Prompt(text, token_ids)
 
 
@@ -122,8 +122,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     data = await read_json(request, state.max_body_bytes)
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
-    parsed = parse_completion(data, vocab_size=engine.engine.model_config.vocab_size,
-                              max_logprobs=engine.config.max_logprobs)
+    parsed = parse_completion(data, vocab_size=engine.vocab_size,
+                              max_logprobs=engine.max_logprobs)
     prompts = [_prompt(engine, prompt) for prompt in parsed.prompts]
     for prompt in prompts:
         check_prompt(engine, prompt, parsed.params, "prompt")

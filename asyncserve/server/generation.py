@@ -29,7 +29,7 @@ def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str) -> 
             f"This model's maximum context length is {max_len} tokens. However, you requested "
             f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the {param}, {params.max_tokens} in "
             "the completion). Reduce the length of the prompt or max_tokens.", "max_tokens")
-    engine.engine.validate_prompt(prompt.token_ids, params)  # empty, out-of-vocab ids, logprobs, best_of
+    engine.validate(prompt.token_ids, params)  # empty, out-of-vocab ids, logprobs, best_of
 
 
 class Generation:

@@ -15,7 +15,7 @@ from asyncserve.server.state import SERVER_STATE, ServerState
 def _model_card(state: ServerState, name: str) -> dict:
     engine = state.engine
     return {"id": name, "object": "model", "created": state.created, "owned_by": "asyncserve",
-            "root": engine.config.model or engine.engine.model_config.path, "parent": None, "max_model_len": engine.max_model_len}
+            "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -62,8 +62,8 @@ async def tokenize(request: web.Request) -> web.Response:
     state.resolve_model(fields.string("model"))
     engine = state.engine
     if "messages" in data:
-        parsed = parse_chat(data, vocab_size=engine.engine.model_config.vocab_size,
-                            max_logprobs=engine.config.max_logprobs)
+        parsed = parse_chat(data, vocab_size=engine.vocab_size,
+                            max_logprobs=engine.max_logprobs)
         token_ids = render(state, parsed).token_ids
     else:
         prompt = fields.string("prompt")
@@ -83,7 +83,7 @@ async def detokenize(request: web.Request) -> web.Response:
     fields = Fields(data)
     state.resolve_model(fields.string("model"))
     tokens = data.get("tokens")
-    vocab_size = state.engine.engine.model_config.vocab_size
+    vocab_size = state.engine.vocab_size
     if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
         raise bad_request(f"'tokens' must be an array of token ids in [0, {vocab_size}).", "tokens")
     return json_response({"prompt": state.tokenizer.decode(tokens)})

@@ -1,13 +1,21 @@
-"""Engine settings with vLLM's names, and what they resolve to once the checkpoint is known."""
+"""Engine settings with vLLM's names (`EngineConfig`, flat, what users pass), and the config tree they
+resolve to once the checkpoint is known (`Config`: model / cache / scheduler / parallel / quantization).
+
+Every component receives the tree whole and reads its fields where they live; none keeps a copy.
+"""
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from asyncserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from asyncserve.model_config import ModelConfig
 
 logger = logging.getLogger("asyncserve")
 
@@ -20,7 +28,7 @@ _DTYPES = {
 
 @dataclass
 class EngineConfig:
-    """Everything the engine needs; `model=None` serves the built-in tiny model."""
+    """Everything a user may set, flat, with vLLM's names; `model=None` serves the built-in model."""
 
     model: str | None = None
     tokenizer: str | None = None
@@ -92,6 +100,74 @@ class EngineConfig:
             names = self.served_model_name
             return [names] if isinstance(names, str) else list(names)
         return [self.model or "asyncserve-tiny"]
+
+    def create_config(self) -> "Config":
+        """Reads the checkpoint's config and resolves everything that depends on it."""
+        from asyncserve.model_config import load_model_config
+        model = load_model_config(self, self.model_path)
+        return Config(
+            model=model,
+            cache=CacheConfig(
+                block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                cpu_kv_cache_space=self.cpu_kv_cache_space,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                enable_prefix_caching=self.enable_prefix_caching, swap_space=self.swap_space,
+                kv_cache_dtype=self.kv_cache_dtype),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self._token_budget(model.max_model_len, model.device),
+                enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
+                max_num_waiting=self.max_num_waiting),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            disable_log_stats=self.disable_log_stats)
+
+    def _token_budget(self, max_len: int, device: torch.device) -> int:
+        if self.max_num_batched_tokens is not None:
+            budget = self.max_num_batched_tokens
+            if not self.enable_chunked_prefill and budget < max_len:
+                raise ConfigError(f"max_num_batched_tokens={budget} is smaller than max_model_len={max_len} "
+                                  "with chunked prefill off: long prompts could never run. Raise it, or "
+                                  "enable chunked prefill.")
+            return budget
+        default = 8192 if device.type == "cuda" else 2048
+        return default if self.enable_chunked_prefill else max(default, max_len)
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    cpu_kv_cache_space: float
+    num_gpu_blocks_override: int | None
+    enable_prefix_caching: bool
+    swap_space: float
+    kv_cache_dtype: str
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int     # resolved: the per-step token budget
+    enable_chunked_prefill: bool
+    preemption_mode: str = "recompute"  # or "swap": keep the KV in host memory
+    max_num_waiting: int | None = None  # beyond this the server answers 503
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass
+class Config:
+    """The resolved tree, passed whole to the engine, executor, runner and loader."""
+
+    model: "ModelConfig"
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quantization: object | None = None  # a QuantizationConfig once quantized checkpoints load
+    disable_log_stats: bool = False
 
 
 def resolve_device(device: str) -> torch.device:

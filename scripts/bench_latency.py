@@ -41,7 +41,7 @@ def bench_ours(path, load_format, prompts, output_len, args):
     run(output_len)()  # warm-up (Triton compiles prefill shapes)
     full, first = _timed(run(output_len), args.repeats), _timed(run(1), args.repeats)
     per_token = (full - first) / (output_len - 1)
-    return startup, per_token, weight_bytes(llm.engine.runner.model)
+    return startup, per_token, weight_bytes(llm.engine.executor.runner.model)
 
 
 def bench_hf(path, prompts, output_len, repeats):

@@ -35,7 +35,7 @@ def bench_ours(path, load_format, prompts, args):
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    params_count = num_params(llm.engine.runner.model)
+    params_count = num_params(llm.engine.executor.runner.model)
     waste.detach()
     return startup, seconds, generated, params_count, waste.mean()
 
@@ -46,7 +46,7 @@ class _WasteSampler:
     def __init__(self, engine):
         self.engine, self.samples = engine, []
         self._step = engine.step
-        block_size = engine.config.block_size
+        block_size = engine.config.cache.block_size
 
         def step():
             outputs = self._step()

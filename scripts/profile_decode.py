@@ -24,7 +24,7 @@ def main():
               max_model_len=args.context + 160, max_num_seqs=max(8, args.batch_size),
               gpu_memory_utilization=0.5)
     engine = llm.engine
-    runner = engine.runner
+    runner = engine.executor.runner
     vocab = engine.model_config.vocab_size
     for i, prompt in enumerate(random_prompts(args.batch_size, [args.context] * args.batch_size, vocab)):
         engine.add_request(str(i), {"prompt_token_ids": prompt},

@@ -46,10 +46,9 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
-        self.config = config or EngineConfig(**kwargs)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(config or EngineConfig(**kwargs))
+        self.config = self.engine.config  # the resolved tree
         self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.model_config.max_model_len
         self._streams: dict[str, RequestStream] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._wakeup: asyncio.Event | None = None
@@ -84,16 +83,24 @@ class AsyncEngine:
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.model_config.vocab_size
+        return self.config.model.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.model.max_model_len
 
     @property
     def model_path(self) -> str:
         """Where the weights came from: the hub id or directory given, else the built-in model's path."""
-        return self.config.model or self.engine.model_config.path
+        return self.config.model.model or self.config.model.path
+
+    @property
+    def served_model_names(self) -> list[str]:
+        return self.config.model.served_model_names
 
     @property
     def max_logprobs(self) -> int:
-        return self.config.max_logprobs
+        return self.config.model.max_logprobs
 
     def eos_token_ids(self) -> list[int]:
         return self.engine.eos_token_ids()
@@ -114,7 +121,7 @@ class AsyncEngine:
         if self._task is None:
             raise EngineDeadError("The engine is not started: `await engine.start()` first, or mount "
                                   "its app so that start-up runs it.")
-        bound = self.config.max_num_waiting
+        bound = self.config.scheduler.max_num_waiting
         if bound is not None and self.engine.scheduler.num_waiting >= bound:
             raise QueueFullError(f"{self.engine.scheduler.num_waiting} requests are already waiting; "
                                  "try again later.")
@@ -166,7 +173,7 @@ class AsyncEngine:
                 if not scheduled:
                     await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests
                     continue
-                output = await loop.run_in_executor(self._executor, engine.runner.execute, step)
+                output = await loop.run_in_executor(self._executor, engine.executor.execute, step)
                 for result in engine.process(scheduled, output):
                     self._deliver(result)
                 self._log_stats()

@@ -86,6 +86,7 @@ class KVCacheManager:
         self.pool.free([shared])
         seq.blocks[index] = private
         seq.block_table[index] = private.block_id
+        seq.block_table_rewritten = True
         self.pending_copies.append((shared.block_id, private.block_id))
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
@@ -108,6 +109,7 @@ class KVCacheManager:
             self.pool.touch(block)
         child.blocks = list(parent.blocks)
         child.block_table = list(parent.block_table)
+        child.block_table_rewritten = True
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_blocks = parent.num_cached_blocks
         child.block_hashes = list(parent.block_hashes[:parent.num_prompt_tokens // self.block_size])
@@ -116,6 +118,7 @@ class KVCacheManager:
         self.pool.free(reversed(seq.blocks))
         seq.blocks = []
         seq.block_table = []
+        seq.block_table_rewritten = True
         seq.num_cached_blocks = 0
         self.free_host_blocks.extend(seq.host_blocks)
         seq.host_blocks = []
@@ -128,6 +131,7 @@ class KVCacheManager:
         self.pending_swap_out.extend(zip(seq.block_table, host))
         self.pool.free(reversed(seq.blocks))
         seq.blocks, seq.block_table, seq.host_blocks = [], [], host
+        seq.block_table_rewritten = True
         seq.num_cached_blocks = 0
         self.num_swaps += 1
         return True
@@ -140,6 +144,7 @@ class KVCacheManager:
         self.pending_swap_in.extend(zip(seq.host_blocks, (block.block_id for block in blocks)))
         self.free_host_blocks.extend(seq.host_blocks)
         seq.blocks, seq.block_table, seq.host_blocks = blocks, [b.block_id for b in blocks], []
+        seq.block_table_rewritten = True
         return True
 
     def take_block_moves(self) -> tuple[list, list, list]:

@@ -5,22 +5,19 @@ import itertools
 import logging
 import time
 
-import torch
 
-from asyncserve.config import EngineConfig
+from asyncserve.config import Config, EngineConfig
 from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.kv_cache_manager import KVCacheManager
-from asyncserve.engine.model_config import ModelConfig, load_model_config, load_tokenizer
 from asyncserve.engine.output_processor import OutputProcessor
-from asyncserve.engine.scheduler import Scheduler, SchedulerConfig
+from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
-from asyncserve.models.loader import load_model
+from asyncserve.model_config import ModelConfig, load_tokenizer
 from asyncserve.models.registry import model_class
 from asyncserve.outputs import RequestOutput
-from asyncserve.runner.memory import num_kv_blocks
-from asyncserve.runner.model_runner import ModelRunner
-from asyncserve.runner.step import StepInput, StepOutput
+from asyncserve.runner.executor import Executor, UniprocExecutor
+from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("asyncserve")
@@ -29,34 +26,25 @@ PromptType = str | list[int] | dict
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, args: EngineConfig):
         started = time.perf_counter()
-        self.config = config
-        path = config.model_path
-        self.model_config: ModelConfig = load_model_config(config, path)
-        mc = self.model_config
+        self.config: Config = args.create_config()
+        config, mc = self.config, self.config.model
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config, path)
-        torch.manual_seed(config.seed)
-        model = load_model(mc.hf_config, path, mc.dtype, mc.device, config.load_format, config.seed)
-        self.runner = self._make_runner(model)
-        self.max_num_batched_tokens = self._token_budget()
-        num_blocks = num_kv_blocks(self.runner, config, mc, self.max_num_batched_tokens)
-        if num_blocks * config.block_size < mc.max_model_len:
+        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc)
+        self.executor: Executor = UniprocExecutor(config)
+        num_blocks = self.executor.determine_num_blocks()
+        block_size = config.cache.block_size
+        if num_blocks * block_size < mc.max_model_len:
             raise ConfigError(
-                f"The KV pool holds {num_blocks * config.block_size} tokens, fewer than max_model_len="
+                f"The KV pool holds {num_blocks * block_size} tokens, fewer than max_model_len="
                 f"{mc.max_model_len}: lower max_model_len, or raise gpu_memory_utilization / "
                 "num_gpu_blocks_override / cpu_kv_cache_space.")
-        self.runner.allocate_kv_pool(num_blocks)
-        self.runner.prepare()
-        self.block_pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.kv_manager = KVCacheManager(self.block_pool, config.block_size,
-                                         self._num_host_blocks())
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_chunked_prefill=config.enable_chunked_prefill, block_size=config.block_size,
-            preemption_mode=config.preemption_mode),
-            self.kv_manager)
+        num_host_blocks = self._num_host_blocks()
+        self.executor.initialize_cache(num_blocks, num_host_blocks)
+        self.block_pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -65,46 +53,24 @@ class LLMEngine:
         self.finished_timings: dict[str, dict] = {}
         # Streaming callers get every request's output each step; offline ones only finished outputs.
         self.stream_outputs = True
-        kv_tokens = num_blocks * config.block_size
+        kv_tokens = num_blocks * block_size
         logger.info(
             "asyncserve engine ready in %.1f s: model=%s (%s) dtype=%s device=%s | KV pool: %d blocks "
             "of %d tokens = %d tokens | max concurrency at max_model_len=%d: %.2fx",
-            self.startup_seconds, config.model or f"built-in tiny model (random weights) at {path}",
-            type(model).__name__, str(mc.dtype).removeprefix("torch."),
-            mc.device, num_blocks, config.block_size, kv_tokens, mc.max_model_len,
-            kv_tokens / mc.max_model_len)
+            self.startup_seconds, mc.model or f"built-in tiny model (random weights) at {mc.path}",
+            mc.hf_config.architectures[0] if getattr(mc.hf_config, "architectures", None) else "?",
+            str(mc.dtype).removeprefix("torch."), mc.device, num_blocks, block_size, kv_tokens,
+            mc.max_model_len, kv_tokens / mc.max_model_len)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model
 
     def _num_host_blocks(self) -> int:
-        """Host blocks for swapped-out sequences: `swap_space` GiB, allocated only in swap mode."""
-        if self.config.preemption_mode != "swap":
+        """Host blocks for swapped-out sequences: `swap_space` GiB, used only in swap mode."""
+        if self.config.scheduler.preemption_mode != "swap":
             return 0
-        pool = self.runner.kv_pool
-        block_bytes = pool.storage[:, :, 0].numel() * pool.storage.element_size()
-        num_host = max(1, int(self.config.swap_space * (1 << 30)) // block_bytes)
-        pool.allocate_swap_space(num_host)
-        return num_host
-
-    def _make_runner(self, model) -> ModelRunner:
-        mc = self.model_config
-        if mc.device.type == "cuda":
-            from asyncserve.runner.cuda_runner import CudaModelRunner
-            return CudaModelRunner(model, mc.vocab_size, self.config.block_size, mc.device, mc.dtype,
-                                   max_num_seqs=self.config.max_num_seqs,
-                                   max_model_len=mc.max_model_len,
-                                   enforce_eager=self.config.enforce_eager)
-        return ModelRunner(model, mc.vocab_size, self.config.block_size, mc.device, mc.dtype)
-
-    def _token_budget(self) -> int:
-        config, max_len = self.config, self.model_config.max_model_len
-        if config.max_num_batched_tokens is not None:
-            budget = config.max_num_batched_tokens
-            if not config.enable_chunked_prefill and budget < max_len:
-                raise ConfigError(f"max_num_batched_tokens={budget} is smaller than max_model_len={max_len} "
-                                  "with chunked prefill off: long prompts could never run. Raise it, or "
-                                  "enable chunked prefill.")
-            return budget
-        default = 8192 if self.model_config.device.type == "cuda" else 2048
-        return default if config.enable_chunked_prefill else max(default, max_len)
+        return max(1, int(self.config.cache.swap_space * (1 << 30)) // self.executor.bytes_per_block())
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -140,16 +106,17 @@ class LLMEngine:
                 f"The prompt has {len(token_ids)} tokens; this model's max_model_len is {max_len}, "
                 "and at least one token must be generated. Shorten the prompt.", "prompt")
         for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-            if value is not None and value > self.config.max_logprobs:
+            if value is not None and value > self.model_config.max_logprobs:
                 raise InvalidParameterError(
                     f"{name}={value} is more than this server allows (max_logprobs="
-                    f"{self.config.max_logprobs}).", name)
+                    f"{self.model_config.max_logprobs}).", name)
         if params.stop and self.tokenizer is None:
             raise InvalidParameterError("Stop strings need a tokenizer; this engine runs with "
                                         "skip_tokenizer_init. Use stop_token_ids.", "stop")
-        if params.best_of > self.config.max_num_seqs:
+        max_num_seqs = self.config.scheduler.max_num_seqs
+        if params.best_of > max_num_seqs:
             raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
-                                        f"{self.config.max_num_seqs}.", "n")
+                                        f"{max_num_seqs}.", "n")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> Request:
         if request_id in self.requests:
@@ -162,7 +129,6 @@ class LLMEngine:
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())
         request = Request(request_id, text, token_ids, params)
         request.num_forks_pending = params.best_of - 1
-        request.fork_generators = self._generators(params)
         seq = self._new_sequence(request, list(token_ids), 0)
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -175,15 +141,8 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
-    def _generators(self, params: SamplingParams) -> list:
-        if params.seed is None:
-            return [None] * params.best_of
-        device = self.model_config.device
-        return [torch.Generator(device=device).manual_seed(params.seed + i) for i in range(params.best_of)]
-
     def _new_sequence(self, request: Request, token_ids: list[int], index: int) -> Sequence:
         seq = Sequence(next(self._seq_ids), request, token_ids, index)
-        seq.generator = request.fork_generators[index]
         seq.detokenizer = self.output_processor.make_detokenizer(request)
         request.seqs.append(seq)
         return seq
@@ -204,14 +163,14 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------------
 
-    def schedule(self) -> tuple[StepInput, list]:
+    def schedule(self) -> tuple[StepMessage, list]:
         return self.scheduler.schedule()
 
     def step(self) -> list[RequestOutput]:
         step, scheduled = self.schedule()
         if not scheduled:
             return []
-        return self.process(scheduled, self.runner.execute(step))
+        return self.process(scheduled, self.executor.execute(step))
 
     def process(self, scheduled: list[tuple[Sequence, int]], output: StepOutput) -> list[RequestOutput]:
         """Applies a step's results; returns the outputs of the requests it changed."""

@@ -5,20 +5,11 @@ Pure Python: it decides which tokens of which sequences are computed; it never t
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+from asyncserve.config import SchedulerConfig
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.sequence import Sequence, SequenceStatus
-from asyncserve.runner.step import ScheduledSequence, StepInput
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    enable_chunked_prefill: bool
-    block_size: int
-    preemption_mode: str = "recompute"  # or "swap": keep the KV in host memory
+from asyncserve.runner.step import NewSequence, ScheduledSequence, StepMessage
 
 
 class Scheduler:
@@ -29,14 +20,18 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        # What the runner has not heard of yet: sequences created, sequences gone.
+        self._announced: list[Sequence] = []
+        self._finished_seq_ids: list[int] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._announced.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def schedule(self) -> tuple[StepInput, list[tuple[Sequence, int]]]:
+    def schedule(self) -> tuple[StepMessage, list[tuple[Sequence, int]]]:
         """Chooses this step's work: [(sequence, number of new tokens)] and its description for the runner."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
@@ -80,7 +75,7 @@ class Scheduler:
             if len(self.running) + 1 + num_forks > self.config.max_num_seqs:
                 break
             cached = self.kv.find_cached_prefix(seq)
-            num_new = seq.num_tokens - seq.num_computed_tokens - len(cached) * self.config.block_size
+            num_new = seq.num_tokens - seq.num_computed_tokens - len(cached) * self.kv.block_size
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
@@ -89,43 +84,49 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if seq.num_preemptions == 0 and seq.index == 0:
-                seq.request.num_cached_tokens = len(cached) * self.config.block_size
+                seq.request.num_cached_tokens = len(cached) * self.kv.block_size
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
         swap_out, swap_in, copies = self.kv.take_block_moves()
-        step = StepInput([self._describe(seq, num_new) for seq, num_new in scheduled],
-                         block_copies=copies, swap_out=swap_out, swap_in=swap_in)
-        return step, scheduled
+        new_seqs = self._take_announced()  # first: the diffs below are against what it sends
+        message = StepMessage([self._describe(seq, num_new) for seq, num_new in scheduled],
+                              new_seqs=new_seqs, finished_seq_ids=self._finished_seq_ids,
+                              block_copies=copies, swap_out=swap_out, swap_in=swap_in)
+        self._finished_seq_ids = []
+        return message, scheduled
+
+    def _take_announced(self) -> list[NewSequence]:
+        new_seqs = []
+        for seq in self._announced:
+            fork_parent = seq.request.seqs[0].seq_id if seq.index else None
+            new_seqs.append(NewSequence(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
+                                        seq.index, fork_parent))
+            seq.num_sent_tokens = seq.num_tokens
+        self._announced = []
+        return new_seqs
 
     def _describe(self, seq: Sequence, num_new: int) -> ScheduledSequence:
+        """This step's diff for one sequence: tokens and blocks the runner has not seen yet."""
         start = seq.num_computed_tokens
-        completes = start + num_new == seq.num_tokens
         request = seq.request
         num_samples = 0
-        generators = [seq.generator]
-        if completes:
-            num_samples = 1
-            if seq.index == 0 and request.num_forks_pending:
-                num_samples += request.num_forks_pending
-                generators = request.fork_generators
+        if start + num_new == seq.num_tokens:  # completes what is known: samples the next token
+            num_samples = 1 + (request.num_forks_pending if seq.index == 0 else 0)
         wants_prompt_logprobs = (seq.index == 0 and seq.params.prompt_logprobs is not None
                                  and start < seq.num_prompt_tokens - 1
                                  and len(request.prompt_logprobs or ()) < seq.num_prompt_tokens)
+        appended = seq.token_ids[seq.num_sent_tokens:] if seq.num_sent_tokens < seq.num_tokens else []
+        seq.num_sent_tokens = seq.num_tokens
+        replace = seq.block_table_rewritten
+        new_block_ids = list(seq.block_table) if replace else seq.block_table[seq.num_sent_blocks:]
+        seq.block_table_rewritten = False
+        seq.num_sent_blocks = len(seq.block_table)
         return ScheduledSequence(
-            seq_id=seq.seq_id,
-            new_token_ids=seq.token_ids[start:start + num_new],
-            start_position=start,
-            block_table=seq.block_table,
-            num_samples=num_samples,
-            params=seq.params,
-            generators=generators,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=seq.token_ids,
-            prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
-        )
+            seq_id=seq.seq_id, start_position=start, num_new_tokens=num_new, appended_token_ids=appended,
+            new_block_ids=new_block_ids, replace_block_table=replace, num_samples=num_samples,
+            prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's device blocks: its KV goes to host memory (swap) or is dropped."""
@@ -148,6 +149,7 @@ class Scheduler:
         for child in children:
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
+            self._announced.append(child)
 
     def finish(self, seq: Sequence) -> None:
         """Frees a finished or aborted sequence's blocks at once."""
@@ -159,6 +161,7 @@ class Scheduler:
             self.swapped.remove(seq)
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
+        self._finished_seq_ids.append(seq.seq_id)
 
     @property
     def num_waiting(self) -> int:

@@ -42,9 +42,12 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
-        self.generator: Any = None      # torch.Generator for seeded sampling, made by the engine
         self.detokenizer: Any = None    # IncrementalDetokenizer, made by the engine
         self.num_preemptions = 0
+        # How much of this sequence the runner holds (the step message sends only what is past it).
+        self.num_sent_tokens = 0
+        self.num_sent_blocks = 0
+        self.block_table_rewritten = False  # changed other than by appending: resend it whole
 
     @property
     def params(self) -> SamplingParams:
@@ -94,7 +97,6 @@ class Request:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
-    fork_generators: list = field(default_factory=list)  # per sequence index: torch.Generator or None
 
     @property
     def is_finished(self) -> bool:

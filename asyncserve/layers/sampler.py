@@ -25,6 +25,9 @@ class SamplingTensors:
     # Additive bias per row (logit_bias, and -inf on eos/stop ids before min_tokens).
     logit_bias: torch.Tensor | None = None          # [S, V]
     max_num_logprobs: int = -1                      # -1: no row wants logprobs
+    # Argmax of the raw logits is the answer: no bias, penalty or logprob. The runner may then skip the
+    # sampler (CUDA graphs take the argmax inside the graph). Set only by the runner's input builder.
+    plain_greedy: bool = False
 
 
 @dataclass

@@ -56,8 +56,12 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
             param.data.uniform_(-0.02, 0.02, generator=generator)
 
 
-def load_model(hf_config, path: str | None, dtype: torch.dtype, device: torch.device,
-               load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
+def load_model(config) -> torch.nn.Module:
+    """`config` is the engine's config tree; its model part says what to build, where and from what."""
+    model_config = config.model
+    hf_config, path, dtype, device = (model_config.hf_config, model_config.path, model_config.dtype,
+                                      model_config.device)
+    load_format, seed = model_config.load_format, model_config.seed
     cls = model_class(hf_config)
     with _default_dtype(dtype), torch.device(device):
         model = cls(hf_config)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
-from asyncserve.runner.inputs import build_model_inputs, build_sampling_tensors
+from asyncserve.runner.input_batch import ScheduledBatch
+from asyncserve.runner.inputs import build_sampling_tensors
 from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
-from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
+from asyncserve.runner.step import SequenceResult, StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
 
@@ -33,42 +34,34 @@ class _Lookahead:
     positions: list[int]
     padded: int
 
-    def matches(self, step: StepInput, padded: int) -> bool:
+    def matches(self, step: ScheduledBatch, padded: int) -> bool:
         return (padded == self.padded and len(step.seqs) == len(self.seq_ids)
                 and all(seq.seq_id == seq_id and seq.start_position == position
                         for seq, seq_id, position in zip(step.seqs, self.seq_ids, self.positions)))
 
 
-def _plain_greedy(sampling) -> bool:
-    """Argmax of the raw logits is the answer: no bias, penalty or logprob to apply."""
-    return (sampling.all_greedy and sampling.logit_bias is None and sampling.output_tokens is None
-            and sampling.max_num_logprobs < 0)
-
-
 class CudaModelRunner(ModelRunner):
-    def __init__(self, model, vocab_size: int, block_size: int, device: torch.device, dtype: torch.dtype,
-                 max_num_seqs: int, max_model_len: int, enforce_eager: bool = False):
-        super().__init__(model, vocab_size, block_size, device, dtype)
-        self.stream = torch.cuda.Stream(device=device)
-        self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len
-        self.enforce_eager = enforce_eager
+    def __init__(self, model, config):
+        super().__init__(model, config)
+        self.stream = torch.cuda.Stream(device=self.device)
         self.decode_graphs: _DecodeGraphs | None = None
         self.capture_seconds = 0.0
         self.lookahead: _Lookahead | None = None
         self.num_lookahead_hits = 0
-        self._host_tokens = torch.zeros(max(1, max_num_seqs), dtype=torch.int64, pin_memory=True)
+        self._host_tokens = torch.zeros(max(1, config.scheduler.max_num_seqs), dtype=torch.int64,
+                                        pin_memory=True)
         # Before the memory profile: the timing briefly holds extra weight copies.
         tune_single_row_products(model)
 
     @torch.inference_mode()
     def prepare(self) -> None:
-        if self.enforce_eager:
+        if self.config.model.enforce_eager:
             return
         started = time.perf_counter()
-        graphs = _DecodeGraphs(self, self.max_num_seqs, self.max_model_len)
+        max_num_seqs = self.config.scheduler.max_num_seqs
+        graphs = _DecodeGraphs(self, max_num_seqs, self.config.model.max_model_len)
         with torch.cuda.stream(self.stream):
-            graphs.capture(self, graph_batch_sizes(self.max_num_seqs))
+            graphs.capture(self, graph_batch_sizes(max_num_seqs))
         torch.cuda.synchronize(self.device)
         self.decode_graphs = graphs
         self.capture_seconds = time.perf_counter() - started
@@ -76,11 +69,11 @@ class CudaModelRunner(ModelRunner):
                     self.capture_seconds)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> StepOutput:
+    def execute(self, message: StepMessage) -> StepOutput:
         with torch.cuda.stream(self.stream):
-            return self._execute(step)
+            return self._execute(self.input_batch.apply(message))
 
-    def _execute(self, step: StepInput) -> StepOutput:
+    def _execute(self, step: ScheduledBatch) -> StepOutput:
         lookahead, self.lookahead = self.lookahead, None
         self.apply_block_moves(step)
         sampling = build_sampling_tensors(step, self.vocab_size, self.device)
@@ -90,7 +83,7 @@ class CudaModelRunner(ModelRunner):
                 for seq in step.seqs):
             padded = self.decode_graphs.padded_size(len(step.seqs))
         if padded is not None:
-            if _plain_greedy(sampling):
+            if sampling.plain_greedy:
                 moved = step.block_copies or step.swap_in or step.swap_out
                 if lookahead is not None and not moved and lookahead.matches(step, padded):
                     self.num_lookahead_hits += 1  # this step is already on the GPU
@@ -99,15 +92,9 @@ class CudaModelRunner(ModelRunner):
                 return StepOutput([SequenceResult([token]) for token in self._greedy_ids(step, padded)])
             logits, _ = self.decode_graphs.run(step, padded)
             return self._to_host(step, self.sampler(logits, sampling), None, [0] * len(step.seqs))
-        inputs = build_model_inputs(step, self.block_size, self.device)
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
-        sampled = None
-        if sampling is not None:
-            sampled = self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), sampling)
-        return self._to_host(step, sampled, self._prompt_logprobs(hidden, inputs, step),
-                             inputs.prompt_row_counts)
+        return self.execute_eager(step, sampling)
 
-    def _greedy_ids(self, step: StepInput, padded: int) -> list[int]:
+    def _greedy_ids(self, step: ScheduledBatch, padded: int) -> list[int]:
         """This step's ids, read back only after the next step (if it can be foreseen) is launched."""
         graphs, batch = self.decode_graphs, len(step.seqs)
         host = self._host_tokens[:batch]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.runner.step import StepInput
+from asyncserve.runner.input_batch import ScheduledBatch
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -78,7 +78,7 @@ class _DecodeGraphs:
                 return size
         return None
 
-    def run(self, step: StepInput, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, step: ScheduledBatch, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes this step's inputs straight into the static buffers and replays.
 
         Returns ([B, V] logits, [B] greedy token ids).

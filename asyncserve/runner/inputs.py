@@ -7,7 +7,7 @@ import torch
 
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import SamplingTensors
-from asyncserve.runner.step import StepInput
+from asyncserve.runner.input_batch import ScheduledBatch
 
 _NEG_INF = float("-inf")
 
@@ -51,7 +51,7 @@ def _pack(parts: list[list[int]], dtype: torch.dtype, device: torch.device) -> l
     return [packed[start:start + size] for start, size in spans]
 
 
-def build_model_inputs(step: StepInput, block_size: int, device: torch.device) -> ModelInputs:
+def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.device) -> ModelInputs:
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
@@ -118,7 +118,7 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
     return _to_device([row + [pad] * (width - len(row)) for row in rows], torch.int64, device)
 
 
-def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.device) -> SamplingTensors | None:
+def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.device) -> SamplingTensors | None:
     """One row per sample (a sequence that completes its prompt with best_of > 1 has several)."""
     rows = [(seq, generator) for seq in step.seqs if seq.num_samples
             for generator in seq.generators[:seq.num_samples]]
@@ -131,7 +131,7 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
                               or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                               for p in params):
         return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
-                               generators=[], all_greedy=True)
+                               generators=[], all_greedy=True, plain_greedy=True)
     t = SamplingTensors(
         temperature=None if all_greedy else _to_device(temperature, torch.float32, device),
         top_p=_to_device([p.top_p for p in params], torch.float32, device)

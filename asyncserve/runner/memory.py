@@ -14,27 +14,29 @@ logger = logging.getLogger("asyncserve")
 _GIB = 1 << 30
 
 
-def num_kv_blocks(runner, config, model_config, max_num_batched_tokens: int) -> int:
+def num_kv_blocks(runner, config) -> int:
+    """`config` is the whole tree: cache settings, the scheduler's budget, the model's device."""
+    model_config, cache = config.model, config.cache
     attention = runner.model.attention_layers()
-    block_bytes = bytes_per_block(len(attention), config.block_size, attention[0].num_kv_heads,
+    block_bytes = bytes_per_block(len(attention), cache.block_size, attention[0].num_kv_heads,
                                   attention[0].head_dim, model_config.dtype)
-    if config.num_gpu_blocks_override is not None:
-        return config.num_gpu_blocks_override
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
     if model_config.device.type != "cuda":
-        return max(1, int(config.cpu_kv_cache_space * _GIB) // block_bytes)
-    peak = profile_peak_memory(runner, max_num_batched_tokens, config.max_num_seqs,
-                               model_config.max_model_len)
+        return max(1, int(cache.cpu_kv_cache_space * _GIB) // block_bytes)
+    peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
+                               config.scheduler.max_num_seqs, model_config.max_model_len)
     total = torch.cuda.get_device_properties(model_config.device).total_memory
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
-    budget = total * config.gpu_memory_utilization - peak - max(0, used_by_others)
+    budget = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
     num_blocks = int(budget // block_bytes)
     logger.info("memory profile: weights %.2f GiB, peak activations %.2f GiB, other processes %.2f GiB, "
                 "KV pool %.2f GiB (gpu_memory_utilization=%.2f)",
                 torch.cuda.memory_allocated(model_config.device) / _GIB,
                 (peak - torch.cuda.memory_allocated(model_config.device)) / _GIB,
                 max(0, used_by_others) / _GIB, max(0, num_blocks) * block_bytes / _GIB,
-                config.gpu_memory_utilization)
+                cache.gpu_memory_utilization)
     if num_blocks <= 0:
         raise MemoryError("No memory is left for the KV cache after loading the model: raise "
                           "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model.")

@@ -1,4 +1,5 @@
-"""Runs one engine step on the model: inputs to tensors, forward over the paged pool, sampling."""
+"""Runs one engine step on the model: the message's diffs applied to the input batch, inputs to
+tensors, forward over the paged pool, sampling."""
 from __future__ import annotations
 
 import logging
@@ -6,33 +7,47 @@ import logging
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.layers.sampler import Sampler, SamplerOutput
+from asyncserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import ModelInputs, build_model_inputs, build_sampling_tensors
 from asyncserve.runner.kv_pool import KVPool
-from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
+from asyncserve.runner.step import SequenceResult, StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, vocab_size: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, config):
         self.model = model
-        self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.device = device
-        self.dtype = dtype
+        self.config = config
         self.sampler = Sampler()
         self.kv_pool: KVPool | None = None
+        self.input_batch = InputBatch(self.device)
 
-    def apply_block_moves(self, step: StepInput) -> None:
+    @property
+    def device(self) -> torch.device:
+        return self.config.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.model.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.model.vocab_size
+
+    @property
+    def block_size(self) -> int:
+        return self.config.cache.block_size
+
+    def apply_block_moves(self, batch: ScheduledBatch) -> None:
         """Swaps and copy-on-write copies, before the forward can overwrite the blocks they read."""
-        if step.swap_out:
-            self.kv_pool.swap_out(step.swap_out)
-        if step.swap_in:
-            self.kv_pool.swap_in(step.swap_in)
-        if step.block_copies:
-            self.kv_pool.copy_blocks(step.block_copies)
+        if batch.swap_out:
+            self.kv_pool.swap_out(batch.swap_out)
+        if batch.swap_in:
+            self.kv_pool.swap_in(batch.swap_in)
+        if batch.block_copies:
+            self.kv_pool.copy_blocks(batch.block_copies)
 
     def allocate_kv_pool(self, num_blocks: int) -> None:
         attention_layers = self.model.attention_layers()
@@ -46,34 +61,37 @@ class ModelRunner:
         """Work done once the pool exists (CUDA graph capture on the GPU runner)."""
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> StepOutput:
-        self.apply_block_moves(step)
-        inputs = build_model_inputs(step, self.block_size, self.device)
+    def execute(self, message: StepMessage) -> StepOutput:
+        batch = self.input_batch.apply(message)
+        self.apply_block_moves(batch)
+        return self.execute_eager(batch, build_sampling_tensors(batch, self.vocab_size, self.device))
+
+    def execute_eager(self, batch: ScheduledBatch, sampling: SamplingTensors | None) -> StepOutput:
+        """The step without graphs: any mix of prefill chunks and decodes."""
+        inputs = build_model_inputs(batch, self.block_size, self.device)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
-        sampling = build_sampling_tensors(step, self.vocab_size, self.device)
         sampled = None
         if sampling is not None:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            sampled = self.sampler(logits, sampling)
-        prompt_logprobs = self._prompt_logprobs(hidden, inputs, step)
-        return self._to_host(step, sampled, prompt_logprobs, inputs.prompt_row_counts)
+            sampled = self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), sampling)
+        return self._to_host(batch, sampled, self._prompt_logprobs(hidden, inputs, batch),
+                             inputs.prompt_row_counts)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, step: StepInput):
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, batch: ScheduledBatch):
         """(logprob of each next prompt token, its rank, top-N values, top-N ids), one row per position."""
         if inputs.prompt_rows is None:
             return None
-        num_top = max(seq.prompt_logprobs or 0 for seq in step.seqs)
+        num_top = max(seq.prompt_logprobs or 0 for seq in batch.seqs)
         logprobs = self.model.compute_logits(hidden[inputs.prompt_rows]).float().log_softmax(dim=-1)
         chosen = logprobs.gather(1, inputs.prompt_targets[:, None])
         ranks = (logprobs > chosen).sum(dim=-1) + 1
         top_values, top_ids = logprobs.topk(num_top, dim=-1)  # num_top may be 0: empty rows
         return chosen[:, 0].tolist(), ranks.tolist(), top_values.tolist(), top_ids.tolist()
 
-    def _to_host(self, step: StepInput, sampled: SamplerOutput | None, prompt_logprobs,
+    def _to_host(self, batch: ScheduledBatch, sampled: SamplerOutput | None, prompt_logprobs,
                  prompt_row_counts: list[int]) -> StepOutput:
         token_ids = sampled.token_ids.tolist() if sampled is not None else []
         has_logprobs = sampled is not None and sampled.logprobs is not None
@@ -83,7 +101,7 @@ class ModelRunner:
         results = []
         row = 0
         prompt_row = 0
-        for seq, num_prompt_rows in zip(step.seqs, prompt_row_counts):
+        for seq, num_prompt_rows in zip(batch.seqs, prompt_row_counts):
             result = SequenceResult(token_ids=token_ids[row:row + seq.num_samples])
             if has_logprobs and seq.num_samples:
                 num_top = seq.params.logprobs or 0

@@ -1,6 +1,9 @@
-"""The plain description of one engine step that the scheduler produces and the runner executes.
+"""The step message the engine hands the executor, and what comes back.
 
-No torch here: the scheduler builds it from ints and lists, the runner turns it into tensors.
+Plain, picklable data over ints and lists, so a step can cross a process boundary (tensor-parallel
+workers): a sequence's prompt, parameters and seed travel once (`NewSequence`); afterwards each step
+sends only diffs (`ScheduledSequence`: the tokens the runner has not seen, the blocks added to its
+table). The runner keeps the rest (runner/input_batch.py).
 """
 from __future__ import annotations
 
@@ -9,42 +12,44 @@ from typing import Any
 
 
 @dataclass(slots=True)
-class ScheduledSequence:
+class NewSequence:
+    """Sent once, the first time a sequence is scheduled."""
+
     seq_id: int
-    new_token_ids: list[int]      # the tokens whose KV this step computes
+    token_ids: list[int]          # prompt + any output so far (a fork starts with its parent's tokens)
+    num_prompt_tokens: int
+    params: Any                   # SamplingParams (a plain dataclass)
+    # A fork continues the seeded random stream of sample `index` of its parent's request.
+    index: int = 0
+    fork_parent: int | None = None
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's part of one step, as a diff against what the runner already holds."""
+
+    seq_id: int
     start_position: int           # tokens of the sequence already in the cache
-    block_table: list[int]
-    num_samples: int              # 0 mid-prompt; 1 normally; best_of when the prompt completes
-    params: Any                   # SamplingParams
-    generators: list[Any]         # one per sample: torch.Generator, or None for the global RNG
-    prompt_token_ids: list[int]
-    token_ids: list[int]          # the whole sequence (prompt + output), shared with the engine: read only
+    num_new_tokens: int           # tokens whose KV this step computes
+    appended_token_ids: list[int]  # tokens past those the runner holds (in decode: the last sampled one)
+    new_block_ids: list[int]      # appended to the runner's block table ...
+    replace_block_table: bool = False  # ... or, when True, the whole table (after CoW, swap, preemption)
+    num_samples: int = 1          # 0 mid-prompt; 1 normally; best_of when the prompt completes
     prompt_logprobs: int | None = None  # set on prompt chunks of requests that want them
-    num_prompt_tokens: int = 0
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
-class StepInput:
+class StepMessage:
     seqs: list[ScheduledSequence]
+    new_seqs: list[NewSequence] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)  # the runner drops their state
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, on the device
     swap_out: list[tuple[int, int]] = field(default_factory=list)      # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)       # (host block, device block)
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(seq.new_token_ids) for seq in self.seqs)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return all(len(seq.new_token_ids) == 1 for seq in self.seqs)
+        return sum(seq.num_new_tokens for seq in self.seqs)
 
 
 @dataclass(slots=True)
@@ -59,4 +64,4 @@ class SequenceResult:
 
 @dataclass
 class StepOutput:
-    results: list[SequenceResult]  # aligned with StepInput.seqs
+    results: list[SequenceResult]  # aligned with StepMessage.seqs

@@ -88,7 +88,7 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     `freeze_gc` moves everything alive at start-up out of the garbage collector's reach (`gc.freeze()`),
     which removes 100-200 ms full-collection pauses of the loop under load.
     """
-    names = served_model_name or engine.config.model_names
+    names = served_model_name or engine.served_model_names
     state = ServerState(engine=engine, model_names=[names] if isinstance(names, str) else list(names),
                         chat_template=load_chat_template(chat_template), api_key=api_key or None,
                         log_requests=log_requests, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,

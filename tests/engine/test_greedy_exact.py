@@ -46,7 +46,7 @@ def test_requests_joining_mid_flight_match_transformers(family, make_llm, hf_ref
         step, scheduled = engine.schedule()
         kinds = {seq.is_prefilling for seq, _ in scheduled}
         mixed_steps += kinds == {True, False}
-        for output in engine.process(scheduled, engine.runner.execute(step)) if scheduled else []:
+        for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
             if output.finished:
                 results[int(output.request_id)] = output.outputs[0].token_ids
         steps += 1

@@ -109,4 +109,4 @@ def test_swap_preemption_gives_identical_output(make_llm):
                    preemption_mode="swap", swap_space=0.01)
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
     assert llm.engine.kv_manager.num_swaps > 0
-    assert len(llm.engine.kv_manager.free_host_blocks) == llm.engine.runner.kv_pool.host_storage.shape[2]
+    assert len(llm.engine.kv_manager.free_host_blocks) == llm.engine.executor.runner.kv_pool.host_storage.shape[2]

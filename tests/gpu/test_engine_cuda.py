@@ -34,13 +34,13 @@ def make_cuda_llm(tiny_model_dir):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_fp32_on_cuda_matches_transformers(family, enforce_eager, make_cuda_llm, hf_reference):
     llm = make_cuda_llm(family, dtype="float32", enforce_eager=enforce_eager)
-    assert (llm.engine.runner.decode_graphs is None) == enforce_eager
+    assert (llm.engine.executor.runner.decode_graphs is None) == enforce_eager
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
     model, tokenizer = hf_reference(family)
     expected = [hf_greedy(model, tokenizer.encode(p), MAX_NEW) for p in PROMPTS]
     assert [o.outputs[0].token_ids for o in outputs] == expected
     # Greedy decode steps were launched ahead of the engine, and their results were used.
-    assert (llm.engine.runner.num_lookahead_hits > 0) != enforce_eager
+    assert (llm.engine.executor.runner.num_lookahead_hits > 0) != enforce_eager
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])
@@ -84,7 +84,7 @@ def test_mixed_decode_and_chunked_prefill_steps_on_cuda(family, make_cuda_llm, h
     while engine.has_unfinished_requests():
         step, scheduled = engine.schedule()
         mixed += len({seq.is_prefilling for seq, _ in scheduled}) == 2
-        for output in engine.process(scheduled, engine.runner.execute(step)):
+        for output in engine.process(scheduled, engine.executor.execute(step)):
             if output.finished:
                 results[int(output.request_id)] = output.outputs[0].token_ids
     assert mixed > 0

@@ -1,0 +1,88 @@
+"""What the checkpoint says about the model: architecture config, dtype, context length, stop ids."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from asyncserve.errors import ConfigError
+
+logger = logging.getLogger("asyncserve")
+
+
+@dataclass
+class ModelConfig:
+    path: str                       # the local checkpoint directory
+    hf_config: object
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    model: str | None = None        # as the user named it (None: the built-in model)
+    served_model_names: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"
+    seed: int = 0
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+
+
+def _generation_eos_ids(path: str) -> list[int]:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _checkpoint_dtype(hf_config) -> torch.dtype | None:
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _max_model_len(requested: int | None, hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    sliding = getattr(hf_config, "sliding_window", None)
+    if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < limit:
+        limit = sliding  # sliding-window attention is not built: stay inside the window
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ConfigError(f"max_model_len={requested} is larger than the model supports "
+                          f"({limit}, from config.json); lower it.")
+    return requested
+
+
+def load_model_config(args, path: str) -> ModelConfig:
+    """`args` is the user's EngineConfig; the result is what every layer below reads."""
+    from transformers import AutoConfig
+
+    from asyncserve.config import resolve_device, resolve_dtype
+    hf_config = AutoConfig.from_pretrained(path)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, _checkpoint_dtype(hf_config), device)
+    eos = _generation_eos_ids(path)
+    config_eos = getattr(hf_config, "eos_token_id", None)
+    if config_eos is not None:
+        eos += [config_eos] if isinstance(config_eos, int) else list(config_eos)
+    return ModelConfig(path=path, hf_config=hf_config, dtype=dtype, device=device,
+                       max_model_len=_max_model_len(args.max_model_len, hf_config),
+                       vocab_size=hf_config.vocab_size, eos_token_ids=sorted(set(eos)),
+                       model=args.model, served_model_names=args.model_names, tokenizer=args.tokenizer,
+                       skip_tokenizer_init=args.skip_tokenizer_init, load_format=args.load_format,
+                       seed=args.seed, max_logprobs=args.max_logprobs, enforce_eager=args.enforce_eager)
+
+
+def load_tokenizer(model_config: ModelConfig):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.path)

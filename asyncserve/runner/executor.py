@@ -1,0 +1,82 @@
+"""The executor: where the model lives and steps run, behind one small interface.
+
+The engine builds one step message per step and hands it over; it never touches the model, the KV
+tensors or the runner. Today the model runs in this process (`UniprocExecutor`); a multi-process
+executor for tensor parallelism implements the same methods, broadcasting each message to its workers.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+
+import torch
+
+from asyncserve.runner.step import StepMessage, StepOutput
+
+logger = logging.getLogger("asyncserve")
+
+
+class Executor(ABC):
+    """Loads the model, sizes and owns the KV pool, runs steps."""
+
+    @abstractmethod
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit (the minimum over workers, when there are several)."""
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
+        """Allocates the pool (and host swap space), then captures graphs."""
+
+    @abstractmethod
+    def bytes_per_block(self) -> int:
+        """Device bytes of one KV block, all layers."""
+
+    @abstractmethod
+    def execute(self, message: StepMessage) -> StepOutput:
+        """Runs one step; may be called from a worker thread."""
+
+    def shutdown(self) -> None:
+        """Releases workers (nothing to do in one process)."""
+
+
+class UniprocExecutor(Executor):
+    """The model and its runner in this process; `execute` runs on the caller's thread."""
+
+    def __init__(self, config):
+        from asyncserve.models.loader import load_model
+        self.config = config
+        model_config = config.model
+        torch.manual_seed(model_config.seed)
+        model = load_model(config)
+        self.runner = _make_runner(model, config)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.runner.model
+
+    def determine_num_blocks(self) -> int:
+        from asyncserve.runner.memory import num_kv_blocks
+        return num_kv_blocks(self.runner, self.config)
+
+    def bytes_per_block(self) -> int:
+        from asyncserve.runner.kv_pool import bytes_per_block
+        attention = self.runner.model.attention_layers()
+        return bytes_per_block(len(attention), self.config.cache.block_size, attention[0].num_kv_heads,
+                               attention[0].head_dim, self.config.model.dtype)
+
+    def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
+        self.runner.allocate_kv_pool(num_blocks)
+        if num_host_blocks:
+            self.runner.kv_pool.allocate_swap_space(num_host_blocks)
+        self.runner.prepare()
+
+    def execute(self, message: StepMessage) -> StepOutput:
+        return self.runner.execute(message)
+
+
+def _make_runner(model, config):
+    if config.model.device.type == "cuda":
+        from asyncserve.runner.cuda_runner import CudaModelRunner
+        return CudaModelRunner(model, config)
+    from asyncserve.runner.model_runner import ModelRunner
+    return ModelRunner(model, config)

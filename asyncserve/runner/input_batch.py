@@ -1,0 +1,96 @@
+"""The runner's own copy of every live sequence, kept up to date by the step messages' diffs.
+
+Like vLLM's persistent input batch: a sequence's prompt, parameters and random generators arrive once;
+each step then brings only its new tokens and blocks, so the message stays small and picklable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asyncserve.runner.step import NewSequence, StepMessage
+
+
+class SequenceState:
+    """What the runner knows of one sequence, plus this step's part of it (set by `InputBatch.apply`)."""
+
+    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
+                 "start_position", "new_token_ids", "num_samples", "prompt_logprobs")
+
+    def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
+                 generators: list):
+        self.seq_id = seq_id
+        self.token_ids = token_ids
+        self.num_prompt_tokens = num_prompt_tokens
+        self.params = params
+        self.block_table: list[int] = []
+        # Sample i of a step that completes the prompt draws from generators[i] (None: global RNG).
+        self.generators = generators
+        self.start_position = 0
+        self.new_token_ids: list[int] = []
+        self.num_samples = 0
+        self.prompt_logprobs: int | None = None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass
+class ScheduledBatch:
+    """One step as the runner executes it: the scheduled sequences' states, in the message's order."""
+
+    seqs: list[SequenceState]
+    block_copies: list[tuple[int, int]]
+    swap_out: list[tuple[int, int]]
+    swap_in: list[tuple[int, int]]
+
+
+class InputBatch:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.states: dict[int, SequenceState] = {}
+
+    def apply(self, message: StepMessage) -> ScheduledBatch:
+        states = self.states
+        for new in message.new_seqs:
+            states[new.seq_id] = SequenceState(new.seq_id, list(new.token_ids), new.num_prompt_tokens,
+                                               new.params, self._generators(new))
+        for seq_id in message.finished_seq_ids:  # after the new ones: a fork may draw on its parent
+            states.pop(seq_id, None)
+        seqs = []
+        for entry in message.seqs:
+            state = states[entry.seq_id]
+            if entry.appended_token_ids:
+                state.token_ids.extend(entry.appended_token_ids)
+            if entry.replace_block_table:
+                state.block_table = list(entry.new_block_ids)
+            elif entry.new_block_ids:
+                state.block_table.extend(entry.new_block_ids)
+            start = entry.start_position
+            state.start_position = start
+            state.new_token_ids = state.token_ids[start:start + entry.num_new_tokens]
+            state.num_samples = entry.num_samples
+            state.prompt_logprobs = entry.prompt_logprobs
+            seqs.append(state)
+        return ScheduledBatch(seqs, message.block_copies, message.swap_out, message.swap_in)
+
+    def _generators(self, new: NewSequence) -> list:
+        """Seeded streams: sample i of a request draws from seed + i, whichever sequence carries it."""
+        if new.fork_parent is not None:
+            parent = self.states[new.fork_parent]
+            return [parent.generators[new.index]]
+        params = new.params
+        if params.seed is None:
+            return [None] * params.best_of
+        return [torch.Generator(device=self.device).manual_seed(params.seed + i)
+                for i in range(params.best_of)]

@@ -8,14 +8,14 @@ import logging
 import os
 import sys
 
-from asyncserve.config import EngineConfig
+from asyncserve.config import DTYPE_NAMES, EngineConfig
 from asyncserve.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("asyncserve")
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)
              if f.default is not dataclasses.MISSING}
-_DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+_DTYPES = ("auto", *DTYPE_NAMES)
 
 
 def _port(value: str) -> int:

@@ -10,19 +10,20 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from asyncserve.errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported only where a dtype or device is resolved: `--help` stays fast
+    import torch
+
     from asyncserve.model_config import ModelConfig
 
 logger = logging.getLogger("asyncserve")
 
-_DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+# Every dtype name a user may give (vLLM's and torch's spellings) -> the torch dtype's name.
+DTYPE_NAMES = {
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 
 
@@ -61,8 +62,8 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES and self.dtype != "auto":
-            raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        if self.dtype not in DTYPE_NAMES and self.dtype != "auto":
+            raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
@@ -121,7 +122,7 @@ class EngineConfig:
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             disable_log_stats=self.disable_log_stats)
 
-    def _token_budget(self, max_len: int, device: torch.device) -> int:
+    def _token_budget(self, max_len: int, device: "torch.device") -> int:
         if self.max_num_batched_tokens is not None:
             budget = self.max_num_batched_tokens
             if not self.enable_chunked_prefill and budget < max_len:
@@ -170,7 +171,8 @@ class Config:
     disable_log_stats: bool = False
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> "torch.device":
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -178,10 +180,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, checkpoint_dtype: "torch.dtype | None", device: "torch.device") -> "torch.dtype":
     """'auto' keeps a half-precision checkpoint's dtype on GPU, bf16 for fp32 ones, fp32 on CPU."""
+    import torch
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return getattr(torch, DTYPE_NAMES[dtype])
     if device.type == "cpu":
         return torch.float32
     if checkpoint_dtype in (torch.float16, torch.bfloat16):

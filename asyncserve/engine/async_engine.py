@@ -51,6 +51,7 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self._streams: dict[str, RequestStream] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
@@ -161,21 +162,29 @@ class AsyncEngine:
     # ---- the loop -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """The pipeline: launch step N+1 on the worker thread, then process step N on the loop while the
+        device (or, on the CPU, the worker) computes N+1."""
         loop = asyncio.get_running_loop()
         engine = self.engine
+        in_flight = None  # (scheduled, PendingStep)
         try:
             while True:
-                if not engine.has_unfinished_requests():
+                if in_flight is None and not engine.has_unfinished_requests():
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                step, scheduled = engine.schedule()
-                if not scheduled:
+                message, scheduled = engine.schedule()
+                launch = (loop.run_in_executor(self._executor, engine.executor.launch, message)
+                          if scheduled else None)
+                if in_flight is not None:
+                    previous, pending = in_flight
+                    if not pending.done():  # wait for the device off the loop
+                        await loop.run_in_executor(self._waiter, pending.result)
+                    for result in engine.process(previous, pending.result()):
+                        self._deliver(result)
+                in_flight = (scheduled, await launch) if launch is not None else None
+                if in_flight is None and scheduled == [] and engine.has_unfinished_requests():
                     await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests
-                    continue
-                output = await loop.run_in_executor(self._executor, engine.executor.execute, step)
-                for result in engine.process(scheduled, output):
-                    self._deliver(result)
                 self._log_stats()
         except asyncio.CancelledError:
             raise

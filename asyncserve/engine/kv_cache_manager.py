@@ -93,7 +93,8 @@ class KVCacheManager:
         """Registers the blocks that became full and computed, so later requests can share them."""
         if not self.pool.enable_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.blocks))
+        # Computed may run one token ahead of the known tokens (the next step's input, still in flight).
+        num_full = min(min(seq.num_computed_tokens, seq.num_tokens) // self.block_size, len(seq.blocks))
         if num_full <= seq.num_cached_blocks:  # most steps: no block filled up
             return
         self._update_hashes(seq)
@@ -103,16 +104,20 @@ class KVCacheManager:
                 self.pool.cache_full_block(block, seq.block_hashes[index])
         seq.num_cached_blocks = num_full
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """The child shares every block of the parent; the shared partial block is copied on first write."""
-        for block in parent.blocks:
+    def fork(self, parent: Sequence, child: Sequence, num_tokens: int | None = None) -> None:
+        """The child shares the parent's blocks of its first `num_tokens` (default: all computed) tokens;
+        a shared partial block is copied on the child's first write. Blocks past them stay the parent's."""
+        if num_tokens is None:
+            num_tokens = parent.num_computed_tokens
+        num_blocks = -(-num_tokens // self.block_size)
+        for block in parent.blocks[:num_blocks]:
             self.pool.touch(block)
-        child.blocks = list(parent.blocks)
-        child.block_table = list(parent.block_table)
+        child.blocks = list(parent.blocks[:num_blocks])
+        child.block_table = list(parent.block_table[:num_blocks])
         child.block_table_rewritten = True
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.num_cached_blocks = parent.num_cached_blocks
-        child.block_hashes = list(parent.block_hashes[:parent.num_prompt_tokens // self.block_size])
+        child.num_computed_tokens = num_tokens
+        child.num_cached_blocks = min(parent.num_cached_blocks, num_tokens // self.block_size)
+        child.block_hashes = list(parent.block_hashes[:num_tokens // self.block_size])
 
     def free(self, seq: Sequence) -> None:
         self.pool.free(reversed(seq.blocks))

@@ -48,6 +48,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self._in_flight: tuple[list, object] | None = None  # (scheduled, PendingStep) of step()
         self.startup_seconds = time.perf_counter() - started
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.finished_timings: dict[str, dict] = {}
@@ -124,8 +125,8 @@ class LLMEngine:
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids, params)
-        if params.max_tokens is None:
-            params.max_tokens = self.model_config.max_model_len - len(token_ids)
+        room = self.model_config.max_model_len - len(token_ids)  # the context ends generation anyway
+        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())
         request = Request(request_id, text, token_ids, params)
         request.num_forks_pending = params.best_of - 1
@@ -159,7 +160,7 @@ class LLMEngine:
         return self.output_processor.request_output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None
 
     # ---- the step ---------------------------------------------------------------------------------
 
@@ -167,10 +168,14 @@ class LLMEngine:
         return self.scheduler.schedule()
 
     def step(self) -> list[RequestOutput]:
-        step, scheduled = self.schedule()
-        if not scheduled:
+        """Launches the next step, then applies the one launched before it (the GPU runs one while the
+        host processes the other); returns the outputs of the requests that changed."""
+        message, scheduled = self.schedule()
+        launched = (scheduled, self.executor.launch(message)) if scheduled else None
+        previous, self._in_flight = self._in_flight, launched
+        if previous is None:
             return []
-        return self.process(scheduled, self.executor.execute(step))
+        return self.process(previous[0], previous[1].result())
 
     def process(self, scheduled: list[tuple[Sequence, int]], output: StepOutput) -> list[RequestOutput]:
         """Applies a step's results; returns the outputs of the requests it changed."""
@@ -179,25 +184,25 @@ class LLMEngine:
         now = time.monotonic()
         for (seq, num_new), result in zip(scheduled, output.results):
             request = seq.request
-            if seq.is_finished:  # aborted while the step ran
+            if result.token_ids:
+                seq.num_in_flight -= 1
+            if seq.is_finished:  # aborted (or finished by the step before) while the step ran
                 continue
-            seq.num_computed_tokens += num_new
             self.kv_manager.cache_computed_blocks(seq)
             if result.prompt_logprobs:
                 processor.add_prompt_logprobs(request, result.prompt_logprobs)
-            if not result.token_ids:
-                continue
-            touched[request.request_id] = request
-            if request.first_token_time is None:
-                request.first_token_time = now
-            targets = [seq]
-            if len(result.token_ids) > 1:
-                targets += self._fork(seq, len(result.token_ids) - 1)
-            for i, (target, token_id) in enumerate(zip(targets, result.token_ids)):
-                entry = result.logprobs[i] if result.logprobs else None
-                self.stats["generation_tokens"] += 1
-                if processor.append_token(target, token_id, entry):
-                    self.scheduler.finish(target)
+            if result.token_ids:
+                touched[request.request_id] = request
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                targets = [seq]
+                if len(result.token_ids) > 1:
+                    targets += self._fork(seq, len(result.token_ids) - 1)
+                for i, (target, token_id) in enumerate(zip(targets, result.token_ids)):
+                    entry = result.logprobs[i] if result.logprobs else None
+                    self.stats["generation_tokens"] += 1
+                    if processor.append_token(target, token_id, entry):
+                        self.scheduler.finish(target)
         outputs = []
         for request in touched.values():
             if self.stream_outputs or request.is_finished:
@@ -223,9 +228,9 @@ class LLMEngine:
         children = []
         for index in range(1, count + 1):
             child = self._new_sequence(request, list(parent.token_ids), index)
-            self.kv_manager.fork(parent, child)
+            # The prompt is the fork point; a parent preempted meanwhile shares nothing.
+            self.kv_manager.fork(parent, child, parent.num_tokens if parent.blocks else 0)
             children.append(child)
-        request.num_forks_pending = 0
         self.scheduler.admit_forks(children)
         return children
 

@@ -39,7 +39,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.num_in_flight and seq.num_output_tokens + seq.num_in_flight >= seq.params.max_tokens:
+                index += 1  # its last token is on its way: nothing more to compute
+                continue
+            num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running.pop()  # the most recently admitted goes first
                 self._preempt(victim)
@@ -57,7 +60,7 @@ class Scheduler:
             seq = self.swapped[0]
             if len(self.running) + 1 > self.config.max_num_seqs or not self.kv.swap_in(seq):
                 break
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
             if not self.kv.allocate_slots(seq, num_new):
                 self.kv.free(seq)  # the blocks just swapped in are dropped: recompute it later
                 self._requeue_for_recompute(seq)
@@ -71,6 +74,8 @@ class Scheduler:
         # Admitting new work while others were just evicted would only thrash the pool.
         while self.waiting and budget > 0 and not preempted and not self.swapped:
             seq = self.waiting[0]
+            if seq.num_in_flight:  # preempted while its token was on its way: wait for it
+                break
             num_forks = seq.request.num_forks_pending if seq.index == 0 else 0
             if len(self.running) + 1 + num_forks > self.config.max_num_seqs:
                 break
@@ -90,9 +95,8 @@ class Scheduler:
             scheduled.append((seq, num_new))
             budget -= num_new
         swap_out, swap_in, copies = self.kv.take_block_moves()
-        new_seqs = self._take_announced()  # first: the diffs below are against what it sends
         message = StepMessage([self._describe(seq, num_new) for seq, num_new in scheduled],
-                              new_seqs=new_seqs, finished_seq_ids=self._finished_seq_ids,
+                              new_seqs=self._take_announced(), finished_seq_ids=self._finished_seq_ids,
                               block_copies=copies, swap_out=swap_out, swap_in=swap_in)
         self._finished_seq_ids = []
         return message, scheduled
@@ -103,29 +107,32 @@ class Scheduler:
             fork_parent = seq.request.seqs[0].seq_id if seq.index else None
             new_seqs.append(NewSequence(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
                                         seq.index, fork_parent))
-            seq.num_sent_tokens = seq.num_tokens
         self._announced = []
         return new_seqs
 
     def _describe(self, seq: Sequence, num_new: int) -> ScheduledSequence:
-        """This step's diff for one sequence: tokens and blocks the runner has not seen yet."""
+        """This step's part of one sequence, as a diff against the runner's copy; advances the
+        sequence as if the step had run (the next step may be scheduled before this one's results)."""
         start = seq.num_computed_tokens
         request = seq.request
         num_samples = 0
-        if start + num_new == seq.num_tokens:  # completes what is known: samples the next token
-            num_samples = 1 + (request.num_forks_pending if seq.index == 0 else 0)
+        if start + num_new == seq.num_tokens + seq.num_in_flight:  # reaches the end: samples the next
+            num_samples = 1
+            if seq.index == 0 and request.num_forks_pending:  # n/best_of: forked on this step's samples
+                num_samples += request.num_forks_pending
+                request.num_forks_pending = 0
+            seq.num_in_flight += 1
         wants_prompt_logprobs = (seq.index == 0 and seq.params.prompt_logprobs is not None
                                  and start < seq.num_prompt_tokens - 1
                                  and len(request.prompt_logprobs or ()) < seq.num_prompt_tokens)
-        appended = seq.token_ids[seq.num_sent_tokens:] if seq.num_sent_tokens < seq.num_tokens else []
-        seq.num_sent_tokens = seq.num_tokens
+        seq.num_computed_tokens = start + num_new
         replace = seq.block_table_rewritten
         new_block_ids = list(seq.block_table) if replace else seq.block_table[seq.num_sent_blocks:]
         seq.block_table_rewritten = False
         seq.num_sent_blocks = len(seq.block_table)
         return ScheduledSequence(
-            seq_id=seq.seq_id, start_position=start, num_new_tokens=num_new, appended_token_ids=appended,
-            new_block_ids=new_block_ids, replace_block_table=replace, num_samples=num_samples,
+            seq_id=seq.seq_id, start_position=start, num_new_tokens=num_new, new_block_ids=new_block_ids,
+            replace_block_table=replace, num_samples=num_samples,
             prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -44,8 +44,10 @@ class Sequence:
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
         self.detokenizer: Any = None    # IncrementalDetokenizer, made by the engine
         self.num_preemptions = 0
-        # How much of this sequence the runner holds (the step message sends only what is past it).
-        self.num_sent_tokens = 0
+        # Tokens sampled by launched steps whose results were not processed yet (0 or 1): the step
+        # after may already compute them, fed on the device.
+        self.num_in_flight = 0
+        # How much of the block table the runner holds (the step message sends only what is past it).
         self.num_sent_blocks = 0
         self.block_table_rewritten = False  # changed other than by appending: resend it whole
 

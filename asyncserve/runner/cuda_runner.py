@@ -1,18 +1,14 @@
-"""The GPU runner: a dedicated CUDA stream, CUDA graphs replayed for decode-only steps, and a
-one-step lookahead that hides the engine's host work behind the GPU.
+"""The GPU runner: a dedicated CUDA stream, and CUDA graphs replayed for decode-only steps.
 
-Lookahead: after a plain greedy decode step, if every sequence's next token stays in its current block,
-the runner launches the next step at once, fed on the device with the ids just sampled, and only then
-waits for this step's ids. While the GPU runs it, the engine detokenizes, checks stops and schedules.
-If the engine then asks for exactly that step, it is already running; if anything changed (a sequence
-finished, a request arrived, a block is needed), its results are simply not used: it wrote KV only into
-slots past each sequence's computed length, which the next real write overwrites before anyone reads.
+Steps are launched, not run: `launch` queues a step's kernels and the copies of its results into pinned
+host memory, and returns. The engine launches step N+1 before it reads step N's tokens, so the GPU always
+has the next step queued while the host processes the last one; a decode's input token, sampled by the
+step before, is copied on the device from that step's output (runner/model_runner.py).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -21,23 +17,11 @@ from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_sampling_tensors
 from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
-from asyncserve.runner.step import SequenceResult, StepMessage, StepOutput
+from asyncserve.runner.pending import PendingStep
+from asyncserve.runner.step import StepMessage
+from asyncserve.layers.sampler import SamplerOutput
 
 logger = logging.getLogger("asyncserve")
-
-
-@dataclass
-class _Lookahead:
-    """A decode step launched before the engine asked for it."""
-
-    seq_ids: list[int]
-    positions: list[int]
-    padded: int
-
-    def matches(self, step: ScheduledBatch, padded: int) -> bool:
-        return (padded == self.padded and len(step.seqs) == len(self.seq_ids)
-                and all(seq.seq_id == seq_id and seq.start_position == position
-                        for seq, seq_id, position in zip(step.seqs, self.seq_ids, self.positions)))
 
 
 class CudaModelRunner(ModelRunner):
@@ -46,10 +30,8 @@ class CudaModelRunner(ModelRunner):
         self.stream = torch.cuda.Stream(device=self.device)
         self.decode_graphs: _DecodeGraphs | None = None
         self.capture_seconds = 0.0
-        self.lookahead: _Lookahead | None = None
-        self.num_lookahead_hits = 0
-        self._host_tokens = torch.zeros(max(1, config.scheduler.max_num_seqs), dtype=torch.int64,
-                                        pin_memory=True)
+        self.num_graph_steps = 0
+        self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
         # Before the memory profile: the timing briefly holds extra weight copies.
         tune_single_row_products(model)
 
@@ -69,43 +51,29 @@ class CudaModelRunner(ModelRunner):
                     self.capture_seconds)
 
     @torch.inference_mode()
-    def execute(self, message: StepMessage) -> StepOutput:
+    def launch(self, message: StepMessage) -> PendingStep:
         with torch.cuda.stream(self.stream):
-            return self._execute(self.input_batch.apply(message))
+            return self._launch(self.begin(message))
 
-    def _execute(self, step: ScheduledBatch) -> StepOutput:
-        lookahead, self.lookahead = self.lookahead, None
-        self.apply_block_moves(step)
-        sampling = build_sampling_tensors(step, self.vocab_size, self.device)
+    def _launch(self, batch: ScheduledBatch) -> PendingStep:
+        sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
+        if batch.unread_inputs:
+            self.num_device_fed_steps += 1
         padded = None
         if self.decode_graphs is not None and all(
                 len(seq.new_token_ids) == 1 and seq.num_samples == 1 and seq.prompt_logprobs is None
-                for seq in step.seqs):
-            padded = self.decode_graphs.padded_size(len(step.seqs))
-        if padded is not None:
-            if sampling.plain_greedy:
-                moved = step.block_copies or step.swap_in or step.swap_out
-                if lookahead is not None and not moved and lookahead.matches(step, padded):
-                    self.num_lookahead_hits += 1  # this step is already on the GPU
-                else:
-                    self.decode_graphs.run(step, padded)
-                return StepOutput([SequenceResult([token]) for token in self._greedy_ids(step, padded)])
-            logits, _ = self.decode_graphs.run(step, padded)
-            return self._to_host(step, self.sampler(logits, sampling), None, [0] * len(step.seqs))
-        return self.execute_eager(step, sampling)
-
-    def _greedy_ids(self, step: ScheduledBatch, padded: int) -> list[int]:
-        """This step's ids, read back only after the next step (if it can be foreseen) is launched."""
-        graphs, batch = self.decode_graphs, len(step.seqs)
-        host = self._host_tokens[:batch]
-        host.copy_(graphs.greedy_tokens[padded][:batch], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        block_size = self.block_size
-        positions = [seq.start_position + 1 for seq in step.seqs]
-        if all(position % block_size != 0 for position in positions):
-            graphs.advance(batch)
-            graphs.replay(padded)
-            self.lookahead = _Lookahead([seq.seq_id for seq in step.seqs], positions, padded)
-        done.synchronize()
-        return host.tolist()
+                for seq in batch.seqs):
+            padded = self.decode_graphs.padded_size(len(batch.seqs))
+        if padded is None:
+            return self.launch_eager(batch, sampling)
+        graphs = self.decode_graphs
+        graphs.load_inputs(batch, padded)
+        self.feed_unread_inputs(graphs.input_ids, batch, batch.unread_inputs)
+        graphs.replay(padded)
+        self.num_graph_steps += 1
+        num_seqs = len(batch.seqs)
+        if sampling.plain_greedy:  # the argmax ran inside the graph
+            sampled = SamplerOutput(token_ids=graphs.greedy_tokens[padded][:num_seqs])
+        else:
+            sampled = self.sampler(graphs.logits[padded][:num_seqs], sampling)
+        return self.pending(batch, sampled, None, [0] * num_seqs)

@@ -21,6 +21,17 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+class _HostInputs:
+    """Pinned host mirrors of the graphs' input buffers, with numpy views to fill them."""
+
+    def __init__(self, max_batch: int, max_blocks: int):
+        self.longs = torch.zeros(3 * max_batch, dtype=torch.int64, pin_memory=True)
+        self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
+        self.longs_np = self.longs.numpy().reshape(3, max_batch)
+        self.seq_lens_np = self.ints.numpy()[:max_batch]
+        self.tables_np = self.ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
+
+
 class _DecodeGraphs:
     """Static input buffers sized for the largest batch, and one captured graph per padded size."""
 
@@ -36,19 +47,16 @@ class _DecodeGraphs:
         self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = self.ints[:max_batch]
         self.block_tables = self.ints[max_batch:].view(max_batch, max_blocks)
-        # Pinned mirrors, filled through numpy: the copies are truly asynchronous. A step rewrites
-        # them only after the previous step's tokens were read back, so no copy is still pending.
-        self.host_longs = torch.zeros(3 * max_batch, dtype=torch.int64, pin_memory=True)
-        self.host_ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
-        self.host_longs_np = self.host_longs.numpy().reshape(3, max_batch)
-        self.host_seq_lens_np = self.host_ints.numpy()[:max_batch]
-        self.host_tables_np = self.host_ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
+        # Pinned mirrors, filled through numpy: the copies are truly asynchronous. Two of them, used in
+        # turn: step N+1 is loaded while step N's copy may still wait on the GPU; by step N+2 the engine
+        # has read step N's results, so its copy is done.
+        self.host_buffers = [_HostInputs(max_batch, max_blocks) for _ in range(2)]
+        self.num_loads = 0
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.greedy_tokens: dict[int, torch.Tensor] = {}  # argmax inside the graph: greedy steps skip the sampler
         self.sizes: list[int] = []
-        self.last_padded = 0
 
     def meta(self, batch: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -78,41 +86,26 @@ class _DecodeGraphs:
                 return size
         return None
 
-    def run(self, step: ScheduledBatch, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes this step's inputs straight into the static buffers and replays.
-
-        Returns ([B, V] logits, [B] greedy token ids).
-        """
+    def load_inputs(self, step: ScheduledBatch, padded: int) -> None:
+        """Writes this step's inputs into the static buffers: two asynchronous copies."""
         seqs, block_size, batch = step.seqs, self.block_size, len(step.seqs)
+        host = self.host_buffers[self.num_loads % 2]
+        self.num_loads += 1
         positions = [seq.start_position for seq in seqs]
-        longs = self.host_longs_np
+        longs = host.longs_np
         longs[0, :batch] = [seq.new_token_ids[0] for seq in seqs]
         longs[1, :batch] = positions
         longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
                             for seq, p in zip(seqs, positions)]
         longs[2, batch:] = -1  # padding rows write nowhere
-        self.host_seq_lens_np[:batch] = [p + 1 for p in positions]
-        self.host_seq_lens_np[batch:] = 1
-        tables = self.host_tables_np
+        host.seq_lens_np[:batch] = [p + 1 for p in positions]
+        host.seq_lens_np[batch:] = 1
+        tables = host.tables_np
         for row, seq in enumerate(seqs):
             tables[row, :len(seq.block_table)] = seq.block_table
-        self.longs.copy_(self.host_longs, non_blocking=True)
+        self.longs.copy_(host.longs, non_blocking=True)
         used = self.max_batch + padded * tables.shape[1]
-        self.ints[:used].copy_(self.host_ints[:used], non_blocking=True)
-        self.replay(padded)
-        return self.logits[padded][:len(seqs)], self.greedy_tokens[padded][:len(seqs)]
+        self.ints[:used].copy_(host.ints[:used], non_blocking=True)
 
     def replay(self, padded: int) -> None:
         self.graphs[padded].replay()
-        self.last_padded = padded
-
-
-    def advance(self, batch: int) -> None:
-        """Inputs of the step after the last replay, on the device: its sampled ids, one position further.
-
-        Valid only while every sequence's next slot is in the same block as its last one.
-        """
-        self.input_ids[:batch].copy_(self.greedy_tokens[self.last_padded][:batch])
-        self.positions[:batch] += 1
-        self.slot_mapping[:batch] += 1
-        self.seq_lens[:batch] += 1

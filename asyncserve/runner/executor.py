@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
@@ -32,8 +33,13 @@ class Executor(ABC):
         """Device bytes of one KV block, all layers."""
 
     @abstractmethod
+    def launch(self, message: StepMessage) -> PendingStep:
+        """Queues one step and returns before its results are on the host; may run on a worker thread.
+        Steps are launched in order, and each one's `result()` is read before the one after next."""
+
     def execute(self, message: StepMessage) -> StepOutput:
-        """Runs one step; may be called from a worker thread."""
+        """Runs one step to the end."""
+        return self.launch(message).result()
 
     def shutdown(self) -> None:
         """Releases workers (nothing to do in one process)."""
@@ -70,8 +76,8 @@ class UniprocExecutor(Executor):
             self.runner.kv_pool.allocate_swap_space(num_host_blocks)
         self.runner.prepare()
 
-    def execute(self, message: StepMessage) -> StepOutput:
-        return self.runner.execute(message)
+    def launch(self, message: StepMessage) -> PendingStep:
+        return self.runner.launch(message)
 
 
 def _make_runner(model, config):

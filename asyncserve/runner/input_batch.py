@@ -1,11 +1,13 @@
 """The runner's own copy of every live sequence, kept up to date by the step messages' diffs.
 
 Like vLLM's persistent input batch: a sequence's prompt, parameters and random generators arrive once;
-each step then brings only its new tokens and blocks, so the message stays small and picklable.
+each step then brings only where it stands and its new blocks, so the message stays small and picklable.
+The tokens the runner samples are appended here by the runner itself, once read back ("folded"); until
+then a decode's input token exists only on the device, and the runner feeds it from there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,7 +18,7 @@ class SequenceState:
     """What the runner knows of one sequence, plus this step's part of it (set by `InputBatch.apply`)."""
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
-                 "start_position", "new_token_ids", "num_samples", "prompt_logprobs")
+                 "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
                  generators: list):
@@ -27,6 +29,7 @@ class SequenceState:
         self.block_table: list[int] = []
         # Sample i of a step that completes the prompt draws from generators[i] (None: global RNG).
         self.generators = generators
+        self.num_unread = 0  # sampled on the device, not yet appended to token_ids
         self.start_position = 0
         self.new_token_ids: list[int] = []
         self.num_samples = 0
@@ -42,7 +45,7 @@ class SequenceState:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_unread - self.num_prompt_tokens
 
 
 @dataclass
@@ -53,6 +56,9 @@ class ScheduledBatch:
     block_copies: list[tuple[int, int]]
     swap_out: list[tuple[int, int]]
     swap_in: list[tuple[int, int]]
+    # Sequences (index in `seqs`) whose last input token is still on the device: their
+    # new_token_ids end with a 0 that the runner overwrites on the device before the forward.
+    unread_inputs: list[int] = field(default_factory=list)
 
 
 class InputBatch:
@@ -68,21 +74,40 @@ class InputBatch:
         for seq_id in message.finished_seq_ids:  # after the new ones: a fork may draw on its parent
             states.pop(seq_id, None)
         seqs = []
-        for entry in message.seqs:
+        unread_inputs = []
+        for index, entry in enumerate(message.seqs):
             state = states[entry.seq_id]
-            if entry.appended_token_ids:
-                state.token_ids.extend(entry.appended_token_ids)
             if entry.replace_block_table:
                 state.block_table = list(entry.new_block_ids)
             elif entry.new_block_ids:
                 state.block_table.extend(entry.new_block_ids)
-            start = entry.start_position
+            start, end = entry.start_position, entry.start_position + entry.num_new_tokens
             state.start_position = start
-            state.new_token_ids = state.token_ids[start:start + entry.num_new_tokens]
+            state.new_token_ids = state.token_ids[start:end]
+            if end > len(state.token_ids):  # the token sampled last step, not read back yet
+                state.new_token_ids.append(0)
+                unread_inputs.append(index)
             state.num_samples = entry.num_samples
             state.prompt_logprobs = entry.prompt_logprobs
             seqs.append(state)
-        return ScheduledBatch(seqs, message.block_copies, message.swap_out, message.swap_in)
+        return ScheduledBatch(seqs, message.block_copies, message.swap_out, message.swap_in, unread_inputs)
+
+    def refresh_inputs(self, batch: ScheduledBatch) -> None:
+        """After a fold made the unread tokens known on the host: input ids straight from token_ids."""
+        for index in batch.unread_inputs:
+            state = batch.seqs[index]
+            state.new_token_ids = state.token_ids[state.start_position:
+                                                  state.start_position + len(state.new_token_ids)]
+        batch.unread_inputs = []
+
+    def fold(self, seq_ids: list[int], token_ids: list[int]) -> None:
+        """Appends each sequence's own sampled token (a finished sequence may be gone: skipped)."""
+        states = self.states
+        for seq_id, token_id in zip(seq_ids, token_ids):
+            state = states.get(seq_id)
+            if state is not None:
+                state.token_ids.append(token_id)
+                state.num_unread -= 1
 
     def _generators(self, new: NewSequence) -> list:
         """Seeded streams: sample i of a request draws from seed + i, whichever sequence carries it."""

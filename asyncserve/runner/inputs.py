@@ -22,6 +22,7 @@ class ModelInputs:
     prompt_rows: torch.Tensor | None
     prompt_targets: torch.Tensor | None
     prompt_row_counts: list[int]   # per scheduled sequence
+    unread_rows: list[int]         # rows of input_ids that the runner fills on the device
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -107,10 +108,11 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         prefill_block_tables=part_tables.view(-1, max_blocks) if num_decodes else None,
         decode_max_seq_len=max(seq_lens[:num_decodes], default=0),
         prefill_max_seq_len=max(seq_lens[num_decodes:], default=0))
+    unread_rows = [query_start_loc[index + 1] - 1 for index in step.unread_inputs]
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
                        prompt_rows=rows if prompt_rows else None,
                        prompt_targets=targets if prompt_rows else None,
-                       prompt_row_counts=prompt_row_counts)
+                       prompt_row_counts=prompt_row_counts, unread_rows=unread_rows)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -128,7 +130,7 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
     temperature = [p.temperature for p in params]
     all_greedy = all(p.is_greedy for p in params)
     if all_greedy and not any(p.logprobs is not None or p.logit_bias or p.min_tokens or p.best_of > p.n
-                              or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                              or _has_penalties(p)
                               for p in params):
         return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
                                generators=[], all_greedy=True, plain_greedy=True)
@@ -143,7 +145,7 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
         generators=[generator for _, generator in rows],
         all_greedy=all_greedy,
     )
-    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+    if any(_has_penalties(p) for p in params):
         t.presence_penalty = _to_device([p.presence_penalty for p in params], torch.float32, device)
         t.frequency_penalty = _to_device([p.frequency_penalty for p in params], torch.float32, device)
         t.repetition_penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device)
@@ -161,6 +163,15 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
     if num_logprobs or any(p.best_of > p.n for p in params):
         t.max_num_logprobs = max(num_logprobs, default=0)
     return t
+
+
+def _has_penalties(params) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+def needs_output_token_values(step: ScheduledBatch) -> bool:
+    """Whether sampling this step reads the values of generated tokens (penalties), not just counts."""
+    return any(seq.num_samples and _has_penalties(seq.params) for seq in step.seqs)
 
 
 def _bias_entries(seq) -> list[tuple[int, float]]:

@@ -9,11 +9,18 @@ import torch
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
-from asyncserve.runner.inputs import ModelInputs, build_model_inputs, build_sampling_tensors
+from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sampling_tensors,
+                                      needs_output_token_values)
 from asyncserve.runner.kv_pool import KVPool
-from asyncserve.runner.step import SequenceResult, StepMessage, StepOutput
+from asyncserve.runner.pending import PendingStep
+from asyncserve.runner.step import StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
+
+
+def _to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    packed = torch.tensor(rows, dtype=torch.int64)
+    return list(packed.to(device, non_blocking=True))
 
 
 class ModelRunner:
@@ -23,6 +30,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_pool: KVPool | None = None
         self.input_batch = InputBatch(self.device)
+        self._in_flight: list[PendingStep] = []  # launched steps not yet folded into the input batch
 
     @property
     def device(self) -> torch.device:
@@ -60,21 +68,74 @@ class ModelRunner:
     def prepare(self) -> None:
         """Work done once the pool exists (CUDA graph capture on the GPU runner)."""
 
-    @torch.inference_mode()
     def execute(self, message: StepMessage) -> StepOutput:
-        batch = self.input_batch.apply(message)
-        self.apply_block_moves(batch)
-        return self.execute_eager(batch, build_sampling_tensors(batch, self.vocab_size, self.device))
+        return self.launch(message).result()
 
-    def execute_eager(self, batch: ScheduledBatch, sampling: SamplingTensors | None) -> StepOutput:
+    @torch.inference_mode()
+    def launch(self, message: StepMessage) -> PendingStep:
+        """Queues the step's work and returns before its results reach the host."""
+        batch = self.begin(message)
+        return self.launch_eager(batch, build_sampling_tensors(batch, self.vocab_size, self.device))
+
+    def begin(self, message: StepMessage) -> ScheduledBatch:
+        """The message applied to the input batch; block moves queued before anything reads the pool."""
+        self._fold_read_steps()
+        batch = self.input_batch.apply(message)
+        if batch.unread_inputs and needs_output_token_values(batch):
+            for pending in self._in_flight:  # the sampler needs those tokens' values on the host
+                pending.result()
+            self._fold_read_steps()
+            self.input_batch.refresh_inputs(batch)
+        self.apply_block_moves(batch)
+        return batch
+
+    def launch_eager(self, batch: ScheduledBatch, sampling: SamplingTensors | None) -> PendingStep:
         """The step without graphs: any mix of prefill chunks and decodes."""
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         sampled = None
         if sampling is not None:
             sampled = self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), sampling)
-        return self._to_host(batch, sampled, self._prompt_logprobs(hidden, inputs, batch),
-                             inputs.prompt_row_counts)
+        return self.pending(batch, sampled, self._prompt_logprobs(hidden, inputs, batch),
+                            inputs.prompt_row_counts)
+
+    def feed_unread_inputs(self, input_ids: torch.Tensor, batch: ScheduledBatch, rows: list[int]) -> None:
+        """Writes, on the device, the input tokens that the previous step sampled and nobody read yet."""
+        if not rows:
+            return
+        previous = self._in_flight[-1]
+        sources = [previous.sampled_rows[batch.seqs[index].seq_id] for index in batch.unread_inputs]
+        tokens = previous.device_token_ids
+        if sources == rows == list(range(rows[0], rows[0] + len(rows))):  # steady decode: one copy
+            input_ids[rows[0]:rows[0] + len(rows)].copy_(tokens[rows[0]:rows[0] + len(rows)])
+            return
+        source, target = _to_device([sources, rows], self.device)
+        input_ids[target] = tokens[source]
+
+    def pending(self, batch: ScheduledBatch, sampled: SamplerOutput | None, prompt_logprobs,
+                prompt_row_counts: list[int]) -> PendingStep:
+        sampled_rows = {}
+        row = 0
+        for seq in batch.seqs:
+            if seq.num_samples:
+                sampled_rows[seq.seq_id] = row
+                seq.num_unread += 1
+                row += seq.num_samples
+        logprobs = None
+        if sampled is not None and sampled.logprobs is not None:
+            logprobs = (sampled.logprobs, sampled.logprob_token_ids, sampled.ranks)
+        pending = PendingStep(batch.seqs, sampled.token_ids if sampled is not None else None, sampled_rows,
+                              logprobs, prompt_logprobs, prompt_row_counts)
+        self._in_flight.append(pending)
+        return pending
+
+    def _fold_read_steps(self) -> None:
+        """Appends the tokens of every step whose results were read, oldest first, to the input batch."""
+        while self._in_flight and self._in_flight[0].token_ids is not None:
+            self.input_batch.fold(*self._in_flight.pop(0).own_tokens())
+        if len(self._in_flight) > 1:  # only the newest step may still be unread when the next launches
+            raise RuntimeError("two launched steps were never read back")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -89,32 +150,4 @@ class ModelRunner:
         chosen = logprobs.gather(1, inputs.prompt_targets[:, None])
         ranks = (logprobs > chosen).sum(dim=-1) + 1
         top_values, top_ids = logprobs.topk(num_top, dim=-1)  # num_top may be 0: empty rows
-        return chosen[:, 0].tolist(), ranks.tolist(), top_values.tolist(), top_ids.tolist()
-
-    def _to_host(self, batch: ScheduledBatch, sampled: SamplerOutput | None, prompt_logprobs,
-                 prompt_row_counts: list[int]) -> StepOutput:
-        token_ids = sampled.token_ids.tolist() if sampled is not None else []
-        has_logprobs = sampled is not None and sampled.logprobs is not None
-        if has_logprobs:
-            values, ids, ranks = (sampled.logprobs.tolist(), sampled.logprob_token_ids.tolist(),
-                                  sampled.ranks.tolist())
-        results = []
-        row = 0
-        prompt_row = 0
-        for seq, num_prompt_rows in zip(batch.seqs, prompt_row_counts):
-            result = SequenceResult(token_ids=token_ids[row:row + seq.num_samples])
-            if has_logprobs and seq.num_samples:
-                num_top = seq.params.logprobs or 0
-                result.logprobs = [
-                    (values[r][0], ranks[r], list(zip(ids[r][1:1 + num_top], values[r][1:1 + num_top])))
-                    for r in range(row, row + seq.num_samples)]
-            if num_prompt_rows:
-                chosen, prompt_ranks, top_values, top_ids = prompt_logprobs
-                num_top = seq.prompt_logprobs
-                result.prompt_logprobs = [
-                    (chosen[r], prompt_ranks[r], list(zip(top_ids[r][:num_top], top_values[r][:num_top])))
-                    for r in range(prompt_row, prompt_row + num_prompt_rows)]
-                prompt_row += num_prompt_rows
-            row += seq.num_samples
-            results.append(result)
-        return StepOutput(results)
+        return chosen[:, 0], ranks, top_values, top_ids

@@ -2,8 +2,9 @@
 
 Plain, picklable data over ints and lists, so a step can cross a process boundary (tensor-parallel
 workers): a sequence's prompt, parameters and seed travel once (`NewSequence`); afterwards each step
-sends only diffs (`ScheduledSequence`: the tokens the runner has not seen, the blocks added to its
-table). The runner keeps the rest (runner/input_batch.py).
+sends only diffs (`ScheduledSequence`: where it stands, how many tokens to compute, the blocks added to
+its table). The runner keeps the rest (runner/input_batch.py), including the tokens it sampled itself:
+a decode's input token may still be on the device when the next step is launched.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ class ScheduledSequence:
     seq_id: int
     start_position: int           # tokens of the sequence already in the cache
     num_new_tokens: int           # tokens whose KV this step computes
-    appended_token_ids: list[int]  # tokens past those the runner holds (in decode: the last sampled one)
     new_block_ids: list[int]      # appended to the runner's block table ...
     replace_block_table: bool = False  # ... or, when True, the whole table (after CoW, swap, preemption)
     num_samples: int = 1          # 0 mid-prompt; 1 normally; best_of when the prompt completes

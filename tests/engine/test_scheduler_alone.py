@@ -29,10 +29,10 @@ def _add(scheduler: Scheduler, seq_id: int, num_tokens: int) -> Sequence:
 
 
 def _computed(scheduler: Scheduler, scheduled, sampled: int = 7) -> None:
-    """What the engine does after a step: advance, and append a token where one was sampled."""
+    """What the engine does with a step's results: append the token each sampling sequence got."""
     for seq, num_new in scheduled:
-        seq.num_computed_tokens += num_new
-        if seq.num_computed_tokens == seq.num_tokens:
+        if seq.num_in_flight:
+            seq.num_in_flight -= 1
             seq.token_ids.append(sampled)
 
 
@@ -49,16 +49,38 @@ def test_new_sequences_travel_once_then_only_diffs():
     (new,) = message.new_seqs
     assert (new.seq_id, new.token_ids, new.num_prompt_tokens) == (1, list(range(100, 106)), 6)
     (entry,) = message.seqs
-    assert (entry.start_position, entry.num_new_tokens, entry.appended_token_ids) == (0, 6, [])
+    assert (entry.start_position, entry.num_new_tokens) == (0, 6)
     assert entry.new_block_ids == seq.block_table and len(entry.new_block_ids) == 2
     assert entry.num_samples == 1
+    assert (seq.num_computed_tokens, seq.num_in_flight) == (6, 1)  # as if the step had run
     _computed(scheduler, scheduled, sampled=42)
     _computed(scheduler, scheduler.schedule()[1], sampled=43)  # position 7: still the second block
     message, scheduled = scheduler.schedule()  # position 8: a third block is needed
     (entry,) = message.seqs
     assert not message.new_seqs
-    assert (entry.start_position, entry.num_new_tokens, entry.appended_token_ids) == (7, 1, [43])
+    assert (entry.start_position, entry.num_new_tokens) == (7, 1)
     assert entry.new_block_ids == seq.block_table[2:] and not entry.replace_block_table
+
+
+def test_the_next_step_is_scheduled_before_the_last_ones_token_is_known():
+    scheduler = _scheduler()
+    seq = _add(scheduler, 1, 6)
+    scheduler.schedule()  # the prompt: its sampled token is in flight
+    message, scheduled = scheduler.schedule()  # scheduled before the engine saw that token
+    (entry,) = message.seqs
+    assert (entry.start_position, entry.num_new_tokens, entry.num_samples) == (6, 1, 1)
+    assert (seq.num_tokens, seq.num_computed_tokens, seq.num_in_flight) == (6, 7, 2)
+
+
+def test_a_sequence_whose_last_token_is_in_flight_is_not_scheduled_again():
+    scheduler = _scheduler()
+    prompt = [1, 2, 3]
+    seq = Sequence(1, Request("r1", None, prompt, SamplingParams(max_tokens=1)), list(prompt))
+    seq.request.seqs.append(seq)
+    scheduler.add(seq)
+    scheduler.schedule()
+    message, scheduled = scheduler.schedule()
+    assert scheduled == [] and seq.num_in_flight == 1
 
 
 def test_decodes_first_then_prefill_chunks_within_the_budget():
@@ -69,7 +91,7 @@ def test_decodes_first_then_prefill_chunks_within_the_budget():
     message, scheduled = scheduler.schedule()
     assert [(seq.seq_id, n) for seq, n in scheduled] == [(1, 1), (2, 9)]
     assert [entry.num_samples for entry in message.seqs] == [1, 0]  # mid-prompt: nothing sampled
-    assert first.num_computed_tokens == 3 and second.num_computed_tokens == 0
+    assert first.num_computed_tokens == 4 and second.num_computed_tokens == 9  # advanced when scheduled
 
 
 def test_finished_sequences_are_reported_once():
@@ -96,4 +118,3 @@ def test_preemption_resends_the_whole_block_table():
     (entry,) = message.seqs
     assert entry.seq_id == 2 and entry.start_position == 0 and entry.num_new_tokens == b.num_tokens
     assert entry.replace_block_table and entry.new_block_ids == b.block_table
-    assert entry.appended_token_ids == [7]  # the token sampled before preemption, not yet sent

@@ -8,8 +8,8 @@ from asyncserve.runner.step import NewSequence, ScheduledSequence, StepMessage
 from asyncserve.sampling_params import SamplingParams
 
 
-def _entry(seq_id, start, num_new, appended=(), blocks=(), replace=False, num_samples=1):
-    return ScheduledSequence(seq_id, start, num_new, list(appended), list(blocks), replace, num_samples)
+def _entry(seq_id, start, num_new, blocks=(), replace=False, num_samples=1):
+    return ScheduledSequence(seq_id, start, num_new, list(blocks), replace, num_samples)
 
 
 def test_diffs_rebuild_tokens_and_block_tables():
@@ -19,11 +19,17 @@ def test_diffs_rebuild_tokens_and_block_tables():
                                    new_seqs=[NewSequence(5, [11, 12, 13], 3, params)]))
     (state,) = step.seqs
     assert (state.new_token_ids, state.block_table, state.start_position) == ([11, 12, 13], [9, 4], 0)
-    step = batch.apply(StepMessage([_entry(5, 3, 1, appended=[77], blocks=[2])]))
-    assert (state.new_token_ids, state.block_table) == ([77], [9, 4, 2])
+    state.num_unread = 1  # what the runner does when it launches a step that samples
+    step = batch.apply(StepMessage([_entry(5, 3, 1, blocks=[2])]))
+    # The token sampled last step is not read back yet: a placeholder the runner fills on the device.
+    assert (state.new_token_ids, step.unread_inputs, state.block_table) == ([0], [0], [9, 4, 2])
+    assert state.num_output_tokens == 1
+    batch.fold([5], [77])
+    batch.refresh_inputs(step)
+    assert (state.new_token_ids, step.unread_inputs) == ([77], [])
     assert (state.prompt_token_ids, state.output_token_ids) == ([11, 12, 13], [77])
-    batch.apply(StepMessage([_entry(5, 0, 4, appended=[78], blocks=[1, 3], replace=True)]))
-    assert (state.new_token_ids, state.block_table) == ([11, 12, 13, 77], [1, 3])
+    step = batch.apply(StepMessage([_entry(5, 0, 4, blocks=[1, 3], replace=True)]))
+    assert (state.new_token_ids, state.block_table, step.unread_inputs) == ([11, 12, 13, 77], [1, 3], [])
     batch.apply(StepMessage([], finished_seq_ids=[5]))
     assert batch.states == {}
 

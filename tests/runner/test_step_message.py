@@ -7,7 +7,7 @@ from asyncserve import SamplingParams
 from asyncserve.runner.executor import Executor
 from asyncserve.runner.step import StepMessage
 
-from conftest import PROMPTS, assert_pool_clean
+from tests.conftest import PROMPTS, assert_pool_clean
 
 
 class PicklingExecutor(Executor):
@@ -27,12 +27,23 @@ class PicklingExecutor(Executor):
     def bytes_per_block(self):
         return self.inner.bytes_per_block()
 
-    def execute(self, message):
+    def launch(self, message):
         data = pickle.dumps(message)
         self.num_bytes.append(len(data))
         received = pickle.loads(data)
         self.messages.append(received)
-        return pickle.loads(pickle.dumps(self.inner.execute(received)))
+        return _PickledResult(self.inner.launch(received))
+
+
+class _PickledResult:
+    def __init__(self, pending):
+        self.pending = pending
+
+    def done(self):
+        return self.pending.done()
+
+    def result(self):
+        return pickle.loads(pickle.dumps(self.pending.result()))
 
 
 def _workload():
@@ -75,8 +86,8 @@ def test_decode_steps_send_only_diffs(make_llm):
     for message in decodes:  # one token and at most one new block each, never the prompt again
         (entry,) = message.seqs
         assert not message.new_seqs
-        assert len(entry.appended_token_ids) == 1 and entry.num_new_tokens == 1
+        assert entry.num_new_tokens == 1
         assert len(entry.new_block_ids) <= 1 and not entry.replace_block_table
-    assert max(engine.executor.num_bytes[1:]) < 600
+    assert max(engine.executor.num_bytes[1:]) < 500
     finished = [m.finished_seq_ids for m in engine.executor.messages if m.finished_seq_ids]
     assert finished == []  # the last step's finish travels with the next message, if any

@@ -185,7 +185,7 @@ async def test_dead_engine_answers_503_and_health_fails(model_path):
         def broken_step(step):
             raise RuntimeError("simulated device failure")
 
-        live.engine.engine.executor.execute = broken_step
+        live.engine.engine.executor.launch = broken_step
         async with http.post(live.url + COMPLETIONS, json=OK_PROMPT) as response:
             assert response.status == 503  # the request in flight when the engine died
         async with http.post(live.url + CHAT, json=OK_CHAT) as response:

@@ -1,0 +1,79 @@
+"""A launched step whose results are still on their way to the host.
+
+`launch` queues the step's device work and asynchronous copies of its results into host memory, then
+returns at once; `result()` waits for them. Meanwhile the engine processes the previous step and the
+next one is launched behind this one, so the device never waits for the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from asyncserve.runner.step import SequenceResult, StepOutput
+
+
+def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """An asynchronous copy into pinned memory on the GPU; the tensor itself on the CPU."""
+    if tensor is None or tensor.device.type == "cpu":
+        return tensor
+    return tensor.to("cpu", non_blocking=True)
+
+
+class PendingStep:
+    def __init__(self, seqs: list, token_ids: torch.Tensor | None, sampled_rows: dict[int, int],
+                 logprobs=None, prompt_logprobs=None, prompt_row_counts: list[int] | None = None):
+        # What result() needs of each scheduled sequence, taken now: its state changes after this.
+        self.seq_ids = [seq.seq_id for seq in seqs]
+        self.num_samples = [seq.num_samples for seq in seqs]
+        self.num_logprobs = [seq.params.logprobs or 0 for seq in seqs]
+        self.num_prompt_logprobs = [seq.prompt_logprobs or 0 for seq in seqs]
+        self.device_token_ids = token_ids   # [S] on the device: the next step's unread inputs
+        self.sampled_rows = sampled_rows     # seq_id -> its own row in token_ids
+        self._host_token_ids = to_host(token_ids)
+        self._host_logprobs = tuple(to_host(t) for t in logprobs) if logprobs is not None else None
+        self._host_prompt = tuple(to_host(t) for t in prompt_logprobs) if prompt_logprobs is not None else None
+        self._prompt_row_counts = prompt_row_counts or [0] * len(seqs)
+        self._event = None
+        if token_ids is not None and token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self.token_ids: list[int] | None = None  # set by result(): what the runner folds in later
+        self._output: StepOutput | None = None
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def result(self) -> StepOutput:
+        if self._output is not None:
+            return self._output
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host_token_ids.tolist() if self._host_token_ids is not None else []
+        if self._host_logprobs is not None:
+            values, ids, ranks = (t.tolist() for t in self._host_logprobs)
+        if self._host_prompt is not None:
+            chosen, prompt_ranks, top_values, top_ids = (t.tolist() for t in self._host_prompt)
+        results = []
+        row = prompt_row = 0
+        for num_samples, num_top, num_prompt_top, num_prompt_rows in zip(
+                self.num_samples, self.num_logprobs, self.num_prompt_logprobs, self._prompt_row_counts):
+            result = SequenceResult(token_ids=token_ids[row:row + num_samples])
+            if self._host_logprobs is not None and num_samples:
+                result.logprobs = [
+                    (values[r][0], ranks[r], list(zip(ids[r][1:1 + num_top], values[r][1:1 + num_top])))
+                    for r in range(row, row + num_samples)]
+            if num_prompt_rows:
+                result.prompt_logprobs = [
+                    (chosen[r], prompt_ranks[r],
+                     list(zip(top_ids[r][:num_prompt_top], top_values[r][:num_prompt_top])))
+                    for r in range(prompt_row, prompt_row + num_prompt_rows)]
+                prompt_row += num_prompt_rows
+            row += num_samples
+            results.append(result)
+        self.token_ids = token_ids
+        self._output = StepOutput(results)
+        return self._output
+
+    def own_tokens(self) -> tuple[list[int], list[int]]:
+        """(seq_ids, each one's own sampled token) once result() has run: what the input batch folds."""
+        seq_ids = list(self.sampled_rows)
+        return seq_ids, [self.token_ids[row] for row in self.sampled_rows.values()]

@@ -18,7 +18,6 @@ import torch
 
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
 from asyncserve.runner.inputs import build_model_inputs, build_sampling_tensors
-from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
 
@@ -59,7 +58,7 @@ class CudaModelRunner(ModelRunner):
         self.num_lookahead_hits = 0
         self._host_tokens = torch.zeros(max(1, max_num_seqs), dtype=torch.int64, pin_memory=True)
         # Before the memory profile: the timing briefly holds extra weight copies.
-        tune_single_row_products(model)
+        model.tune_single_row()
 
     @torch.inference_mode()
     def prepare(self) -> None:

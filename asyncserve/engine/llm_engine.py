@@ -38,7 +38,8 @@ class LLMEngine:
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config, path)
         torch.manual_seed(config.seed)
-        model = load_model(mc.hf_config, path, mc.dtype, mc.device, config.load_format, config.seed)
+        model = load_model(mc.hf_config, path, mc.dtype, mc.device, config.load_format, config.seed,
+                           config.quantization)
         self.runner = self._make_runner(model)
         self.max_num_batched_tokens = self._token_budget()
         num_blocks = num_kv_blocks(self.runner, config, mc, self.max_num_batched_tokens)

@@ -7,6 +7,7 @@ import torch
 
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import Sampler, SamplerOutput
+from asyncserve.models.base import CausalLM
 from asyncserve.runner.inputs import ModelInputs, build_model_inputs, build_sampling_tensors
 from asyncserve.runner.kv_pool import KVPool
 from asyncserve.runner.step import SequenceResult, StepInput, StepOutput
@@ -15,7 +16,7 @@ logger = logging.getLogger("asyncserve")
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, vocab_size: int, block_size: int,
+    def __init__(self, model: CausalLM, vocab_size: int, block_size: int,
                  device: torch.device, dtype: torch.dtype):
         self.model = model
         self.vocab_size = vocab_size

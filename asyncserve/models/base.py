@@ -14,7 +14,12 @@ from asyncserve.layers.linear import LinearBase, tune_single_row_products
 
 class CausalLM(nn.Module, ABC):
     """A decoder-only model over a flattened token batch (no padding), built as
-    `cls(hf_config, quant_config)`."""
+    `cls(hf_config, quant_config)`.
+
+    The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers` and
+    `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_name` and each parameter's
+    `weight_loader`. A family declares its structure and these names; nothing else.
+    """
 
     # The checkpoint names of the projections fused into one of our layers, in shard order
     # (e.g. {"qkv_proj": ("q_proj", "k_proj", "v_proj")}): each is that layer's shard_id.
@@ -22,6 +27,7 @@ class CausalLM(nn.Module, ABC):
     # The checkpoint's prefix for the decoder body (absent from our parameter names).
     checkpoint_prefix: ClassVar[str] = "model."
 
+    # The embedding and LM head: what start-up tuning (and later LoRA / vocab-parallel layers) may touch.
     embed_tokens: nn.Embedding  # [V, E] token embedding
     lm_head: LinearBase         # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings
     tie_word_embeddings: bool   # the checkpoint has no lm_head of its own

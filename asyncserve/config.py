@@ -77,9 +77,9 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ConfigError("tensor_parallel_size > 1 is not supported yet: run one replica per GPU "
                               "behind a load balancer.")
-        if self.quantization is not None:
-            raise ConfigError(f"quantization={self.quantization!r} is not supported yet; serve an "
-                              "unquantized checkpoint (bf16/fp16).")
+        if self.quantization is not None:  # an unknown method fails here, before anything loads
+            from asyncserve.layers.quantization import get_quantization_config
+            get_quantization_config(self.quantization)
         if self.kv_cache_dtype != "auto":
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; use 'auto'.")
         if self.trust_remote_code:
@@ -105,6 +105,7 @@ class EngineConfig:
     def create_config(self) -> "Config":
         """Reads the checkpoint's config and resolves everything that depends on it."""
         from asyncserve.model_config import load_model_config
+        from asyncserve.models.loader import quantization_config
         model = load_model_config(self, self.model_path)
         return Config(
             model=model,
@@ -120,6 +121,7 @@ class EngineConfig:
                 enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
                 max_num_waiting=self.max_num_waiting),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            quantization=quantization_config(model.hf_config, self.quantization),
             disable_log_stats=self.disable_log_stats)
 
     def _token_budget(self, max_len: int, device: "torch.device") -> int:
@@ -167,7 +169,7 @@ class Config:
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    quantization: object | None = None  # a QuantizationConfig once quantized checkpoints load
+    quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
     disable_log_stats: bool = False
 
 

@@ -1,16 +1,16 @@
 """The Llama family: Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm)."""
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
-from asyncserve.layers.linear import Linear, MergedLinear, linear
+from asyncserve.layers.linear import Linear, MergedLinear
 from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
+from asyncserve.models.base import CausalLM
 
 
 def _head_dim(config) -> int:
@@ -18,7 +18,8 @@ def _head_dim(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
+                 prefix: str):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -26,9 +27,11 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         attention_bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size,
-                                                          "v": self.kv_size}, bias=qkv_bias or attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
+            bias=qkv_bias or attention_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=attention_bias, quant_config=quant_config,
+                             prefix=f"{prefix}.o_proj")
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
@@ -49,23 +52,26 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
         size = config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=bias,
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias, quant_config=quant_config,
+                                prefix=f"{prefix}.down_proj")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
+                 prefix: str):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -80,27 +86,28 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Decoder-only transformer over a flattened token batch: [T] ids -> [T, E] hidden states."""
 
     qkv_bias = False
     qk_norm = False
-    logits_single_row = None  # the LM head's one-row kernel, chosen at start-up like Linear.single_row
-    # checkpoint name fragment -> (our merged module name, shard)
-    stacked_params = (("q_proj", "qkv_proj", "q"), ("k_proj", "qkv_proj", "k"),
-                      ("v_proj", "qkv_proj", "v"), ("gate_proj", "gate_up_proj", "gate"),
-                      ("up_proj", "gate_up_proj", "up"))
+    packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                              "gate_up_proj": ("gate_proj", "up_proj")}
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}")
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config,
+                                  prefix="lm_head")
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
@@ -113,38 +120,10 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight, None, self.logits_single_row)  # [S, V]
-
-    @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copies checkpoint tensors in; returns the names of parameters that were filled."""
-        params = dict(self.named_parameters())
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            for fragment, merged, shard in self.stacked_params:
-                if f".{fragment}." in name:
-                    module_name, _, param_name = name.replace(fragment, merged).rpartition(".")
-                    modules[module_name].load_shard(shard, param_name, tensor)
-                    loaded.add(f"{module_name}.{param_name}")
-                    break
-            else:
-                if name not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                param = params[name]
-                if param.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"the model expects {tuple(param.shape)}")
-                param.copy_(tensor)
-                loaded.add(name)
-        return loaded
+    def checkpoint_name(self, name: str) -> str | None:
+        if "rotary_emb.inv_freq" in name:  # recomputed, never loaded
+            return None
+        return super().checkpoint_name(name)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

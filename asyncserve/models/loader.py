@@ -1,16 +1,20 @@
-"""Builds a model from a Hugging Face checkpoint directory (or random weights for benchmarks)."""
+"""Builds a model from a Hugging Face checkpoint directory (or random weights for benchmarks): the one
+loop that puts every family's checkpoint tensors in place, each through its parameter's weight_loader."""
 from __future__ import annotations
 
 import glob
 import json
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 
 from asyncserve.errors import ConfigError
+from asyncserve.layers.linear import LinearBase, default_weight_loader
+from asyncserve.layers.quantization import QuantizationConfig, get_quantization_config
+from asyncserve.models.base import CausalLM
 from asyncserve.models.registry import model_class
 
 
@@ -56,21 +60,86 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
             param.data.uniform_(-0.02, 0.02, generator=generator)
 
 
-def load_model(config) -> torch.nn.Module:
-    """`config` is the engine's config tree; its model part says what to build, where and from what."""
+def _module_leaf(param_name: str) -> str:
+    """'layers.0.self_attn.qkv_proj.weight' -> 'qkv_proj'."""
+    return param_name.rpartition(".")[0].rpartition(".")[2]
+
+
+def _packed_shards(model: CausalLM) -> dict[str, tuple[str, str]]:
+    """checkpoint module name -> (our fused module name, shard_id)."""
+    return {shard: (fused, shard) for fused, shards in model.packed_modules_mapping.items() for shard in shards}
+
+
+@torch.no_grad()
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Puts each checkpoint tensor where the model's name mapping says, through the parameter's
+    `weight_loader`; raises ConfigError if a tensor has no place or a parameter (or shard) stays empty."""
+    params = dict(model.named_parameters())
+    packed = _packed_shards(model)
+    # parameter -> the shard ids it needs filled ({None}: one whole tensor)
+    expected = {name: set(model.packed_modules_mapping.get(_module_leaf(name), (None,))) for name in params}
+    loaded: dict[str, set] = {name: set() for name in params}
+    for checkpoint_name, tensor in weights:
+        name = model.checkpoint_name(checkpoint_name)
+        if name is None:
+            continue
+        parts = name.split(".")
+        shard_id = None
+        for i, part in enumerate(parts[:-1]):
+            if part in packed:
+                parts[i], shard_id = packed[part]
+                break
+        name = ".".join(parts)
+        param = params.get(name)
+        if param is None:
+            raise ConfigError(f"tensor {checkpoint_name!r} has no place in {type(model).__name__}")
+        weight_loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            if shard_id is None:
+                weight_loader(param, tensor)
+            else:
+                weight_loader(param, tensor, shard_id)
+        except ValueError as error:
+            raise ConfigError(f"tensor {checkpoint_name!r} does not fit {name}: {error}") from None
+        loaded[name].add(shard_id)
+    missing = [name if shards == {None} else f"{name} ({', '.join(sorted(shards - loaded[name]))})"
+               for name, shards in expected.items() if shards - loaded[name]]
+    if missing:
+        raise ConfigError(f"no weights for: {', '.join(missing[:8])}"
+                          + (" ..." if len(missing) > 8 else ""))
+
+
+def _process_weights_after_loading(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.quant_method.process_weights_after_loading(module)
+
+
+def quantization_config(hf_config, quantization: str | None = None) -> QuantizationConfig:
+    """From `--quantization` and config.json's `quantization_config`: a quantized checkpoint is never
+    read as plain weights."""
+    checkpoint_config = getattr(hf_config, "quantization_config", None)
+    if checkpoint_config is not None and not isinstance(checkpoint_config, dict):
+        checkpoint_config = checkpoint_config.to_dict()
+    return get_quantization_config(quantization, checkpoint_config)
+
+
+def load_model(config) -> CausalLM:
+    """`config` is the engine's config tree: its model part says what to build, where and from what;
+    its quantization part which linear method every layer uses."""
     model_config = config.model
     hf_config, path, dtype, device = (model_config.hf_config, model_config.path, model_config.dtype,
                                       model_config.device)
-    load_format, seed = model_config.load_format, model_config.seed
+    load_format, seed, quant_config = model_config.load_format, model_config.seed, config.quantization
     cls = model_class(hf_config)
     with _default_dtype(dtype), torch.device(device):
-        model = cls(hf_config)
+        model = cls(hf_config, quant_config)
     if load_format == "dummy":
         _init_dummy(model, seed)
     else:
-        loaded = model.load_weights(iterate_weights(path))
-        missing = {name for name, _ in model.named_parameters()} - loaded
-        if missing:
-            raise ConfigError(f"Checkpoint {path!r} lacks weights for: {', '.join(sorted(missing)[:8])}"
-                              + (" ..." if len(missing) > 8 else ""))
+        try:
+            load_weights(model, iterate_weights(path))
+        except ConfigError as error:
+            raise ConfigError(f"Checkpoint {path!r}: {error}") from None
+    _process_weights_after_loading(model)
     return model.eval()

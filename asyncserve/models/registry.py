@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from asyncserve.errors import UnsupportedModelError
 from asyncserve.models import llama
+from asyncserve.models.base import CausalLM
 
 _ARCHITECTURES = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -12,11 +13,17 @@ _ARCHITECTURES = {
 }
 
 
+def register_model(architecture: str, cls: type[CausalLM]) -> None:
+    """Serves checkpoints whose config.json names `architecture` with `cls` (a family kept outside
+    asyncserve, or a test's toy model)."""
+    _ARCHITECTURES[architecture] = cls
+
+
 def supported_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def model_class(hf_config):
+def model_class(hf_config) -> type[CausalLM]:
     names = list(getattr(hf_config, "architectures", None) or [])
     for name in names:
         if name in _ARCHITECTURES:

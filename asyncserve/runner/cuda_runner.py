@@ -15,7 +15,6 @@ import torch
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
 from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_sampling_tensors
-from asyncserve.runner.matvec_tuning import tune_single_row_products
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
@@ -33,7 +32,7 @@ class CudaModelRunner(ModelRunner):
         self.num_graph_steps = 0
         self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
         # Before the memory profile: the timing briefly holds extra weight copies.
-        tune_single_row_products(model)
+        model.tune_single_row()
 
     @torch.inference_mode()
     def prepare(self) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from asyncserve.models.base import CausalLM
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sampling_tensors,
                                       needs_output_token_values)
@@ -24,7 +25,7 @@ def _to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, config):
+    def __init__(self, model: CausalLM, config):
         self.model = model
         self.config = config
         self.sampler = Sampler()

@@ -19,8 +19,8 @@ def test_one_row_kernels_equal_linear(kernel):
 
 def test_merged_linear_loads_shards_in_place():
     layer = MergedLinear(4, {"q": 2, "k": 3}, bias=True)
-    layer.load_shard("k", "weight", torch.full((3, 4), 2.0))
-    layer.load_shard("q", "bias", torch.tensor([5.0, 6.0]))
+    layer.weight.weight_loader(layer.weight, torch.full((3, 4), 2.0), "k")
+    layer.bias.weight_loader(layer.bias, torch.tensor([5.0, 6.0]), "q")
     assert torch.equal(layer.weight[2:], torch.full((3, 4), 2.0))
     assert layer.bias[:2].tolist() == [5.0, 6.0]
 
@@ -28,4 +28,4 @@ def test_merged_linear_loads_shards_in_place():
 def test_merged_linear_refuses_a_shard_of_the_wrong_size():
     layer = MergedLinear(4, {"q": 2, "k": 3})
     with pytest.raises(ValueError, match="expected 3"):
-        layer.load_shard("k", "weight", torch.zeros(2, 4))
+        layer.weight.weight_loader(layer.weight, torch.zeros(2, 4), "k")

@@ -1,0 +1,48 @@
+"""The linear-method seam: a linear layer asks its quantization config for a method that creates its
+weights and multiplies by them, so plain, GPTQ, AWQ, FP8 and LoRA-wrapped layers share one layer class."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+# weight_loader(param, loaded_weight[, shard_id]): copies one checkpoint tensor into its place.
+WeightLoader = Callable[..., None]
+
+
+class LinearMethodBase(ABC):
+    """How one linear layer stores its weight and computes x @ W^T (+ bias)."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
+                       weight_loader: WeightLoader) -> None:
+        """Registers the layer's weight parameters, each carrying `weight_loader`."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[T, in] -> [T, out]: the layer's forward."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repacks the loaded tensors for the kernel (once, after loading); nothing by default."""
+
+    def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:
+        """Picks the one-row (batch-1) kernel by timing on the GPU; `timings` is shared across layers
+        so each shape is timed once. Returns a line for the start-up log, or None."""
+        return None
+
+
+class QuantizationConfig(ABC):
+    """A checkpoint's quantization scheme (config.json's `quantization_config` or `--quantization`)."""
+
+    name: ClassVar[str | None]
+
+    @classmethod
+    def from_config(cls, config: dict) -> QuantizationConfig:
+        """Built from the checkpoint's `quantization_config` dict ({} for `--quantization` alone)."""
+        return cls()
+
+    @abstractmethod
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
+        """The method of the linear layer named `prefix` (e.g. 'layers.0.self_attn.qkv_proj')."""

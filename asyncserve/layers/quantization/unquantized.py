@@ -1,0 +1,48 @@
+"""Plain weights in the model's dtype, with a one-row kernel chosen per shape at start-up."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
+from asyncserve.layers.single_row import SingleRowKernel, fastest_single_row_kernel, linear
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    """One [out, in] weight; batch-1 products may take the kernel `tune_single_row` chose."""
+
+    def __init__(self):
+        self.single_row: SingleRowKernel = None  # None: cuBLAS GEMM, as for every other batch
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
+                       weight_loader: WeightLoader) -> None:
+        weight = nn.Parameter(torch.empty(sum(output_sizes), in_features))
+        weight.weight_loader = weight_loader
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.single_row is None or x.shape[0] != 1:  # the common case: no further call
+            return F.linear(x, layer.weight, bias)
+        return linear(x, layer.weight, bias, self.single_row)
+
+    def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:
+        weight = layer.weight
+        key = (tuple(weight.shape), weight.dtype)
+        if key in timings:
+            self.single_row = timings[key][0]
+            return None
+        timings[key] = fastest_single_row_kernel(weight)
+        self.single_row, baseline, best = timings[key]
+        if self.single_row is None:
+            return None
+        return f"{key[0][0]}x{key[0][1]}: {self.single_row} {best * 1e3:.1f} us (cuBLAS {baseline * 1e3:.1f} us)"
+
+
+class UnquantizedConfig(QuantizationConfig):
+    """No quantization: every linear layer gets its own `UnquantizedLinearMethod`."""
+
+    name = None
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> UnquantizedLinearMethod:
+        return UnquantizedLinearMethod()

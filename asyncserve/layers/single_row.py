@@ -1,0 +1,68 @@
+"""One-row products (batch-1 decode) and the start-up timing that picks their kernel per weight shape.
+
+Batch-1 decode reads every weight once per token, so a kernel at half the memory bandwidth on a few
+projections costs more than all the attention of a short context. cuBLAS's GEMM picks split-K kernels
+that read some weight shapes at half the bandwidth for M == 1; timing the candidates at start-up takes
+well under a second and keeps whichever is fastest on this GPU, library version and shape.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from asyncserve.kernels import GEMV_CONFIGS, HAS_TRITON, gemv_triton
+
+# How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
+# config (see asyncserve.kernels.GEMV_CONFIGS).
+SingleRowKernel = None | str | tuple
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           single_row: SingleRowKernel = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias), with `single_row`'s kernel when M == 1."""
+    if single_row is None or x.shape[0] != 1:
+        return F.linear(x, weight, bias)
+    if single_row == "mv":
+        out = torch.mv(weight, x[0])
+        return (out if bias is None else out + bias)[None]
+    return gemv_triton(x, weight, bias, single_row)
+
+
+def _time(fn, repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+# In the model each weight is read once per step, never from L2: time over enough copies of it
+# that the L2 (50 MB on an H100) cannot hold them, or small weights look faster than they run.
+_COLD_BYTES = 256 << 20
+
+
+@torch.inference_mode()
+def fastest_single_row_kernel(weight: torch.Tensor) -> tuple[SingleRowKernel, float, float]:
+    """(kernel, cuBLAS GEMM ms, its ms): None (cuBLAS GEMM) unless another is at least 5% faster."""
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
+    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
+
+    def timed(kernel) -> float:
+        def run():
+            for copy in copies:
+                linear(x, copy, None, kernel)
+        return _time(run, repeats=5) / len(copies)
+
+    baseline = timed(None)
+    candidates = ["mv"] + (list(GEMV_CONFIGS) if HAS_TRITON else [])
+    best, best_time = None, 0.95 * baseline
+    for candidate in candidates:
+        elapsed = timed(candidate)
+        if elapsed < best_time:
+            best, best_time = candidate, elapsed
+    return best, baseline, best_time

@@ -1,0 +1,57 @@
+"""The model contract: everything the runner and the loader may use of a model. Every family subclasses
+`CausalLM`; the runner reads nothing else of a model."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from asyncserve.layers.attention import AttentionMetadata, PagedAttention
+from asyncserve.layers.linear import LinearBase, tune_single_row_products
+
+
+class CausalLM(nn.Module, ABC):
+    """A decoder-only model over a flattened token batch (no padding), built as
+    `cls(hf_config, quant_config)`.
+
+    The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers` and
+    `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_name` and each parameter's
+    `weight_loader`. A family declares its structure and these names; nothing else.
+    """
+
+    # The checkpoint names of the projections fused into one of our layers, in shard order
+    # (e.g. {"qkv_proj": ("q_proj", "k_proj", "v_proj")}): each is that layer's shard_id.
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # The checkpoint's prefix for the decoder body (absent from our parameter names).
+    checkpoint_prefix: ClassVar[str] = "model."
+
+    # The embedding and LM head: what start-up tuning (and later LoRA / vocab-parallel layers) may touch.
+    embed_tokens: nn.Embedding  # [V, E] token embedding
+    lm_head: LinearBase         # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings
+    tie_word_embeddings: bool   # the checkpoint has no lm_head of its own
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """[T] token ids and [T] positions -> [T, E] final hidden states; writes each layer's KV."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, E] hidden rows -> [S, V] logits (a one-row call takes the LM head's tuned kernel)."""
+        return self.lm_head(hidden)
+
+    @abstractmethod
+    def attention_layers(self) -> list[PagedAttention]:
+        """The layers that own KV, in order; the runner sets each one's `kv_cache`."""
+
+    def tune_single_row(self) -> None:
+        """Times the one-row kernels of every linear layer (the LM head included) on this GPU; once,
+        at start-up, before the memory profile."""
+        tune_single_row_products(self)
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our parameter name for a checkpoint tensor's name, or None to skip it (a tied LM head)."""
+        if self.tie_word_embeddings and name == "lm_head.weight":
+            return None
+        return name.removeprefix(self.checkpoint_prefix)

@@ -1,0 +1,42 @@
+"""Quantization configs: unquantized by default; any named method, and any checkpoint whose
+config.json declares one, is refused by name until it is built (never served as plain weights)."""
+from __future__ import annotations
+
+import pytest
+
+from asyncserve import LLM
+from asyncserve.errors import ConfigError
+from asyncserve.layers.quantization import UnquantizedConfig, get_quantization_config
+from tests.checkpoint_edits import copy_checkpoint
+
+
+def test_no_method_and_no_checkpoint_config_is_unquantized():
+    assert type(get_quantization_config()) is UnquantizedConfig
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8"])
+def test_a_named_method_is_refused_by_name(method):
+    with pytest.raises(ConfigError, match=f"quantization='{method}' is not supported yet"):
+        get_quantization_config(method)
+
+
+def test_a_quantized_checkpoint_is_refused_by_name():
+    with pytest.raises(ConfigError, match="quantized with 'gptq'.*not support"):
+        get_quantization_config(None, {"quant_method": "gptq", "bits": 4, "group_size": 128})
+
+
+def test_a_quantization_config_without_its_method_is_refused():
+    with pytest.raises(ConfigError, match="without 'quant_method'"):
+        get_quantization_config(None, {"bits": 4})
+
+
+def test_a_method_that_contradicts_the_checkpoint_is_refused():
+    with pytest.raises(ConfigError, match="quantization='awq' does not match.*'gptq'"):
+        get_quantization_config("awq", {"quant_method": "gptq"})
+
+
+def test_the_engine_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path):
+    path = copy_checkpoint(tiny_model_dir("qwen3"), tmp_path / "awq",
+                           {"quantization_config": {"quant_method": "awq", "bits": 4}})
+    with pytest.raises(ConfigError, match="quantized with 'awq'"):
+        LLM(path, device="cpu", num_gpu_blocks_override=64)

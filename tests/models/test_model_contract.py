@@ -1,0 +1,82 @@
+"""The model contract (models/base.py): a family that implements only `CausalLM` and a checkpoint-name
+mapping is loaded by the generic loader and served by the runner, through the engine."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from asyncserve import LLM, SamplingParams
+from asyncserve.layers.attention import AttentionMetadata, PagedAttention
+from asyncserve.layers.linear import Linear, MergedLinear
+from asyncserve.models.base import CausalLM
+from asyncserve.models.registry import register_model
+from tests.checkpoint_edits import copy_checkpoint
+
+WIDTH = 4
+
+
+class ToySumForCausalLM(CausalLM):
+    """Next token = (sum of every token so far) mod V: right only if every earlier token's KV, from
+    every earlier step, is read back from the paged pool."""
+
+    packed_modules_mapping = {"kv_proj": ("k_proj", "v_proj")}
+
+    def __init__(self, config, quant_config=None):
+        super().__init__()
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, WIDTH)       # row i: [i, 1, 0, 0]
+        self.kv_proj = MergedLinear(WIDTH, {"k_proj": WIDTH, "v_proj": WIDTH}, quant_config=quant_config,
+                                    prefix="kv_proj")
+        self.attn = PagedAttention(1, 1, WIDTH, scale=1.0)
+        self.tie_word_embeddings = False
+        self.lm_head = Linear(WIDTH, config.vocab_size, quant_config=quant_config, prefix="lm_head")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        hidden = self.embed_tokens(input_ids)                             # [T, 4]
+        key, value = self.kv_proj(hidden).split([WIDTH, WIDTH], dim=-1)
+        # A zero query weighs every token of the context alike: the mean of [id, 1, 0, 0].
+        mean = self.attn(torch.zeros_like(key), key, value, meta)
+        total = torch.round(mean[:, 0] * (positions + 1)) % self.vocab_size
+        return torch.stack([total, torch.ones_like(total), torch.zeros_like(total),
+                            torch.zeros_like(total)], dim=-1)             # [T, 4]: [s, 1, 0, 0]
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [self.attn]
+
+
+register_model("ToySumForCausalLM", ToySumForCausalLM)
+
+
+def _toy_weights(vocab_size: int) -> dict[str, torch.Tensor]:
+    ids = torch.arange(vocab_size, dtype=torch.float32)
+    embed = torch.zeros(vocab_size, WIDTH)
+    embed[:, 0], embed[:, 1] = ids, 1.0
+    lm_head = torch.zeros(vocab_size, WIDTH)
+    lm_head[:, 0], lm_head[:, 1] = 2 * ids, -ids ** 2  # logit_j = 2js - j^2 peaks at j = s
+    return {"model.embed_tokens.weight": embed, "model.k_proj.weight": torch.zeros(WIDTH, WIDTH),
+            "model.v_proj.weight": torch.eye(WIDTH), "lm_head.weight": lm_head}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tiny_model_dir, tmp_path_factory):
+    source = tiny_model_dir("qwen3")
+    return copy_checkpoint(source, tmp_path_factory.mktemp("toy") / "toy",
+                           {"architectures": ["ToySumForCausalLM"]}, _toy_weights(768))
+
+
+def _expected(prompt: list[int], max_tokens: int, vocab_size: int = 768) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(sum(tokens) % vocab_size)
+    return tokens[len(prompt):]
+
+
+def test_a_toy_family_runs_through_the_runner(toy_dir):
+    # Small blocks and token budget: prompts are prefilled in chunks, mixed with other sequences' decodes.
+    llm = LLM(toy_dir, device="cpu", num_gpu_blocks_override=64, block_size=8, max_model_len=256,
+              max_num_batched_tokens=16)
+    prompts = [[5, 700, 13], list(range(100, 130)), [767]]
+    outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert [list(out.outputs[0].token_ids) for out in outputs] == [_expected(p, 20) for p in prompts]

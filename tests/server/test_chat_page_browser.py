@@ -172,21 +172,22 @@ async def test_stop_button_ends_the_stream_and_aborts_the_request(model_path, br
 
 def _key_flow(driver, url: str) -> dict:
     driver.get(url)
+    driver.execute_script(WATCH_REPLIES)
     panel = driver.find_element(By.ID, "key-panel")
     _wait(driver, panel.is_displayed, "the page never asked for the API key")
     asked = _text(driver, "key-reason")
+    _chat(driver, "Hi", max_tokens="8")  # sent before any key: it waits for the same prompt
     _set(driver, "api-key", "wrong")
     driver.find_element(By.ID, "save-key").click()
     _wait(driver, lambda: "refused" in _text(driver, "key-reason") and panel.is_displayed(),
           "a wrong key was not refused")
     refused = _text(driver, "key-reason")
+    waiting = _finished(driver)
     _set(driver, "api-key", "sekret")
     driver.find_element(By.ID, "save-key").click()
     _wait(driver, lambda: _text(driver, "model") == MODEL_NAME, "the model name never appeared with the key")
-    driver.execute_script(WATCH_REPLIES)
-    _chat(driver, "Hi", max_tokens="8")
     _wait(driver, lambda: _finished(driver), "the reply never ended")
-    return {"asked": asked, "refused": refused, "panel_hidden": not panel.is_displayed(),
+    return {"asked": asked, "refused": refused, "waiting": waiting, "panel_hidden": not panel.is_displayed(),
             "finish": _finished(driver), "reply": _reply(driver)}
 
 
@@ -197,6 +198,7 @@ async def test_page_asks_for_the_api_key_then_chats_with_it(model_path, browser)
         assert seen["reply"] == await _api_reply(live.url + "/", "Hi", 8, key="sekret")
     assert seen["asked"] == "This server needs an API key."
     assert seen["refused"] == "That API key was refused; enter the right one."
+    assert seen["waiting"] is None  # the message did not fail while the page waited for a key
     assert seen["panel_hidden"] and seen["finish"] == "length"
 
 

@@ -11,13 +11,15 @@ from asyncserve.server.chat import create_chat_completion, load_chat_template
 from asyncserve.server.completions import create_completion
 from asyncserve.server.errors import ApiError, api_error_from, error_response
 from asyncserve.server.info import detokenize, health, list_models, metrics, retrieve_model, tokenize, version
+from asyncserve.server.page import chat_page
 from asyncserve.server.serving import client_closed
 from asyncserve.server.state import SERVER_STATE, ServerState
 
 logger = logging.getLogger("asyncserve.server")
 
-# Routes that answer without an API key, as in vLLM: probes and scrapers carry no credentials.
-OPEN_ROUTES = frozenset({"health", "version", "metrics"})
+# Routes that answer without an API key, as in vLLM: probes and scrapers carry no credentials; the chat
+# page is public too (it asks for the key and sends it with its API calls).
+OPEN_ROUTES = frozenset({"health", "version", "metrics", "chat_page"})
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -106,5 +108,6 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/version", version, name="version")
     app.router.add_get("/metrics", metrics, name="metrics")
+    app.router.add_get("/", chat_page, name="chat_page")
     return app
 

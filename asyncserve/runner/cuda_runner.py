@@ -66,6 +66,7 @@ class CudaModelRunner(ModelRunner):
         if self.enforce_eager:
             return
         started = time.perf_counter()
+        logger.info("capturing CUDA graphs of decode steps (--enforce-eager skips this)")
         graphs = _DecodeGraphs(self, self.max_num_seqs, self.max_model_len)
         with torch.cuda.stream(self.stream):
             graphs.capture(self, graph_batch_sizes(self.max_num_seqs))

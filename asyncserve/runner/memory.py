@@ -22,6 +22,8 @@ def num_kv_blocks(runner, config, model_config, max_num_batched_tokens: int) -> 
         return config.num_gpu_blocks_override
     if model_config.device.type != "cuda":
         return max(1, int(config.cpu_kv_cache_space * _GIB) // block_bytes)
+    logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
+                max_num_batched_tokens)
     peak = profile_peak_memory(runner, max_num_batched_tokens, config.max_num_seqs,
                                model_config.max_model_len)
     total = torch.cuda.get_device_properties(model_config.device).total_memory

@@ -52,7 +52,7 @@ async def test_listed_origins_with_credentials_are_echoed_and_others_get_nothing
             async with http.options(live.api + "/chat/completions", headers=headers) as response:
                 assert response.status == 400
                 assert await response.text() == f"Disallowed CORS {what}"
-                assert "Access-Control-Allow-Origin" not in response.headers
+                assert (what == "origin") is ("Access-Control-Allow-Origin" not in response.headers)
         async with http.options(live.api + "/chat/completions", headers=allowed) as response:
             assert response.status == 200
             assert response.headers["Access-Control-Allow-Origin"] == ORIGIN

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from asyncserve.bad_words import bad_words_token_ids
 from asyncserve.config import EngineConfig
 from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.kv_cache_manager import KVCacheManager
@@ -150,13 +151,32 @@ class LLMEngine:
         if params.best_of > self.config.max_num_seqs:
             raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
                                         f"{self.config.max_num_seqs}.", "n")
+        self._check_token_constraints(params)
+
+    def _check_token_constraints(self, params: SamplingParams) -> list[list[int]]:
+        """allowed_token_ids inside the vocabulary; bad_words as token sequences (they need a tokenizer)."""
+        vocab_size = self.model_config.vocab_size
+        outside = sorted({t for t in params.allowed_token_ids or () if t >= vocab_size})
+        if outside:
+            raise InvalidParameterError(f"allowed_token_ids {outside} are outside the vocabulary "
+                                        f"[0, {vocab_size}).", "allowed_token_ids")
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise InvalidParameterError("bad_words need a tokenizer; this engine runs with "
+                                        "skip_tokenizer_init. Use logit_bias.", "bad_words")
+        return bad_words_token_ids(params.bad_words, self.tokenizer, vocab_size)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> Request:
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize_prompt(prompt)
+        truncated = params.truncate_prompt(token_ids, self.model_config.max_model_len)
+        if len(truncated) < len(token_ids):
+            text, token_ids = None, truncated
         self.validate_prompt(token_ids, params)
+        params.bad_words_token_ids = self._check_token_constraints(params)
         if params.max_tokens is None:
             params.max_tokens = self.model_config.max_model_len - len(token_ids)
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncserve.bad_words import banned_next_tokens
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import SamplingTensors
 from asyncserve.runner.step import StepInput
@@ -128,6 +129,7 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
     temperature = [p.temperature for p in params]
     all_greedy = all(p.is_greedy for p in params)
     if all_greedy and not any(p.logprobs is not None or p.logit_bias or p.min_tokens or p.best_of > p.n
+                              or p.allowed_token_ids or p.bad_words_token_ids
                               or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                               for p in params):
         return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
@@ -150,9 +152,10 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
         t.output_tokens = _padded([seq.output_token_ids for seq, _ in rows], vocab_size, device)
         t.prompt_tokens = _padded([seq.prompt_token_ids for seq, _ in rows], vocab_size, device)
     bias_rows = [_bias_entries(seq) for seq, _ in rows]
-    if any(bias_rows):
+    if any(bias_rows) or any(p.allowed_token_ids for p in params):
         bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
         for row, entries in enumerate(bias_rows):
+            _allow_only(bias[row], params[row].allowed_token_ids)
             for token_id, value in entries:
                 if 0 <= token_id < vocab_size:
                     bias[row, token_id] += value
@@ -166,7 +169,17 @@ def build_sampling_tensors(step: StepInput, vocab_size: int, device: torch.devic
 def _bias_entries(seq) -> list[tuple[int, float]]:
     params = seq.params
     entries = [(int(k), float(v)) for k, v in (params.logit_bias or {}).items()]
+    if params.bad_words_token_ids:
+        entries.extend((token_id, _NEG_INF) for token_id in
+                       banned_next_tokens(params.bad_words_token_ids, seq.token_ids, seq.num_prompt_tokens))
     if seq.num_output_tokens < params.min_tokens:
         banned = set(params.stop_token_ids) | set(params.extra_eos_token_ids)
         entries.extend((token_id, _NEG_INF) for token_id in banned)
     return entries
+
+
+def _allow_only(bias_row: torch.Tensor, allowed_token_ids: list[int] | None) -> None:
+    """vLLM's allowed_token_ids: every other token's logit becomes -inf."""
+    if allowed_token_ids:
+        bias_row.fill_(_NEG_INF)
+        bias_row[torch.tensor(allowed_token_ids, dtype=torch.int64)] = 0.0

@@ -10,6 +10,7 @@ import torch
 from asyncserve.bad_words import bad_words_token_ids
 from asyncserve.config import EngineConfig
 from asyncserve.engine.block_pool import BlockPool
+from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.model_config import ModelConfig, load_model_config, load_tokenizer
 from asyncserve.engine.output_processor import OutputProcessor
@@ -37,6 +38,7 @@ class LLMEngine:
         self.model_config: ModelConfig = load_model_config(config, path)
         mc = self.model_config
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
+        self.sampling_defaults = sampling_defaults(config.generation_config, path)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config, path)
         torch.manual_seed(config.seed)
         model = load_model(mc.hf_config, path, mc.dtype, mc.device, config.load_format, config.seed)
@@ -74,6 +76,7 @@ class LLMEngine:
             type(model).__name__, str(mc.dtype).removeprefix("torch."),
             mc.device, num_blocks, config.block_size, kv_tokens, mc.max_model_len,
             kv_tokens / mc.max_model_len)
+        log_sampling_defaults(self.sampling_defaults, config.generation_config)
 
     def _num_host_blocks(self) -> int:
         """Host blocks for swapped-out sequences: `swap_space` GiB, allocated only in swap mode."""

@@ -14,7 +14,7 @@ import pytest
 from asyncserve.cli import build_parser, main, parse_args
 from asyncserve.config import looks_like_path
 
-from test_cli import _free_port, _wait_healthy  # noqa: E402  (tests/server is on sys.path under pytest)
+from tests.server.test_cli import _free_port, _wait_healthy
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 

@@ -5,7 +5,7 @@ import pytest
 
 from asyncserve.server import CorsConfig
 
-from conftest import live_server
+from tests.server.conftest import live_server
 
 ORIGIN = "http://app.example"
 PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",

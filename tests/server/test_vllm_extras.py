@@ -90,6 +90,14 @@ async def test_allowed_token_ids_and_bad_words_reach_the_sampler(server, http):
     assert body["choices"][0]["message"]["content"] == server.engine.tokenizer.decode([7] * 4)
 
 
+async def test_constraints_are_refused_with_beam_search_rather_than_ignored(server, http):
+    for name, value in (("allowed_token_ids", [5, 6]), ("bad_words", ["x"])):
+        status, body = await _post(http, server, COMPLETIONS, max_tokens=2, use_beam_search=True, n=2,
+                                   temperature=0, **{name: value})
+        assert status == 400, body
+        assert body["error"]["message"] == f"'{name}' is not supported with 'use_beam_search'."
+
+
 @pytest.mark.parametrize("extra,param", [({"allowed_token_ids": []}, "allowed_token_ids"),
                                          ({"allowed_token_ids": [10 ** 7]}, "allowed_token_ids"),
                                          ({"allowed_token_ids": "5"}, "allowed_token_ids"),

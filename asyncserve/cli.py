@@ -1,11 +1,18 @@
-"""`asyncserve --model NAME_OR_PATH --port 8000`: the OpenAI-compatible server, with vLLM's flag names."""
+"""`asyncserve serve MODEL` / `asyncserve --model MODEL`: the OpenAI-compatible server, with vLLM's flags.
+
+Only the standard library and asyncserve.config load before the arguments are parsed: `--help` answers at
+once, and torch, transformers and aiohttp are imported only once there is a model to serve.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import errno
+import json
 import logging
 import os
+import socket
 import sys
 
 from asyncserve.config import DTYPE_NAMES, EngineConfig
@@ -25,18 +32,42 @@ def _port(value: str) -> int:
     return port
 
 
+def _string_list(value: str) -> list[str]:
+    """vLLM takes a JSON list (`'["https://a.example"]'`); a plain comma-separated list works too."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(parsed, str):
+        parsed = [parsed]
+    if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list of strings nor a comma-separated list")
+    return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="asyncserve",
+        prog="asyncserve", usage="asyncserve [serve] [MODEL] [options]",
         description="Serve a language model with an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/models, /metrics, ...), from one Python process.",
-        epilog="Example: asyncserve --model Qwen/Qwen2.5-0.5B-Instruct --port 8000")
+        epilog="Examples: asyncserve serve Qwen/Qwen2.5-0.5B-Instruct --port 8000 (as `vllm serve`), or "
+               "asyncserve --model Qwen/Qwen2.5-0.5B-Instruct")
     d = _DEFAULTS
 
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="The model, as `vllm serve MODEL` takes it (same as --model).")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
                        help="Hugging Face hub id or local checkpoint directory (default: the built-in tiny "
                             "model, for trying things out).")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="Accepted for compatibility with vLLM; it has no effect: asyncserve runs its own "
+                            "code for the architectures it supports natively and never a checkpoint's.")
+    model.add_argument("--generation-config", default=d["generation_config"], metavar="auto|vllm|PATH",
+                       help="Default sampling settings for fields a request leaves out: 'auto' takes them "
+                            "from the model's generation_config.json (temperature, top_p, top_k, min_p, "
+                            "repetition_penalty, max_new_tokens), 'vllm' ignores it, PATH reads the "
+                            "generation_config.json in that folder (default: %(default)s).")
     model.add_argument("--tokenizer", default=None, help="Tokenizer id or path (default: the model's).")
     model.add_argument("--revision", default=None, metavar="REV",
                        help="Hub revision (branch, tag or commit) of the model.")
@@ -77,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Do not log each request (nor the access log).")
     server.add_argument("--disable-log-stats", action="store_true", help="Do not log engine statistics.")
+    server.add_argument("--allowed-origins", type=_string_list, default=None, metavar="JSON_LIST",
+                        help="Turns CORS on for these origins, e.g. '[\"http://localhost:3000\"]' or "
+                             "'[\"*\"]' (default: no CORS headers at all).")
+    server.add_argument("--allowed-methods", type=_string_list, default=["*"], metavar="JSON_LIST",
+                        help="CORS: methods cross-origin requests may use (default: all).")
+    server.add_argument("--allowed-headers", type=_string_list, default=["*"], metavar="JSON_LIST",
+                        help="CORS: request headers cross-origin requests may send (default: all).")
+    server.add_argument("--allow-credentials", action="store_true",
+                        help="CORS: allow cookies and Authorization headers on cross-origin requests.")
 
     cache = parser.add_argument_group("KV cache")
     cache.add_argument("--block-size", type=int, default=d["block_size"], choices=(8, 16, 32, 64, 128, 256),
@@ -119,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
+        trust_remote_code=args.trust_remote_code, generation_config=args.generation_config,
         model=args.model, tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype,
         device=args.device, seed=args.seed, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_space=args.cpu_kv_cache_space,
@@ -132,6 +173,34 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         disable_log_stats=args.disable_log_stats)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`asyncserve serve MODEL ...`, `asyncserve MODEL ...` and `asyncserve --model MODEL ...` alike."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    args = parser.parse_args(argv)
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
+    return args
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Binds the port before the model loads, so a port in use fails at once rather than minutes later."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -140,33 +209,55 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _listen_or_exit(parser: argparse.ArgumentParser, host: str, port: int) -> socket.socket:
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            parser.exit(1, f"asyncserve: error: port {port} is already in use on {host}: stop what holds it, "
+                           "or pick another --port.\n")
+        parser.exit(1, f"asyncserve: error: cannot listen on {host}:{port}: {exc.strerror or exc}.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    sock = None
     try:
         config = engine_config(args)
         names = config.model_names  # before loading: the tiny default is "asyncserve-tiny", not its cache path
         from asyncserve.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
+        sock = _listen_or_exit(parser, args.host, args.port)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.trust_remote_code:
+            logger.info("--trust-remote-code has no effect: asyncserve runs its own code for the architectures "
+                        "it supports and never a checkpoint's")
         from asyncserve.engine.async_engine import AsyncEngine
         engine = AsyncEngine(config)
     except (ConfigError, UnsupportedModelError) as exc:
+        if sock is not None:
+            sock.close()
         parser.exit(2, f"asyncserve: error: {exc}\n")
 
     from aiohttp import web
 
     from asyncserve.server import openai_app
+    from asyncserve.server.cors import CorsConfig
+    cors = None if args.allowed_origins is None else CorsConfig(
+        allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     app = openai_app(engine, served_model_name=names, api_key=args.api_key, chat_template=args.chat_template,
                      log_requests=not args.disable_log_requests,
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
-                     drain_timeout=args.shutdown_timeout)
+                     drain_timeout=args.shutdown_timeout, cors=cors)
+    port = sock.getsockname()[1]
 
     def announce(_message: str) -> None:
         logger.info("serving %s at http://%s:%d/v1 (health: /health, metrics: /metrics); Ctrl+C stops",
-                    ", ".join(names), args.host, args.port)
+                    ", ".join(names), args.host, port)
 
-    web.run_app(app, host=args.host, port=args.port, loop=new_event_loop(), print=announce,
+    web.run_app(app, sock=sock, loop=new_event_loop(), print=announce,
                 access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access"),
                 handler_cancellation=True, shutdown_timeout=args.shutdown_timeout + 5.0)
     logger.info("asyncserve stopped")

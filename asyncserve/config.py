@@ -55,7 +55,8 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     max_logprobs: int = 20
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # accepted as vLLM does; asyncserve never runs a checkpoint's code
+    generation_config: str = "auto"  # "auto" (the model's), "vllm" (none) or a folder with generation_config.json
     served_model_name: list[str] | str | None = None
     max_num_waiting: int | None = None  # beyond this the server answers 503
     disable_log_stats: bool = False
@@ -82,8 +83,11 @@ class EngineConfig:
             get_quantization_config(self.quantization)
         if self.kv_cache_dtype != "auto":
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; use 'auto'.")
-        if self.trust_remote_code:
-            raise ConfigError("trust_remote_code is not supported: asyncserve runs its own model code.")
+        if self.generation_config not in ("auto", "vllm") and not os.path.exists(self.generation_config):
+            raise ConfigError(f"generation_config={self.generation_config!r} is neither 'auto', 'vllm' nor an "
+                              "existing folder with a generation_config.json.")
+        if self.model is not None:
+            check_local_path(self.model)
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
 
@@ -194,10 +198,24 @@ def resolve_dtype(dtype: str, checkpoint_dtype: "torch.dtype | None", device: "t
     return torch.bfloat16
 
 
+def looks_like_path(model: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else that names the file system is meant as a path."""
+    if model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1:
+        return True
+    head = model.split("/", 1)[0]
+    return "/" in model and os.path.exists(head)
+
+
+def check_local_path(model: str) -> None:
+    """A path that does not exist fails in one line here, instead of as a hub id validation error later."""
+    if looks_like_path(model) and not os.path.exists(os.path.expanduser(model)):
+        raise ConfigError(f"Model path {model!r} does not exist.")
+
+
 def resolve_checkpoint(model: str, revision: str | None = None) -> str:
     """A local directory is used as is; anything else is treated as a Hugging Face hub id."""
-    if os.path.isdir(model):
-        return model
+    if os.path.isdir(os.path.expanduser(model)):
+        return os.path.expanduser(model)
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(model, revision=revision,

@@ -25,6 +25,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation-config defaults (see `generation_config`), as vLLM."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def generate(self, prompts: PromptType | SequenceType[PromptType],
                  sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -33,7 +37,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
@@ -80,10 +84,16 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """`continue_final_message` extends the last (assistant) message instead of starting a new one."""
+        if add_generation_prompt and continue_final_message:
+            raise InvalidParameterError("continue_final_message and add_generation_prompt cannot both be "
+                                        "True: pass add_generation_prompt=False.", "continue_final_message")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(
             conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-            tokenize=True, return_dict=False)} for conversation in conversations]
+            continue_final_message=continue_final_message, tokenize=True, return_dict=False)}
+            for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -30,6 +30,7 @@ class ModelConfig:
     seed: int = 0
     max_logprobs: int = 20
     enforce_eager: bool = False
+    generation_config: str = "auto"  # where sampling defaults come from: "auto", "vllm" or a folder
 
 
 def _generation_eos_ids(path: str) -> list[int]:
@@ -80,7 +81,8 @@ def load_model_config(args, path: str) -> ModelConfig:
                        vocab_size=hf_config.vocab_size, eos_token_ids=sorted(set(eos)),
                        model=args.model, served_model_names=args.model_names, tokenizer=args.tokenizer,
                        skip_tokenizer_init=args.skip_tokenizer_init, load_format=args.load_format,
-                       seed=args.seed, max_logprobs=args.max_logprobs, enforce_eager=args.enforce_eager)
+                       seed=args.seed, max_logprobs=args.max_logprobs, enforce_eager=args.enforce_eager,
+                       generation_config=args.generation_config)
 
 
 def load_tokenizer(model_config: ModelConfig):

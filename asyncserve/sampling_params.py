@@ -38,6 +38,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] | None = None          # never generate these words (vLLM's rules, see bad_words.py)
+    truncate_prompt_tokens: int | None = None   # keep only the last k prompt tokens; -1: max_model_len
+    # Filled by the engine from the tokenizer: each bad word as the token-id sequences to ban.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
     # Filled by the engine from the model's generation config: eos ids beyond the tokenizer's.
     extra_eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -51,6 +56,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.best_of is None:
             self.best_of = self.n
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -92,6 +99,18 @@ class SamplingParams:
                            and isinstance(b, (int, float)) and not isinstance(b, bool) and -100.0 <= b <= 100.0
                            for t, b in self.logit_bias.items()),
                    "logit_bias", "a map of token id (int >= 0) to a bias in [-100, 100]", self.logit_bias)
+        if self.allowed_token_ids is not None:
+            _check(isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0
+                   and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                           for t in self.allowed_token_ids),
+                   "allowed_token_ids", "a non-empty list of token ids (ints >= 0)", self.allowed_token_ids)
+        if self.bad_words is not None:
+            _check(isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip() for w in self.bad_words),
+                   "bad_words", "a list of non-blank strings", self.bad_words)
+        _check(self.truncate_prompt_tokens is None or (
+            isinstance(self.truncate_prompt_tokens, int) and not isinstance(self.truncate_prompt_tokens, bool)
+            and (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)),
+            "truncate_prompt_tokens", "an integer >= 1, or -1 for max_model_len", self.truncate_prompt_tokens)
         if self.is_greedy:
             _check(self.best_of == 1 or self.best_of == self.n, "best_of",
                    "1 when sampling greedily (temperature 0)", self.best_of)
@@ -103,6 +122,18 @@ class SamplingParams:
     @property
     def max_stop_str_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
+
+    def truncate_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last `truncate_prompt_tokens` tokens (left truncation, as vLLM)."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = max_model_len
+        if keep > max_model_len:
+            raise SamplingParamsError(f"truncate_prompt_tokens={keep} is larger than max_model_len="
+                                      f"{max_model_len}; ask for a smaller truncation.", "truncate_prompt_tokens")
+        return token_ids[-keep:] if len(token_ids) > keep else token_ids
 
     def clone(self) -> "SamplingParams":
         from copy import deepcopy

@@ -103,6 +103,14 @@ class AsyncEngine:
     def max_logprobs(self) -> int:
         return self.config.model.max_logprobs
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model's generation-config defaults (--generation-config) for fields a request leaves out."""
+        return self.engine.sampling_defaults
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def eos_token_ids(self) -> list[int]:
         return self.engine.eos_token_ids()
 
@@ -136,7 +144,7 @@ class AsyncEngine:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
-        request, stream = self.add_request(prompt, sampling_params or SamplingParams(), request_id)
+        request, stream = self.add_request(prompt, sampling_params or self.default_sampling_params(), request_id)
         finished = False
         try:
             while not finished:

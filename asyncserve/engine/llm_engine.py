@@ -6,8 +6,10 @@ import logging
 import time
 
 
+from asyncserve.bad_words import bad_words_token_ids
 from asyncserve.config import Config, EngineConfig
 from asyncserve.engine.block_pool import BlockPool
+from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.output_processor import OutputProcessor
 from asyncserve.engine.scheduler import Scheduler
@@ -31,6 +33,7 @@ class LLMEngine:
         self.config: Config = args.create_config()
         config, mc = self.config, self.config.model
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
+        self.sampling_defaults = sampling_defaults(mc.generation_config, mc.path)
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc)
         self.executor: Executor = UniprocExecutor(config)
         num_blocks = self.executor.determine_num_blocks()
@@ -62,6 +65,7 @@ class LLMEngine:
             mc.hf_config.architectures[0] if getattr(mc.hf_config, "architectures", None) else "?",
             str(mc.dtype).removeprefix("torch."), mc.device, num_blocks, block_size, kv_tokens,
             mc.max_model_len, kv_tokens / mc.max_model_len)
+        log_sampling_defaults(self.sampling_defaults, mc.generation_config)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -118,13 +122,32 @@ class LLMEngine:
         if params.best_of > max_num_seqs:
             raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
                                         f"{max_num_seqs}.", "n")
+        self._check_token_constraints(params)
+
+    def _check_token_constraints(self, params: SamplingParams) -> list[list[int]]:
+        """allowed_token_ids inside the vocabulary; bad_words as token sequences (they need a tokenizer)."""
+        vocab_size = self.model_config.vocab_size
+        outside = sorted({t for t in params.allowed_token_ids or () if t >= vocab_size})
+        if outside:
+            raise InvalidParameterError(f"allowed_token_ids {outside} are outside the vocabulary "
+                                        f"[0, {vocab_size}).", "allowed_token_ids")
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise InvalidParameterError("bad_words need a tokenizer; this engine runs with "
+                                        "skip_tokenizer_init. Use logit_bias.", "bad_words")
+        return bad_words_token_ids(params.bad_words, self.tokenizer, vocab_size)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> Request:
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize_prompt(prompt)
+        truncated = params.truncate_prompt(token_ids, self.model_config.max_model_len)
+        if len(truncated) < len(token_ids):
+            text, token_ids = None, truncated
         self.validate_prompt(token_ids, params)
+        params.bad_words_token_ids = self._check_token_constraints(params)
         room = self.model_config.max_model_len - len(token_ids)  # the context ends generation anyway
         params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())

@@ -43,10 +43,24 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in safetensors_files(path):
+    files = safetensors_files(path)
+    with _progress(files) as bar:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+                    bar.update(1)
+
+
+def _progress(files: list[str]):
+    """A bar over the checkpoint's tensors (headers only are read to count them): loading takes minutes."""
+    from tqdm.auto import tqdm
+    total = 0
+    for file in files:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+            total += len(f.keys())
+    return tqdm(total=total, desc=f"Loading weights ({len(files)} file{'s' if len(files) > 1 else ''})",
+                unit="tensor", mininterval=0.5)
 
 
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:

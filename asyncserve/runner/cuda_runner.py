@@ -39,6 +39,7 @@ class CudaModelRunner(ModelRunner):
         if self.config.model.enforce_eager:
             return
         started = time.perf_counter()
+        logger.info("capturing CUDA graphs of decode steps (--enforce-eager skips this)")
         max_num_seqs = self.config.scheduler.max_num_seqs
         graphs = _DecodeGraphs(self, max_num_seqs, self.config.model.max_model_len)
         with torch.cuda.stream(self.stream):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncserve.bad_words import banned_next_tokens
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import SamplingTensors
 from asyncserve.runner.input_batch import ScheduledBatch
@@ -130,6 +131,7 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
     temperature = [p.temperature for p in params]
     all_greedy = all(p.is_greedy for p in params)
     if all_greedy and not any(p.logprobs is not None or p.logit_bias or p.min_tokens or p.best_of > p.n
+                              or p.allowed_token_ids or p.bad_words_token_ids
                               or _has_penalties(p)
                               for p in params):
         return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
@@ -152,9 +154,10 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
         t.output_tokens = _padded([seq.output_token_ids for seq, _ in rows], vocab_size, device)
         t.prompt_tokens = _padded([seq.prompt_token_ids for seq, _ in rows], vocab_size, device)
     bias_rows = [_bias_entries(seq) for seq, _ in rows]
-    if any(bias_rows):
+    if any(bias_rows) or any(p.allowed_token_ids for p in params):
         bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
         for row, entries in enumerate(bias_rows):
+            _allow_only(bias[row], params[row].allowed_token_ids)
             for token_id, value in entries:
                 if 0 <= token_id < vocab_size:
                     bias[row, token_id] += value
@@ -170,14 +173,26 @@ def _has_penalties(params) -> bool:
 
 
 def needs_output_token_values(step: ScheduledBatch) -> bool:
-    """Whether sampling this step reads the values of generated tokens (penalties), not just counts."""
-    return any(seq.num_samples and _has_penalties(seq.params) for seq in step.seqs)
+    """Whether sampling this step reads the values of generated tokens (penalties, multi-token bad
+    words), not just their count: then the runner waits for the previous step's tokens."""
+    return any(seq.num_samples and (_has_penalties(seq.params) or seq.params.bad_words_token_ids)
+               for seq in step.seqs)
 
 
 def _bias_entries(seq) -> list[tuple[int, float]]:
     params = seq.params
     entries = [(int(k), float(v)) for k, v in (params.logit_bias or {}).items()]
+    if params.bad_words_token_ids:
+        entries.extend((token_id, _NEG_INF) for token_id in
+                       banned_next_tokens(params.bad_words_token_ids, seq.token_ids, seq.num_prompt_tokens))
     if seq.num_output_tokens < params.min_tokens:
         banned = set(params.stop_token_ids) | set(params.extra_eos_token_ids)
         entries.extend((token_id, _NEG_INF) for token_id in banned)
     return entries
+
+
+def _allow_only(bias_row: torch.Tensor, allowed_token_ids: list[int] | None) -> None:
+    """vLLM's allowed_token_ids: every other token's logit becomes -inf."""
+    if allowed_token_ids:
+        bias_row.fill_(_NEG_INF)
+        bias_row[torch.tensor(allowed_token_ids, dtype=torch.int64)] = 0.0

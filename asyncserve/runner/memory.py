@@ -24,6 +24,8 @@ def num_kv_blocks(runner, config) -> int:
         return cache.num_gpu_blocks_override
     if model_config.device.type != "cuda":
         return max(1, int(cache.cpu_kv_cache_space * _GIB) // block_bytes)
+    logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
+                config.scheduler.max_num_batched_tokens)
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
                                config.scheduler.max_num_seqs, model_config.max_model_len)
     total = torch.cuda.get_device_properties(model_config.device).total_memory

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from asyncserve.server.chat import create_chat_completion, load_chat_template
 from asyncserve.server.completions import create_completion
+from asyncserve.server.cors import CorsConfig, cors_middleware, enable_cors
 from asyncserve.server.errors import ApiError, api_error_from, error_response
 from asyncserve.server.info import detokenize, health, list_models, metrics, retrieve_model, tokenize, version
 from asyncserve.server.page import chat_page
@@ -81,7 +82,7 @@ async def _drain(app: web.Application) -> None:
 def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_key: str | None = None,
                chat_template: str | None = None, log_requests: bool = True,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 5.0,
-               freeze_gc: bool = True) -> web.Application:
+               freeze_gc: bool = True, cors: CorsConfig | None = None) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -89,14 +90,20 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     Request bodies over `max_body_bytes` get 413, whether the app runs alone or mounted.
     `freeze_gc` moves everything alive at start-up out of the garbage collector's reach (`gc.freeze()`),
     which removes 100-200 ms full-collection pauses of the loop under load.
+    `cors` turns CORS on (vLLM's --allowed-origins ...); without it no CORS header is ever sent.
     """
     names = served_model_name or engine.served_model_names
     state = ServerState(engine=engine, model_names=[names] if isinstance(names, str) else list(names),
                         chat_template=load_chat_template(chat_template), api_key=api_key or None,
                         log_requests=log_requests, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,
                         freeze_gc=freeze_gc)
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=max_body_bytes)
+    middlewares = [error_middleware, auth_middleware]
+    if cors is not None:
+        middlewares.insert(0, cors_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[SERVER_STATE] = state
+    if cors is not None:
+        enable_cors(app, cors)
     app.cleanup_ctx.append(_engine_lifetime)
     app.on_shutdown.append(_drain)
     app.router.add_post("/v1/completions", create_completion, name="completions")

@@ -23,6 +23,9 @@ def check_beam_request(params, stream: bool) -> None:
                           "use_beam_search")
     if params.logprobs is not None or params.prompt_logprobs is not None:
         raise bad_request("Logprobs are not returned with 'use_beam_search'.", "logprobs")
+    for name in ("allowed_token_ids", "bad_words"):
+        if getattr(params, name):
+            raise bad_request(f"'{name}' is not supported with 'use_beam_search'.", name)
 
 
 async def beam_search_outputs(engine, prompts: list[Prompt], params, length_penalty: float

@@ -12,7 +12,7 @@ from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
 from asyncserve.server.errors import bad_request
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
-from asyncserve.server.generation import Generation, Prompt, check_prompt
+from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
 from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
                                        stream, usage)
@@ -50,6 +50,7 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
     try:
         text = tokenizer.apply_chat_template(parsed.messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=parsed.add_generation_prompt,
+                                             continue_final_message=parsed.continue_final_message,
                                              **parsed.chat_template_kwargs)
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"The chat template cannot render these messages: {exc}", "messages") from None
@@ -114,8 +115,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
     parsed = parse_chat(data, vocab_size=engine.vocab_size,
-                        max_logprobs=engine.max_logprobs)
-    prompt = render(state, parsed)
+                        max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
+    prompt = truncate(engine, render(state, parsed), parsed.params)
     check_prompt(engine, prompt, parsed.params, "messages")
     response_id, created = state.new_id("chatcmpl"), int(time.time())
     if parsed.use_beam_search:

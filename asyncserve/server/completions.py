@@ -7,7 +7,7 @@ from aiohttp import web
 
 from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
-from asyncserve.server.generation import Generation, Prompt, check_prompt
+from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
 from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
                                        stream, usage)
@@ -123,8 +123,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
     parsed = parse_completion(data, vocab_size=engine.vocab_size,
-                              max_logprobs=engine.max_logprobs)
-    prompts = [_prompt(engine, prompt) for prompt in parsed.prompts]
+                              max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
+    prompts = [truncate(engine, _prompt(engine, prompt), parsed.params) for prompt in parsed.prompts]
     for prompt in prompts:
         check_prompt(engine, prompt, parsed.params, "prompt")
     echo = _Echo(state, parsed, prompts)

@@ -17,6 +17,12 @@ class Prompt:
     token_ids: list[int]
 
 
+def truncate(engine, prompt: Prompt, params: SamplingParams) -> Prompt:
+    """`truncate_prompt_tokens`: only the prompt's last tokens go on (an echo decodes them back to text)."""
+    token_ids = params.truncate_prompt(prompt.token_ids, engine.max_model_len)
+    return prompt if len(token_ids) == len(prompt.token_ids) else Prompt(None, token_ids)
+
+
 def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str) -> None:
     """Everything the engine would refuse, refused before anything is queued (400s, never 500s)."""
     max_len = engine.max_model_len

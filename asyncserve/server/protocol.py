@@ -9,14 +9,10 @@ import orjson
 from asyncserve.errors import SamplingParamsError
 from asyncserve.sampling_params import SamplingParams
 from asyncserve.server.errors import ApiError, bad_request
+from asyncserve.server.request_fields import check_fields
 
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _ROLES = ("system", "developer", "user", "assistant", "tool")
-# Features of OpenAI's API that are not built: refuse them rather than silently ignore them.
-_UNSUPPORTED = {
-    "tools": "tool calling", "functions": "function calling", "audio": "audio output",
-    "prediction": "predicted outputs",
-}
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
 
@@ -75,13 +71,8 @@ class Fields:
             raise bad_request(f"'{name}' must be a string, got {_kind(value)}.", name)
         return value
 
-    def refuse_unsupported(self) -> None:
-        for name, feature in _UNSUPPORTED.items():
-            if self.data.get(name):
-                raise bad_request(f"'{name}': {feature} is not supported by this server.", name)
-        response_format = self.data.get("response_format")
-        if response_format is not None and response_format != {"type": "text"}:
-            raise bad_request("'response_format': only {\"type\": \"text\"} is supported.", "response_format")
+    def refuse_unsupported(self, endpoint: str) -> None:
+        check_fields(self.data, endpoint)
 
 
 @dataclass
@@ -106,6 +97,7 @@ class CompletionRequest(GenerationRequest):
 class ChatRequest(GenerationRequest):
     messages: list[dict] = field(default_factory=list)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict = field(default_factory=dict)
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
 
@@ -142,6 +134,24 @@ def _int_list(fields: Fields, name: str) -> list[int]:
     return value
 
 
+def _bad_words(fields: Fields) -> list[str] | None:
+    words = fields.raw("bad_words")
+    if isinstance(words, str):
+        words = [words]
+    if words is not None and not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        raise bad_request("'bad_words' must be a string or an array of strings.", "bad_words")
+    return words
+
+
+def _allowed_token_ids(fields: Fields) -> list[int] | None:
+    if fields.data.get("allowed_token_ids") is None:
+        return None
+    allowed = _int_list(fields, "allowed_token_ids")
+    if not allowed:
+        raise bad_request("'allowed_token_ids' must not be empty: nothing could be sampled.", "allowed_token_ids")
+    return allowed
+
+
 def _logit_bias(fields: Fields, vocab_size: int) -> dict[int, float] | None:
     bias = fields.raw("logit_bias")
     if bias is None:
@@ -167,8 +177,12 @@ def _logit_bias(fields: Fields, vocab_size: int) -> dict[int, float] | None:
 
 def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | None,
                     prompt_logprobs: int | None, vocab_size: int, max_logprobs: int,
-                    logprobs_param: str) -> SamplingParams:
-    """The sampling fields both endpoints share (OpenAI's and vLLM's extras)."""
+                    logprobs_param: str, defaults: dict | None = None) -> SamplingParams:
+    """The sampling fields both endpoints share (OpenAI's and vLLM's extras).
+
+    `defaults` (the model's generation config) stand in for the fields a request leaves out.
+    """
+    defaults = defaults or {}
     for name, value in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
         if value is not None and value > max_logprobs:
             raise bad_request(f"'{name}'={value} is more than this server allows (max_logprobs="
@@ -179,11 +193,11 @@ def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | N
             n=n, best_of=fields.integer("best_of"),
             presence_penalty=fields.number("presence_penalty", 0.0),
             frequency_penalty=fields.number("frequency_penalty", 0.0),
-            repetition_penalty=fields.number("repetition_penalty", 1.0),
-            temperature=fields.number("temperature", 1.0),
-            top_p=fields.number("top_p", 1.0),
-            top_k=fields.integer("top_k", 0, minimum=-1),
-            min_p=fields.number("min_p", 0.0),
+            repetition_penalty=fields.number("repetition_penalty", defaults.get("repetition_penalty", 1.0)),
+            temperature=fields.number("temperature", defaults.get("temperature", 1.0)),
+            top_p=fields.number("top_p", defaults.get("top_p", 1.0)),
+            top_k=fields.integer("top_k", defaults.get("top_k", 0), minimum=-1),
+            min_p=fields.number("min_p", defaults.get("min_p", 0.0)),
             seed=fields.integer("seed"),
             stop=_stop(fields),
             stop_token_ids=_int_list(fields, "stop_token_ids"),
@@ -196,6 +210,9 @@ def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | N
             skip_special_tokens=fields.boolean("skip_special_tokens", True),
             spaces_between_special_tokens=fields.boolean("spaces_between_special_tokens", True),
             logit_bias=_logit_bias(fields, vocab_size),
+            allowed_token_ids=_allowed_token_ids(fields),
+            bad_words=_bad_words(fields),
+            truncate_prompt_tokens=fields.integer("truncate_prompt_tokens", minimum=-1),
         )
     except SamplingParamsError as exc:
         raise bad_request(str(exc), exc.param) from None
@@ -225,9 +242,11 @@ def _prompts(fields: Fields) -> list[str | list[int]]:
                       "or an array of non-empty token-id arrays.", "prompt")
 
 
-def parse_completion(data, *, vocab_size: int, max_logprobs: int) -> CompletionRequest:
+def parse_completion(data, *, vocab_size: int, max_logprobs: int,
+                     defaults: dict | None = None) -> CompletionRequest:
+    defaults = defaults or {}
     fields = Fields(data)
-    fields.refuse_unsupported()
+    fields.refuse_unsupported("completions")
     if fields.data.get("suffix") is not None:
         raise bad_request("'suffix' is not supported by this server.", "suffix")
     prompts = _prompts(fields)
@@ -237,10 +256,11 @@ def parse_completion(data, *, vocab_size: int, max_logprobs: int) -> CompletionR
     prompt_logprobs = fields.integer("prompt_logprobs", minimum=0)
     if echo and logprobs is not None and prompt_logprobs is None:
         prompt_logprobs = logprobs  # OpenAI returns the echoed prompt's logprobs too
-    max_tokens = fields.integer("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS, minimum=1)
+    max_tokens = fields.integer("max_tokens", defaults.get("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS),
+                                minimum=1)
     params = sampling_params(fields, max_tokens=max_tokens,
                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, vocab_size=vocab_size,
-                             max_logprobs=max_logprobs, logprobs_param="logprobs")
+                             max_logprobs=max_logprobs, logprobs_param="logprobs", defaults=defaults)
     _check_best_of_stream(params, stream)
     fields.string("user")
     return CompletionRequest(model=fields.string("model"), params=params, stream=stream,
@@ -281,9 +301,10 @@ def _message(message, index: int) -> dict:
     return parsed
 
 
-def parse_chat(data, *, vocab_size: int, max_logprobs: int) -> ChatRequest:
+def parse_chat(data, *, vocab_size: int, max_logprobs: int, defaults: dict | None = None) -> ChatRequest:
+    defaults = defaults or {}
     fields = Fields(data)
-    fields.refuse_unsupported()
+    fields.refuse_unsupported("chat")
     messages = fields.data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array of {\"role\", \"content\"} objects.",
@@ -297,19 +318,25 @@ def parse_chat(data, *, vocab_size: int, max_logprobs: int) -> ChatRequest:
     logprobs = (top_logprobs or 0) if want_logprobs else None
     max_tokens = fields.integer("max_completion_tokens", minimum=1)
     if max_tokens is None:
-        max_tokens = fields.integer("max_tokens", minimum=1)
+        max_tokens = fields.integer("max_tokens", defaults.get("max_tokens"), minimum=1)
     params = sampling_params(fields, max_tokens=max_tokens, logprobs=logprobs,
                              prompt_logprobs=fields.integer("prompt_logprobs", minimum=0), vocab_size=vocab_size,
-                             max_logprobs=max_logprobs, logprobs_param="top_logprobs")
+                             max_logprobs=max_logprobs, logprobs_param="top_logprobs", defaults=defaults)
     _check_best_of_stream(params, stream)
     kwargs = fields.raw("chat_template_kwargs", {})
     if not isinstance(kwargs, dict):
         raise bad_request("'chat_template_kwargs' must be an object.", "chat_template_kwargs")
     fields.string("user")
+    add_generation_prompt = fields.boolean("add_generation_prompt", True)
+    continue_final_message = fields.boolean("continue_final_message", False)
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true: set "
+                          "add_generation_prompt to false to continue the last message.", "continue_final_message")
     return ChatRequest(model=fields.string("model"), params=params, stream=stream, include_usage=include_usage,
                        use_beam_search=fields.boolean("use_beam_search", False),
                        length_penalty=fields.number("length_penalty", 1.0),
-                       messages=messages, add_generation_prompt=fields.boolean("add_generation_prompt", True),
+                       messages=messages, add_generation_prompt=add_generation_prompt,
+                       continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs)
 
 

@@ -137,5 +137,7 @@ def test_unbuilt_features_fail_loudly():
 
 def test_missing_model_is_a_clear_error(tmp_path):
     from asyncserve import LLM
-    with pytest.raises(ConfigError, match="not a local directory"):
-        LLM(str(tmp_path / "nope" / "model"), device="cpu")
+    missing = str(tmp_path / "nope" / "model")
+    with pytest.raises(ConfigError) as caught:
+        LLM(missing, device="cpu")
+    assert str(caught.value) == f"Model path {missing!r} does not exist."

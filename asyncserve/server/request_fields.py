@@ -1,0 +1,96 @@
+"""Which request fields are read, which unbuilt OpenAI/vLLM features are refused, and a warning for the rest.
+
+A feature the server does not implement gets a 400 naming it, never a silent 200 with something else
+than asked; a field nobody knows is logged as ignored, as vLLM does. A refused field sent with its
+neutral value (`"tools": []`, `"tool_choice": "none"`, `"response_format": {"type": "text"}`) is fine.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from asyncserve.server.errors import bad_request
+
+logger = logging.getLogger("asyncserve.server")
+
+_SAMPLING = frozenset({
+    "model", "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
+    "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
+    "max_tokens", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
+    "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs", "stream", "stream_options",
+    "user", "use_beam_search", "length_penalty",
+})
+COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "suffix"}
+CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
+                           "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+                           "parallel_tool_calls"}  # parallel_tool_calls means nothing without tools
+
+
+def _none(value: Any) -> bool:
+    return value is None
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _false(value: Any) -> bool:
+    return value is None or value is False
+
+
+def _one_of(*neutral: Any) -> Callable[[Any], bool]:
+    return lambda value: value is None or any(value == n for n in neutral)
+
+
+_STRUCTURED = "structured outputs (guided decoding)"
+# field -> (the feature it asks for, whether a value asks for nothing)
+_REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{name: (_STRUCTURED, _none) for name in (
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+        "guided_whitespace_pattern", "structural_tag", "structured_outputs")},
+    "response_format": ("response_format other than {\"type\": \"text\"} (" + _STRUCTURED + ")",
+                        _one_of({"type": "text"})),
+    "tools": ("tool calling", _empty),
+    "tool_choice": ("tool_choice other than \"none\" (tool calling)", _one_of("none")),
+    "functions": ("function calling", _empty),
+    "function_call": ("function calling", _one_of("none")),
+    "audio": ("audio output", _none),
+    "modalities": ("output modalities other than text", _one_of(["text"])),
+    "prediction": ("predicted outputs", _none),
+    "web_search_options": ("web search", _none),
+    "reasoning_effort": ("reasoning_effort", _none),
+    "logits_processors": ("custom logits processors", _empty),
+    "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _false),
+    "return_token_ids": ("return_token_ids", _false),
+    "prompt_embeds": ("prompt embeddings", _none),
+    "cache_salt": ("cache_salt (per-tenant prefix caches)", _none),
+    "kv_transfer_params": ("KV transfer (disaggregated serving)", _none),
+    "vllm_xargs": ("vllm_xargs", _empty),
+    "mm_processor_kwargs": ("multimodal inputs", _empty),
+    "documents": ("documents in the chat template", _empty),
+    "chat_template": ("a per-request chat_template (start the server with --chat-template)", _none),
+    "priority": ("priority scheduling", _one_of(0)),
+    "request_id": ("client-chosen request ids", _none),
+}
+# Refused where they would change the output, by endpoint.
+_REFUSED_COMPLETION = {**_REFUSED, "add_special_tokens": ("add_special_tokens=false", _one_of(True))}
+_REFUSED_CHAT = {**_REFUSED, "add_special_tokens": ("add_special_tokens=true", _false),
+                 "echo": ("echo in chat completions", _false)}
+
+
+def check_fields(data: dict, endpoint: str) -> None:
+    """400 for an unbuilt feature that is asked for; one warning naming the fields nobody reads."""
+    known, refused = ((COMPLETION_FIELDS, _REFUSED_COMPLETION) if endpoint == "completions"
+                      else (CHAT_FIELDS, _REFUSED_CHAT))
+    ignored = []
+    for name, value in data.items():
+        if name in known:
+            continue
+        if name in refused:
+            feature, neutral = refused[name]
+            if not neutral(value):
+                raise bad_request(f"'{name}': {feature} is not supported by this server.", name)
+            continue
+        ignored.append(name)
+    if ignored:
+        logger.warning("The following fields were present in the request but ignored: %s", sorted(ignored))

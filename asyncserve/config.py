@@ -20,7 +20,7 @@ _DTYPES = {
 
 @dataclass
 class EngineConfig:
-    """Everything the engine needs; `model=None` serves the built-in tiny model."""
+    """Everything the engine needs; `model=None` serves SmolLM2-135M-Instruct (see default_model.py)."""
 
     model: str | None = None
     tokenizer: str | None = None
@@ -80,10 +80,17 @@ class EngineConfig:
 
     @property
     def model_path(self) -> str:
-        """The local checkpoint directory (downloads a hub id; builds the tiny default model)."""
+        """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
+        builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
+        from asyncserve.default_model import TINY_MODEL, default_model_path
         if self.model is None:
-            from asyncserve.tiny_model import default_model_path
             return default_model_path()
+        if self.model == TINY_MODEL and not os.path.isdir(self.model):
+            from asyncserve.tiny_model import default_model_path as tiny_model_path
+            return tiny_model_path()
+        if self.model.endswith(".gguf") and not os.path.isdir(self.model):
+            from asyncserve.gguf_convert import gguf_checkpoint_dir
+            return gguf_checkpoint_dir(self.model, tokenizer=self.tokenizer is None)
         return resolve_checkpoint(self.model, self.revision)
 
     @property
@@ -91,7 +98,8 @@ class EngineConfig:
         if self.served_model_name:
             names = self.served_model_name
             return [names] if isinstance(names, str) else list(names)
-        return [self.model or "asyncserve-tiny"]
+        from asyncserve.default_model import DEFAULT_MODEL
+        return [self.model or DEFAULT_MODEL]
 
 
 def resolve_device(device: str) -> torch.device:

@@ -69,7 +69,7 @@ class LLMEngine:
         logger.info(
             "asyncserve engine ready in %.1f s: model=%s (%s) dtype=%s device=%s | KV pool: %d blocks "
             "of %d tokens = %d tokens | max concurrency at max_model_len=%d: %.2fx",
-            self.startup_seconds, config.model or f"built-in tiny model (random weights) at {path}",
+            self.startup_seconds, config.model or f"the default model at {path}",
             type(model).__name__, str(mc.dtype).removeprefix("torch."),
             mc.device, num_blocks, config.block_size, kv_tokens, mc.max_model_len,
             kv_tokens / mc.max_model_len)

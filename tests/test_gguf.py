@@ -1,0 +1,165 @@
+"""GGUF checkpoints: tiny files of every supported family and quantization type, served by asyncserve
+token for token as transformers' own GGUF loading serves them (both dequantize with llama.cpp's rules)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
+
+from asyncserve import LLM, SamplingParams
+from asyncserve.config import EngineConfig
+from asyncserve.errors import ConfigError, UnsupportedModelError
+from asyncserve.gguf_convert import QUANT_TYPES, _unpermute_rotary_rows, convert_gguf, gguf_checkpoint_dir
+from asyncserve.tiny_model import build_tiny_checkpoint
+
+from tests.conftest import PROMPTS
+from tests.gguf_files import GGUF_SHAPE, LAYER_TYPES, llama_cpp_permute, write_gguf
+
+# family -> (tiny family whose checkpoint is written, config overrides, GGUF pre-tokenizer or None)
+GGUF_FAMILIES = {
+    "llama": ("llama3", {"rope_scaling": None, "rope_theta": 100000.0}, "qwen2"),  # llama arch, byte-level BPE
+    "mistral": ("mistral", {}, None),  # no tokenizer in the file: --tokenizer gives it
+    "qwen2": ("qwen2", {}, "qwen2"),
+    # head_dim 128 as in every real Qwen3: transformers' GGUF loading takes Qwen3Config's default for it
+    "qwen3": ("qwen3", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128}, "qwen2"),
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """family -> (GGUF path, the Hugging Face directory it was written from), built lazily."""
+    root = tmp_path_factory.mktemp("gguf")
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            tiny_family, overrides, pre = GGUF_FAMILIES[family]
+            hf_dir = build_tiny_checkpoint(root / f"{family}-hf", tiny_family, **{**GGUF_SHAPE, **overrides})
+            made[family] = (write_gguf(hf_dir, str(root / f"{family}.gguf"), family, tokenizer_pre=pre), hf_dir)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYNCSERVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_the_files_hold_every_claimed_quantization_type(gguf_models):
+    path, _ = gguf_models("llama")
+    written = {tensor.tensor_type.name for tensor in GGUFReader(path).tensors}
+    assert written == set(QUANT_TYPES)
+    assert {qtype.name for types in LAYER_TYPES for qtype in types.values()} | {"Q8_0", "F32"} == written
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
+def test_greedy_tokens_match_transformers_gguf_loading(gguf_models, family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, hf_dir = gguf_models(family)
+    tokenizer_arg = hf_dir if GGUF_FAMILIES[family][2] is None else None
+    llm = LLM(path, tokenizer=tokenizer_arg, device="cpu", dtype="float32", num_gpu_blocks_override=256)
+    reference = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                     dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS[:4]]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    for ids, output in zip(prompts, outputs):
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12,
+                                          do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        assert list(output.outputs[0].token_ids) == expected[0, len(ids):].tolist()
+
+
+def test_tokenizer_from_gguf_metadata_encodes_like_the_original(gguf_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    path, hf_dir = gguf_models("qwen3")
+    converted = AutoTokenizer.from_pretrained(convert_gguf(path, str(tmp_path / "converted"), progress=False))
+    original = AutoTokenizer.from_pretrained(hf_dir)
+    for prompt in PROMPTS + ["<|im_start|>user\nHi<|im_end|>\n"]:
+        assert converted(prompt)["input_ids"] == original(prompt)["input_ids"]
+    assert converted.eos_token == "<|im_end|>"
+    messages = [{"role": "user", "content": "Hi"}]
+    assert (converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == original.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):
+    path, _ = gguf_models("qwen2")
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(open(path, "rb").read())
+    first = gguf_checkpoint_dir(str(copy))
+    assert EngineConfig(model=str(copy)).model_path == first
+    marker = os.path.join(first, "asyncserve_gguf.json")
+    os.utime(marker, (1, 1))
+    assert gguf_checkpoint_dir(str(copy)) == first and os.stat(marker).st_mtime == 1  # not rebuilt
+    os.utime(copy, (2, 2))  # the file changed: a new directory
+    assert gguf_checkpoint_dir(str(copy)) != first
+
+
+def test_llama_cpp_rotary_permutation_is_undone():
+    weight = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4 * 8, 3)  # 4 heads of 8 rows
+    assert np.array_equal(_unpermute_rotary_rows(llama_cpp_permute(weight, 4), 4), weight)
+    assert not np.array_equal(llama_cpp_permute(weight, 4), weight)
+
+
+def _minimal_gguf(path, arch: str, qtype=Q.F32) -> str:
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(32)
+    writer.add_head_count(2)
+    weight = np.zeros((8, 32), np.float32)
+    if qtype == Q.F32:
+        writer.add_tensor("token_embd.weight", weight)
+    else:  # IQ4_NL: 32 values in 18 bytes
+        writer.add_tensor("token_embd.weight", np.zeros((8, 18), np.uint8), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = _minimal_gguf(tmp_path / "phi.gguf", "phi3")
+    with pytest.raises(UnsupportedModelError, match="architecture 'phi3'.*Supported GGUF architectures: "
+                                                    "llama, qwen2, qwen3"):
+        convert_gguf(path, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_quantization_type_is_named(tmp_path):
+    path = _minimal_gguf(tmp_path / "iq.gguf", "llama", Q.IQ4_NL)
+    with pytest.raises(ConfigError, match="quantization type IQ4_NL .*token_embd.weight.*Supported types: F32"):
+        convert_gguf(path, str(tmp_path / "out"))
+
+
+def test_gguf_without_tokenizer_asks_for_one(gguf_models):
+    path, _ = gguf_models("mistral")
+    with pytest.raises(ConfigError, match="carries no tokenizer.*--tokenizer"):
+        EngineConfig(model=path).model_path
+
+
+def test_missing_gguf_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        EngineConfig(model=str(tmp_path / "absent.gguf")).model_path
+
+
+def test_converted_config_says_what_the_file_says(gguf_models, tmp_path):
+    path, hf_dir = gguf_models("qwen2")
+    out = convert_gguf(path, str(tmp_path / "converted"), progress=False)
+    with open(os.path.join(out, "config.json")) as f:
+        converted = json.load(f)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        original = json.load(f)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "vocab_size",
+                "tie_word_embeddings", "model_type", "architectures"):
+        assert converted[key] == original[key], key

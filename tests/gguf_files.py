@@ -83,9 +83,28 @@ def _add_tokenizer(writer: GGUFWriter, hf_dir: str, pre: str) -> None:
     writer.add_chat_template(tokenizer_config["chat_template"])
 
 
+def _add_sentencepiece_tokenizer(writer: GGUFWriter, hf_dir: str) -> None:
+    """A Llama-2-style vocabulary as llama.cpp stores it: pieces, scores (merge order), token types."""
+    with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
+        vocab = json.load(f)["model"]["vocab"]
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0 if token.startswith("<") else -float(index) for index, token in enumerate(tokens)])
+    writer.add_token_types([2 if token == "<unk>" else 3 if token in ("<s>", "</s>")
+                            else 6 if token.startswith("<0x") else 1 for token in tokens])
+    writer.add_unk_token_id(vocab["<unk>"])
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.add_add_bos_token(True)
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        writer.add_chat_template(json.load(f)["chat_template"])
+
+
 def write_gguf(hf_dir: str, out_path: str, family: str, *, tokenizer_pre: str | None = "qwen2",
                seed: int = 0) -> str:
-    """Write `hf_dir`'s tiny checkpoint as a GGUF of mixed quantization types; return its path."""
+    """`tokenizer_pre`: a byte-level BPE pre-tokenizer name, "sentencepiece", or None (no tokenizer)."""
+    # Writes `hf_dir`'s tiny checkpoint as a GGUF of mixed quantization types; returns its path.
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     weights = load_file(os.path.join(hf_dir, "model.safetensors"))
@@ -105,7 +124,9 @@ def write_gguf(hf_dir: str, out_path: str, family: str, *, tokenizer_pre: str | 
     writer.add_rope_dimension_count(config["head_dim"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    if tokenizer_pre is not None:
+    if tokenizer_pre == "sentencepiece":
+        _add_sentencepiece_tokenizer(writer, hf_dir)
+    elif tokenizer_pre is not None:
         _add_tokenizer(writer, hf_dir, tokenizer_pre)
 
     writer.add_tensor("token_embd.weight", quantize(weights["model.embed_tokens.weight"], Q.Q8_0),

@@ -19,11 +19,12 @@ from asyncserve.tiny_model import build_tiny_checkpoint
 from tests.conftest import PROMPTS
 from tests.gguf_files import GGUF_SHAPE, LAYER_TYPES, llama_cpp_permute, write_gguf
 
-# family -> (tiny family whose checkpoint is written, config overrides, GGUF pre-tokenizer or None)
+# family -> (tiny family whose checkpoint is written, config overrides, tokenizer in the file:
+# a byte-level BPE pre-tokenizer name, "sentencepiece", or None for none: --tokenizer gives it)
 GGUF_FAMILIES = {
     "llama": ("llama3", {"rope_scaling": None, "rope_theta": 100000.0}, "qwen2"),  # llama arch, byte-level BPE
-    "mistral": ("mistral", {}, None),  # no tokenizer in the file: --tokenizer gives it
-    "qwen2": ("qwen2", {}, "qwen2"),
+    "mistral": ("mistral", {}, "sentencepiece"),  # llama arch, as llama.cpp writes Mistral
+    "qwen2": ("qwen2", {}, None),
     # head_dim 128 as in every real Qwen3: transformers' GGUF loading takes Qwen3Config's default for it
     "qwen3": ("qwen3", {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128}, "qwen2"),
 }
@@ -77,22 +78,23 @@ def test_greedy_tokens_match_transformers_gguf_loading(gguf_models, family):
         assert list(output.outputs[0].token_ids) == expected[0, len(ids):].tolist()
 
 
-def test_tokenizer_from_gguf_metadata_encodes_like_the_original(gguf_models, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])  # byte-level BPE, sentencepiece
+def test_tokenizer_from_gguf_metadata_encodes_like_the_original(gguf_models, tmp_path, family):
     from transformers import AutoTokenizer
 
-    path, hf_dir = gguf_models("qwen3")
+    path, hf_dir = gguf_models(family)
     converted = AutoTokenizer.from_pretrained(convert_gguf(path, str(tmp_path / "converted"), progress=False))
     original = AutoTokenizer.from_pretrained(hf_dir)
-    for prompt in PROMPTS + ["<|im_start|>user\nHi<|im_end|>\n"]:
+    for prompt in PROMPTS + ["<|im_start|>user\nHi<|im_end|>\n", "<s>[INST] Hi [/INST]"]:
         assert converted(prompt)["input_ids"] == original(prompt)["input_ids"]
-    assert converted.eos_token == "<|im_end|>"
+    assert (converted.eos_token, converted.bos_token) == (original.eos_token, original.bos_token)
     messages = [{"role": "user", "content": "Hi"}]
     assert (converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             == original.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):
-    path, _ = gguf_models("qwen2")
+    path, _ = gguf_models("qwen3")
     copy = tmp_path / "model.gguf"
     copy.write_bytes(open(path, "rb").read())
     first = gguf_checkpoint_dir(str(copy))
@@ -142,7 +144,7 @@ def test_unsupported_quantization_type_is_named(tmp_path):
 
 
 def test_gguf_without_tokenizer_asks_for_one(gguf_models):
-    path, _ = gguf_models("mistral")
+    path, _ = gguf_models("qwen2")
     with pytest.raises(ConfigError, match="carries no tokenizer.*--tokenizer"):
         EngineConfig(model=path).model_path
 
@@ -154,7 +156,8 @@ def test_missing_gguf_file_is_one_clear_error(tmp_path):
 
 def test_converted_config_says_what_the_file_says(gguf_models, tmp_path):
     path, hf_dir = gguf_models("qwen2")
-    out = convert_gguf(path, str(tmp_path / "converted"), progress=False)
+    out = convert_gguf(path, str(tmp_path / "converted"), tokenizer=False, progress=False)
+    assert not os.path.exists(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "config.json")) as f:
         converted = json.load(f)
     with open(os.path.join(hf_dir, "config.json")) as f:

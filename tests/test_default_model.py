@@ -2,8 +2,8 @@
 once into the asyncserve cache), converted right (greedy tokens equal transformers', English perplexity
 near 14), and what `LLM()` and `asyncserve` serve when no model is named.
 
-Tests marked `real_model` share one converted directory (the `smollm2_dir` session fixture); the
-93 MB wheel is downloaded at most once per cache directory.
+Tests marked `real_model` share one converted directory (the `smollm2_dir` session fixture of
+conftest.py); the 93 MB wheel is downloaded at most once per cache directory.
 """
 from __future__ import annotations
 
@@ -39,12 +39,6 @@ PARAGRAPHS = [
     "was singing in the apple tree. It was the first warm day of spring, and she decided to go for a walk.",
 ]
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea."]
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> str:
-    """SmolLM2-135M-Instruct as converted from PyPI's wheel, in the asyncserve cache (built once)."""
-    return default_model.smollm2_from_pypi()
 
 
 @pytest.fixture(scope="module")

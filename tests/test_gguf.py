@@ -93,6 +93,17 @@ def test_tokenizer_from_gguf_metadata_encodes_like_the_original(gguf_models, tmp
             == original.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
+def test_byte_level_tokenizer_adds_bos_when_the_file_says_so(gguf_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, hf_dir = gguf_models("qwen3")
+    path = write_gguf(hf_dir, str(tmp_path / "bos.gguf"), "qwen3", add_bos=True)
+    converted = AutoTokenizer.from_pretrained(convert_gguf(path, str(tmp_path / "converted"), progress=False))
+    original = AutoTokenizer.from_pretrained(hf_dir)
+    bos = original.convert_tokens_to_ids("<|endoftext|>")
+    assert converted("Hello there")["input_ids"] == [bos] + original("Hello there")["input_ids"]
+
+
 def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):
     path, _ = gguf_models("qwen3")
     copy = tmp_path / "model.gguf"

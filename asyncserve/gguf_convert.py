@@ -82,10 +82,40 @@ def _check_supported(path: str, reader, meta: dict) -> str:
             f"GGUF file {path!r} holds tensors of quantization type {', '.join(unsupported)} (e.g. "
             f"{', '.join(names)}), which asyncserve cannot dequantize yet. Supported types: "
             f"{', '.join(QUANT_TYPES)}.")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ConfigError(f"GGUF file {path!r} carries rope_freqs (Llama 3.1-style rope scaling), which the "
-                          "GGUF converter does not read yet; serve the Hugging Face checkpoint instead.")
     return arch
+
+
+def _llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                         high_freq_factor: float, original_max_position: int) -> np.ndarray:
+    """The per-frequency divisors llama.cpp stores as rope_freqs for Llama 3.1-style rope scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return np.where(wavelen < original_max_position / high_freq_factor, 1.0,
+                    np.where(wavelen > original_max_position / low_freq_factor, factor,
+                             1 / ((1 - smooth) / factor + smooth)))
+
+
+def _rope_scaling(path: str, reader, config: dict) -> dict | None:
+    """Llama 3.1's rope_scaling, recovered from the rope_freqs tensor (None when there is none).
+
+    llama.cpp writes only the resulting factors; every Llama 3.1/3.2/3.3 uses low/high frequency
+    factors 1 and 4 and an original context of 8192, so those are checked against the tensor.
+    """
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    from gguf import dequantize
+    stored = dequantize(tensor.data, tensor.tensor_type).reshape(-1).astype(np.float64)
+    scaling = {"rope_type": "llama3", "factor": float(f"{stored.max():.7g}"), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    expected = _llama3_rope_factors(config["rope_theta"], config["head_dim"], scaling["factor"],
+                                    1.0, 4.0, 8192)
+    if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-5):
+        raise ConfigError(f"GGUF file {path!r} carries rope_freqs that are not Llama 3.1's rope scaling "
+                          "(low/high frequency factors 1 and 4, original context 8192); asyncserve cannot "
+                          "recover them. Serve the Hugging Face checkpoint instead.")
+    return scaling
 
 
 def _hf_config(meta: dict, arch: str, tensor_names: set[str], vocab_size: int) -> dict:
@@ -143,6 +173,8 @@ def _write_weights(path: str, reader, config: dict, permuted: bool, progress: bo
 
     tensors = {}
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor", disable=not progress):
+        if tensor.name == "rope_freqs.weight":  # read into config.json's rope_scaling
+            continue
         name = _hf_name(tensor.name)
         if name is None:
             raise ConfigError(f"GGUF tensor {tensor.name!r} has no place in a {config['architectures'][0]}; "
@@ -259,6 +291,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, progre
     if embedding is None:
         raise ConfigError(f"GGUF file {gguf_path!r} has no token_embd.weight: it is not a whole model.")
     config = _hf_config(meta, arch, names, vocab_size=int(embedding.shape[1]))
+    config["rope_scaling"] = _rope_scaling(gguf_path, reader, config)
 
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)

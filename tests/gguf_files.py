@@ -7,6 +7,7 @@ them; every loader under test reads the same file, so they must agree on it.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -40,6 +41,24 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp's `LlamaModel.permute` of q/k rows (convert_hf_to_gguf.py)."""
     return (weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:])
             .swapaxes(1, 2).reshape(weights.shape))
+
+
+def llama_cpp_rope_factors(config: dict, scaling: dict) -> np.ndarray:
+    """rope_freqs as llama.cpp's convert_hf_to_gguf.py computes them for Llama 3.1 rope scaling."""
+    base, dim = config["rope_theta"], config["head_dim"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = 8192  # llama.cpp reads a top-level original_max_position_embeddings, absent in 3.1
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context_len / high:
+            factors.append(1.0)
+        elif wavelen > old_context_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def _random_k_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
@@ -131,6 +150,9 @@ def write_gguf(hf_dir: str, out_path: str, family: str, *, tokenizer_pre: str | 
     elif tokenizer_pre is not None:
         _add_tokenizer(writer, hf_dir, tokenizer_pre, add_bos)
 
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":  # llama.cpp's LlamaModel.generate_extra_tensors
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config, scaling))
     writer.add_tensor("token_embd.weight", quantize(weights["model.embed_tokens.weight"], Q.Q8_0),
                       raw_dtype=Q.Q8_0)
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"])

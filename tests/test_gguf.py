@@ -104,6 +104,20 @@ def test_byte_level_tokenizer_adds_bos_when_the_file_says_so(gguf_models, tmp_pa
     assert converted("Hello there")["input_ids"] == [bos] + original("Hello there")["input_ids"]
 
 
+def test_llama31_rope_scaling_is_recovered_from_rope_freqs(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf_dir = build_tiny_checkpoint(tmp_path / "hf", "llama3", **GGUF_SHAPE, rope_scaling=scaling)
+    path = write_gguf(hf_dir, str(tmp_path / "llama31.gguf"), "llama")
+    assert "rope_freqs.weight" in {tensor.name for tensor in GGUFReader(path).tensors}
+    out = convert_gguf(path, str(tmp_path / "converted"), progress=False)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["rope_scaling"] == scaling
+    llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=128)  # serves it
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
 def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):
     path, _ = gguf_models("qwen3")
     copy = tmp_path / "model.gguf"

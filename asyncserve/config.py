@@ -90,7 +90,9 @@ class EngineConfig:
             return tiny_model_path()
         if self.model.endswith(".gguf") and not os.path.isdir(self.model):
             from asyncserve.gguf_convert import gguf_checkpoint_dir
-            return gguf_checkpoint_dir(self.model, tokenizer=self.tokenizer is None)
+            serving = resolve_dtype(self.dtype, None, resolve_device(self.device))  # bf16 on GPU, fp32 on CPU
+            return gguf_checkpoint_dir(self.model, tokenizer=self.tokenizer is None,
+                                       dtype=str(serving).removeprefix("torch."))
         return resolve_checkpoint(self.model, self.revision)
 
     @property

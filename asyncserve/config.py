@@ -29,7 +29,8 @@ DTYPE_NAMES = {
 
 @dataclass
 class EngineConfig:
-    """Everything a user may set, flat, with vLLM's names; `model=None` serves the built-in model."""
+    """Everything a user may set, flat, with vLLM's names; `model=None` serves SmolLM2-135M-Instruct
+    (see default_model.py)."""
 
     model: str | None = None
     tokenizer: str | None = None
@@ -87,16 +88,27 @@ class EngineConfig:
             raise ConfigError(f"generation_config={self.generation_config!r} is neither 'auto', 'vllm' nor an "
                               "existing folder with a generation_config.json.")
         if self.model is not None:
-            check_local_path(self.model)
+            from asyncserve.default_model import TINY_MODEL
+            if self.model != TINY_MODEL:
+                check_local_path(self.model)
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
 
     @property
     def model_path(self) -> str:
-        """The local checkpoint directory (downloads a hub id; builds the tiny default model)."""
+        """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
+        builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
+        from asyncserve.default_model import TINY_MODEL, default_model_path
         if self.model is None:
-            from asyncserve.tiny_model import default_model_path
             return default_model_path()
+        if self.model == TINY_MODEL and not os.path.isdir(self.model):
+            from asyncserve.tiny_model import default_model_path as tiny_model_path
+            return tiny_model_path()
+        if self.model.endswith(".gguf") and not os.path.isdir(self.model):
+            from asyncserve.gguf_convert import gguf_checkpoint_dir
+            serving = resolve_dtype(self.dtype, None, resolve_device(self.device))  # bf16 on GPU, fp32 on CPU
+            return gguf_checkpoint_dir(self.model, tokenizer=self.tokenizer is None,
+                                       dtype=str(serving).removeprefix("torch."))
         return resolve_checkpoint(self.model, self.revision)
 
     @property
@@ -104,7 +116,8 @@ class EngineConfig:
         if self.served_model_name:
             names = self.served_model_name
             return [names] if isinstance(names, str) else list(names)
-        return [self.model or "asyncserve-tiny"]
+        from asyncserve.default_model import DEFAULT_MODEL
+        return [self.model or DEFAULT_MODEL]
 
     def create_config(self) -> "Config":
         """Reads the checkpoint's config and resolves everything that depends on it."""

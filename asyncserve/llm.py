@@ -15,7 +15,7 @@ from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
-    """Generates for a batch of prompts with continuous batching; `LLM()` uses the built-in tiny model."""
+    """Generates for a batch of prompts with continuous batching; `LLM()` serves SmolLM2-135M-Instruct."""
 
     def __init__(self, model: str | None = None, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))

@@ -1,5 +1,5 @@
 """Tiny Hugging Face checkpoints of real architectures, with random weights and a
-real BPE tokenizer, built offline for tests and as the built-in default model.
+real BPE tokenizer, built offline for tests (`--model asyncserve/tiny-random` serves the qwen3 one).
 
 Weights are drawn with a larger std than Hugging Face's 0.02 so that greedy
 decoding has well-separated logits: a token-exact comparison with transformers
@@ -260,10 +260,9 @@ def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = Fal
 
 
 def default_model_path() -> str:
-    """The built-in default model (tiny qwen3), built once into the cache dir."""
-    cache_dir = os.environ.get("ASYNCSERVE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "asyncserve")
-    path = os.path.join(cache_dir, f"tiny-qwen3-v{DEFAULT_MODEL_VERSION}")
+    """The tiny random qwen3 served as `asyncserve/tiny-random`, built once into the cache dir."""
+    from asyncserve.paths import cache_dir
+    path = os.path.join(cache_dir(), f"tiny-qwen3-v{DEFAULT_MODEL_VERSION}")
     if os.path.exists(os.path.join(path, MARKER_FILE)):
         return path
     if os.path.isdir(path):  # left incomplete by something else: rebuild

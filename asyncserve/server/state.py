@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,7 @@ from asyncserve.server.errors import ApiError
 from asyncserve.server.lag import LagMonitor
 from asyncserve.server.logprobs import LogprobFormatter
 from asyncserve.server.metrics import ServerMetrics
+from asyncserve.server.prompt_encoder import PromptEncoder
 
 if TYPE_CHECKING:
     from asyncserve.engine.async_engine import AsyncEngine
@@ -31,15 +34,35 @@ class ServerState:
     drain_timeout: float = 5.0
     max_body_bytes: int = 4 * 1024 * 1024
     freeze_gc: bool = True
+    stream_write_timeout: float = 30.0  # a client that reads nothing this long is cut off, its request aborted
+    request_body_timeout: float = 60.0  # a body not received within this is answered 408
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     active: set = field(default_factory=set)  # Generations in flight
     _idle: asyncio.Event | None = None
+    _executor: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.engine.tokenizer)
+        tokenizer = self.engine.tokenizer
+        self.prompt_encoder = PromptEncoder(tokenizer, self.engine.max_model_len) if tokenizer is not None else None
+
+    async def run(self, offload: bool, fn, *args):
+        """`fn(*args)`, in the worker thread when `offload`: big inputs are parsed, rendered and tokenized
+        there, so that no request holds the loop (the Rust tokenizer releases the GIL; Python code lets the
+        loop in every switch interval). One worker: the tokenizer is never used by two of them at once."""
+        if not offload:
+            return fn(*args)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-prepare")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     @property
     def tokenizer(self):

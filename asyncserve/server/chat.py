@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from typing import Iterator
 
 import jinja2
 from aiohttp import web
@@ -14,8 +15,8 @@ from asyncserve.server.errors import bad_request
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
-from asyncserve.server.serving import (OFFLOAD_BYTES, OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
-                                       encode_json, json_response, log_request, read_json, response_entries,
+from asyncserve.server.serving import (OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
+                                       encode_json, json_response, log_request, read_and_prepare, response_entries,
                                        send_json, stream, usage)
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import SERVER_STATE, ServerState
@@ -101,20 +102,31 @@ class ChatStreamWriter:
         return self.encoder.usage_frame(usage_body)
 
 
-def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
-          generation: Generation, latest: dict[int, RequestOutput]) -> dict:
-    choices = []
+def _choices(state: ServerState, parsed: ChatRequest, latest: dict[int, RequestOutput]) -> Iterator[dict]:
     for completion in latest[0].outputs:
         logprobs = None
         if parsed.top_logprobs is not None:
             logprobs = {"content": state.logprobs.chat(completion.token_ids, completion.logprobs,
                                                        parsed.top_logprobs)}
-        choices.append({"index": completion.index,
-                        "message": {"role": "assistant", "content": completion.text},
-                        "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                        "stop_reason": completion.stop_reason})
+        yield {"index": completion.index, "message": {"role": "assistant", "content": completion.text},
+               "logprobs": logprobs, "finish_reason": completion.finish_reason,
+               "stop_reason": completion.stop_reason}
+
+
+def _head(response_id: str, created: int, model: str, generation, latest: dict[int, RequestOutput]) -> dict:
     return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None, "choices": choices, "usage": usage(generation, latest)}
+            "system_fingerprint": None, "usage": usage(generation, latest)}
+
+
+def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
+          generation: Generation, latest: dict[int, RequestOutput]) -> dict:
+    return {**_head(response_id, created, model, generation, latest),
+            "choices": list(_choices(state, parsed, latest))}
+
+
+def _encode_body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
+                 generation: Generation, latest: dict[int, RequestOutput]) -> bytes:
+    return encode_json(_head(response_id, created, model, generation, latest), _choices(state, parsed, latest))
 
 
 def _prepare(state: ServerState, data) -> tuple[str, ChatRequest, Prompt]:
@@ -128,15 +140,10 @@ def _prepare(state: ServerState, data) -> tuple[str, ChatRequest, Prompt]:
     return model, parsed, prompt
 
 
-def _encode_body(*args) -> bytes:
-    return encode_json(_body(*args))
-
-
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     state.check_accepting()
-    data, size = await read_json(request, state)
-    model, parsed, prompt = await state.run(size >= OFFLOAD_BYTES, _prepare, state, data)
+    model, parsed, prompt = await read_and_prepare(request, state, _prepare)
     engine = state.engine
     response_id, created = state.new_id("chatcmpl"), int(time.time())
     if parsed.use_beam_search:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 from aiohttp import web
 
@@ -9,8 +10,8 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
-from asyncserve.server.serving import (OFFLOAD_BYTES, OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
-                                       encode_json, json_response, log_request, read_json, response_entries,
+from asyncserve.server.serving import (OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
+                                       encode_json, json_response, log_request, read_and_prepare, response_entries,
                                        send_json, stream, usage)
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import SERVER_STATE, ServerState
@@ -99,10 +100,9 @@ class CompletionStreamWriter:
         return self.encoder.usage_frame(usage_body)
 
 
-def _body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
-          generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> dict:
+def _choices(state: ServerState, parsed: CompletionRequest, generation: Generation,
+             latest: dict[int, RequestOutput], echo: _Echo) -> Iterator[dict]:
     n, num_top = parsed.params.n, parsed.params.logprobs
-    choices = []
     for prompt_index in range(len(generation.prompts)):
         output = latest[prompt_index]
         prefix = echo.text(prompt_index)
@@ -112,11 +112,26 @@ def _body(state: ServerState, parsed: CompletionRequest, response_id: str, creat
                 logprobs = _join_logprobs(
                     echo.logprobs(prompt_index, output, num_top),
                     state.logprobs.completion(completion.token_ids, completion.logprobs, num_top, len(prefix)))
-            choices.append({"index": prompt_index * n + completion.index, "text": prefix + completion.text,
-                            "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                            "stop_reason": completion.stop_reason})
+            yield {"index": prompt_index * n + completion.index, "text": prefix + completion.text,
+                   "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                   "stop_reason": completion.stop_reason}
+
+
+def _head(response_id: str, created: int, model: str, generation, latest: dict[int, RequestOutput]) -> dict:
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(generation, latest)}
+            "usage": usage(generation, latest)}
+
+
+def _body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
+          generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> dict:
+    return {**_head(response_id, created, model, generation, latest),
+            "choices": list(_choices(state, parsed, generation, latest, echo))}
+
+
+def _encode_body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
+                 generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> bytes:
+    return encode_json(_head(response_id, created, model, generation, latest),
+                       _choices(state, parsed, generation, latest, echo))
 
 
 def _prepare(state: ServerState, data) -> tuple[str, CompletionRequest, list[Prompt], _Echo]:
@@ -131,15 +146,10 @@ def _prepare(state: ServerState, data) -> tuple[str, CompletionRequest, list[Pro
     return model, parsed, prompts, _Echo(state, parsed, prompts)
 
 
-def _encode_body(*args) -> bytes:
-    return encode_json(_body(*args))
-
-
 async def create_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     state.check_accepting()
-    data, size = await read_json(request, state)
-    model, parsed, prompts, echo = await state.run(size >= OFFLOAD_BYTES, _prepare, state, data)
+    model, parsed, prompts, echo = await read_and_prepare(request, state, _prepare)
     engine = state.engine
     response_id, created = state.new_id("cmpl"), int(time.time())
     if parsed.use_beam_search:

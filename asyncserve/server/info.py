@@ -8,7 +8,7 @@ from asyncserve.server.chat import render
 from asyncserve.server.errors import ApiError, bad_request
 from asyncserve.server.metrics import CONTENT_TYPE
 from asyncserve.server.protocol import Fields, parse_chat
-from asyncserve.server.serving import OFFLOAD_BYTES, json_response, read_json
+from asyncserve.server.serving import json_response, read_and_prepare
 from asyncserve.server.state import SERVER_STATE, ServerState
 
 
@@ -79,8 +79,7 @@ async def tokenize(request: web.Request) -> web.Response:
     As in vLLM, a prompt of max_model_len tokens or more is refused (400): no request could use it.
     """
     state = request.app[SERVER_STATE]
-    data, size = await read_json(request, state)
-    return json_response(await state.run(size >= OFFLOAD_BYTES, _tokenize, state, data))
+    return json_response(await read_and_prepare(request, state, _tokenize))
 
 
 def _detokenize(state: ServerState, data) -> dict:
@@ -99,5 +98,4 @@ def _detokenize(state: ServerState, data) -> dict:
 async def detokenize(request: web.Request) -> web.Response:
     """`{"tokens": [ids]}` -> `{"prompt": text}`; at most max_model_len ids."""
     state = request.app[SERVER_STATE]
-    data, size = await read_json(request, state)
-    return json_response(await state.run(size >= OFFLOAD_BYTES, _detokenize, state, data))
+    return json_response(await read_and_prepare(request, state, _detokenize))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Protocol
+from typing import Callable, Iterable, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -18,6 +18,7 @@ from asyncserve.server.state import ServerState
 
 logger = logging.getLogger("asyncserve.server")
 
+T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the access log shows it
 
 
@@ -29,11 +30,17 @@ OFFLOAD_BYTES = 16 * 1024
 OFFLOAD_RESPONSE_ENTRIES = 20_000
 
 
-async def read_json(request: web.Request, state: ServerState) -> tuple[object, int]:
-    """The body as JSON (parsed in the worker thread when big), and its size in bytes."""
-    from asyncserve.server.protocol import parse_json
+async def read_and_prepare(request: web.Request, state: ServerState, prepare: Callable[[ServerState, object], T]
+                           ) -> T:
+    """Reads the body, then `prepare(state, parsed JSON)`: in the worker thread for a big body, so that
+    neither parsing, tokenizing nor freeing millions of token ids holds the loop."""
     body = await read_body(request, state.max_body_bytes, state.request_body_timeout)
-    return await state.run(len(body) >= OFFLOAD_BYTES, parse_json, body), len(body)
+    return await state.run(len(body) >= OFFLOAD_BYTES, _parse_and_prepare, prepare, state, body)
+
+
+def _parse_and_prepare(prepare, state: ServerState, body: bytes):
+    from asyncserve.server.protocol import parse_json
+    return prepare(state, parse_json(body))
 
 
 class Cursor:
@@ -153,13 +160,10 @@ def response_entries(latest: dict[int, RequestOutput], num_top: int | None, echo
     return num_tokens * (1 + (num_top or 0))
 
 
-def encode_json(payload: dict) -> bytes:
-    """orjson, one choice at a time: a 30 MB body never holds the GIL in one call."""
-    choices = payload.get("choices")
-    if not isinstance(choices, list) or len(choices) < 2:
-        return orjson.dumps(payload)
-    rest = orjson.dumps({key: value for key, value in payload.items() if key != "choices"})
-    return b'{"choices":[' + b",".join(map(orjson.dumps, choices)) + b"]," + rest[1:]
+def encode_json(head: dict, choices: Iterable[dict]) -> bytes:
+    """`{**head, "choices": [...]}` as JSON, each choice built and encoded in turn: a 30 MB body never
+    holds the GIL in one call, nor lives as millions of Python objects (which full collections walk)."""
+    return b'{"choices":[' + b",".join(map(orjson.dumps, choices)) + b"]," + orjson.dumps(head)[1:]
 
 
 async def send_json(request: web.Request, state: ServerState, body: bytes) -> web.StreamResponse:

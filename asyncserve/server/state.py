@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -57,7 +56,7 @@ class ServerState:
             return fn(*args)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-prepare")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _call_freeing_here, fn, args)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -109,6 +108,16 @@ class ServerState:
                 logger.info("shutting down: aborting %d requests still in flight", len(self.active))
         for generation in list(self.active):
             generation.abort()  # each stream ends with finish_reason "abort"
+
+
+def _call_freeing_here(fn, args):
+    """Calls fn; a failure's traceback is dropped here, so that the big objects its frames hold (a parsed
+    body of millions of token ids) are freed in this thread, not on the loop that receives the error."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        exc.__traceback__ = exc.__context__ = None
+        raise exc
 
 
 SERVER_STATE = web.AppKey("asyncserve_server_state", ServerState)

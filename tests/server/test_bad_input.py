@@ -205,6 +205,7 @@ async def test_dead_engine_answers_503_and_health_fails(model_path):
         assert live.state.metrics.num_internal_errors == 0
 
 
+@pytest.mark.expect_internal_error
 async def test_a_bug_becomes_a_logged_500_with_an_openai_body(model_path, caplog):
     async with live_server(model_path) as live, aiohttp.ClientSession() as http:
         def broken_stats():

@@ -90,7 +90,7 @@ class MalformedRequestFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg, record.args = "malformed HTTP request from %s: %s", (remote, exc.message)
+            record.msg, record.args = "malformed HTTP request from %s: %s", (remote, " ".join(exc.message.split()))
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
         return True

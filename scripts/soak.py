@@ -80,8 +80,10 @@ async def _metrics(session: aiohttp.ClientSession, base_url: str) -> dict[str, f
     return values
 
 
-def _lag_samples_over_50ms(metrics: dict[str, float]) -> float:
-    return metrics.get("event_loop_lag_seconds_count", 0.0) - metrics.get("event_loop_lag_seconds_bucket[0.05]", 0.0)
+def _lag_samples_over(metrics: dict[str, float], bucket: str) -> float:
+    """How many lag samples (one per 10 ms) exceeded the histogram bucket `bucket` (seconds)."""
+    return metrics.get("event_loop_lag_seconds_count", 0.0) - metrics.get(f"event_loop_lag_seconds_bucket[{bucket}]",
+                                                                          0.0)
 
 
 def _stream_body(rng: random.Random, model: str, max_tokens: int, i: int) -> tuple[str, dict]:
@@ -187,6 +189,7 @@ async def run(args, base_url: str, pid: int | None) -> dict:
         async with session.get(base_url + "/v1/models") as response:
             model = (await response.json())["data"][0]["id"]
         before = await _metrics(session, base_url)
+        warm_metrics: dict[str, float] = {}
         next_index, done_count = 0, 0
         start = time.monotonic()
 
@@ -203,6 +206,8 @@ async def run(args, base_url: str, pid: int | None) -> dict:
                 except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the soak
                     tally.errors[type(exc).__name__] += 1
                 done_count += 1
+                if done_count == args.warmup:
+                    warm_metrics.update(await _metrics(session, base_url))
                 if done_count % 1000 == 0:
                     tally.rss_samples.append((done_count, _rss(pid)))
                     print(f"{done_count} requests, {time.monotonic() - start:.0f} s, "
@@ -226,8 +231,14 @@ async def run(args, base_url: str, pid: int | None) -> dict:
         "rss_mib_end": round((tally.rss_samples[-1][1] or 0) / 2 ** 20, 1),
         "rss_growth_mib_per_1000_after_warmup": None if growth is None else round(growth, 2),
         "worst_loop_lag_s": after.get("event_loop_lag_seconds_max"),
-        "loop_lag_samples_over_50ms": _lag_samples_over_50ms(after) - _lag_samples_over_50ms(before),
         "loop_lag_samples": after.get("event_loop_lag_seconds_count", 0) - before.get("event_loop_lag_seconds_count", 0),
+        "loop_lag_samples_over_50ms": _lag_samples_over(after, "0.05") - _lag_samples_over(before, "0.05"),
+        "after_warmup": {
+            "loop_lag_samples": after.get("event_loop_lag_seconds_count", 0)
+            - warm_metrics.get("event_loop_lag_seconds_count", 0),
+            **{f"loop_lag_samples_over_{int(float(bucket) * 1000)}ms":
+               _lag_samples_over(after, bucket) - _lag_samples_over(warm_metrics, bucket)
+               for bucket in ("0.025", "0.05", "0.1", "0.25")}},
         "server_idle_after": after.get("num_requests_running") == 0 and after.get("num_requests_waiting") == 0
         and after.get("kv_cache_usage_perc") == 0.0,
         "internal_errors_500": after.get("http_internal_errors_total"),

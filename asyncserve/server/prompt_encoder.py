@@ -61,15 +61,20 @@ def max_bytes_per_token(tokenizer) -> float | None:
         return None
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
-    # Unigram and WordPiece turn a whole unknown word into one token; so does BPE with fuse_unk.
-    if model.get("type") != "BPE" or model.get("fuse_unk"):
+    vocab = backend.get_vocab(with_added_tokens=True)
+    # Unigram and WordPiece turn a whole unknown word into one token; so does BPE with fuse_unk, unless
+    # byte fallback spells every unknown character as byte tokens (all 256 of them must exist).
+    if model.get("type") != "BPE":
+        return None
+    if model.get("fuse_unk") and not (model.get("byte_fallback")
+                                      and all(f"<0x{byte:02X}>" in vocab for byte in range(256))):
         return None
     shrink = _normalizer_shrink(spec.get("normalizer"))
     if shrink is None or not _keeps_all_text(spec.get("pre_tokenizer")):
         return None
     # Token strings are at least as long in UTF-8 as the bytes they stand for (byte-level "Ġ" is 2 bytes
     # for 1; "<0x41>" is 6 for 1); an unknown character is one token of at most 4 bytes.
-    longest = max((len(token.encode()) for token in backend.get_vocab(with_added_tokens=True)), default=0)
+    longest = max((len(token.encode()) for token in vocab), default=0)
     return max(4, longest) * shrink
 
 

@@ -163,7 +163,12 @@ def response_entries(latest: dict[int, RequestOutput], num_top: int | None, echo
 def encode_json(head: dict, choices: Iterable[dict]) -> bytes:
     """`{**head, "choices": [...]}` as JSON, each choice built and encoded in turn: a 30 MB body never
     holds the GIL in one call, nor lives as millions of Python objects (which full collections walk)."""
-    return b'{"choices":[' + b",".join(map(orjson.dumps, choices)) + b"]," + orjson.dumps(head)[1:]
+    fields = {key: value for key, value in head.items() if key != "usage"}
+    encoded = orjson.dumps(fields)[:-1] + (b"," if fields else b"") + b'"choices":['
+    encoded += b",".join(map(orjson.dumps, choices)) + b"]"
+    if "usage" in head:  # last, where OpenAI puts it
+        encoded += b',"usage":' + orjson.dumps(head["usage"])
+    return encoded + b"}"
 
 
 async def send_json(request: web.Request, state: ServerState, body: bytes) -> web.StreamResponse:

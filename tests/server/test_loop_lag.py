@@ -52,7 +52,7 @@ async def test_an_over_long_text_prompt_is_refused_from_its_byte_length_without_
         status, body, lag = await _post_measuring_lag(live, http, "/v1/completions", big_text_body)
         assert status == 400 and orjson.loads(body)["error"]["param"] == "prompt"
         assert "has at least" in orjson.loads(body)["error"]["message"]  # a bound, not a token count
-        print("LAG", lag); assert lag < MAX_LAG
+        assert lag < MAX_LAG
 
 
 @pytest.mark.parametrize("path", ["/tokenize", "/v1/completions"])
@@ -65,7 +65,7 @@ async def test_a_big_prompt_the_byte_bound_cannot_refuse_is_tokenized_off_the_lo
         error = orjson.loads(body)["error"]
         assert status == 400 and error["param"] == "prompt"
         assert f"maximum context length is {MAX_MODEL_LEN}" in error["message"]
-        print("LAG", lag); assert lag < MAX_LAG
+        assert lag < MAX_LAG
 
 
 async def test_a_big_chat_message_is_rendered_and_tokenized_off_the_loop(model_path):
@@ -75,7 +75,7 @@ async def test_a_big_chat_message_is_rendered_and_tokenized_off_the_loop(model_p
         data = orjson.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": BIG_TEXT}]})
         status, body, lag = await _post_measuring_lag(live, http, "/v1/chat/completions", data)
         assert status == 400 and orjson.loads(body)["error"]["param"] == "messages"
-        print("LAG", lag); assert lag < MAX_LAG
+        assert lag < MAX_LAG
 
 
 async def test_a_huge_token_id_list_is_checked_off_the_loop(model_path):
@@ -84,7 +84,7 @@ async def test_a_huge_token_id_list_is_checked_off_the_loop(model_path):
         data = orjson.dumps({"model": MODEL_NAME, "prompt": [7] * 2_000_000})
         status, body, lag = await _post_measuring_lag(live, http, "/v1/completions", data)
         assert status == 400 and orjson.loads(body)["error"]["param"] == "prompt"
-        print("LAG", lag); assert lag < MAX_LAG
+        assert lag < MAX_LAG
 
 
 def _gzip_bomb(inflated_bytes: int) -> bytes:
@@ -101,7 +101,7 @@ async def test_a_gzip_bomb_is_413_and_stops_inflating_at_the_body_limit(model_pa
                                                       {"Content-Encoding": "gzip"})
         assert status == 413 and orjson.loads(body)["error"]["code"] == "request_too_large"
         await _assert_quiet_for(live, 0.5)
-        print("LAG", lag); assert lag < MAX_LAG
+        assert lag < MAX_LAG
 
 
 async def _assert_quiet_for(live, seconds: float) -> None:
@@ -136,4 +136,4 @@ async def test_a_big_non_streamed_response_is_built_and_encoded_without_holding_
         assert len(payload["choices"]) == 64
         assert all(len(choice["logprobs"]["tokens"]) == 501 for choice in payload["choices"])
         assert payload["usage"] == {"prompt_tokens": 500, "completion_tokens": 64, "total_tokens": 564}
-        print("LAG", lag); assert lag < MAX_LAG
+        assert lag < MAX_LAG

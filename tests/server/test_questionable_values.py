@@ -5,7 +5,7 @@ import orjson
 import pytest
 
 from asyncserve.server.protocol import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
-from tests.server.conftest import MODEL_NAME
+from tests.server.conftest import MAX_MODEL_LEN, MODEL_NAME
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -89,3 +89,13 @@ async def test_a_body_not_declared_as_json_is_415(server, http, content_type):
 async def test_json_content_types_and_a_missing_one_are_accepted(server, http, content_type):
     status, payload = await _post(server, http, COMPLETIONS, PROMPT, content_type)
     assert status == 200, payload
+
+
+async def test_tokenize_and_detokenize_refuse_more_than_max_model_len(server, http):
+    status, payload = await _post(server, http, "/detokenize", {"tokens": [5] * (MAX_MODEL_LEN + 1)})
+    assert status == 400 and payload["error"]["param"] == "tokens"
+    status, payload = await _post(server, http, "/detokenize", {"tokens": [5] * MAX_MODEL_LEN})
+    assert status == 200
+    status, payload = await _post(server, http, "/tokenize", {"prompt": "hello " * MAX_MODEL_LEN})
+    assert status == 400 and payload["error"]["param"] == "prompt"
+    assert f"maximum context length is {MAX_MODEL_LEN}" in payload["error"]["message"]

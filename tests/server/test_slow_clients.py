@@ -80,3 +80,27 @@ async def test_a_request_body_that_never_ends_is_answered_408_and_the_connection
     error = orjson.loads(body)["error"]
     assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
     assert "0.5 s" in error["message"]
+
+
+async def test_a_client_that_never_reads_a_big_non_streamed_body_is_cut_off(model_path, caplog):
+    engine = make_engine(model_path)
+    app = openai_app(engine, log_requests=False, stream_write_timeout=WRITE_TIMEOUT)
+    app.on_response_prepare.append(_small_send_buffer)
+    async with serve(app) as url:
+        body = orjson.dumps({"model": MODEL_NAME, "prompt": list(range(3, 303)), "n": 16, "max_tokens": 1,
+                             "echo": True, "logprobs": 20, "temperature": 1.0})  # a body of about 3 MB
+        sock = await _connect_never_reading(url)
+        loop = asyncio.get_running_loop()
+        try:
+            with caplog.at_level(logging.WARNING, logger="asyncserve.server"):
+                await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+                                              b"Content-Type: application/json\r\nContent-Length: "
+                                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+                deadline = loop.time() + 30
+                while "its request was aborted" not in caplog.text and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+            assert "read nothing for 0.5 s; its request was aborted" in caplog.text
+        finally:
+            sock.close()
+        stats = await wait_until_idle(engine, timeout=2.0)
+        assert stats["num_requests_running"] == 0 and stats["kv_cache_usage_perc"] == 0.0

@@ -82,8 +82,8 @@ async def _metrics(session: aiohttp.ClientSession, base_url: str) -> dict[str, f
 
 def _lag_samples_over(metrics: dict[str, float], bucket: str) -> float:
     """How many lag samples (one per 10 ms) exceeded the histogram bucket `bucket` (seconds)."""
-    return metrics.get("event_loop_lag_seconds_count", 0.0) - metrics.get(f"event_loop_lag_seconds_bucket[{bucket}]",
-                                                                          0.0)
+    within = metrics.get(f"event_loop_lag_seconds_bucket[{bucket}]", 0.0)
+    return metrics.get("event_loop_lag_seconds_count", 0.0) - within
 
 
 def _stream_body(rng: random.Random, model: str, max_tokens: int, i: int) -> tuple[str, dict]:
@@ -151,8 +151,8 @@ def _malformed(rng: random.Random, model: str) -> tuple[str, bytes, dict] | byte
     if choice == 2:
         return "/v1/completions", b"not gzip at all", {**json_headers, "Content-Encoding": "gzip"}
     if choice == 3:
-        return "/v1/chat/completions", orjson.dumps({"model": model, "messages": [{"role": "user", "content": 5}]}), \
-            json_headers
+        messages = [{"role": "user", "content": 5}]
+        return "/v1/chat/completions", orjson.dumps({"model": model, "messages": messages}), json_headers
     if choice == 4:
         return "/v1/completions", orjson.dumps({"model": model, "prompt": [5] * 5000}), json_headers
     if choice == 5:
@@ -231,7 +231,8 @@ async def run(args, base_url: str, pid: int | None) -> dict:
         "rss_mib_end": round((tally.rss_samples[-1][1] or 0) / 2 ** 20, 1),
         "rss_growth_mib_per_1000_after_warmup": None if growth is None else round(growth, 2),
         "worst_loop_lag_s": after.get("event_loop_lag_seconds_max"),
-        "loop_lag_samples": after.get("event_loop_lag_seconds_count", 0) - before.get("event_loop_lag_seconds_count", 0),
+        "loop_lag_samples": after.get("event_loop_lag_seconds_count", 0)
+        - before.get("event_loop_lag_seconds_count", 0),
         "loop_lag_samples_over_50ms": _lag_samples_over(after, "0.05") - _lag_samples_over(before, "0.05"),
         "after_warmup": {
             "loop_lag_samples": after.get("event_loop_lag_seconds_count", 0)

@@ -53,8 +53,11 @@ async def read_body(request: web.Request, limit: int, body_timeout: float) -> by
 async def send_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Answers, then closes the connection: a body left unread is never read on (nor inflated)."""
     response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left meanwhile: nothing to answer
     request.protocol.force_close()  # flushes what was written, then closes; no lingering read of the rest
     return response
 

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Answer 503 when this many requests already wait (default: no bound).")
     server.add_argument("--max-request-body-mb", type=float, default=4.0, metavar="MIB",
                         help="Largest request body, in MiB; larger ones get 413 (default: %(default)s).")
+    server.add_argument("--stream-write-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="A client that reads nothing of its response for this long is disconnected and "
+                             "its request aborted (default: %(default)s).")
+    server.add_argument("--request-body-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="A request body not received within this is answered 408 (default: %(default)s).")
     server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="On SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
                              "aborted (default: %(default)s).")
@@ -242,26 +247,31 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         parser.exit(2, f"asyncserve: error: {exc}\n")
 
-    from aiohttp import web
-
     from asyncserve.server import openai_app
     from asyncserve.server.cors import CorsConfig
+    from asyncserve.server.run import serve
     cors = None if args.allowed_origins is None else CorsConfig(
         allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     app = openai_app(engine, served_model_name=names, api_key=args.api_key, chat_template=args.chat_template,
                      log_requests=not args.disable_log_requests,
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
-                     drain_timeout=args.shutdown_timeout, cors=cors)
+                     drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,
+                     request_body_timeout=args.request_body_timeout)
     port = sock.getsockname()[1]
 
-    def announce(_message: str) -> None:
+    def announce(_addresses: list) -> None:
         logger.info("serving %s at http://%s:%d/v1 (health: /health, metrics: /metrics); Ctrl+C stops",
                     ", ".join(names), args.host, port)
 
-    web.run_app(app, sock=sock, loop=new_event_loop(), print=announce,
-                access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access"),
-                handler_cancellation=True, shutdown_timeout=args.shutdown_timeout + 5.0)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(serve(
+            app, args.host, port, sock=sock, on_started=announce, shutdown_timeout=args.shutdown_timeout + 5.0,
+            access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access")))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     logger.info("asyncserve stopped")
     return 0
 

@@ -131,9 +131,14 @@ class AsyncEngine:
             raise EngineDeadError("The engine is not started: `await engine.start()` first, or mount "
                                   "its app so that start-up runs it.")
         bound = self.config.scheduler.max_num_waiting
-        if bound is not None and self.engine.scheduler.num_waiting >= bound:
-            raise QueueFullError(f"{self.engine.scheduler.num_waiting} requests are already waiting; "
-                                 "try again later.")
+        if bound is not None:
+            # Only what cannot start at the next step waits: free running slots take the first arrivals.
+            scheduler = self.engine.scheduler
+            free_slots = max(0, self.config.scheduler.max_num_seqs - scheduler.num_running)
+            num_beyond = scheduler.num_waiting - free_slots
+            if num_beyond >= bound:
+                raise QueueFullError(f"{num_beyond} requests already wait beyond the {free_slots} free running "
+                                     f"slots (max_num_waiting={bound}); try again later.")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = self.engine.add_request(request_id, prompt, params)
         stream = RequestStream()

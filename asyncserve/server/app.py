@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from asyncserve.server.chat import create_chat_completion, load_chat_template
+from asyncserve.server.connection import quiet_malformed_request_logs, send_and_close, set_server_header
 from asyncserve.server.completions import create_completion
 from asyncserve.server.cors import CorsConfig, cors_middleware, enable_cors
 from asyncserve.server.errors import ApiError, api_error_from, error_response
@@ -21,12 +22,13 @@ logger = logging.getLogger("asyncserve.server")
 # Routes that answer without an API key, as in vLLM: probes and scrapers carry no credentials; the chat
 # page is public too (it asks for the key and sends it with its API calls).
 OPEN_ROUTES = frozenset({"health", "version", "metrics", "chat_page"})
+OPEN_PATHS = ("/health", "/version", "/metrics", "/")
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Every failure leaves as an OpenAI error body; only a bug becomes a 500, and it is logged."""
+    """Every failure leaves as an OpenAI error body; only a bug becomes a 500, and it is logged at ERROR."""
     try:
         return await handler(request)
     except ConnectionResetError:  # the client left while we read or wrote
@@ -34,27 +36,56 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(api_error_from(exc))
+        error = api_error_from(exc)
     except Exception as exc:
         error = api_error_from(exc)
         if error is None:
             request.app[SERVER_STATE].metrics.num_internal_errors += 1
             logger.exception("unexpected error answering %s %s", request.method, request.path)
             error = ApiError(500, f"Internal server error ({type(exc).__name__}); the server log has details.")
+    if request.content.is_eof():
         return error_response(error)
+    # The body was not read to its end (too large, too slow, undecodable): answer, then close, so that
+    # aiohttp does not go on reading (and inflating) the rest.
+    return await send_and_close(request, error_response(error))
+
+
+def _bearer_token_matches(header: str, api_key: bytes) -> bool:
+    scheme, _, token = header.partition(" ")
+    # aiohttp keeps undecodable header bytes as surrogates: compare the raw bytes, never fail on them.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"),
+                                                              api_key)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    """With an API key set, every route but the open ones needs `Authorization: Bearer <key>`."""
+    """With an API key set, every route but the open ones needs `Authorization: Bearer <key>`; a wrong
+    method on an API route is answered 401 before 405, so that nothing about it leaks without the key."""
     api_key = request.app[SERVER_STATE].api_key
     match_info = request.match_info
-    if api_key is None or match_info.http_exception is not None or match_info.route.name in OPEN_ROUTES:
+    if api_key is None:
         return await handler(request)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    exception = match_info.http_exception
+    if exception is not None:
+        is_open = exception.status != 405 or request.path.endswith(OPEN_PATHS)
+    else:
+        is_open = match_info.route.name in OPEN_ROUTES
+    if not is_open and not _bearer_token_matches(request.headers.get("Authorization", ""),
+                                                 api_key.encode("utf-8", "surrogateescape")):
         raise ApiError(401, "Missing or incorrect API key: send the header 'Authorization: Bearer <key>'.",
                        headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+@web.middleware
+async def draining_middleware(request: web.Request, handler):
+    """While shutting down, new requests get 503 `shutting_down` (a load balancer retries elsewhere);
+    /metrics still answers."""
+    state = request.app[SERVER_STATE]
+    if state.draining and request.match_info.http_exception is None and \
+            request.match_info.route.name != "metrics":
+        raise ApiError(503, "The server is shutting down; try another replica.", code="shutting_down",
+                       headers={"Connection": "close"})
     return await handler(request)
 
 
@@ -71,6 +102,7 @@ async def _engine_lifetime(app: web.Application):
     yield
     await state.lag.stop()
     await state.engine.stop()
+    state.close()
     if state.freeze_gc:
         gc.unfreeze()  # lets the interpreter free everything on exit (native extensions check for leaks)
 
@@ -82,7 +114,8 @@ async def _drain(app: web.Application) -> None:
 def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_key: str | None = None,
                chat_template: str | None = None, log_requests: bool = True,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 5.0,
-               freeze_gc: bool = True, cors: CorsConfig | None = None) -> web.Application:
+               freeze_gc: bool = True, cors: CorsConfig | None = None, stream_write_timeout: float = 30.0,
+               request_body_timeout: float = 60.0) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -91,19 +124,24 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     `freeze_gc` moves everything alive at start-up out of the garbage collector's reach (`gc.freeze()`),
     which removes 100-200 ms full-collection pauses of the loop under load.
     `cors` turns CORS on (vLLM's --allowed-origins ...); without it no CORS header is ever sent.
+    A client that reads nothing of its response for `stream_write_timeout` seconds is disconnected and its
+    request aborted; a body that has not arrived after `request_body_timeout` seconds is answered 408.
     """
     names = served_model_name or engine.served_model_names
     state = ServerState(engine=engine, model_names=[names] if isinstance(names, str) else list(names),
                         chat_template=load_chat_template(chat_template), api_key=api_key or None,
                         log_requests=log_requests, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,
-                        freeze_gc=freeze_gc)
-    middlewares = [error_middleware, auth_middleware]
+                        freeze_gc=freeze_gc, stream_write_timeout=stream_write_timeout,
+                        request_body_timeout=request_body_timeout)
+    middlewares = [error_middleware, auth_middleware, draining_middleware]
     if cors is not None:
         middlewares.insert(0, cors_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[SERVER_STATE] = state
     if cors is not None:
         enable_cors(app, cors)
+    app.on_response_prepare.append(set_server_header)
+    quiet_malformed_request_logs()
     app.cleanup_ctx.append(_engine_lifetime)
     app.on_shutdown.append(_drain)
     app.router.add_post("/v1/completions", create_completion, name="completions")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from typing import Iterator
 
 import jinja2
 from aiohttp import web
@@ -14,8 +15,9 @@ from asyncserve.server.errors import bad_request
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
-from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
-                                       stream, usage)
+from asyncserve.server.serving import (OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
+                                       encode_json, json_response, log_request, read_and_prepare, response_entries,
+                                       send_json, stream, usage)
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import SERVER_STATE, ServerState
 
@@ -32,9 +34,18 @@ def load_chat_template(value: str | None) -> str | None:
     raise ConfigError(f"--chat-template {value!r} is neither a file nor a Jinja template string.")
 
 
+# What a chat template reads besides `chat_template_kwargs`: a request may not rewrite the conversation,
+# the tools, the special tokens the model was trained on, or the template's helpers.
+_TEMPLATE_VARIABLES = frozenset({
+    "messages", "add_generation_prompt", "continue_final_message", "tools", "documents", "raise_exception",
+    "strftime_now", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens"})
+
+
 def _reserved_template_kwargs(tokenizer) -> frozenset[str]:
     names = inspect.signature(tokenizer.apply_chat_template).parameters
-    return frozenset(name for name in names if name != "kwargs") | {"messages", "add_generation_prompt"}
+    special = set(getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ())) | set(tokenizer.special_tokens_map)
+    return frozenset(name for name in names if name != "kwargs") | _TEMPLATE_VARIABLES | special
 
 
 def render(state: ServerState, parsed: ChatRequest) -> Prompt:
@@ -55,7 +66,7 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"The chat template cannot render these messages: {exc}", "messages") from None
     # The template writes BOS itself where the model wants one, so no special tokens are added here.
-    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+    return Prompt(text, state.prompt_encoder.encode(text, False, "messages"))
 
 
 class ChatStreamWriter:
@@ -92,32 +103,49 @@ class ChatStreamWriter:
         return self.encoder.usage_frame(usage_body)
 
 
-def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
-          generation: Generation, latest: dict[int, RequestOutput]) -> dict:
-    choices = []
+def _choices(state: ServerState, parsed: ChatRequest, latest: dict[int, RequestOutput]) -> Iterator[dict]:
     for completion in latest[0].outputs:
         logprobs = None
         if parsed.top_logprobs is not None:
             logprobs = {"content": state.logprobs.chat(completion.token_ids, completion.logprobs,
                                                        parsed.top_logprobs)}
-        choices.append({"index": completion.index,
-                        "message": {"role": "assistant", "content": completion.text},
-                        "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                        "stop_reason": completion.stop_reason})
+        yield {"index": completion.index, "message": {"role": "assistant", "content": completion.text},
+               "logprobs": logprobs, "finish_reason": completion.finish_reason,
+               "stop_reason": completion.stop_reason}
+
+
+def _head(response_id: str, created: int, model: str, generation, latest: dict[int, RequestOutput]) -> dict:
     return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None, "choices": choices, "usage": usage(generation, latest)}
+            "system_fingerprint": None, "usage": usage(generation, latest)}
 
 
-async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[SERVER_STATE]
-    state.check_accepting()
-    data = await read_json(request, state.max_body_bytes)
+def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
+          generation: Generation, latest: dict[int, RequestOutput]) -> dict:
+    return {**_head(response_id, created, model, generation, latest),
+            "choices": list(_choices(state, parsed, latest))}
+
+
+def _encode_body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
+                 generation: Generation, latest: dict[int, RequestOutput]) -> bytes:
+    return encode_json(_head(response_id, created, model, generation, latest), _choices(state, parsed, latest))
+
+
+def _prepare(state: ServerState, data) -> tuple[str, ChatRequest, Prompt]:
+    """Everything before queueing: parse, render, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
     parsed = parse_chat(data, vocab_size=engine.vocab_size,
                         max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
     prompt = truncate(engine, render(state, parsed), parsed.params)
     check_prompt(engine, prompt, parsed.params, "messages")
+    return model, parsed, prompt
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[SERVER_STATE]
+    state.check_accepting()
+    model, parsed, prompt = await read_and_prepare(request, state, _prepare)
+    engine = state.engine
     response_id, created = state.new_id("chatcmpl"), int(time.time())
     if parsed.use_beam_search:
         check_beam_request(parsed.params, parsed.stream)
@@ -134,4 +162,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     latest = await collect(request, state, generation)
     if latest is None:
         return client_closed()
-    return json_response(_body(state, parsed, response_id, created, model, generation, latest))
+    big = response_entries(latest, parsed.top_logprobs) > OFFLOAD_RESPONSE_ENTRIES
+    body = await state.run(big, _encode_body, state, parsed, response_id, created, model, generation, latest)
+    return await send_json(request, state, body)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 from aiohttp import web
 
@@ -9,14 +10,17 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
-from asyncserve.server.serving import (Cursor, client_closed, collect, json_response, log_request, read_json,
-                                       stream, usage)
+from asyncserve.server.serving import (OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
+                                       encode_json, json_response, log_request, read_and_prepare, response_entries,
+                                       send_json, stream, usage)
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import SERVER_STATE, ServerState
 
 
-def _prompt(engine, prompt: str | list[int]) -> Prompt:
-    text, token_ids = engine.tokenize_prompt(prompt)
+def _prompt(state: ServerState, prompt: str | list[int]) -> Prompt:
+    if isinstance(prompt, str) and state.prompt_encoder is not None:
+        return Prompt(prompt, state.prompt_encoder.encode(prompt, True, "prompt"))
+    text, token_ids = state.engine.tokenize_prompt(prompt)
     return Prompt(text, token_ids)
 
 
@@ -96,10 +100,9 @@ class CompletionStreamWriter:
         return self.encoder.usage_frame(usage_body)
 
 
-def _body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
-          generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> dict:
+def _choices(state: ServerState, parsed: CompletionRequest, generation: Generation,
+             latest: dict[int, RequestOutput], echo: _Echo) -> Iterator[dict]:
     n, num_top = parsed.params.n, parsed.params.logprobs
-    choices = []
     for prompt_index in range(len(generation.prompts)):
         output = latest[prompt_index]
         prefix = echo.text(prompt_index)
@@ -109,25 +112,45 @@ def _body(state: ServerState, parsed: CompletionRequest, response_id: str, creat
                 logprobs = _join_logprobs(
                     echo.logprobs(prompt_index, output, num_top),
                     state.logprobs.completion(completion.token_ids, completion.logprobs, num_top, len(prefix)))
-            choices.append({"index": prompt_index * n + completion.index, "text": prefix + completion.text,
-                            "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                            "stop_reason": completion.stop_reason})
+            yield {"index": prompt_index * n + completion.index, "text": prefix + completion.text,
+                   "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                   "stop_reason": completion.stop_reason}
+
+
+def _head(response_id: str, created: int, model: str, generation, latest: dict[int, RequestOutput]) -> dict:
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(generation, latest)}
+            "usage": usage(generation, latest)}
+
+
+def _body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
+          generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> dict:
+    return {**_head(response_id, created, model, generation, latest),
+            "choices": list(_choices(state, parsed, generation, latest, echo))}
+
+
+def _encode_body(state: ServerState, parsed: CompletionRequest, response_id: str, created: int, model: str,
+                 generation: Generation, latest: dict[int, RequestOutput], echo: _Echo) -> bytes:
+    return encode_json(_head(response_id, created, model, generation, latest),
+                       _choices(state, parsed, generation, latest, echo))
+
+
+def _prepare(state: ServerState, data) -> tuple[str, CompletionRequest, list[Prompt], _Echo]:
+    """Everything before queueing: parse, tokenize, check (in the worker thread for big bodies)."""
+    model = state.resolve_model(Fields(data).string("model"))
+    engine = state.engine
+    parsed = parse_completion(data, vocab_size=engine.vocab_size,
+                              max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
+    prompts = [truncate(engine, _prompt(state, prompt), parsed.params) for prompt in parsed.prompts]
+    for prompt in prompts:
+        check_prompt(engine, prompt, parsed.params, "prompt")
+    return model, parsed, prompts, _Echo(state, parsed, prompts)
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     state.check_accepting()
-    data = await read_json(request, state.max_body_bytes)
-    model = state.resolve_model(Fields(data).string("model"))
+    model, parsed, prompts, echo = await read_and_prepare(request, state, _prepare)
     engine = state.engine
-    parsed = parse_completion(data, vocab_size=engine.vocab_size,
-                              max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
-    prompts = [truncate(engine, _prompt(engine, prompt), parsed.params) for prompt in parsed.prompts]
-    for prompt in prompts:
-        check_prompt(engine, prompt, parsed.params, "prompt")
-    echo = _Echo(state, parsed, prompts)
     response_id, created = state.new_id("cmpl"), int(time.time())
     if parsed.use_beam_search:
         check_beam_request(parsed.params, parsed.stream)
@@ -143,4 +166,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     latest = await collect(request, state, generation)
     if latest is None:
         return client_closed()
-    return json_response(_body(state, parsed, response_id, created, model, generation, latest, echo))
+    big = response_entries(latest, parsed.params.logprobs, echo.enabled) > OFFLOAD_RESPONSE_ENTRIES
+    body = await state.run(big, _encode_body, state, parsed, response_id, created, model, generation, latest,
+                           echo)
+    return await send_json(request, state, body)

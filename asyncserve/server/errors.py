@@ -12,6 +12,7 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     500: "server_error",
@@ -22,6 +23,7 @@ _CODES = {
     401: "invalid_api_key",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     500: "internal_error",
     503: "service_unavailable",
@@ -70,6 +72,8 @@ def api_error_from(exc: BaseException) -> ApiError | None:
         return ApiError(400, str(exc))
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         return _from_http_exception(exc)
+    if isinstance(exc, web.RequestPayloadError):  # a body aiohttp cannot decode (bad Content-Encoding ...)
+        return ApiError(400, f"The request body could not be read: {exc.__cause__ or exc}.", code="invalid_body")
     return None
 
 

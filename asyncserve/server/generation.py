@@ -9,6 +9,7 @@ from typing import AsyncIterator
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import SamplingParams
 from asyncserve.server.errors import bad_request
+from asyncserve.server.prompt_encoder import too_long
 
 
 @dataclass
@@ -28,8 +29,7 @@ def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str) -> 
     max_len = engine.max_model_len
     num_prompt = len(prompt.token_ids)
     if num_prompt >= max_len:
-        raise bad_request(f"This model's maximum context length is {max_len} tokens, and the {param} has "
-                          f"{num_prompt}: at least one token must be generated. Shorten the {param}.", param)
+        raise too_long(max_len, str(num_prompt), param)
     if params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
         raise bad_request(
             f"This model's maximum context length is {max_len} tokens. However, you requested "

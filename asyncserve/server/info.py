@@ -8,7 +8,7 @@ from asyncserve.server.chat import render
 from asyncserve.server.errors import ApiError, bad_request
 from asyncserve.server.metrics import CONTENT_TYPE
 from asyncserve.server.protocol import Fields, parse_chat
-from asyncserve.server.serving import json_response, read_json
+from asyncserve.server.serving import json_response, read_and_prepare
 from asyncserve.server.state import SERVER_STATE, ServerState
 
 
@@ -54,10 +54,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
 
 
-async def tokenize(request: web.Request) -> web.Response:
-    """`{"prompt": str, "add_special_tokens": true}` or `{"messages": [...]}` -> token ids."""
-    state = request.app[SERVER_STATE]
-    data = await read_json(request, state.max_body_bytes)
+def _tokenize(state: ServerState, data) -> dict:
     fields = Fields(data)
     state.resolve_model(fields.string("model"))
     engine = state.engine
@@ -69,21 +66,36 @@ async def tokenize(request: web.Request) -> web.Response:
         prompt = fields.string("prompt")
         if prompt is None:
             raise bad_request("'prompt' (a string) or 'messages' is required.", "prompt")
-        token_ids = state.tokenizer.encode(prompt, add_special_tokens=fields.boolean("add_special_tokens", True))
+        token_ids = state.prompt_encoder.encode(prompt, fields.boolean("add_special_tokens", True), "prompt")
     body = {"count": len(token_ids), "max_model_len": engine.max_model_len, "tokens": token_ids}
     if fields.boolean("return_token_strs", False):
         body["token_strs"] = state.tokenizer.convert_ids_to_tokens(token_ids)
-    return json_response(body)
+    return body
 
 
-async def detokenize(request: web.Request) -> web.Response:
-    """`{"tokens": [ids]}` -> `{"prompt": text}`."""
+async def tokenize(request: web.Request) -> web.Response:
+    """`{"prompt": str, "add_special_tokens": true}` or `{"messages": [...]}` -> token ids.
+
+    As in vLLM, a prompt of max_model_len tokens or more is refused (400): no request could use it.
+    """
     state = request.app[SERVER_STATE]
-    data = await read_json(request, state.max_body_bytes)
+    return json_response(await read_and_prepare(request, state, _tokenize))
+
+
+def _detokenize(state: ServerState, data) -> dict:
     fields = Fields(data)
     state.resolve_model(fields.string("model"))
     tokens = data.get("tokens")
-    vocab_size = state.engine.vocab_size
+    vocab_size, max_len = state.engine.vocab_size, state.engine.max_model_len
+    if isinstance(tokens, list) and len(tokens) > max_len:
+        raise bad_request(f"'tokens' has {len(tokens)} ids; no sequence of this model is longer than "
+                          f"max_model_len={max_len}.", "tokens")
     if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab_size for t in tokens):
         raise bad_request(f"'tokens' must be an array of token ids in [0, {vocab_size}).", "tokens")
-    return json_response({"prompt": state.tokenizer.decode(tokens)})
+    return {"prompt": state.tokenizer.decode(tokens)}
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """`{"tokens": [ids]}` -> `{"prompt": text}`; at most max_model_len ids."""
+    state = request.app[SERVER_STATE]
+    return json_response(await read_and_prepare(request, state, _detokenize))

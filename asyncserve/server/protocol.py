@@ -14,6 +14,9 @@ from asyncserve.server.request_fields import check_fields
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+_MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]; past it sampling is uniform noise
+# OpenAI allows 4 stop sequences; vLLM does not bound them. Each is searched for after every token.
+MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 64, 1024
 
 
 def _kind(value) -> str:
@@ -124,13 +127,16 @@ def _stop(fields: Fields) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("'stop' must be a non-empty string or an array of non-empty strings.", "stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
+        raise bad_request(f"'stop' may hold at most {MAX_STOP_STRINGS} strings of at most "
+                          f"{MAX_STOP_STRING_CHARS} characters each.", "stop")
     return stop
 
 
-def _int_list(fields: Fields, name: str) -> list[int]:
+def _token_id_list(fields: Fields, name: str, vocab_size: int) -> list[int]:
     value = fields.raw(name, [])
-    if not isinstance(value, list) or not all(type(v) is int and 0 <= v <= _INT64_MAX for v in value):
-        raise bad_request(f"'{name}' must be an array of non-negative integers.", name)
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < vocab_size for v in value):
+        raise bad_request(f"'{name}' must be an array of token ids in [0, {vocab_size}).", name)
     return value
 
 
@@ -143,10 +149,10 @@ def _bad_words(fields: Fields) -> list[str] | None:
     return words
 
 
-def _allowed_token_ids(fields: Fields) -> list[int] | None:
+def _allowed_token_ids(fields: Fields, vocab_size: int) -> list[int] | None:
     if fields.data.get("allowed_token_ids") is None:
         return None
-    allowed = _int_list(fields, "allowed_token_ids")
+    allowed = _token_id_list(fields, "allowed_token_ids", vocab_size)
     if not allowed:
         raise bad_request("'allowed_token_ids' must not be empty: nothing could be sampled.", "allowed_token_ids")
     return allowed
@@ -161,10 +167,10 @@ def _logit_bias(fields: Fields, vocab_size: int) -> dict[int, float] | None:
                           "logit_bias")
     parsed = {}
     for key, value in bias.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r}.", "logit_bias") from None
+        if not (key.isascii() and key.isdigit()):  # int() would take " 1 ", "1_0" and "١"
+            raise bad_request(f"'logit_bias' keys must be token ids written in decimal digits, got {key!r}.",
+                              "logit_bias")
+        token_id = int(key)
         if not 0 <= token_id < vocab_size:
             raise bad_request(f"'logit_bias' token id {token_id} is outside the vocabulary [0, {vocab_size}).",
                               "logit_bias")
@@ -173,6 +179,14 @@ def _logit_bias(fields: Fields, vocab_size: int) -> dict[int, float] | None:
                               f"token {key}.", "logit_bias")
         parsed[token_id] = float(value)
     return parsed
+
+
+def _temperature(fields: Fields, default: float) -> float:
+    temperature = fields.number("temperature", default)
+    if temperature > _MAX_TEMPERATURE:
+        raise bad_request(f"'temperature' must be between 0 and {_MAX_TEMPERATURE:g}, got {temperature:g}.",
+                          "temperature")
+    return temperature
 
 
 def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | None,
@@ -194,13 +208,13 @@ def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | N
             presence_penalty=fields.number("presence_penalty", 0.0),
             frequency_penalty=fields.number("frequency_penalty", 0.0),
             repetition_penalty=fields.number("repetition_penalty", defaults.get("repetition_penalty", 1.0)),
-            temperature=fields.number("temperature", defaults.get("temperature", 1.0)),
+            temperature=_temperature(fields, defaults.get("temperature", 1.0)),
             top_p=fields.number("top_p", defaults.get("top_p", 1.0)),
             top_k=fields.integer("top_k", defaults.get("top_k", 0), minimum=-1),
             min_p=fields.number("min_p", defaults.get("min_p", 0.0)),
             seed=fields.integer("seed"),
             stop=_stop(fields),
-            stop_token_ids=_int_list(fields, "stop_token_ids"),
+            stop_token_ids=_token_id_list(fields, "stop_token_ids", vocab_size),
             include_stop_str_in_output=fields.boolean("include_stop_str_in_output", False),
             ignore_eos=fields.boolean("ignore_eos", False),
             max_tokens=max_tokens,
@@ -210,7 +224,7 @@ def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | N
             skip_special_tokens=fields.boolean("skip_special_tokens", True),
             spaces_between_special_tokens=fields.boolean("spaces_between_special_tokens", True),
             logit_bias=_logit_bias(fields, vocab_size),
-            allowed_token_ids=_allowed_token_ids(fields),
+            allowed_token_ids=_allowed_token_ids(fields, vocab_size),
             bad_words=_bad_words(fields),
             truncate_prompt_tokens=fields.integer("truncate_prompt_tokens", minimum=-1),
         )
@@ -296,7 +310,9 @@ def _message(message, index: int) -> dict:
                           f"{_kind(content)}.", f"{where}.content")
     parsed = {"role": "system" if role == "developer" else role, "content": content}
     name = message.get("name")
-    if isinstance(name, str):
+    if name is not None:
+        if not isinstance(name, str):
+            raise bad_request(f"'{where}.name' must be a string, got {_kind(name)}.", f"{where}.name")
         parsed["name"] = name
     return parsed
 

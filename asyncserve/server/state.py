@@ -5,6 +5,7 @@ import asyncio
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from asyncserve.server.errors import ApiError
 from asyncserve.server.lag import LagMonitor
 from asyncserve.server.logprobs import LogprobFormatter
 from asyncserve.server.metrics import ServerMetrics
+from asyncserve.server.prompt_encoder import PromptEncoder
 
 if TYPE_CHECKING:
     from asyncserve.engine.async_engine import AsyncEngine
@@ -31,15 +33,35 @@ class ServerState:
     drain_timeout: float = 5.0
     max_body_bytes: int = 4 * 1024 * 1024
     freeze_gc: bool = True
+    stream_write_timeout: float = 30.0  # a client that reads nothing this long is cut off, its request aborted
+    request_body_timeout: float = 60.0  # a body not received within this is answered 408
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     active: set = field(default_factory=set)  # Generations in flight
     _idle: asyncio.Event | None = None
+    _executor: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
         self.logprobs = LogprobFormatter(self.engine.tokenizer)
+        tokenizer = self.engine.tokenizer
+        self.prompt_encoder = PromptEncoder(tokenizer, self.engine.max_model_len) if tokenizer is not None else None
+
+    async def run(self, offload: bool, fn, *args):
+        """`fn(*args)`, in the worker thread when `offload`: big inputs are parsed, rendered and tokenized
+        there, so that no request holds the loop (the Rust tokenizer releases the GIL; Python code lets the
+        loop in every switch interval). One worker: the tokenizer is never used by two of them at once."""
+        if not offload:
+            return fn(*args)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-prepare")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _call_freeing_here, fn, args)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     @property
     def tokenizer(self):
@@ -86,6 +108,16 @@ class ServerState:
                 logger.info("shutting down: aborting %d requests still in flight", len(self.active))
         for generation in list(self.active):
             generation.abort()  # each stream ends with finish_reason "abort"
+
+
+def _call_freeing_here(fn, args):
+    """Calls fn; a failure's traceback is dropped here, so that the big objects its frames hold (a parsed
+    body of millions of token ids) are freed in this thread, not on the loop that receives the error."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        exc.__traceback__ = exc.__context__ = None
+        raise exc
 
 
 SERVER_STATE = web.AppKey("asyncserve_server_state", ServerState)

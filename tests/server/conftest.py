@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import aiohttp
@@ -14,6 +15,7 @@ from asyncserve import AsyncEngine, EngineConfig
 from asyncserve.server import SERVER_STATE, openai_app
 
 MODEL_NAME = "tiny-qwen3"
+SERVER_LOGGER = "asyncserve.server"
 MAX_MODEL_LEN = 512
 
 
@@ -96,3 +98,28 @@ async def wait_until_idle(engine: AsyncEngine, timeout: float = 1.0) -> dict:
         if idle or asyncio.get_running_loop().time() > deadline:
             return stats
         await asyncio.sleep(0.01)
+
+
+class _InternalErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("unexpected error answering"):
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def fail_on_internal_error(request):
+    """Any 500 (an unexpected exception in a handler, logged at ERROR) fails the test that caused it,
+    unless the test is marked `expect_internal_error`."""
+    handler = _InternalErrors()
+    logger = logging.getLogger(SERVER_LOGGER)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages and request.node.get_closest_marker("expect_internal_error") is None:
+        pytest.fail(f"the server answered 500: {handler.messages}")

@@ -170,11 +170,16 @@ async def test_api_key_is_required_on_api_routes_only(model_path):
 
 
 async def test_full_waiting_queue_is_503_with_retry_after(model_path):
-    async with live_server(model_path, max_num_waiting=0) as live, aiohttp.ClientSession() as http:
+    async with live_server(model_path, max_num_waiting=0, max_num_seqs=1) as live, \
+            aiohttp.ClientSession() as http:
+        running = await http.post(live.url + COMPLETIONS, json=completion(max_tokens=400, ignore_eos=True,
+                                                                          stream=True))
+        await running.content.readuntil(b"\n\n")  # it holds the one running slot
         async with http.post(live.url + COMPLETIONS, json=OK_PROMPT) as response:
             payload = orjson.loads(await response.read())
             assert response.status == 503
             assert response.headers["Retry-After"] == "1"
+        running.close()
         assert payload["error"]["code"] == "queue_full"
         assert payload["error"]["type"] == "server_error"
         assert live.state.metrics.num_internal_errors == 0
@@ -200,6 +205,7 @@ async def test_dead_engine_answers_503_and_health_fails(model_path):
         assert live.state.metrics.num_internal_errors == 0
 
 
+@pytest.mark.expect_internal_error
 async def test_a_bug_becomes_a_logged_500_with_an_openai_body(model_path, caplog):
     async with live_server(model_path) as live, aiohttp.ClientSession() as http:
         def broken_stats():

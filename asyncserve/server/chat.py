@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import time
 from typing import Iterator
 
 import jinja2
@@ -12,14 +11,12 @@ from aiohttp import web
 from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
 from asyncserve.server.errors import bad_request
-from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
+from asyncserve.server.handler import handle_generation
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
-from asyncserve.server.serving import (OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
-                                       encode_json, json_response, log_request, read_and_prepare, response_entries,
-                                       send_json, stream, usage)
+from asyncserve.server.serving import Cursor, encode_json, response_entries, usage
 from asyncserve.server.sse import ChunkEncoder
-from asyncserve.server.state import SERVER_STATE, ServerState
+from asyncserve.server.state import ServerState
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -130,7 +127,28 @@ def _encode_body(state: ServerState, parsed: ChatRequest, response_id: str, crea
     return encode_json(_head(response_id, created, model, generation, latest), _choices(state, parsed, latest))
 
 
-def _prepare(state: ServerState, data) -> tuple[str, ChatRequest, Prompt]:
+class _Prepared:
+    """A chat request, ready to queue (see server/handler.py)."""
+
+    kind, id_prefix, chunk_object, chat = "chat", "chatcmpl", "chat.completion.chunk", True
+
+    def __init__(self, model: str, parsed: ChatRequest, prompt: Prompt):
+        self.model, self.parsed, self.prompts = model, parsed, [prompt]
+
+    def body(self, state, response_id, created, generation, latest) -> dict:
+        return _body(state, self.parsed, response_id, created, self.model, generation, latest)
+
+    def encode_body(self, state, response_id, created, generation, latest) -> bytes:
+        return _encode_body(state, self.parsed, response_id, created, self.model, generation, latest)
+
+    def stream_writer(self, state, encoder):
+        return ChatStreamWriter(state, self.parsed, encoder)
+
+    def num_entries(self, latest) -> int:
+        return response_entries(latest, self.parsed.top_logprobs)
+
+
+def _prepare(state: ServerState, data) -> _Prepared:
     """Everything before queueing: parse, render, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
@@ -138,30 +156,8 @@ def _prepare(state: ServerState, data) -> tuple[str, ChatRequest, Prompt]:
                         max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
     prompt = truncate(engine, render(state, parsed), parsed.params)
     check_prompt(engine, prompt, parsed.params, "messages")
-    return model, parsed, prompt
+    return _Prepared(model, parsed, prompt)
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[SERVER_STATE]
-    state.check_accepting()
-    model, parsed, prompt = await read_and_prepare(request, state, _prepare)
-    engine = state.engine
-    response_id, created = state.new_id("chatcmpl"), int(time.time())
-    if parsed.use_beam_search:
-        check_beam_request(parsed.params, parsed.stream)
-        latest = await beam_search_outputs(engine, [prompt], parsed.params, parsed.length_penalty)
-        return json_response(_body(state, parsed, response_id, created, model, BeamGeneration([prompt]),
-                                   latest))
-    generation = Generation(engine, response_id, [prompt], parsed.params)
-    log_request(state, response_id, "chat", generation, parsed.stream)
-    if parsed.stream:
-        encoder = ChunkEncoder(response_id, "chat.completion.chunk", created, model, parsed.include_usage,
-                               chat=True)
-        return await stream(request, state, generation, ChatStreamWriter(state, parsed, encoder),
-                            parsed.include_usage)
-    latest = await collect(request, state, generation)
-    if latest is None:
-        return client_closed()
-    big = response_entries(latest, parsed.top_logprobs) > OFFLOAD_RESPONSE_ENTRIES
-    body = await state.run(big, _encode_body, state, parsed, response_id, created, model, generation, latest)
-    return await send_json(request, state, body)
+    return await handle_generation(request, _prepare)

@@ -1,20 +1,17 @@
 """POST /v1/completions: prompts in (text or token ids, one or many), `text_completion` objects out."""
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 from aiohttp import web
 
 from asyncserve.outputs import CompletionOutput, RequestOutput
-from asyncserve.server.beam import BeamGeneration, beam_search_outputs, check_beam_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
+from asyncserve.server.handler import handle_generation
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
-from asyncserve.server.serving import (OFFLOAD_RESPONSE_ENTRIES, Cursor, client_closed, collect,
-                                       encode_json, json_response, log_request, read_and_prepare, response_entries,
-                                       send_json, stream, usage)
+from asyncserve.server.serving import Cursor, encode_json, response_entries, usage
 from asyncserve.server.sse import ChunkEncoder
-from asyncserve.server.state import SERVER_STATE, ServerState
+from asyncserve.server.state import ServerState
 
 
 def _prompt(state: ServerState, prompt: str | list[int]) -> Prompt:
@@ -134,7 +131,29 @@ def _encode_body(state: ServerState, parsed: CompletionRequest, response_id: str
                        _choices(state, parsed, generation, latest, echo))
 
 
-def _prepare(state: ServerState, data) -> tuple[str, CompletionRequest, list[Prompt], _Echo]:
+class _Prepared:
+    """A completions request, ready to queue (see server/handler.py)."""
+
+    kind, id_prefix, chunk_object, chat = "completions", "cmpl", "text_completion", False
+
+    def __init__(self, model: str, parsed: CompletionRequest, prompts: list[Prompt], echo: _Echo):
+        self.model, self.parsed, self.prompts, self.echo = model, parsed, prompts, echo
+
+    def body(self, state, response_id, created, generation, latest) -> dict:
+        return _body(state, self.parsed, response_id, created, self.model, generation, latest, self.echo)
+
+    def encode_body(self, state, response_id, created, generation, latest) -> bytes:
+        return _encode_body(state, self.parsed, response_id, created, self.model, generation, latest,
+                            self.echo)
+
+    def stream_writer(self, state, encoder):
+        return CompletionStreamWriter(state, self.parsed, encoder, self.echo)
+
+    def num_entries(self, latest) -> int:
+        return response_entries(latest, self.parsed.params.logprobs, self.echo.enabled)
+
+
+def _prepare(state: ServerState, data) -> _Prepared:
     """Everything before queueing: parse, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
@@ -143,30 +162,8 @@ def _prepare(state: ServerState, data) -> tuple[str, CompletionRequest, list[Pro
     prompts = [truncate(engine, _prompt(state, prompt), parsed.params) for prompt in parsed.prompts]
     for prompt in prompts:
         check_prompt(engine, prompt, parsed.params, "prompt")
-    return model, parsed, prompts, _Echo(state, parsed, prompts)
+    return _Prepared(model, parsed, prompts, _Echo(state, parsed, prompts))
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[SERVER_STATE]
-    state.check_accepting()
-    model, parsed, prompts, echo = await read_and_prepare(request, state, _prepare)
-    engine = state.engine
-    response_id, created = state.new_id("cmpl"), int(time.time())
-    if parsed.use_beam_search:
-        check_beam_request(parsed.params, parsed.stream)
-        latest = await beam_search_outputs(engine, prompts, parsed.params, parsed.length_penalty)
-        return json_response(_body(state, parsed, response_id, created, model, BeamGeneration(prompts),
-                                   latest, echo))
-    generation = Generation(engine, response_id, prompts, parsed.params)
-    log_request(state, response_id, "completions", generation, parsed.stream)
-    if parsed.stream:
-        encoder = ChunkEncoder(response_id, "text_completion", created, model, parsed.include_usage, chat=False)
-        return await stream(request, state, generation, CompletionStreamWriter(state, parsed, encoder, echo),
-                            parsed.include_usage)
-    latest = await collect(request, state, generation)
-    if latest is None:
-        return client_closed()
-    big = response_entries(latest, parsed.params.logprobs, echo.enabled) > OFFLOAD_RESPONSE_ENTRIES
-    body = await state.run(big, _encode_body, state, parsed, response_id, created, model, generation, latest,
-                           echo)
-    return await send_json(request, state, body)
+    return await handle_generation(request, _prepare)

@@ -113,7 +113,7 @@ async def _assert_quiet_for(live, seconds: float) -> None:
 
 async def test_a_big_non_streamed_response_is_built_and_encoded_without_holding_the_loop(model_path,
                                                                                         monkeypatch):
-    from asyncserve.server import completions
+    from asyncserve.server import handler as completions  # the shared handler collects the outputs
     async with live_server(model_path) as live, aiohttp.ClientSession() as http:
         async def collect_then_start_measuring(*args):
             latest = await real_collect(*args)

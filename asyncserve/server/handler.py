@@ -1,0 +1,76 @@
+"""The one request skeleton that /v1/completions and /v1/chat/completions share: read and prepare off the
+loop when big, then beam search, a stream of SSE frames, or one JSON body. An endpoint supplies only a
+`PreparedRequest`: its parsed fields, its prompts, and how its responses look."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+from aiohttp import web
+
+from asyncserve.outputs import RequestOutput
+from asyncserve.server.beam import (
+    BeamGeneration,
+    beam_search_outputs,
+    check_beam_request,
+)
+from asyncserve.server.generation import Generation, Prompt
+from asyncserve.server.serving import (
+    OFFLOAD_RESPONSE_ENTRIES,
+    client_closed,
+    collect,
+    json_response,
+    log_request,
+    read_and_prepare,
+    send_json,
+    stream,
+)
+from asyncserve.server.sse import ChunkEncoder
+from asyncserve.server.state import SERVER_STATE, ServerState
+
+
+class PreparedRequest(Protocol):
+    kind: str            # "completions" or "chat": logs
+    id_prefix: str       # "cmpl" or "chatcmpl"
+    chunk_object: str    # the streamed chunks' "object"
+    chat: bool
+    model: str
+    parsed: object       # CompletionRequest or ChatRequest
+    prompts: list[Prompt]
+
+    def body(self, state: ServerState, response_id: str, created: int, generation,
+             latest: dict[int, RequestOutput]) -> dict: ...
+
+    def encode_body(self, state: ServerState, response_id: str, created: int, generation,
+                    latest: dict[int, RequestOutput]) -> bytes: ...
+
+    def stream_writer(self, state: ServerState, encoder: ChunkEncoder): ...
+
+    def num_entries(self, latest: dict[int, RequestOutput]) -> int: ...
+
+
+async def handle_generation(request: web.Request,
+                            prepare: Callable[[ServerState, dict], PreparedRequest]) -> web.StreamResponse:
+    state = request.app[SERVER_STATE]
+    state.check_accepting()
+    prepared = await read_and_prepare(request, state, prepare)
+    engine, parsed = state.engine, prepared.parsed
+    response_id, created = state.new_id(prepared.id_prefix), int(time.time())
+    if parsed.use_beam_search:
+        check_beam_request(parsed.params, parsed.stream)
+        latest = await beam_search_outputs(engine, prepared.prompts, parsed.params, parsed.length_penalty)
+        return json_response(prepared.body(state, response_id, created, BeamGeneration(prepared.prompts),
+                                           latest))
+    generation = Generation(engine, response_id, prepared.prompts, parsed.params)
+    log_request(state, response_id, prepared.kind, generation, parsed.stream)
+    if parsed.stream:
+        encoder = ChunkEncoder(response_id, prepared.chunk_object, created, prepared.model,
+                               parsed.include_usage, chat=prepared.chat)
+        return await stream(request, state, generation, prepared.stream_writer(state, encoder),
+                            parsed.include_usage)
+    latest = await collect(request, state, generation)
+    if latest is None:
+        return client_closed()
+    big = prepared.num_entries(latest) > OFFLOAD_RESPONSE_ENTRIES
+    body = await state.run(big, prepared.encode_body, state, response_id, created, generation, latest)
+    return await send_json(request, state, body)

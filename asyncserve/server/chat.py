@@ -152,10 +152,9 @@ def _prepare(state: ServerState, data) -> _Prepared:
     """Everything before queueing: parse, render, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
-    parsed = parse_chat(data, vocab_size=engine.vocab_size,
-                        max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
+    parsed = parse_chat(data, vocab_size=engine.vocab_size, defaults=engine.sampling_defaults)
     prompt = truncate(engine, render(state, parsed), parsed.params)
-    check_prompt(engine, prompt, parsed.params, "messages")
+    check_prompt(engine, prompt, parsed.params, "messages", logprobs_field="top_logprobs")
     return _Prepared(model, parsed, prompt)
 
 

@@ -157,8 +157,7 @@ def _prepare(state: ServerState, data) -> _Prepared:
     """Everything before queueing: parse, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
-    parsed = parse_completion(data, vocab_size=engine.vocab_size,
-                              max_logprobs=engine.max_logprobs, defaults=engine.sampling_defaults)
+    parsed = parse_completion(data, vocab_size=engine.vocab_size, defaults=engine.sampling_defaults)
     prompts = [truncate(engine, _prompt(state, prompt), parsed.params) for prompt in parsed.prompts]
     for prompt in prompts:
         check_prompt(engine, prompt, parsed.params, "prompt")

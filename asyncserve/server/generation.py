@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from asyncserve.errors import InvalidParameterError, PromptTooLongError
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import SamplingParams
 from asyncserve.server.errors import bad_request
@@ -24,18 +25,25 @@ def truncate(engine, prompt: Prompt, params: SamplingParams) -> Prompt:
     return prompt if len(token_ids) == len(prompt.token_ids) else Prompt(None, token_ids)
 
 
-def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str) -> None:
-    """Everything the engine would refuse, refused before anything is queued (400s, never 500s)."""
+def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str,
+                 logprobs_field: str = "logprobs") -> None:
+    """The engine's rules (`engine.validate`, the one place they live) in OpenAI's words, plus OpenAI's
+    own rule that the prompt and max_tokens fit the context; all before anything is queued."""
     max_len = engine.max_model_len
     num_prompt = len(prompt.token_ids)
-    if num_prompt >= max_len:
-        raise too_long(max_len, str(num_prompt), param)
+    try:
+        engine.validate(prompt.token_ids, params)  # empty, out-of-vocab ids, length, logprobs, best_of
+    except PromptTooLongError:
+        raise too_long(max_len, str(num_prompt), param) from None
+    except InvalidParameterError as exc:
+        if exc.param == "logprobs" and logprobs_field != "logprobs":  # chat names the field top_logprobs
+            raise bad_request(str(exc).replace("logprobs=", f"{logprobs_field}=", 1), logprobs_field) from None
+        raise
     if params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
         raise bad_request(
             f"This model's maximum context length is {max_len} tokens. However, you requested "
             f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the {param}, {params.max_tokens} in "
             "the completion). Reduce the length of the prompt or max_tokens.", "max_tokens")
-    engine.validate(prompt.token_ids, params)  # empty, out-of-vocab ids, logprobs, best_of
 
 
 class Generation:

@@ -190,17 +190,12 @@ def _temperature(fields: Fields, default: float) -> float:
 
 
 def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None, vocab_size: int, max_logprobs: int,
-                    logprobs_param: str, defaults: dict | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None, vocab_size: int, defaults: dict | None = None) -> SamplingParams:
     """The sampling fields both endpoints share (OpenAI's and vLLM's extras).
 
     `defaults` (the model's generation config) stand in for the fields a request leaves out.
     """
     defaults = defaults or {}
-    for name, value in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
-        if value is not None and value > max_logprobs:
-            raise bad_request(f"'{name}'={value} is more than this server allows (max_logprobs="
-                              f"{max_logprobs}).", name)
     n = fields.integer("n", 1)
     try:
         return SamplingParams(
@@ -256,7 +251,7 @@ def _prompts(fields: Fields) -> list[str | list[int]]:
                       "or an array of non-empty token-id arrays.", "prompt")
 
 
-def parse_completion(data, *, vocab_size: int, max_logprobs: int,
+def parse_completion(data, *, vocab_size: int,
                      defaults: dict | None = None) -> CompletionRequest:
     defaults = defaults or {}
     fields = Fields(data)
@@ -274,7 +269,7 @@ def parse_completion(data, *, vocab_size: int, max_logprobs: int,
                                 minimum=1)
     params = sampling_params(fields, max_tokens=max_tokens,
                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, vocab_size=vocab_size,
-                             max_logprobs=max_logprobs, logprobs_param="logprobs", defaults=defaults)
+                             defaults=defaults)
     _check_best_of_stream(params, stream)
     fields.string("user")
     return CompletionRequest(model=fields.string("model"), params=params, stream=stream,
@@ -317,7 +312,7 @@ def _message(message, index: int) -> dict:
     return parsed
 
 
-def parse_chat(data, *, vocab_size: int, max_logprobs: int, defaults: dict | None = None) -> ChatRequest:
+def parse_chat(data, *, vocab_size: int, defaults: dict | None = None) -> ChatRequest:
     defaults = defaults or {}
     fields = Fields(data)
     fields.refuse_unsupported("chat")
@@ -337,7 +332,7 @@ def parse_chat(data, *, vocab_size: int, max_logprobs: int, defaults: dict | Non
         max_tokens = fields.integer("max_tokens", defaults.get("max_tokens"), minimum=1)
     params = sampling_params(fields, max_tokens=max_tokens, logprobs=logprobs,
                              prompt_logprobs=fields.integer("prompt_logprobs", minimum=0), vocab_size=vocab_size,
-                             max_logprobs=max_logprobs, logprobs_param="top_logprobs", defaults=defaults)
+                             defaults=defaults)
     _check_best_of_stream(params, stream)
     kwargs = fields.raw("chat_template_kwargs", {})
     if not isinstance(kwargs, dict):

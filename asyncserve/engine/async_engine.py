@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 from asyncserve.config import EngineConfig
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
+from asyncserve.engine.step_profile import StepProfile
 from asyncserve.errors import EngineDeadError, QueueFullError
 from asyncserve.outputs import RequestOutput
 from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
@@ -57,6 +58,8 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._ids = itertools.count()
         self._last_log = (time.monotonic(), 0, 0)  # time, prompt tokens, generated tokens
+        self.step_profile = StepProfile()
+        self._last_profile: dict | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -186,16 +189,23 @@ class AsyncEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                profile = self.step_profile
+                profile.start()
                 message, scheduled = engine.schedule()
                 launch = (loop.run_in_executor(self._executor, engine.executor.launch, message)
                           if scheduled else None)
+                profile.mark("schedule")
                 if in_flight is not None:
                     previous, pending = in_flight
                     if not pending.done():  # wait for the device off the loop
                         await loop.run_in_executor(self._waiter, pending.result)
+                    profile.mark("wait_device")
                     for result in engine.process(previous, pending.result()):
                         self._deliver(result)
+                    profile.mark("process")
                 in_flight = (scheduled, await launch) if launch is not None else None
+                profile.mark("wait_launch")
+                profile.num_steps += 1
                 if in_flight is None and scheduled == [] and engine.has_unfinished_requests():
                     await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests
                 self._log_stats()
@@ -234,6 +244,8 @@ class AsyncEngine:
             (stats["generation_tokens_total"] - last_generated) / elapsed, stats["num_requests_running"],
             stats["num_requests_waiting"], 100 * stats["kv_cache_usage_perc"],
             100 * stats["prefix_cache_hits_total"] / queries if queries else 0.0)
+        logger.info("engine loop: %s", self.step_profile.line(self._last_profile))
+        self._last_profile = self.step_profile.stats()
         self._last_log = (now, stats["prompt_tokens_total"], stats["generation_tokens_total"])
 
     def stats(self) -> dict:
@@ -247,6 +259,7 @@ class AsyncEngine:
             "num_preemptions_total": scheduler.num_preemptions,
             "prefix_cache_queries_total": pool.num_cache_queries,
             "prefix_cache_hits_total": pool.num_cache_hits,
+            **self.step_profile.stats(),
         }
 
 

@@ -68,6 +68,11 @@ async def test_metrics_expose_every_series_with_sane_values(server, client, http
     assert value("event_loop_lag_seconds_count") > 0  # the monitor runs
     assert value("http_internal_errors_total") == 0
     assert not any(math.isnan(v) for series in samples.values() for _, v in series)
+    # Where the engine loop's time went, phase by phase of the pipelined step.
+    assert value("engine_steps_total") >= 5
+    phases = ["schedule", "process", "wait_device", "wait_launch"]
+    assert all(types[f"asyncserve:engine_{phase}_seconds_total"] == "counter" for phase in phases)
+    assert 0 < sum(value(f"engine_{phase}_seconds_total") for phase in phases) < 60
 
 
 async def test_kv_cache_usage_is_a_fraction_while_busy(server, http):

@@ -53,6 +53,9 @@ TARGETS = [
     ("latency_qwen2.5-0.5b", "tokens_per_s", 1500, "min"), ("latency_llama-3.1-8b", "fraction_of_floor", 0.85, "min"),
     ("startup", "startup_s", 20.0, "max"), ("online_c256", "server_loop_lag_max_ms", 20.0, "max"),
 ]
+NOTES = ("TPOT/TTFT/ITL are vLLM's definitions (bench_serving.py); ratio > 1 means asyncserve is better. "
+         "server_loop_lag_max_ms counts from the server's start-up (warm-up and earlier runs included); "
+         "server_loop_lag_run_bound_ms is the histogram bucket edge that holds the worst lag of that run alone.")
 SERVING_KEYS = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
                 "output_throughput", "total_token_throughput", "max_output_tokens_per_s", "max_concurrent_requests",
                 "server_loop_lag_max_ms", "server_loop_lag_mean_ms")
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-args", default="", help="extra asyncserve arguments, one shell string")
     parser.add_argument("--server-start-timeout", type=float, default=150.0)
     parser.add_argument("--budget-s", type=float, default=560.0, help="the whole grid's time limit")
-    parser.add_argument("--work-dir", default=None, help="model directories and logs (default: a temp dir)")
+    parser.add_argument("--work-dir", default=None, help="logs and per-part figures (default: a temp dir)")
+    parser.add_argument("--models-dir", default=None, help="where model directories go (default: WORK_DIR/models)")
     parser.add_argument("--dry-run", action="store_true", help="write the plan and the reference figures only")
     return parser
 
@@ -139,7 +143,8 @@ def serving_args(url: str, model: str, concurrency: int, prompts: int, args) -> 
 
 
 def run_online(args, budget: Budget, record: dict, save) -> None:
-    model = bench_models.model_dir(args.model, os.path.join(args.work_dir, "models", os.path.basename(args.model)))
+    models_dir = args.models_dir or os.path.join(args.work_dir, "models")
+    model = bench_models.model_dir(args.model, os.path.join(models_dir, os.path.basename(args.model.rstrip("/"))))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(args.work_dir, "server.log")
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.work_dir, exist_ok=True)
     parts = args.only or ["online", "offline", "latency"]
     record = {"vllm_source": VLLM_SOURCE, "started": datetime.now(timezone.utc).isoformat(),
-              "device": _device_name(), "args": vars(args), "plan": plan(args)}
+              "device": _device_name(), "args": vars(args), "plan": plan(args), "notes": NOTES}
 
     def save():
         record["comparison"], record["targets"] = compare(record)

@@ -47,7 +47,8 @@ async def test_vllm_flags_against_a_running_server(server, capsys, tmp_path):
         assert line in out, line
     block = out[out.index("=" * 12 + " Serving"):]
     assert block.index("Mean TTFT") < block.index("Mean TPOT") < block.index("Mean ITL")
-    assert "Max loop lag (ms):" in block and results["server_loop_lag_max_ms"] is not None
+    assert "Max loop lag since start-up (ms):" in block and results["server_loop_lag_max_ms"] is not None
+    assert "Max loop lag in this run <= (ms):" in block and results["server_loop_lag_run_bound_ms"] > 0
     saved = json.loads((tmp_path / "out.json").read_text())
     for key in ("request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
                 "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
@@ -106,3 +107,14 @@ def test_random_workload_matches_vllm_lengths_and_avoids_special_ids(model_path)
     assert max(ids) >= 0.9 * len(tokenizer)  # drawn from the whole vocabulary
     assert all(b["ignore_eos"] and b["stream"] and b["model"] == "m" for b in bodies)
     assert bench.make_requests(args, tokenizer) == bodies  # --seed decides
+
+
+def test_loop_lag_of_the_run_comes_from_the_histogram_difference():
+    bench = load_script("bench_serving")
+    metric = bench.LAG_METRIC + "_bucket@"
+    before = {metric + "0.01": 90, metric + "0.025": 99, metric + "0.05": 100, metric + "+Inf": 100}
+    after = {metric + "0.01": 190, metric + "0.025": 201, metric + "0.05": 202, metric + "+Inf": 202}
+    assert bench.lag_window_bound_ms(before, after) == 25.0  # the 50 ms lag was before the run
+    after[metric + "0.05"] = after[metric + "+Inf"] = 203
+    assert bench.lag_window_bound_ms(before, after) == 50.0
+    assert bench.lag_window_bound_ms({}, {}) is None

@@ -45,6 +45,7 @@ REFERENCE = {
     "latency_qwen2.5-0.5b": {"tokens_per_s": (425.7, 903)},
     "startup": {"startup_s": (129, 7)},  # vLLM took 129-140 s
 }
+OFFLINE_S, LATENCY_S = 170.0, 100.0  # each offline part's limit (start-up and warm-up included)
 LOWER_IS_BETTER = ("_ms", "startup_s")
 # Issue 11's targets: (workload, metric, bound, "min" or "max").
 TARGETS = [
@@ -100,7 +101,7 @@ def _free_port() -> int:
 
 
 def server_command(model: str, port: int, extra: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from asyncserve.cli import main; sys.exit(main())",
+    return [sys.executable, "-m", "asyncserve.cli",
             "--model", model, "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
             "--disable-log-requests", *shlex.split(extra)]
 
@@ -142,7 +143,8 @@ def serving_args(url: str, model: str, concurrency: int, prompts: int, args) -> 
             "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0"]
 
 
-def run_online(args, budget: Budget, record: dict, save) -> None:
+def run_online(args, budget: Budget, record: dict, save, reserve: float = 0.0) -> None:
+    """The server once, the online rows against it; `reserve` seconds of the budget stay for later parts."""
     models_dir = args.models_dir or os.path.join(args.work_dir, "models")
     model = bench_models.model_dir(args.model, os.path.join(models_dir, os.path.basename(args.model.rstrip("/"))))
     port = _free_port()
@@ -159,7 +161,7 @@ def run_online(args, budget: Budget, record: dict, save) -> None:
             name = f"online_c{concurrency}"
             try:
                 full = _run_async(bench_serving.async_main(serving_args(url, model, concurrency, prompts, args)),
-                                  budget.left())
+                                  max(30.0, budget.left() - reserve))
                 record[name] = {key: full[key] for key in full if key in SERVING_KEYS or key.endswith("_ms")}
                 record[name].update(max_concurrency=concurrency, num_prompts=prompts)
             except Exception as exc:  # one run's failure leaves the others
@@ -285,15 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.dry_run:
         if "online" in parts:
-            run_online(args, budget, record, save)
+            reserve = OFFLINE_S * ("offline" in parts) + 2 * LATENCY_S * ("latency" in parts)
+            run_online(args, budget, record, save, reserve)
         if "offline" in parts:
             run_script("offline_throughput", "bench_throughput.py", ["--model", args.model, "--no-hf"],
-                       budget.left(200), args, record)
+                       budget.left(OFFLINE_S), args, record)
             save()
         if "latency" in parts:
             for model in (args.model, args.small_model):
                 run_script(f"latency_{model}", "bench_latency.py", ["--model", model, "--no-hf"],
-                           budget.left(120), args, record)
+                           budget.left(LATENCY_S), args, record)
                 save()
     save()
     print(table(record["comparison"], record["targets"]))

@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -239,7 +238,7 @@ async def run(args, base_url: str, tokenizer=None) -> dict:
         print("Starting initial single prompt test run...")
         test = await _one(session, url, bodies[0])
         if not test.ok:
-            raise SystemExit(f"bench_serving: the initial test run failed: {test.error}")
+            raise RuntimeError(f"bench_serving: the initial test run failed: {test.error}")
         for _ in range(args.num_warmups):
             await _one(session, url, bodies[0])
         print(f"Traffic request rate: {args.request_rate}")

@@ -62,3 +62,16 @@ def test_dry_run_plans_the_issue_workloads_with_vllm_flags(tmp_path):
             assert flag in run
     assert "--load-format" in record["plan"]["online"]["server"]
     assert {"offline", "latency"} <= set(record["plan"]) and json.loads(out.read_text())["plan"] == record["plan"]
+
+
+def test_a_failing_part_is_recorded_and_the_next_part_still_runs(model_path, tmp_path):
+    grid = load_script("bench_grid")
+    out = tmp_path / "grid.json"
+    grid.main(["--out", str(out), "--only", "online", "--only", "offline", "--model", model_path,
+               "--server-args", "--device no-such-device", "--work-dir", str(tmp_path / "work"), "--budget-s", "120"])
+    saved = json.loads(out.read_text())
+    assert "before it was ready" in saved["online_error"]
+    assert "online_c1" not in saved
+    # The offline part ran after it (and fails here: there is no CUDA).
+    assert saved["offline_throughput"]["error"].startswith("exit status") and saved["offline_throughput"]["log_tail"]
+    assert saved["logs"]["offline_throughput"].endswith("offline_throughput.log")

@@ -35,7 +35,7 @@ VLLM_LINES = ["============ Serving Benchmark Result ============", "Successful 
 async def test_vllm_flags_against_a_running_server(server, capsys, tmp_path):
     bench = load_script("bench_serving")
     results = await bench.async_main([
-        "--base-url", server.url, "--backend", "vllm", "--dataset-name", "random", "--num-prompts", "6",
+        "--host", "127.0.0.1", "--port", server.url.rsplit(":", 1)[1], "--backend", "vllm", "--dataset-name", "random", "--num-prompts", "6",
         "--max-concurrency", "3", "--request-rate", "50", "--random-input-len", "8", "--random-output-len", "8",
         "--ignore-eos", "--seed", "3", "--save-result", "--result-dir", str(tmp_path),
         "--result-filename", "out.json"])

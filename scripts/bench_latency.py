@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 
@@ -67,6 +68,7 @@ def main():
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--hf-output-len", type=int, default=32, help="tokens for the (slow) baseline")
+    parser.add_argument("--json", default=None, help="also write the figures here (scripts/bench_grid.py reads it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path, load_format = resolve_model(args.model)
@@ -86,6 +88,14 @@ def main():
           f"-> floor {floor * 1e3:.2f} ms/step ({1 / floor:.0f} steps/s)")
     print(f"asyncserve: startup {startup:.1f} s; decode {per_token * 1e3:.2f} ms/step = "
           f"{args.batch_size / per_token:.1f} tokens/s ({floor / per_token * 100:.0f}% of the floor)")
+    if args.json:
+        figures = {"model": args.model, "batch_size": args.batch_size, "input_len": args.input_len,
+                   "output_len": args.output_len, "device": torch.cuda.get_device_name(), "startup_s": startup,
+                   "ms_per_step": per_token * 1e3, "tokens_per_s": args.batch_size / per_token,
+                   "bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9, "floor_ms": floor * 1e3,
+                   "fraction_of_floor": floor / per_token, "hf_ms_per_step": hf * 1e3 if hf else None}
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
     if hf is not None:
         print(f"transformers: decode {hf * 1e3:.2f} ms/step = {args.batch_size / hf:.1f} tokens/s "
               f"-> asyncserve is {hf / per_token:.1f}x faster")

@@ -6,6 +6,7 @@ next to the compute floor and transformers, in one run.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import time
@@ -108,6 +109,7 @@ def main():
     parser.add_argument("--hf-num-prompts", type=int, default=128,
                         help="the baseline runs on the first N prompts only (it is slow)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures here (scripts/bench_grid.py reads it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path, load_format = resolve_model(args.model)
@@ -134,6 +136,15 @@ def main():
     print(f"asyncserve: startup {startup:.1f} s; {seconds:.2f} s: {args.num_prompts / seconds:.2f} req/s, "
           f"{total / seconds:,.0f} total tokens/s, {generated / seconds:,.0f} output tokens/s "
           f"({floor / seconds * 100:.0f}% of the compute floor); KV waste {waste * 100:.2f}%")
+    if args.json:
+        figures = {"model": args.model, "num_prompts": args.num_prompts, "input_len_range": args.input_len_range,
+                   "output_len": args.output_len, "device": torch.cuda.get_device_name(), "startup_s": startup,
+                   "seconds": seconds, "prompt_tokens": prompt_tokens, "output_tokens": generated,
+                   "request_throughput": args.num_prompts / seconds, "total_token_throughput": total / seconds,
+                   "output_throughput": generated / seconds, "matmul_TFLOPs": matmul / 1e12,
+                   "compute_floor_s": floor, "fraction_of_compute_floor": floor / seconds, "kv_waste": waste}
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
     if hf is not None:
         hf_seconds, hf_generated, how, hf_prompt_tokens, hf_requests = hf
         hf_total = hf_prompt_tokens + hf_generated

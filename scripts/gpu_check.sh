@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|bench|all]
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -31,4 +31,9 @@ fi
 if [ "$what" = sharing ]; then
   cd "$ROOT/scripts"
   timeout 200 python3 bench_sharing.py --model llama-3.1-8b 2>&1 | tee "$OUT/sharing_llama8b.log" | tail -4
+fi
+if [ "$what" = grid ]; then  # issue 11's comparison grid next to vLLM's figures: $OUT/grid.json
+  cd "$ROOT"
+  timeout 590 python3 scripts/bench_grid.py --out "$OUT/grid.json" --work-dir "$OUT/grid" \
+    --models-dir /tmp/asyncserve-bench-models 2>&1 | tee "$OUT/grid.log" | tail -30
 fi

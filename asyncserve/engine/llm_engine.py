@@ -200,6 +200,12 @@ class LLMEngine:
             return []
         return self.process(previous[0], previous[1].result())
 
+    def drain(self) -> list[RequestOutput]:
+        """Applies the step that `step()` launched last, if any; then schedule/execute/process may be
+        driven by hand."""
+        previous, self._in_flight = self._in_flight, None
+        return [] if previous is None else self.process(previous[0], previous[1].result())
+
     def process(self, scheduled: list[tuple[Sequence, int]], output: StepOutput) -> list[RequestOutput]:
         """Applies a step's results; returns the outputs of the requests it changed."""
         processor = self.output_processor

@@ -135,10 +135,11 @@ class ModelRunner:
 
     def _fold_read_steps(self) -> None:
         """Appends the tokens of every step whose results were read, oldest first, to the input batch."""
-        while self._in_flight and self._in_flight[0].token_ids is not None:
-            self.input_batch.fold(*self._in_flight.pop(0).own_tokens())
-        if len(self._in_flight) > 1:  # only the newest step may still be unread when the next launches
-            raise RuntimeError("two launched steps were never read back")
+        in_flight = self._in_flight
+        while in_flight and (in_flight[0].token_ids is not None or len(in_flight) > 1):
+            pending = in_flight.pop(0)
+            pending.result()  # an older step nobody read (the engine reads each one before the next but one)
+            self.input_batch.fold(*pending.own_tokens())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -3,7 +3,8 @@
     python scripts/soak.py --serve-tiny --num-requests 20000 --concurrency 64
     python scripts/soak.py --base-url http://127.0.0.1:8000 --pid 1234 --num-requests 5000
 
-`--serve-tiny` starts `asyncserve` (the built-in tiny model) as a child process on a free port.
+`--serve-tiny` starts `asyncserve --model asyncserve/tiny-random` (the tiny random-weight model, not the
+default SmolLM2) as a child process on a free port.
 Reports: completed streams, errors (5xx, unexpected statuses, exceptions), lost streams (200 but no
 `[DONE]`, not counting deliberate disconnects), streams whose usage disagrees with the tokens received,
 the server's RSS growth per 1,000 requests after warm-up (needs the server's pid), and its worst loop lag.
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soak", description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", help="Server root, e.g. http://127.0.0.1:8000.")
     parser.add_argument("--pid", type=int, help="With --base-url: the server's pid, for RSS.")
-    parser.add_argument("--serve-tiny", action="store_true", help="Start asyncserve on the built-in model.")
+    parser.add_argument("--serve-tiny", action="store_true", help="Start asyncserve on asyncserve/tiny-random.")
     parser.add_argument("--num-requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--disconnect-fraction", type=float, default=0.1)
@@ -274,8 +275,9 @@ async def async_main(argv: list[str] | None = None) -> dict:
     process = None
     if args.serve_tiny:
         port = _free_port()
-        process = subprocess.Popen([sys.executable, "-m", "asyncserve.cli", "--host", "127.0.0.1", "--port",
-                                    str(port), "--disable-log-requests", "--disable-log-stats"],
+        process = subprocess.Popen([sys.executable, "-m", "asyncserve.cli", "--model", "asyncserve/tiny-random",
+                                    "--host", "127.0.0.1", "--port", str(port), "--disable-log-requests",
+                                    "--disable-log-stats"],
                                    env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         base_url, pid = f"http://127.0.0.1:{port}", process.pid
         await _wait_healthy(base_url, process)

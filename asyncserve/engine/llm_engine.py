@@ -52,6 +52,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._in_flight: tuple[list, object] | None = None  # (scheduled, PendingStep) of step()
+        self._to_release: list[Request] = []  # finished or aborted, released at the next schedule()
         self.startup_seconds = time.perf_counter() - started
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.finished_timings: dict[str, dict] = {}
@@ -180,6 +181,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = FinishReason.ABORT
+        self._to_release.append(request)
         return self.output_processor.request_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -188,7 +190,13 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def schedule(self) -> tuple[StepMessage, list]:
-        return self.scheduler.schedule()
+        step = self.scheduler.schedule()
+        if self._to_release:
+            # Only now: the step message just announced their last forks, reading `seq.request`.
+            for request in self._to_release:
+                request.release()
+            self._to_release.clear()
+        return step
 
     def step(self) -> list[RequestOutput]:
         """Launches the next step, then applies the one launched before it (the GPU runs one while the
@@ -239,6 +247,7 @@ class LLMEngine:
             if request.is_finished:
                 del self.requests[request.request_id]
                 self._record_timings(request)
+                self._to_release.append(request)
         return outputs
 
     def _record_timings(self, request: Request) -> None:

@@ -23,11 +23,16 @@ class FinishReason:
 
 
 class Sequence:
-    """One generated continuation. Its KV lives in `blocks`; `num_computed_tokens` of its tokens are cached."""
+    """One generated continuation. Its KV lives in `blocks`; `num_computed_tokens` of its tokens are cached.
+
+    `request` is a back reference, set to None once the finished request is released (`Request.release`),
+    so that reference counting, not the cyclic garbage collector, frees both.
+    """
 
     def __init__(self, seq_id: int, request: "Request", token_ids: list[int], index: int = 0):
         self.seq_id = seq_id
-        self.request = request
+        self.request: Request | None = request
+        self.params: SamplingParams = request.params
         self.index = index
         self.token_ids = token_ids
         self.num_prompt_tokens = len(request.prompt_token_ids)
@@ -50,10 +55,6 @@ class Sequence:
         # How much of the block table the runner holds (the step message sends only what is past it).
         self.num_sent_blocks = 0
         self.block_table_rewritten = False  # changed other than by appending: resend it whole
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.params
 
     @property
     def num_tokens(self) -> int:
@@ -108,3 +109,9 @@ class Request:
             if seq.status is not SequenceStatus.FINISHED:
                 return False
         return True
+
+    def release(self) -> None:
+        """Drops the sequences' back references once nothing in the engine needs them: a finished request
+        is then freed by reference counting, without waiting for (and lengthening) a full collection."""
+        for seq in self.seqs:
+            seq.request = None

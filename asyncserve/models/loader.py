@@ -110,7 +110,11 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
         name = ".".join(parts)
         param = params.get(name)
         if param is None:
-            raise ConfigError(f"tensor {checkpoint_name!r} has no place in {type(model).__name__}")
+            module = name.rpartition(".")[0]
+            holds = sorted(p.rpartition(".")[2] for p in params if p.rpartition(".")[0] == module)
+            raise ConfigError(f"tensor {checkpoint_name!r} has no place in {type(model).__name__}"
+                              + (f" (its layer holds {', '.join(holds)}: do the checkpoint's tensors match "
+                                 "its quantization config?)" if holds else ""))
         weight_loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             if shard_id is None:

@@ -109,3 +109,137 @@ def _model(llm: LLM):
 def _quantized_layers(model) -> dict:
     return {name: module.quant_method for name, module in model.named_modules()
             if isinstance(getattr(module, "quant_method", None), (GPTQLinearMethod, AWQLinearMethod))}
+
+
+# --- configs: names, aliases, and what is refused at start -----------------------------------------
+
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True}
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}
+
+
+@pytest.mark.parametrize("method,checkpoint,expected", [
+    (None, GPTQ, GPTQConfig), ("gptq", GPTQ, GPTQConfig), ("gptq_marlin", GPTQ, GPTQConfig),
+    ("GPTQ", GPTQ, GPTQConfig), (None, AWQ, AWQConfig), ("AWQ", AWQ, AWQConfig), ("awq_marlin", AWQ, AWQConfig),
+    (None, {**GPTQ, "quant_method": "gptq_marlin"}, GPTQConfig),
+])
+def test_vllms_names_and_aliases_select_the_method(method, checkpoint, expected):
+    assert type(get_quantization_config(method, checkpoint)) is expected
+
+
+@pytest.mark.parametrize("method,checkpoint", [("awq", GPTQ), ("gptq_marlin", AWQ), ("awq_marlin", GPTQ)])
+def test_a_method_that_contradicts_the_checkpoint_is_refused_by_name(method, checkpoint):
+    with pytest.raises(ConfigError, match=f"quantization='{method}' does not match.*'{checkpoint['quant_method']}'"):
+        get_quantization_config(method, checkpoint)
+
+
+@pytest.mark.parametrize("checkpoint,message", [
+    ({**GPTQ, "bits": 3}, "GPTQ with bits=3 is not supported"),
+    ({**GPTQ, "bits": 2}, "GPTQ with bits=2 is not supported"),
+    ({**GPTQ, "group_size": 256}, "GPTQ with group_size=256 is not supported"),
+    ({**GPTQ, "group_size": 48}, "GPTQ with group_size=48 is not supported"),
+    ({**GPTQ, "checkpoint_format": "marlin"}, "GPTQ checkpoint_format='marlin' is not supported"),
+    ({**AWQ, "bits": 8}, "AWQ with bits=8 is not supported"),
+    ({**AWQ, "group_size": -1}, "AWQ with group_size=-1 is not supported"),
+    ({**AWQ, "version": "gemv"}, "AWQ version='gemv' is not supported"),
+    ({**AWQ, "zero_point": False}, "AWQ with zero_point=false is not supported"),
+])
+def test_unsupported_bits_group_sizes_and_layouts_are_named(checkpoint, message):
+    with pytest.raises(ConfigError, match=message):
+        get_quantization_config(None, checkpoint)
+
+
+def test_older_config_files_are_read(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+    from asyncserve.models.loader import quantization_config
+    from tests.checkpoint_edits import copy_checkpoint
+    path = copy_checkpoint(tiny_model_dir("llama"), tmp_path / "awq-old")
+    with open(os.path.join(path, "quant_config.json"), "w") as f:  # AutoAWQ's names
+        json.dump({"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"}, f)
+    config = quantization_config(AutoConfig.from_pretrained(path), None, path)
+    assert type(config) is AWQConfig and config.group_size == 64
+    with open(os.path.join(path, "quant_config.json"), "w") as f:
+        json.dump({"zero_point": True, "q_group_size": 128, "w_bit": 3, "version": "GEMM"}, f)
+    with pytest.raises(ConfigError, match="AWQ with bits=3"):
+        quantization_config(AutoConfig.from_pretrained(path), None, path)
+
+
+def test_naming_gptq_for_a_plain_checkpoint_fails_at_start(tiny_model_dir):
+    with pytest.raises(ConfigError, match="quantization='gptq' needs a GPTQ checkpoint"):
+        LLM(tiny_model_dir("llama"), device="cpu", quantization="gptq", num_gpu_blocks_override=64)
+
+
+def test_the_checkpoints_method_contradicted_by_the_option_fails_at_start(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq", fmt="gptq")
+    with pytest.raises(ConfigError, match="quantization='awq' does not match the checkpoint.*'gptq'"):
+        LLM(path, device="cpu", quantization="awq", num_gpu_blocks_override=64)
+
+
+def test_a_group_size_the_layers_cannot_hold_is_named(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "awq", fmt="awq")
+    _edit_config(path, group_size=128)  # the tiny model has 64 inputs per attention projection
+    with pytest.raises(ConfigError, match="AWQ: layer 'layers.0.self_attn.qkv_proj' has 64 inputs, not a "
+                                          "multiple of the group size 128"):
+        LLM(path, device="cpu", num_gpu_blocks_override=64)
+
+
+def _edit_config(path: str, **quantization) -> None:
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"].update(quantization)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _edit_tensors(path: str, edits: dict) -> None:
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    tensors.update(edits(tensors) if callable(edits) else edits)
+    save_file(tensors, file)
+
+
+def test_fused_shards_with_another_group_size_are_refused(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq", fmt="gptq", group_size=32)
+    other, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq64", fmt="gptq", group_size=64)
+    k_proj = "model.layers.0.self_attn.k_proj"
+    regrouped = load_file(os.path.join(other, "model.safetensors"))
+    _edit_tensors(path, {name: tensor for name, tensor in regrouped.items() if name.startswith(k_proj)})
+    with pytest.raises(ConfigError, match=f"'{k_proj}.(scales|qzeros)' does not fit .*qkv_proj.*group size"):
+        LLM(path, device="cpu", num_gpu_blocks_override=64)
+
+
+def test_fused_shards_with_different_act_order_are_refused(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq", fmt="gptq", act_order=True)
+    name = "model.layers.1.mlp.up_proj.g_idx"
+    _edit_tensors(path, lambda tensors: {name: tensors[name].flip(0).contiguous()})
+    with pytest.raises(ConfigError, match="up_proj.g_idx.*different g_idx"):
+        LLM(path, device="cpu", num_gpu_blocks_override=64)
+
+
+def test_fused_shards_quantized_differently_are_refused(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "awq", fmt="awq")
+    _edit_config(path, modules_to_not_convert=["k_proj"])
+    with pytest.raises(ConfigError, match="fused layer 'layers.0.self_attn.qkv_proj' disagree on quantization"):
+        LLM(path, device="cpu", num_gpu_blocks_override=64)
+
+
+def test_plain_weights_under_a_gptq_config_are_refused(tiny_model_dir, tmp_path):
+    from tests.checkpoint_edits import copy_checkpoint
+    path = copy_checkpoint(tiny_model_dir("llama"), tmp_path / "says-gptq", {"quantization_config": GPTQ})
+    with pytest.raises(ConfigError, match="_proj.weight' has no place.*holds g_idx, qweight, qzeros, scales"):
+        LLM(path, device="cpu", num_gpu_blocks_override=64)
+
+
+def test_modules_to_not_convert_stay_in_float(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "awq", fmt="awq")
+    _edit_config(path, modules_to_not_convert=["layers.1.mlp.down_proj"])
+    plain = load_file(os.path.join(tiny_model_dir("llama"), "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    _edit_tensors(path, lambda tensors: {f"{name}.weight": plain[f"{name}.weight"]})
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for suffix in ("qweight", "qzeros", "scales"):
+        del tensors[f"{name}.{suffix}"]
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=256)
+    layers = _quantized_layers(_model(llm))
+    assert len(layers) == 7 and "layers.1.mlp.down_proj" not in layers
+    assert torch.equal(_model(llm).layers[1].mlp.down_proj.weight, plain[f"{name}.weight"])

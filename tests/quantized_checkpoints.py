@@ -138,3 +138,51 @@ def build_quantized(source: str, target, fmt: str, bits: int = 4, group_size: in
             json.dump({k: v for k, v in config.items() if k != "quant_method"}, f)
     reference = copy_checkpoint(source, target + "-dequantized", None, dequantized)
     return path, reference
+
+
+def fp8_quantize(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 weight and its float32 scale (shape [] per tensor, [out, 1] per channel): amax maps to 448."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    scale = amax / torch.finfo(torch.float8_e4m3fn).max
+    return (w / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def build_fp8(source: str, target, per_channel_modules=("gate_proj", "up_proj", "down_proj"),
+              static: bool = True) -> tuple[str, str]:
+    """(FP8 checkpoint with quant_method 'fp8', float32 checkpoint of its dequantized weights): per-tensor
+    scales elsewhere (so q/k/v shards each bring their own), a static input_scale per layer if asked."""
+    weights = {}
+    for name in sorted(f for f in os.listdir(source) if f.endswith(".safetensors")):
+        weights.update(load_file(os.path.join(source, name)))
+    quantized, dequantized = {}, {}
+    for name, tensor in weights.items():
+        module = name.rpartition(".")[0]
+        leaf = module.rpartition(".")[2]
+        if not name.endswith(".weight") or leaf not in LINEAR_MODULES:
+            quantized[name] = dequantized[name] = tensor
+            continue
+        q, scale = fp8_quantize(tensor, leaf in per_channel_modules)
+        quantized[name], quantized[f"{module}.weight_scale"] = q, scale
+        if static:
+            quantized[f"{module}.input_scale"] = torch.tensor(0.01 + len(leaf) / 1000)
+        dequantized[name] = q.float() * scale
+    config = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic"}
+    target = os.fspath(target)
+    path = copy_checkpoint(source, target, {"quantization_config": config}, quantized)
+    return path, copy_checkpoint(source, target + "-dequantized", None, dequantized)
+
+
+def build_fp8_reference(source: str, target) -> str:
+    """What `--quantization fp8` must serve: every linear weight through per-channel e4m3 and back."""
+    weights = {}
+    for name in sorted(f for f in os.listdir(source) if f.endswith(".safetensors")):
+        weights.update(load_file(os.path.join(source, name)))
+    dequantized = {}
+    for name, tensor in weights.items():
+        leaf = name.rpartition(".")[0].rpartition(".")[2]
+        if name.endswith(".weight") and leaf in LINEAR_MODULES:
+            q, scale = fp8_quantize(tensor, per_channel=True)
+            tensor = q.float() * scale
+        dequantized[name] = tensor
+    return copy_checkpoint(source, target, None, dequantized)

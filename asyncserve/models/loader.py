@@ -74,6 +74,8 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
             param.data.zero_()
         elif not param.dtype.is_floating_point:  # packed integer weights: random bits
             param.data.random_(0, 2 ** 31 - 1, generator=generator)
+        elif param.dtype.itemsize == 1:  # fp8 weights: drawn in float32, then cast
+            param.data.copy_(torch.empty(param.shape, device=device).uniform_(-1.0, 1.0, generator=generator))
         else:  # drawn on the device: seconds for 8B parameters, not minutes
             param.data.uniform_(-0.02, 0.02, generator=generator)
 

@@ -27,7 +27,8 @@ def shard_names(layer: nn.Module, prefix: str) -> list[str]:
 
 def is_skipped(layer: nn.Module, prefix: str, modules_to_not_convert: list[str], method: str) -> bool:
     """True if the checkpoint left this layer unquantized; a fused layer must be all one or the other."""
-    skipped = [any(module in name for module in modules_to_not_convert) for name in shard_names(layer, prefix)]
+    modules = [module.removeprefix("model.") for module in modules_to_not_convert]
+    skipped = [any(module in name for module in modules) for name in shard_names(layer, prefix)]
     if any(skipped) and not all(skipped):
         raise ConfigError(f"{method}: the shards of the fused layer {prefix!r} disagree on quantization "
                           f"(modules_to_not_convert={modules_to_not_convert} leaves only some of "

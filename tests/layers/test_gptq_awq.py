@@ -243,3 +243,14 @@ def test_modules_to_not_convert_stay_in_float(tiny_model_dir, tmp_path):
     layers = _quantized_layers(_model(llm))
     assert len(layers) == 7 and "layers.1.mlp.down_proj" not in layers
     assert torch.equal(_model(llm).layers[1].mlp.down_proj.weight, plain[f"{name}.weight"])
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_bfloat16_models_keep_scales_and_zeros_in_the_activations_dtype(fmt, tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / fmt, fmt=fmt, act_order=fmt == "gptq")
+    llm = LLM(path, device="cpu", dtype="bfloat16", num_gpu_blocks_override=256)
+    layers = [module for module in _model(llm).modules()
+              if isinstance(getattr(module, "quant_method", None), (GPTQLinearMethod, AWQLinearMethod))]
+    assert layers and all(layer.scales.dtype == layer.zeros.dtype == torch.bfloat16 for layer in layers)
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)

@@ -85,11 +85,12 @@ class PackedIntLinearMethod(LinearMethodBase):
         self.bits = bits
         self.group_size = group_size  # -1 resolved per layer at create_weights
         self.perm: torch.Tensor | None = None
+        self.dtype = torch.get_default_dtype()  # the model's (activations') dtype, for scales and zeros
 
     def to_canonical(self, layer: nn.Module, q: torch.Tensor, zeros: torch.Tensor,
                      perm: torch.Tensor | None) -> None:
         """q [K, N] ints, zeros [G, N] ints: replaces the checkpoint's tensors by the kernel's."""
-        scales = layer.scales.data
+        scales = layer.scales.data.to(self.dtype)  # the kernel takes them in the activations' dtype
         for name in ("qweight", "qzeros", "g_idx", "scales"):
             if hasattr(layer, name):
                 delattr(layer, name)

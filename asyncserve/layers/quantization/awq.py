@@ -38,9 +38,9 @@ class AWQLinearMethod(PackedIntLinearMethod):
         groups, out = in_features // self.group_size, sum(output_sizes)
         layer.group_size = self.group_size
         layer.qweight = int_param(in_features, out // 8, loader=output_dim_loader(layer, 8))
-        layer.qzeros = int_param(groups, out // 8, loader=output_dim_loader(layer, 8))
+        layer.qzeros = int_param(groups, out // 8, loader=output_dim_loader(layer, 8, grouped=True))
         layer.scales = nn.Parameter(torch.zeros(groups, out, dtype=scale_dtype()), requires_grad=False)
-        layer.scales.weight_loader = output_dim_loader(layer)
+        layer.scales.weight_loader = output_dim_loader(layer, grouped=True)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.to_canonical(layer, unpack_awq_columns(layer.qweight.data), unpack_awq_columns(layer.qzeros.data),

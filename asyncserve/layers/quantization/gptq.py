@@ -38,9 +38,9 @@ class GPTQLinearMethod(PackedIntLinearMethod):
         groups, out = in_features // group_size, sum(output_sizes)
         layer.group_size = group_size
         layer.qweight = int_param(in_features // pack, out, loader=output_dim_loader(layer))
-        layer.qzeros = int_param(groups, out // pack, loader=output_dim_loader(layer, pack))
+        layer.qzeros = int_param(groups, out // pack, loader=output_dim_loader(layer, pack, grouped=True))
         layer.scales = nn.Parameter(torch.zeros(groups, out, dtype=scale_dtype()), requires_grad=False)
-        layer.scales.weight_loader = output_dim_loader(layer)
+        layer.scales.weight_loader = output_dim_loader(layer, grouped=True)
         layer.g_idx = int_param(in_features, loader=self._g_idx_loader(layer))
 
     @staticmethod

@@ -36,9 +36,10 @@ def is_skipped(layer: nn.Module, prefix: str, modules_to_not_convert: list[str],
     return all(skipped)
 
 
-def output_dim_loader(layer: nn.Module, pack: int = 1):
+def output_dim_loader(layer: nn.Module, pack: int = 1, grouped: bool = False):
     """weight_loader for a tensor whose dim 1 is the output (in units of `pack` outputs per element):
-    a whole tensor, or one shard of a fused layer placed at its output offset."""
+    a whole tensor, or one shard of a fused layer placed at its output offset. `grouped`: its rows are
+    the groups (scales, zeros), so a row mismatch is a group-size disagreement."""
 
     @torch.no_grad()
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
@@ -51,7 +52,7 @@ def output_dim_loader(layer: nn.Module, pack: int = 1):
             raise ValueError(f"shape {tuple(loaded.shape)}, expected {tuple(target.shape)}"
                              + (f" (rows are groups of {layer.group_size} inputs: all shards of a fused "
                                 "layer and the config must agree on the group size)"
-                                if loaded.shape[0] != target.shape[0] and loaded.dim() == 2 else ""))
+                                if grouped and loaded.shape[0] != target.shape[0] else ""))
         target.copy_(loaded)
 
     return load

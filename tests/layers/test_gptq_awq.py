@@ -8,17 +8,16 @@ import os
 
 import pytest
 import torch
+from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, unpack_int_rows
 from safetensors.torch import load_file, save_file
 
 from asyncserve import LLM, SamplingParams
 from asyncserve.errors import ConfigError
-from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, unpack_int_rows
 from asyncserve.layers.quantization import UnquantizedLinearMethod, get_quantization_config
 from asyncserve.layers.quantization.awq import AWQConfig, AWQLinearMethod
 from asyncserve.layers.quantization.gptq import GPTQConfig, GPTQLinearMethod
 from tests.conftest import PROMPTS, hf_greedy
-from tests.quantized_checkpoints import (AWQ_ORDER, build_quantized, pack_columns, pack_rows,
-                                         unpack_columns, unpack_rows)
+from tests.quantized_checkpoints import AWQ_ORDER, build_quantized, pack_columns, pack_rows, unpack_columns, unpack_rows
 
 MAX_TOKENS = 12
 
@@ -150,6 +149,7 @@ def test_unsupported_bits_group_sizes_and_layouts_are_named(checkpoint, message)
 
 def test_older_config_files_are_read(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
+
     from asyncserve.models.loader import quantization_config
     from tests.checkpoint_edits import copy_checkpoint
     path = copy_checkpoint(tiny_model_dir("llama"), tmp_path / "awq-old")

@@ -13,8 +13,14 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader
-from asyncserve.layers.quantization.packed_int import (PackedIntLinearMethod, check_shapes, int_param,
-                                                       is_skipped, output_dim_loader, scale_dtype)
+from asyncserve.layers.quantization.packed_int import (
+    PackedIntLinearMethod,
+    check_shapes,
+    int_param,
+    is_skipped,
+    output_dim_loader,
+    scale_dtype,
+)
 from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble i holds column AWQ_ORDER[i]

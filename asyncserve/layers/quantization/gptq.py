@@ -14,8 +14,14 @@ from torch import nn
 from asyncserve.errors import ConfigError
 from asyncserve.kernels.quant_gemm import unpack_int_rows
 from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader
-from asyncserve.layers.quantization.packed_int import (PackedIntLinearMethod, check_shapes, int_param,
-                                                       is_skipped, output_dim_loader, scale_dtype)
+from asyncserve.layers.quantization.packed_int import (
+    PackedIntLinearMethod,
+    check_shapes,
+    int_param,
+    is_skipped,
+    output_dim_loader,
+    scale_dtype,
+)
 from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 BITS = (4, 8)

@@ -74,3 +74,12 @@ def test_the_fp8_tensor_core_product_is_close_to_the_reference():
     expected = fp8_linear_ref(x.float(), weight, scale, None)
     got = fp8_linear_scaled_mm(x, weight, scale, None).float()
     assert (got - expected).norm() / expected.norm() < 0.05
+
+
+def test_random_fp8_weights_run(tiny_model_dir, tmp_path):
+    """load_format='dummy' (the benchmarks' random weights) with an FP8 checkpoint's config."""
+    path, _ = build_fp8(tiny_model_dir("llama"), tmp_path / "fp8")
+    llm = LLM(path, device="cpu", load_format="dummy", num_gpu_blocks_override=256)
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    assert len(_fp8_layers(llm)) == 8

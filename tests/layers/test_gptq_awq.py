@@ -254,3 +254,13 @@ def test_bfloat16_models_keep_scales_and_zeros_in_the_activations_dtype(fmt, tin
     assert layers and all(layer.scales.dtype == layer.zeros.dtype == torch.bfloat16 for layer in layers)
     out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_random_weights_in_the_checkpoints_format_run(fmt, tiny_model_dir, tmp_path):
+    """load_format='dummy' (the benchmarks' random quantized weights): packed tensors get random bits."""
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / fmt, fmt=fmt, act_order=True)
+    llm = LLM(path, device="cpu", load_format="dummy", num_gpu_blocks_override=256)
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    assert len(_quantized_layers(_model(llm))) == 8

@@ -36,7 +36,7 @@ def unpack_awq_columns(packed: torch.Tensor) -> torch.Tensor:
 
 
 class AWQLinearMethod(PackedIntLinearMethod):
-    method = "awq"
+    """Loads AWQ's interleaved tensors as stored; `process_weights_after_loading` turns them canonical."""
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        weight_loader: WeightLoader) -> None:

@@ -30,7 +30,7 @@ CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 2}  # v1 stores zero - 1, v2 the zer
 
 
 class GPTQLinearMethod(PackedIntLinearMethod):
-    method = "gptq"
+    """Loads GPTQ's tensors as stored; `process_weights_after_loading` turns them canonical."""
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config.bits, config.group_size)

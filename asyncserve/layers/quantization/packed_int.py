@@ -80,8 +80,6 @@ class PackedIntLinearMethod(LinearMethodBase):
     """After `to_canonical`: qweight int32 [K*bits/32, N], zeros and scales [G, N], and an optional input
     permutation (act-order) applied to x's columns so the product itself has no gather."""
 
-    method = "packed"
-
     def __init__(self, bits: int, group_size: int):
         self.bits = bits
         self.group_size = group_size  # -1 resolved per layer at create_weights

@@ -149,9 +149,11 @@ def fp8_quantize(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor,
 
 
 def build_fp8(source: str, target, per_channel_modules=("gate_proj", "up_proj", "down_proj"),
-              static: bool = True) -> tuple[str, str]:
+              static: bool = True, compressed_tensors: bool = False) -> tuple[str, str]:
     """(FP8 checkpoint with quant_method 'fp8', float32 checkpoint of its dequantized weights): per-tensor
-    scales elsewhere (so q/k/v shards each bring their own), a static input_scale per layer if asked."""
+    scales elsewhere (so q/k/v shards each bring their own), a static input_scale per layer if asked.
+    `compressed_tensors`: llm-compressor's config_groups and [1]-shaped scalars instead (one strategy:
+    per_channel_modules all or none)."""
     weights = {}
     for name in sorted(f for f in os.listdir(source) if f.endswith(".safetensors")):
         weights.update(load_file(os.path.join(source, name)))
@@ -163,11 +165,21 @@ def build_fp8(source: str, target, per_channel_modules=("gate_proj", "up_proj", 
             quantized[name] = dequantized[name] = tensor
             continue
         q, scale = fp8_quantize(tensor, leaf in per_channel_modules)
-        quantized[name], quantized[f"{module}.weight_scale"] = q, scale
+        scalar_shape = (1,) if compressed_tensors else ()
+        stored_scale = scale if leaf in per_channel_modules else scale.reshape(scalar_shape)
+        quantized[name], quantized[f"{module}.weight_scale"] = q, stored_scale
         if static:
-            quantized[f"{module}.input_scale"] = torch.tensor(0.01 + len(leaf) / 1000)
+            quantized[f"{module}.input_scale"] = torch.tensor(0.01 + len(leaf) / 1000).reshape(scalar_shape)
         dequantized[name] = q.float() * scale
     config = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic"}
+    if compressed_tensors:
+        fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+               "strategy": "channel" if per_channel_modules else "tensor"}
+        config = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                  "quantization_status": "compressed", "config_groups": {"group_0": {
+                      "targets": ["Linear"], "weights": fp8,
+                      "input_activations": {**fp8, "strategy": "tensor"} if static else
+                      {**fp8, "strategy": "token", "dynamic": True}}}}
     target = os.fspath(target)
     path = copy_checkpoint(source, target, {"quantization_config": config}, quantized)
     return path, copy_checkpoint(source, target + "-dequantized", None, dequantized)

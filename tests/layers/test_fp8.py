@@ -8,10 +8,11 @@ import torch
 
 from asyncserve import LLM, SamplingParams
 from asyncserve.errors import ConfigError
+from asyncserve.layers.linear import Linear
 from asyncserve.layers.quantization import UnquantizedLinearMethod, get_quantization_config
-from asyncserve.layers.quantization.fp8 import FP8LinearMethod, fp8_linear_ref, fp8_linear_scaled_mm
+from asyncserve.layers.quantization.fp8 import FP8Config, FP8LinearMethod, fp8_linear_ref, fp8_linear_scaled_mm
 from tests.conftest import PROMPTS, hf_greedy
-from tests.quantized_checkpoints import build_fp8, build_fp8_reference
+from tests.quantized_checkpoints import LINEAR_MODULES, build_fp8, build_fp8_reference
 
 MAX_TOKENS = 12
 
@@ -83,3 +84,40 @@ def test_random_fp8_weights_run(tiny_model_dir, tmp_path):
     out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)
     assert len(_fp8_layers(llm)) == 8
+
+
+@pytest.mark.parametrize("per_channel,static", [(True, False), (False, True)])
+def test_compressed_tensors_fp8_greedy_tokens_equal_transformers(per_channel, static, tiny_model_dir, tmp_path):
+    source = tiny_model_dir("llama")
+    path, reference = build_fp8(source, tmp_path / "ct", LINEAR_MODULES if per_channel else (), static,
+                                compressed_tensors=True)
+    llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=256)
+    assert _generate(llm) == _hf_tokens(reference, source)
+    assert len(_fp8_layers(llm)) == 8
+
+
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+
+
+@pytest.mark.parametrize("groups,message", [
+    ({"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}},
+     "compressed-tensors with weights type='int' num_bits=4 strategy='group'"),
+    ({"g": {"targets": ["Linear"], "weights": {**FP8_WEIGHTS, "strategy": "block"}}}, "strategy='block'"),
+    ({"a": {"targets": ["Linear"], "weights": FP8_WEIGHTS},
+      "b": {"targets": ["Linear"], "weights": {**FP8_WEIGHTS, "strategy": "channel"}}}, "several schemes"),
+    ({}, "needs a compressed-tensors checkpoint"),
+])
+def test_unsupported_compressed_tensors_schemes_are_named(groups, message):
+    with pytest.raises(ConfigError, match=message):
+        get_quantization_config(None, {"quant_method": "compressed-tensors", "config_groups": groups})
+
+
+def test_ignored_layers_stay_in_float():
+    config = get_quantization_config(None, {"quant_method": "compressed-tensors", "ignore": [
+        "re:.*lm_head", "re:.*layers\\.1\\.mlp\\.down_proj$", "model.layers.0.self_attn.o_proj"],
+        "config_groups": {"g": {"targets": ["Linear"], "weights": FP8_WEIGHTS}}})
+    assert isinstance(config, FP8Config)
+    for prefix, method in [("layers.1.mlp.down_proj", UnquantizedLinearMethod),
+                           ("layers.0.self_attn.o_proj", UnquantizedLinearMethod),
+                           ("layers.0.mlp.down_proj", FP8LinearMethod), ("layers.10.mlp.down_proj", FP8LinearMethod)]:
+        assert type(config.get_quant_method(Linear(4, 4), prefix)) is method, prefix

@@ -14,7 +14,7 @@ def test_no_method_and_no_checkpoint_config_is_unquantized():
     assert type(get_quantization_config()) is UnquantizedConfig
 
 
-@pytest.mark.parametrize("method", ["bitsandbytes", "squeezellm", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["bitsandbytes", "squeezellm", "exl2"])
 def test_a_named_method_is_refused_by_name(method):
     with pytest.raises(ConfigError, match=f"quantization='{method}' is not supported yet"):
         get_quantization_config(method)

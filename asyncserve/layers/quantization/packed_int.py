@@ -3,6 +3,8 @@ into int32, float zeros and scales per group) multiplied by `quant_gemm`; and th
 loaders that place a fused layer's shards along the output dimension of packed tensors."""
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -25,10 +27,18 @@ def shard_names(layer: nn.Module, prefix: str) -> list[str]:
     return [f"{parent}.{name}" if parent else name for name in offsets]
 
 
+def _matches(module: str, name: str) -> bool:
+    """A config's module entry against our name ('layers.0.mlp.down_proj'): a substring (AWQ's 'visual',
+    'model.layers.0.mlp.down_proj'), or with 're:' a regex (compressed-tensors' 're:.*lm_head')."""
+    if module.startswith("re:"):
+        return any(re.match(module[3:], candidate) for candidate in (name, f"model.{name}"))
+    return module.removeprefix("model.") in name
+
+
 def is_skipped(layer: nn.Module, prefix: str, modules_to_not_convert: list[str], method: str) -> bool:
     """True if the checkpoint left this layer unquantized; a fused layer must be all one or the other."""
-    modules = [module.removeprefix("model.") for module in modules_to_not_convert]
-    skipped = [any(module in name for module in modules) for name in shard_names(layer, prefix)]
+    skipped = [any(_matches(module, name) for module in modules_to_not_convert)
+               for name in shard_names(layer, prefix)]
     if any(skipped) and not all(skipped):
         raise ConfigError(f"{method}: the shards of the fused layer {prefix!r} disagree on quantization "
                           f"(modules_to_not_convert={modules_to_not_convert} leaves only some of "

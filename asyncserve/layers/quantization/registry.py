@@ -5,13 +5,15 @@ from __future__ import annotations
 from asyncserve.errors import ConfigError
 from asyncserve.layers.quantization.awq import AWQConfig
 from asyncserve.layers.quantization.base import QuantizationConfig
+from asyncserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from asyncserve.layers.quantization.fp8 import FP8Config
 from asyncserve.layers.quantization.gptq import GPTQConfig
 from asyncserve.layers.quantization.unquantized import UnquantizedConfig
 
 # method name (config.json's quant_method, or --quantization) -> config class; None: unquantized.
 QUANTIZATION_METHODS: dict[str | None, type[QuantizationConfig]] = {
-    None: UnquantizedConfig, "gptq": GPTQConfig, "awq": AWQConfig, "fp8": FP8Config}
+    None: UnquantizedConfig, "gptq": GPTQConfig, "awq": AWQConfig, "fp8": FP8Config,
+    "compressed-tensors": CompressedTensorsConfig}
 # vLLM's names of other kernels for the same checkpoints: we serve them with ours.
 ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
 

@@ -82,21 +82,24 @@ CASES = {  # name -> build_quantized arguments
                                         checkpoint_format="gptq_v2"),
     "gptq-4bit-one-group-quantize_config.json": dict(fmt="gptq", bits=4, group_size=-1, config_file=True),
     "awq-4bit-group32": dict(fmt="awq"),
+    "awq-qwen2-qkv-bias-tied-embeddings": dict(fmt="awq", family="qwen2"),
+    "gptq-qwen2-qkv-bias-act-order": dict(fmt="gptq", family="qwen2", act_order=True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_greedy_tokens_equal_transformers_on_dequantized_weights(case, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
-    source = tiny_model_dir("llama")
-    path, reference = build_quantized(source, tmp_path / case, **CASES[case])
+    arguments = dict(CASES[case])
+    source = tiny_model_dir(arguments.pop("family", "llama"))
+    path, reference = build_quantized(source, tmp_path / case, **arguments)
     expected = _hf_tokens(reference, AutoTokenizer.from_pretrained(source))
     llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=256)
     assert _our_tokens(llm) == expected
     layers = _quantized_layers(_model(llm))
     method_class = GPTQLinearMethod if CASES[case]["fmt"] == "gptq" else AWQLinearMethod
     assert len(layers) == 8 and all(type(m) is method_class for m in layers.values())
-    assert type(_model(llm).lm_head.quant_method) is UnquantizedLinearMethod  # kept in float
+    assert type(_model(llm).lm_head.quant_method) is UnquantizedLinearMethod  # kept in float (or tied)
     act_order = CASES[case].get("act_order", False)
     assert all((m.perm is not None) == act_order for m in layers.values())
 
@@ -172,6 +175,12 @@ def test_the_checkpoints_method_contradicted_by_the_option_fails_at_start(tiny_m
     path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq", fmt="gptq")
     with pytest.raises(ConfigError, match="quantization='awq' does not match the checkpoint.*'gptq'"):
         LLM(path, device="cpu", quantization="awq", num_gpu_blocks_override=64)
+
+
+def test_vllms_marlin_name_serves_the_checkpoint(tiny_model_dir, tmp_path):
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq", fmt="gptq")
+    llm = LLM(path, device="cpu", quantization="gptq_marlin", num_gpu_blocks_override=256)
+    assert len(_quantized_layers(_model(llm))) == 8
 
 
 def test_a_group_size_the_layers_cannot_hold_is_named(tiny_model_dir, tmp_path):

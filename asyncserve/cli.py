@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--load-format", default=d["load_format"], choices=("auto", "safetensors", "dummy"),
                        help="'dummy' skips the weights (random values), for benchmarks (default: %(default)s).")
     model.add_argument("--quantization", "-q", default=None, metavar="METHOD",
-                       help="Weight quantization (not built yet).")
+                       help="Weight quantization: gptq, awq (vLLM's gptq_marlin / awq_marlin are aliases), fp8 or "
+                            "compressed-tensors; detected from the checkpoint. fp8 on a bf16/fp16 checkpoint "
+                            "quantizes at load.")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 

@@ -80,8 +80,8 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size > 1 is not supported yet: run one replica per GPU "
                               "behind a load balancer.")
         if self.quantization is not None:  # an unknown method fails here, before anything loads
-            from asyncserve.layers.quantization import get_quantization_config
-            get_quantization_config(self.quantization)
+            from asyncserve.layers.quantization import check_method_name
+            check_method_name(self.quantization)
         if self.kv_cache_dtype != "auto":
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; use 'auto'.")
         if self.generation_config not in ("auto", "vllm") and not os.path.exists(self.generation_config):
@@ -138,7 +138,7 @@ class EngineConfig:
                 enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
                 max_num_waiting=self.max_num_waiting),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            quantization=quantization_config(model.hf_config, self.quantization),
+            quantization=quantization_config(model.hf_config, self.quantization, model.path),
             disable_log_stats=self.disable_log_stats)
 
     def _token_budget(self, max_len: int, device: "torch.device") -> int:

@@ -70,6 +70,12 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
+        elif name.endswith("g_idx"):  # act-order groups: all in order (no permutation)
+            param.data.zero_()
+        elif not param.dtype.is_floating_point:  # packed integer weights: random bits
+            param.data.random_(0, 2 ** 31 - 1, generator=generator)
+        elif param.dtype.itemsize == 1:  # fp8 weights: drawn in float32, then cast
+            param.data.copy_(torch.empty(param.shape, device=device).uniform_(-1.0, 1.0, generator=generator))
         else:  # drawn on the device: seconds for 8B parameters, not minutes
             param.data.uniform_(-0.02, 0.02, generator=generator)
 
@@ -106,7 +112,11 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
         name = ".".join(parts)
         param = params.get(name)
         if param is None:
-            raise ConfigError(f"tensor {checkpoint_name!r} has no place in {type(model).__name__}")
+            module = name.rpartition(".")[0]
+            holds = sorted(p.rpartition(".")[2] for p in params if p.rpartition(".")[0] == module)
+            raise ConfigError(f"tensor {checkpoint_name!r} has no place in {type(model).__name__}"
+                              + (f" (its layer holds {', '.join(holds)}: do the checkpoint's tensors match "
+                                 "its quantization config?)" if holds else ""))
         weight_loader = getattr(param, "weight_loader", default_weight_loader)
         try:
             if shard_id is None:
@@ -129,13 +139,29 @@ def _process_weights_after_loading(model: torch.nn.Module) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
-def quantization_config(hf_config, quantization: str | None = None) -> QuantizationConfig:
-    """From `--quantization` and config.json's `quantization_config`: a quantized checkpoint is never
-    read as plain weights."""
+# Older layouts keep the quantization config beside config.json: file -> the method it implies.
+QUANTIZE_CONFIG_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
+def checkpoint_quantization_config(hf_config, path: str | None = None) -> dict | None:
+    """config.json's `quantization_config`, else GPTQ's quantize_config.json / AutoAWQ's quant_config.json."""
     checkpoint_config = getattr(hf_config, "quantization_config", None)
-    if checkpoint_config is not None and not isinstance(checkpoint_config, dict):
-        checkpoint_config = checkpoint_config.to_dict()
-    return get_quantization_config(quantization, checkpoint_config)
+    if checkpoint_config is not None:
+        return checkpoint_config if isinstance(checkpoint_config, dict) else checkpoint_config.to_dict()
+    for name, method in QUANTIZE_CONFIG_FILES.items():
+        file = os.path.join(path, name) if path else None
+        if file and os.path.exists(file):
+            with open(file) as f:
+                config = json.load(f)
+            config.setdefault("quant_method", method)
+            return config
+    return None
+
+
+def quantization_config(hf_config, quantization: str | None = None, path: str | None = None) -> QuantizationConfig:
+    """From `--quantization` and the checkpoint's quantization config: a quantized checkpoint is never
+    read as plain weights."""
+    return get_quantization_config(quantization, checkpoint_quantization_config(hf_config, path))
 
 
 def load_model(config) -> CausalLM:

@@ -132,7 +132,7 @@ def test_unbuilt_features_fail_loudly():
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         EngineConfig(tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="quantization"):
-        EngineConfig(quantization="awq")
+        EngineConfig(quantization="squeezellm")
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

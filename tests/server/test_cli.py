@@ -76,7 +76,7 @@ async def test_cli_serves_then_exits_0_on_sigint_ending_streams_cleanly(model_pa
 
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
-    (["--quantization", "awq"], "quantization"),
+    (["--quantization", "squeezellm"], "quantization"),
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype"),
     (["--chat-template", "no-such-file.jinja"], "chat-template"),
     (["--block-size", "24"], "block-size"),

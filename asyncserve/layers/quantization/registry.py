@@ -3,16 +3,40 @@ served as if its packed tensors were plain weights."""
 from __future__ import annotations
 
 from asyncserve.errors import ConfigError
+from asyncserve.layers.quantization.awq import AWQConfig
 from asyncserve.layers.quantization.base import QuantizationConfig
+from asyncserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
+from asyncserve.layers.quantization.fp8 import FP8Config
+from asyncserve.layers.quantization.gptq import GPTQConfig
 from asyncserve.layers.quantization.unquantized import UnquantizedConfig
 
 # method name (config.json's quant_method, or --quantization) -> config class; None: unquantized.
-QUANTIZATION_METHODS: dict[str | None, type[QuantizationConfig]] = {None: UnquantizedConfig}
+QUANTIZATION_METHODS: dict[str | None, type[QuantizationConfig]] = {
+    None: UnquantizedConfig, "gptq": GPTQConfig, "awq": AWQConfig, "fp8": FP8Config,
+    "compressed-tensors": CompressedTensorsConfig}
+# vLLM's names of other kernels for the same checkpoints: we serve them with ours.
+ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
 
 
 def _supported() -> str:
     names = sorted(name for name in QUANTIZATION_METHODS if name is not None)
+    names += sorted(alias for alias, target in ALIASES.items() if target in QUANTIZATION_METHODS)
     return ", ".join(names) if names else "none yet (unquantized bf16/fp16/fp32 weights only)"
+
+
+def canonical_method(method: str | None) -> str | None:
+    """'GPTQ', 'gptq_marlin' -> 'gptq'; an unknown name is returned lower-cased (and refused later)."""
+    if method is None:
+        return None
+    method = str(method).lower()
+    return ALIASES.get(method) or method
+
+
+def check_method_name(method: str | None) -> None:
+    """Fails on an unknown `--quantization` before anything loads (its parameters come with the checkpoint)."""
+    if canonical_method(method) not in QUANTIZATION_METHODS:
+        raise ConfigError(f"quantization={method!r} is not supported yet (supported: {_supported()}); "
+                          "serve an unquantized (bf16/fp16) checkpoint.")
 
 
 def get_quantization_config(method: str | None = None,
@@ -23,15 +47,13 @@ def get_quantization_config(method: str | None = None,
         if quantized_with is None:
             raise ConfigError("config.json has a quantization_config without 'quant_method': asyncserve "
                               "cannot tell how the weights are packed; serve an unquantized checkpoint.")
-        if method is not None and method != quantized_with:
+        if method is not None and canonical_method(method) != canonical_method(quantized_with):
             raise ConfigError(f"quantization={method!r} does not match the checkpoint, which is quantized "
                               f"with {quantized_with!r} (config.json quantization_config): drop the option.")
-        if quantized_with not in QUANTIZATION_METHODS:
+        if canonical_method(quantized_with) not in QUANTIZATION_METHODS:
             raise ConfigError(f"The checkpoint is quantized with {quantized_with!r} (config.json "
                               f"quantization_config), which asyncserve does not support yet (supported: "
                               f"{_supported()}); serve an unquantized (bf16/fp16) checkpoint.")
-        return QUANTIZATION_METHODS[quantized_with].from_config(checkpoint_config)
-    if method not in QUANTIZATION_METHODS:
-        raise ConfigError(f"quantization={method!r} is not supported yet (supported: {_supported()}); "
-                          "serve an unquantized (bf16/fp16) checkpoint.")
-    return QUANTIZATION_METHODS[method].from_config({})
+        return QUANTIZATION_METHODS[canonical_method(quantized_with)].from_config(checkpoint_config)
+    check_method_name(method)
+    return QUANTIZATION_METHODS[canonical_method(method)].from_config({})

@@ -1,0 +1,131 @@
+"""FP8 (e4m3) weights with a float32 scale per output channel: from checkpoints saved with
+`quant_method: "fp8"` (per-tensor scales, one per shard of a fused layer, or per-channel), or quantized
+at load from a bf16/fp16 checkpoint with `--quantization fp8` (per-channel: amax / 448).
+
+W[n, k] = weight_fp8[n, k] * weight_scale[n]. On CUDA (bf16) the product runs on FP8 tensor cores
+through `torch._scaled_mm` with each activation row quantized on the fly (its own scale); elsewhere the
+weight is dequantized to the activations' dtype (a weight-only reference, exact against float weights).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from asyncserve.errors import ConfigError
+from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
+from asyncserve.layers.quantization.packed_int import is_skipped
+from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (fp8 [N, K], float32 scale [N]) with |w| / scale within e4m3's range."""
+    weight = weight.float()
+    scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only: x @ (weight * scale)^T in x's dtype."""
+    return F.linear(x, (weight.float() * scale[:, None]).to(x.dtype), bias)
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """FP8 tensor cores: rows of x quantized with their own scale, rowwise-scaled product in bf16."""
+    x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
+                            bias=bias, out_dtype=x.dtype)
+
+
+def _scaled_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_mm")
+            and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0)
+
+
+class FP8LinearMethod(LinearMethodBase):
+    def __init__(self, serialized: bool, static_input_scale: bool):
+        self.serialized = serialized  # False: a float checkpoint quantized at load
+        self.static_input_scale = static_input_scale
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
+                       weight_loader: WeightLoader) -> None:
+        dtype = FP8 if self.serialized else torch.get_default_dtype()
+        weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=dtype), requires_grad=False)
+        weight.weight_loader = weight_loader  # the layer's: [out, in] rows, shards stacked
+        layer.register_parameter("weight", weight)
+        if not self.serialized:
+            return
+        scale = nn.Parameter(torch.zeros(sum(output_sizes), dtype=torch.float32), requires_grad=False)
+        scale.weight_loader = _scale_loader(layer)
+        layer.register_parameter("weight_scale", scale)
+        if self.static_input_scale:  # read so the checkpoint loads; activations are scaled per row here
+            input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
+            input_scale.weight_loader = _max_loader
+            layer.register_parameter("input_scale", input_scale)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not self.serialized:
+            weight, scale = quantize_per_channel(layer.weight.data)
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _scaled_mm_fits(x, layer.weight):
+            return fp8_linear_scaled_mm(x, layer.weight, layer.weight_scale, bias)
+        return fp8_linear_ref(x, layer.weight, layer.weight_scale, bias)
+
+
+def _scale_loader(layer: nn.Module):
+    """A per-tensor scale (one number) fills its shard's rows; a per-channel one ([rows] or [rows, 1])
+    is copied."""
+
+    @torch.no_grad()
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        start, size = layer.shard_offsets[shard_id] if shard_id is not None else (0, param.shape[0])
+        if loaded.numel() not in (1, size):
+            raise ValueError(f"weight_scale of shape {tuple(loaded.shape)}: expected one number (per "
+                             f"tensor) or {size} (per output channel)")
+        param.data[start:start + size] = loaded.reshape(-1).float()
+
+    return load
+
+
+@torch.no_grad()
+def _max_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    if loaded.numel() != 1:
+        raise ValueError(f"input_scale of shape {tuple(loaded.shape)}: expected one number")
+    param.data.fill_(max(float(param.data), float(loaded.reshape(()))))
+
+
+class FP8Config(QuantizationConfig):
+    """config.json's `quantization_config` with quant_method 'fp8', or `--quantization fp8` alone."""
+
+    name = "fp8"
+
+    def __init__(self, serialized: bool = False, activation_scheme: str = "dynamic",
+                 ignored_layers: list[str] | None = None):
+        if activation_scheme not in ("static", "dynamic"):
+            raise ConfigError(f"FP8 activation_scheme={activation_scheme!r} is not supported (supported: "
+                              "'static', 'dynamic').")
+        self.serialized, self.activation_scheme = serialized, activation_scheme
+        self.ignored_layers = ignored_layers or []
+
+    @classmethod
+    def from_config(cls, config: dict) -> FP8Config:
+        if not config:
+            return cls()  # --quantization fp8: quantize the float checkpoint's weights at load
+        if config.get("weight_block_size"):
+            raise ConfigError(f"FP8 with weight_block_size={config['weight_block_size']} (block-wise scales) "
+                              "is not supported (supported: per-tensor and per-channel scales).")
+        return cls(True, str(config.get("activation_scheme", "dynamic")), config.get("ignored_layers"))
+
+    def get_quant_method(self, layer: nn.Module, prefix: str):
+        if prefix == "lm_head" or is_skipped(layer, prefix, self.ignored_layers, "FP8"):
+            return UnquantizedLinearMethod()  # the LM head stays in the model's dtype, as vLLM keeps it
+        return FP8LinearMethod(self.serialized, self.activation_scheme == "static")

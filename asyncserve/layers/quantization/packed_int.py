@@ -1,0 +1,117 @@
+"""What GPTQ and AWQ share once loaded: integer weights in the kernel's canonical layout (K-rows packed
+into int32, float zeros and scales per group) multiplied by `quant_gemm`; and the checkpoint side's
+loaders that place a fused layer's shards along the output dimension of packed tensors."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from asyncserve.errors import ConfigError
+from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm
+from asyncserve.layers.quantization.base import LinearMethodBase
+
+
+def scale_dtype() -> torch.dtype:
+    """fp16 scales (as checkpoints store them) unless the model runs in fp32, which holds them exactly."""
+    return torch.float32 if torch.get_default_dtype() == torch.float32 else torch.float16
+
+
+def shard_names(layer: nn.Module, prefix: str) -> list[str]:
+    """The checkpoint modules behind a layer: 'layers.0.self_attn.qkv_proj' -> [..q_proj, ..k_proj, ..v_proj]."""
+    offsets = getattr(layer, "shard_offsets", None)
+    if not offsets:
+        return [prefix]
+    parent = prefix.rpartition(".")[0]
+    return [f"{parent}.{name}" if parent else name for name in offsets]
+
+
+def _matches(module: str, name: str) -> bool:
+    """A config's module entry against our name ('layers.0.mlp.down_proj'): a substring (AWQ's 'visual',
+    'model.layers.0.mlp.down_proj'), or with 're:' a regex (compressed-tensors' 're:.*lm_head')."""
+    if module.startswith("re:"):
+        return any(re.match(module[3:], candidate) for candidate in (name, f"model.{name}"))
+    return module.removeprefix("model.") in name
+
+
+def is_skipped(layer: nn.Module, prefix: str, modules_to_not_convert: list[str], method: str) -> bool:
+    """True if the checkpoint left this layer unquantized; a fused layer must be all one or the other."""
+    skipped = [any(_matches(module, name) for module in modules_to_not_convert)
+               for name in shard_names(layer, prefix)]
+    if any(skipped) and not all(skipped):
+        raise ConfigError(f"{method}: the shards of the fused layer {prefix!r} disagree on quantization "
+                          f"(modules_to_not_convert={modules_to_not_convert} leaves only some of "
+                          f"{shard_names(layer, prefix)} unquantized); asyncserve fuses them into one matmul.")
+    return all(skipped)
+
+
+def output_dim_loader(layer: nn.Module, pack: int = 1, grouped: bool = False):
+    """weight_loader for a tensor whose dim 1 is the output (in units of `pack` outputs per element):
+    a whole tensor, or one shard of a fused layer placed at its output offset. `grouped`: its rows are
+    the groups (scales, zeros), so a row mismatch is a group-size disagreement."""
+
+    @torch.no_grad()
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is None:
+            target = param.data
+        else:
+            start, size = layer.shard_offsets[shard_id]
+            target = param.data[:, start // pack:(start + size) // pack]
+        if loaded.shape != target.shape:
+            raise ValueError(f"shape {tuple(loaded.shape)}, expected {tuple(target.shape)}"
+                             + (f" (rows are groups of {layer.group_size} inputs: all shards of a fused "
+                                "layer and the config must agree on the group size)"
+                                if grouped and loaded.shape[0] != target.shape[0] else ""))
+        target.copy_(loaded)
+
+    return load
+
+
+def int_param(*shape: int, loader) -> nn.Parameter:
+    param = nn.Parameter(torch.zeros(*shape, dtype=torch.int32), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+def check_shapes(layer: nn.Module, prefix: str, method: str, in_features: int, output_sizes: list[int],
+                 group_size: int, in_pack: int, out_pack: int) -> None:
+    """Fails at start, naming the layer, when its sizes cannot be packed or grouped."""
+    if in_features % group_size or in_features % in_pack:
+        raise ConfigError(f"{method}: layer {prefix!r} has {in_features} inputs, not a multiple of the group "
+                          f"size {group_size} (and of {in_pack} values per int32).")
+    bad = [size for size in output_sizes if size % out_pack]
+    if bad:
+        raise ConfigError(f"{method}: layer {prefix!r} has output sizes {output_sizes}, not multiples of "
+                          f"{out_pack} values per int32.")
+
+
+class PackedIntLinearMethod(LinearMethodBase):
+    """After `to_canonical`: qweight int32 [K*bits/32, N], zeros and scales [G, N], and an optional input
+    permutation (act-order) applied to x's columns so the product itself has no gather."""
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits = bits
+        self.group_size = group_size  # -1 resolved per layer at create_weights
+        self.perm: torch.Tensor | None = None
+        self.dtype = torch.get_default_dtype()  # the model's (activations') dtype, for scales and zeros
+
+    def to_canonical(self, layer: nn.Module, q: torch.Tensor, zeros: torch.Tensor,
+                     perm: torch.Tensor | None) -> None:
+        """q [K, N] ints, zeros [G, N] ints: replaces the checkpoint's tensors by the kernel's."""
+        scales = layer.scales.data.to(self.dtype)  # the kernel takes them in the activations' dtype
+        for name in ("qweight", "qzeros", "g_idx", "scales"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        if perm is not None:
+            q = q[perm]
+            self.perm = perm
+        layer.qweight = nn.Parameter(pack_int_rows(q, self.bits), requires_grad=False)
+        layer.scales = nn.Parameter(scales, requires_grad=False)
+        layer.zeros = nn.Parameter(zeros.to(scales.dtype), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.perm is not None:
+            x = x[:, self.perm]
+        out = quant_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, self.bits)
+        return out if bias is None else out + bias

@@ -1,0 +1,271 @@
+"""Weight-only quantized products x[M, K] @ W[K, N] with W stored as 4- or 8-bit integers.
+
+Layout (GPTQ's, after act-order rows are pre-permuted at load so the hot loop has no gather):
+`qweight` int32 [K * bits // 32, N] packs 32 // bits consecutive K-rows per int32, lowest bits
+first; W[k, n] = (q[k, n] - zeros[k // g, n]) * scales[k // g, n], `zeros` in the integer domain.
+The Triton kernels dequantize in registers: a tiled tl.dot GEMM, and for M <= GEMV_MAX_ROWS a
+GEMV that streams the packed weight once (batch-1 decode is bound by reading it).
+"""
+
+import torch
+
+from ._triton import next_power_of_2, tl, triton, use_triton
+
+QUANT_BITS = (4, 8)
+GEMV_MAX_ROWS = 4
+
+# GEMM tiles by M (first whose max_m >= M): (max_m, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
+# Small M is memory-bound (narrow N tiles for more programs); large M is H100 tensor-core shaped.
+QUANT_GEMM_CONFIGS = (
+    (16, 16, 64, 128, 8, 4, 4),
+    (32, 32, 64, 128, 8, 4, 4),
+    (64, 64, 64, 128, 8, 4, 4),
+    (128, 64, 128, 64, 8, 4, 4),
+    (None, 128, 128, 64, 8, 8, 3),
+)
+# GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages). SPLIT_K > 1 adds an fp32
+# workspace, atomics and a cast: worth it only where N / BLOCK_N leaves SMs idle.
+QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3), (32, 64, 1, 4, 3), (32, 32, 1, 4, 4), (64, 32, 1, 4, 3),
+                      (16, 64, 2, 4, 3), (32, 64, 4, 4, 3))
+
+
+def _per_int32(bits: int) -> int:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"quantized weights must have 4 or 8 bits, not {bits}")
+    return 32 // bits
+
+
+def pack_int_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q [K, N] integers in [0, 2**bits) -> int32 [K * bits // 32, N], 32 // bits K-rows per int32."""
+    per = _per_int32(bits)
+    num_rows, num_cols = q.shape
+    if num_rows % per:
+        raise ValueError(f"K={num_rows} must be a multiple of {per} to pack {bits}-bit rows")
+    if q.numel() and (q.min() < 0 or q.max() >= 1 << bits):
+        raise ValueError(f"values to pack must lie in [0, {1 << bits})")
+    shifts = torch.arange(per, device=q.device, dtype=torch.int64) * bits
+    words = (q.to(torch.int64).view(num_rows // per, per, num_cols) << shifts[None, :, None]).sum(1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_int_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 [K * bits // 32, N] -> int32 [K, N]: the inverse of `pack_int_rows`."""
+    per = _per_int32(bits)
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
+        raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
+                         f"got {qweight.dtype} {list(qweight.shape)}")
+    shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits
+    q = (qweight[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return q.reshape(k, qweight.shape[1])
+
+
+def _check(x, qweight, scales, zeros, group_size, bits) -> int:
+    """Validates the shapes against each other; returns the effective group size (K for one group)."""
+    per = _per_int32(bits)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got {list(x.shape)}")
+    k = x.shape[1]
+    group_size = k if group_size in (-1, k) else group_size
+    if group_size <= 0 or group_size % per or (group_size > k):
+        raise ValueError(f"group_size {group_size} must be K ({k}), -1 or a multiple of {per} "
+                         f"not above K")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
+        raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
+                         f"got {qweight.dtype} {list(qweight.shape)}")
+    groups_shape = (-(-k // group_size), qweight.shape[1])
+    for name, tensor in (("scales", scales), ("zeros", zeros)):
+        if tuple(tensor.shape) != groups_shape or tensor.dtype != x.dtype:
+            raise ValueError(f"{name} must be {x.dtype} {list(groups_shape)}, "
+                             f"got {tensor.dtype} {list(tensor.shape)}")
+    return group_size
+
+
+def dequantize_int_rows(qweight, scales, zeros, group_size, bits, k, dtype=torch.float32):
+    """The float weight W [K, N] = (q - zeros[group]) * scales[group], computed in fp32 (or fp64)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    group = torch.arange(k, device=qweight.device) // (k if group_size == -1 else group_size)
+    q = unpack_int_rows(qweight, bits, k).to(compute)
+    return ((q - zeros.to(compute)[group]) * scales.to(compute)[group]).to(dtype)
+
+
+def quant_gemm_ref(x, qweight, scales, zeros, group_size, bits):
+    """x [M, K] @ dequantized W [K, N] in fp32 (fp64 for fp64 x) -> [M, N] in x's dtype."""
+    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = dequantize_int_rows(qweight, scales, zeros, group_size, bits, x.shape[1], compute)
+    return (x.to(compute) @ weight).to(x.dtype)
+
+
+@triton.jit
+def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+                       stride_xm, stride_qk, stride_sg, stride_om,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       UPCAST_DOT: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        kn_mask = k_mask[:, None] & n_mask[None, :]
+        # Each int32 is loaded once per K-row it holds (L1 hits); the shift picks the row's bits.
+        packed = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qk + offs_n[None, :],
+                         mask=kn_mask, other=0)
+        # Dequantized in fp32 (exact up to the one rounding to x's dtype for tl.dot).
+        q = ((packed >> ((offs_k % PER) * BITS)[:, None]) & MASK).to(tl.float32)
+        if GROUP_SIZE % BLOCK_K == 0:  # the whole K tile lies in one group
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
+            zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
+            w = (q - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
+        else:
+            group_offs = (offs_k // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
+            scale = tl.load(scales_ptr + group_offs, mask=kn_mask, other=0.0)
+            zero = tl.load(zeros_ptr + group_offs, mask=kn_mask, other=0.0)
+            w = (q - zero.to(tl.float32)) * scale.to(tl.float32)
+        if UPCAST_DOT:
+            acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+                       stride_xm, stride_qk, stride_sg, stride_om,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    packed_rows = K // PER
+    steps = tl.cdiv(tl.cdiv(packed_rows, BLOCK_KP), SPLIT_K)
+    first_row = tl.program_id(1) * steps * BLOCK_KP
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, steps):
+        offs_kp = first_row + step * BLOCK_KP + tl.arange(0, BLOCK_KP)
+        kp_mask = offs_kp < packed_rows
+        kpn_mask = kp_mask[:, None] & n_mask[None, :]
+        packed = tl.load(qw_ptr + offs_kp[:, None] * stride_qk + offs_n[None, :], mask=kpn_mask,
+                         other=0)
+        # sum_k x (q - z) s = s * (sum_k x q - z * sum_k x) over the PER rows of one int32, which
+        # share a group (GROUP_SIZE is a multiple of PER): one scale multiply per packed int32.
+        x_dot_q = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, BLOCK_KP), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            x = tl.load(x_rows + (offs_kp * PER + j)[None, :],
+                        mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
+            q = ((packed >> (j * BITS)) & MASK).to(tl.float32)
+            x_dot_q += x[:, :, None] * q[None, :, :]
+            x_sum += x
+        if GROUP_SIZE % (BLOCK_KP * PER) == 0:  # the whole tile lies in one group
+            group = (first_row + step * BLOCK_KP) * PER // GROUP_SIZE
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
+            zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
+            tile = tl.sum(x_dot_q, axis=1) - zero.to(tl.float32)[None, :] * tl.sum(x_sum, axis=1)[:, None]
+            acc += scale.to(tl.float32)[None, :] * tile
+        else:
+            group_offs = (offs_kp * PER // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
+            scale = tl.load(scales_ptr + group_offs, mask=kpn_mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + group_offs, mask=kpn_mask, other=0.0).to(tl.float32)
+            tile = x_dot_q - zero[None, :, :] * x_sum[:, :, None]
+            acc += tl.sum(scale[None, :, :] * tile, axis=1)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+def _kernel_group_size(group_size: int, k: int, block_k: int) -> int:
+    """One group is passed as a power of two >= K, so every tile sees group 0 and loads one row."""
+    return max(next_power_of_2(k), block_k) if group_size >= k else group_size
+
+
+def _gemm_config(m: int):
+    return next(config[1:] for config in QUANT_GEMM_CONFIGS if config[0] is None or m <= config[0])
+
+
+def _gemv_config(n: int):
+    """Narrow tiles when N is small so that N / BLOCK_N programs still cover the SMs."""
+    return QUANT_GEMV_CONFIGS[1] if n >= 8192 else QUANT_GEMV_CONFIGS[0]
+
+
+def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None):
+    """Triton version of `quant_gemm_ref` through the tiled GEMM; `config` overrides the table:
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
+    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    block_m, block_n, block_k, group_m, num_warps, num_stages = config or _gemm_config(x.shape[0])
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[1]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _quant_gemm_kernel[grid](
+        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
+        scales.stride(0), out.stride(0), GROUP_SIZE=_kernel_group_size(group_size, k, block_k),
+        BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        # Triton's CPU interpreter multiplies bf16's raw uint16 storage in tl.dot: go through fp32.
+        UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
+    """Triton version of `quant_gemm_ref` for M <= GEMV_MAX_ROWS: the packed weight streamed once;
+    `config` overrides the choice: (BLOCK_N, BLOCK_KP, SPLIT_K, num_warps, num_stages)."""
+    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    m, k = x.shape
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    n = qweight.shape[1]
+    block_n, block_kp, split_k, num_warps, num_stages = config or _gemv_config(n)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    out_dtype = x.dtype if split_k == 1 else torch.float32
+    allocate = torch.empty if split_k == 1 else torch.zeros
+    out = allocate(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.to(x.dtype)
+    grid = (triton.cdiv(n, block_n), split_k)
+    _quant_gemv_kernel[grid](
+        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
+        scales.stride(0), out.stride(0),
+        GROUP_SIZE=_kernel_group_size(group_size, k, block_kp * (32 // bits)), BITS=bits,
+        BLOCK_M=next_power_of_2(m), BLOCK_N=block_n, BLOCK_KP=block_kp, SPLIT_K=split_k,
+        num_warps=num_warps, num_stages=num_stages)
+    return out.to(x.dtype)
+
+
+def quant_gemm(x, qweight, scales, zeros, group_size, bits):
+    """CUDA fp16/bf16: the Triton GEMV for M <= GEMV_MAX_ROWS, else the GEMM; otherwise the reference."""
+    if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
+        return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return quant_gemv_triton(x, qweight, scales, zeros, group_size, bits)
+    return quant_gemm_triton(x, qweight, scales, zeros, group_size, bits)

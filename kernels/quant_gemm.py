@@ -97,13 +97,19 @@ def quant_gemm_ref(x, qweight, scales, zeros, group_size, bits):
 
 
 @triton.jit
+def _codes_to_float(q):
+    """Codes in [0, 2**23) to fp32 exactly, without the quarter-rate integer conversion: with
+    exponent bits 0x4B, q becomes the mantissa of the float 2**23 + q."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
                        stride_xm, stride_qk, stride_sg, stride_om,
-                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        UPCAST_DOT: tl.constexpr):
-    PER: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -128,7 +134,7 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
         packed = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qk + offs_n[None, :],
                          mask=kn_mask, other=0)
         # Dequantized in fp32 (exact up to the one rounding to x's dtype for tl.dot).
-        q = ((packed >> ((offs_k % PER) * BITS)[:, None]) & MASK).to(tl.float32)
+        q = _codes_to_float((packed >> ((offs_k % PER) * BITS)[:, None]) & MASK)
         if GROUP_SIZE % BLOCK_K == 0:  # the whole K tile lies in one group
             group = k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
@@ -150,10 +156,9 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
 @triton.jit
 def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
                        stride_xm, stride_qk, stride_sg, stride_om,
-                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr):
-    PER: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -176,14 +181,15 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
         for j in tl.static_range(PER):
             x = tl.load(x_rows + (offs_kp * PER + j)[None, :],
                         mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
-            q = ((packed >> (j * BITS)) & MASK).to(tl.float32)
+            q = _codes_to_float((packed >> (j * BITS)) & MASK)
             x_dot_q += x[:, :, None] * q[None, :, :]
             x_sum += x
         if GROUP_SIZE % (BLOCK_KP * PER) == 0:  # the whole tile lies in one group
             group = (first_row + step * BLOCK_KP) * PER // GROUP_SIZE
             scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
             zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
-            tile = tl.sum(x_dot_q, axis=1) - zero.to(tl.float32)[None, :] * tl.sum(x_sum, axis=1)[:, None]
+            x_total = tl.sum(x_sum, axis=1)[:, None]
+            tile = tl.sum(x_dot_q, axis=1) - zero.to(tl.float32)[None, :] * x_total
             acc += scale.to(tl.float32)[None, :] * tile
         else:
             group_offs = (offs_kp * PER // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
@@ -229,7 +235,8 @@ def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     _quant_gemm_kernel[grid](
         x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=_kernel_group_size(group_size, k, block_k),
-        BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        BITS=bits, PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=group_m,
         # Triton's CPU interpreter multiplies bf16's raw uint16 storage in tl.dot: go through fp32.
         UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages)
@@ -257,7 +264,8 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
         x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0),
         GROUP_SIZE=_kernel_group_size(group_size, k, block_kp * (32 // bits)), BITS=bits,
-        BLOCK_M=next_power_of_2(m), BLOCK_N=block_n, BLOCK_KP=block_kp, SPLIT_K=split_k,
+        PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
+        BLOCK_KP=block_kp, SPLIT_K=split_k,
         num_warps=num_warps, num_stages=num_stages)
     return out.to(x.dtype)
 

@@ -159,3 +159,14 @@ def test_cuda_dispatch_picks_gemv_for_few_rows(monkeypatch, m, kernel):
     qweight, scales, zeros, _ = random_quantized(64, 8, 32, 4, torch.bfloat16)
     quant_gemm(torch.randn(m, 64).bfloat16(), qweight, scales, zeros, 32, 4)
     assert calls == [kernel]
+
+
+@pytest.mark.parametrize("m,group_size,bits,dtype", [(20, 128, 4, torch.bfloat16),
+                                                     (2, 64, 8, torch.float16)])
+def test_default_tiles_match_reference(triton_device, m, group_size, bits, dtype):
+    k, n = 320, 72
+    qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
+    triton_op = quant_gemv_triton if m <= kernels.GEMV_MAX_ROWS else quant_gemm_triton
+    out = triton_op(x, qweight, scales, zeros, group_size, bits)
+    _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)

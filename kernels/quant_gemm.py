@@ -25,8 +25,9 @@ QUANT_GEMM_CONFIGS = (
 )
 # GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages). SPLIT_K > 1 adds an fp32
 # workspace, atomics and a cast: worth it only where N / BLOCK_N leaves SMs idle.
+# BLOCK_KP * 32 // bits <= group size loads one row of scales per step instead of a gathered tile.
 QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3), (32, 64, 1, 4, 3), (32, 32, 1, 4, 4), (64, 32, 1, 4, 3),
-                      (16, 64, 2, 4, 3), (32, 64, 4, 4, 3))
+                      (32, 16, 1, 4, 4), (64, 16, 1, 4, 4), (16, 64, 2, 4, 3), (32, 64, 4, 4, 3))
 
 
 def _per_int32(bits: int) -> int:
@@ -158,7 +159,8 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
                        stride_xm, stride_qk, stride_sg, stride_om,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                        MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
+                       ONE_GROUP: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -174,29 +176,42 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
         kpn_mask = kp_mask[:, None] & n_mask[None, :]
         packed = tl.load(qw_ptr + offs_kp[:, None] * stride_qk + offs_n[None, :], mask=kpn_mask,
                          other=0)
-        # sum_k x (q - z) s = s * (sum_k x q - z * sum_k x) over the PER rows of one int32, which
-        # share a group (GROUP_SIZE is a multiple of PER): one scale multiply per packed int32.
-        x_dot_q = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, BLOCK_KP), dtype=tl.float32)
-        for j in tl.static_range(PER):
-            x = tl.load(x_rows + (offs_kp * PER + j)[None, :],
-                        mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
-            q = _codes_to_float((packed >> (j * BITS)) & MASK)
-            x_dot_q += x[:, :, None] * q[None, :, :]
-            x_sum += x
-        if GROUP_SIZE % (BLOCK_KP * PER) == 0:  # the whole tile lies in one group
-            group = (first_row + step * BLOCK_KP) * PER // GROUP_SIZE
-            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
-            zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
-            x_total = tl.sum(x_sum, axis=1)[:, None]
-            tile = tl.sum(x_dot_q, axis=1) - zero.to(tl.float32)[None, :] * x_total
-            acc += scale.to(tl.float32)[None, :] * tile
+        if ONE_GROUP:  # the whole tile lies in one group: one row of scales and zeros
+            group_offs = (first_row + step * BLOCK_KP) * PER // GROUP_SIZE * stride_sg + offs_n
+            group_mask = n_mask
         else:
             group_offs = (offs_kp * PER // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
-            scale = tl.load(scales_ptr + group_offs, mask=kpn_mask, other=0.0).to(tl.float32)
-            zero = tl.load(zeros_ptr + group_offs, mask=kpn_mask, other=0.0).to(tl.float32)
-            tile = x_dot_q - zero[None, :, :] * x_sum[:, :, None]
-            acc += tl.sum(scale[None, :, :] * tile, axis=1)
+            group_mask = kpn_mask
+        scale = tl.load(scales_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
+        # sum_k x (q - z) s = s * (sum_k x q - z * sum_k x) over the PER rows of one int32, which
+        # share a group (GROUP_SIZE is a multiple of PER): one scale multiply per packed int32.
+        if BLOCK_M == 1:  # batch-1 decode: 2-D tiles only
+            x_dot_q = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_KP,), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                x = tl.load(x_ptr + offs_kp * PER + j, mask=kp_mask, other=0.0).to(tl.float32)
+                x_dot_q += x[:, None] * _codes_to_float((packed >> (j * BITS)) & MASK)
+                x_sum += x
+            if ONE_GROUP:
+                acc += (scale * (tl.sum(x_dot_q, axis=0) - zero * tl.sum(x_sum, axis=0)))[None, :]
+            else:
+                acc += tl.sum(scale * (x_dot_q - zero * x_sum[:, None]), axis=0)[None, :]
+        else:  # a few rows share each dequantized code: [BLOCK_M, BLOCK_KP, BLOCK_N] tiles
+            x_dot_q = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, BLOCK_KP), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                x = tl.load(x_rows + (offs_kp * PER + j)[None, :],
+                            mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
+                q = _codes_to_float((packed >> (j * BITS)) & MASK)
+                x_dot_q += x[:, :, None] * q[None, :, :]
+                x_sum += x
+            if ONE_GROUP:
+                x_total = tl.sum(x_sum, axis=1)[:, None]
+                acc += scale[None, :] * (tl.sum(x_dot_q, axis=1) - zero[None, :] * x_total)
+            else:
+                tile = x_dot_q - zero[None, :, :] * x_sum[:, :, None]
+                acc += tl.sum(scale[None, :, :] * tile, axis=1)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -260,12 +275,13 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     if m == 0 or n == 0:
         return out.to(x.dtype)
     grid = (triton.cdiv(n, block_n), split_k)
+    kernel_group_size = _kernel_group_size(group_size, k, block_kp * (32 // bits))
     _quant_gemv_kernel[grid](
         x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
-        scales.stride(0), out.stride(0),
-        GROUP_SIZE=_kernel_group_size(group_size, k, block_kp * (32 // bits)), BITS=bits,
+        scales.stride(0), out.stride(0), GROUP_SIZE=kernel_group_size, BITS=bits,
         PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_KP=block_kp, SPLIT_K=split_k,
+        ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0,
         num_warps=num_warps, num_stages=num_stages)
     return out.to(x.dtype)
 

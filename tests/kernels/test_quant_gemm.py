@@ -114,6 +114,8 @@ def test_triton_gemm_matches_reference(triton_device, m, k, n, group_size, bits,
 
 GEMV_CASES = [  # (m, k, n, group_size, bits, dtype, (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages))
     (1, 96, 40, 32, 4, torch.float16, (16, 4, 1, 4, 1)),  # group spans one K tile
+    (1, 160, 40, 32, 4, torch.float16, (16, 8, 1, 4, 1)),  # one row, tiles of 2 groups
+    (1, 320, 72, 64, 4, torch.bfloat16, (32, 8, 2, 4, 1)),  # one row, split-K
     (1, 320, 72, 64, 8, torch.bfloat16, (32, 8, 1, 4, 1)),  # groups of 2 tiles, partial last one
     (3, 160, 40, 32, 4, torch.bfloat16, (16, 8, 1, 4, 1)),  # tiles of 2 groups (gathered scales)
     (4, 320, 72, 320, 8, torch.float16, (32, 16, 3, 4, 1)),  # one group, split-K atomics

@@ -166,18 +166,19 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
     n_mask = offs_n < N
     m_mask = offs_m < M
     packed_rows = K // PER
-    steps = tl.cdiv(tl.cdiv(packed_rows, BLOCK_KP), SPLIT_K)
-    first_row = tl.program_id(1) * steps * BLOCK_KP
+    rows_per_split = tl.cdiv(tl.cdiv(packed_rows, BLOCK_KP), SPLIT_K) * BLOCK_KP
+    first_row = tl.program_id(1) * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, packed_rows)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, steps):
-        offs_kp = first_row + step * BLOCK_KP + tl.arange(0, BLOCK_KP)
+    for row0 in range(first_row, end_row, BLOCK_KP):  # a tile starts inside K: its group exists
+        offs_kp = row0 + tl.arange(0, BLOCK_KP)
         kp_mask = offs_kp < packed_rows
         kpn_mask = kp_mask[:, None] & n_mask[None, :]
         packed = tl.load(qw_ptr + offs_kp[:, None] * stride_qk + offs_n[None, :], mask=kpn_mask,
                          other=0)
         if ONE_GROUP:  # the whole tile lies in one group: one row of scales and zeros
-            group_offs = (first_row + step * BLOCK_KP) * PER // GROUP_SIZE * stride_sg + offs_n
+            group_offs = row0 * PER // GROUP_SIZE * stride_sg + offs_n
             group_mask = n_mask
         else:
             group_offs = (offs_kp * PER // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]

@@ -22,8 +22,16 @@ def random_quantized(k, n, group_size, bits, dtype=torch.float32, device="cpu", 
     q = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
     scales = (torch.rand(num_groups, n, generator=gen) + 0.5) * 0.02
     zeros = torch.randint(0, 1 << bits, (num_groups, n), generator=gen).float()
-    return (pack_int_rows(q, bits).to(device), scales.to(device, dtype), zeros.to(device, dtype),
-            q)
+    return pack_int_rows(q, bits).to(device), _poison_after(scales, dtype, device), \
+        _poison_after(zeros, dtype, device), q
+
+
+def _poison_after(groups, dtype, device):
+    """The rows in memory right after the last group are NaN: a kernel reading past it fails."""
+    padded = torch.full((groups.shape[0] + 2, groups.shape[1]), float("nan"), dtype=dtype,
+                        device=device)
+    padded[:groups.shape[0]] = groups.to(device, dtype)
+    return padded[:groups.shape[0]]
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -138,9 +138,11 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
         q = _codes_to_float((packed >> ((offs_k % PER) * BITS)[:, None]) & MASK)
         if GROUP_SIZE % BLOCK_K == 0:  # the whole K tile lies in one group
             group = k0 // GROUP_SIZE
-            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
-            zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
-            w = (q - zero.to(tl.float32)[None, :]) * scale.to(tl.float32)[None, :]
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask,
+                            other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask,
+                           other=0.0).to(tl.float32)
+            w = q * scale[None, :] - (zero * scale)[None, :]  # one FMA per code
         else:
             group_offs = (offs_k // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
             scale = tl.load(scales_ptr + group_offs, mask=kn_mask, other=0.0)

@@ -22,6 +22,10 @@ from bench_common import measure_bandwidth, measure_matmul_rate
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
 COLD_BYTES = 256 << 20
+# Tiles tried by --sweep besides the table's (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
+EXTRA_GEMM_CONFIGS = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
+                      (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4),
+                      (32, 128, 64, 8, 4, 4)]
 DTYPE = torch.bfloat16
 
 
@@ -59,7 +63,8 @@ def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep):
           f"torch bf16 {bf16_ms * 1e3:8.1f} us", flush=True)
     if sweep:
         gemv = m <= GEMV_MAX_ROWS
-        configs = QUANT_GEMV_CONFIGS if gemv else [c[1:] for c in QUANT_GEMM_CONFIGS]
+        configs = (QUANT_GEMV_CONFIGS if gemv else
+                   [c[1:] for c in QUANT_GEMM_CONFIGS] + EXTRA_GEMM_CONFIGS)
         kernel = quant_gemv_triton if gemv else quant_gemm_triton
         for config in configs:
             ms = _time_cold(lambda w: kernel(x, *w, group_size, bits, config), weights)

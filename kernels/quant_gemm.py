@@ -14,7 +14,8 @@ from ._triton import next_power_of_2, tl, triton, use_triton
 QUANT_BITS = (4, 8)
 GEMV_MAX_ROWS = 4
 
-# GEMM tiles by M (first whose max_m >= M): (max_m, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
+# GEMM tiles by M, the first row whose max_m >= M:
+# (max_m, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
 # Small M is memory-bound (narrow N tiles for more programs); large M is H100 tensor-core shaped.
 QUANT_GEMM_CONFIGS = (
     (16, 16, 64, 128, 8, 4, 4),
@@ -37,7 +38,7 @@ def _per_int32(bits: int) -> int:
 
 
 def pack_int_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """q [K, N] integers in [0, 2**bits) -> int32 [K * bits // 32, N], 32 // bits K-rows per int32."""
+    """q [K, N] integers in [0, 2**bits) -> int32 [K * bits // 32, N], 32 // bits rows per int32."""
     per = _per_int32(bits)
     num_rows, num_cols = q.shape
     if num_rows % per:
@@ -61,15 +62,15 @@ def unpack_int_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def _check(x, qweight, scales, zeros, group_size, bits) -> int:
-    """Validates the shapes against each other; returns the effective group size (K for one group)."""
+    """Validates shapes and dtypes; returns the effective group size (K for one group)."""
     per = _per_int32(bits)
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got {list(x.shape)}")
     k = x.shape[1]
-    group_size = k if group_size in (-1, k) else group_size
-    if group_size <= 0 or group_size % per or (group_size > k):
-        raise ValueError(f"group_size {group_size} must be K ({k}), -1 or a multiple of {per} "
-                         f"not above K")
+    group_size = k if group_size == -1 or group_size >= k else group_size  # one group
+    if group_size <= 0 or group_size % per:
+        raise ValueError(f"group_size {group_size} must be K ({k}), -1 or a positive multiple "
+                         f"of {per}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
         raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
                          f"got {qweight.dtype} {list(qweight.shape)}")
@@ -82,9 +83,10 @@ def _check(x, qweight, scales, zeros, group_size, bits) -> int:
 
 
 def dequantize_int_rows(qweight, scales, zeros, group_size, bits, k, dtype=torch.float32):
-    """The float weight W [K, N] = (q - zeros[group]) * scales[group], computed in fp32 (or fp64)."""
+    """The float weight W [K, N] = (q - zeros[group]) * scales[group], in fp32 (or fp64)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    group = torch.arange(k, device=qweight.device) // (k if group_size == -1 else group_size)
+    group_size = k if group_size == -1 or group_size >= k else group_size
+    group = torch.arange(k, device=qweight.device) // group_size
     q = unpack_int_rows(qweight, bits, k).to(compute)
     return ((q - zeros.to(compute)[group]) * scales.to(compute)[group]).to(dtype)
 
@@ -290,7 +292,7 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
 
 
 def quant_gemm(x, qweight, scales, zeros, group_size, bits):
-    """CUDA fp16/bf16: the Triton GEMV for M <= GEMV_MAX_ROWS, else the GEMM; otherwise the reference."""
+    """CUDA fp16/bf16: Triton (the GEMV for M <= GEMV_MAX_ROWS, else the GEMM); else the reference."""
     if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
         return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
     if x.shape[0] <= GEMV_MAX_ROWS:

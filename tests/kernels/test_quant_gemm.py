@@ -16,7 +16,7 @@ quant_gemm_module = importlib.import_module("asyncserve.kernels.quant_gemm")
 
 
 def random_quantized(k, n, group_size, bits, dtype=torch.float32, device="cpu", seed=0):
-    """Random codes, positive scales around 0.02 and integer zero points: qweight, scales, zeros, q."""
+    """Random codes, positive scales near 0.02, integer zero points: qweight, scales, zeros, q."""
     gen = torch.Generator().manual_seed(seed)
     num_groups = -(-k // group_size)
     q = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
@@ -71,9 +71,11 @@ def test_reference_is_x_times_dequantized_weight(bits, group_size):
                                                    torch.float64), weight)
     torch.testing.assert_close(quant_gemm_ref(x, qweight, scales, zeros, group_size, bits),
                                x @ weight)
-    # GPTQ's -1 names the same single group as K.
+    # GPTQ's -1, and a group larger than K (a narrow layer), name the same single group as K.
     if group_size == k:
-        torch.testing.assert_close(quant_gemm_ref(x, qweight, scales, zeros, -1, bits), x @ weight)
+        for single_group in (-1, 2 * k):
+            out = quant_gemm_ref(x, qweight, scales, zeros, single_group, bits)
+            torch.testing.assert_close(out, x @ weight)
 
 
 def test_shapes_are_checked_with_actionable_messages():

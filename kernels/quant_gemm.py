@@ -26,7 +26,7 @@ QUANT_GEMM_CONFIGS = (
 )
 # GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages). SPLIT_K > 1 adds an fp32
 # workspace, atomics and a cast: worth it only where N / BLOCK_N leaves SMs idle.
-# BLOCK_KP * 32 // bits <= group size loads one row of scales per step instead of a gathered tile.
+# BLOCK_KP * 32 // bits dividing the group size loads one row of scales per step instead of a gathered tile.
 QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3), (32, 64, 1, 4, 3), (32, 32, 1, 4, 4), (64, 32, 1, 4, 3),
                       (32, 16, 1, 4, 4), (64, 16, 1, 4, 4), (16, 64, 2, 4, 3), (32, 64, 4, 4, 3))
 
@@ -292,7 +292,7 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
 
 
 def quant_gemm(x, qweight, scales, zeros, group_size, bits):
-    """CUDA fp16/bf16: Triton (the GEMV for M <= GEMV_MAX_ROWS, else the GEMM); else the reference."""
+    """CUDA fp16/bf16: Triton (GEMV for M <= GEMV_MAX_ROWS, else GEMM); elsewhere the reference."""
     if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
         return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
     if x.shape[0] <= GEMV_MAX_ROWS:

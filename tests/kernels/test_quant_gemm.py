@@ -174,7 +174,8 @@ def test_cuda_dispatch_picks_gemv_for_few_rows(monkeypatch, m, kernel):
 
 
 @pytest.mark.parametrize("m,group_size,bits,dtype", [(20, 128, 4, torch.bfloat16),
-                                                     (2, 64, 8, torch.float16)])
+                                                     (2, 64, 8, torch.float16),
+                                                     (1, 128, 4, torch.bfloat16)])
 def test_default_tiles_match_reference(triton_device, m, group_size, bits, dtype):
     k, n = 320, 72
     qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)

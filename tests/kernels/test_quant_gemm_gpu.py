@@ -4,8 +4,8 @@ reference."""
 import pytest
 import torch
 
-from asyncserve.kernels import (pack_int_rows, quant_gemm, quant_gemm_ref, quant_gemm_triton,
-                                quant_gemv_triton)
+from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, pack_int_rows, quant_gemm,
+                                quant_gemm_ref, quant_gemm_triton, quant_gemv_triton)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,11 +57,19 @@ def test_gemm_up_to_8192_rows(dtype):
                       scales, zeros, 128, 4)
 
 
-@pytest.mark.parametrize("config", [(16, 64, 2, 4, 3), (32, 64, 4, 4, 3)])
-def test_gemv_split_k(config):
+@pytest.mark.parametrize("config", QUANT_GEMV_CONFIGS)
+def test_every_gemv_config(config):
     x, qweight, scales, zeros = _quantized(14336, 4096, 128, 4, torch.bfloat16)
-    out = quant_gemv_triton(x[:1], qweight, scales, zeros, 128, 4, config)
-    _assert_close(out, x[:1], qweight, scales, zeros, 128, 4)
+    for m in (1, 2, 4):
+        out = quant_gemv_triton(x[:m], qweight, scales, zeros, 128, 4, config)
+        _assert_close(out, x[:m], qweight, scales, zeros, 128, 4)
+
+
+@pytest.mark.parametrize("config", [row[1:] for row in QUANT_GEMM_CONFIGS])
+def test_every_gemm_config(config):
+    x, qweight, scales, zeros = _quantized(4096, 4096, 32, 8, torch.float16)
+    out = quant_gemm_triton(x[:300], qweight, scales, zeros, 32, 8, config)
+    _assert_close(out, x[:300], qweight, scales, zeros, 32, 8)
 
 
 def test_gemv_replays_in_a_cuda_graph_with_new_inputs():

@@ -22,10 +22,13 @@ from bench_common import measure_bandwidth, measure_matmul_rate
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
 COLD_BYTES = 256 << 20
-# Tiles tried by --sweep besides the table's (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
-EXTRA_GEMM_CONFIGS = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
-                      (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4),
-                      (32, 128, 64, 8, 4, 4)]
+# Tried by --sweep besides the table: its tiles COMPACT, and more (BLOCK_M, BLOCK_N, BLOCK_K,
+# GROUP_M, warps, stages) tiles both ways.
+_EXTRA_TILES = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
+                (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4),
+                (32, 128, 64, 8, 4, 4)]
+EXTRA_GEMM_CONFIGS = ([row[1:-1] + (True,) for row in QUANT_GEMM_CONFIGS]
+                      + [tile + (compact,) for tile in _EXTRA_TILES for compact in (False, True)])
 DTYPE = torch.bfloat16
 
 

@@ -111,14 +111,15 @@ CASES = [  # (m, k, n, group_size, bits, dtype)
     (6, 320, 72, 320, 8, torch.float16),
     (9, 160, 40, 160, 4, torch.bfloat16),
 ]
-SMALL_GEMM = (16, 32, 64, 2, 4, 1)  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("m,k,n,group_size,bits,dtype", CASES)
-def test_triton_gemm_matches_reference(triton_device, m, k, n, group_size, bits, dtype):
+def test_triton_gemm_matches_reference(triton_device, m, k, n, group_size, bits, dtype, compact):
     qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)
     x = torch.randn(m, k, device=triton_device).to(dtype)
-    out = quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, SMALL_GEMM)
+    config = (16, 32, 64, 2, 4, 1, compact)  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
+    out = quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config)
     _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
 
 

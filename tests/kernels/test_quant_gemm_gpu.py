@@ -65,7 +65,8 @@ def test_every_gemv_config(config):
         _assert_close(out, x[:m], qweight, scales, zeros, 128, 4)
 
 
-@pytest.mark.parametrize("config", [row[1:] for row in QUANT_GEMM_CONFIGS])
+@pytest.mark.parametrize("config", [row[1:-1] + (compact,) for row in QUANT_GEMM_CONFIGS
+                                    for compact in (False, True)])
 def test_every_gemm_config(config):
     x, qweight, scales, zeros = _quantized(4096, 4096, 32, 8, torch.float16)
     out = quant_gemm_triton(x[:300], qweight, scales, zeros, 32, 8, config)

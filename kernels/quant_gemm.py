@@ -48,7 +48,8 @@ def pack_int_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     if q.numel() and (q.min() < 0 or q.max() >= 1 << bits):
         raise ValueError(f"values to pack must lie in [0, {1 << bits})")
     shifts = torch.arange(per, device=q.device, dtype=torch.int64) * bits
-    words = (q.to(torch.int64).view(num_rows // per, per, num_cols) << shifts[None, :, None]).sum(1)
+    rows = q.to(torch.int64).reshape(num_rows // per, per, num_cols)
+    words = (rows << shifts[None, :, None]).sum(1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 

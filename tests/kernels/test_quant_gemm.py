@@ -43,6 +43,7 @@ def test_pack_round_trip_and_bit_layout(bits):
     assert packed.dtype == torch.int32 and packed.shape == (5, 7)
     assert packed[0, 0] == -1
     assert torch.equal(unpack_int_rows(packed, bits, 5 * per), q)
+    assert torch.equal(pack_int_rows(q.t().contiguous().t(), bits), packed)  # strided input
     # Row k lives in int32 k // per at bit (k % per) * bits, lowest bits first.
     for k in (0, 1, per - 1, per + 3, 5 * per - 1):
         word = int(packed[k // per, 2]) & 0xFFFFFFFF

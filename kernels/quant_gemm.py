@@ -1,48 +1,310 @@
-"""STAND-IN (pure torch) for the quantized GEMM of W4A16/W8A16 weights; the Triton version with the
-same names and semantics replaces this file.
+"""Weight-only quantized products x[M, K] @ W[K, N] with W stored as 4- or 8-bit integers.
 
-Canonical layout: q [K, N] of `bits`-bit unsigned ints, packed as `32 // bits` consecutive K-rows per
-int32 (lowest bits first) into qweight [K * bits // 32, N]; per group of `group_size` K-rows a float
-zero point and scale: W[k, n] = (q[k, n] - zeros[k // group_size, n]) * scales[k // group_size, n].
+Layout (GPTQ's, after act-order rows are pre-permuted at load so the hot loop has no gather):
+`qweight` int32 [K * bits // 32, N] packs 32 // bits consecutive K-rows per int32, lowest bits
+first; W[k, n] = (q[k, n] - zeros[k // g, n]) * scales[k // g, n], `zeros` in the integer domain.
+The Triton kernels dequantize in registers: a tiled tl.dot GEMM, and for M <= GEMV_MAX_ROWS a
+GEMV that streams the packed weight once (batch-1 decode is bound by reading it).
 """
-from __future__ import annotations
 
 import torch
 
+from ._triton import next_power_of_2, tl, triton, use_triton
+
+QUANT_BITS = (4, 8)
+GEMV_MAX_ROWS = 4
+
+# GEMM tiles by M, the first row whose max_m >= M:
+# (max_m, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, COMPACT).
+# Small M is memory-bound (narrow N tiles for more programs); large M is H100 tensor-core shaped.
+# COMPACT loads each int32 once and repeats it over its rows in registers (tl.reshape) instead of
+# loading it once per row from L1: 1/8 of the load traffic for int4.
+QUANT_GEMM_CONFIGS = (
+    (16, 16, 64, 128, 8, 4, 4, False),
+    (32, 32, 64, 128, 8, 4, 4, False),
+    (64, 64, 64, 128, 8, 4, 4, False),
+    (128, 64, 128, 64, 8, 4, 4, False),
+    (None, 128, 128, 64, 8, 8, 3, False),
+)
+# GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages). SPLIT_K > 1 adds an fp32
+# workspace, atomics and a cast: worth it only where N / BLOCK_N leaves SMs idle.
+# BLOCK_KP * 32 // bits dividing the group size: one row of scales per step, not a gathered tile.
+QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3), (32, 64, 1, 4, 3), (32, 32, 1, 4, 4), (64, 32, 1, 4, 3),
+                      (32, 16, 1, 4, 4), (64, 16, 1, 4, 4), (16, 64, 2, 4, 3), (32, 64, 4, 4, 3))
+
+
+def _per_int32(bits: int) -> int:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"quantized weights must have 4 or 8 bits, not {bits}")
+    return 32 // bits
+
 
 def pack_int_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """q [K, N] (values in [0, 2**bits)) -> int32 [K * bits // 32, N]."""
-    per_word = 32 // bits
-    k, n = q.shape
-    rows = q.to(torch.int64).reshape(k // per_word, per_word, n)
-    shifts = (torch.arange(per_word, device=q.device, dtype=torch.int64) * bits).view(1, per_word, 1)
-    words = (rows << shifts).sum(dim=1)  # disjoint bit fields: the sum is the bitwise or
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # two's complement into int32
+    """q [K, N] integers in [0, 2**bits) -> int32 [K * bits // 32, N], 32 // bits rows per int32."""
+    per = _per_int32(bits)
+    num_rows, num_cols = q.shape
+    if num_rows % per:
+        raise ValueError(f"K={num_rows} must be a multiple of {per} to pack {bits}-bit rows")
+    if q.numel() and (q.min() < 0 or q.max() >= 1 << bits):
+        raise ValueError(f"values to pack must lie in [0, {1 << bits})")
+    shifts = torch.arange(per, device=q.device, dtype=torch.int64) * bits
+    rows = q.to(torch.int64).reshape(num_rows // per, per, num_cols)
+    words = (rows << shifts[None, :, None]).sum(1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
 def unpack_int_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """int32 [K * bits // 32, N] -> [K, N] int32 values in [0, 2**bits)."""
-    per_word = 32 // bits
-    shifts = (torch.arange(per_word, device=qweight.device, dtype=torch.int32) * bits).view(1, per_word, 1)
-    values = (qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return values.reshape(-1, qweight.shape[1])[:k]
+    """int32 [K * bits // 32, N] -> int32 [K, N]: the inverse of `pack_int_rows`."""
+    per = _per_int32(bits)
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
+        raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
+                         f"got {qweight.dtype} {list(qweight.shape)}")
+    shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits
+    q = (qweight[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return q.reshape(k, qweight.shape[1])
 
 
-def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   bits: int, k: int) -> torch.Tensor:
-    """The float weight W [K, N] in the scales' dtype."""
-    q = unpack_int_rows(qweight, bits, k).to(scales.dtype)
+def _check(x, qweight, scales, zeros, group_size, bits) -> int:
+    """Validates shapes and dtypes; returns the effective group size (K for one group)."""
+    per = _per_int32(bits)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got {list(x.shape)}")
+    k = x.shape[1]
+    group_size = k if group_size == -1 or group_size >= k else group_size  # one group
+    if group_size <= 0 or group_size % per:
+        raise ValueError(f"group_size {group_size} must be K ({k}), -1 or a positive multiple "
+                         f"of {per}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
+        raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
+                         f"got {qweight.dtype} {list(qweight.shape)}")
+    groups_shape = (-(-k // group_size), qweight.shape[1])
+    for name, tensor in (("scales", scales), ("zeros", zeros)):
+        if tuple(tensor.shape) != groups_shape or tensor.dtype != x.dtype:
+            raise ValueError(f"{name} must be {x.dtype} {list(groups_shape)}, "
+                             f"got {tensor.dtype} {list(tensor.shape)}")
+    return group_size
+
+
+def dequantize_int_rows(qweight, scales, zeros, group_size, bits, k, dtype=torch.float32):
+    """The float weight W [K, N] = (q - zeros[group]) * scales[group], in fp32 (or fp64)."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    group_size = k if group_size == -1 or group_size >= k else group_size
     group = torch.arange(k, device=qweight.device) // group_size
-    return (q - zeros[group]) * scales[group]
+    q = unpack_int_rows(qweight, bits, k).to(compute)
+    return ((q - zeros.to(compute)[group]) * scales.to(compute)[group]).to(dtype)
 
 
-def quant_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int, bits: int) -> torch.Tensor:
-    """x [M, K] @ W -> [M, N] in x's dtype, dequantizing in float."""
-    weight = dequantize_ref(qweight, scales.to(x.dtype), zeros.to(x.dtype), group_size, bits, x.shape[1])
-    return x @ weight
+def quant_gemm_ref(x, qweight, scales, zeros, group_size, bits):
+    """x [M, K] @ dequantized W [K, N] in fp32 (fp64 for fp64 x) -> [M, N] in x's dtype."""
+    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = dequantize_int_rows(qweight, scales, zeros, group_size, bits, x.shape[1], compute)
+    return (x.to(compute) @ weight).to(x.dtype)
 
 
-def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               group_size: int, bits: int) -> torch.Tensor:
-    return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
+@triton.jit
+def _codes_to_float(q):
+    """Codes in [0, 2**23) to fp32 exactly, without the quarter-rate integer conversion: with
+    exponent bits 0x4B, q becomes the mantissa of the float 2**23 + q."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+                       stride_xm, stride_qk, stride_sg, stride_om,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       COMPACT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        kn_mask = k_mask[:, None] & n_mask[None, :]
+        if COMPACT:  # each int32 loaded once, then repeated over its PER rows
+            offs_kp = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            words = tl.load(qw_ptr + offs_kp[:, None] * stride_qk + offs_n[None, :],
+                            mask=(offs_kp < K // PER)[:, None] & n_mask[None, :], other=0)
+            repeated = tl.broadcast_to(words[:, None, :], (BLOCK_K // PER, PER, BLOCK_N))
+            packed = tl.reshape(repeated, (BLOCK_K, BLOCK_N))
+        else:  # each int32 loaded once per row it holds (L1 hits)
+            packed = tl.load(qw_ptr + (offs_k // PER)[:, None] * stride_qk + offs_n[None, :],
+                             mask=kn_mask, other=0)
+        # Dequantized in fp32 (exact up to the one rounding to x's dtype for tl.dot).
+        q = _codes_to_float((packed >> ((offs_k % PER) * BITS)[:, None]) & MASK)
+        if GROUP_SIZE % BLOCK_K == 0:  # the whole K tile lies in one group
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask,
+                            other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask,
+                           other=0.0).to(tl.float32)
+            w = q * scale[None, :] - (zero * scale)[None, :]  # one FMA per code
+        else:
+            group_offs = (offs_k // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
+            scale = tl.load(scales_ptr + group_offs, mask=kn_mask, other=0.0)
+            zero = tl.load(zeros_ptr + group_offs, mask=kn_mask, other=0.0)
+            w = (q - zero.to(tl.float32)) * scale.to(tl.float32)
+        if UPCAST_DOT:
+            acc = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+                       stride_xm, stride_qk, stride_sg, stride_om,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
+                       ONE_GROUP: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    packed_rows = K // PER
+    rows_per_split = tl.cdiv(tl.cdiv(packed_rows, BLOCK_KP), SPLIT_K) * BLOCK_KP
+    first_row = tl.program_id(1) * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, packed_rows)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for row0 in range(first_row, end_row, BLOCK_KP):  # a tile starts inside K: its group exists
+        offs_kp = row0 + tl.arange(0, BLOCK_KP)
+        kp_mask = offs_kp < packed_rows
+        kpn_mask = kp_mask[:, None] & n_mask[None, :]
+        packed = tl.load(qw_ptr + offs_kp[:, None] * stride_qk + offs_n[None, :], mask=kpn_mask,
+                         other=0)
+        if ONE_GROUP:  # the whole tile lies in one group: one row of scales and zeros
+            group_offs = row0 * PER // GROUP_SIZE * stride_sg + offs_n
+            group_mask = n_mask
+        else:
+            group_offs = (offs_kp * PER // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
+            group_mask = kpn_mask
+        scale = tl.load(scales_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
+        # sum_k x (q - z) s = s * (sum_k x q - z * sum_k x) over the PER rows of one int32, which
+        # share a group (GROUP_SIZE is a multiple of PER): one scale multiply per packed int32.
+        if BLOCK_M == 1:  # batch-1 decode: 2-D tiles only
+            x_dot_q = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_KP,), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                x = tl.load(x_ptr + offs_kp * PER + j, mask=kp_mask, other=0.0).to(tl.float32)
+                x_dot_q += x[:, None] * _codes_to_float((packed >> (j * BITS)) & MASK)
+                x_sum += x
+            if ONE_GROUP:
+                acc += (scale * (tl.sum(x_dot_q, axis=0) - zero * tl.sum(x_sum, axis=0)))[None, :]
+            else:
+                acc += tl.sum(scale * (x_dot_q - zero * x_sum[:, None]), axis=0)[None, :]
+        else:  # a few rows share each dequantized code: [BLOCK_M, BLOCK_KP, BLOCK_N] tiles
+            x_dot_q = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, BLOCK_KP), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                x = tl.load(x_rows + (offs_kp * PER + j)[None, :],
+                            mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
+                q = _codes_to_float((packed >> (j * BITS)) & MASK)
+                x_dot_q += x[:, :, None] * q[None, :, :]
+                x_sum += x
+            if ONE_GROUP:
+                x_total = tl.sum(x_sum, axis=1)[:, None]
+                acc += scale[None, :] * (tl.sum(x_dot_q, axis=1) - zero[None, :] * x_total)
+            else:
+                tile = x_dot_q - zero[None, :, :] * x_sum[:, :, None]
+                acc += tl.sum(scale[None, :, :] * tile, axis=1)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+def _kernel_group_size(group_size: int, k: int, block_k: int) -> int:
+    """One group is passed as a power of two >= K, so every tile sees group 0 and loads one row."""
+    return max(next_power_of_2(k), block_k) if group_size >= k else group_size
+
+
+def _gemm_config(m: int):
+    return next(config[1:] for config in QUANT_GEMM_CONFIGS if config[0] is None or m <= config[0])
+
+
+def _gemv_config(n: int):
+    """Narrow tiles when N is small so that N / BLOCK_N programs still cover the SMs."""
+    return QUANT_GEMV_CONFIGS[1] if n >= 8192 else QUANT_GEMV_CONFIGS[0]
+
+
+def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None):
+    """Triton version of `quant_gemm_ref` through the tiled GEMM; `config` overrides the table:
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, COMPACT)."""
+    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    block_m, block_n, block_k, group_m, num_warps, num_stages, compact = (
+        config or _gemm_config(x.shape[0]))
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[1]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _quant_gemm_kernel[grid](
+        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
+        scales.stride(0), out.stride(0), GROUP_SIZE=_kernel_group_size(group_size, k, block_k),
+        BITS=bits, PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=group_m, COMPACT=compact,
+        # Triton's CPU interpreter multiplies bf16's raw uint16 storage in tl.dot: go through fp32.
+        UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
+    """Triton version of `quant_gemm_ref` for M <= GEMV_MAX_ROWS: the packed weight streamed once;
+    `config` overrides the choice: (BLOCK_N, BLOCK_KP, SPLIT_K, num_warps, num_stages)."""
+    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    m, k = x.shape
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"the GEMV takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    n = qweight.shape[1]
+    block_n, block_kp, split_k, num_warps, num_stages = config or _gemv_config(n)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    out_dtype = x.dtype if split_k == 1 else torch.float32
+    allocate = torch.empty if split_k == 1 else torch.zeros
+    out = allocate(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.to(x.dtype)
+    grid = (triton.cdiv(n, block_n), split_k)
+    kernel_group_size = _kernel_group_size(group_size, k, block_kp * (32 // bits))
+    _quant_gemv_kernel[grid](
+        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
+        scales.stride(0), out.stride(0), GROUP_SIZE=kernel_group_size, BITS=bits,
+        PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
+        BLOCK_KP=block_kp, SPLIT_K=split_k,
+        ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0,
+        num_warps=num_warps, num_stages=num_stages)
+    return out.to(x.dtype)
+
+
+def quant_gemm(x, qweight, scales, zeros, group_size, bits):
+    """CUDA fp16/bf16: Triton (GEMV for M <= GEMV_MAX_ROWS, else GEMM); elsewhere the reference."""
+    if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
+        return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return quant_gemv_triton(x, qweight, scales, zeros, group_size, bits)
+    return quant_gemm_triton(x, qweight, scales, zeros, group_size, bits)

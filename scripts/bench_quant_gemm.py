@@ -1,0 +1,100 @@
+"""Quantized GEMM/GEMV timings at Llama-3.1-8B projection shapes, next to their floors.
+
+    python scripts/bench_quant_gemm.py                    # W4 g128, M = 1 and 512, default tiles
+    python scripts/bench_quant_gemm.py --sweep --bits 8   # also every config in the tables
+
+Each line: our kernel, torch's bf16 matmul on the same problem, and the floor: bytes read /
+measured copy bandwidth (memory-bound M) or FLOPs / measured bf16 matmul rate. Weights are
+rotated over enough copies that the 50 MB L2 of an H100 cannot hold them (decode reads each
+weight once per step), and timed as CUDA-graph replays so launch overhead is left out.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, GEMV_MAX_ROWS,
+                                pack_int_rows, quant_gemm, quant_gemm_triton, quant_gemv_triton)
+from bench_common import measure_bandwidth, measure_matmul_rate
+
+SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
+          "down": (14336, 4096)}
+COLD_BYTES = 256 << 20
+# Tried by --sweep besides the table: its tiles COMPACT, and more (BLOCK_M, BLOCK_N, BLOCK_K,
+# GROUP_M, warps, stages) tiles both ways.
+_EXTRA_TILES = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
+                (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4),
+                (32, 128, 64, 8, 4, 4)]
+EXTRA_GEMM_CONFIGS = ([row[1:-1] + (True,) for row in QUANT_GEMM_CONFIGS]
+                      + [tile + (compact,) for tile in _EXTRA_TILES for compact in (False, True)])
+DTYPE = torch.bfloat16
+
+
+def _copies(make, one_copy_bytes):
+    return [make() for _ in range(max(1, min(16, COLD_BYTES // one_copy_bytes)))]
+
+
+def _time_cold(fn, copies):
+    """Milliseconds per call of fn(copy), averaged over a pass through all copies."""
+    def run():
+        for copy in copies:
+            fn(copy)
+    return do_bench_cudagraph(run) / len(copies)
+
+
+def _quantized(k, n, bits, group_size):
+    num_groups = -(-k // group_size)
+    q = torch.randint(0, 1 << bits, (k, n), device="cuda", dtype=torch.int32)
+    return (pack_int_rows(q, bits), (torch.rand(num_groups, n, device="cuda") * 0.02).to(DTYPE),
+            torch.randint(0, 1 << bits, (num_groups, n), device="cuda").to(DTYPE))
+
+
+def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep):
+    x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+    quant_bytes = k * n * bits // 8 + 2 * 2 * (-(-k // group_size)) * n
+    weights = _copies(lambda: _quantized(k, n, bits, group_size), quant_bytes)
+    dense = _copies(lambda: torch.randn(k, n, device="cuda", dtype=DTYPE), 2 * k * n)
+    io_bytes = 2 * m * (k + n)
+    floor_ms = max((quant_bytes + io_bytes) / copy_rate, 2 * m * k * n / matmul_rate) * 1e3
+    bf16_ms = _time_cold(lambda w: x @ w, dense)
+    ours_ms = _time_cold(lambda w: quant_gemm(x, *w, group_size, bits), weights)
+    print(f"{name:<8} M={m:<5} K={k:<6} N={n:<6} W{bits} g{group_size}: {ours_ms * 1e3:8.1f} us "
+          f"({(quant_bytes + io_bytes) / ours_ms / 1e6:5.0f} GB/s, "
+          f"{2 * m * k * n / ours_ms / 1e9:4.0f} TFLOP/s)  floor {floor_ms * 1e3:7.1f} us  "
+          f"torch bf16 {bf16_ms * 1e3:8.1f} us", flush=True)
+    if sweep:
+        gemv = m <= GEMV_MAX_ROWS
+        configs = (QUANT_GEMV_CONFIGS if gemv else
+                   [c[1:] for c in QUANT_GEMM_CONFIGS] + EXTRA_GEMM_CONFIGS)
+        kernel = quant_gemv_triton if gemv else quant_gemm_triton
+        for config in configs:
+            ms = _time_cold(lambda w: kernel(x, *w, group_size, bits, config), weights)
+            print(f"    {config}: {ms * 1e3:8.1f} us", flush=True)
+    return ours_ms, bf16_ms
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 512])
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="time every config of the tables")
+    args = parser.parse_args()
+    copy_rate, matmul_rate = measure_bandwidth(), measure_matmul_rate()
+    print(f"{torch.cuda.get_device_name()}: copy {copy_rate / 1e9:.0f} GB/s, "
+          f"bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s", flush=True)
+    for m in args.m:
+        ours_total = bf16_total = 0.0
+        for name, (k, n) in SHAPES.items():
+            ours, bf16 = bench_shape(name, k, n, m, args.bits, args.group_size, copy_rate,
+                                     matmul_rate, args.sweep)
+            ours_total, bf16_total = ours_total + ours, bf16_total + bf16
+        # 32 layers of the four projections: the linear part of one 8B decode/prefill step.
+        print(f"M={m}: 32 layers of projections {32 * ours_total:.2f} ms "
+              f"(torch bf16 {32 * bf16_total:.2f} ms)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

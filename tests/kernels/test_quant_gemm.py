@@ -1,0 +1,187 @@
+"""Weight-only quantized GEMM/GEMV: packing round trip, the reference against an explicit
+dequantization, and the Triton kernels against the fp32 reference on awkward sizes."""
+
+import importlib
+
+import pytest
+import torch
+
+import asyncserve.kernels as kernels
+from asyncserve.kernels import (HAS_TRITON, dequantize_int_rows, pack_int_rows, quant_gemm,
+                                quant_gemm_ref, quant_gemm_triton, quant_gemv_triton,
+                                unpack_int_rows)
+
+# The package exports the function `quant_gemm`, which hides the module of the same name.
+quant_gemm_module = importlib.import_module("asyncserve.kernels.quant_gemm")
+
+
+def random_quantized(k, n, group_size, bits, dtype=torch.float32, device="cpu", seed=0):
+    """Random codes, positive scales near 0.02, integer zero points: qweight, scales, zeros, q."""
+    gen = torch.Generator().manual_seed(seed)
+    num_groups = -(-k // group_size)
+    q = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(num_groups, n, generator=gen) + 0.5) * 0.02
+    zeros = torch.randint(0, 1 << bits, (num_groups, n), generator=gen).float()
+    return pack_int_rows(q, bits).to(device), _poison_after(scales, dtype, device), \
+        _poison_after(zeros, dtype, device), q
+
+
+def _poison_after(groups, dtype, device):
+    """The rows in memory right after the last group are NaN: a kernel reading past it fails."""
+    padded = torch.full((groups.shape[0] + 2, groups.shape[1]), float("nan"), dtype=dtype,
+                        device=device)
+    padded[:groups.shape[0]] = groups.to(device, dtype)
+    return padded[:groups.shape[0]]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_round_trip_and_bit_layout(bits):
+    per = 32 // bits
+    q = torch.randint(0, 1 << bits, (5 * per, 7), dtype=torch.int32)
+    q[:per, 0] = (1 << bits) - 1  # an all-ones int32: its top bit makes it negative
+    packed = pack_int_rows(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (5, 7)
+    assert packed[0, 0] == -1
+    assert torch.equal(unpack_int_rows(packed, bits, 5 * per), q)
+    assert torch.equal(pack_int_rows(q.t().contiguous().t(), bits), packed)  # strided input
+    # Row k lives in int32 k // per at bit (k % per) * bits, lowest bits first.
+    for k in (0, 1, per - 1, per + 3, 5 * per - 1):
+        word = int(packed[k // per, 2]) & 0xFFFFFFFF
+        assert (word >> (k % per) * bits) & ((1 << bits) - 1) == q[k, 2]
+
+
+def test_pack_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_int_rows(torch.zeros(12, 3, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        pack_int_rows(torch.full((8, 3), 16, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        pack_int_rows(torch.zeros(8, 3, dtype=torch.int32), 3)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (4, 96)])
+def test_reference_is_x_times_dequantized_weight(bits, group_size):
+    k, n = 96, 40
+    qweight, scales, zeros, q = random_quantized(k, n, group_size, bits, torch.float64)
+    x = torch.randn(3, k, dtype=torch.float64)
+    weight = torch.empty(k, n, dtype=torch.float64)
+    for row in range(k):
+        group = row // group_size
+        weight[row] = (q[row].double() - zeros[group]) * scales[group]
+    torch.testing.assert_close(dequantize_int_rows(qweight, scales, zeros, group_size, bits, k,
+                                                   torch.float64), weight)
+    torch.testing.assert_close(quant_gemm_ref(x, qweight, scales, zeros, group_size, bits),
+                               x @ weight)
+    # GPTQ's -1, and a group larger than K (a narrow layer), name the same single group as K.
+    if group_size == k:
+        for single_group in (-1, 2 * k):
+            out = quant_gemm_ref(x, qweight, scales, zeros, single_group, bits)
+            torch.testing.assert_close(out, x @ weight)
+
+
+def test_shapes_are_checked_with_actionable_messages():
+    qweight, scales, zeros, _ = random_quantized(64, 8, 32, 4)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="qweight must be int32"):
+        quant_gemm_ref(torch.randn(2, 72), qweight, scales, zeros, 32, 4)
+    with pytest.raises(ValueError, match="scales must be"):
+        quant_gemm_ref(x, qweight, scales[:1], zeros, 32, 4)
+    with pytest.raises(ValueError, match="zeros must be"):
+        quant_gemm_ref(x, qweight, scales, zeros.half(), 32, 4)
+    with pytest.raises(ValueError, match="group_size 12"):
+        quant_gemm_ref(x, qweight, scales, zeros, 12, 4)
+
+
+def _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits):
+    """The kernel in half precision against the fp32 reference from the same half inputs."""
+    expected = quant_gemm_ref(x.float(), qweight, scales.float(), zeros.float(), group_size, bits)
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    relative = (out.float() - expected).norm() / expected.norm()
+    assert relative < 1e-2, f"relative error {relative:.2e}"
+    tolerance = 3e-2 if x.dtype == torch.bfloat16 else 1e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance * expected.abs().max(),
+                               rtol=tolerance)
+
+
+# Awkward sizes: K not a multiple of the K tile, N not of the N tile, groups that do and do not
+# fill a tile, and the single group (group_size = K).
+CASES = [  # (m, k, n, group_size, bits, dtype)
+    (3, 96, 40, 32, 4, torch.float16),
+    (5, 160, 72, 32, 8, torch.bfloat16),
+    (17, 320, 40, 64, 4, torch.bfloat16),
+    (6, 320, 72, 320, 8, torch.float16),
+    (9, 160, 40, 160, 4, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("m,k,n,group_size,bits,dtype", CASES)
+def test_triton_gemm_matches_reference(triton_device, m, k, n, group_size, bits, dtype, compact):
+    qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
+    config = (16, 32, 64, 2, 4, 1, compact)  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
+    out = quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config)
+    _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
+
+
+GEMV_CASES = [  # (m, k, n, group_size, bits, dtype, (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages))
+    (1, 96, 40, 32, 4, torch.float16, (16, 4, 1, 4, 1)),  # group spans one K tile
+    (1, 160, 40, 32, 4, torch.float16, (16, 8, 1, 4, 1)),  # one row, tiles of 2 groups
+    (1, 320, 72, 64, 4, torch.bfloat16, (32, 8, 2, 4, 1)),  # one row, split-K
+    (1, 320, 72, 64, 8, torch.bfloat16, (32, 8, 1, 4, 1)),  # groups of 2 tiles, partial last one
+    (3, 160, 40, 32, 4, torch.bfloat16, (16, 8, 1, 4, 1)),  # tiles of 2 groups (gathered scales)
+    (4, 320, 72, 320, 8, torch.float16, (32, 16, 3, 4, 1)),  # one group, split-K atomics
+    (2, 96, 40, 96, 4, torch.bfloat16, (16, 4, 2, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group_size,bits,dtype,config", GEMV_CASES)
+def test_triton_gemv_matches_reference(triton_device, m, k, n, group_size, bits, dtype, config):
+    qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
+    out = quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config)
+    _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
+
+
+def test_gemv_refuses_more_rows_than_it_handles():
+    qweight, scales, zeros, _ = random_quantized(32, 8, 32, 4)
+    x = torch.randn(kernels.GEMV_MAX_ROWS + 1, 32)
+    with pytest.raises(ValueError, match="at most"):
+        quant_gemv_triton(x, qweight, scales, zeros, 32, 4)
+
+
+def test_cpu_tensors_take_the_reference(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton kernel ran for CPU tensors")
+
+    monkeypatch.setattr(quant_gemm_module, "quant_gemm_triton", refuse)
+    monkeypatch.setattr(quant_gemm_module, "quant_gemv_triton", refuse)
+    qweight, scales, zeros, _ = random_quantized(64, 8, 32, 4)
+    x = torch.randn(2, 64)
+    assert torch.equal(quant_gemm(x, qweight, scales, zeros, 32, 4),
+                       quant_gemm_ref(x, qweight, scales, zeros, 32, 4))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("m,kernel", [(1, "quant_gemv_triton"), (4, "quant_gemv_triton"),
+                                      (5, "quant_gemm_triton")])
+def test_cuda_dispatch_picks_gemv_for_few_rows(monkeypatch, m, kernel):
+    calls = []
+    for name in ("quant_gemm_triton", "quant_gemv_triton"):
+        monkeypatch.setattr(quant_gemm_module, name, lambda *args, name=name: calls.append(name))
+    monkeypatch.setattr(quant_gemm_module, "use_triton", lambda tensor: True)
+    qweight, scales, zeros, _ = random_quantized(64, 8, 32, 4, torch.bfloat16)
+    quant_gemm(torch.randn(m, 64).bfloat16(), qweight, scales, zeros, 32, 4)
+    assert calls == [kernel]
+
+
+@pytest.mark.parametrize("m,group_size,bits,dtype", [(20, 128, 4, torch.bfloat16),
+                                                     (2, 64, 8, torch.float16),
+                                                     (1, 128, 4, torch.bfloat16)])
+def test_default_tiles_match_reference(triton_device, m, group_size, bits, dtype):
+    k, n = 320, 72
+    qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
+    triton_op = quant_gemv_triton if m <= kernels.GEMV_MAX_ROWS else quant_gemm_triton
+    out = triton_op(x, qweight, scales, zeros, group_size, bits)
+    _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)

@@ -1,0 +1,85 @@
+"""Quantized GEMM/GEMV at Llama-3.1-8B projection shapes on a GPU, bf16/fp16 against the fp32
+reference."""
+
+import pytest
+import torch
+
+from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, pack_int_rows, quant_gemm,
+                                quant_gemm_ref, quant_gemm_triton, quant_gemv_triton)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# (K, N): fused QKV, o_proj, fused gate_up, down_proj.
+LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _quantized(k, n, group_size, bits, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    num_groups = -(-k // group_size)
+    q = torch.randint(0, 1 << bits, (k, n), generator=gen, device="cuda", dtype=torch.int32)
+    scales = ((torch.rand(num_groups, n, generator=gen, device="cuda") + 0.5) * 0.02).to(dtype)
+    zeros = torch.randint(0, 1 << bits, (num_groups, n), generator=gen, device="cuda").to(dtype)
+    x = torch.randn(8192, k, generator=gen, device="cuda").to(dtype)
+    return x, pack_int_rows(q, bits), scales, zeros
+
+
+def _assert_close(out, x, qweight, scales, zeros, group_size, bits):
+    expected = quant_gemm_ref(x.float(), qweight, scales.float(), zeros.float(), group_size, bits)
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    relative = (out.float() - expected).norm() / expected.norm()
+    assert relative < 1e-2, f"relative error {relative:.2e}"
+    tolerance = 3e-2 if x.dtype == torch.bfloat16 else 1e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance * expected.abs().max(),
+                               rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, 128), (4, 32), (4, -1)])
+def test_real_shapes_through_the_dispatcher(k, n, bits, group_size, dtype):
+    x, qweight, scales, zeros = _quantized(k, n, k if group_size == -1 else group_size, bits,
+                                           dtype)
+    for m in (1, 3, 5, 64, 512):  # GEMV, GEMV for a few rows, and the GEMM's tile sizes
+        rows = x[:m]
+        _assert_close(quant_gemm(rows, qweight, scales, zeros, group_size, bits), rows, qweight,
+                      scales, zeros, group_size, bits)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gemm_up_to_8192_rows(dtype):
+    x, qweight, scales, zeros = _quantized(4096, 6144, 128, 4, dtype)
+    for m in (8192, 1000):
+        _assert_close(quant_gemm_triton(x[:m], qweight, scales, zeros, 128, 4), x[:m], qweight,
+                      scales, zeros, 128, 4)
+
+
+@pytest.mark.parametrize("config", QUANT_GEMV_CONFIGS)
+def test_every_gemv_config(config):
+    x, qweight, scales, zeros = _quantized(14336, 4096, 128, 4, torch.bfloat16)
+    for m in (1, 2, 4):
+        out = quant_gemv_triton(x[:m], qweight, scales, zeros, 128, 4, config)
+        _assert_close(out, x[:m], qweight, scales, zeros, 128, 4)
+
+
+@pytest.mark.parametrize("config", [row[1:-1] + (compact,) for row in QUANT_GEMM_CONFIGS
+                                    for compact in (False, True)])
+def test_every_gemm_config(config):
+    x, qweight, scales, zeros = _quantized(4096, 4096, 32, 8, torch.float16)
+    out = quant_gemm_triton(x[:300], qweight, scales, zeros, 32, 8, config)
+    _assert_close(out, x[:300], qweight, scales, zeros, 32, 8)
+
+
+def test_gemv_replays_in_a_cuda_graph_with_new_inputs():
+    x, qweight, scales, zeros = _quantized(4096, 6144, 128, 4, torch.bfloat16)
+    static_x = x[:1].clone()
+    quant_gemm(static_x, qweight, scales, zeros, 128, 4)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = quant_gemm(static_x, qweight, scales, zeros, 128, 4)
+    static_x.copy_(x[7:8])
+    graph.replay()
+    _assert_close(static_out, x[7:8], qweight, scales, zeros, 128, 4)

@@ -21,10 +21,11 @@ GEMV_MAX_ROWS = 4
 # loading it once per row from L1: 1/8 of the load traffic for int4.
 QUANT_GEMM_CONFIGS = (
     (16, 16, 64, 128, 8, 4, 4, False),
-    (32, 32, 64, 128, 8, 4, 4, False),
-    (64, 64, 64, 128, 8, 4, 4, False),
-    (128, 64, 128, 64, 8, 4, 4, False),
-    (None, 128, 128, 64, 8, 8, 3, False),
+    # Two stages where a 128-deep K tile meets 32-wide groups: more need over 228 KiB of shared memory.
+    (32, 32, 64, 128, 8, 4, 2, False),
+    (64, 64, 64, 128, 8, 4, 2, False),
+    (128, 64, 128, 64, 8, 4, 2, False),
+    (None, 128, 128, 64, 8, 8, 2, False),
 )
 # GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages). SPLIT_K > 1 adds an fp32
 # workspace, atomics and a cast: worth it only where N / BLOCK_N leaves SMs idle.

@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:
-        logger.info("serving %s at http://%s:%d/v1 (health: /health, metrics: /metrics); Ctrl+C stops",
-                    ", ".join(names), args.host, port)
+        logger.info("serving %s at http://%s:%d/v1 (chat page: http://%s:%d/, health: /health, metrics: "
+                    "/metrics); Ctrl+C stops", ", ".join(names), args.host, port, args.host, port)
 
     loop = new_event_loop()
     try:

@@ -70,7 +70,7 @@ async def test_cli_serves_then_exits_0_on_sigint_ending_streams_cleanly(model_pa
             process.wait()
     assert process.returncode == 0, stderr.decode()
     log = stderr.decode()
-    assert f"serving tiny, alias at http://127.0.0.1:{port}/v1" in log
+    assert f"serving tiny, alias at http://127.0.0.1:{port}/v1 (chat page: http://127.0.0.1:{port}/" in log
     assert "Traceback" not in log
 
 

@@ -31,16 +31,19 @@ from .norm import (
     rms_norm_triton,
 )
 from .quant_gemm import (
+    DEQUANT_MIN_ROWS,
     GEMV_MAX_ROWS,
     QUANT_BITS,
     QUANT_GEMM_CONFIGS,
     QUANT_GEMV_CONFIGS,
     dequantize_int_rows,
+    dequantize_triton,
     pack_int_rows,
     quant_gemm,
     quant_gemm_ref,
     quant_gemm_triton,
     quant_gemv_triton,
+    reserve_dequant_scratch,
     unpack_int_rows,
 )
 from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
@@ -51,8 +54,9 @@ __all__ = [
     "paged_attention", "paged_attention_ref", "paged_attention_triton",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_attention_triton",
     "paged_prefill_attention", "paged_prefill_attention_ref", "paged_prefill_attention_triton",
-    "GEMV_MAX_ROWS", "QUANT_BITS", "QUANT_GEMM_CONFIGS", "QUANT_GEMV_CONFIGS",
-    "dequantize_int_rows", "pack_int_rows", "unpack_int_rows",
+    "DEQUANT_MIN_ROWS", "GEMV_MAX_ROWS", "QUANT_BITS", "QUANT_GEMM_CONFIGS", "QUANT_GEMV_CONFIGS",
+    "dequantize_int_rows", "dequantize_triton", "pack_int_rows", "reserve_dequant_scratch",
+    "unpack_int_rows",
     "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
     "rms_norm", "rms_norm_ref", "rms_norm_triton",
     "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import asyncserve.kernels as kernels
-from asyncserve.kernels import (HAS_TRITON, dequantize_int_rows, pack_int_rows, quant_gemm,
-                                quant_gemm_ref, quant_gemm_triton, quant_gemv_triton,
+from asyncserve.kernels import (HAS_TRITON, dequantize_int_rows, dequantize_triton, pack_int_rows,
+                                quant_gemm, quant_gemm_ref, quant_gemm_triton, quant_gemv_triton,
                                 unpack_int_rows)
 
 # The package exports the function `quant_gemm`, which hides the module of the same name.
@@ -185,3 +185,52 @@ def test_default_tiles_match_reference(triton_device, m, group_size, bits, dtype
     triton_op = quant_gemv_triton if m <= kernels.GEMV_MAX_ROWS else quant_gemm_triton
     out = triton_op(x, qweight, scales, zeros, group_size, bits)
     _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
+
+
+@pytest.mark.parametrize("k,n,group_size,bits", [(96, 40, 32, 4), (320, 72, 64, 8), (160, 136, 160, 4),
+                                                 (192, 24, 96, 4)])
+def test_triton_dequantize_matches_reference(triton_device, k, n, group_size, bits):
+    """K and N not multiples of the 64x64 tiles; groups smaller than, across and equal to a tile."""
+    qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, torch.float32, triton_device)
+    scratch = torch.full((k * n + 5,), float("nan"), device=triton_device)
+    weight = dequantize_triton(qweight, scales, zeros, group_size, bits, k, scratch)
+    assert weight.shape == (k, n) and weight.data_ptr() == scratch.data_ptr()
+    torch.testing.assert_close(weight, dequantize_int_rows(qweight, scales, zeros, group_size, bits, k))
+    assert scratch[k * n:].isnan().all()  # nothing written past the weight
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("m,reserved,path", [(47, True, "quant_gemm_triton"), (48, True, "dequantize_triton"),
+                                             (512, False, "quant_gemm_triton")])
+def test_cuda_dispatch_dequantizes_many_rows_into_the_reserved_scratch(monkeypatch, m, reserved, path):
+    calls = []
+    for name in ("quant_gemm_triton", "dequantize_triton"):
+        real = getattr(quant_gemm_module, name)
+        monkeypatch.setattr(quant_gemm_module, name,
+                            lambda *args, name=name, real=real: calls.append(name) or real(*args))
+    monkeypatch.setattr(quant_gemm_module, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(quant_gemm_module, "_scratch", {})
+    k, n = 64, 16
+    qweight, scales, zeros, _ = random_quantized(k, n, 32, 4, torch.bfloat16)
+    if reserved:
+        kernels.reserve_dequant_scratch(k * n, torch.bfloat16, torch.device("cpu"))
+    x = torch.randn(m, k).bfloat16()
+    out = quant_gemm(x, qweight, scales, zeros, 32, 4)
+    assert calls == [path]
+    _assert_close_to_reference(out, x, qweight, scales, zeros, 32, 4)
+
+
+def test_scratch_only_grows():
+    module = quant_gemm_module
+    saved = dict(module._scratch)
+    try:
+        module._scratch.clear()
+        kernels.reserve_dequant_scratch(100, torch.float16, torch.device("cpu"))
+        first = module._scratch[(torch.device("cpu"), torch.float16)]
+        kernels.reserve_dequant_scratch(50, torch.float16, torch.device("cpu"))
+        assert module._scratch[(torch.device("cpu"), torch.float16)] is first
+        kernels.reserve_dequant_scratch(200, torch.float16, torch.device("cpu"))
+        assert module._scratch[(torch.device("cpu"), torch.float16)].numel() == 200
+    finally:
+        module._scratch.clear()
+        module._scratch.update(saved)

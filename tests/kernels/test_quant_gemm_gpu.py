@@ -77,3 +77,22 @@ def test_gemv_replays_in_a_cuda_graph_with_new_inputs():
     static_x.copy_(x[7:8])
     graph.replay()
     _assert_close(static_out, x[7:8], qweight, scales, zeros, 128, 4)
+
+
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+def test_many_rows_dequantize_into_the_scratch_and_replay_in_a_graph(k, n):
+    """From DEQUANT_MIN_ROWS rows on, the dispatcher dequantizes into the scratch reserved at load and
+    multiplies with cuBLAS, also inside a CUDA graph."""
+    from asyncserve.kernels import DEQUANT_MIN_ROWS, reserve_dequant_scratch
+    x, qweight, scales, zeros = _quantized(k, n, 128, 4, torch.bfloat16)
+    reserve_dequant_scratch(k * n, torch.bfloat16, x.device)
+    for m in (DEQUANT_MIN_ROWS, 512, 4096):
+        _assert_close(quant_gemm(x[:m], qweight, scales, zeros, 128, 4), x[:m], qweight, scales,
+                      zeros, 128, 4)
+    static_x = x[:256].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = quant_gemm(static_x, qweight, scales, zeros, 128, 4)
+    static_x.copy_(x[1000:1256])
+    graph.replay()
+    _assert_close(static_out, x[1000:1256], qweight, scales, zeros, 128, 4)

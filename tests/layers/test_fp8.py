@@ -10,7 +10,8 @@ from asyncserve import LLM, SamplingParams
 from asyncserve.errors import ConfigError
 from asyncserve.layers.linear import Linear
 from asyncserve.layers.quantization import UnquantizedLinearMethod, get_quantization_config
-from asyncserve.layers.quantization.fp8 import FP8Config, FP8LinearMethod, fp8_linear_ref, fp8_linear_scaled_mm
+from asyncserve.kernels.fp8_linear import fp8_linear_ref, fp8_scaled_mm
+from asyncserve.layers.quantization.fp8 import FP8Config, FP8LinearMethod
 from tests.conftest import PROMPTS, hf_greedy
 from tests.quantized_checkpoints import LINEAR_MODULES, build_fp8, build_fp8_reference
 
@@ -73,7 +74,7 @@ def test_the_fp8_tensor_core_product_is_close_to_the_reference():
     scale = torch.rand(256, device="cuda") * 0.01 + 0.001
     x = torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)
     expected = fp8_linear_ref(x.float(), weight, scale, None)
-    got = fp8_linear_scaled_mm(x, weight, scale, None).float()
+    got = fp8_scaled_mm(x, weight, scale, None).float()
     assert (got - expected).norm() / expected.norm() < 0.05
 
 

@@ -2,17 +2,17 @@
 `quant_method: "fp8"` (per-tensor scales, one per shard of a fused layer, or per-channel), or quantized
 at load from a bf16/fp16 checkpoint with `--quantization fp8` (per-channel: amax / 448).
 
-W[n, k] = weight_fp8[n, k] * weight_scale[n]. On CUDA (bf16) the product runs on FP8 tensor cores
-through `torch._scaled_mm` with each activation row quantized on the fly (its own scale); elsewhere the
-weight is dequantized to the activations' dtype (a weight-only reference, exact against float weights).
+W[n, k] = weight_fp8[n, k] * weight_scale[n], multiplied by `kernels.fp8_linear`: a Triton GEMV for one
+row, FP8 tensor cores (`torch._scaled_mm`, each activation row quantized with its own scale) for more,
+and elsewhere the weight dequantized to the activations' dtype (exact against float weights).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from asyncserve.errors import ConfigError
+from asyncserve.kernels.fp8_linear import fp8_linear
 from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
 from asyncserve.layers.quantization.packed_int import is_skipped
 from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
@@ -26,26 +26,6 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     weight = weight.float()
     scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     return (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """Weight-only: x @ (weight * scale)^T in x's dtype."""
-    return F.linear(x, (weight.float() * scale[:, None]).to(x.dtype), bias)
-
-
-def fp8_linear_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor:
-    """FP8 tensor cores: rows of x quantized with their own scale, rowwise-scaled product in bf16."""
-    x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-    x_fp8 = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
-                            bias=bias, out_dtype=x.dtype)
-
-
-def _scaled_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_scaled_mm")
-            and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0)
 
 
 class FP8LinearMethod(LinearMethodBase):
@@ -76,9 +56,7 @@ class FP8LinearMethod(LinearMethodBase):
             layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if _scaled_mm_fits(x, layer.weight):
-            return fp8_linear_scaled_mm(x, layer.weight, layer.weight_scale, bias)
-        return fp8_linear_ref(x, layer.weight, layer.weight_scale, bias)
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
 
 def _scale_loader(layer: nn.Module):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
-from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm
+from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch
 from asyncserve.layers.quantization.base import LinearMethodBase
 
 
@@ -109,6 +109,8 @@ class PackedIntLinearMethod(LinearMethodBase):
         layer.qweight = nn.Parameter(pack_int_rows(q, self.bits), requires_grad=False)
         layer.scales = nn.Parameter(scales, requires_grad=False)
         layer.zeros = nn.Parameter(zeros.to(scales.dtype), requires_grad=False)
+        if q.is_cuda:  # many-row products dequantize into it (see quant_gemm)
+            reserve_dequant_scratch(q.numel(), scales.dtype, q.device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.perm is not None:

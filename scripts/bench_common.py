@@ -54,7 +54,15 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters the model multiplies by: a quantized linear counts in x out, not its packed words."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "quant_method") and hasattr(module, "in_features"):
+            bias = getattr(module, "bias", None)
+            total += module.in_features * module.out_features + (bias.numel() if bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
 
 
 def hf_model(path: str, dtype=torch.bfloat16):

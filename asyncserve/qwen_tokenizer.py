@@ -90,6 +90,7 @@ class QWenTokenizer(PreTrainedTokenizer):
     (as Qwen's tokenizer does by default) and no BOS/EOS is ever added."""
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
+    byte_level_tokens = True  # token strings spell bytes as GPT-2's alphabet (logprobs read them back)
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, errors: str = "replace", **kwargs):
@@ -123,13 +124,22 @@ class QWenTokenizer(PreTrainedTokenizer):
     # ---- ids <-> text --------------------------------------------------------------------------
 
     def encode_text(self, text: str) -> list[int]:
-        return self.encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+        text = unicodedata.normalize("NFC", text)
+        if "<|" not in text:  # no special token can occur: 10x faster than tiktoken's special-token path
+            return self.encoding.encode_ordinary(text)
+        return self.encoding.encode(text, allowed_special="all")
 
     def encode(self, text, text_pair=None, add_special_tokens: bool = True, **kwargs) -> list[int]:
         """tiktoken's ids directly for one text (the server's path); transformers' path for the rest."""
         if isinstance(text, str) and text_pair is None and not kwargs:
             return self.encode_text(text)
         return super().encode(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        """tiktoken's decode directly for a list of ids (the detokenizer's path, every step)."""
+        if isinstance(token_ids, list) and not kwargs:
+            return self._decode(token_ids, skip_special_tokens)
+        return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def tokenize(self, text: str, **kwargs) -> list[str]:
         return [self._id_to_token[index] for index in self.encode_text(text)]
@@ -138,7 +148,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
         limit = self.first_special_id if skip_special_tokens else self.vocab_size
         # ids past the tokenizer's vocabulary (the model's padding rows) decode to nothing
-        ids = [index for index in ids if 0 <= index < limit and index in self._id_to_token]
+        ids = [index for index in ids if index < limit and index in self._id_to_token]
         return self.encoding.decode(ids, errors=self.errors)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:

@@ -21,6 +21,7 @@ TEXTS = PROMPTS + [
     "text<|endoftext|>more <|extra_0|><|extra_204|> and <|im_end|>",
     "numbers 1234567 and   spaces\t\ttabs\r\n\n\nnewlines   ",
     "I'M sure it's they're we'll I'd you've",
+    "not special: <|im_star|> <| endoftext|> <| and <|",
     "",
 ]
 

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 MAX_TOKENS = 16
+_REPLACEMENT = "\ufffd"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -55,3 +56,19 @@ async def test_a_chat_request_answers_what_transformers_generates(qwen_server, q
     assert "".join(streamed) == tokenizer.decode(completion, skip_special_tokens=True)
     await wait_until_idle(qwen_server.engine)
     assert_pool_clean(qwen_server.engine.engine)
+
+
+async def test_chat_logprobs_give_each_tokens_own_bytes(qwen_server, qwen1_checkpoint, http):
+    """Random weights emit pieces of multi-byte characters; each token's `bytes` are its bytes in
+    qwen.tiktoken, not those of U+FFFD."""
+    tokenizer = qwen_server.engine.tokenizer
+    _, completion = _expected(qwen1_checkpoint, tokenizer)
+    request = {"model": MODEL_NAME, "messages": MESSAGES, "temperature": 0.0, "max_tokens": MAX_TOKENS,
+               "logprobs": True, "skip_special_tokens": False}
+    async with http.post(qwen_server.api + "/chat/completions", json=request) as response:
+        assert response.status == 200, await response.text()
+        content = (await response.json())["choices"][0]["logprobs"]["content"]
+    expected = [list(tokenizer.encoding.decode_single_token_bytes(token)) if token < len(tokenizer) else []
+                for token in completion]  # the model's padding rows are no token: no bytes
+    assert any(_REPLACEMENT in tokenizer.decode([token]) for token in completion)  # the case that matters
+    assert [entry["bytes"] for entry in content] == expected

@@ -30,7 +30,7 @@ class QWenAttention(nn.Module):
                              prefix=f"{prefix}.c_attn")
         self.c_proj = Linear(self.size, config.hidden_size, bias=not config.no_bias, quant_config=quant_config,
                              prefix=f"{prefix}.c_proj")
-        max_position = max(config.seq_length, config.max_position_embeddings)
+        max_position = min(config.seq_length, config.max_position_embeddings)  # max_model_len's cap
         self.rotary = RotaryEmbedding(self.head_dim, max_position, float(config.rotary_emb_base),
                                       {"rope_type": "default"})
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=self.head_dim ** -0.5)

@@ -73,8 +73,8 @@ def load_hf_config(path: str):
     from asyncserve.qwen_config import QWenConfig, is_qwen1, read_config_json
     config = read_config_json(path)
     if is_qwen1(config):
-        logger.info("Qwen-1 checkpoint (model_type 'qwen'): its remote code is not run; asyncserve serves it "
-                    "with its own QWenLMHeadModel and reads qwen.tiktoken with tiktoken.")
+        logger.info("Qwen-1 checkpoint (model_type 'qwen'): its remote code is not run, trust_remote_code or "
+                    "not; asyncserve serves it with its own QWenLMHeadModel and reads qwen.tiktoken with tiktoken.")
         return QWenConfig.from_dict(config, path)
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(path)

@@ -4,6 +4,8 @@ stops at seq_length, and the checkpoint's remote code never runs, --trust-remote
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from asyncserve import LLM, EngineConfig, SamplingParams
 from asyncserve.errors import ConfigError
 from asyncserve.layers.quantization.gptq import GPTQConfig
 from asyncserve.models.loader import load_model
+from tests.checkpoint_edits import copy_checkpoint
 from tests.conftest import PROMPTS, assert_pool_clean, hf_greedy
 from tests.qwen1_checkpoints import HEAD_DIM, HEADS, MLP_WIDTH, SEQ_LENGTH, build_qwen1_gptq
 
@@ -125,6 +128,22 @@ def test_eos_is_endoftext_and_im_end(qwen1_checkpoint, make_llm):
     llm = make_llm(qwen1_checkpoint[0])
     tokenizer = llm.get_tokenizer()
     assert llm.engine.eos_token_ids() == sorted(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+def test_partial_rotary_is_refused_by_name(qwen1_checkpoint, tmp_path):
+    path = copy_checkpoint(qwen1_checkpoint[0], tmp_path / "partial-rotary", {"rotary_pct": 0.5})
+    with pytest.raises(ConfigError, match="rotary_pct=0.5"):
+        EngineConfig(path, device="cpu").create_config()
+
+
+def test_eos_ids_come_from_qwen_tiktoken_without_generation_config_or_tokenizer(qwen1_checkpoint, tmp_path):
+    """config.json names no EOS: <|endoftext|> and <|im_end|> follow the ranks of qwen.tiktoken."""
+    path = shutil.copytree(qwen1_checkpoint[0], tmp_path / "no-generation-config")
+    os.remove(path / "generation_config.json")
+    with open(path / "qwen.tiktoken") as f:
+        num_ranks = sum(1 for line in f if line.strip())
+    config = EngineConfig(str(path), device="cpu", skip_tokenizer_init=True).create_config()
+    assert config.model.eos_token_ids == [num_ranks, num_ranks + 2]
 
 
 def test_trust_remote_code_changes_nothing_and_no_remote_code_runs(qwen1_checkpoint, reference, make_llm,

@@ -232,7 +232,8 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> str:
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(model, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                 "*.tiktoken"])
     except Exception as exc:  # no network, unknown id, gated repo ...
         raise ConfigError(f"Could not find model {model!r}: it is not a local directory and the "
                           f"Hugging Face hub download failed ({type(exc).__name__}: {exc}). Pass the "

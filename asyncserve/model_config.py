@@ -53,6 +53,9 @@ def _checkpoint_dtype(hf_config) -> torch.dtype | None:
 
 def _max_model_len(requested: int | None, hf_config) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    seq_length = getattr(hf_config, "seq_length", None)  # Qwen-1's training length (see qwen_config.py)
+    if seq_length and seq_length < limit:
+        limit = seq_length
     sliding = getattr(hf_config, "sliding_window", None)
     if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < limit:
         limit = sliding  # sliding-window attention is not built: stay inside the window
@@ -64,12 +67,23 @@ def _max_model_len(requested: int | None, hf_config) -> int:
     return requested
 
 
+def load_hf_config(path: str):
+    """transformers' config of the checkpoint, or asyncserve's own reading of a Qwen-1 config.json,
+    whose class exists only as the checkpoint's remote code (never run)."""
+    from asyncserve.qwen_config import QWenConfig, is_qwen1, read_config_json
+    config = read_config_json(path)
+    if is_qwen1(config):
+        logger.info("Qwen-1 checkpoint (model_type 'qwen'): its remote code is not run, trust_remote_code or "
+                    "not; asyncserve serves it with its own QWenLMHeadModel and reads qwen.tiktoken with tiktoken.")
+        return QWenConfig.from_dict(config, path)
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
 def load_model_config(args, path: str) -> ModelConfig:
     """`args` is the user's EngineConfig; the result is what every layer below reads."""
-    from transformers import AutoConfig
-
     from asyncserve.config import resolve_device, resolve_dtype
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = load_hf_config(path)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, _checkpoint_dtype(hf_config), device)
     eos = _generation_eos_ids(path)
@@ -86,5 +100,9 @@ def load_model_config(args, path: str) -> ModelConfig:
 
 
 def load_tokenizer(model_config: ModelConfig):
+    from asyncserve.qwen_tokenizer import QWenTokenizer, is_qwen_tokenizer_dir
+    path = model_config.tokenizer or model_config.path
+    if is_qwen_tokenizer_dir(path):
+        return QWenTokenizer.from_directory(path)
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.path)
+    return AutoTokenizer.from_pretrained(path)

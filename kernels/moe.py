@@ -21,7 +21,8 @@ from .activation import silu_and_mul_ref, silu_and_mul_triton
 # whose bound is >= it: (max_rows, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
 # Few rows per expert is a memory-bound stream of the used experts' weights (narrow tiles for more
 # programs, deep K); many rows is an H100 tensor-core GEMM per expert (wide tiles, GROUP_M for L2 reuse
-# of a weight tile across an expert's row blocks). Shared memory stays under 160 KiB in every row.
+# of a weight tile across an expert's row blocks). Shared memory stays under 160 KiB in every row
+# (float32 halves BLOCK_K).
 MOE_CONFIGS = (
     (4, 16, 64, 128, 1, 4, 4),
     (16, 16, 128, 128, 1, 4, 3),
@@ -160,7 +161,8 @@ def moe_align_block_size_triton(topk_ids, num_experts, block_m):
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
                      N, K, num_padded, num_entries, stride_am, stride_be, stride_bn, stride_cm,
                      TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """C[entry] = A[entry // TOP_K] @ B[expert]^T (* weight[entry]) for the entries of one block."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_padded, BLOCK_M)
@@ -185,7 +187,7 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=entry_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if MUL_WEIGHT:
@@ -206,11 +208,14 @@ def _moe_gemm(a, b, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_w
     num_experts, n, k = b.shape
     while block_n > 32 and used_blocks * triton.cdiv(n, block_n) < _MIN_PROGRAMS:
         block_n //= 2
+    if a.dtype == torch.float32:  # exact float32 (no tf32) in tiles of the same shared memory
+        block_k = max(16, block_k // 2)
     grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, block_n),)
     _moe_gemm_kernel[grid](
         a, b, out, weights, sorted_ids, expert_ids, num_post, n, k, sorted_ids.numel(), out.shape[0],
         a.stride(0), b.stride(0), b.stride(1), out.stride(0), TOP_K=top_k, MUL_WEIGHT=mul_weight,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=num_warps,
         num_stages=num_stages)
 
 

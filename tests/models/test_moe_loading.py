@@ -29,6 +29,9 @@ def test_experts_land_where_transformers_has_them(family, tiny_model_dir, hf_ref
         assert torch.equal(moe.experts.w13_weight, hf_moe.experts.gate_up_proj)
         assert torch.equal(moe.experts.w2_weight, hf_moe.experts.down_proj)
         assert torch.equal(moe.gate.weight, hf_moe.gate.weight)
+        # Mixtral always renormalizes its top-k weights; the Qwen families as norm_topk_prob says.
+        assert moe.experts.renormalize == (True if family == "mixtral" else hf.config.norm_topk_prob)
+        assert moe.experts.top_k == hf.config.num_experts_per_tok
         if family == "qwen2_moe":
             inter = hf.config.shared_expert_intermediate_size
             gate, up = moe.shared_expert.gate_up_proj.weight.split([inter, inter])

@@ -55,8 +55,6 @@ def _bench_shape(name, token_counts, bandwidth, matmul, sweep, no_torch):
                 loop = f"{ref * 1e6:14.1f} {ref / ours:8.1f}x"
             print(f"{m:6d} {used:8.1f} {read / 1e6:8.1f} {floor * 1e6:9.1f} {ours * 1e6:10.1f} "
                   f"{floor / ours * 100:8.0f}% {loop}  {label}")
-    del w13, w2
-    torch.cuda.empty_cache()
 
 
 def main():
@@ -71,6 +69,7 @@ def main():
           f"bf16 matmul {matmul / 1e12:.0f} TFLOP/s")
     for name in args.shape:
         _bench_shape(name, args.tokens, bandwidth, matmul, args.sweep, args.no_torch)
+        torch.cuda.empty_cache()  # the shape's weights went with the call
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from collections import Counter
 
 from ._tiny_corpus import CORPUS
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 INIT_STD = 0.25  # std of every linear / embedding weight
 NORM_STD = 0.1  # norm weights are 1 + N(0, NORM_STD): wrong norm loading shows up
 DEFAULT_MODEL_VERSION = 1  # bump when the corpus, tokenizers or init change
@@ -70,6 +70,23 @@ _FAMILY_SPECS = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM", "byte_level", {
         "rope_theta": 1000000.0, "tie_word_embeddings": True, "attention_bias": False,
         "use_sliding_window": False, "sliding_window": None,
+    }),
+    # MoE: experts of an awkward count; a dense layer 0 then a sparse layer 1, by mlp_only_layers in
+    # Qwen2-MoE (with a shared expert) and by decoder_sparse_step in Qwen3-MoE.
+    "mixtral": ("mixtral", "MixtralForCausalLM", "metaspace", {
+        "rope_theta": 1000000.0, "sliding_window": None, "num_local_experts": 6, "num_experts_per_tok": 2,
+    }),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", "byte_level", {
+        "rope_theta": 1000000.0, "use_sliding_window": False, "sliding_window": None,
+        "num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48, "norm_topk_prob": False, "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],
+    }),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "byte_level", {
+        "rope_theta": 1000000.0, "tie_word_embeddings": True, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None, "num_experts": 8,
+        "num_experts_per_tok": 3, "moe_intermediate_size": 32, "norm_topk_prob": True,
+        "decoder_sparse_step": 2, "mlp_only_layers": [],
     }),
 }
 _SHARED_SHAPE = {

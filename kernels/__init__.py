@@ -22,6 +22,16 @@ from .attention import (
 )
 from .cache import write_kv_cache, write_kv_cache_ref, write_kv_cache_triton
 from .gemv import GEMV_CONFIGS, gemv_ref, gemv_triton
+from .moe import (
+    MOE_CONFIGS,
+    fused_moe,
+    fused_moe_ref,
+    fused_moe_triton,
+    max_padded_entries,
+    moe_align_block_size_ref,
+    moe_align_block_size_triton,
+    select_experts,
+)
 from .norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_ref,
@@ -58,6 +68,8 @@ __all__ = [
     "dequantize_int_rows", "dequantize_triton", "pack_int_rows", "reserve_dequant_scratch",
     "unpack_int_rows",
     "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
+    "MOE_CONFIGS", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
+    "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts",
     "rms_norm", "rms_norm_ref", "rms_norm_triton",
     "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
     "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",

@@ -65,6 +65,37 @@ def num_params(model: torch.nn.Module) -> int:
     return total
 
 
+def _moe_layers(model: torch.nn.Module):
+    from asyncserve.layers.moe import FusedMoE
+    return [m for m in model.modules() if isinstance(m, FusedMoE)]
+
+
+def expected_experts_read(num_experts: int, top_k: int, batch_size: int) -> float:
+    """Distinct experts a decode step of `batch_size` tokens routes to, each token picking top_k of
+    num_experts uniformly: exactly top_k at batch 1, all of them as the batch grows."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch_size)
+
+
+def decode_bytes_per_step(model: torch.nn.Module, batch_size: int = 1) -> int:
+    """Weight bytes a decode step must read: every weight (embeddings and LM head included), but of an
+    MoE layer only the experts the batch routes to (`expected_experts_read`; at batch 1, the top-k)."""
+    total = weight_bytes(model)
+    for moe in _moe_layers(model):
+        expert_bytes = sum(p.numel() * p.element_size() for p in (moe.w13_weight, moe.w2_weight)) / moe.num_experts
+        unread = moe.num_experts - expected_experts_read(moe.num_experts, moe.top_k, batch_size)
+        total -= int(unread * expert_bytes)
+    return total
+
+
+def active_params(model: torch.nn.Module) -> int:
+    """Parameters each token multiplies by: all of them, but top_k of an MoE layer's experts."""
+    total = num_params(model)
+    for moe in _moe_layers(model):
+        expert_params = moe.w13_weight.numel() + moe.w2_weight.numel()
+        total -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
+    return total
+
+
 def hf_model(path: str, dtype=torch.bfloat16):
     """transformers' own model with random weights of the same shape (the baseline)."""
     from transformers import AutoConfig, AutoModelForCausalLM

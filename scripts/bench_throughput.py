@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench_common import (free_cuda, hf_model, measure_matmul_rate, num_params, random_prompts,
+from bench_common import (active_params, free_cuda, hf_model, measure_matmul_rate, random_prompts,
                           resolve_model)
 
 
@@ -36,7 +36,7 @@ def bench_ours(path, load_format, prompts, args):
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    params_count = num_params(llm.engine.executor.runner.model)
+    params_count = active_params(llm.engine.executor.runner.model)  # MoE: top-k experts per token
     waste.detach()
     return startup, seconds, generated, params_count, waste.mean()
 
@@ -127,7 +127,7 @@ def main():
     startup, seconds, generated, params, waste = bench_ours(path, load_format, prompts, args)
     prompt_tokens = sum(lengths)
     total = prompt_tokens + generated
-    floor = 2 * params * total / matmul  # linear layers only; attention adds a little
+    floor = 2 * params * total / matmul  # linear layers (MoE: the top-k experts) only; attention adds a little
     print(f"model {args.model} | {args.num_prompts} requests, prompts {args.input_len_range[0]}.."
           f"{args.input_len_range[1]}, {args.output_len} out | chunked prefill "
           f"{'off' if args.no_chunked_prefill else 'on'} | {torch.cuda.get_device_name()}")

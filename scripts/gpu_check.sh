@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid]
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -36,4 +36,13 @@ if [ "$what" = grid ]; then  # issue 11's comparison grid next to vLLM's figures
   cd "$ROOT"
   timeout 590 python3 scripts/bench_grid.py --out "$OUT/grid.json" --work-dir "$OUT/grid" \
     --models-dir /tmp/asyncserve-bench-models 2>&1 | tee "$OUT/grid.log" | tail -30
+fi
+if [ "$what" = moe ]; then  # issue 13's MoE: kernel tests at real shapes, the kernel alone, both shapes' figures
+  cd "$ROOT"
+  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_moe_gpu.py 2>&1 | tee "$OUT/moe_tests.log" | tail -8
+  cd "$ROOT/scripts"
+  timeout 240 python3 bench_moe.py 2>&1 | tee "$OUT/bench_moe.log" | grep -v Warn
+  timeout 200 python3 bench_latency.py --model mixtral-8x7b-2layer --no-hf 2>&1 | tee "$OUT/latency_mixtral2l.log" | tail -3
+  timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | tail -3
+  timeout 400 python3 bench_throughput.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/throughput_qwen3moe.log" | tail -3
 fi

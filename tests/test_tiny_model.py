@@ -23,9 +23,13 @@ ARCHITECTURES = {
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
-TOKENIZER_STYLE = {"llama": "metaspace", "mistral": "metaspace",
-                   "llama3": "byte_level", "qwen2": "byte_level", "qwen3": "byte_level"}
+TOKENIZER_STYLE = {"llama": "metaspace", "mistral": "metaspace", "mixtral": "metaspace",
+                   "llama3": "byte_level", "qwen2": "byte_level", "qwen3": "byte_level",
+                   "qwen2_moe": "byte_level", "qwen3_moe": "byte_level"}
 NON_ASCII = ("Café naïve Zürich — Καλημέρα κόσμε, Привет мир!\n"
              "你好，世界 こんにちは 안녕하세요 😀🦀 👨‍👩‍👧 龘\tend  two spaces")
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -88,6 +92,19 @@ def test_qwen_families_tie_embeddings_and_have_their_own_attention_weights(loade
     assert qwen2.model.layers[0].self_attn.q_proj.bias is not None
     assert qwen3.config.head_dim == 16
     assert qwen3.model.layers[0].self_attn.q_norm.weight.shape == (16,)
+
+
+def test_moe_families_have_experts_where_their_configs_say(loaded):
+    mixtral, qwen2_moe, qwen3_moe = (loaded[f][0].model for f in ("mixtral", "qwen2_moe", "qwen3_moe"))
+    assert mixtral.config.num_local_experts == 6 and mixtral.config.num_experts_per_tok == 2
+    assert all(hasattr(layer, "mlp") and hasattr(layer.mlp, "experts") for layer in mixtral.layers)
+    for model, top_k, renormalize in ((qwen2_moe, 3, False), (qwen3_moe, 3, True)):
+        assert (model.config.num_experts_per_tok, model.config.norm_topk_prob) == (top_k, renormalize)
+        assert not hasattr(model.layers[0].mlp, "experts")  # mlp_only_layers / decoder_sparse_step
+        assert hasattr(model.layers[1].mlp, "experts")
+    assert qwen2_moe.layers[1].mlp.shared_expert_gate.weight.shape == (1, 64)
+    assert not hasattr(qwen3_moe.layers[1].mlp, "shared_expert")
+    assert qwen3_moe.layers[0].self_attn.q_norm.weight.shape == (16,)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,12 +18,16 @@ class CausalLM(nn.Module, ABC):
 
     The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers` and
     `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_name` and each parameter's
-    `weight_loader`. A family declares its structure and these names; nothing else.
+    `weight_loader` (and `shard_ids`, where a parameter needs more shards than its packed module's).
+    A family declares its structure and these names; nothing else.
     """
 
     # The checkpoint names of the projections fused into one of our layers, in shard order
     # (e.g. {"qkv_proj": ("q_proj", "k_proj", "v_proj")}): each is that layer's shard_id.
     packed_modules_mapping: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # MoE families: the checkpoint's per-expert projection names -> the FusedMoE shard each fills
+    # (e.g. {"w1": "gate", "w3": "up", "w2": "down"} for '...experts.<E>.w1.weight').
+    expert_modules_mapping: ClassVar[dict[str, str]] = {}
     # The checkpoint's prefix for the decoder body (absent from our parameter names).
     checkpoint_prefix: ClassVar[str] = "model."
 

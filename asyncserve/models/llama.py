@@ -52,9 +52,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str,
+                 intermediate_size: int | None = None):
         super().__init__()
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=bias,
                                          quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
@@ -68,10 +69,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
-                 prefix: str):
+                 prefix: str, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -99,7 +100,8 @@ class LlamaForCausalLM(CausalLM):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}")
+            LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}",
+                              self.make_mlp(config, i, quant_config, f"layers.{i}.mlp"))
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -108,6 +110,11 @@ class LlamaForCausalLM(CausalLM):
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config,
                                   prefix="lm_head")
+
+    def make_mlp(self, config, layer_index: int, quant_config: QuantizationConfig | None,
+                 prefix: str) -> nn.Module | None:
+        """Layer `layer_index`'s feed-forward block; None: the dense SwiGLU MLP (MoE families override)."""
+        return None
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from asyncserve.errors import ConfigError
 from asyncserve.layers.linear import LinearBase, default_weight_loader
+from asyncserve.layers.moe import EXPERT_SHARDS
 from asyncserve.layers.quantization import QuantizationConfig, get_quantization_config
 from asyncserve.models.base import CausalLM
 from asyncserve.models.registry import model_class
@@ -90,6 +91,21 @@ def _packed_shards(model: CausalLM) -> dict[str, tuple[str, str]]:
     return {shard: (fused, shard) for fused, shards in model.packed_modules_mapping.items() for shard in shards}
 
 
+def _expert_shard(model: CausalLM, parts: list[str]) -> tuple[list[str], tuple[str, int]] | None:
+    """'...experts.3.w1.weight' -> ('...experts.w13_weight' parts, ('gate', 3)) through the family's
+    `expert_modules_mapping`; None for any other name."""
+    for i in range(len(parts) - 3):
+        shard = model.expert_modules_mapping.get(parts[i + 2])
+        if parts[i] == "experts" and parts[i + 1].isdigit() and shard and parts[i + 3] == "weight":
+            return parts[:i + 1] + [EXPERT_SHARDS[shard]], (shard, int(parts[i + 1]))
+    return None
+
+
+def _shard_list(shards: set) -> str:
+    names = sorted(map(str, shards))
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 @torch.no_grad()
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Puts each checkpoint tensor where the model's name mapping says, through the parameter's
@@ -97,7 +113,9 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
     params = dict(model.named_parameters())
     packed = _packed_shards(model)
     # parameter -> the shard ids it needs filled ({None}: one whole tensor)
-    expected = {name: set(model.packed_modules_mapping.get(_module_leaf(name), (None,))) for name in params}
+    expected = {name: set(getattr(param, "shard_ids", None)
+                           or model.packed_modules_mapping.get(_module_leaf(name), (None,)))
+                for name, param in params.items()}
     loaded: dict[str, set] = {name: set() for name in params}
     for checkpoint_name, tensor in weights:
         name = model.checkpoint_name(checkpoint_name)
@@ -105,10 +123,14 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
             continue
         parts = name.split(".")
         shard_id = None
-        for i, part in enumerate(parts[:-1]):
-            if part in packed:
-                parts[i], shard_id = packed[part]
-                break
+        expert = _expert_shard(model, parts) if model.expert_modules_mapping else None
+        if expert is not None:
+            parts, shard_id = expert
+        else:
+            for i, part in enumerate(parts[:-1]):
+                if part in packed:
+                    parts[i], shard_id = packed[part]
+                    break
         name = ".".join(parts)
         param = params.get(name)
         if param is None:
@@ -126,7 +148,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
         except ValueError as error:
             raise ConfigError(f"tensor {checkpoint_name!r} does not fit {name}: {error}") from None
         loaded[name].add(shard_id)
-    missing = [name if shards == {None} else f"{name} ({', '.join(sorted(shards - loaded[name]))})"
+    missing = [name if shards == {None} else f"{name} ({_shard_list(shards - loaded[name])})"
                for name, shards in expected.items() if shards - loaded[name]]
     if missing:
         raise ConfigError(f"no weights for: {', '.join(missing[:8])}"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from asyncserve.errors import UnsupportedModelError
-from asyncserve.models import llama, qwen
+from asyncserve.models import llama, mixtral, qwen, qwen_moe
 from asyncserve.models.base import CausalLM
 
 _ARCHITECTURES = {
@@ -11,6 +11,9 @@ _ARCHITECTURES = {
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "QWenLMHeadModel": qwen.QWenLMHeadModel,
+    "MixtralForCausalLM": mixtral.MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": qwen_moe.Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": qwen_moe.Qwen3MoeForCausalLM,
 }
 
 

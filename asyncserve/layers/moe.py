@@ -1,0 +1,52 @@
+"""A mixture-of-experts feed-forward: every expert's gate|up and down weights stacked in two tensors,
+so that one fused kernel runs the whole layer; each checkpoint tensor loads by (shard, expert id)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.errors import ConfigError
+from asyncserve.kernels import fused_moe
+from asyncserve.layers.quantization import QuantizationConfig
+
+# shard -> the parameter that holds it: gate and up stacked in w13 (gate rows first), down in w2.
+EXPERT_SHARDS = {"gate": "w13_weight", "up": "w13_weight", "down": "w2_weight"}
+
+
+class FusedMoE(nn.Module):
+    """hidden [T, H] and router logits [T, E] -> [T, H]: each token through its top-k experts'
+    SwiGLU MLPs, weighted by the softmax over the router logits (top-k weights rescaled to sum to 1
+    if `renormalize`)."""
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 renormalize: bool, quant_config: QuantizationConfig | None = None, prefix: str = ""):
+        super().__init__()
+        if quant_config is not None and quant_config.name is not None:
+            raise ConfigError(f"{prefix}: quantized MoE experts ({quant_config.name}) are not supported; "
+                              "serve the unquantized checkpoint of this model")
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.intermediate_size = intermediate_size
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        for param in (self.w13_weight, self.w2_weight):
+            param.weight_loader = self.weight_loader
+        # What the loader must fill: every (shard, expert) of each parameter.
+        self.w13_weight.shard_ids = [(shard, e) for shard in ("gate", "up") for e in range(num_experts)]
+        self.w2_weight.shard_ids = [("down", e) for e in range(num_experts)]
+
+    @torch.no_grad()
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: tuple[str, int]) -> None:
+        shard, expert = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} of a layer with {self.num_experts} experts")
+        target = param[expert]
+        if shard != "down":
+            size = self.intermediate_size
+            target = target[:size] if shard == "gate" else target[size:]
+        if loaded_weight.shape != target.shape:
+            raise ValueError(f"expert {expert}'s {shard} projection has shape {tuple(loaded_weight.shape)}, "
+                             f"expected {tuple(target.shape)}")
+        target.copy_(loaded_weight)
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return fused_moe(hidden, self.w13_weight, self.w2_weight, router_logits, self.top_k, self.renormalize)

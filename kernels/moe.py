@@ -1,0 +1,249 @@
+"""Fused mixture-of-experts MLP: router top-k, then a grouped GEMM over tokens sorted by expert.
+
+    hidden [M, H] --top-k of softmax(router_logits)--> M * top_k (token, expert, weight) entries
+    align: entries grouped per expert, each group padded to BLOCK_M rows -> sorted_token_ids
+    w13 [E, 2I, H]: [M * top_k, 2I] -> silu(gate) * up -> [M * top_k, I]
+    w2  [E, H, I]:  [M * top_k, H] times each entry's routing weight -> summed per token [M, H]
+
+Each BLOCK_M block of sorted entries belongs to one expert, so a program multiplies its rows by that
+expert's weights only: at decode the GEMM reads just the experts the batch routed to. Every buffer has
+a size fixed by M, top_k and E (padding bounded by min(M * top_k, E) * (BLOCK_M - 1)), and the device
+says where the real blocks end: no host sync, so CUDA graphs capture decode steps.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import next_power_of_2, tl, triton, use_triton
+from .activation import silu_and_mul_ref, silu_and_mul_triton
+
+# Tiles by the rows each used expert sees on average, (M * top_k) / min(M * top_k, E); the first row
+# whose bound is >= it: (max_rows, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+# Few rows per expert is a memory-bound stream of the used experts' weights (narrow tiles for more
+# programs, deep K); many rows is an H100 tensor-core GEMM per expert (wide tiles, GROUP_M for L2 reuse
+# of a weight tile across an expert's row blocks). Shared memory stays under 160 KiB in every row
+# (float32 halves BLOCK_K).
+MOE_CONFIGS = (
+    (4, 16, 64, 128, 1, 4, 4),
+    (16, 16, 128, 128, 1, 4, 3),
+    (48, 32, 128, 128, 8, 8, 3),
+    (160, 64, 128, 64, 8, 8, 4),
+    (None, 128, 256, 64, 8, 8, 3),
+)
+_MIN_PROGRAMS = 512  # narrower N tiles until the real blocks give this many programs (132 SMs)
+_ALIGN_BLOCK = 1024
+
+
+def select_experts(router_logits, top_k, renormalize):
+    """router_logits [M, E] -> (weights float32 [M, top_k], expert ids int32 [M, top_k]): the top-k
+    of the softmax, taken in float32; `renormalize` rescales each token's k weights to sum to 1."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize):
+    """hidden [M, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], router_logits [M, E]
+    -> [M, H] = sum over each token's top-k experts of weight * w2 @ (silu(gate) * up).
+    One pass per used expert over the tokens routed to it, as transformers does."""
+    weights, ids = select_experts(router_logits, top_k, renormalize)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for expert in range(w13.shape[0]):
+        rows, slots = torch.where(ids == expert)
+        if rows.numel() == 0:
+            continue
+        x = silu_and_mul_ref(F.linear(hidden[rows], w13[expert]))        # [t, I]
+        y = F.linear(x, w2[expert])                                       # [t, H]
+        out.index_add_(0, rows, y.float() * weights[rows, slots, None])
+    return out.to(hidden.dtype)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def max_padded_entries(num_entries, num_experts, block_m):
+    """Upper bound on the aligned length: at most min(entries, E) experts pad a partial block."""
+    return num_entries + min(num_entries, num_experts) * (block_m - 1)
+
+
+def moe_align_block_size_ref(topk_ids, num_experts, block_m):
+    """topk_ids [M, top_k] -> (sorted_token_ids int32 [P], expert_ids int32 [P // block_m],
+    num_tokens_post_padded int32 [1]), P = max_padded_entries rounded up to block_m.
+
+    sorted_token_ids lists the flat entry indices (token * top_k + slot) expert by expert, each expert's
+    run padded with M * top_k to a multiple of block_m; expert_ids[b] is the expert of block b; blocks
+    from num_tokens_post_padded on are unused. Stable sort: entries keep their order within an expert."""
+    flat = topk_ids.flatten().long()
+    num_entries = flat.numel()
+    num_blocks = _cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    sorted_experts, order = torch.sort(flat, stable=True)
+    first = counts.cumsum(0) - counts
+    rank = torch.arange(num_entries, device=flat.device) - first[sorted_experts]
+    sorted_ids = torch.full((num_blocks * block_m,), num_entries, dtype=torch.int32, device=flat.device)
+    sorted_ids[(ends - padded)[sorted_experts] + rank] = order.to(torch.int32)
+    blocks = torch.arange(num_blocks, device=flat.device)
+    expert_ids = torch.searchsorted(ends // block_m, blocks, right=True).clamp_(max=num_experts - 1)
+    return sorted_ids, expert_ids.to(torch.int32), ends[-1:].to(torch.int32)
+
+
+@triton.jit
+def _count_kernel(topk_ids_ptr, counts_ptr, ranks_ptr, num_entries, BLOCK: tl.constexpr):
+    """Per-expert counts; each entry's rank within its expert is the count its atomic add saw."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_entries
+    expert = tl.load(topk_ids_ptr + offs, mask=mask, other=0)
+    rank = tl.atomic_add(counts_ptr + expert, 1, mask=mask)
+    tl.store(ranks_ptr + offs, rank, mask=mask)
+
+
+@triton.jit
+def _offsets_kernel(counts_ptr, starts_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_experts,
+                    num_entries, num_blocks, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr,
+                    BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    """One program: padded runs' starts, the total, every block's expert, padding everywhere."""
+    experts = tl.arange(0, E_POW2)
+    valid = experts < num_experts
+    counts = tl.load(counts_ptr + experts, mask=valid, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(starts_ptr + experts, ends - padded, mask=valid)
+    tl.store(num_post_ptr, tl.sum(padded, 0))
+    block_ends = tl.where(valid, ends // BLOCK_M, 1 << 30)
+    for first in range(0, num_blocks, BLOCK):
+        blocks = first + tl.arange(0, BLOCK)
+        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < num_blocks)
+    for first in range(0, num_blocks * BLOCK_M, FILL_BLOCK):
+        slots = first + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + slots, tl.zeros((FILL_BLOCK,), tl.int32) + num_entries,
+                 mask=slots < num_blocks * BLOCK_M)
+
+
+@triton.jit
+def _scatter_kernel(topk_ids_ptr, ranks_ptr, starts_ptr, sorted_ids_ptr, num_entries, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_entries
+    expert = tl.load(topk_ids_ptr + offs, mask=mask, other=0)
+    slot = tl.load(starts_ptr + expert, mask=mask, other=0) + tl.load(ranks_ptr + offs, mask=mask, other=0)
+    tl.store(sorted_ids_ptr + slot, offs, mask=mask)
+
+
+def moe_align_block_size_triton(topk_ids, num_experts, block_m):
+    """Triton version of `moe_align_block_size_ref` in three launches and no host sync; the order
+    within an expert follows the atomics (any order gives the same products)."""
+    flat = topk_ids.reshape(-1)
+    num_entries = flat.numel()
+    num_blocks = _cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
+    device = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    scratch = torch.empty(num_entries + num_experts + 1, dtype=torch.int32, device=device)
+    ranks, starts, num_post = scratch[:num_entries], scratch[num_entries:-1], scratch[-1:]
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    grid = (triton.cdiv(num_entries, _ALIGN_BLOCK),)
+    _count_kernel[grid](flat, counts, ranks, num_entries, BLOCK=_ALIGN_BLOCK)
+    _offsets_kernel[(1,)](counts, starts, sorted_ids, expert_ids, num_post, num_experts, num_entries,
+                          num_blocks, BLOCK_M=block_m, E_POW2=next_power_of_2(num_experts),
+                          BLOCK=max(16, min(_ALIGN_BLOCK, 16384 // next_power_of_2(num_experts))),
+                          FILL_BLOCK=_ALIGN_BLOCK)
+    _scatter_kernel[grid](flat, ranks, starts, sorted_ids, num_entries, BLOCK=_ALIGN_BLOCK)
+    return sorted_ids, expert_ids, num_post
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+                     N, K, num_padded, num_entries, stride_am, stride_be, stride_bn, stride_cm,
+                     TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """C[entry] = A[entry // TOP_K] @ B[expert]^T (* weight[entry]) for the entries of one block."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_padded, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):  # past the real blocks: nothing to read
+        return
+    entries = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    entry_mask = entries < num_entries
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (entries // TOP_K).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=entry_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if MUL_WEIGHT:
+        acc *= tl.load(weights_ptr + entries, mask=entry_mask, other=0.0)[:, None]
+    c_ptrs = c_ptr + entries.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=entry_mask[:, None] & n_mask[None, :])
+
+
+def moe_config(num_tokens, top_k, num_experts):
+    """The MOE_CONFIGS row for a batch of `num_tokens`."""
+    entries = num_tokens * top_k
+    rows_per_expert = entries / max(1, min(entries, num_experts))
+    return next(c for c in MOE_CONFIGS if c[0] is None or rows_per_expert <= c[0])
+
+
+def _moe_gemm(a, b, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, config, used_blocks):
+    _, block_m, block_n, block_k, group_m, num_warps, num_stages = config
+    num_experts, n, k = b.shape
+    while block_n > 32 and used_blocks * triton.cdiv(n, block_n) < _MIN_PROGRAMS:
+        block_n //= 2
+    if a.dtype == torch.float32:  # exact float32 (no tf32) in tiles of the same shared memory
+        block_k = max(16, block_k // 2)
+    grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, block_n),)
+    _moe_gemm_kernel[grid](
+        a, b, out, weights, sorted_ids, expert_ids, num_post, n, k, sorted_ids.numel(), out.shape[0],
+        a.stride(0), b.stride(0), b.stride(1), out.stride(0), TOP_K=top_k, MUL_WEIGHT=mul_weight,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages)
+
+
+def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=None):
+    """Triton version of `fused_moe_ref`; `config` is one of MOE_CONFIGS (chosen by M if None)."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts, two_inter, _ = w13.shape
+    assert hidden.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
+    if num_tokens == 0:
+        return torch.empty_like(hidden)
+    weights, ids = select_experts(router_logits, top_k, renormalize)
+    config = config or moe_config(num_tokens, top_k, num_experts)
+    block_m = config[1]
+    sorted_ids, expert_ids, num_post = moe_align_block_size_triton(ids, num_experts, block_m)
+    entries = num_tokens * top_k
+    # Blocks that hold entries, at most: what the program count is sized by (the rest exit at once).
+    used_blocks = min(expert_ids.numel(), _cdiv(entries, block_m) + min(entries, num_experts))
+    gate_up = torch.empty(entries, two_inter, dtype=hidden.dtype, device=hidden.device)
+    _moe_gemm(hidden, w13, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, config,
+              used_blocks)
+    down = torch.empty(entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    _moe_gemm(silu_and_mul_triton(gate_up), w2, down, weights, sorted_ids, expert_ids, num_post, 1, True,
+              config, used_blocks)
+    return down.view(num_tokens, top_k, hidden_size).sum(dim=1)
+
+
+def fused_moe(hidden, w13, w2, router_logits, top_k, renormalize):
+    """Triton on CUDA, the torch reference elsewhere."""
+    if use_triton(hidden):
+        return fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize)
+    return fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize)

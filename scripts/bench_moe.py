@@ -1,0 +1,76 @@
+"""The fused MoE kernel alone at Mixtral-8x7B and Qwen3-30B-A3B layer shapes, next to its floor and to a
+per-expert torch loop (the reference: one pass per used expert, as transformers runs it).
+
+    python scripts/bench_moe.py                                  # both shapes, M = 1 .. 4096 tokens
+    python scripts/bench_moe.py --shape qwen3-30b-a3b --tokens 1 8 64 --sweep
+
+floor = max(bytes read / measured copy bandwidth, FLOPs / measured bf16 matmul rate), where the bytes
+are the weights of the experts the batch actually routes to (counted from its routing) plus the
+activations. The kernel is timed as CUDA-graph replays (as decode runs it) over several routings in
+turn, so the experts read change from call to call as they do from layer to layer; the torch loop,
+which syncs with the host, eagerly.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench, do_bench_cudagraph
+
+from asyncserve.kernels import MOE_CONFIGS, fused_moe_ref, fused_moe_triton, select_experts
+from asyncserve.kernels.moe import moe_config
+from bench_common import measure_bandwidth, measure_matmul_rate
+
+# name -> (hidden, expert intermediate, experts, top_k, renormalize)
+SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2, True), "qwen3-30b-a3b": (2048, 768, 128, 8, True)}
+ROUTINGS = 4
+DTYPE = torch.bfloat16
+
+
+def _bench_shape(name, token_counts, bandwidth, matmul, sweep, no_torch):
+    hidden, inter, experts, top_k, renormalize = SHAPES[name]
+    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=DTYPE) * hidden ** -0.5
+    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=DTYPE) * inter ** -0.5
+    expert_bytes = 3 * hidden * inter * w13.element_size()
+    print(f"\n{name}: hidden {hidden}, expert intermediate {inter}, {experts} experts, top-{top_k}; "
+          f"one expert {expert_bytes / 1e6:.1f} MB")
+    print(f"{'tokens':>6} {'experts':>8} {'MB read':>8} {'floor us':>9} {'kernel us':>10} {'of floor':>9} "
+          f"{'torch loop us':>14} {'speed-up':>9}  tiles")
+    for m in token_counts:
+        xs = [torch.randn(m, hidden, device="cuda", dtype=DTYPE) for _ in range(ROUTINGS)]
+        logits = [torch.randn(m, experts, device="cuda", dtype=DTYPE) for _ in range(ROUTINGS)]
+        used = sum(select_experts(l, top_k, renormalize)[1].unique().numel() for l in logits) / ROUTINGS
+        read = used * expert_bytes + 2 * m * hidden * w13.element_size()
+        floor = max(read / bandwidth, 6 * m * top_k * hidden * inter / matmul)
+        configs = [None] + (list(MOE_CONFIGS) if sweep else [])
+        for config in configs:
+            def run(config=config):
+                for x, l in zip(xs, logits):
+                    fused_moe_triton(x, w13, w2, l, top_k, renormalize, config)
+            ours = do_bench_cudagraph(run) / ROUTINGS * 1e-3
+            label = "default " + str(moe_config(m, top_k, experts)[1:]) if config is None else str(config[1:])
+            loop = f"{'':14} {'':9}"
+            if config is None and not no_torch:
+                ref = do_bench(lambda: fused_moe_ref(xs[0], w13, w2, logits[0], top_k, renormalize)) * 1e-3
+                loop = f"{ref * 1e6:14.1f} {ref / ours:8.1f}x"
+            print(f"{m:6d} {used:8.1f} {read / 1e6:8.1f} {floor * 1e6:9.1f} {ours * 1e6:10.1f} "
+                  f"{floor / ours * 100:8.0f}% {loop}  {label}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), nargs="*", default=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 512, 4096])
+    parser.add_argument("--sweep", action="store_true", help="also time every row of MOE_CONFIGS")
+    parser.add_argument("--no-torch", action="store_true", help="skip the per-expert torch loop")
+    args = parser.parse_args()
+    bandwidth, matmul = measure_bandwidth(), measure_matmul_rate()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+          f"bf16 matmul {matmul / 1e12:.0f} TFLOP/s")
+    for name in args.shape:
+        _bench_shape(name, args.tokens, bandwidth, matmul, args.sweep, args.no_torch)
+        torch.cuda.empty_cache()  # the shape's weights went with the call
+
+
+if __name__ == "__main__":
+    main()

@@ -204,11 +204,11 @@ def test_an_unserved_kv_cache_dtype_is_a_clear_error_before_loading(name, messag
 
 def test_swap_preemption_moves_fp8_blocks_unchanged(make_llm):
     prompts = [f"Story {i}: once upon a time, " + "far away " * i for i in range(8)]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     expected = make_llm("qwen2", kv_cache_dtype="fp8", enable_prefix_caching=False).generate(
         prompts, params, use_tqdm=False)
-    llm = make_llm("qwen2", kv_cache_dtype="fp8", enable_prefix_caching=False, num_gpu_blocks_override=16,
-                   max_model_len=256, preemption_mode="swap", swap_space=0.01)
+    llm = make_llm("qwen2", kv_cache_dtype="fp8", enable_prefix_caching=False, num_gpu_blocks_override=8,
+                   max_model_len=128, preemption_mode="swap", swap_space=0.01)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     assert llm.engine.kv_manager.num_swaps > 0

@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--swap-space", type=float, default=d["swap_space"], metavar="GIB",
                        help="GiB of CPU memory for swapped-out KV blocks (default: %(default)s).")
     cache.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"], metavar="DTYPE",
-                       help="KV cache dtype; only 'auto' (the model dtype) is built (default: %(default)s).")
+                       help="KV cache dtype: 'auto' (the model dtype) or 'fp8' / 'fp8_e4m3' (one byte per "
+                            "element, twice the tokens; per-tensor scales from the checkpoint, else 1.0) "
+                            "(default: %(default)s).")
     cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d["enable_prefix_caching"],
                        help="Reuse the KV of shared prompt prefixes (default: on).")

@@ -25,6 +25,8 @@ DTYPE_NAMES = {
     "float16": "float16", "half": "float16", "fp16": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
+# --kv-cache-dtype names (vLLM's) -> the pool's torch dtype name; "auto" is the model's dtype.
+KV_CACHE_DTYPE_NAMES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
 
 
 @dataclass
@@ -82,8 +84,7 @@ class EngineConfig:
         if self.quantization is not None:  # an unknown method fails here, before anything loads
             from asyncserve.layers.quantization import check_method_name
             check_method_name(self.quantization)
-        if self.kv_cache_dtype != "auto":
-            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; use 'auto'.")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.generation_config not in ("auto", "vllm") and not os.path.exists(self.generation_config):
             raise ConfigError(f"generation_config={self.generation_config!r} is neither 'auto', 'vllm' nor an "
                               "existing folder with a generation_config.json.")
@@ -188,6 +189,22 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
     disable_log_stats: bool = False
+
+    @property
+    def kv_cache_torch_dtype(self) -> "torch.dtype":
+        """The KV pool's element type: the model's dtype, or e4m3 (one byte) for `--kv-cache-dtype fp8`."""
+        import torch
+        name = KV_CACHE_DTYPE_NAMES.get(self.cache.kv_cache_dtype)
+        return self.model.dtype if name is None else getattr(torch, name)
+
+
+def check_kv_cache_dtype(name: str) -> None:
+    if name == "fp8_e5m2":
+        raise ConfigError("kv_cache_dtype='fp8_e5m2' is not supported: use 'fp8' (e4m3, with per-tensor "
+                          "scales from the checkpoint), or 'auto' (the model's dtype).")
+    if name != "auto" and name not in KV_CACHE_DTYPE_NAMES:
+        raise ConfigError(f"kv_cache_dtype={name!r} is not supported (supported: 'auto' (the model's "
+                          f"dtype), {', '.join(repr(n) for n in KV_CACHE_DTYPE_NAMES)}).")
 
 
 def resolve_device(device: str) -> "torch.device":

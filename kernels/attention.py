@@ -11,34 +11,35 @@ from .attention_ref import (
 
 
 def paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                           max_query_len, max_seq_len, scale):
+                           max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
     """query [T, H, D] -> out [T, H, D]. A step of only decodes (max_query_len == 1, so
     T == num_seqs) takes the flash-decoding kernel, any other the prefill kernel."""
     if max_query_len == 1:
         return paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
-                                             scale, max_seq_len)
+                                             scale, max_seq_len, k_scale, v_scale)
     return paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
-                                          query_start_loc, max_query_len, max_seq_len, scale)
+                                          query_start_loc, max_query_len, max_seq_len, scale,
+                                          k_scale, v_scale)
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                    max_query_len, max_seq_len, scale):
+                    max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
     """Triton on CUDA, torch reference elsewhere."""
     attend = paged_attention_triton if use_triton(query) else paged_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                  max_query_len, max_seq_len, scale)
+                  max_query_len, max_seq_len, scale, k_scale, v_scale)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                            max_query_len, max_seq_len, scale):
+                            max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
     """Triton on CUDA, torch reference elsewhere."""
     attend = paged_prefill_attention_triton if use_triton(query) else paged_prefill_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                  max_query_len, max_seq_len, scale)
+                  max_query_len, max_seq_len, scale, k_scale, v_scale)
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                           max_seq_len=None):
+                           max_seq_len=None, k_scale=1.0, v_scale=1.0):
     """Triton on CUDA, torch reference elsewhere."""
     attend = paged_decode_attention_triton if use_triton(query) else paged_decode_attention_ref
-    return attend(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale, v_scale)

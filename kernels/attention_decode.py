@@ -3,11 +3,13 @@
 Each program takes one KV partition of one (sequence, kv head) for all the query heads
 of that GQA group, so a long context spreads over many SMs; a second kernel merges the
 partitions' (max, sum, acc). Launch shapes depend only on Python ints (CUDA-graph safe).
+An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
 """
 
 import torch
 
 from ._triton import tl, triton, next_power_of_2
+from .kv_scale import scale_operands
 
 _LOG2E = 1.4426950408889634
 _MAX_PARTITIONS = 64
@@ -17,12 +19,14 @@ _MAX_PARTITIONS = 64
 def _decode_partition_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scale_log2e,
+    k_scale_ptr, v_scale_ptr,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     num_partitions,
     QUERIES_PER_KV: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, SINGLE_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -43,6 +47,8 @@ def _decode_partition_kernel(
                 mask=head_mask[:, None] & dim_mask[None, :], other=0.0)  # [G, D]
 
     table_row = block_tables_ptr + seq * stride_table
+    if HAS_SCALES:
+        scale_log2e = scale_log2e * tl.load(k_scale_ptr)
     m_i = tl.full([GROUP_PAD], -1e30, tl.float32)  # finite: no inf - inf on empty rows
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
@@ -53,9 +59,9 @@ def _decode_partition_kernel(
         offsets = tokens % BLOCK_SIZE
         kv_mask = token_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + offsets[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [G, N]
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -64,6 +70,8 @@ def _decode_partition_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if HAS_SCALES:
+        acc = acc * tl.load(v_scale_ptr)
 
     out_mask = head_mask[:, None] & dim_mask[None, :]
     if SINGLE_PARTITION:
@@ -124,7 +132,7 @@ def _partition_size(num_programs_per_partition: int, max_len: int) -> int:
 
 
 def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                                  max_seq_len=None):
+                                  max_seq_len=None, k_scale=1.0, v_scale=1.0):
     """query [B, H, D] -> out [B, H, D]; max_seq_len (Python int) bounds every seq_lens[b]."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -148,9 +156,10 @@ def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_len
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(num_seqs, num_heads, num_partitions, head_dim_pad,
                                dtype=torch.float32, device=query.device)
+    k_scale, v_scale, has_scales = scale_operands(k_scale, v_scale, query)
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
-        query, k_cache, v_cache, block_tables, seq_lens, scale * _LOG2E,
+        query, k_cache, v_cache, block_tables, seq_lens, scale * _LOG2E, k_scale, v_scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -159,7 +168,7 @@ def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_len
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n,
         PARTITION_SIZE=partition_size, SINGLE_PARTITION=single,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](

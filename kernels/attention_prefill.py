@@ -2,11 +2,13 @@
 
 One program per (query tile of one sequence, query head). Key tiles wholly before the
 tile's first query position need no mask; only the diagonal tiles apply the causal one.
+An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
 """
 
 import torch
 
 from ._triton import tl, triton, next_power_of_2
+from .kv_scale import scale_operands
 
 _LOG2E = 1.4426950408889634
 
@@ -26,15 +28,15 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
         blocks = tl.load(table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
         kv_mask = token_mask[:, None] & (dims < HEAD_DIM)[None, :]
         k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + offsets[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     else:  # a full tile below the diagonal: no masks at all
         blocks = tl.load(table_row + tokens // BLOCK_SIZE).to(tl.int64)
         k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + offsets[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :])
+                    + kv_head * stride_kh + dims[None, :]).to(q.dtype)
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :])
+                    + kv_head * stride_vh + dims[None, :]).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [M, N]
     if CAUSAL_MASK:
         visible = (tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
@@ -50,12 +52,12 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
 @triton.jit
 def _prefill_kernel(
     out_ptr, query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, scale_log2e,
+    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr,
 ):
     query_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -77,6 +79,8 @@ def _prefill_kernel(
     query_positions = context_len + rows
 
     table_row = block_tables_ptr + seq * stride_table
+    if HAS_SCALES:
+        scale_log2e = scale_log2e * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: no inf - inf on masked rows
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -94,6 +98,8 @@ def _prefill_kernel(
             query_positions, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
             scale_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, DOT_PRECISION)
 
+    if HAS_SCALES:
+        acc = acc * tl.load(v_scale_ptr)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
@@ -109,7 +115,8 @@ def _tile_config(max_query_len: int, head_dim_pad: int):
 
 
 def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
-                                   query_start_loc, max_query_len, max_seq_len, scale):
+                                   query_start_loc, max_query_len, max_seq_len, scale,
+                                   k_scale=1.0, v_scale=1.0):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; see attention_ref for semantics."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -121,14 +128,16 @@ def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_le
     head_dim_pad = max(16, next_power_of_2(head_dim))
     block_m, block_n, num_warps, num_stages = _tile_config(max_query_len, head_dim_pad)
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    k_scale, v_scale, has_scales = scale_operands(k_scale, v_scale, query)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
+        k_scale, v_scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", HAS_SCALES=has_scales,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

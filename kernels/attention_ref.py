@@ -3,25 +3,27 @@
 Sequence b has `q_len_b` new tokens (its slice of the flattened query) and `seq_lens[b]`
 tokens in the pool, new ones included; new token j sits at position
 `seq_lens[b] - q_len_b + j` and sees positions 0..itself. Softmax runs in fp32.
-A sequence of length 0 (CUDA-graph padding) yields zeros.
+A sequence of length 0 (CUDA-graph padding) yields zeros. An fp8 pool is read as stored * scale.
 """
 
 import torch
+
+from .kv_scale import dequantize_kv_ref
 
 # Bounds the fp32 scores of one chunk of queries (elements) so long prompts fit in memory.
 _MAX_SCORE_ELEMENTS = 1 << 26
 
 
-def _gather_context(cache, block_table, seq_len):
+def _gather_context(cache, block_table, seq_len, scale=1.0):
     """cache [N, bs, Hkv, D], block_table [max_blocks] -> the sequence's [seq_len, Hkv, D], fp32."""
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
     blocks = block_table[:num_blocks].long()
-    return cache[blocks].flatten(0, 1)[:seq_len].float()
+    return dequantize_kv_ref(cache[blocks].flatten(0, 1)[:seq_len], scale)
 
 
 def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                        max_query_len, max_seq_len, scale):
+                        max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; causal over the paged pool."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -33,8 +35,8 @@ def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_s
         q_start, q_end = starts[seq], starts[seq + 1]
         if q_end == q_start or seq_len == 0:
             continue
-        keys = _gather_context(k_cache, block_tables[seq], seq_len)  # [L, Hkv, D]
-        values = _gather_context(v_cache, block_tables[seq], seq_len)
+        keys = _gather_context(k_cache, block_tables[seq], seq_len, k_scale)  # [L, Hkv, D]
+        values = _gather_context(v_cache, block_tables[seq], seq_len, v_scale)
         key_positions = torch.arange(seq_len, device=query.device)
         context_len = seq_len - (q_end - q_start)
         chunk = max(1, _MAX_SCORE_ELEMENTS // (num_heads * seq_len))
@@ -56,7 +58,7 @@ paged_prefill_attention_ref = paged_attention_ref
 
 
 def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                               max_seq_len=None):
+                               max_seq_len=None, k_scale=1.0, v_scale=1.0):
     """query [B, H, D] (one new token per sequence, already in the pool) -> out [B, H, D].
 
     Batched over sequences: gathers every sequence's blocks up to the longest one.
@@ -72,8 +74,8 @@ def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 
     # Table entries past a sequence's length may hold anything: read block 0 there instead.
     used = block_positions[None, :] < seq_lens[:, None].long()  # [B, nb]
     blocks = torch.where(used, block_tables[:, :num_blocks].long(), 0)
-    keys = k_cache[blocks].flatten(1, 2)[:, :longest].float()  # [B, L, Hkv, D]
-    values = v_cache[blocks].flatten(1, 2)[:, :longest].float()
+    keys = dequantize_kv_ref(k_cache[blocks].flatten(1, 2)[:, :longest], k_scale)  # [B, L, Hkv, D]
+    values = dequantize_kv_ref(v_cache[blocks].flatten(1, 2)[:, :longest], v_scale)
     q = query.float().reshape(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale  # [B, Hkv, group, L]
     hidden = torch.arange(longest, device=query.device)[None, :] >= seq_lens[:, None].long()

@@ -34,11 +34,11 @@ def _copy_bandwidth():
     return 2 * source.numel() / do_bench(lambda: target.copy_(source))
 
 
-def _paged_pool(seq_lens):
+def _paged_pool(seq_lens, kv_dtype=DTYPE):
     blocks = [-(-length // BLOCK_SIZE) for length in seq_lens]
     shape = (sum(blocks), BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    k_cache = torch.randn(shape, device="cuda").to(kv_dtype)
+    v_cache = torch.randn(shape, device="cuda").to(kv_dtype)
     order = torch.randperm(sum(blocks), device="cuda", dtype=torch.int32)
     tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device="cuda")
     start = 0
@@ -49,15 +49,19 @@ def _paged_pool(seq_lens):
     return k_cache, v_cache, tables, lengths
 
 
-def bench_decode(copy_rate):
+def bench_decode(copy_rate, kv_dtype=DTYPE):
+    """With an fp8 pool (per-tensor scales read on the device), half the bytes to read."""
+    scales = {} if kv_dtype == DTYPE else dict(k_scale=torch.tensor(0.5, device="cuda"),
+                                              v_scale=torch.tensor(0.5, device="cuda"))
+    label = "" if kv_dtype == DTYPE else " fp8 KV"
     for batch, context in [(1, 1024), (1, 16384), (8, 4096), (64, 1024), (64, 4096),
                            (256, 2048)]:
-        k_cache, v_cache, tables, lengths = _paged_pool([context] * batch)
+        k_cache, v_cache, tables, lengths = _paged_pool([context] * batch, kv_dtype)
         query = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         ms = do_bench_cudagraph(lambda: paged_decode_attention(
-            query, k_cache, v_cache, tables, lengths, HEAD_DIM ** -0.5, context))
-        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
-        _report(f"decode B={batch} ctx={context}", ms, kv_bytes,
+            query, k_cache, v_cache, tables, lengths, HEAD_DIM ** -0.5, context, **scales))
+        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+        _report(f"decode{label} B={batch} ctx={context}", ms, kv_bytes,
                 floor=f"{kv_bytes / copy_rate * 1e3:.1f} us")
 
 
@@ -112,5 +116,6 @@ if __name__ == "__main__":
     rate = _copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {rate / 1e6:.0f} GB/s", flush=True)
     bench_decode(rate)
+    bench_decode(rate, torch.float8_e4m3fn)
     bench_prefill()
     bench_elementwise(rate)

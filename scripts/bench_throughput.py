@@ -2,6 +2,9 @@
 next to the compute floor and transformers, in one run.
 
     python scripts/bench_throughput.py --model llama-3.1-8b --num-prompts 512 --input-len-range 255 765 --output-len 128
+
+`--kv-cache-dtype fp8` runs the same workload over an e4m3 KV pool (twice the tokens in the same memory);
+the KV token capacity is printed either way.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ def bench_ours(path, load_format, prompts, args):
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_chunked_prefill=not args.no_chunked_prefill,
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - started
+    kv_tokens = llm.engine.block_pool.num_blocks * llm.engine.config.cache.block_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # warm-up
     waste = _WasteSampler(llm.engine)
@@ -38,7 +42,7 @@ def bench_ours(path, load_format, prompts, args):
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     params_count = active_params(llm.engine.executor.runner.model)  # MoE: top-k experts per token
     waste.detach()
-    return startup, seconds, generated, params_count, waste.mean()
+    return startup, seconds, generated, params_count, waste.mean(), kv_tokens
 
 
 class _WasteSampler:
@@ -105,6 +109,7 @@ def main():
     parser.add_argument("--no-chunked-prefill", action="store_true")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="'auto' (bf16) or 'fp8' (e4m3 KV pool)")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--hf-num-prompts", type=int, default=128,
                         help="the baseline runs on the first N prompts only (it is slow)")
@@ -124,7 +129,7 @@ def main():
         subset = prompts[:args.hf_num_prompts]
         hf = bench_hf(path, subset, args.output_len) + (sum(map(len, subset)), len(subset))
         free_cuda()
-    startup, seconds, generated, params, waste = bench_ours(path, load_format, prompts, args)
+    startup, seconds, generated, params, waste, kv_tokens = bench_ours(path, load_format, prompts, args)
     prompt_tokens = sum(lengths)
     total = prompt_tokens + generated
     floor = 2 * params * total / matmul  # linear layers (MoE: the top-k experts) only; attention adds a little
@@ -136,13 +141,15 @@ def main():
     print(f"asyncserve: startup {startup:.1f} s; {seconds:.2f} s: {args.num_prompts / seconds:.2f} req/s, "
           f"{total / seconds:,.0f} total tokens/s, {generated / seconds:,.0f} output tokens/s "
           f"({floor / seconds * 100:.0f}% of the compute floor); KV waste {waste * 100:.2f}%")
+    print(f"KV cache ({args.kv_cache_dtype}): {kv_tokens:,} tokens")
     if args.json:
         figures = {"model": args.model, "num_prompts": args.num_prompts, "input_len_range": args.input_len_range,
                    "output_len": args.output_len, "device": torch.cuda.get_device_name(), "startup_s": startup,
                    "seconds": seconds, "prompt_tokens": prompt_tokens, "output_tokens": generated,
                    "request_throughput": args.num_prompts / seconds, "total_token_throughput": total / seconds,
                    "output_throughput": generated / seconds, "matmul_TFLOPs": matmul / 1e12,
-                   "compute_floor_s": floor, "fraction_of_compute_floor": floor / seconds, "kv_waste": waste}
+                   "compute_floor_s": floor, "fraction_of_compute_floor": floor / seconds, "kv_waste": waste,
+                   "kv_cache_dtype": args.kv_cache_dtype, "kv_cache_tokens": kv_tokens}
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     if hf is not None:

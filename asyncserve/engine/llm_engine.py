@@ -61,11 +61,12 @@ class LLMEngine:
         kv_tokens = num_blocks * block_size
         logger.info(
             "asyncserve engine ready in %.1f s: model=%s (%s) dtype=%s device=%s | KV pool: %d blocks "
-            "of %d tokens = %d tokens | max concurrency at max_model_len=%d: %.2fx",
+            "of %d tokens = %d tokens of %s | max concurrency at max_model_len=%d: %.2fx",
             self.startup_seconds, mc.model or f"the default model at {mc.path}",
             mc.hf_config.architectures[0] if getattr(mc.hf_config, "architectures", None) else "?",
             str(mc.dtype).removeprefix("torch."), mc.device, num_blocks, block_size, kv_tokens,
-            mc.max_model_len, kv_tokens / mc.max_model_len)
+            str(config.kv_cache_torch_dtype).removeprefix("torch."), mc.max_model_len,
+            kv_tokens / mc.max_model_len)
         log_sampling_defaults(self.sampling_defaults, mc.generation_config)
 
     @property

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from asyncserve.kernels import paged_attention, paged_decode_attention, write_kv_cache
+from asyncserve.kernels.kv_scale import is_fp8
 
 
 @dataclass
@@ -44,6 +45,9 @@ class PagedAttention(nn.Module):
         self.scale = scale
         # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; bound by the runner.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Per-tensor scales of an fp8 pool (stored = k / k_scale), from the checkpoint when it has them.
+        self.k_scale = _kv_scale_parameter()
+        self.v_scale = _kv_scale_parameter()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -52,20 +56,43 @@ class PagedAttention(nn.Module):
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = self.kv_cache
-        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        # Checkpoint scales serve an fp8 pool only, as in vLLM; a model-dtype pool stores keys as they are.
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if is_fp8(k_cache.dtype) else {}
+        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, **scales)
         if meta.is_decode:
             out = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                         self.scale, meta.max_seq_len)
+                                         self.scale, meta.max_seq_len, **scales)
         elif meta.num_decodes:
             decodes = meta.num_decodes
             out = torch.empty_like(query)
             out[:decodes] = paged_decode_attention(
                 query[:decodes], k_cache, v_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes],
-                self.scale, meta.decode_max_seq_len)
+                self.scale, meta.decode_max_seq_len, **scales)
             out[decodes:] = paged_attention(
                 query[decodes:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_seq_lens,
-                meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale)
+                meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale,
+                **scales)
         else:
             out = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale)
+                                  meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale,
+                                  **scales)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+
+def _kv_scale_parameter() -> nn.Parameter:
+    """An fp32 scalar, 1.0 unless the checkpoint has one (`checkpoint_optional`: the loader may leave it)."""
+    scale = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+    scale.weight_loader = load_kv_scale
+    scale.checkpoint_optional = True
+    return scale
+
+
+def load_kv_scale(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """One positive number per layer (per-tensor): per-head or per-channel KV scales are not served."""
+    if loaded.numel() != 1:
+        raise ValueError(f"a KV-cache scale must be one number per layer (per-tensor), got shape "
+                         f"{tuple(loaded.shape)}")
+    value = float(loaded.float().reshape(()))
+    if not value > 0.0 or value == float("inf"):
+        raise ValueError(f"a KV-cache scale must be a positive finite number, got {value}")
+    param.data.fill_(value)

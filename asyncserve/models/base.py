@@ -2,6 +2,7 @@
 `CausalLM`; the runner reads nothing else of a model."""
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -58,4 +59,24 @@ class CausalLM(nn.Module, ABC):
         """Our parameter name for a checkpoint tensor's name, or None to skip it (a tied LM head)."""
         if self.tie_word_embeddings and name == "lm_head.weight":
             return None
-        return name.removeprefix(self.checkpoint_prefix)
+        return kv_scale_name(name.removeprefix(self.checkpoint_prefix))
+
+
+# The KV-cache scales' names in the checkpoint formats vLLM reads -> the attention layer's k_scale / v_scale.
+_KV_SCALE_NAMES = [
+    (re.compile(r"\.([kv])_proj\.output_scale$"), r".attn.\1_scale"),    # compressed-tensors (older)
+    (re.compile(r"\.(?:[kv]|qkv)_proj\.([kv])_scale$"), r".attn.\1_scale"),  # ModelOpt
+    (re.compile(r"(?<!\.attn)\.([kv])_scale$"), r".attn.\1_scale"),      # self_attn.k_scale (llm-compressor, fp8)
+]
+# Scales of FP8 attention arithmetic (queries, probabilities): asyncserve attends in the model's dtype.
+_UNUSED_ATTENTION_SCALES = re.compile(r"\.(?:q_proj\.output_scale|prob_output_scale|q_scale|prob_scale)$")
+
+
+def kv_scale_name(name: str) -> str | None:
+    """'layers.0.self_attn.k_proj.output_scale' -> 'layers.0.self_attn.attn.k_scale'; other names as they are."""
+    if _UNUSED_ATTENTION_SCALES.search(name):
+        return None
+    for pattern, replacement in _KV_SCALE_NAMES:
+        if pattern.search(name):
+            return pattern.sub(replacement, name)
+    return name

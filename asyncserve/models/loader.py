@@ -69,6 +69,8 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
+        if getattr(param, "checkpoint_optional", False):  # e.g. KV-cache scales: their default stands
+            continue
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith("g_idx"):  # act-order groups: all in order (no permutation)
@@ -112,10 +114,10 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
     `weight_loader`; raises ConfigError if a tensor has no place or a parameter (or shard) stays empty."""
     params = dict(model.named_parameters())
     packed = _packed_shards(model)
-    # parameter -> the shard ids it needs filled ({None}: one whole tensor)
+    # parameter -> the shard ids it needs filled ({None}: one whole tensor); optional ones keep their default
     expected = {name: set(getattr(param, "shard_ids", None)
-                           or model.packed_modules_mapping.get(_module_leaf(name), (None,)))
-                for name, param in params.items()}
+                          or model.packed_modules_mapping.get(_module_leaf(name), (None,)))
+                for name, param in params.items() if not getattr(param, "checkpoint_optional", False)}
     loaded: dict[str, set] = {name: set() for name in params}
     for checkpoint_name, tensor in weights:
         name = model.checkpoint_name(checkpoint_name)

@@ -68,7 +68,7 @@ class UniprocExecutor(Executor):
         from asyncserve.runner.kv_pool import bytes_per_block
         attention = self.runner.model.attention_layers()
         return bytes_per_block(len(attention), self.config.cache.block_size, attention[0].num_kv_heads,
-                               attention[0].head_dim, self.config.model.dtype)
+                               attention[0].head_dim, self.config.kv_cache_torch_dtype)
 
     def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
         self.runner.allocate_kv_pool(num_blocks)

@@ -19,7 +19,7 @@ def num_kv_blocks(runner, config) -> int:
     model_config, cache = config.model, config.cache
     attention = runner.model.attention_layers()
     block_bytes = bytes_per_block(len(attention), cache.block_size, attention[0].num_kv_heads,
-                                  attention[0].head_dim, model_config.dtype)
+                                  attention[0].head_dim, config.kv_cache_torch_dtype)
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     if model_config.device.type != "cuda":
@@ -27,18 +27,19 @@ def num_kv_blocks(runner, config) -> int:
     logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
                 config.scheduler.max_num_batched_tokens)
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
-                               config.scheduler.max_num_seqs, model_config.max_model_len)
+                               config.scheduler.max_num_seqs, model_config.max_model_len,
+                               config.kv_cache_torch_dtype)
     total = torch.cuda.get_device_properties(model_config.device).total_memory
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
     budget = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
     num_blocks = int(budget // block_bytes)
     logger.info("memory profile: weights %.2f GiB, peak activations %.2f GiB, other processes %.2f GiB, "
-                "KV pool %.2f GiB (gpu_memory_utilization=%.2f)",
+                "KV pool %.2f GiB of %s (gpu_memory_utilization=%.2f)",
                 torch.cuda.memory_allocated(model_config.device) / _GIB,
                 (peak - torch.cuda.memory_allocated(model_config.device)) / _GIB,
                 max(0, used_by_others) / _GIB, max(0, num_blocks) * block_bytes / _GIB,
-                cache.gpu_memory_utilization)
+                str(config.kv_cache_torch_dtype).removeprefix("torch."), cache.gpu_memory_utilization)
     if num_blocks <= 0:
         raise MemoryError("No memory is left for the KV cache after loading the model: raise "
                           "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model.")
@@ -46,13 +47,14 @@ def num_kv_blocks(runner, config) -> int:
 
 
 @torch.inference_mode()
-def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_len: int,
+                        kv_cache_dtype: torch.dtype) -> int:
     """Peak bytes of a forward over the largest prefill batch plus the sampler over max_num_seqs rows."""
     device = runner.device
     attention = runner.model.attention_layers()
     layer = attention[0]
     scratch = torch.zeros(1, runner.block_size, layer.num_kv_heads, layer.head_dim,
-                          dtype=runner.dtype, device=device)
+                          dtype=kv_cache_dtype, device=device)
     for attn in attention:
         attn.kv_cache = (scratch, scratch)
     num_seqs = max(1, min(max_num_seqs, -(-num_tokens // max_model_len)))

@@ -63,7 +63,7 @@ class ModelRunner:
         attention_layers = self.model.attention_layers()
         first = attention_layers[0]
         self.kv_pool = KVPool(len(attention_layers), num_blocks, self.block_size, first.num_kv_heads,
-                              first.head_dim, self.dtype, self.device)
+                              first.head_dim, self.config.kv_cache_torch_dtype, self.device)
         for layer, cache in zip(attention_layers, self.kv_pool.layer_caches()):
             layer.kv_cache = cache
 

@@ -77,7 +77,8 @@ async def test_cli_serves_then_exits_0_on_sigint_ending_streams_cleanly(model_pa
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
     (["--quantization", "squeezellm"], "quantization"),
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype"),
+    (["--kv-cache-dtype", "int8"], "kv_cache_dtype='int8' is not supported (supported: 'auto'"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "use 'fp8' (e4m3"),
     (["--chat-template", "no-such-file.jinja"], "chat-template"),
     (["--block-size", "24"], "block-size"),
 ])

@@ -19,6 +19,7 @@ class CompressedTensorsConfig(FP8Config):
 
     @classmethod
     def from_config(cls, config: dict) -> CompressedTensorsConfig:
+        _check_kv_cache_scheme(config.get("kv_cache_scheme"))
         groups = list((config.get("config_groups") or {}).values())
         if not groups:
             raise ConfigError("quantization='compressed-tensors' needs a compressed-tensors checkpoint: its "
@@ -48,3 +49,13 @@ def _activations(group: dict) -> str:
     if activations and not activations.get("dynamic", False):
         return "static"
     return "dynamic"
+
+
+def _check_kv_cache_scheme(scheme: dict | None) -> None:
+    """KV-cache scales are served per tensor for an e4m3 pool (`--kv-cache-dtype fp8`); others are named."""
+    if scheme and (scheme.get("type") != "float" or scheme.get("num_bits") != 8
+                   or scheme.get("strategy", "tensor") != "tensor"):
+        raise ConfigError(f"compressed-tensors kv_cache_scheme type={scheme.get('type')!r} "
+                          f"num_bits={scheme.get('num_bits')} strategy={scheme.get('strategy')!r} is not "
+                          "supported (supported: type='float' num_bits=8 strategy='tensor', served with "
+                          "--kv-cache-dtype fp8).")

@@ -38,9 +38,12 @@ class KVCacheManager:
     def find_cached_prefix(self, seq: Sequence) -> list[KVCacheBlock]:
         """Longest run of cached full blocks at the start of a sequence that holds none yet.
 
-        At least one token is left to compute, so the step still produces logits.
+        At least one token is left to compute, so the step still produces logits. A request for prompt
+        logprobs reads no cached blocks (as in vLLM): every prompt position must be computed to score it.
         """
         if not self.pool.enable_caching or seq.blocks:
+            return []
+        if seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
             return []
         self._update_hashes(seq)
         max_blocks = (seq.num_tokens - 1) // self.block_size

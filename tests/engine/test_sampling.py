@@ -136,3 +136,16 @@ def test_best_of_keeps_the_most_likely(make_llm):
                                                      ignore_eos=True, logprobs=0), use_tqdm=False)[0]
     best = max(all_four.outputs, key=lambda c: c.cumulative_logprob)
     assert out.outputs[0].token_ids == best.token_ids
+
+
+def test_prompt_logprobs_score_every_position_when_the_prefix_is_cached(make_llm):
+    """A prompt whose blocks are in the prefix cache is still scored whole (vLLM skips the cache for it)."""
+    llm = make_llm("qwen2", enable_prefix_caching=True)
+    prompt = PROMPTS[4]
+    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)  # fills the cache
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1),
+                       use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert out.prompt_logprobs[0] is None and all(entry for entry in out.prompt_logprobs[1:])
+    again = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0  # the cache still serves requests without prompt logprobs

@@ -53,9 +53,6 @@ def _checkpoint_dtype(hf_config) -> torch.dtype | None:
 
 def _max_model_len(requested: int | None, hf_config) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    sliding = getattr(hf_config, "sliding_window", None)
-    if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < limit:
-        limit = sliding  # sliding-window attention is not built: stay inside the window
     if requested is None:
         return limit
     if requested > limit:

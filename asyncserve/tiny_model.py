@@ -71,9 +71,11 @@ _FAMILY_SPECS = {
         "rope_theta": 1000000.0, "tie_word_embeddings": True, "attention_bias": False,
         "use_sliding_window": False, "sliding_window": None,
     }),
-    # Gemma: a window of 8 tokens (prompts and outputs cross it), local layers first.
+    # Gemma: a window of 8 tokens (prompts and outputs cross it), local layers first. The LM head
+    # is untied, unlike the real ones: tied to embeddings scaled by sqrt(E), a random model would
+    # predict each input token again whatever attention did, and tests could not see attention.
     "gemma2": ("gemma2", "Gemma2ForCausalLM", "metaspace", {
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh",
+        "rope_theta": 10000.0, "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 24, "sliding_window": 8,
         "attn_logit_softcapping": 5.0, "final_logit_softcapping": 4.0,
     }),
@@ -81,7 +83,7 @@ _FAMILY_SPECS = {
     # the global layers (as the 4B+ checkpoints), one global layer in every `sliding_window_pattern`.
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "metaspace", {
         "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
         "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 2,
         "final_logit_softcapping": None, "attn_logit_softcapping": None,

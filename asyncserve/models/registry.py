@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from asyncserve.errors import UnsupportedModelError
-from asyncserve.models import llama
+from asyncserve.models import gemma, llama
 from asyncserve.models.base import CausalLM
 
 _ARCHITECTURES = {
@@ -10,6 +10,8 @@ _ARCHITECTURES = {
     "MistralForCausalLM": llama.MistralForCausalLM,
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": gemma.Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
 }
 
 

@@ -122,12 +122,15 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-def _tile_config(max_query_len: int, head_dim_pad: int):
+def _tile_config(max_query_len: int, head_dim_pad: int, element_size: int = 2):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). On H100 (bf16, D=128) 64x64 tiles with 4 warps
-    and 3 stages beat 128-row tiles on varlen batches and tie on long prompts (~300 TFLOP/s)."""
+    and 3 stages beat 128-row tiles on varlen batches and tie on long prompts (~300 TFLOP/s).
+    Past D=128 (Gemma's 256) key tiles halve, and fp32 query tiles too: shared memory is finite."""
     block_m = min(64, max(16, next_power_of_2(max_query_len)))
     if head_dim_pad <= 128:
         return block_m, 64, 4, 3
+    if element_size > 2:
+        block_m = min(block_m, 32)
     return block_m, 32, 4, 2
 
 
@@ -143,7 +146,7 @@ def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_le
     if num_tokens == 0 or num_seqs == 0:
         return out
     head_dim_pad = max(16, next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _tile_config(max_query_len, head_dim_pad)
+    block_m, block_n, num_warps, num_stages = _tile_config(max_query_len, head_dim_pad, query.element_size())
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,

@@ -82,6 +82,17 @@ def test_full_attention_layers_of_the_same_shapes_still_match():
     _assert_close(out, kernels.paged_attention_ref(*reference_args, softcap=SOFTCAP), torch.bfloat16)
 
 
+def test_float32_at_head_dim_256_fits_and_matches():
+    """fp32 tiles are twice as large: the kernels must still launch within shared memory."""
+    args, reference_args = _pool_batch([3000, 700, 1], [1000, 700, 1], torch.float32)
+    out = kernels.paged_attention(*args, **OPTIONS)
+    torch.testing.assert_close(out, kernels.paged_attention_ref(*reference_args, **OPTIONS),
+                               atol=1e-3, rtol=1e-3)
+    decode_args, decode_reference = _pool_batch([5000, 17], [1, 1], torch.float32)
+    torch.testing.assert_close(kernels.paged_attention(*decode_args, **OPTIONS),
+                               kernels.paged_attention_ref(*decode_reference, **OPTIONS), atol=1e-3, rtol=1e-3)
+
+
 def test_windowed_decode_replays_in_a_cuda_graph_with_new_lengths():
     args, _ = _pool_batch([300, 5000, 8000, 50], [1] * 4, torch.bfloat16)
     query, k_cache, v_cache, block_tables, lengths, _, _, _, scale = args

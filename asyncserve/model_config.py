@@ -56,9 +56,6 @@ def _max_model_len(requested: int | None, hf_config) -> int:
     seq_length = getattr(hf_config, "seq_length", None)  # Qwen-1's training length (see qwen_config.py)
     if seq_length and seq_length < limit:
         limit = seq_length
-    sliding = getattr(hf_config, "sliding_window", None)
-    if sliding and getattr(hf_config, "use_sliding_window", True) and sliding < limit:
-        limit = sliding  # sliding-window attention is not built: stay inside the window
     if requested is None:
         return limit
     if requested > limit:

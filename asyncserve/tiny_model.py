@@ -18,7 +18,8 @@ from collections import Counter
 
 from ._tiny_corpus import CORPUS
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
+            "gemma3")
 INIT_STD = 0.25  # std of every linear / embedding weight
 NORM_STD = 0.1  # norm weights are 1 + N(0, NORM_STD): wrong norm loading shows up
 DEFAULT_MODEL_VERSION = 1  # bump when the corpus, tokenizers or init change
@@ -88,7 +89,28 @@ _FAMILY_SPECS = {
         "num_experts_per_tok": 3, "moe_intermediate_size": 32, "norm_topk_prob": True,
         "decoder_sparse_step": 2, "mlp_only_layers": [],
     }),
+    # Gemma: a window of 8 tokens (prompts and outputs cross it), local layers first. The LM head
+    # is untied, unlike the real ones: tied to embeddings scaled by sqrt(E), a random model would
+    # predict each input token again whatever attention did, and tests could not see attention.
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", "metaspace", {
+        "rope_theta": 10000.0, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 24, "sliding_window": 8,
+        "attn_logit_softcapping": 5.0, "final_logit_softcapping": 4.0,
+    }),
+    # Gemma 3 (text, as the 1B checkpoint): q/k norm, a local rope base, linear rope scaling on
+    # the global layers (as the 4B+ checkpoints), one global layer in every `sliding_window_pattern`.
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "metaspace", {
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 2,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    }),
 }
+# Families whose RMSNorm scales by (1 + weight): their norm weights are drawn around 0.
+_ZERO_CENTRED_NORMS = ("gemma2", "gemma3")
+# Hub config keys that transformers 5 folds into other fields when it saves a config.
+_HUB_ONLY_KEYS = ("rope_local_base_freq", "sliding_window_pattern")
 _SHARED_SHAPE = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -179,8 +201,8 @@ def _special_token_ids(tokenizer, style: str) -> dict:
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
-def _init_weights(model, seed: int) -> None:
-    """Deterministic weights: N(0, INIT_STD) for matrices and biases, ~1 for norms."""
+def _init_weights(model, seed: int, norm_centre: float = 1.0) -> None:
+    """Deterministic weights: N(0, INIT_STD) for matrices and biases, ~norm_centre for norms."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -188,7 +210,7 @@ def _init_weights(model, seed: int) -> None:
         for name, param in model.named_parameters():  # tied weights appear once
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if name.endswith("norm.weight"):
-                param.copy_(1.0 + NORM_STD * noise)
+                param.copy_(norm_centre + NORM_STD * noise)
             else:
                 param.copy_(INIT_STD * noise)
 
@@ -211,7 +233,7 @@ def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrid
     config.architectures = [architecture]
     with torch.random.fork_rng(devices=[]):  # from_config's own init must not move the global RNG
         model = AutoModelForCausalLM.from_config(config).to(torch.float32)
-    _init_weights(model, seed)
+    _init_weights(model, seed, 0.0 if family in _ZERO_CENTRED_NORMS else 1.0)
     model.generation_config = GenerationConfig(**ids)
     progress_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar
@@ -225,7 +247,7 @@ def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrid
     # Hub checkpoints spell rope as rope_theta/rope_scaling; transformers 5 reads both.
     _update_json(os.path.join(out_dir, "config.json"), drop="rope_parameters",
                  rope_theta=hub_config["rope_theta"], rope_scaling=hub_config["rope_scaling"],
-                 torch_dtype="float32")
+                 torch_dtype="float32", **{key: hub_config[key] for key in _HUB_ONLY_KEYS if key in hub_config})
     # A class name that transformers 4 and 5 both map to the plain tokenizers-backed class.
     _update_json(os.path.join(out_dir, "tokenizer_config.json"),
                  tokenizer_class="PreTrainedTokenizerFast", chat_template=tokenizer.chat_template)

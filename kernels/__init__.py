@@ -8,7 +8,14 @@ slot = block_id * block_size + offset.
 """
 
 from ._triton import HAS_TRITON
-from .activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
+from .activation import (
+    gelu_tanh_and_mul,
+    gelu_tanh_and_mul_ref,
+    gelu_tanh_and_mul_triton,
+    silu_and_mul,
+    silu_and_mul_ref,
+    silu_and_mul_triton,
+)
 from .attention import (
     paged_attention,
     paged_attention_ref,
@@ -61,6 +68,7 @@ from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_tri
 __all__ = [
     "HAS_TRITON", "GEMV_CONFIGS", "gemv_ref", "gemv_triton",
     "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
+    "gelu_tanh_and_mul", "gelu_tanh_and_mul_ref", "gelu_tanh_and_mul_triton",
     "paged_attention", "paged_attention_ref", "paged_attention_triton",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_attention_triton",
     "paged_prefill_attention", "paged_prefill_attention_ref", "paged_prefill_attention_triton",

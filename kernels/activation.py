@@ -1,4 +1,5 @@
-"""SwiGLU gate of the MLP: silu(gate) * up over the two halves of the fused projection."""
+"""Gated activations of the MLP over the two halves of the fused projection: SwiGLU
+silu(gate) * up, and GeGLU gelu_tanh(gate) * up (Gemma's gelu_pytorch_tanh)."""
 
 import torch
 import torch.nn.functional as F
@@ -14,20 +15,29 @@ def silu_and_mul_ref(x):
     return F.silu(x[..., :intermediate]) * x[..., intermediate:]
 
 
+def gelu_tanh_and_mul_ref(x):
+    """x [..., 2I] -> [..., I]: gelu(gate, approximate="tanh") * up."""
+    intermediate = x.shape[-1] // 2
+    return F.gelu(x[..., :intermediate], approximate="tanh") * x[..., intermediate:]
+
+
 @triton.jit
-def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_out, intermediate,
-                         BLOCK: tl.constexpr):
+def _gated_act_kernel(out_ptr, x_ptr, stride_x, stride_out, intermediate,
+                      BLOCK: tl.constexpr, GELU_TANH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    if GELU_TANH:  # 0.5 g (1 + tanh(u)) == g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        out = gate / (1.0 + tl.exp(-2.0 * inner)) * up
+    else:
+        out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x):
-    """Triton version of `silu_and_mul_ref`: one pass, silu in fp32."""
+def _gated_act_triton(x, gelu_tanh: bool):
     intermediate = x.shape[-1] // 2
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(-1) != 1:
@@ -35,11 +45,26 @@ def silu_and_mul_triton(x):
     out = torch.empty(x2d.shape[0], intermediate, dtype=x.dtype, device=x.device)
     if x2d.shape[0] > 0:
         grid = (x2d.shape[0], triton.cdiv(intermediate, _BLOCK))
-        _silu_and_mul_kernel[grid](out, x2d, x2d.stride(0), out.stride(0), intermediate,
-                                   BLOCK=_BLOCK, num_warps=4)
+        _gated_act_kernel[grid](out, x2d, x2d.stride(0), out.stride(0), intermediate,
+                                BLOCK=_BLOCK, GELU_TANH=gelu_tanh, num_warps=4)
     return out.view(*x.shape[:-1], intermediate)
+
+
+def silu_and_mul_triton(x):
+    """Triton version of `silu_and_mul_ref`: one pass, silu in fp32."""
+    return _gated_act_triton(x, gelu_tanh=False)
+
+
+def gelu_tanh_and_mul_triton(x):
+    """Triton version of `gelu_tanh_and_mul_ref`: one pass, gelu in fp32."""
+    return _gated_act_triton(x, gelu_tanh=True)
 
 
 def silu_and_mul(x):
     """Triton on CUDA, torch reference elsewhere."""
     return (silu_and_mul_triton if use_triton(x) else silu_and_mul_ref)(x)
+
+
+def gelu_tanh_and_mul(x):
+    """Triton on CUDA, torch reference elsewhere."""
+    return (gelu_tanh_and_mul_triton if use_triton(x) else gelu_tanh_and_mul_ref)(x)

@@ -1,4 +1,5 @@
-"""Entry points of paged attention: pick the decode or prefill kernel, or the torch reference."""
+"""Entry points of paged attention: pick the decode or prefill kernel, or the torch reference.
+Every entry point takes the keywords `sliding_window` and `softcap` (see attention_ref)."""
 
 from ._triton import use_triton
 from .attention_decode import paged_decode_attention_triton
@@ -11,35 +12,35 @@ from .attention_ref import (
 
 
 def paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                           max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
+                           max_query_len, max_seq_len, scale, **options):
     """query [T, H, D] -> out [T, H, D]. A step of only decodes (max_query_len == 1, so
     T == num_seqs) takes the flash-decoding kernel, any other the prefill kernel."""
     if max_query_len == 1:
         return paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
-                                             scale, max_seq_len, k_scale, v_scale)
+                                             scale, max_seq_len, **options)
     return paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
                                           query_start_loc, max_query_len, max_seq_len, scale,
-                                          k_scale, v_scale)
+                                          **options)
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                    max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
+                    max_query_len, max_seq_len, scale, **options):
     """Triton on CUDA, torch reference elsewhere."""
     attend = paged_attention_triton if use_triton(query) else paged_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                  max_query_len, max_seq_len, scale, k_scale, v_scale)
+                  max_query_len, max_seq_len, scale, **options)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                            max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
+                            max_query_len, max_seq_len, scale, **options):
     """Triton on CUDA, torch reference elsewhere."""
     attend = paged_prefill_attention_triton if use_triton(query) else paged_prefill_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                  max_query_len, max_seq_len, scale, k_scale, v_scale)
+                  max_query_len, max_seq_len, scale, **options)
 
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                           max_seq_len=None, k_scale=1.0, v_scale=1.0):
+                           max_seq_len=None, **options):
     """Triton on CUDA, torch reference elsewhere."""
     attend = paged_decode_attention_triton if use_triton(query) else paged_decode_attention_ref
-    return attend(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, k_scale, v_scale)
+    return attend(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, **options)

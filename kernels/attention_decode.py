@@ -4,12 +4,15 @@ Each program takes one KV partition of one (sequence, kv head) for all the query
 of that GQA group, so a long context spreads over many SMs; a second kernel merges the
 partitions' (max, sum, acc). Launch shapes depend only on Python ints (CUDA-graph safe).
 An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
+With a sliding window, partitions wholly before the window return at once and the merge
+skips them; their blocks are still in the table (the pool does not free them).
 """
 
 import torch
 
 from ._triton import tl, triton, next_power_of_2
 from .kv_scale import scale_operands
+from .attention_window import first_key, soft_cap
 
 _LOG2E = 1.4426950408889634
 _MAX_PARTITIONS = 64
@@ -22,21 +25,24 @@ def _decode_partition_kernel(
     k_scale_ptr, v_scale_ptr,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
-    num_partitions,
+    num_partitions, sliding_window, softcap_log2e,
     QUERIES_PER_KV: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, SINGLE_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_SCALES: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     partition = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    window_start = first_key(seq_len - 1, sliding_window)
     start = partition * PARTITION_SIZE
-    if not SINGLE_PARTITION:
-        if start >= seq_len:
-            return  # the reduce kernel ignores partitions past the end
     end = tl.minimum(start + PARTITION_SIZE, seq_len)
+    if not SINGLE_PARTITION:
+        if (start >= seq_len) | (end <= window_start):
+            return  # the reduce kernel ignores partitions past the end or before the window
+    start = tl.maximum(start, window_start)
 
     group = tl.arange(0, GROUP_PAD)
     heads = kv_head * QUERIES_PER_KV + group  # [G] query heads sharing this kv head
@@ -63,6 +69,8 @@ def _decode_partition_kernel(
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
                     + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [G, N]
+        if USE_SOFTCAP:
+            scores = soft_cap(scores, softcap_log2e)
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -89,7 +97,7 @@ def _decode_partition_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, seq_lens_ptr,
-    stride_os, stride_oh, num_partitions,
+    stride_os, stride_oh, num_partitions, sliding_window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, PARTITIONS_PAD: tl.constexpr,
 ):
@@ -97,9 +105,10 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     used = tl.cdiv(seq_len, PARTITION_SIZE)
+    first_used = first_key(seq_len - 1, sliding_window) // PARTITION_SIZE
     parts = tl.arange(0, PARTITIONS_PAD)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    part_mask = parts < used
+    part_mask = (parts < used) & (parts >= first_used)
     rows = (seq * tl.num_programs(1) + head) * num_partitions + parts
     maxes = tl.load(part_max_ptr + rows, mask=part_mask, other=-1e30)
     weights = tl.where(part_mask, tl.exp2(maxes - tl.max(maxes, axis=0)), 0.0)
@@ -132,8 +141,10 @@ def _partition_size(num_programs_per_partition: int, max_len: int) -> int:
 
 
 def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                                  max_seq_len=None, k_scale=1.0, v_scale=1.0):
-    """query [B, H, D] -> out [B, H, D]; max_seq_len (Python int) bounds every seq_lens[b]."""
+                                  max_seq_len=None, k_scale=1.0, v_scale=1.0, *, sliding_window=None,
+                                  softcap=None):
+    """query [B, H, D] -> out [B, H, D]; max_seq_len (Python int) bounds every seq_lens[b];
+    sliding_window and softcap as in attention_ref."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -163,17 +174,17 @@ def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_len
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        num_partitions,
+        num_partitions, sliding_window or 0, (softcap or 0.0) * _LOG2E,
         QUERIES_PER_KV=queries_per_kv, GROUP_PAD=max(16, next_power_of_2(queries_per_kv)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n,
         PARTITION_SIZE=partition_size, SINGLE_PARTITION=single,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", USE_SOFTCAP=bool(softcap),
         HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_max, part_sum, seq_lens,
-            out.stride(0), out.stride(1), num_partitions,
+            out.stride(0), out.stride(1), num_partitions, sliding_window or 0,
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             PARTITION_SIZE=partition_size, PARTITIONS_PAD=next_power_of_2(num_partitions),
             num_warps=4,

@@ -3,22 +3,26 @@
 One program per (query tile of one sequence, query head). Key tiles wholly before the
 tile's first query position need no mask; only the diagonal tiles apply the causal one.
 An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
+With a sliding window, tiles wholly before every row's window are skipped and the tiles
+across the window's start are masked too.
 """
 
 import torch
 
 from ._triton import tl, triton, next_power_of_2
 from .kv_scale import scale_operands
+from .attention_window import first_key, soft_cap
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
-                 tile_start, kv_end, query_positions,
+                 tile_start, kv_end, query_positions, window_starts,
                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2e,
-                 CAUSAL_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 softcap_log2e, CAUSAL_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, USE_SOFTCAP: tl.constexpr):
     """One online-softmax step over keys [tile_start, tile_start + BLOCK_N)."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -38,8 +42,11 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
         v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
                     + kv_head * stride_vh + dims[None, :]).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [M, N]
-    if CAUSAL_MASK:
-        visible = (tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
+    if USE_SOFTCAP:
+        scores = soft_cap(scores, softcap_log2e)
+    if CAUSAL_MASK:  # also the sliding window's start: each row sees [window_starts, itself]
+        visible = ((tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
+                   & (tokens[None, :] >= window_starts[:, None]))
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -52,12 +59,12 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
 @triton.jit
 def _prefill_kernel(
     out_ptr, query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr,
+    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sliding_window, softcap_log2e,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     query_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -85,18 +92,34 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     first_query_position = context_len + query_tile * BLOCK_M
+    window_starts = first_key(query_positions, sliding_window)  # [M]; 0 without a window
+    # Key tiles: [lo, window_end) cross some row's window start (masked), [window_end,
+    # unmasked_end) lie inside every row's window and before every row (no mask), the rest
+    # cross the diagonal (masked).
     unmasked_end = (first_query_position // BLOCK_N) * BLOCK_N
     kv_end = tl.minimum(first_query_position + BLOCK_M, seq_len)
-    for tile_start in range(0, unmasked_end, BLOCK_N):
+    lo = (first_key(first_query_position, sliding_window) // BLOCK_N) * BLOCK_N
+    window_end = tl.minimum(tl.cdiv(first_key(first_query_position + BLOCK_M - 1, sliding_window),
+                                    BLOCK_N) * BLOCK_N, unmasked_end)
+    window_end = tl.maximum(window_end, lo)
+    for tile_start in range(lo, window_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            scale_log2e, False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, DOT_PRECISION)
+            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+    for tile_start in range(window_end, unmasked_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
+            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, scale_log2e, softcap_log2e, False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            scale_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, DOT_PRECISION)
+            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
 
     if HAS_SCALES:
         acc = acc * tl.load(v_scale_ptr)
@@ -105,18 +128,21 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-def _tile_config(max_query_len: int, head_dim_pad: int):
+def _tile_config(max_query_len: int, head_dim_pad: int, element_size: int = 2):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). On H100 (bf16, D=128) 64x64 tiles with 4 warps
-    and 3 stages beat 128-row tiles on varlen batches and tie on long prompts (~300 TFLOP/s)."""
+    and 3 stages beat 128-row tiles on varlen batches and tie on long prompts (~300 TFLOP/s).
+    Past D=128 (Gemma's 256) key tiles halve, and fp32 query tiles too: shared memory is finite."""
     block_m = min(64, max(16, next_power_of_2(max_query_len)))
     if head_dim_pad <= 128:
         return block_m, 64, 4, 3
+    if element_size > 2:
+        block_m = min(block_m, 32)
     return block_m, 32, 4, 2
 
 
 def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
                                    query_start_loc, max_query_len, max_seq_len, scale,
-                                   k_scale=1.0, v_scale=1.0):
+                                   k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; see attention_ref for semantics."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -126,18 +152,20 @@ def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_le
     if num_tokens == 0 or num_seqs == 0:
         return out
     head_dim_pad = max(16, next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _tile_config(max_query_len, head_dim_pad)
+    block_m, block_n, num_warps, num_stages = _tile_config(max_query_len, head_dim_pad, query.element_size())
     grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
     k_scale, v_scale, has_scales = scale_operands(k_scale, v_scale, query)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
         k_scale, v_scale,
+        sliding_window or 0, (softcap or 0.0) * _LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", HAS_SCALES=has_scales,
+        USE_SOFTCAP=bool(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

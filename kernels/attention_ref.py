@@ -4,6 +4,11 @@ Sequence b has `q_len_b` new tokens (its slice of the flattened query) and `seq_
 tokens in the pool, new ones included; new token j sits at position
 `seq_lens[b] - q_len_b + j` and sees positions 0..itself. Softmax runs in fp32.
 A sequence of length 0 (CUDA-graph padding) yields zeros. An fp8 pool is read as stored * scale.
+
+Options of every entry point (keywords, off by default):
+- `sliding_window` W: a query at position p sees only keys in (p - W, p], the convention of
+  transformers' sliding-window mask (Mistral, Gemma 2/3): W keys, itself included.
+- `softcap` C: scores s become C * tanh(s / C) before masking and softmax (Gemma 2).
 """
 
 import torch
@@ -22,8 +27,14 @@ def _gather_context(cache, block_table, seq_len, scale=1.0):
     return dequantize_kv_ref(cache[blocks].flatten(0, 1)[:seq_len], scale)
 
 
+def _soft_cap(scores, softcap):
+    """C * tanh(s / C), in place: Gemma 2's bound on attention logits."""
+    return scores.div_(softcap).tanh_().mul_(softcap)
+
+
 def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                        max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0):
+                        max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0, *,
+                        sliding_window=None, softcap=None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; causal over the paged pool."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -44,9 +55,13 @@ def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_s
             chunk_end = min(chunk_start + chunk, q_end)
             q = query[chunk_start:chunk_end].float().reshape(-1, num_kv_heads, group, head_dim)
             scores = torch.einsum("tkgd,lkd->kgtl", q, keys) * scale  # [Hkv, group, t, L]
+            if softcap:
+                _soft_cap(scores, softcap)
             query_positions = context_len + torch.arange(
                 chunk_start - q_start, chunk_end - q_start, device=query.device)
             hidden = key_positions[None, :] > query_positions[:, None]  # [t, L]
+            if sliding_window:
+                hidden |= key_positions[None, :] <= query_positions[:, None] - sliding_window
             scores.masked_fill_(hidden, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             attended = torch.einsum("kgtl,lkd->tkgd", probs, values)  # [t, Hkv, group, D]
@@ -58,7 +73,8 @@ paged_prefill_attention_ref = paged_attention_ref
 
 
 def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                               max_seq_len=None, k_scale=1.0, v_scale=1.0):
+                               max_seq_len=None, k_scale=1.0, v_scale=1.0, *, sliding_window=None,
+                               softcap=None):
     """query [B, H, D] (one new token per sequence, already in the pool) -> out [B, H, D].
 
     Batched over sequences: gathers every sequence's blocks up to the longest one.
@@ -78,7 +94,12 @@ def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 
     values = dequantize_kv_ref(v_cache[blocks].flatten(1, 2)[:, :longest], v_scale)
     q = query.float().reshape(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.einsum("bkgd,blkd->bkgl", q, keys) * scale  # [B, Hkv, group, L]
-    hidden = torch.arange(longest, device=query.device)[None, :] >= seq_lens[:, None].long()
+    if softcap:
+        _soft_cap(scores, softcap)
+    key_positions = torch.arange(longest, device=query.device)[None, :]
+    hidden = key_positions >= seq_lens[:, None].long()
+    if sliding_window:  # the new token sits at seq_len - 1
+        hidden |= key_positions <= seq_lens[:, None].long() - 1 - sliding_window
     scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
     values.masked_fill_(hidden[:, :, None, None], 0.0)  # stale slots may hold NaN
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # empty sequences -> zeros

@@ -26,9 +26,11 @@ ARCHITECTURES = {
     "mixtral": ("mixtral", "MixtralForCausalLM"),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
-TOKENIZER_STYLE = {"llama": "metaspace", "mistral": "metaspace", "mixtral": "metaspace",
-                   "llama3": "byte_level", "qwen2": "byte_level", "qwen3": "byte_level",
+TOKENIZER_STYLE = {"llama": "metaspace", "mistral": "metaspace", "mixtral": "metaspace", "gemma2": "metaspace",
+                   "gemma3": "metaspace", "llama3": "byte_level", "qwen2": "byte_level", "qwen3": "byte_level",
                    "qwen2_moe": "byte_level", "qwen3_moe": "byte_level"}
 NON_ASCII = ("Café naïve Zürich — Καλημέρα κόσμε, Привет мир!\n"
              "你好，世界 こんにちは 안녕하세요 😀🦀 👨‍👩‍👧 龘\tend  two spaces")
@@ -82,6 +84,21 @@ def test_llama3_config_has_llama3_rope_scaling(checkpoints):
 
 def test_mistral_config_has_no_sliding_window(checkpoints):
     assert _config_json(checkpoints["mistral"])["sliding_window"] is None
+
+
+def test_gemma_configs_have_local_and_global_layers_in_hub_form(checkpoints, loaded):
+    gemma2, gemma3 = _config_json(checkpoints["gemma2"]), _config_json(checkpoints["gemma3"])
+    assert (gemma2["sliding_window"], gemma2["attn_logit_softcapping"], gemma2["final_logit_softcapping"]) == (
+        8, 5.0, 4.0)
+    assert (gemma3["rope_theta"], gemma3["rope_local_base_freq"], gemma3["sliding_window_pattern"]) == (
+        1000000.0, 10000.0, 2)
+    assert gemma3["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    for family in ("gemma2", "gemma3"):
+        model = loaded[family][0]
+        assert model.config.layer_types == ["sliding_attention", "full_attention"]
+        norm = model.model.layers[0].input_layernorm.weight
+        assert norm.abs().mean() < 0.5  # drawn around 0: Gemma scales by (1 + weight)
+    assert loaded["gemma3"][0].model.layers[0].self_attn.q_norm.weight.shape == (16,)
 
 
 def test_qwen_families_tie_embeddings_and_have_their_own_attention_weights(loaded):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncserve.kernels import silu_and_mul
+from asyncserve.kernels import gelu_tanh_and_mul, silu_and_mul
 
 
 class SiluAndMul(nn.Module):
@@ -12,3 +12,10 @@ class SiluAndMul(nn.Module):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(gate_up)
+
+
+class GeluTanhAndMul(nn.Module):
+    """[T, 2I] (gate | up) -> [T, I] with GELU's tanh approximation (Gemma's gelu_pytorch_tanh)."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh_and_mul(gate_up)

@@ -35,14 +35,19 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Writes the new K/V into the pool, then attends over each sequence's whole context."""
+    """Writes the new K/V into the pool, then attends over each sequence's whole context, or
+    its last `sliding_window` tokens; `softcap` bounds the logits (Gemma 2). A window's older
+    blocks stay allocated in the pool: they are masked, never freed early."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window or None
+        self.softcap = softcap or None
         # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; bound by the runner.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         # Per-tensor scales of an fp8 pool (stored = k / k_scale), from the checkpoint when it has them.
@@ -59,23 +64,24 @@ class PagedAttention(nn.Module):
         # Checkpoint scales serve an fp8 pool only, as in vLLM; a model-dtype pool stores keys as they are.
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if is_fp8(k_cache.dtype) else {}
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, **scales)
+        options = {"sliding_window": self.sliding_window, "softcap": self.softcap, **scales}
         if meta.is_decode:
             out = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                         self.scale, meta.max_seq_len, **scales)
+                                         self.scale, meta.max_seq_len, **options)
         elif meta.num_decodes:
             decodes = meta.num_decodes
             out = torch.empty_like(query)
             out[:decodes] = paged_decode_attention(
                 query[:decodes], k_cache, v_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes],
-                self.scale, meta.decode_max_seq_len, **scales)
+                self.scale, meta.decode_max_seq_len, **options)
             out[decodes:] = paged_attention(
                 query[decodes:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_seq_lens,
                 meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale,
-                **scales)
+                **options)
         else:
             out = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale,
-                                  **scales)
+                                  **options)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 

@@ -1,4 +1,4 @@
-"""The Llama family: Llama 2/3, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm)."""
+"""The Llama family: Llama 2/3, Mistral (sliding window), Qwen2/2.5 (qkv bias), Qwen3 (q/k norm)."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +11,7 @@ from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.models.base import CausalLM
+from asyncserve.models.sliding_window import layer_sliding_window
 
 
 def _head_dim(config) -> int:
@@ -19,7 +20,7 @@ def _head_dim(config) -> int:
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
-                 prefix: str):
+                 prefix: str, layer_index: int = 0):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -35,7 +36,8 @@ class LlamaAttention(nn.Module):
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
-                                   scale=self.head_dim ** -0.5)
+                                   scale=self.head_dim ** -0.5,
+                                   sliding_window=layer_sliding_window(config, layer_index))
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
@@ -69,9 +71,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
-                 prefix: str, mlp: nn.Module | None = None):
+                 prefix: str, mlp: nn.Module | None = None, layer_index: int = 0):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn",
+                                        layer_index)
         self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -101,7 +104,7 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}",
-                              self.make_mlp(config, i, quant_config, f"layers.{i}.mlp"))
+                              self.make_mlp(config, i, quant_config, f"layers.{i}.mlp"), layer_index=i)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))

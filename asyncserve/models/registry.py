@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from asyncserve.errors import UnsupportedModelError
-from asyncserve.models import llama, mixtral, qwen, qwen_moe
+from asyncserve.models import gemma, llama, mixtral, qwen, qwen_moe
 from asyncserve.models.base import CausalLM
 
 _ARCHITECTURES = {
@@ -14,6 +14,8 @@ _ARCHITECTURES = {
     "MixtralForCausalLM": mixtral.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": qwen_moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": qwen_moe.Qwen3MoeForCausalLM,
+    "Gemma2ForCausalLM": gemma.Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
 }
 
 

@@ -46,7 +46,7 @@ def test_greedy_fp32_on_cuda_matches_transformers(family, enforce_eager, make_cu
     assert (runner.num_graph_steps > 0) != enforce_eager
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma2"])
 def test_graphs_and_eager_agree_in_bf16(family, make_cuda_llm):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     graphs = make_cuda_llm(family, dtype="bfloat16").generate(PROMPTS, params, use_tqdm=False)
@@ -74,7 +74,7 @@ def test_kv_pool_is_sized_from_memory_utilization(tiny_model_dir):
     assert all(len(o.outputs[0].token_ids) >= 1 for o in out)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2", "gemma3"])
 def test_mixed_decode_and_chunked_prefill_steps_on_cuda(family, make_cuda_llm, hf_reference):
     """Small token budget: steps mix decodes (decode kernel) with prefill chunks (prefill kernel)."""
     llm = make_cuda_llm(family, dtype="float32", max_num_batched_tokens=32, max_num_seqs=4)

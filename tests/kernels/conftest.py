@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
     # Must precede the @triton.jit decorators of asyncserve.kernels (read at decoration).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_KERNEL_MODULES = ["_triton", "cache", "attention_ref", "attention_decode", "attention_prefill",
-                   "attention", "norm", "rotary", "activation", "quant_gemm", "fp8_linear", "moe"]
+_KERNEL_MODULES = ["_triton", "cache", "kv_scale", "attention_ref", "attention_window", "attention_decode",
+                   "attention_prefill", "attention", "norm", "rotary", "activation", "quant_gemm", "fp8_linear",
+                   "moe"]
 if os.environ.get("TRITON_INTERPRET") == "1" and "asyncserve.kernels" in sys.modules:
     # An earlier conftest imported the kernels as compiled GPU functions: re-decorate them.
     for name in _KERNEL_MODULES:

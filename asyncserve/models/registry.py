@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from asyncserve.errors import UnsupportedModelError
-from asyncserve.models import llama
+from asyncserve.models import gpt2, llama, opt, phi3
 from asyncserve.models.base import CausalLM
 
 _ARCHITECTURES = {
@@ -10,6 +10,9 @@ _ARCHITECTURES = {
     "MistralForCausalLM": llama.MistralForCausalLM,
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+    "OPTForCausalLM": opt.OPTForCausalLM,
+    "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
+    "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
 }
 
 

@@ -9,7 +9,7 @@ import torch
 
 from asyncserve import LLM, SamplingParams
 from tests.conftest import PROMPTS, assert_pool_clean
-from tests.models.tiny_families import LONGROPE_ORIGINAL, VARIANTS, build_variant
+from tests.models.tiny_families import LONGROPE_ORIGINAL, VARIANTS
 
 MAX_NEW = 24
 # Around LongRoPE's threshold (48 tokens): prompts that stay below it, one that grows past it, one exactly
@@ -24,19 +24,6 @@ LONGROPE_PROMPTS = [
     " ".join(["The quick brown fox jumps over the lazy dog."] * 4),
 ]
 LONGROPE_NEW = 32
-
-
-@pytest.fixture(scope="module")
-def variant_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, str] = {}
-
-    def get(variant: str) -> str:
-        if variant not in built:
-            built[variant] = build_variant(root / variant, variant)
-        return built[variant]
-
-    return get
 
 
 def _hf_greedy(path: str, prompts_ids: list[list[int]], max_new: int) -> list[list[int]]:

@@ -11,7 +11,7 @@ from asyncserve import LLM, SamplingParams
 from tests.conftest import PROMPTS, assert_pool_clean
 from tests.models.tiny_families import LONGROPE_ORIGINAL, VARIANTS
 
-MAX_NEW = 24
+MAX_NEW = 16
 # Around LongRoPE's threshold (48 tokens): prompts that stay below it, one that grows past it, one exactly
 # at it (its first generated token is the first long one), and two longer than it (prefilled in chunks).
 LONGROPE_PROMPTS = [
@@ -76,11 +76,6 @@ def test_greedy_matches_transformers_with_requests_joining(variant, variant_dir)
     assert max(map(len, prompts_ids)) > 200 and min(map(len, prompts_ids)) == 1
     ours = _generate_joining_mid_flight(llm, prompts_ids, MAX_NEW)
     assert ours == _hf_greedy(path, prompts_ids, MAX_NEW)
-    # The whole batch at once, too (one prefill step for every prompt).
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts_ids],
-                           SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == ours
-    assert_pool_clean(llm.engine)
 
 
 def test_longrope_switches_factor_sets_as_transformers_does(variant_dir):

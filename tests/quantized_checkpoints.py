@@ -94,9 +94,10 @@ def _group_index(in_features: int, group_size: int, act_order: bool, generator) 
 
 def build_quantized(source: str, target, fmt: str, bits: int = 4, group_size: int = 32, sym: bool = False,
                     act_order: bool = False, checkpoint_format: str = "gptq", config_file: bool = False,
-                    seed: int = 0) -> tuple[str, str]:
+                    seed: int = 0, modules: tuple[str, ...] = LINEAR_MODULES) -> tuple[str, str]:
     """(quantized checkpoint, float32 checkpoint of its dequantized weights) from the tiny `source`.
-    fmt 'gptq' or 'awq'; `config_file`: GPTQ's older quantize_config.json instead of config.json's entry."""
+    fmt 'gptq' or 'awq'; `config_file`: GPTQ's older quantize_config.json instead of config.json's entry;
+    `modules`: the checkpoint's names of the linear layers to quantize."""
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for name in sorted(f for f in os.listdir(source) if f.endswith(".safetensors")):
@@ -104,7 +105,7 @@ def build_quantized(source: str, target, fmt: str, bits: int = 4, group_size: in
     quantized, dequantized, g_indices = {}, {}, {}
     for name, tensor in weights.items():
         module = name.rpartition(".")[0]
-        if not name.endswith(".weight") or module.rpartition(".")[2] not in LINEAR_MODULES:
+        if not name.endswith(".weight") or module.rpartition(".")[2] not in modules:
             quantized[name] = dequantized[name] = tensor
             continue
         in_features = tensor.shape[1]

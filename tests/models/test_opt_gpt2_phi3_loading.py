@@ -94,3 +94,22 @@ def test_unsupported_options_are_refused_by_name(variant, update, words, variant
         assert json.load(f).items() >= update.items()
     with pytest.raises(UnsupportedModelError, match=words):
         _ours(edited)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_quantized_phi3_loads_its_fused_tensors_whole(fmt, variant_dir, tmp_path):
+    """Phi-3 GPTQ/AWQ checkpoints quantize qkv_proj and gate_up_proj as single tensors."""
+    from asyncserve import LLM, SamplingParams
+    from tests.models.test_opt_gpt2_phi3 import _hf_greedy
+    from tests.quantized_checkpoints import build_quantized
+    path, reference = build_quantized(variant_dir("phi3"), tmp_path / fmt, fmt=fmt,
+                                      modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=64)
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.encode("Hello, my name is"), tokenizer.encode("The capital of France is")]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    layer = llm.engine.executor.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+        assert type(linear.quant_method).__name__ == f"{fmt.upper()}LinearMethod"
+    assert [list(o.outputs[0].token_ids) for o in outputs] == _hf_greedy(reference, prompts, 8)

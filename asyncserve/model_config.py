@@ -90,7 +90,8 @@ def kv_recompute_length(model_config: ModelConfig) -> int | None:
     another past it; transformers recomputes a sequence's whole KV when it grows past that length. The
     length, or None for models whose KV never changes with the sequence's length."""
     hf_config = model_config.hf_config
-    scaling = {**(getattr(hf_config, "rope_scaling", None) or {}), **(getattr(hf_config, "rope_parameters", None) or {})}
+    scaling = {**(getattr(hf_config, "rope_scaling", None) or {}),
+               **(getattr(hf_config, "rope_parameters", None) or {})}
     if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
         return None
     original = (getattr(hf_config, "original_max_position_embeddings", None)

@@ -153,6 +153,11 @@ class Scheduler:
     def _requeue_for_recompute(self, seq: Sequence) -> None:
         """Keeps the tokens, forgets the KV, and goes back to the front of the queue."""
         seq.num_computed_tokens = 0
+        if seq.recompute_kv_at is not None and seq.num_tokens + seq.num_in_flight > seq.recompute_kv_at:
+            # Recomputed whole past the threshold: the other kind of KV from now on, under other hashes.
+            seq.recompute_kv_at = None
+            seq.cache_salt = 1
+            seq.block_hashes = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -165,12 +170,9 @@ class Scheduler:
 
     def _recompute_past_threshold(self, seq: Sequence) -> None:
         """The sequence grows past `recompute_kv_at`: its KV is dropped and recomputed whole (with
-        LongRoPE's long factors), under block hashes of the other kind."""
+        LongRoPE's long factors), as transformers' Phi-3 generate() does."""
         self.running.remove(seq)
         self.kv.free(seq)
-        seq.recompute_kv_at = None
-        seq.cache_salt = 1
-        seq.block_hashes = []
         self._requeue_for_recompute(seq)
 
     def admit_forks(self, children: list[Sequence]) -> None:

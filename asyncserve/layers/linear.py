@@ -109,7 +109,6 @@ class Conv1DLinear(Linear):
     the layer multiplies like any other. Quantized tensors (GPTQ's qweight, ...) load as they are."""
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        if param is getattr(self, "weight", None) and loaded_weight.dim() == 2 and param.dtype.is_floating_point \
-                and param.dtype.itemsize > 1:
+        if param is getattr(self, "weight", None) and loaded_weight.dim() == 2:
             loaded_weight = loaded_weight.t()
         default_weight_loader(param, loaded_weight)

@@ -122,7 +122,7 @@ class EngineConfig:
 
     def create_config(self) -> "Config":
         """Reads the checkpoint's config and resolves everything that depends on it."""
-        from asyncserve.model_config import load_model_config
+        from asyncserve.model_config import kv_recompute_length, load_model_config
         from asyncserve.models.loader import quantization_config
         model = load_model_config(self, self.model_path)
         return Config(
@@ -137,7 +137,7 @@ class EngineConfig:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=self._token_budget(model.max_model_len, model.device),
                 enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
-                max_num_waiting=self.max_num_waiting),
+                max_num_waiting=self.max_num_waiting, recompute_kv_at=kv_recompute_length(model)),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             quantization=quantization_config(model.hf_config, self.quantization, model.path),
             disable_log_stats=self.disable_log_stats)
@@ -172,6 +172,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool
     preemption_mode: str = "recompute"  # or "swap": keep the KV in host memory
     max_num_waiting: int | None = None  # beyond this the server answers 503
+    # A sequence whose KV was computed while it held at most this many tokens recomputes it all when it
+    # grows past (Phi-3 LongRoPE's switch of factor sets, as transformers does); None: never.
+    recompute_kv_at: int | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 next to the compute floor and transformers, in one run.
 
     python scripts/bench_throughput.py --model llama-3.1-8b --num-prompts 512 --input-len-range 255 765 --output-len 128
+    python scripts/bench_throughput.py --model opt-1.3b --num-prompts 512     # OPT-1.3B shape (max_model_len 2048)
 
 `--kv-cache-dtype fp8` runs the same workload over an e4m3 KV pool (twice the tokens in the same memory);
 the KV token capacity is printed either way.

@@ -32,7 +32,7 @@ class KVCacheManager:
         hashes = seq.block_hashes
         while len(hashes) < num_full:
             start = len(hashes) * self.block_size
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else seq.cache_salt
             hashes.append(hash_block(parent, seq.token_ids[start:start + self.block_size]))
 
     def find_cached_prefix(self, seq: Sequence) -> list[KVCacheBlock]:

@@ -25,6 +25,7 @@ class Scheduler:
         self._finished_seq_ids: list[int] = []
 
     def add(self, seq: Sequence) -> None:
+        self._set_kv_regime(seq)
         self.waiting.append(seq)
         self._announced.append(seq)
 
@@ -41,6 +42,9 @@ class Scheduler:
             seq = self.running[index]
             if seq.num_in_flight and seq.num_output_tokens + seq.num_in_flight >= seq.params.max_tokens:
                 index += 1  # its last token is on its way: nothing more to compute
+                continue
+            if seq.recompute_kv_at is not None and seq.num_computed_tokens >= seq.recompute_kv_at:
+                self._recompute_past_threshold(seq)
                 continue
             num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
             while not self.kv.allocate_slots(seq, num_new):
@@ -88,7 +92,7 @@ class Scheduler:
             if not self.kv.allocate_slots(seq, num_new, cached):
                 break
             self.waiting.popleft()
-            if seq.num_preemptions == 0 and seq.index == 0:
+            if seq.num_preemptions == 0 and seq.index == 0 and not seq.num_output_tokens:
                 seq.request.num_cached_tokens = len(cached) * self.kv.block_size
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -149,11 +153,31 @@ class Scheduler:
     def _requeue_for_recompute(self, seq: Sequence) -> None:
         """Keeps the tokens, forgets the KV, and goes back to the front of the queue."""
         seq.num_computed_tokens = 0
+        if seq.recompute_kv_at is not None and seq.num_tokens + seq.num_in_flight > seq.recompute_kv_at:
+            # Recomputed whole past the threshold: the other kind of KV from now on, under other hashes.
+            seq.recompute_kv_at = None
+            seq.cache_salt = 1
+            seq.block_hashes = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
+    def _set_kv_regime(self, seq: Sequence) -> None:
+        limit = self.config.recompute_kv_at
+        if limit is not None:
+            short = seq.num_prompt_tokens <= limit
+            seq.recompute_kv_at = limit if short else None
+            seq.cache_salt = 0 if short else 1
+
+    def _recompute_past_threshold(self, seq: Sequence) -> None:
+        """The sequence grows past `recompute_kv_at`: its KV is dropped and recomputed whole (with
+        LongRoPE's long factors), as transformers' Phi-3 generate() does."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        self._requeue_for_recompute(seq)
+
     def admit_forks(self, children: list[Sequence]) -> None:
         for child in children:
+            self._set_kv_regime(child)
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
             self._announced.append(child)

@@ -42,6 +42,10 @@ class Sequence:
         self.host_blocks: list[int] = []  # where its KV waits while swapped out
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.block_hashes: list[int] = []  # hashes of the full blocks of token_ids, grown lazily
+        # Chained into the first block's hash: KV computed differently for the same tokens (LongRoPE's
+        # long factor set) is never shared with the other kind.
+        self.cache_salt = 0
+        self.recompute_kv_at: int | None = None  # see SchedulerConfig.recompute_kv_at
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

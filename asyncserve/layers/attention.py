@@ -28,6 +28,10 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor | None = None
     decode_max_seq_len: int = 0
     prefill_max_seq_len: int = 0
+    # [B] int32: how many tokens each sequence holds (prompt and output so far; more than seq_lens while
+    # a prefill is chunked), for rotary schemes that depend on it (Phi-3's LongRoPE). None in captured
+    # decode steps, where it equals seq_lens.
+    context_lens: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 from asyncserve.layers.quantization import QuantizationConfig, UnquantizedConfig, UnquantizedLinearMethod
 from asyncserve.layers.single_row import SingleRowKernel, linear
 
-__all__ = ["LinearBase", "Linear", "MergedLinear", "SingleRowKernel", "default_weight_loader",
+__all__ = ["LinearBase", "Linear", "MergedLinear", "Conv1DLinear", "SingleRowKernel", "default_weight_loader",
            "linear", "tune_single_row_products"]
 
 logger = logging.getLogger("asyncserve")
@@ -102,3 +102,13 @@ def tune_single_row_products(model: nn.Module) -> None:
             if line is not None:
                 report.append(line)
     logger.info("one-row products: %s", "; ".join(report) or "cuBLAS GEMM for every shape")
+
+
+class Conv1DLinear(Linear):
+    """GPT-2's Conv1D: the checkpoint stores a plain weight as [in, out]; it is transposed at load, so
+    the layer multiplies like any other. Quantized tensors (GPTQ's qweight, ...) load as they are."""
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if param is getattr(self, "weight", None) and loaded_weight.dim() == 2:
+            loaded_weight = loaded_weight.t()
+        default_weight_loader(param, loaded_weight)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from asyncserve.errors import UnsupportedModelError
-from asyncserve.models import gemma, llama, mixtral, qwen, qwen_moe
+from asyncserve.models import gemma, gpt2, llama, mixtral, opt, phi3, qwen, qwen_moe
 from asyncserve.models.base import CausalLM
 
 _ARCHITECTURES = {
@@ -16,6 +16,9 @@ _ARCHITECTURES = {
     "Qwen3MoeForCausalLM": qwen_moe.Qwen3MoeForCausalLM,
     "Gemma2ForCausalLM": gemma.Gemma2ForCausalLM,
     "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
+    "OPTForCausalLM": opt.OPTForCausalLM,
+    "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
+    "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
 }
 
 

@@ -98,9 +98,10 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         prefill_starts = [start - num_decodes for start in query_start_loc[num_decodes:]]
         prefill_lens = seq_lens[num_decodes:]
         prefill_tables = [b for table in block_tables[num_decodes:] for b in table]
-    lens, starts, tables, shifted, part_lens, part_tables = _pack(
+    context_lens = [max(length, len(seq.token_ids)) for length, seq in zip(seq_lens, step.seqs)]
+    lens, starts, tables, shifted, part_lens, part_tables, contexts = _pack(
         [seq_lens, query_start_loc, [b for table in block_tables for b in table], prefill_starts,
-         prefill_lens, prefill_tables], torch.int32, device)
+         prefill_lens, prefill_tables, context_lens], torch.int32, device)
     meta = AttentionMetadata(
         slot_mapping=slots, block_tables=tables.view(len(block_tables), max_blocks), seq_lens=lens,
         query_start_loc=starts, max_query_len=max_query_len, max_seq_len=max(seq_lens),
@@ -108,7 +109,7 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         prefill_seq_lens=part_lens if num_decodes else None,
         prefill_block_tables=part_tables.view(-1, max_blocks) if num_decodes else None,
         decode_max_seq_len=max(seq_lens[:num_decodes], default=0),
-        prefill_max_seq_len=max(seq_lens[num_decodes:], default=0))
+        prefill_max_seq_len=max(seq_lens[num_decodes:], default=0), context_lens=contexts)
     unread_rows = [query_start_loc[index + 1] - 1 for index in step.unread_inputs]
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
                        prompt_rows=rows if prompt_rows else None,

@@ -1,0 +1,102 @@
+"""OpenAI's GPT-2 (gpt2 ... gpt2-xl, and its fine-tunes): learned positions, pre-LN blocks with biased
+LayerNorm, Conv1D projections (weights stored [in, out], transposed at load) with a fused c_attn, and
+GELU (tanh) in the MLP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.errors import UnsupportedModelError
+from asyncserve.layers.activation import get_activation
+from asyncserve.layers.attention import AttentionMetadata, PagedAttention
+from asyncserve.layers.layer_norm import LayerNorm
+from asyncserve.layers.linear import Conv1DLinear, Linear
+from asyncserve.layers.quantization import QuantizationConfig
+from asyncserve.models.base import CausalLM
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        head_dim = hidden // heads
+        scale = head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            scale /= float(layer_idx + 1)
+        # reorder_and_upcast_attn only changes transformers' fp16 arithmetic: our attention keeps scores in fp32.
+        self.c_attn = Conv1DLinear(hidden, 3 * hidden, bias=True, quant_config=quant_config,
+                                   prefix=f"{prefix}.c_attn")
+        self.c_proj = Conv1DLinear(hidden, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj")
+        self.attn = PagedAttention(heads, heads, head_dim, scale=scale)
+
+    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)             # [T, 3E] -> 3 x [T, E]
+        return self.c_proj(self.attn(q, k, v, meta))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
+        self.c_fc = Conv1DLinear(config.hidden_size, inner, bias=True, quant_config=quant_config,
+                                 prefix=f"{prefix}.c_fc")
+        self.act = get_activation(config.activation_function)
+        self.c_proj = Conv1DLinear(inner, config.hidden_size, bias=True, quant_config=quant_config,
+                                   prefix=f"{prefix}.c_proj")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(hidden)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = LayerNorm(config.hidden_size, eps)
+        self.attn = GPT2Attention(config, layer_idx, quant_config, f"{prefix}.attn")
+        self.ln_2 = LayerNorm(config.hidden_size, eps)
+        self.mlp = GPT2MLP(config, quant_config, f"{prefix}.mlp")
+
+    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), meta)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2LMHeadModel(CausalLM):
+    """[T] ids -> [T, E] hidden states; the LM head is the token embedding."""
+
+    checkpoint_prefix = "transformer."
+
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+        super().__init__()
+        if getattr(config, "add_cross_attention", False):
+            raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention) is an encoder-decoder "
+                                        "part, not a causal LM asyncserve serves.")
+        self.config = config
+        self.wte = self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
+        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        if self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.wte.weight)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config, prefix="lm_head")
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [block.attn.attn for block in self.h]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        hidden = self.wte(input_ids) + self.wpe(positions)           # [T, E]
+        for block in self.h:
+            hidden = block(hidden, meta)
+        return self.ln_f(hidden)
+
+    def checkpoint_name(self, name: str) -> str | None:
+        # Older checkpoints keep the causal-mask buffers (attn.bias, attn.masked_bias): not weights.
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            return None
+        # openai-community/gpt2 names the body without the "transformer." prefix.
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name
+        return super().checkpoint_name(name)

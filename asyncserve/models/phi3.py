@@ -1,0 +1,120 @@
+"""Microsoft's Phi-3 / Phi-3.5 / Phi-4-mini (Phi3ForCausalLM): a Llama-shaped decoder whose checkpoints
+fuse qkv_proj and gate_up_proj into one tensor each, with LongRoPE for the 128k-context variants and
+partial rotary for Phi-4-mini."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.errors import UnsupportedModelError
+from asyncserve.layers.activation import SiluAndMul
+from asyncserve.layers.attention import AttentionMetadata, PagedAttention
+from asyncserve.layers.linear import Linear
+from asyncserve.layers.longrope import PhiRotaryEmbedding
+from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.quantization import QuantizationConfig
+from asyncserve.layers.rotary import rope_parameters
+from asyncserve.models.base import CausalLM
+from asyncserve.models.sliding_window import layer_sliding_window
+
+
+def _rotary(config, head_dim: int) -> PhiRotaryEmbedding:
+    theta, scaling = rope_parameters(config)
+    rotary_dim = int(head_dim * scaling.get("partial_rotary_factor",
+                                            getattr(config, "partial_rotary_factor", None) or 1.0))
+    return PhiRotaryEmbedding(head_dim, rotary_dim, config.max_position_embeddings, theta, scaling,
+                              getattr(config, "original_max_position_embeddings", None))
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, config, head_dim: int, quant_config: QuantizationConfig | None, prefix: str,
+                 layer_index: int):
+        super().__init__()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        # The checkpoint's qkv_proj is already one [q + k + v, E] tensor: a single Linear loads it whole.
+        self.qkv_proj = Linear(config.hidden_size, sum(self.sizes), quant_config=quant_config,
+                               prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(self.sizes[0], config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        # Phi-3-mini's configs set sliding_window (2047): transformers masks by it, so do the kernels.
+        self.attn = PagedAttention(heads, kv_heads, head_dim, scale=head_dim ** -0.5,
+                                   sliding_window=layer_sliding_window(config, layer_index))
+
+    def forward(self, rotary: PhiRotaryEmbedding, rows: torch.Tensor, hidden: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
+        rotary(rows, q, k)                                            # in place, on views of qkv
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+        super().__init__()
+        size = config.intermediate_size
+        # [gate | up] rows, one tensor in the checkpoint.
+        self.gate_up_proj = Linear(config.hidden_size, 2 * size, quant_config=quant_config,
+                                   prefix=f"{prefix}.gate_up_proj")
+        self.act = SiluAndMul()
+        self.down_proj = Linear(size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
+
+
+class Phi3DecoderLayer(nn.Module):
+    def __init__(self, config, head_dim: int, quant_config: QuantizationConfig | None, prefix: str,
+                 layer_index: int):
+        super().__init__()
+        self.self_attn = Phi3Attention(config, head_dim, quant_config, f"{prefix}.self_attn", layer_index)
+        self.mlp = Phi3MLP(config, quant_config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, rotary, rows, hidden, residual, meta):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rotary, rows, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class Phi3ForCausalLM(CausalLM):
+    """[T] ids -> [T, E] hidden states."""
+
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"Phi-3 with hidden_act {config.hidden_act!r} is not supported (silu is).")
+        self.config = config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = _rotary(config, head_dim)   # one cos|sin table for every layer
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, head_dim, quant_config, f"layers.{i}", i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config, prefix="lm_head")
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        rows = self.rotary.cache_rows(positions, meta)
+        hidden = self.embed_tokens(input_ids)                         # [T, E]
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(self.rotary, rows, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def checkpoint_name(self, name: str) -> str | None:
+        if "rotary_emb.inv_freq" in name:  # recomputed, never loaded
+            return None
+        return super().checkpoint_name(name)

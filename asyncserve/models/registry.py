@@ -10,6 +10,12 @@ _ARCHITECTURES = {
     "MistralForCausalLM": llama.MistralForCausalLM,
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+    # The decoder bodies alone, as sentence-transformers saves embedding checkpoints: served as
+    # embedding models (pooling_config.py), their LM head dropped.
+    "LlamaModel": llama.LlamaForCausalLM,
+    "MistralModel": llama.MistralForCausalLM,
+    "Qwen2Model": llama.Qwen2ForCausalLM,
+    "Qwen3Model": llama.Qwen3ForCausalLM,
 }
 
 

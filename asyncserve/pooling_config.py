@@ -39,6 +39,12 @@ def check_runner_args(runner: str, convert: str, task: str | None) -> None:
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)} "
                               "(asyncserve serves generative and embedding models).")
+    embed = convert == "embed" or task in ("embed", "embedding")
+    if embed and (runner == "generate" or task == "generate"):
+        raise ConfigError(f"convert={convert!r} / task={task!r} make the model an embedding model: they need "
+                          "runner='pooling' (or 'auto'), not 'generate'.")
+    if task == "generate" and runner == "pooling":
+        raise ConfigError("task='generate' and runner='pooling' contradict each other: give one of them.")
 
 
 def resolve_runner(runner: str, convert: str, task: str | None, architectures: list[str], path: str) -> str:
@@ -50,9 +56,6 @@ def resolve_runner(runner: str, convert: str, task: str | None, architectures: l
     else:
         requested = runner
     if convert == "embed":
-        if requested == "generate":
-            raise ConfigError("convert='embed' turns the model into an embedding model: it needs "
-                              "runner='pooling' (or 'auto'), not 'generate'.")
         requested = "pooling"
     if requested != "auto":
         return requested

@@ -156,6 +156,9 @@ def test_unsupported_sentence_transformers_module_is_refused(checkpoints, tmp_pa
 def test_matryoshka_dimensions_truncate_then_normalize(make):
     llm = make("matryoshka")
     full = vectors(llm.embed(PROMPTS, PoolingParams(normalize=False)))
+    assert all(abs(vector.norm().item() - 1.0) > 1e-3 for vector in full)  # the request's normalize=False
+    assert_close([torch.nn.functional.normalize(vector, dim=-1) for vector in full], vectors(llm.embed(PROMPTS)),
+                 1e-5)
     short = vectors(llm.embed(PROMPTS, PoolingParams(dimensions=16)))
     assert_close(short, [torch.nn.functional.normalize(vector[:16], dim=-1) for vector in full], 1e-5)
     with pytest.raises(InvalidParameterError, match=r"\[16, 32\]"):

@@ -144,6 +144,20 @@ def test_flags_that_ask_for_an_embedding_model(checkpoints):
     assert not config.cache.enable_prefix_caching  # CLS and MEAN read every prompt token's hidden state
 
 
+def test_cli_flags_reach_the_engine_config(checkpoints):
+    from asyncserve.cli import build_parser, engine_config, parse_args
+    parser = build_parser()
+    model_path = str(checkpoints["generative"])
+    config = engine_config(parse_args(parser, [model_path, "--runner", "pooling", "--convert", "embed",
+                                               "--pooler-config", '{"pooling_type": "MEAN", "normalize": false}']))
+    assert (config.runner, config.convert, config.pooler_config) == (
+        "pooling", "embed", {"pooling_type": "MEAN", "normalize": False})
+    old = engine_config(parse_args(parser, [model_path, "--task", "embed",
+                                            "--override-pooler-config", '{"pooling_type": "CLS"}']))
+    assert (old.task, old.pooler_config) == ("embed", {"pooling_type": "CLS"})
+    assert old.create_config().model.runner_type == "pooling"
+
+
 def test_unsupported_sentence_transformers_module_is_refused(checkpoints, tmp_path):
     from asyncserve.config import EngineConfig
     dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}

@@ -167,3 +167,20 @@ async def test_generative_model_refuses_embeddings(client, server):
     with pytest.raises(openai.BadRequestError, match="does not support the Embeddings API"):
         await client.embeddings.create(model=MODEL_NAME, input="hi")
     assert_pool_clean(server.engine.engine)
+
+
+async def test_dimensions_of_a_matryoshka_model(tiny_model_dir, tmp_path, http):
+    path = sentence_transformers_checkpoint(tiny_model_dir("qwen3"), tmp_path / "matryoshka",
+                                            matryoshka_dimensions=[16, 32])
+    async with live_server(str(path)) as live:
+        url = live.api + "/embeddings"
+        async with http.post(url, json={"input": "Hello", "dimensions": 16}) as response:
+            short = (await response.json())["data"][0]["embedding"]
+        async with http.post(url, json={"input": "Hello", "normalize": False}) as response:
+            full = np.asarray((await response.json())["data"][0]["embedding"])
+        async with http.post(url, json={"input": "Hello", "dimensions": 20}) as response:
+            error = (await response.json())["error"]
+    assert len(short) == 16
+    assert_close([short], [full[:16] / np.linalg.norm(full[:16])])
+    assert response.status == 400 and error["param"] == "dimensions" and "[16, 32]" in error["message"]
+

@@ -12,8 +12,7 @@ from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.output_processor import OutputProcessor
-from asyncserve.engine.pooling import (add_pooling_request, check_pooling_request, embedding_output,
-                                       process_pooled, validate_pooling_prompt)
+from asyncserve.engine.pooling import add_pooling_request, embedding_output, process_pooled, validate_pooling_prompt
 from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
@@ -153,7 +152,6 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         if isinstance(params, PoolingParams) or self.model_config.is_pooling:
-            check_pooling_request(self, params)
             return add_pooling_request(self, request_id, prompt, params)
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize_prompt(prompt)

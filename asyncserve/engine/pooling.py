@@ -61,7 +61,7 @@ def check_dimensions(model_config, dimensions: int | None) -> None:
 
 
 def add_pooling_request(engine: "LLMEngine", request_id: str, prompt, params: PoolingParams) -> Request:
-    check_pooling_request(engine, params)
+    check_pooling_request(engine, params)  # before tokenizing: the wrong kind of request fails first
     params = params.clone()
     text, token_ids = engine.tokenize_prompt(prompt)
     truncated = params.truncate_prompt(token_ids, engine.model_config.max_model_len)

@@ -104,7 +104,15 @@ def test_chunked_prefill_and_batching_give_the_vectors_of_one_prompt_alone(make,
     """A budget of 24 tokens a step: long prompts are split over steps, short ones share them."""
     llm = make("generative", runner="pooling", max_num_batched_tokens=24,
                pooler_config={"pooling_type": pooling_type})
-    together = vectors(llm.embed(MIXED))
+    runner = llm.engine.executor.runner
+    step_sizes = []
+    launch = runner.launch_pooling
+    runner.launch_pooling = lambda batch, finished: step_sizes.append(len(batch.seqs)) or launch(batch, finished)
+    outputs = llm.embed(MIXED)
+    runner.launch_pooling = launch
+    assert max(step_sizes) > 1  # prompts shared steps ...
+    assert max(len(output.prompt_token_ids) for output in outputs) > 24  # ... and one took several
+    together = vectors(outputs)
     alone = [vectors(llm.embed([prompt]))[0] for prompt in MIXED]
     assert_close(together, alone, 1e-5)
 

@@ -89,7 +89,8 @@ def _prepare(state: ServerState, data) -> EmbeddingRequest:
             text, token_ids = item, state.tokenizer.encode(item, add_special_tokens=add_special_tokens)
         else:
             text, token_ids = None, item
-        token_ids = params.truncate_prompt(token_ids, engine.max_model_len)
+        truncated = params.truncate_prompt(token_ids, engine.max_model_len)
+        text, token_ids = (text, token_ids) if len(truncated) == len(token_ids) else (None, truncated)
         engine.validate(token_ids, params)  # empty, vocabulary, max_model_len, dimensions
         inputs.append((text, token_ids))
     return EmbeddingRequest(model, inputs, params, encoding_format)

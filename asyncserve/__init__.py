@@ -2,7 +2,9 @@
 from asyncserve.config import EngineConfig
 from asyncserve.errors import (AsyncServeError, ConfigError, InvalidParameterError, PromptTooLongError,
                                SamplingParamsError, UnsupportedModelError)
-from asyncserve.outputs import CompletionOutput, Logprob, RequestOutput
+from asyncserve.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob,
+                                RequestOutput)
+from asyncserve.pooling_params import PoolingParams
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
@@ -19,6 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'asyncserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
-           "CompletionOutput", "Logprob", "AsyncServeError", "ConfigError", "InvalidParameterError",
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "PoolingParams",
+           "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EmbeddingOutput", "Logprob", "AsyncServeError", "ConfigError", "InvalidParameterError",
            "PromptTooLongError", "SamplingParamsError", "UnsupportedModelError"]

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncserve", usage="asyncserve [serve] [MODEL] [options]",
         description="Serve a language model with an OpenAI-compatible HTTP API (/v1/completions, "
-                    "/v1/chat/completions, /v1/models, /metrics, ...), from one Python process.",
+                    "/v1/chat/completions, /v1/embeddings, /v1/models, /metrics, ...), from one Python process.",
         epilog="Examples: asyncserve serve Qwen/Qwen2.5-0.5B-Instruct --port 8000 (as `vllm serve`), or "
                "asyncserve --model Qwen/Qwen2.5-0.5B-Instruct")
     d = _DEFAULTS
@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Weight quantization: gptq, awq (vLLM's gptq_marlin / awq_marlin are aliases), fp8 or "
                             "compressed-tensors; detected from the checkpoint. fp8 on a bf16/fp16 checkpoint "
                             "quantizes at load.")
+    model.add_argument("--runner", default=d["runner"], choices=("auto", "generate", "pooling"),
+                       help="'pooling' serves the model as an embedding model (/v1/embeddings); 'auto' does so "
+                            "when its architecture (e.g. Qwen3Model) or its sentence-transformers files "
+                            "(modules.json with a Pooling module, as Qwen3-Embedding) say it is one "
+                            "(default: %(default)s).")
+    model.add_argument("--convert", default=d["convert"], choices=("auto", "none", "embed"),
+                       help="'embed' runs a generative checkpoint as an embedding model, as vLLM's "
+                            "--convert embed (default: %(default)s).")
+    model.add_argument("--task", default=None, choices=("auto", "generate", "embed", "embedding"),
+                       help="vLLM's older spelling: --task embed is --runner pooling.")
+    model.add_argument("--pooler-config", "--override-pooler-config", dest="pooler_config", default=None,
+                       metavar="JSON",
+                       help="How an embedding model pools, over its own config: e.g. "
+                            "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (LAST, MEAN or CLS).")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 
@@ -181,7 +195,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_logprobs=args.max_logprobs,
         served_model_name=args.served_model_name, max_num_waiting=args.max_num_waiting,
-        disable_log_stats=args.disable_log_stats)
+        disable_log_stats=args.disable_log_stats, runner=args.runner, convert=args.convert, task=args.task,
+        pooler_config=args.pooler_config)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -63,6 +63,13 @@ class EngineConfig:
     served_model_name: list[str] | str | None = None
     max_num_waiting: int | None = None  # beyond this the server answers 503
     disable_log_stats: bool = False
+    # Embedding models, with vLLM's names: runner "pooling" (or convert "embed", or the older task
+    # "embed") serves /v1/embeddings and LLM.embed; "auto" decides from the checkpoint (pooling_config.py).
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str | None = None
+    pooler_config: dict | str | None = None  # {"pooling_type": "LAST"|"MEAN"|"CLS", "normalize": bool}
+    override_pooler_config: dict | str | None = None  # vLLM's older name for pooler_config
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +101,13 @@ class EngineConfig:
                 check_local_path(self.model)
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
+        from asyncserve.pooling_config import check_runner_args, parse_pooler_config
+        check_runner_args(self.runner, self.convert, self.task)
+        if self.pooler_config is not None and self.override_pooler_config is not None:
+            raise ConfigError("Give pooler_config or its older name override_pooler_config, not both.")
+        self.pooler_config = parse_pooler_config(
+            self.pooler_config if self.pooler_config is not None else self.override_pooler_config)
+        self.override_pooler_config = None
 
     @property
     def model_path(self) -> str:
@@ -125,13 +139,19 @@ class EngineConfig:
         from asyncserve.model_config import kv_recompute_length, load_model_config
         from asyncserve.models.loader import quantization_config
         model = load_model_config(self, self.model_path)
+        prefix_caching = self.enable_prefix_caching
+        if model.pooler is not None and model.pooler.pooling_type != "LAST" and prefix_caching:
+            # A cached prefix's hidden states are never computed: mean and CLS pooling need them all.
+            logger.info("prefix caching is off: %s pooling reads every prompt token's hidden state",
+                        model.pooler.pooling_type)
+            prefix_caching = False
         return Config(
             model=model,
             cache=CacheConfig(
                 block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                 cpu_kv_cache_space=self.cpu_kv_cache_space,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
-                enable_prefix_caching=self.enable_prefix_caching, swap_space=self.swap_space,
+                enable_prefix_caching=prefix_caching, swap_space=self.swap_space,
                 kv_cache_dtype=self.kv_cache_dtype),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -35,3 +35,7 @@ class EngineDeadError(AsyncServeError, RuntimeError):
 
 class QueueFullError(AsyncServeError):
     """The waiting queue is over its bound: try again later (HTTP 503)."""
+
+
+class RequestAbortedError(AsyncServeError):
+    """The request was aborted (the server is shutting down) before its result was ready."""

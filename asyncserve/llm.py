@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 from asyncserve.config import EngineConfig
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
 from asyncserve.errors import InvalidParameterError
-from asyncserve.outputs import RequestOutput
+from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
+from asyncserve.pooling_params import PoolingParams
 from asyncserve.engine.beam_search import BeamSearchOutput, beam_search
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -32,24 +33,46 @@ class LLM:
     def generate(self, prompts: PromptType | SequenceType[PromptType],
                  sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = self._prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
+        return self._submit(prompts, sampling_params, SamplingParams, use_tqdm)
+
+    def embed(self, prompts: PromptType | SequenceType[PromptType],
+              pooling_params: PoolingParams | SequenceType[PoolingParams] | None = None, *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in order, as vLLM's `LLM.embed` (the model must run as an embedding
+        model: runner="pooling", task="embed", or a checkpoint that says so)."""
+        prompts = self._prompt_list(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)
+        elif truncate_prompt_tokens is not None:
+            raise InvalidParameterError("Pass truncate_prompt_tokens in the PoolingParams or as an argument, "
+                                        "not both.", "truncate_prompt_tokens")
+        return self._submit(prompts, pooling_params, PoolingParams, use_tqdm)
+
+    @staticmethod
+    def _prompt_list(prompts) -> list:
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
+    def _submit(self, prompts: list, params, params_type: type, use_tqdm: bool) -> list:
+        """Queues one request per prompt (one params for all, or one each) and runs them to the end."""
+        if isinstance(params, params_type):
+            params_list = [params] * len(prompts)
         else:
-            params_list = list(sampling_params)
+            params_list = list(params)
             if len(params_list) != len(prompts):
-                raise InvalidParameterError(f"Got {len(params_list)} SamplingParams for {len(prompts)} "
-                                            "prompts: pass one, or one per prompt.", "sampling_params")
+                raise InvalidParameterError(
+                    f"Got {len(params_list)} {params_type.__name__} for {len(prompts)} prompts: pass one, or "
+                    "one per prompt.", "sampling_params" if params_type is SamplingParams else "pooling_params")
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, one in zip(prompts, params_list):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, one)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asyncserve.errors import ConfigError
+from asyncserve.pooling_config import PoolerConfig, resolve_pooler, resolve_runner
 
 logger = logging.getLogger("asyncserve")
 
@@ -31,6 +32,20 @@ class ModelConfig:
     max_logprobs: int = 20
     enforce_eager: bool = False
     generation_config: str = "auto"  # where sampling defaults come from: "auto", "vllm" or a folder
+    runner_type: str = "generate"   # or "pooling": an embedding model (pooling_config.py)
+    pooler: PoolerConfig | None = None  # set when runner_type is "pooling"
+    # Matryoshka embeddings (config.json's is_matryoshka / matryoshka_dimensions): which `dimensions`
+    # a request may ask for; None: none (any 1..hidden_size when is_matryoshka without a list).
+    is_matryoshka: bool = False
+    matryoshka_dimensions: list[int] | None = None
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner_type == "pooling"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_config.hidden_size
 
 
 def _generation_eos_ids(path: str) -> list[int]:
@@ -87,13 +102,19 @@ def load_model_config(args, path: str) -> ModelConfig:
     config_eos = getattr(hf_config, "eos_token_id", None)
     if config_eos is not None:
         eos += [config_eos] if isinstance(config_eos, int) else list(config_eos)
+    runner_type = resolve_runner(args.runner, args.convert, args.task,
+                                 list(getattr(hf_config, "architectures", None) or []), path)
+    pooler = resolve_pooler(args.pooler_config, path) if runner_type == "pooling" else None
+    matryoshka = getattr(hf_config, "matryoshka_dimensions", None)
     return ModelConfig(path=path, hf_config=hf_config, dtype=dtype, device=device,
                        max_model_len=_max_model_len(args.max_model_len, hf_config),
                        vocab_size=hf_config.vocab_size, eos_token_ids=sorted(set(eos)),
                        model=args.model, served_model_names=args.model_names, tokenizer=args.tokenizer,
                        skip_tokenizer_init=args.skip_tokenizer_init, load_format=args.load_format,
                        seed=args.seed, max_logprobs=args.max_logprobs, enforce_eager=args.enforce_eager,
-                       generation_config=args.generation_config)
+                       generation_config=args.generation_config, runner_type=runner_type, pooler=pooler,
+                       is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False) or matryoshka),
+                       matryoshka_dimensions=list(matryoshka) if matryoshka else None)
 
 
 def kv_recompute_length(model_config: ModelConfig) -> int | None:

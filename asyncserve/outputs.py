@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -39,3 +40,29 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    """One prompt's embedding; `data` is the [D] float32 CPU tensor, `embedding` the list vLLM gives."""
+
+    data: Any
+
+    @property
+    def embedding(self) -> list[float]:
+        return self.data.tolist()
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.data)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `LLM.embed` returns and `AsyncEngine.embed` resolves to (vLLM's shape)."""
+
+    request_id: str
+    outputs: EmbeddingOutput | None  # None only when the request was aborted before its prompt ran
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: str | None = None

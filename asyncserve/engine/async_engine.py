@@ -16,8 +16,9 @@ from typing import AsyncIterator
 from asyncserve.config import EngineConfig
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
 from asyncserve.engine.step_profile import StepProfile
-from asyncserve.errors import EngineDeadError, QueueFullError
-from asyncserve.outputs import RequestOutput
+from asyncserve.errors import EngineDeadError, QueueFullError, RequestAbortedError
+from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
+from asyncserve.pooling_params import PoolingParams
 from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 from asyncserve.tasks import cancel_and_wait
@@ -107,6 +108,11 @@ class AsyncEngine:
         return self.config.model.max_logprobs
 
     @property
+    def is_pooling_model(self) -> bool:
+        """Whether the model runs as an embedding model (`embed`), rather than a generative one."""
+        return self.config.model.is_pooling
+
+    @property
     def sampling_defaults(self) -> dict:
         """The model's generation-config defaults (--generation-config) for fields a request leaves out."""
         return self.engine.sampling_defaults
@@ -121,7 +127,7 @@ class AsyncEngine:
         """(text or None, token ids) for any prompt form `generate` takes."""
         return self.engine.tokenize_prompt(prompt)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
         """Every engine-side rule a request must meet, raised before anything is queued."""
         self.engine.validate_prompt(prompt_token_ids, params)
 
@@ -162,6 +168,22 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    async def embed(self, prompt: PromptType, pooling_params: PoolingParams | None = None,
+                    request_id: str | None = None) -> EmbeddingRequestOutput:
+        """The prompt's embedding, computed with whatever else runs (an embedding model only); being
+        cancelled aborts it."""
+        request, stream = self.add_request(prompt, pooling_params or PoolingParams(), request_id)
+        finished = False
+        try:
+            output = await stream.get()
+            finished = True
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+        if output.outputs is None:
+            raise RequestAbortedError(f"Request {request.request_id} was aborted before its embedding was ready.")
+        return output
 
     async def beam_search(self, prompt: PromptType, params: BeamSearchParams) -> BeamSearchOutput:
         """Beam search for one prompt, sharing the engine with everything else in flight."""

@@ -12,12 +12,14 @@ from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.output_processor import OutputProcessor
+from asyncserve.engine.pooling import add_pooling_request, embedding_output, process_pooled, validate_pooling_prompt
 from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
 from asyncserve.model_config import ModelConfig, load_tokenizer
 from asyncserve.models.registry import model_class
-from asyncserve.outputs import RequestOutput
+from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
+from asyncserve.pooling_params import PoolingParams
 from asyncserve.runner.executor import Executor, UniprocExecutor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sampling_params import SamplingParams
@@ -67,7 +69,11 @@ class LLMEngine:
             str(mc.dtype).removeprefix("torch."), mc.device, num_blocks, block_size, kv_tokens,
             str(config.kv_cache_torch_dtype).removeprefix("torch."), mc.max_model_len,
             kv_tokens / mc.max_model_len)
-        log_sampling_defaults(self.sampling_defaults, mc.generation_config)
+        if mc.is_pooling:
+            logger.info("serving as an embedding model: %s pooling%s, %d dimensions", mc.pooler.pooling_type,
+                        ", normalized" if mc.pooler.normalize else "", mc.hidden_size)
+        else:
+            log_sampling_defaults(self.sampling_defaults, mc.generation_config)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -101,7 +107,9 @@ class LLMEngine:
         raise InvalidParameterError(f"Unsupported prompt type {type(prompt).__name__}: pass a string, "
                                     "a list of token ids, or {'prompt_token_ids': [...]}.", "prompt")
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
+        if isinstance(params, PoolingParams) or self.model_config.is_pooling:
+            return validate_pooling_prompt(self, token_ids, params)
         max_len = self.model_config.max_model_len
         if not token_ids:
             raise InvalidParameterError("The prompt is empty: give at least one token.", "prompt")
@@ -140,9 +148,12 @@ class LLMEngine:
                                         "skip_tokenizer_init. Use logit_bias.", "bad_words")
         return bad_words_token_ids(params.bad_words, self.tokenizer, vocab_size)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> Request:
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | PoolingParams | None = None) -> Request:
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
+        if isinstance(params, PoolingParams) or self.model_config.is_pooling:
+            return add_pooling_request(self, request_id, prompt, params)
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize_prompt(prompt)
         truncated = params.truncate_prompt(token_ids, self.model_config.max_model_len)
@@ -173,7 +184,7 @@ class LLMEngine:
         request.seqs.append(seq)
         return seq
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str) -> RequestOutput | EmbeddingRequestOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -183,6 +194,8 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = FinishReason.ABORT
         self._to_release.append(request)
+        if isinstance(request.params, PoolingParams):
+            return embedding_output(request)
         return self.output_processor.request_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -217,6 +230,8 @@ class LLMEngine:
 
     def process(self, scheduled: list[tuple[Sequence, int]], output: StepOutput) -> list[RequestOutput]:
         """Applies a step's results; returns the outputs of the requests it changed."""
+        if self.model_config.is_pooling:
+            return process_pooled(self, scheduled, output)
         processor = self.output_processor
         touched: dict[str, Request] = {}
         now = time.monotonic()

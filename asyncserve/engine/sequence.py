@@ -104,6 +104,7 @@ class Request:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
+    embedding: Any = None  # an embedding model's result ([D] float32 CPU tensor) once the prompt ran
 
     @property
     def is_finished(self) -> bool:

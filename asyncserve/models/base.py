@@ -34,7 +34,8 @@ class CausalLM(nn.Module, ABC):
 
     # The embedding and LM head: what start-up tuning (and later LoRA / vocab-parallel layers) may touch.
     embed_tokens: nn.Embedding  # [V, E] token embedding
-    lm_head: LinearBase         # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings
+    lm_head: LinearBase | None  # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings;
+                                # None in an embedding model (drop_lm_head)
     tie_word_embeddings: bool   # the checkpoint has no lm_head of its own
 
     @abstractmethod
@@ -55,9 +56,13 @@ class CausalLM(nn.Module, ABC):
         at start-up, before the memory profile."""
         tune_single_row_products(self)
 
+    def drop_lm_head(self) -> None:
+        """An embedding model reads final hidden states only: no LM head to load or to hold in memory."""
+        self.lm_head = None
+
     def checkpoint_name(self, name: str) -> str | None:
-        """Our parameter name for a checkpoint tensor's name, or None to skip it (a tied LM head)."""
-        if self.tie_word_embeddings and name == "lm_head.weight":
+        """Our parameter name for a checkpoint tensor's name, or None to skip it (a tied or dropped LM head)."""
+        if (self.tie_word_embeddings or self.lm_head is None) and name.startswith("lm_head."):
             return None
         return kv_scale_name(name.removeprefix(self.checkpoint_prefix))
 

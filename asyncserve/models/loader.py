@@ -198,6 +198,8 @@ def load_model(config) -> CausalLM:
     cls = model_class(hf_config)
     with _default_dtype(dtype), torch.device(device):
         model = cls(hf_config, quant_config)
+    if model_config.is_pooling:
+        model.drop_lm_head()
     if load_format == "dummy":
         _init_dummy(model, seed)
     else:

@@ -19,6 +19,12 @@ _ARCHITECTURES = {
     "OPTForCausalLM": opt.OPTForCausalLM,
     "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
+    # The decoder bodies alone, as sentence-transformers saves embedding checkpoints: served as
+    # embedding models (pooling_config.py), their LM head dropped.
+    "LlamaModel": llama.LlamaForCausalLM,
+    "MistralModel": llama.MistralForCausalLM,
+    "Qwen2Model": llama.Qwen2ForCausalLM,
+    "Qwen3Model": llama.Qwen3ForCausalLM,
 }
 
 

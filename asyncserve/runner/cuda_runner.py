@@ -37,7 +37,7 @@ class CudaModelRunner(ModelRunner):
     def prepare(self) -> None:
         # The pool (and below, the graphs' buffers) were zeroed on the default stream; steps run on ours.
         torch.cuda.synchronize(self.device)
-        if self.config.model.enforce_eager:
+        if self.config.model.enforce_eager or self.pooling is not None:  # an embedding model never decodes
             return
         started = time.perf_counter()
         logger.info("capturing CUDA graphs of decode steps (--enforce-eager skips this)")
@@ -55,7 +55,10 @@ class CudaModelRunner(ModelRunner):
     @torch.inference_mode()
     def launch(self, message: StepMessage) -> PendingStep:
         with torch.cuda.stream(self.stream):
-            return self._launch(self.begin(message))
+            batch = self.begin(message)
+            if self.pooling is not None:
+                return self.launch_pooling(batch, message.finished_seq_ids)
+            return self._launch(batch)
 
     def _launch(self, batch: ScheduledBatch) -> PendingStep:
         sampling = build_sampling_tensors(batch, self.vocab_size, self.device)

@@ -74,14 +74,16 @@ def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_le
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(length, device=device) for length in lens])
     hidden = runner.model(input_ids, positions, meta)
-    rows = hidden[:1].expand(max_num_seqs, -1)
-    logits = runner.model.compute_logits(rows)
-    sampling = SamplingTensors(
-        temperature=torch.ones(max_num_seqs, device=device),
-        top_p=torch.full((max_num_seqs,), 0.9, device=device),
-        top_k=torch.full((max_num_seqs,), 50, dtype=torch.int64, device=device), min_p=None,
-        generators=[None] * max_num_seqs, all_greedy=False, max_num_logprobs=20)
-    runner.sampler(logits, sampling)
+    logits = None
+    if runner.model.lm_head is not None:  # an embedding model samples nothing
+        rows = hidden[:1].expand(max_num_seqs, -1)
+        logits = runner.model.compute_logits(rows)
+        sampling = SamplingTensors(
+            temperature=torch.ones(max_num_seqs, device=device),
+            top_p=torch.full((max_num_seqs,), 0.9, device=device),
+            top_k=torch.full((max_num_seqs,), 50, dtype=torch.int64, device=device), min_p=None,
+            generators=[None] * max_num_seqs, all_greedy=False, max_num_logprobs=20)
+        runner.sampler(logits, sampling)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     for attn in attention:

@@ -14,6 +14,7 @@ from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sam
                                       needs_output_token_values)
 from asyncserve.runner.kv_pool import KVPool
 from asyncserve.runner.pending import PendingStep
+from asyncserve.runner.pooling import PoolingRunner
 from asyncserve.runner.step import StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
@@ -33,6 +34,8 @@ class ModelRunner:
         self.input_batch = InputBatch(self.device)
         self._in_flight: list[PendingStep] = []  # launched steps not yet folded into the input batch
         self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
+        pooler = config.model.pooler
+        self.pooling = PoolingRunner(pooler, self.device) if pooler is not None else None  # embedding models
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +80,16 @@ class ModelRunner:
     def launch(self, message: StepMessage) -> PendingStep:
         """Queues the step's work and returns before its results reach the host."""
         batch = self.begin(message)
+        if self.pooling is not None:
+            return self.launch_pooling(batch, message.finished_seq_ids)
         return self.launch_eager(batch, build_sampling_tensors(batch, self.vocab_size, self.device))
+
+    def launch_pooling(self, batch: ScheduledBatch, finished_seq_ids: list[int]):
+        """An embedding model's step: the forward, then the pooled vectors of the prompts that ended."""
+        self.pooling.forget(finished_seq_ids)
+        inputs = build_model_inputs(batch, self.block_size, self.device)
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.pooling.pool(hidden, batch)
 
     def begin(self, message: StepMessage) -> ScheduledBatch:
         """The message applied to the input batch; block moves queued before anything reads the pool."""

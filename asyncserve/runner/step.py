@@ -60,6 +60,8 @@ class SequenceResult:
     # Per prompt position computed in this step (targets are the next prompt tokens):
     # (logprob of the actual next token, its rank, top-N list).
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None = None
+    # An embedding model's result for a sequence whose prompt ended this step: [D] float32, on the host.
+    embedding: Any = None
 
 
 @dataclass

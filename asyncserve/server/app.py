@@ -10,6 +10,7 @@ from aiohttp import web
 from asyncserve.server.chat import create_chat_completion, load_chat_template
 from asyncserve.server.connection import quiet_malformed_request_logs, send_and_close, set_server_header
 from asyncserve.server.completions import create_completion
+from asyncserve.server.embeddings import create_embedding
 from asyncserve.server.cors import CorsConfig, cors_middleware, enable_cors
 from asyncserve.server.errors import ApiError, api_error_from, error_response
 from asyncserve.server.info import detokenize, health, list_models, metrics, retrieve_model, tokenize, version
@@ -146,6 +147,7 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     app.on_shutdown.append(_drain)
     app.router.add_post("/v1/completions", create_completion, name="completions")
     app.router.add_post("/v1/chat/completions", create_chat_completion, name="chat_completions")
+    app.router.add_post("/v1/embeddings", create_embedding, name="embeddings")
     app.router.add_get("/v1/models", list_models, name="models")
     app.router.add_get("/v1/models/{model:.+}", retrieve_model, name="model")
     app.router.add_post("/tokenize", tokenize, name="tokenize")

@@ -14,6 +14,7 @@ from asyncserve.server.beam import (
     beam_search_outputs,
     check_beam_request,
 )
+from asyncserve.server.embeddings import refuse_on_embedding_model
 from asyncserve.server.generation import Generation, Prompt
 from asyncserve.server.serving import (
     OFFLOAD_RESPONSE_ENTRIES,
@@ -53,6 +54,8 @@ async def handle_generation(request: web.Request,
                             prepare: Callable[[ServerState, dict], PreparedRequest]) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     state.check_accepting()
+    refuse_on_embedding_model(state, "Chat Completions" if request.path.endswith("/chat/completions")
+                              else "Completions")
     prepared = await read_and_prepare(request, state, prepare)
     engine, parsed = state.engine, prepared.parsed
     response_id, created = state.new_id(prepared.id_prefix), int(time.time())

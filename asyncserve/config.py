@@ -5,8 +5,8 @@ Every component receives the tree whole and reads its fields where they live; no
 """
 from __future__ import annotations
 
-import logging
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING

@@ -5,7 +5,7 @@ from asyncserve.errors import (AsyncServeError, ConfigError, InvalidParameterErr
 from asyncserve.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob,
                                 RequestOutput)
 from asyncserve.pooling_params import PoolingParams
-from asyncserve.sampling_params import BeamSearchParams, SamplingParams
+from asyncserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'asyncserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "PoolingParams",
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
+           "BeamSearchParams", "PoolingParams",
            "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EmbeddingOutput", "Logprob", "AsyncServeError", "ConfigError", "InvalidParameterError",
            "PromptTooLongError", "SamplingParamsError", "UnsupportedModelError"]

@@ -5,6 +5,7 @@ Every component receives the tree whole and reads its fields where they live; no
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class EngineConfig:
     task: str | None = None
     pooler_config: dict | str | None = None  # {"pooling_type": "LAST"|"MEAN"|"CLS", "normalize": bool}
     override_pooler_config: dict | str | None = None  # vLLM's older name for pooler_config
+    structured_outputs_backend: str = "xgrammar"  # or "guidance" (llguidance), as vLLM names them
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +101,13 @@ class EngineConfig:
             from asyncserve.default_model import TINY_MODEL
             if self.model != TINY_MODEL:
                 check_local_path(self.model)
+        from asyncserve.engine.structured.backend import BACKENDS
+        if self.structured_outputs_backend not in BACKENDS:
+            raise ConfigError(f"structured_outputs_backend must be one of {list(BACKENDS)}, got "
+                              f"{self.structured_outputs_backend!r}.")
+        if self.structured_outputs_backend == "guidance" and importlib.util.find_spec("llguidance") is None:
+            raise ConfigError("structured_outputs_backend='guidance' needs llguidance: pip install llguidance "
+                              "(or asyncserve[guidance]).")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
         from asyncserve.pooling_config import check_runner_args, parse_pooler_config
@@ -160,7 +169,7 @@ class EngineConfig:
                 max_num_waiting=self.max_num_waiting, recompute_kv_at=kv_recompute_length(model)),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             quantization=quantization_config(model.hf_config, self.quantization, model.path),
-            disable_log_stats=self.disable_log_stats)
+            disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend)
 
     def _token_budget(self, max_len: int, device: "torch.device") -> int:
         if self.max_num_batched_tokens is not None:
@@ -212,6 +221,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
     disable_log_stats: bool = False
+    structured_outputs_backend: str = "xgrammar"
 
     @property
     def kv_cache_torch_dtype(self) -> "torch.dtype":

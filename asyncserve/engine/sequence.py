@@ -59,6 +59,8 @@ class Sequence:
         # How much of the block table the runner holds (the step message sends only what is past it).
         self.num_sent_blocks = 0
         self.block_table_rewritten = False  # changed other than by appending: resend it whole
+        # Structured outputs: where the output stands in the request's grammar (None: unconstrained).
+        self.matcher: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -105,6 +107,7 @@ class Request:
     num_cached_tokens: int = 0
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
     embedding: Any = None  # an embedding model's result ([D] float32 CPU tensor) once the prompt ran
+    grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
 
     @property
     def is_finished(self) -> bool:

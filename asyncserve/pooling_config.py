@@ -23,6 +23,7 @@ TASKS = ("auto", "generate", "embed", "embedding")
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 _POOLER_KEYS = {"pooling_type", "seq_pooling_type", "normalize", "use_activation"}
 _ENCODER_SUFFIXES = ("EmbeddingModel", "ForTextEncoding", "Model")
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # GPT2LMHeadModel, QWenLMHeadModel: not bodies
 # sentence-transformers' pooling modes (old keys `pooling_mode_<mode>`: true, or new `pooling_mode`).
 _ST_MODES = {"lasttoken": "LAST", "mean_tokens": "MEAN", "mean": "MEAN", "cls_token": "CLS", "cls": "CLS"}
 
@@ -59,7 +60,7 @@ def resolve_runner(runner: str, convert: str, task: str | None, architectures: l
         requested = "pooling"
     if requested != "auto":
         return requested
-    if any(name.endswith(_ENCODER_SUFFIXES) for name in architectures):
+    if any(name.endswith(_ENCODER_SUFFIXES) and not name.endswith(_GENERATIVE_SUFFIXES) for name in architectures):
         return "pooling"
     if _sentence_transformers_modules(path) is not None:
         return "pooling"

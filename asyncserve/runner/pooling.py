@@ -28,6 +28,8 @@ class PendingPooling:
             self._event.record()
         self._output: StepOutput | None = None
 
+    needs_grammar_masks = False  # pooling steps sample nothing
+
     def done(self) -> bool:
         return self._event is None or self._event.query()
 

@@ -1,5 +1,6 @@
 """Entry points of paged attention: pick the decode or prefill kernel, or the torch reference.
-Every entry point takes the keywords `sliding_window` and `softcap` (see attention_ref)."""
+Every entry point takes the keywords `sliding_window` and `softcap` (see attention_ref), and `k_scale`,
+`v_scale` for an fp8 pool."""
 
 from ._triton import use_triton
 from .attention_decode import paged_decode_attention_triton

@@ -76,9 +76,10 @@ def test_fp8_decode_batch_of_64_up_to_4096_tokens(bound_max_seq_len):
     args, query, k_scale, v_scale = _fp8_pool_batch(seq_lens, [1] * 64)
     query_bf16, k_cache, v_cache, block_tables, lengths, _, _, max_seq_len, scale = args
     out = kernels.paged_decode_attention(query_bf16, k_cache, v_cache, block_tables, lengths, scale,
-                                         max_seq_len if bound_max_seq_len else None, k_scale, v_scale)
+                                         max_seq_len if bound_max_seq_len else None, k_scale=k_scale,
+                                         v_scale=v_scale)
     expected = kernels.paged_decode_attention_ref(query, k_cache, v_cache, block_tables, lengths, scale,
-                                                  None, k_scale, v_scale)
+                                                  None, k_scale=k_scale, v_scale=v_scale)
     assert out.dtype == torch.bfloat16
     _assert_close(out, expected)
 
@@ -98,7 +99,7 @@ def test_fp8_decode_in_a_cuda_graph_reads_the_scales_on_the_device():
 
     def decode():
         return kernels.paged_decode_attention(query_bf16, k_cache, v_cache, block_tables, lengths, scale,
-                                              4096, k_scale, v_scale)
+                                              4096, k_scale=k_scale, v_scale=v_scale)
 
     for _ in range(2):
         decode()  # compile outside the capture
@@ -108,5 +109,5 @@ def test_fp8_decode_in_a_cuda_graph_reads_the_scales_on_the_device():
     v_scale.mul_(2)  # a new value in the same tensor: the replay must see it
     graph.replay()
     expected = kernels.paged_decode_attention_ref(query, k_cache, v_cache, block_tables, lengths, scale,
-                                                  None, k_scale, v_scale)
+                                                  None, k_scale=k_scale, v_scale=v_scale)
     _assert_close(out, expected)

@@ -3,7 +3,7 @@ from asyncserve.config import EngineConfig
 from asyncserve.errors import (AsyncServeError, ConfigError, InvalidParameterError, PromptTooLongError,
                                SamplingParamsError, UnsupportedModelError)
 from asyncserve.outputs import CompletionOutput, Logprob, RequestOutput
-from asyncserve.sampling_params import BeamSearchParams, SamplingParams
+from asyncserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'asyncserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
+__all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
+           "BeamSearchParams", "RequestOutput",
            "CompletionOutput", "Logprob", "AsyncServeError", "ConfigError", "InvalidParameterError",
            "PromptTooLongError", "SamplingParamsError", "UnsupportedModelError"]

@@ -1,7 +1,8 @@
 """Sampling parameters: vLLM's names and defaults, validated once at the boundary."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json as _json
+from dataclasses import dataclass, field, fields
 
 from asyncserve.errors import SamplingParamsError
 
@@ -11,6 +12,73 @@ _GREEDY_EPS = 1e-5
 def _check(ok: bool, name: str, allowed: str, value) -> None:
     if not ok:
         raise SamplingParamsError(f"{name} must be {allowed}, got {value!r}.", param=name)
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One output constraint, as vLLM's `StructuredOutputsParams`: exactly one of the constraint fields.
+
+    json: a JSON schema (dict or its JSON text); regex: a regular expression the whole output matches;
+    choice: the output is one of these strings; grammar: an EBNF grammar (GBNF, as xgrammar reads it);
+    json_object: any JSON object; structural_tag: xgrammar's structural-tag JSON (tool-call formats).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False  # JSON without free whitespace between tokens
+    disable_additional_properties: bool = False  # objects without additionalProperties get it false
+    disable_fallback: bool = False  # accepted for vLLM's sake: there is one backend to fall back to
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise SamplingParamsError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, json_object, "
+                f"structural_tag; got {chosen or 'none'}.", "structured_outputs")
+        _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs.json",
+               "a JSON schema (a dict or its JSON text)", self.json)
+        _check(self.regex is None or isinstance(self.regex, str), "structured_outputs.regex", "a string",
+               self.regex)
+        _check(self.choice is None or (isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
+                                       and all(isinstance(c, str) for c in self.choice)),
+               "structured_outputs.choice", "a non-empty list of strings", self.choice)
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        _check(self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip()),
+               "structured_outputs.grammar", "a non-empty EBNF grammar string", self.grammar)
+        _check(self.json_object in (None, True), "structured_outputs.json_object", "true", self.json_object)
+        _check(self.structural_tag is None or isinstance(self.structural_tag, str),
+               "structured_outputs.structural_tag", "a JSON string", self.structural_tag)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: json, regex, choice, grammar, json_object or structural_tag."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) is not None)
+
+    def key(self) -> tuple:
+        """What the compiled grammar depends on: equal keys share one compiled grammar."""
+        value = getattr(self, self.kind)
+        if isinstance(value, dict):
+            value = _json.dumps(value, sort_keys=True)
+        elif isinstance(value, list):
+            value = _json.dumps(value)
+        return (self.kind, value, self.disable_any_whitespace, self.disable_additional_properties)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StructuredOutputsParams":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SamplingParamsError(f"structured_outputs has unknown fields {unknown}; it takes "
+                                      f"{sorted(known)}.", "structured_outputs")
+        return cls(**values)
 
 
 @dataclass
@@ -41,6 +109,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only among these
     bad_words: list[str] | None = None          # never generate these words (vLLM's rules, see bad_words.py)
     truncate_prompt_tokens: int | None = None   # keep only the last k prompt tokens; -1: max_model_len
+    structured_outputs: StructuredOutputsParams | None = None  # the output follows a schema/regex/grammar
     # Filled by the engine from the tokenizer: each bad word as the token-id sequences to ban.
     bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
     # Filled by the engine from the model's generation config: eos ids beyond the tokenizer's.
@@ -60,6 +129,8 @@ class SamplingParams:
             self.bad_words = [self.bad_words]
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -111,6 +182,8 @@ class SamplingParams:
             isinstance(self.truncate_prompt_tokens, int) and not isinstance(self.truncate_prompt_tokens, bool)
             and (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)),
             "truncate_prompt_tokens", "an integer >= 1, or -1 for max_model_len", self.truncate_prompt_tokens)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "a StructuredOutputsParams (or a dict of its fields)", self.structured_outputs)
         if self.is_greedy:
             _check(self.best_of == 1 or self.best_of == self.n, "best_of",
                    "1 when sampling greedily (temperature 0)", self.best_of)

@@ -57,11 +57,17 @@ class HermesToolParser(ToolParser):
                 if not stripped:
                     return
                 if stripped.startswith(END):
-                    self._buffer, self._mode = stripped[len(END):], "text"
+                    # whitespace after a call (between calls, or at the end) is layout, not content
+                    self._buffer, self._mode = stripped[len(END):].lstrip(_WHITESPACE), "gap"
                 elif END.startswith(stripped) and not final:
                     return
                 else:
                     self._buffer, self._mode = stripped, "text"
+            elif mode == "gap":
+                self._buffer = self._buffer.lstrip(_WHITESPACE)
+                if not self._buffer:
+                    return
+                self._mode = "text"
             else:  # "skip": a broken call's remains, up to its closing tag
                 at = self._buffer.find(END)
                 if at < 0:

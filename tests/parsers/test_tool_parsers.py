@@ -28,7 +28,7 @@ HERMES_CASES = {
     f'Let me check.\n<tool_call>{{"name": "f", "arguments": {TRICKY}}}</tool_call>':
         ("Let me check.\n", [("f", TRICKY)]),
     '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {"x": 1}}'
-    '</tool_call>': ("\n", [("a", "{}"), ("b", '{"x": 1}')]),
+    '</tool_call>\n': ("", [("a", "{}"), ("b", '{"x": 1}')]),
     # arguments before the name: the call is announced once its name is read
     '<tool_call>{"arguments": {"x": [1]}, "name": "late"}</tool_call>': ("", [("late", '{"x": [1]}')]),
     # no arguments key at all: "{}"
@@ -49,7 +49,7 @@ HERMES_CASES = {
     "ends with a partial tag <tool_": ("ends with a partial tag <tool_", []),
     "broken <tool_call>{x}": ("broken <tool_call>{x}", []),
     # a call, then text after the closing tag
-    '<tool_call>{"name": "f", "arguments": {}}</tool_call> and more': (" and more", [("f", "{}")]),
+    '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n and more': ("and more", [("f", "{}")]),
     "unicode: é ✓ <tool_call>{\"name\": \"ü\", \"arguments\": {\"t\": \"日本\"}}</tool_call>":
         ("unicode: é ✓ ", [("ü", '{"t": "日本"}')]),
 }

@@ -36,8 +36,7 @@ REFUSED = [
     ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"json": {"type": "object"}}),
     ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
+    ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
     ("cache_salt", "tenant-a"), ("priority", 5), ("reasoning_effort", "high"), ("prompt_embeds", "AAAA"),
 ]
 

@@ -84,7 +84,9 @@ def message(parser: ChoiceParser, text: str) -> dict:
             else:
                 calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
     body = "".join(content)
-    result = {"role": "assistant", "content": None if calls and not body.strip() else body}
+    # As vLLM: no content is null next to tool calls (whitespace included) or after reasoning.
+    empty = not body.strip() if calls else not body and bool(reasoning)
+    result = {"role": "assistant", "content": None if empty else body}
     if parser.reasoning is not None:
         joined = "".join(reasoning) or None
         result["reasoning_content"] = result["reasoning"] = joined

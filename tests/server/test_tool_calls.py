@@ -8,16 +8,15 @@ tool call by itself. Everything after the engine (HTTP, parsing, deltas, bodies)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import jsonschema
 import pytest
 import pytest_asyncio
 
-from asyncserve.outputs import CompletionOutput, RequestOutput
 from tests.server.chat_templates import HERMES_TOOLS_TEMPLATE
 from tests.server.conftest import MODEL_NAME, live_server
+from tests.server.scripted import scripted_output
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -222,27 +221,6 @@ async def test_forced_calls_cannot_be_combined_with_another_output_constraint(se
 
 
 # ---- "auto": the model's own text, parsed (scripted engine output) ---------------------------------
-
-@contextlib.contextmanager
-def scripted_output(engine, pieces: list[str], finish_reason: str = "stop"):
-    """The engine 'generates' `pieces`, one per step; the rest of the server is real."""
-    def add_request(prompt, params, request_id=None):
-        stream: asyncio.Queue = asyncio.Queue()
-        text = ""
-        for step, piece in enumerate(pieces):
-            text += piece
-            last = step == len(pieces) - 1
-            completion = CompletionOutput(0, text, list(range(step + 1)), finish_reason=finish_reason if last else None)
-            stream.put_nowait(RequestOutput(request_id, prompt["prompt"], prompt["prompt_token_ids"], [completion],
-                                            finished=last))
-        return None, stream
-
-    engine.add_request = add_request
-    try:
-        yield
-    finally:
-        del engine.add_request
-
 
 HERMES_TEXT = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tokyo", "unit": "F"}}\n'
                '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"utc": true}}\n</tool_call>')

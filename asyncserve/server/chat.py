@@ -174,7 +174,8 @@ def force_tool_calls(parsed: ChatRequest) -> None:
         raise bad_request("tool_choice \"required\" or a named function cannot be combined with structured "
                           "outputs (response_format, structured_outputs, guided_*): both constrain the output.",
                           "tool_choice")
-    parsed.params.structured_outputs = StructuredOutputsParams(json=choice.schema())
+    # Compact JSON: a call has no use for free whitespace, and a weak model could spend max_tokens on it.
+    parsed.params.structured_outputs = StructuredOutputsParams(json=choice.schema(), disable_any_whitespace=True)
 
 
 class _Prepared:

@@ -146,3 +146,30 @@ def test_tool_call_objects_collect_like_a_client():
               ToolCallStart(1, "g"), ArgumentsDelta(1, "{}")]
     got = collect(deltas)
     assert got.content == "a" and got.calls == [ToolCall("f", "{}"), ToolCall("g", "{}")]
+
+
+def _forced(parser, pieces):
+    deltas = []
+    for piece in pieces:
+        deltas += parser.feed(piece)
+    deltas += parser.finish()
+    _check_order(deltas)
+    got = collect(deltas)
+    return got.content, [(c.name, c.arguments) for c in got.calls]
+
+
+def test_required_array_parser_gives_each_object_as_a_call_for_every_cut():
+    from asyncserve.tool_parsers.forced import RequiredCallsParser
+    text = '[{"name": "f", "parameters": {"a": [1, "]"]}}, {"name": "g", "parameters": {}}]'
+    expected = ("", [("f", '{"a": [1, "]"]}'), ("g", "{}")])
+    for i in range(len(text) + 1):
+        assert _forced(RequiredCallsParser(), [text[:i], text[i:]]) == expected
+    assert _forced(RequiredCallsParser(), list(text)) == expected
+
+
+def test_named_function_parser_makes_the_whole_output_the_arguments():
+    from asyncserve.tool_parsers.forced import NamedFunctionParser
+    text = '{"city": "Paris"}'
+    for i in range(len(text) + 1):
+        assert _forced(NamedFunctionParser("w"), [text[:i], text[i:]]) == ("", [("w", text)])
+    assert _forced(NamedFunctionParser("w"), []) == ("", [("w", "")])

@@ -239,6 +239,12 @@ async def test_auto_parses_hermes_calls_from_the_model_text(server, client):
     assert choice.message.content == "I will check.\n"
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == HERMES_CALLS
     assert len({c.id for c in choice.message.tool_calls}) == 2
+    # the reply goes back as it came, with the tool's result: the next turn renders
+    messages = ASK + [choice.message, {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                                       "content": "18 F"}]
+    follow_up = await client.chat.completions.create(model=MODEL_NAME, messages=messages, tools=TOOLS,
+                                                     tool_choice="none", max_tokens=2)
+    assert follow_up.choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.mark.parametrize("size", [1, 3, 11, 1000])

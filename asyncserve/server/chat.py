@@ -12,6 +12,7 @@ from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import StructuredOutputsParams
 from asyncserve.server.chat_output import ChoiceParser, message, parser_factory
+from asyncserve.tool_parsers import get_tool_parser
 from asyncserve.server.errors import bad_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.handler import handle_generation
@@ -165,10 +166,15 @@ def _encode_body(state: ServerState, parsed: ChatRequest, response_id: str, crea
     return encode_json(_head(response_id, created, model, generation, latest), _choices(state, parsed, latest))
 
 
-def force_tool_calls(parsed: ChatRequest) -> None:
-    """tool_choice "required" or a named function: the grammar engine makes the output the call(s)."""
+def apply_tool_choice(parsed: ChatRequest, tool_parser: str | None) -> None:
+    """tool_choice "required" or a named function: the grammar engine makes the output the call(s);
+    "auto" keeps special tokens in the text where the parser's markers may be ones."""
     choice = parsed.tool_choice
-    if choice is None or not choice.forced:
+    if choice is None or choice.mode == "none":
+        return
+    if choice.mode == "auto":
+        if get_tool_parser(tool_parser).keeps_special_tokens:
+            parsed.params.skip_special_tokens = False
         return
     if parsed.params.structured_outputs is not None:
         raise bad_request("tool_choice \"required\" or a named function cannot be combined with structured "
@@ -205,7 +211,7 @@ def _prepare(state: ServerState, data) -> _Prepared:
     engine = state.engine
     parsed = parse_chat(data, vocab_size=engine.vocab_size, defaults=engine.sampling_defaults,
                         auto_tools=state.enable_auto_tool_choice)
-    force_tool_calls(parsed)
+    apply_tool_choice(parsed, state.tool_call_parser)
     prompt = truncate(engine, render(state, parsed), parsed.params)
     check_prompt(engine, prompt, parsed.params, "messages", logprobs_field="top_logprobs")
     return _Prepared(model, parsed, prompt)

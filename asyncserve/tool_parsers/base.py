@@ -50,6 +50,8 @@ class ToolParser:
     """A stream of the model's text in, content and tool-call deltas out. Subclasses implement `_advance`."""
 
     name = ""
+    # Whether the call markers may be special tokens, which a detokenizer skipping them would drop.
+    keeps_special_tokens = False
 
     def __init__(self) -> None:
         self._buffer = ""

@@ -11,6 +11,7 @@ _WHITESPACE = " \t\r\n"
 
 @register("hermes")
 class HermesToolParser(ToolParser):
+    keeps_special_tokens = True  # <tool_call> is a special token in some fine-tunes' tokenizers (as vLLM)
 
     def __init__(self) -> None:
         super().__init__()

@@ -9,9 +9,12 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 
 
 @contextlib.contextmanager
-def scripted_output(engine, pieces: list[str], finish_reason: str = "stop"):
-    """The engine 'generates' `pieces`, one per step; the rest of the server is real."""
+def scripted_output(engine, pieces: list[str], finish_reason: str = "stop", seen_params: list | None = None):
+    """The engine 'generates' `pieces`, one per step; the rest of the server is real. Each request's
+    SamplingParams are appended to `seen_params` when given."""
     def add_request(prompt, params, request_id=None):
+        if seen_params is not None:
+            seen_params.append(params)
         stream: asyncio.Queue = asyncio.Queue()
         text = ""
         for step, piece in enumerate(pieces):

@@ -255,6 +255,14 @@ async def test_auto_streams_hermes_calls_the_same_for_any_cut(server, client, si
     assert content == "I will check.\n" and finish_reason == "tool_calls"
 
 
+async def test_auto_with_hermes_keeps_special_tokens_as_vllm_does(server, client):
+    seen = []
+    with scripted_output(server.engine, ["x"], seen_params=seen):
+        await client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS)
+        await client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="none")
+    assert [params.skip_special_tokens for params in seen] == [False, True]
+
+
 async def test_auto_without_a_call_is_plain_content_and_stop(server, client):
     with scripted_output(server.engine, ["Just text, ", "no <tool", " calls."]):
         result = await client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS)

@@ -1,4 +1,4 @@
-"""The JSON schema that forces tool calls ("required", named) admits exactly the valid calls."""
+"""The JSON schema that forces tool calls ("required", named) admits exactly the valid calls; LLM.chat takes tools."""
 from __future__ import annotations
 
 import jsonschema
@@ -42,3 +42,16 @@ def test_a_named_function_is_forced_to_its_own_parameters():
 def test_a_function_without_parameters_takes_an_empty_object():
     schema = _schema(tool_choice={"type": "function", "function": {"name": "now"}})
     assert schema == {"type": "object", "properties": {}}
+
+
+def test_llm_chat_renders_tools_through_the_template(make_llm):
+    from tests.server.chat_templates import HERMES_TOOLS_TEMPLATE
+    from asyncserve import SamplingParams
+    llm = make_llm("qwen3", max_model_len=2048)
+    messages = [{"role": "user", "content": "Weather?"}]
+    [output] = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False,
+                        chat_template=HERMES_TOOLS_TEMPLATE, tools=TOOLS)
+    expected = llm.engine.tokenizer.apply_chat_template(messages, tools=TOOLS, chat_template=HERMES_TOOLS_TEMPLATE,
+                                                        add_generation_prompt=True, tokenize=False)
+    assert '"name": "temp"' in expected
+    assert output.prompt_token_ids == llm.engine.tokenizer.encode(expected, add_special_tokens=False)

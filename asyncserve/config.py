@@ -61,6 +61,7 @@ class EngineConfig:
     served_model_name: list[str] | str | None = None
     max_num_waiting: int | None = None  # beyond this the server answers 503
     disable_log_stats: bool = False
+    structured_outputs_backend: str = "xgrammar"  # or "guidance" (llguidance), as vLLM names them
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,10 @@ class EngineConfig:
             from asyncserve.default_model import TINY_MODEL
             if self.model != TINY_MODEL:
                 check_local_path(self.model)
+        from asyncserve.engine.structured.backend import BACKENDS
+        if self.structured_outputs_backend not in BACKENDS:
+            raise ConfigError(f"structured_outputs_backend must be one of {list(BACKENDS)}, got "
+                              f"{self.structured_outputs_backend!r}.")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
 
@@ -139,7 +144,7 @@ class EngineConfig:
                 max_num_waiting=self.max_num_waiting),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             quantization=quantization_config(model.hf_config, self.quantization, model.path),
-            disable_log_stats=self.disable_log_stats)
+            disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend)
 
     def _token_budget(self, max_len: int, device: "torch.device") -> int:
         if self.max_num_batched_tokens is not None:
@@ -188,6 +193,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
     disable_log_stats: bool = False
+    structured_outputs_backend: str = "xgrammar"
 
 
 def resolve_device(device: str) -> "torch.device":

@@ -20,6 +20,7 @@ from .attention import (
     paged_prefill_attention_ref,
     paged_prefill_attention_triton,
 )
+from .bitmask import apply_token_bitmask, apply_token_bitmask_ref, apply_token_bitmask_triton
 from .cache import write_kv_cache, write_kv_cache_ref, write_kv_cache_triton
 from .gemv import GEMV_CONFIGS, gemv_ref, gemv_triton
 from .norm import (
@@ -46,7 +47,8 @@ from .quant_gemm import (
 from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
 
 __all__ = [
-    "HAS_TRITON", "GEMV_CONFIGS", "gemv_ref", "gemv_triton",
+    "HAS_TRITON", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
+    "GEMV_CONFIGS", "gemv_ref", "gemv_triton",
     "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
     "paged_attention", "paged_attention_ref", "paged_attention_triton",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_attention_triton",

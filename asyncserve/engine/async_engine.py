@@ -53,6 +53,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-grammar")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
@@ -125,6 +126,13 @@ class AsyncEngine:
         """Every engine-side rule a request must meet, raised before anything is queued."""
         self.engine.validate_prompt(prompt_token_ids, params)
 
+    async def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compiles the grammar of `params.structured_outputs` in a thread (a large schema takes a while;
+        other requests keep streaming) and caches it; raises InvalidParameterError naming what is wrong."""
+        if params.structured_outputs is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._compiler, self.engine.structured.compile, params.structured_outputs)
+
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None):
@@ -152,7 +160,9 @@ class AsyncEngine:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
-        request, stream = self.add_request(prompt, sampling_params or self.default_sampling_params(), request_id)
+        sampling_params = sampling_params or self.default_sampling_params()
+        await self.compile_structured_outputs(sampling_params)
+        request, stream = self.add_request(prompt, sampling_params, request_id)
         finished = False
         try:
             while not finished:
@@ -205,6 +215,11 @@ class AsyncEngine:
                     profile.mark("process")
                 in_flight = (scheduled, await launch) if launch is not None else None
                 profile.mark("wait_launch")
+                if in_flight is not None and in_flight[1].needs_grammar_masks:
+                    # Masks from the tokens just processed, filled and applied while nothing else runs
+                    # on the worker; the forward pass of this step is already on the device.
+                    await loop.run_in_executor(self._executor, engine.sample_under_grammars, *in_flight)
+                    profile.mark("grammar")
                 profile.num_steps += 1
                 if in_flight is None and scheduled == [] and engine.has_unfinished_requests():
                     await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests

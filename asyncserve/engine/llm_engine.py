@@ -14,6 +14,7 @@ from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.output_processor import OutputProcessor
 from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
+from asyncserve.engine.structured import StructuredOutputManager
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
 from asyncserve.model_config import ModelConfig, load_tokenizer
 from asyncserve.models.registry import model_class
@@ -49,6 +50,9 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
+        self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids(),
+                                                  config.structured_outputs_backend,
+                                                  pin_memory=mc.device.type == "cuda")
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._in_flight: tuple[list, object] | None = None  # (scheduled, PendingStep) of step()
@@ -119,6 +123,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise InvalidParameterError("Stop strings need a tokenizer; this engine runs with "
                                         "skip_tokenizer_init. Use stop_token_ids.", "stop")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise InvalidParameterError("Structured outputs need a tokenizer; this engine runs with "
+                                        "skip_tokenizer_init.", "structured_outputs")
         max_num_seqs = self.config.scheduler.max_num_seqs
         if params.best_of > max_num_seqs:
             raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
@@ -153,6 +160,8 @@ class LLMEngine:
         params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())
         request = Request(request_id, text, token_ids, params)
+        if params.structured_outputs is not None:  # compiled here unless a caller did it off the loop
+            request.grammar = self.structured.compile(params.structured_outputs)
         request.num_forks_pending = params.best_of - 1
         seq = self._new_sequence(request, list(token_ids), 0)
         self.requests[request_id] = request
@@ -169,6 +178,8 @@ class LLMEngine:
     def _new_sequence(self, request: Request, token_ids: list[int], index: int) -> Sequence:
         seq = Sequence(next(self._seq_ids), request, token_ids, index)
         seq.detokenizer = self.output_processor.make_detokenizer(request)
+        if request.grammar is not None:  # forks happen at the prompt's end: each starts the grammar afresh
+            seq.matcher = self.structured.new_matcher(request.grammar)
         request.seqs.append(seq)
         return seq
 
@@ -204,9 +215,31 @@ class LLMEngine:
         message, scheduled = self.schedule()
         launched = (scheduled, self.executor.launch(message)) if scheduled else None
         previous, self._in_flight = self._in_flight, launched
-        if previous is None:
-            return []
-        return self.process(previous[0], previous[1].result())
+        outputs = [] if previous is None else self.process(previous[0], previous[1].result())
+        if launched is not None and launched[1].needs_grammar_masks:
+            self.sample_under_grammars(*launched)
+        return outputs
+
+    def sample_under_grammars(self, scheduled: list[tuple[Sequence, int]], pending) -> None:
+        """Has a launched step sampled once the grammar masks of its constrained rows are known: the
+        sequences' matchers have accepted every earlier token (`process` of the step before ran), while
+        the device computed this step's forward pass. Unconstrained rows get no mask."""
+        matchers, rows, expand = [], [], []
+        seen: dict[int, int] = {}
+        row = 0
+        for (seq, _), num_samples in zip(scheduled, pending.num_samples):
+            if num_samples and seq.matcher is not None and not seq.is_finished:
+                if id(seq.matcher) not in seen:
+                    seen[id(seq.matcher)] = len(matchers)
+                    matchers.append(seq.matcher)
+                for sample_row in range(row, row + num_samples):  # n > 1: the forks' rows share it
+                    rows.append(sample_row)
+                    expand.append(seen[id(seq.matcher)])
+            row += num_samples
+        bitmask = self.structured.bitmask(matchers) if matchers else None
+        if bitmask is not None and len(expand) > len(matchers):
+            bitmask = bitmask[expand]
+        self.executor.sample(pending, bitmask, rows)
 
     def drain(self) -> list[RequestOutput]:
         """Applies the step that `step()` launched last, if any; then schedule/execute/process may be
@@ -238,7 +271,10 @@ class LLMEngine:
                 for i, (target, token_id) in enumerate(zip(targets, result.token_ids)):
                     entry = result.logprobs[i] if result.logprobs else None
                     self.stats["generation_tokens"] += 1
-                    if processor.append_token(target, token_id, entry):
+                    finished = processor.append_token(target, token_id, entry)
+                    if target.matcher is not None and not finished:
+                        finished = processor.advance_grammar(target, token_id)
+                    if finished:
                         self.scheduler.finish(target)
         outputs = []
         for request in touched.values():

@@ -1,11 +1,14 @@
 """Applies a step's sampled tokens to sequences: text, logprobs, stop conditions, forks, outputs."""
 from __future__ import annotations
 
+import logging
 import time
 
 from asyncserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+logger = logging.getLogger("asyncserve")
 
 
 class NullDetokenizer:
@@ -73,6 +76,18 @@ class OutputProcessor:
             return self._finish(seq, FinishReason.LENGTH, None)
         if seq.num_tokens >= self.max_model_len:
             return self._finish(seq, FinishReason.LENGTH, None)
+        return False
+
+    def advance_grammar(self, seq: Sequence, token_id: int) -> bool:
+        """Moves a constrained sequence's matcher past its new token; True when that ends the output: the
+        grammar accepted a stop token at one of its ends (EOS under ignore_eos), or (never, unless a mask
+        was bypassed) rejected the token."""
+        matcher = seq.matcher
+        if not matcher.accept_token(token_id):
+            logger.warning("grammar rejected token %d of sequence %d: its output ends here", token_id, seq.seq_id)
+            return self._finish(seq, FinishReason.STOP, None)
+        if matcher.is_terminated():
+            return self._finish(seq, FinishReason.STOP, None)
         return False
 
     @staticmethod

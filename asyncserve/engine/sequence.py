@@ -55,6 +55,8 @@ class Sequence:
         # How much of the block table the runner holds (the step message sends only what is past it).
         self.num_sent_blocks = 0
         self.block_table_rewritten = False  # changed other than by appending: resend it whole
+        # Structured outputs: where the output stands in the request's grammar (None: unconstrained).
+        self.matcher: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +102,7 @@ class Request:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
+    grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
 
     @property
     def is_finished(self) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
-PHASES = ("schedule", "process", "wait_device", "wait_launch")
+PHASES = ("schedule", "process", "wait_device", "wait_launch", "grammar")
 
 
 class StepProfile:
     """Seconds the loop spent in each phase: scheduling step N+1, processing and delivering step N,
-    waiting for step N's results, and waiting for the worker to finish launching step N+1."""
+    waiting for step N's results, waiting for the worker to finish launching step N+1, and (structured
+    outputs only) filling step N+1's grammar masks and sampling it."""
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(PHASES, 0.0)

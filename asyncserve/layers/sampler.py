@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncserve.kernels import apply_token_bitmask
+
 
 @dataclass
 class SamplingTensors:
@@ -25,6 +27,9 @@ class SamplingTensors:
     # Additive bias per row (logit_bias, and -inf on eos/stop ids before min_tokens).
     logit_bias: torch.Tensor | None = None          # [S, V]
     max_num_logprobs: int = -1                      # -1: no row wants logprobs
+    # Grammar masks (structured outputs): bitmask_rows[i] may sample only the tokens token_bitmask[i] allows.
+    token_bitmask: torch.Tensor | None = None       # [R, ceil(V / 32)] int32, packed as xgrammar fills it
+    bitmask_rows: torch.Tensor | None = None        # [R] int64
     # Argmax of the raw logits is the answer: no bias, penalty or logprob. The runner may then skip the
     # sampler (CUDA graphs take the argmax inside the graph). Set only by the runner's input builder.
     plain_greedy: bool = False
@@ -93,6 +98,8 @@ def _random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
+        if t.token_bitmask is not None:  # one kernel for every constrained row, in place
+            apply_token_bitmask(logits, t.token_bitmask, t.bitmask_rows)
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs >= 0 else None
         if t.logit_bias is not None:
             logits = logits + t.logit_bias

@@ -14,7 +14,7 @@ import torch
 
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
 from asyncserve.runner.input_batch import ScheduledBatch
-from asyncserve.runner.inputs import build_sampling_tensors
+from asyncserve.runner.inputs import build_sampling_tensors, needs_grammar_masks
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
@@ -72,8 +72,16 @@ class CudaModelRunner(ModelRunner):
         graphs.replay(padded)
         self.num_graph_steps += 1
         num_seqs = len(batch.seqs)
+        deferred = None
         if sampling.plain_greedy:  # the argmax ran inside the graph
             sampled = SamplerOutput(token_ids=graphs.greedy_tokens[padded][:num_seqs])
+        elif needs_grammar_masks(batch):  # sampled by sample() once the masks are known
+            sampled, deferred = None, (graphs.logits[padded][:num_seqs], sampling)
         else:
             sampled = self.sampler(graphs.logits[padded][:num_seqs], sampling)
-        return self.pending(batch, sampled, None, [0] * num_seqs)
+        return self.pending(batch, sampled, None, [0] * num_seqs, deferred)
+
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
+        with torch.cuda.stream(self.stream):
+            super().sample(pending, bitmask, rows)

@@ -37,6 +37,11 @@ class Executor(ABC):
         """Queues one step and returns before its results are on the host; may run on a worker thread.
         Steps are launched in order, and each one's `result()` is read before the one after next."""
 
+    @abstractmethod
+    def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Samples a launched step that waits for grammar masks (`pending.needs_grammar_masks`): bitmask
+        row i (int32, host) masks sample row rows[i]. Must come before the next launch."""
+
     def execute(self, message: StepMessage) -> StepOutput:
         """Runs one step to the end."""
         return self.launch(message).result()
@@ -78,6 +83,9 @@ class UniprocExecutor(Executor):
 
     def launch(self, message: StepMessage) -> PendingStep:
         return self.runner.launch(message)
+
+    def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
+        self.runner.sample(pending, bitmask, rows)
 
 
 def _make_runner(model, config):

@@ -131,7 +131,7 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
     temperature = [p.temperature for p in params]
     all_greedy = all(p.is_greedy for p in params)
     if all_greedy and not any(p.logprobs is not None or p.logit_bias or p.min_tokens or p.best_of > p.n
-                              or p.allowed_token_ids or p.bad_words_token_ids
+                              or p.allowed_token_ids or p.bad_words_token_ids or p.structured_outputs
                               or _has_penalties(p)
                               for p in params):
         return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
@@ -170,6 +170,11 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
 
 def _has_penalties(params) -> bool:
     return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+def needs_grammar_masks(step: ScheduledBatch) -> bool:
+    """Whether a row samples under a grammar: then sampling waits for the engine's masks."""
+    return any(seq.num_samples and seq.params.structured_outputs is not None for seq in step.seqs)
 
 
 def needs_output_token_values(step: ScheduledBatch) -> bool:

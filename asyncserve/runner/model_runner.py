@@ -11,12 +11,18 @@ from asyncserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sampling_tensors,
-                                      needs_output_token_values)
+                                      needs_grammar_masks, needs_output_token_values)
 from asyncserve.runner.kv_pool import KVPool
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
+
+
+def _logprob_tensors(sampled: SamplerOutput | None):
+    if sampled is None or sampled.logprobs is None:
+        return None
+    return sampled.logprobs, sampled.logprob_token_ids, sampled.ranks
 
 
 def _to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
@@ -81,6 +87,9 @@ class ModelRunner:
 
     def begin(self, message: StepMessage) -> ScheduledBatch:
         """The message applied to the input batch; block moves queued before anything reads the pool."""
+        if self._in_flight and self._in_flight[-1].needs_grammar_masks:
+            raise RuntimeError("A step was launched before the previous one was sampled under its grammar "
+                               "masks (executor.sample).")
         self._fold_read_steps()
         batch = self.input_batch.apply(message)
         if batch.unread_inputs and needs_output_token_values(batch):
@@ -96,11 +105,26 @@ class ModelRunner:
         inputs = build_model_inputs(batch, self.block_size, self.device)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
-        sampled = None
+        sampled = deferred = None
         if sampling is not None:
-            sampled = self.sampler(self.model.compute_logits(hidden[inputs.logits_indices]), sampling)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            if needs_grammar_masks(batch):
+                deferred = (logits, sampling)
+            else:
+                sampled = self.sampler(logits, sampling)
         return self.pending(batch, sampled, self._prompt_logprobs(hidden, inputs, batch),
-                            inputs.prompt_row_counts)
+                            inputs.prompt_row_counts, deferred)
+
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Samples a launched step whose grammar-constrained rows waited for their masks: bitmask row i
+        (host, int32) masks sample row rows[i], all in one kernel; the other rows sample as usual."""
+        logits, sampling = pending.deferred
+        if rows:
+            sampling.token_bitmask = bitmask.to(self.device, non_blocking=True)
+            sampling.bitmask_rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        sampled = self.sampler(logits, sampling)
+        pending.sampled(sampled.token_ids, _logprob_tensors(sampled))
 
     def feed_unread_inputs(self, input_ids: torch.Tensor, batch: ScheduledBatch, rows: list[int]) -> None:
         """Writes, on the device, the input tokens that the previous step sampled and nobody read yet."""
@@ -117,7 +141,7 @@ class ModelRunner:
         input_ids[target] = tokens[source]
 
     def pending(self, batch: ScheduledBatch, sampled: SamplerOutput | None, prompt_logprobs,
-                prompt_row_counts: list[int]) -> PendingStep:
+                prompt_row_counts: list[int], deferred=None) -> PendingStep:
         sampled_rows = {}
         row = 0
         for seq in batch.seqs:
@@ -125,11 +149,8 @@ class ModelRunner:
                 sampled_rows[seq.seq_id] = row
                 seq.num_unread += 1
                 row += seq.num_samples
-        logprobs = None
-        if sampled is not None and sampled.logprobs is not None:
-            logprobs = (sampled.logprobs, sampled.logprob_token_ids, sampled.ranks)
         pending = PendingStep(batch.seqs, sampled.token_ids if sampled is not None else None, sampled_rows,
-                              logprobs, prompt_logprobs, prompt_row_counts)
+                              _logprob_tensors(sampled), prompt_logprobs, prompt_row_counts, deferred)
         self._in_flight.append(pending)
         return pending
 

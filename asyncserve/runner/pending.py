@@ -20,24 +20,39 @@ def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 class PendingStep:
     def __init__(self, seqs: list, token_ids: torch.Tensor | None, sampled_rows: dict[int, int],
-                 logprobs=None, prompt_logprobs=None, prompt_row_counts: list[int] | None = None):
+                 logprobs=None, prompt_logprobs=None, prompt_row_counts: list[int] | None = None,
+                 deferred=None):
         # What result() needs of each scheduled sequence, taken now: its state changes after this.
         self.seq_ids = [seq.seq_id for seq in seqs]
         self.num_samples = [seq.num_samples for seq in seqs]
         self.num_logprobs = [seq.params.logprobs or 0 for seq in seqs]
         self.num_prompt_logprobs = [seq.prompt_logprobs or 0 for seq in seqs]
-        self.device_token_ids = token_ids   # [S] on the device: the next step's unread inputs
         self.sampled_rows = sampled_rows     # seq_id -> its own row in token_ids
-        self._host_token_ids = to_host(token_ids)
-        self._host_logprobs = tuple(to_host(t) for t in logprobs) if logprobs is not None else None
         self._host_prompt = tuple(to_host(t) for t in prompt_logprobs) if prompt_logprobs is not None else None
         self._prompt_row_counts = prompt_row_counts or [0] * len(seqs)
-        self._event = None
+        # (logits, SamplingTensors) of a step with grammar-constrained rows: sampled by `sampled()` once
+        # the engine has the grammar masks, which need the previous step's tokens.
+        self.deferred = deferred
+        self.device_token_ids = None         # [S] on the device: the next step's unread inputs
+        self._host_token_ids = self._host_logprobs = self._event = None
+        self.token_ids: list[int] | None = None  # set by result(): what the runner folds in later
+        self._output: StepOutput | None = None
+        if deferred is None:
+            self.sampled(token_ids, logprobs)
+
+    @property
+    def needs_grammar_masks(self) -> bool:
+        return self.deferred is not None
+
+    def sampled(self, token_ids: torch.Tensor | None, logprobs=None) -> None:
+        """The step's samples are queued: start their copies to the host."""
+        self.deferred = None
+        self.device_token_ids = token_ids
+        self._host_token_ids = to_host(token_ids)
+        self._host_logprobs = tuple(to_host(t) for t in logprobs) if logprobs is not None else None
         if token_ids is not None and token_ids.device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()
-        self.token_ids: list[int] | None = None  # set by result(): what the runner folds in later
-        self._output: StepOutput | None = None
 
     def done(self) -> bool:
         return self._event is None or self._event.query()
@@ -45,6 +60,9 @@ class PendingStep:
     def result(self) -> StepOutput:
         if self._output is not None:
             return self._output
+        if self.deferred is not None:
+            raise RuntimeError("This step samples under grammar masks: the engine must hand them to "
+                               "executor.sample() before reading its result.")
         if self._event is not None:
             self._event.synchronize()
         token_ids = self._host_token_ids.tolist() if self._host_token_ids is not None else []

@@ -17,7 +17,10 @@ class BeamGeneration:
     prompts: list[Prompt]
 
 
-def check_beam_request(params, stream: bool) -> None:
+def check_beam_request(params, stream: bool, structured_field: str | None = None) -> None:
+    if structured_field is not None:
+        raise bad_request(f"'{structured_field}' (structured outputs) is not supported with 'use_beam_search': "
+                          "sample with n > 1 instead.", structured_field)
     if stream:
         raise bad_request("'use_beam_search' cannot be streamed: the best beams are only known at the end.",
                           "use_beam_search")

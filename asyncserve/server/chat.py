@@ -182,6 +182,7 @@ def apply_tool_choice(parsed: ChatRequest, tool_parser: str | None) -> None:
                           "tool_choice")
     # Compact JSON: a call has no use for free whitespace, and a weak model could spend max_tokens on it.
     parsed.params.structured_outputs = StructuredOutputsParams(json=choice.schema(), disable_any_whitespace=True)
+    parsed.structured_field = "tools"  # a schema the grammar engine cannot compile is the tools' fault
 
 
 class _Prepared:

@@ -26,6 +26,7 @@ from asyncserve.server.serving import (
     stream,
 )
 from asyncserve.server.sse import ChunkEncoder
+from asyncserve.server.structured import compile_structured_outputs
 from asyncserve.server.state import SERVER_STATE, ServerState
 
 
@@ -57,10 +58,11 @@ async def handle_generation(request: web.Request,
     engine, parsed = state.engine, prepared.parsed
     response_id, created = state.new_id(prepared.id_prefix), int(time.time())
     if parsed.use_beam_search:
-        check_beam_request(parsed.params, parsed.stream)
+        check_beam_request(parsed.params, parsed.stream, parsed.structured_field)
         latest = await beam_search_outputs(engine, prepared.prompts, parsed.params, parsed.length_penalty)
         return json_response(prepared.body(state, response_id, created, BeamGeneration(prepared.prompts),
                                            latest))
+    await compile_structured_outputs(engine, parsed.params, parsed.structured_field)
     generation = Generation(engine, response_id, prepared.prompts, parsed.params)
     log_request(state, response_id, prepared.kind, generation, parsed.stream)
     if parsed.stream:

@@ -2,7 +2,7 @@
 
 A feature the server does not implement gets a 400 naming it, never a silent 200 with something else
 than asked; a field nobody knows is logged as ignored, as vLLM does. A refused field sent with its
-neutral value (`"functions": []`, `"function_call": "none"`, `"response_format": {"type": "text"}`) is fine.
+neutral value (`"functions": []`, `"function_call": "none"`) is fine.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 from typing import Any, Callable
 
 from asyncserve.server.errors import bad_request
+from asyncserve.server.structured import FIELDS as STRUCTURED_FIELDS
 
 logger = logging.getLogger("asyncserve.server")
 
@@ -19,7 +20,7 @@ _SAMPLING = frozenset({
     "max_tokens", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
     "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs", "stream", "stream_options",
     "user", "use_beam_search", "length_penalty",
-})
+}) | STRUCTURED_FIELDS
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "suffix"}
 CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
                            "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
@@ -42,14 +43,11 @@ def _one_of(*neutral: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or any(value == n for n in neutral)
 
 
-_STRUCTURED = "structured outputs (guided decoding)"
 # field -> (the feature it asks for, whether a value asks for nothing)
 _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    **{name: (_STRUCTURED, _none) for name in (
-        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-        "guided_whitespace_pattern", "structural_tag", "structured_outputs")},
-    "response_format": ("response_format other than {\"type\": \"text\"} (" + _STRUCTURED + ")",
-                        _one_of({"type": "text"})),
+    "guided_whitespace_pattern": ("guided_whitespace_pattern (xgrammar has none; use "
+                                  "structured_outputs.disable_any_whitespace)", _none),
+    "structural_tag": ("a top-level structural_tag (use structured_outputs.structural_tag)", _none),
     "functions": ("function calling", _empty),
     "function_call": ("function calling", _one_of("none")),
     "audio": ("audio output", _none),

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _KERNEL_MODULES = ["_triton", "cache", "attention_ref", "attention_decode", "attention_prefill",
-                   "attention", "norm", "rotary", "activation", "quant_gemm"]
+                   "attention", "norm", "rotary", "activation", "quant_gemm", "bitmask"]
 if os.environ.get("TRITON_INTERPRET") == "1" and "asyncserve.kernels" in sys.modules:
     # An earlier conftest imported the kernels as compiled GPU functions: re-decorate them.
     for name in _KERNEL_MODULES:

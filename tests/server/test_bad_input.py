@@ -96,7 +96,7 @@ CASES = [
     ("chat-logprobs-not-boolean", "POST", CHAT, chat(logprobs=3), 400, "logprobs"),
     ("chat-max-completion-tokens-0", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens"),
     ("chat-tool-without-function", "POST", CHAT, chat(tools=[{"type": "function"}]), 400, "tools[0].function"),
-    ("chat-json-mode-unsupported", "POST", CHAT, chat(response_format={"type": "json_object"}), 400,
+    ("chat-json-schema-without-schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400,
      "response_format"),
     ("chat-template-kwargs-reserved", "POST", CHAT, chat(chat_template_kwargs={"tokenize": True}), 400,
      "chat_template_kwargs"),

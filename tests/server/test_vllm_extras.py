@@ -32,10 +32,7 @@ async def _engine_text(server, prompt, **params) -> str:
 
 
 REFUSED = [
-    ("guided_json", {"type": "object"}), ("guided_regex", "[a-z]+"), ("guided_choice", ["yes", "no"]),
-    ("guided_grammar", "root ::= 'a'"), ("structured_outputs", {"json": {"type": "object"}}),
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("guided_whitespace_pattern", "[ ]?"), ("structural_tag", '{"structures": []}'),
     ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
     ("cache_salt", "tenant-a"), ("priority", 5), ("reasoning_effort", "high"), ("prompt_embeds", "AAAA"),
 ]

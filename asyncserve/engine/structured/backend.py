@@ -1,0 +1,99 @@
+"""The one small interface a grammar engine sits behind: compile a constraint, make per-sequence
+matchers, fill packed int32 token bitmasks for many matchers at once. xgrammar and llguidance plug in."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+
+from asyncserve.errors import InvalidParameterError
+from asyncserve.sampling_params import StructuredOutputsParams
+
+
+class GrammarMatcher(Protocol):
+    """One sequence's position in its grammar."""
+
+    def accept_token(self, token_id: int) -> bool: ...   # False: the grammar rejects the token
+
+    def is_terminated(self) -> bool: ...                 # accepted a stop token at an end of the grammar
+
+    def rollback(self, num_tokens: int) -> None: ...
+
+
+class GrammarBackend(ABC):
+    """Compiles constraints for one tokenizer and vocabulary (the model's logits width)."""
+
+    name: str
+
+    @abstractmethod
+    def compile(self, params: StructuredOutputsParams):
+        """The compiled grammar; raises InvalidParameterError naming what is wrong with the constraint."""
+
+    @abstractmethod
+    def new_matcher(self, grammar) -> GrammarMatcher:
+        """A matcher at the grammar's start."""
+
+    @abstractmethod
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Writes matcher i's allowed next tokens into row rows[i] of bitmask [R, ceil(V / 32)] int32 (CPU)."""
+
+
+BACKENDS = ("xgrammar", "guidance")
+
+
+def make_backend(name: str, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
+    if name == "xgrammar":
+        from asyncserve.engine.structured.xgrammar_backend import XGrammarBackend
+        return XGrammarBackend(tokenizer, vocab_size, stop_token_ids)
+    if name == "guidance":
+        from asyncserve.engine.structured.guidance_backend import GuidanceBackend
+        return GuidanceBackend(tokenizer, vocab_size, stop_token_ids)
+    raise InvalidParameterError(f"Unknown structured-outputs backend {name!r}; choose one of {list(BACKENDS)}.",
+                                "structured_outputs_backend")
+
+
+def json_schema_text(params: StructuredOutputsParams) -> str:
+    """The schema as JSON text, objects closed when disable_additional_properties asks for it."""
+    schema = params.json
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise constraint_error(params, f"the JSON schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise constraint_error(params, "the JSON schema must be a JSON object.")
+    if params.disable_additional_properties:
+        schema = _closed_objects(copy.deepcopy(schema))
+    return json.dumps(schema)
+
+
+def _closed_objects(node):
+    if isinstance(node, dict):
+        if node.get("type") == "object" or "properties" in node:
+            node.setdefault("additionalProperties", False)
+        for value in node.values():
+            _closed_objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            _closed_objects(value)
+    return node
+
+
+def choice_regex(choices: list[str]) -> str:
+    return "(" + "|".join(re.escape(choice) for choice in choices) + ")"
+
+
+_NAMES = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+          "json_object": "JSON object", "structural_tag": "structural tag"}
+_NATIVE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+def constraint_error(params: StructuredOutputsParams, detail: str) -> InvalidParameterError:
+    """A 400-shaped error: which constraint, and the grammar engine's words for what is wrong."""
+    detail = _NATIVE_PREFIX.sub("", str(detail).strip()).strip()
+    return InvalidParameterError(f"Invalid {_NAMES[params.kind]} for structured outputs: {detail}",
+                                 f"structured_outputs.{params.kind}")

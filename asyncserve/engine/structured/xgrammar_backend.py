@@ -1,0 +1,52 @@
+"""xgrammar (what vLLM and SGLang use by default): compiled grammars with precomputed token masks."""
+from __future__ import annotations
+
+import os
+
+import torch
+import xgrammar as xgr
+
+from asyncserve.engine.structured.backend import (GrammarBackend, GrammarMatcher, choice_regex,
+                                                  constraint_error, json_schema_text)
+from asyncserve.errors import InvalidParameterError
+from asyncserve.sampling_params import StructuredOutputsParams
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        threads = min(8, os.cpu_count() or 1)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=threads)
+        self.batch = xgr.BatchGrammarMatcher(max_threads=threads)
+
+    def compile(self, params: StructuredOutputsParams):
+        compiler, whitespace = self.compiler, not params.disable_any_whitespace
+        try:
+            kind = params.kind
+            if kind == "json":
+                return compiler.compile_json_schema(json_schema_text(params), any_whitespace=whitespace)
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace,
+                                                    strict_mode=False)
+            if kind == "regex":
+                return compiler.compile_regex(params.regex)
+            if kind == "choice":
+                return compiler.compile_regex(choice_regex(params.choice))
+            if kind == "grammar":
+                return compiler.compile_grammar(params.grammar)
+            return compiler.compile_structural_tag(params.structural_tag)
+        except InvalidParameterError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise constraint_error(params, str(exc)) from None
+
+    def new_matcher(self, grammar) -> GrammarMatcher:
+        return xgr.GrammarMatcher(grammar)
+
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(bitmask, rows[0])
+        else:
+            self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)

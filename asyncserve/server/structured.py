@@ -1,0 +1,77 @@
+"""Structured-output request fields -> one StructuredOutputsParams: OpenAI's `response_format`, vLLM's
+`structured_outputs` and its older `guided_*` fields; each problem a 400 naming the field it came from."""
+from __future__ import annotations
+
+from asyncserve.errors import InvalidParameterError
+from asyncserve.sampling_params import StructuredOutputsParams
+from asyncserve.server.errors import bad_request
+
+# vLLM's pre-0.11 names -> the StructuredOutputsParams field each one sets.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
+FIELDS = frozenset({"response_format", "structured_outputs", "guided_decoding_backend", *_GUIDED})
+_BACKEND_NAMES = ("auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer")
+
+
+def _response_format(value) -> StructuredOutputsParams | None:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise bad_request("'response_format' must be an object with a 'type': \"text\", \"json_object\" or "
+                          "\"json_schema\".", "response_format")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise bad_request(f"'response_format.type' must be \"text\", \"json_object\" or \"json_schema\", got "
+                          f"{kind!r}.", "response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'.",
+                          "response_format")
+    if not isinstance(spec.get("name"), str):
+        raise bad_request("'response_format.json_schema.name' must be a string.", "response_format")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise bad_request("'response_format.json_schema.schema' must be a JSON schema object.", "response_format")
+    if spec.get("strict") is not None and type(spec["strict"]) is not bool:
+        raise bad_request("'response_format.json_schema.strict' must be true or false.", "response_format")
+    return StructuredOutputsParams(json=schema)
+
+
+def parse_structured_outputs(data: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """(the constraint or None, the request field that set it)."""
+    backend = data.get("guided_decoding_backend")
+    if backend is not None and (not isinstance(backend, str) or backend.split(":")[0] not in _BACKEND_NAMES):
+        raise bad_request(f"'guided_decoding_backend' must be one of {list(_BACKEND_NAMES)}; this server "
+                          "uses its own backend whatever is named.", "guided_decoding_backend")
+    given = [name for name in ("response_format", "structured_outputs", *_GUIDED) if data.get(name) is not None]
+    if "response_format" in given and data["response_format"] == {"type": "text"}:
+        given.remove("response_format")
+    if len(given) > 1:
+        raise bad_request(f"Give one structured-output constraint, not several: got {given}.", given[1])
+    if not given:
+        return None, None
+    source = given[0]
+    value = data[source]
+    try:
+        if source == "response_format":
+            return _response_format(value), source
+        if source == "structured_outputs":
+            if not isinstance(value, dict):
+                raise bad_request("'structured_outputs' must be an object with one of json, regex, choice, "
+                                  "grammar, json_object.", source)
+            return StructuredOutputsParams.from_dict(value), source
+        return StructuredOutputsParams(**{_GUIDED[source]: value}), source
+    except InvalidParameterError as exc:
+        raise bad_request(f"'{source}': {exc}", source) from None
+
+
+async def compile_structured_outputs(engine, params, source: str | None) -> None:
+    """Compiles the request's grammar off the loop; a bad schema, regex or grammar is a 400 on `source`."""
+    if params.structured_outputs is None:
+        return
+    try:
+        await engine.compile_structured_outputs(params)
+    except InvalidParameterError as exc:
+        raise bad_request(f"'{source}': {exc}", source) from None

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="GPUs to shard the model over (only 1 is built yet).")
     parallel.add_argument("--enforce-eager", action="store_true",
                           help="Never capture CUDA graphs (slower decode, faster start-up).")
+    parallel.add_argument("--structured-outputs-backend", "--guided-decoding-backend",
+                          dest="structured_outputs_backend", default=d["structured_outputs_backend"],
+                          choices=("xgrammar", "guidance"),
+                          help="Grammar engine of structured outputs (default: %(default)s; 'guidance' is "
+                               "llguidance, installed separately).")
     return parser
 
 
@@ -190,7 +195,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_logprobs=args.max_logprobs,
         served_model_name=args.served_model_name, max_num_waiting=args.max_num_waiting,
-        disable_log_stats=args.disable_log_stats)
+        disable_log_stats=args.disable_log_stats, structured_outputs_backend=args.structured_outputs_backend)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ Every component receives the tree whole and reads its fields where they live; no
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class EngineConfig:
         if self.structured_outputs_backend not in BACKENDS:
             raise ConfigError(f"structured_outputs_backend must be one of {list(BACKENDS)}, got "
                               f"{self.structured_outputs_backend!r}.")
+        if self.structured_outputs_backend == "guidance" and importlib.util.find_spec("llguidance") is None:
+            raise ConfigError("structured_outputs_backend='guidance' needs llguidance: pip install llguidance "
+                              "(or asyncserve[guidance]).")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
 

@@ -1,6 +1,7 @@
 """Grammar masks on the logits: a packed int32 bitmask per constrained row (bit v of word v // 32 set =
 token v allowed, xgrammar's and llguidance's layout), applied to every constrained row in one launch."""
 
+import numpy as np
 import torch
 
 from ._triton import tl, triton, use_triton
@@ -14,9 +15,15 @@ def apply_token_bitmask_ref(logits, bitmask, rows):
     if rows.numel() == 0:
         return logits
     vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab].bool()
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    if bitmask.device.type == "cpu":  # numpy unpacks bits ~100x faster than torch's shifts on the CPU
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+        allowed = torch.from_numpy(bits[:, :vocab]).bool()
+    else:
+        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+        allowed = ((bitmask[:, :, None] >> shifts) & 1).reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+    if rows.numel() == logits.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()):
+        return logits.masked_fill_(~allowed.to(logits.device), float("-inf"))  # every row, in order
+    logits[rows] = torch.where(allowed.to(logits.device), logits[rows], float("-inf"))
     return logits
 
 

@@ -10,7 +10,7 @@ from asyncserve.errors import SamplingParamsError
 from asyncserve.sampling_params import SamplingParams
 from asyncserve.server.errors import ApiError, bad_request
 from asyncserve.server.request_fields import check_fields
-from asyncserve.server.structured import parse_structured_outputs
+from asyncserve.server.structured import parse_structured_outputs, structured_field
 from asyncserve.server.tools import ToolChoice, message_tool_fields, parse_tool_choice
 
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -201,7 +201,7 @@ def sampling_params(fields: Fields, *, max_tokens: int | None, logprobs: int | N
     """
     defaults = defaults or {}
     n = fields.integer("n", 1)
-    structured_outputs, _ = parse_structured_outputs(fields.data)
+    structured_outputs = parse_structured_outputs(fields.data)
     try:
         return SamplingParams(
             n=n, best_of=fields.integer("best_of"),
@@ -282,7 +282,7 @@ def parse_completion(data, *, vocab_size: int,
                              include_usage=include_usage, prompts=prompts, echo=echo,
                              use_beam_search=fields.boolean("use_beam_search", False),
                              length_penalty=fields.number("length_penalty", 1.0),
-                             structured_field=parse_structured_outputs(fields.data)[1])
+                             structured_field=structured_field(fields.data))
 
 
 def _message(message, index: int) -> dict:
@@ -355,7 +355,8 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
     return ChatRequest(model=fields.string("model"), params=params, stream=stream, include_usage=include_usage,
                        use_beam_search=fields.boolean("use_beam_search", False),
                        length_penalty=fields.number("length_penalty", 1.0),
-                       structured_field=parse_structured_outputs(fields.data)[1], messages=messages, add_generation_prompt=add_generation_prompt,
+                       structured_field=structured_field(fields.data),
+                       messages=messages, add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,
                        tool_choice=parse_tool_choice(fields.data, auto_enabled=auto_tools))

@@ -39,38 +39,45 @@ def _response_format(value) -> StructuredOutputsParams | None:
     return StructuredOutputsParams(json=schema)
 
 
-def parse_structured_outputs(data: dict) -> tuple[StructuredOutputsParams | None, str | None]:
-    """(the constraint or None, the request field that set it)."""
-    backend = data.get("guided_decoding_backend")
-    if backend is not None and (not isinstance(backend, str) or backend.split(":")[0] not in _BACKEND_NAMES):
-        raise bad_request(f"'guided_decoding_backend' must be one of {list(_BACKEND_NAMES)}; this server "
-                          "uses its own backend whatever is named.", "guided_decoding_backend")
+def structured_field(data: dict) -> str | None:
+    """The one request field that asks for structured outputs, or None; a 400 when several do."""
     given = [name for name in ("response_format", "structured_outputs", *_GUIDED) if data.get(name) is not None]
     if "response_format" in given and data["response_format"] == {"type": "text"}:
         given.remove("response_format")
     if len(given) > 1:
         raise bad_request(f"Give one structured-output constraint, not several: got {given}.", given[1])
-    if not given:
-        return None, None
-    source = given[0]
+    return given[0] if given else None
+
+
+def parse_structured_outputs(data: dict) -> StructuredOutputsParams | None:
+    """The request's constraint, from whichever field (`structured_field`) sets it."""
+    backend = data.get("guided_decoding_backend")
+    if backend is not None and (not isinstance(backend, str) or backend.split(":")[0] not in _BACKEND_NAMES):
+        raise bad_request(f"'guided_decoding_backend' must be one of {list(_BACKEND_NAMES)}; this server "
+                          "uses its own backend whatever is named.", "guided_decoding_backend")
+    source = structured_field(data)
+    if source is None:
+        return None
     value = data[source]
     try:
         if source == "response_format":
-            return _response_format(value), source
+            return _response_format(value)
         if source == "structured_outputs":
             if not isinstance(value, dict):
                 raise bad_request("'structured_outputs' must be an object with one of json, regex, choice, "
                                   "grammar, json_object.", source)
-            return StructuredOutputsParams.from_dict(value), source
-        return StructuredOutputsParams(**{_GUIDED[source]: value}), source
+            return StructuredOutputsParams.from_dict(value)
+        return StructuredOutputsParams(**{_GUIDED[source]: value})
     except InvalidParameterError as exc:
         raise bad_request(f"'{source}': {exc}", source) from None
 
 
 async def compile_structured_outputs(engine, params, source: str | None) -> None:
-    """Compiles the request's grammar off the loop; a bad schema, regex or grammar is a 400 on `source`."""
+    """Compiles the request's grammar off the loop; a bad schema, regex or grammar is a 400 on `source`
+    (the request field that asked for it; `structured_outputs` when the server set it itself)."""
     if params.structured_outputs is None:
         return
+    source = source or "structured_outputs"
     try:
         await engine.compile_structured_outputs(params)
     except InvalidParameterError as exc:

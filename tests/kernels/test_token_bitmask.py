@@ -42,3 +42,13 @@ def test_triton_matches_reference(triton_device, num_rows, num_masked, vocab):
     expected = apply_token_bitmask_ref(logits.clone(), bitmask, rows)
     out = apply_token_bitmask_triton(logits.to(triton_device), bitmask.to(triton_device), rows.to(triton_device))
     torch.testing.assert_close(out.cpu(), expected)
+
+
+def test_reference_masks_all_rows_in_order_like_any_other_order():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 100, generator=generator)
+    allowed = torch.rand(4, 100, generator=generator) < 0.5
+    in_order = apply_token_bitmask_ref(logits.clone(), _pack(allowed), torch.arange(4))
+    reversed_rows = apply_token_bitmask_ref(logits.clone(), _pack(allowed.flip(0)), torch.arange(3, -1, -1))
+    assert torch.equal(in_order, reversed_rows)
+    assert torch.equal(torch.isfinite(in_order), allowed)

@@ -308,3 +308,19 @@ async def test_auto_parses_llama3_json_calls(server, client):
     assert whole.choices[0].message.content is None and whole.choices[0].finish_reason == "tool_calls"
     assert [(c["name"], c["arguments"]) for c in streamed] == expected
     assert content == "" and finish_reason == "tool_calls"
+
+
+# ---- "auto" on the real engine: a one-option choice makes the model write a known tool call --------
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_auto_parses_calls_the_real_model_writes(client, temperature):
+    forced = {"structured_outputs": {"choice": [HERMES_TEXT]}}
+    whole = await client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, seed=3,
+                                                 temperature=temperature, max_tokens=200, extra_body=forced)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "I will check.\n"
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == HERMES_CALLS
+    calls, content, finish_reason = await _streamed_calls(client, messages=ASK, tools=TOOLS, seed=3,
+                                                          temperature=temperature, max_tokens=200, extra_body=forced)
+    assert [(c["name"], c["arguments"]) for c in calls] == HERMES_CALLS
+    assert content == "I will check.\n" and finish_reason == "tool_calls"

@@ -324,3 +324,18 @@ async def test_auto_parses_calls_the_real_model_writes(client, temperature):
                                                           temperature=temperature, max_tokens=200, extra_body=forced)
     assert [(c["name"], c["arguments"]) for c in calls] == HERMES_CALLS
     assert content == "I will check.\n" and finish_reason == "tool_calls"
+
+
+async def test_required_with_n_choices_forces_every_choice(client):
+    result = await client.chat.completions.create(model=MODEL_NAME, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                  n=3, temperature=1.0, seed=5, max_tokens=300)
+    assert len(result.choices) == 3
+    for choice in result.choices:
+        assert choice.finish_reason == "tool_calls" and _validated(choice.message.tool_calls)
+
+
+async def test_forced_calls_with_beam_search_are_refused_naming_tools(server, http):
+    status, payload = await _post(http, server, tools=TOOLS, tool_choice="required", use_beam_search=True, n=2,
+                                  max_tokens=20)
+    assert status == 400, payload
+    assert payload["error"]["param"] == "tools"

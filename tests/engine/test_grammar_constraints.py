@@ -66,6 +66,23 @@ def test_a_schema_is_compiled_once_and_unconstrained_work_never_builds_the_gramm
     assert llm.engine.structured.num_compiles == 1
 
 
+def test_only_steps_with_a_constrained_row_wait_for_masks(make_llm):
+    engine = make_llm().engine
+    deferred = []
+    sample = engine.executor.sample
+    engine.executor.sample = lambda pending, bitmask, rows: (deferred.append(list(rows)),
+                                                             sample(pending, bitmask, rows))
+    engine.add_request("plain", "Hello", SamplingParams(temperature=0.0, max_tokens=3))
+    engine.step()
+    assert deferred == [] and engine._in_flight[1].device_token_ids is not None  # sampled at launch
+    engine.add_request("json", "JSON:", SamplingParams(max_tokens=3, structured_outputs=_json()))
+    engine.step()
+    assert deferred == [[1]]  # sampled once the masks came; only the constrained row has one
+    assert engine._in_flight[1].device_token_ids is not None
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def test_grammar_end_finishes_the_output_even_under_ignore_eos(make_llm):
     llm = make_llm()
     params = SamplingParams(temperature=1.0, seed=0, n=3, max_tokens=30, ignore_eos=True,

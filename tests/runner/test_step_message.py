@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pickle
 
-from asyncserve import SamplingParams
+from asyncserve import SamplingParams, StructuredOutputsParams
 from asyncserve.runner.executor import Executor
 from asyncserve.runner.step import StepMessage
 
@@ -34,6 +34,9 @@ class PicklingExecutor(Executor):
         self.messages.append(received)
         return _PickledResult(self.inner.launch(received))
 
+    def sample(self, pending, bitmask, rows):
+        self.inner.sample(pending.pending, pickle.loads(pickle.dumps(bitmask)), pickle.loads(pickle.dumps(rows)))
+
 
 class _PickledResult:
     def __init__(self, pending):
@@ -41,6 +44,14 @@ class _PickledResult:
 
     def done(self):
         return self.pending.done()
+
+    @property
+    def needs_grammar_masks(self):
+        return self.pending.needs_grammar_masks
+
+    @property
+    def num_samples(self):
+        return self.pending.num_samples
 
     def result(self):
         return pickle.loads(pickle.dumps(self.pending.result()))
@@ -51,8 +62,10 @@ def _workload():
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, n=2, best_of=3, max_tokens=10)
     penalised = SamplingParams(temperature=0.8, seed=3, repetition_penalty=1.3, presence_penalty=0.5,
                                max_tokens=8, logprobs=2)
+    constrained = SamplingParams(temperature=1.0, seed=5, max_tokens=10,
+                                 structured_outputs=StructuredOutputsParams(regex="[a-z]{4,12}"))
     prompts = PROMPTS + PROMPTS[:2]
-    params = [greedy, seeded, penalised] * 3
+    params = [greedy, seeded, penalised, constrained] * 2
     return prompts, params[:len(prompts)]
 
 

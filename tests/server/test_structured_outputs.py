@@ -134,6 +134,17 @@ async def test_streamed_text_equals_non_streamed(client):
     assert finish == whole.choices[0].finish_reason == "stop"
 
 
+async def test_streamed_completion_equals_non_streamed(client):
+    kwargs = dict(model=MODEL_NAME, prompt="Sentiment:", n=2, seed=4, temperature=1.0, max_tokens=20,
+                  extra_body={"guided_choice": ["good", "bad", "fine"]})
+    whole = await client.completions.create(**kwargs)
+    pieces = ["", ""]
+    async for chunk in await client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.text
+    assert pieces == [choice.text for choice in whole.choices]
+
+
 async def test_max_tokens_inside_the_constraint_finishes_with_length(client):
     result = await client.completions.create(model=MODEL_NAME, prompt="x", seed=0, max_tokens=3, temperature=1.0,
                                              extra_body={"guided_regex": "[a-z]{40}"})

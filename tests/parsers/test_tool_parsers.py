@@ -48,6 +48,8 @@ HERMES_CASES = {
     '<tool_call>{"name": 5}': ('<tool_call>{"name": 5}', []),
     "ends with a partial tag <tool_": ("ends with a partial tag <tool_", []),
     "broken <tool_call>{x}": ("broken <tool_call>{x}", []),
+    # a named call that breaks: the call stands, what is left of it up to the closing tag is dropped
+    '<tool_call>{"name": "f", x: 1}</tool_call>after': ("after", [("f", "{}")]),
     # a call, then text after the closing tag
     '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n and more': ("and more", [("f", "{}")]),
     "unicode: é ✓ <tool_call>{\"name\": \"ü\", \"arguments\": {\"t\": \"日本\"}}</tool_call>":
@@ -64,6 +66,7 @@ LLAMA3_CASES = {
     '{"nom": 1} text': ('{"nom": 1} text', []),
     '{"name": "d", "parameters": {"k": 1}} trailing words': ("trailing words", [("d", '{"k": 1}')]),
     "<|python_": ("<|python_", []),
+    '{"name": "f", oops} rest': ("oops} rest", [("f", "{}")]),
     "": ("", []),
 }
 

@@ -74,10 +74,6 @@ class ToolParser:
         """The whole text at once: the content outside the calls, and the calls."""
         return collect(self.feed(text) + self.finish())
 
-    @property
-    def num_calls(self) -> int:
-        return self._num_calls
-
     def _advance(self, final: bool) -> None:
         raise NotImplementedError
 
@@ -87,9 +83,8 @@ class ToolParser:
         if text:
             self._deltas.append(ContentDelta(text))
 
-    def _start_scanner(self, argument_keys: tuple[str, ...]) -> CallScanner:
+    def _start_scanner(self, argument_keys: tuple[str, ...]) -> None:
         self._scanner = CallScanner(argument_keys)
-        return self._scanner
 
     def _scan(self) -> tuple[str, str]:
         """Feeds the buffer to the current call; ("more"|"done"|"failed", text consumed by this call).

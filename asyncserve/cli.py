@@ -141,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--allow-credentials", action="store_true",
                         help="CORS: allow cookies and Authorization headers on cross-origin requests.")
 
+    tools = parser.add_argument_group("tool calling and reasoning")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="Serve tool_choice \"auto\": tool calls are parsed from the model's own text with "
+                            "--tool-call-parser (\"required\" and named functions need neither flag).")
+    tools.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                       help="How the model writes tool calls, by vLLM's names: hermes (Qwen2.5/Qwen3, Hermes), "
+                            "llama3_json (Llama 3.1/3.2).")
+    tools.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                       help="Puts a thinking model's <think> text in message.reasoning_content (and .reasoning): "
+                            "qwen3 or deepseek_r1.")
+
     cache = parser.add_argument_group("KV cache")
     cache.add_argument("--block-size", type=int, default=d["block_size"], choices=(8, 16, 32, 64, 128, 256),
                        help="Tokens per KV-cache block (default: %(default)s).")
@@ -259,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         names = config.model_names  # before loading: the default is named by its hub id, not its cache path
         from asyncserve.server.chat import load_chat_template
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
+        from asyncserve.server.parsers_config import check_parsers
+        check_parsers(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
         sock = _listen_or_exit(parser, args.host, args.port)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.trust_remote_code:
@@ -281,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                      log_requests=not args.disable_log_requests,
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
                      drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,
-                     request_body_timeout=args.request_body_timeout)
+                     request_body_timeout=args.request_body_timeout, tool_call_parser=args.tool_call_parser,
+                     enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser)
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:

@@ -108,15 +108,16 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
-        """`continue_final_message` extends the last (assistant) message instead of starting a new one."""
+             continue_final_message: bool = False, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """`continue_final_message` extends the last (assistant) message instead of starting a new one;
+        `tools` (OpenAI's function tools) go to the chat template, as in vLLM."""
         if add_generation_prompt and continue_final_message:
             raise InvalidParameterError("continue_final_message and add_generation_prompt cannot both be "
                                         "True: pass add_generation_prompt=False.", "continue_final_message")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tools=tools,
             continue_final_message=continue_final_message, tokenize=True, return_dict=False)}
             for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -58,8 +58,12 @@ class OutputProcessor:
             if seq.logprobs is not None:
                 seq.logprobs.append(self.position_logprobs(token_id, logprob_entry))
         detokenizer = seq.detokenizer
-        delta = detokenizer.step(token_id)
         num_output = seq.num_output_tokens
+        # As vLLM: the EOS or stop token that ends the output is not part of its text (which shows with
+        # skip_special_tokens=False), unless include_stop_str_in_output asks for it.
+        stops_here = num_output >= params.min_tokens and (
+            token_id in params.extra_eos_token_ids or token_id in params.stop_token_ids)
+        delta = "" if stops_here and not params.include_stop_str_in_output else detokenizer.step(token_id)
         if num_output >= params.min_tokens:
             if token_id in params.extra_eos_token_ids:
                 return self._finish(seq, FinishReason.STOP, None)

@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from asyncserve.server.chat import create_chat_completion, load_chat_template
+from asyncserve.server.parsers_config import check_parsers
 from asyncserve.server.connection import quiet_malformed_request_logs, send_and_close, set_server_header
 from asyncserve.server.completions import create_completion
 from asyncserve.server.embeddings import create_embedding
@@ -116,7 +117,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                chat_template: str | None = None, log_requests: bool = True,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 5.0,
                freeze_gc: bool = True, cors: CorsConfig | None = None, stream_write_timeout: float = 30.0,
-               request_body_timeout: float = 60.0) -> web.Application:
+               request_body_timeout: float = 60.0, tool_call_parser: str | None = None,
+               enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -127,13 +129,16 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     `cors` turns CORS on (vLLM's --allowed-origins ...); without it no CORS header is ever sent.
     A client that reads nothing of its response for `stream_write_timeout` seconds is disconnected and its
     request aborted; a body that has not arrived after `request_body_timeout` seconds is answered 408.
+    `tool_call_parser`, `enable_auto_tool_choice` and `reasoning_parser` are vLLM's flags of the same names.
     """
+    check_parsers(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
     names = served_model_name or engine.served_model_names
     state = ServerState(engine=engine, model_names=[names] if isinstance(names, str) else list(names),
                         chat_template=load_chat_template(chat_template), api_key=api_key or None,
                         log_requests=log_requests, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,
                         freeze_gc=freeze_gc, stream_write_timeout=stream_write_timeout,
-                        request_body_timeout=request_body_timeout)
+                        request_body_timeout=request_body_timeout, tool_call_parser=tool_call_parser,
+                        enable_auto_tool_choice=enable_auto_tool_choice, reasoning_parser=reasoning_parser)
     middlewares = [error_middleware, auth_middleware, draining_middleware]
     if cors is not None:
         middlewares.insert(0, cors_middleware)

@@ -10,6 +10,9 @@ from aiohttp import web
 
 from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
+from asyncserve.sampling_params import StructuredOutputsParams
+from asyncserve.server.chat_output import ChoiceParser, message, parser_factory
+from asyncserve.tool_parsers import get_tool_parser
 from asyncserve.server.errors import bad_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.handler import handle_generation
@@ -55,8 +58,9 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
     clash = parsed.chat_template_kwargs and set(parsed.chat_template_kwargs) & _reserved_template_kwargs(tokenizer)
     if clash:
         raise bad_request(f"'chat_template_kwargs' may not set {sorted(clash)}.", "chat_template_kwargs")
+    tools = parsed.tool_choice.tools if parsed.tool_choice is not None else None
     try:
-        text = tokenizer.apply_chat_template(parsed.messages, chat_template=template, tokenize=False,
+        text = tokenizer.apply_chat_template(parsed.messages, chat_template=template, tokenize=False, tools=tools,
                                              add_generation_prompt=parsed.add_generation_prompt,
                                              continue_final_message=parsed.continue_final_message,
                                              **parsed.chat_template_kwargs)
@@ -73,6 +77,8 @@ class ChatStreamWriter:
         self.num_top = parsed.top_logprobs
         self.encoder = encoder
         self.cursors = [Cursor() for _ in range(self.n)]
+        make = choice_parsers(state, parsed)
+        self.parsers = None if make is None else [make() for _ in range(self.n)]
 
     def first_frame(self) -> bytes:
         return self.encoder.frame([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -92,6 +98,10 @@ class ChatStreamWriter:
                         completion.token_ids[first_new:], completion.logprobs[first_new:], self.num_top)}
                 elif not text and finish_reason is None:
                     continue  # tokens that do not make a whole character yet
+                if self.parsers is not None:
+                    choices += _parsed_chunks(self.parsers[completion.index], completion.index, text, logprobs,
+                                              finish_reason)
+                    continue
                 choices.append({"index": completion.index, "delta": {"content": text} if text else {},
                                 "logprobs": logprobs, "finish_reason": finish_reason})
         return self.encoder.frame(choices) if choices else b""
@@ -100,14 +110,43 @@ class ChatStreamWriter:
         return self.encoder.usage_frame(usage_body)
 
 
+def _parsed_chunks(parser: ChoiceParser, index: int, text: str, logprobs, finish_reason) -> list[dict]:
+    """A step's deltas, one chunk each as OpenAI sends them; the finish reason in a last, empty chunk."""
+    deltas = parser.feed(text) if text else []
+    if finish_reason is not None:
+        deltas += parser.finish()
+    chunks = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None} for delta in deltas]
+    if logprobs is not None:
+        if not chunks:
+            chunks.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": None})
+        chunks[0]["logprobs"] = logprobs
+    if finish_reason is not None:
+        chunks.append({"index": index, "delta": {}, "logprobs": None,
+                       "finish_reason": parser.finish_reason(finish_reason)})
+    return chunks
+
+
+def choice_parsers(state: ServerState, parsed: ChatRequest):
+    """Each choice's parser maker (reasoning, tool calls), or None when the text goes out as it is."""
+    return parser_factory(parsed.tool_choice, state.tool_call_parser, state.reasoning_parser,
+                          parsed.chat_template_kwargs)
+
+
 def _choices(state: ServerState, parsed: ChatRequest, latest: dict[int, RequestOutput]) -> Iterator[dict]:
+    make = choice_parsers(state, parsed)
     for completion in latest[0].outputs:
         logprobs = None
         if parsed.top_logprobs is not None:
             logprobs = {"content": state.logprobs.chat(completion.token_ids, completion.logprobs,
                                                        parsed.top_logprobs)}
-        yield {"index": completion.index, "message": {"role": "assistant", "content": completion.text},
-               "logprobs": logprobs, "finish_reason": completion.finish_reason,
+        finish_reason = completion.finish_reason
+        if make is None:
+            body = {"role": "assistant", "content": completion.text}
+        else:
+            parser = make()
+            body = message(parser, completion.text)
+            finish_reason = parser.finish_reason(finish_reason)
+        yield {"index": completion.index, "message": body, "logprobs": logprobs, "finish_reason": finish_reason,
                "stop_reason": completion.stop_reason}
 
 
@@ -125,6 +164,25 @@ def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: in
 def _encode_body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
                  generation: Generation, latest: dict[int, RequestOutput]) -> bytes:
     return encode_json(_head(response_id, created, model, generation, latest), _choices(state, parsed, latest))
+
+
+def apply_tool_choice(parsed: ChatRequest, tool_parser: str | None) -> None:
+    """tool_choice "required" or a named function: the grammar engine makes the output the call(s);
+    "auto" keeps special tokens in the text where the parser's markers may be ones."""
+    choice = parsed.tool_choice
+    if choice is None or choice.mode == "none":
+        return
+    if choice.mode == "auto":
+        if get_tool_parser(tool_parser).keeps_special_tokens:
+            parsed.params.skip_special_tokens = False
+        return
+    if parsed.params.structured_outputs is not None:
+        raise bad_request("tool_choice \"required\" or a named function cannot be combined with structured "
+                          "outputs (response_format, structured_outputs, guided_*): both constrain the output.",
+                          "tool_choice")
+    # Compact JSON: a call has no use for free whitespace, and a weak model could spend max_tokens on it.
+    parsed.params.structured_outputs = StructuredOutputsParams(json=choice.schema(), disable_any_whitespace=True)
+    parsed.structured_field = "tools"  # a schema the grammar engine cannot compile is the tools' fault
 
 
 class _Prepared:
@@ -152,7 +210,9 @@ def _prepare(state: ServerState, data) -> _Prepared:
     """Everything before queueing: parse, render, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
-    parsed = parse_chat(data, vocab_size=engine.vocab_size, defaults=engine.sampling_defaults)
+    parsed = parse_chat(data, vocab_size=engine.vocab_size, defaults=engine.sampling_defaults,
+                        auto_tools=state.enable_auto_tool_choice)
+    apply_tool_choice(parsed, state.tool_call_parser)
     prompt = truncate(engine, render(state, parsed), parsed.params)
     check_prompt(engine, prompt, parsed.params, "messages", logprobs_field="top_logprobs")
     return _Prepared(model, parsed, prompt)

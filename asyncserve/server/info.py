@@ -59,7 +59,7 @@ def _tokenize(state: ServerState, data) -> dict:
     state.resolve_model(fields.string("model"))
     engine = state.engine
     if "messages" in data:
-        parsed = parse_chat(data, vocab_size=engine.vocab_size)
+        parsed = parse_chat(data, vocab_size=engine.vocab_size, auto_tools=True)  # tools only render here
         token_ids = render(state, parsed).token_ids
     else:
         prompt = fields.string("prompt")

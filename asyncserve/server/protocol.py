@@ -11,6 +11,7 @@ from asyncserve.sampling_params import SamplingParams
 from asyncserve.server.errors import ApiError, bad_request
 from asyncserve.server.request_fields import check_fields
 from asyncserve.server.structured import parse_structured_outputs, structured_field
+from asyncserve.server.tools import ToolChoice, message_tool_fields, parse_tool_choice
 
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -105,6 +106,7 @@ class ChatRequest(GenerationRequest):
     continue_final_message: bool = False
     chat_template_kwargs: dict = field(default_factory=dict)
     top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per token
+    tool_choice: ToolChoice | None = None  # None: the request has no tools
 
 
 def _stream_fields(fields: Fields) -> tuple[bool, bool]:
@@ -314,10 +316,12 @@ def _message(message, index: int) -> dict:
         if not isinstance(name, str):
             raise bad_request(f"'{where}.name' must be a string, got {_kind(name)}.", f"{where}.name")
         parsed["name"] = name
+    parsed.update(message_tool_fields(message, role, where))
     return parsed
 
 
-def parse_chat(data, *, vocab_size: int, defaults: dict | None = None) -> ChatRequest:
+def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tools: bool = False) -> ChatRequest:
+    """`auto_tools`: the server parses tool calls from the model's own text (tool_choice "auto")."""
     defaults = defaults or {}
     fields = Fields(data)
     fields.refuse_unsupported("chat")
@@ -354,7 +358,8 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None) -> ChatRe
                        structured_field=structured_field(fields.data),
                        messages=messages, add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
-                       chat_template_kwargs=kwargs, top_logprobs=logprobs)
+                       chat_template_kwargs=kwargs, top_logprobs=logprobs,
+                       tool_choice=parse_tool_choice(fields.data, auto_enabled=auto_tools))
 
 
 def parse_json(body: bytes):

@@ -2,7 +2,7 @@
 
 A feature the server does not implement gets a 400 naming it, never a silent 200 with something else
 than asked; a field nobody knows is logged as ignored, as vLLM does. A refused field sent with its
-neutral value (`"tools": []`, `"tool_choice": "none"`) is fine.
+neutral value (`"functions": []`, `"function_call": "none"`) is fine.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _SAMPLING = frozenset({
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "suffix"}
 CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
                            "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-                           "parallel_tool_calls"}  # parallel_tool_calls means nothing without tools
+                           "parallel_tool_calls", "tools", "tool_choice"}  # checked in server/tools.py
 
 
 def _none(value: Any) -> bool:
@@ -48,8 +48,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "guided_whitespace_pattern": ("guided_whitespace_pattern (xgrammar has none; use "
                                   "structured_outputs.disable_any_whitespace)", _none),
     "structural_tag": ("a top-level structural_tag (use structured_outputs.structural_tag)", _none),
-    "tools": ("tool calling", _empty),
-    "tool_choice": ("tool_choice other than \"none\" (tool calling)", _one_of("none")),
     "functions": ("function calling", _empty),
     "function_call": ("function calling", _one_of("none")),
     "audio": ("audio output", _none),
@@ -71,7 +69,10 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "request_id": ("client-chosen request ids", _none),
 }
 # Refused where they would change the output, by endpoint.
-_REFUSED_COMPLETION = {**_REFUSED, "add_special_tokens": ("add_special_tokens=false", _one_of(True))}
+_REFUSED_COMPLETION = {**_REFUSED, "add_special_tokens": ("add_special_tokens=false", _one_of(True)),
+                       "tools": ("tool calling in /v1/completions (use /v1/chat/completions)", _empty),
+                       "tool_choice": ("tool_choice in /v1/completions (use /v1/chat/completions)",
+                                       _one_of("none"))}
 _REFUSED_CHAT = {**_REFUSED, "add_special_tokens": ("add_special_tokens=true", _false),
                  "echo": ("echo in chat completions", _false)}
 

@@ -35,6 +35,9 @@ class ServerState:
     freeze_gc: bool = True
     stream_write_timeout: float = 30.0  # a client that reads nothing this long is cut off, its request aborted
     request_body_timeout: float = 60.0  # a body not received within this is answered 408
+    tool_call_parser: str | None = None  # --tool-call-parser: how tool calls look in the model's text
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is served
+    reasoning_parser: str | None = None  # --reasoning-parser: thinking text apart from the answer
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))

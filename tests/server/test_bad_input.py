@@ -95,7 +95,7 @@ CASES = [
     ("chat-top-logprobs-over-max", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
     ("chat-logprobs-not-boolean", "POST", CHAT, chat(logprobs=3), 400, "logprobs"),
     ("chat-max-completion-tokens-0", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens"),
-    ("chat-tools-unsupported", "POST", CHAT, chat(tools=[{"type": "function"}]), 400, "tools"),
+    ("chat-tool-without-function", "POST", CHAT, chat(tools=[{"type": "function"}]), 400, "tools[0].function"),
     ("chat-json-schema-without-schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400,
      "response_format"),
     ("chat-template-kwargs-reserved", "POST", CHAT, chat(chat_template_kwargs={"tokenize": True}), 400,

@@ -33,8 +33,7 @@ async def _engine_text(server, prompt, **params) -> str:
 
 REFUSED = [
     ("guided_whitespace_pattern", "[ ]?"), ("structural_tag", '{"structures": []}'),
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
+    ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
     ("cache_salt", "tenant-a"), ("priority", 5), ("reasoning_effort", "high"), ("prompt_embeds", "AAAA"),
 ]
 

@@ -1,0 +1,14 @@
+"""Tool calls in a model's own text (`--tool-call-parser`), whole or as it streams."""
+from asyncserve.tool_parsers.base import (
+    ArgumentsDelta,
+    ContentDelta,
+    ExtractedToolCalls,
+    ToolCall,
+    ToolCallStart,
+    ToolParser,
+    collect,
+)
+from asyncserve.tool_parsers.registry import get_tool_parser, register, tool_parser_names
+
+__all__ = ["ArgumentsDelta", "ContentDelta", "ExtractedToolCalls", "ToolCall", "ToolCallStart", "ToolParser",
+           "collect", "get_tool_parser", "register", "tool_parser_names"]

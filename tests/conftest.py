@@ -37,7 +37,10 @@ def hf_reference(tiny_model_dir):
     def get(family: str):
         if family not in cache:
             path = tiny_model_dir(family)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            # Eager attention: transformers before 5.2x ran Gemma 2 through SDPA, which drops its logit
+            # soft-capping (the lent GPU machine's 5.17 does); eager is every family's exact reference.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
             cache[family] = (model, AutoTokenizer.from_pretrained(path))
         return cache[family]
 

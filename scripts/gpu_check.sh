@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe]
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|structured]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -45,4 +45,25 @@ if [ "$what" = moe ]; then  # issue 13's MoE: kernel tests at real shapes, the k
   timeout 200 python3 bench_latency.py --model mixtral-8x7b-2layer --no-hf 2>&1 | tee "$OUT/latency_mixtral2l.log" | tail -3
   timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | tail -3
   timeout 400 python3 bench_throughput.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/throughput_qwen3moe.log" | tail -3
+fi
+if [ "$what" = quant ]; then  # issue 12: FP8 KV cache next to bf16 KV; start-up of a GPTQ 8B from disk
+  cd "$ROOT/scripts"
+  timeout 150 python3 bench_throughput.py --model llama-3.1-8b --no-hf 2>&1 | tee "$OUT/throughput_bf16kv.log" | grep -E "KV|asyncserve:"
+  timeout 150 python3 bench_throughput.py --model llama-3.1-8b --no-hf --kv-cache-dtype fp8 2>&1 | tee "$OUT/throughput_fp8kv.log" | grep -E "KV|asyncserve:"
+  timeout 240 python3 make_random_checkpoint.py model_configs/llama-3.1-8b-gptq-int4 /tmp/llama-gptq >"$OUT/make_ckpt.log" 2>&1
+  timeout 120 python3 bench_latency.py --model /tmp/llama-gptq --no-hf --repeats 1 2>&1 | tee "$OUT/latency_gptq_disk.log" | grep -E "ready|asyncserve:"
+fi
+if [ "$what" = families ]; then  # issue 13: MoE kernel and models, Gemma 2, OPT
+  cd "$ROOT/scripts"
+  timeout 150 python3 bench_moe.py --no-torch 2>&1 | tee "$OUT/bench_moe.log" | grep -v Warn | tail -24
+  for m in qwen3-30b-a3b gemma-2-9b opt-1.3b mixtral-8x7b-2layer; do
+    timeout 150 python3 bench_latency.py --model $m --no-hf --repeats 2 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|asyncserve:"
+    timeout 200 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|asyncserve:"
+  done
+fi
+if [ "$what" = structured ]; then  # issue 14: grammar mask time, constrained decode throughput at c=64
+  cd "$ROOT/scripts"
+  tok=""; [ -d "$ROOT/bench_tok" ] && tok="--tokenizer $ROOT/bench_tok"
+  timeout 120 python3 bench_grammar.py --batch 64 $tok 2>&1 | tee "$OUT/bench_grammar.log" | grep -v Warn | tail -8
+  timeout 300 python3 bench_structured.py --model llama-3.1-8b --concurrency 64 $tok 2>&1 | tee "$OUT/bench_structured.log" | grep -v Warn | tail -8
 fi

@@ -51,12 +51,12 @@ if [ "$what" = quant ]; then  # issue 12: FP8 KV cache next to bf16 KV; start-up
   timeout 150 python3 bench_throughput.py --model llama-3.1-8b --no-hf 2>&1 | tee "$OUT/throughput_bf16kv.log" | grep -E "KV|asyncserve:"
   timeout 150 python3 bench_throughput.py --model llama-3.1-8b --no-hf --kv-cache-dtype fp8 2>&1 | tee "$OUT/throughput_fp8kv.log" | grep -E "KV|asyncserve:"
   timeout 240 python3 make_random_checkpoint.py model_configs/llama-3.1-8b-gptq-int4 /tmp/llama-gptq >"$OUT/make_ckpt.log" 2>&1
-  timeout 120 python3 bench_latency.py --model /tmp/llama-gptq --no-hf --repeats 1 2>&1 | tee "$OUT/latency_gptq_disk.log" | grep -E "ready|asyncserve:"
+  timeout 120 python3 bench_latency.py --model /tmp/llama-gptq --no-hf --repeats 2 2>&1 | tee "$OUT/latency_gptq_disk.log" | grep -E "ready|asyncserve:"
 fi
 if [ "$what" = families ]; then  # issue 13: MoE kernel and models, Gemma 2, OPT
   cd "$ROOT/scripts"
-  timeout 150 python3 bench_moe.py --no-torch 2>&1 | tee "$OUT/bench_moe.log" | grep -v Warn | tail -24
-  for m in qwen3-30b-a3b gemma-2-9b opt-1.3b mixtral-8x7b-2layer; do
+  [ -z "${MODELS:-}" ] && { timeout 150 python3 bench_moe.py --no-torch 2>&1 | tee "$OUT/bench_moe.log" | grep -v Warn | tail -24; }
+  for m in ${MODELS:-qwen3-30b-a3b mixtral-8x7b-2layer gemma-2-9b opt-1.3b}; do
     timeout 150 python3 bench_latency.py --model $m --no-hf --repeats 2 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|asyncserve:"
     timeout 200 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|asyncserve:"
   done

@@ -6,28 +6,13 @@ import torch
 
 from asyncserve import SamplingParams
 from asyncserve.tiny_model import FAMILIES
-from tests.conftest import PROMPTS, assert_pool_clean, hf_greedy
+from tests.conftest import PROMPTS, hf_greedy
 
 pytestmark = pytest.mark.gpu
 
 MAX_NEW = 24
 
 
-@pytest.fixture
-def make_cuda_llm(tiny_model_dir):
-    from asyncserve import LLM
-    made = []
-
-    def make(family, **kwargs):
-        kwargs.setdefault("num_gpu_blocks_override", 512)
-        kwargs.setdefault("max_num_seqs", 16)
-        llm = LLM(tiny_model_dir(family), device="cuda", **kwargs)
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        assert_pool_clean(llm.engine)
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])

@@ -8,26 +8,12 @@ import pytest
 import torch
 
 from asyncserve import LLM, SamplingParams
-from tests.conftest import PROMPTS, assert_pool_clean
+from tests.conftest import PROMPTS
 from tests.engine.test_fp8_kv_cache import MAX_TOKENS, MIN_AGREEMENT
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture
-def make_cuda_llm(tiny_model_dir):
-    made = []
-
-    def make(family, **kwargs):
-        kwargs.setdefault("num_gpu_blocks_override", 512)
-        kwargs.setdefault("max_num_seqs", 16)
-        llm = LLM(tiny_model_dir(family), device="cuda", **kwargs)
-        made.append(llm)
-        return llm
-
-    yield make
-    for llm in made:
-        assert_pool_clean(llm.engine)
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])

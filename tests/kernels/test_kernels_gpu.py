@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import asyncserve.kernels as kernels
+from tests.kernels.gpu_checks import assert_close_half, shuffled_block_tables
 
 pytestmark = [
     pytest.mark.gpu,
@@ -14,14 +15,6 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
-def _assert_close(actual, expected, dtype):
-    """Norm-wise relative error under 1e-2, and elementwise within a few half-precision ulps."""
-    actual, expected = actual.float(), expected.float()
-    relative = (actual - expected).norm() / expected.norm()
-    assert relative < 1e-2, f"relative error {relative:.2e}"
-    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-2
-    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
-
 
 def _pool_batch(seq_lens, query_lens, dtype, seed=0):
     """Random pool with shuffled block ids; the fp32 copies feed the reference."""
@@ -31,12 +24,7 @@ def _pool_batch(seq_lens, query_lens, dtype, seed=0):
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
     v_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
-    order = torch.randperm(num_blocks, generator=gen, device="cuda").to(torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32, device="cuda")
-    used = 0
-    for seq, count in enumerate(blocks_needed):
-        block_tables[seq, :count] = order[used:used + count]
-        used += count
+    block_tables = shuffled_block_tables(blocks_needed, num_blocks, gen)
     query = torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, generator=gen, device="cuda")
     starts = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     lengths = torch.tensor(seq_lens, dtype=torch.int32)
@@ -58,7 +46,7 @@ def test_decode_batch_of_64_up_to_4096_tokens(dtype, bound_max_seq_len):
                                          max_seq_len if bound_max_seq_len else None)
     expected = kernels.paged_decode_attention_ref(*reference_args[:5], scale)
     assert out.dtype == dtype
-    _assert_close(out, expected, dtype)
+    assert_close_half(out, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -67,7 +55,7 @@ def test_prefill_chunked_prefill_and_decode_in_one_step(dtype):
     query_lens = [4096, 512, 700, 1, 1, 300]  # full prompts, chunks after context, decodes
     args, reference_args = _pool_batch(seq_lens, query_lens, dtype)
     out = kernels.paged_attention(*args)
-    _assert_close(out, kernels.paged_attention_ref(*reference_args), dtype)
+    assert_close_half(out, kernels.paged_attention_ref(*reference_args), dtype)
 
 
 def test_decode_replays_in_a_cuda_graph_with_new_lengths():
@@ -109,11 +97,11 @@ def test_norms_rotary_and_activation_at_real_shapes(dtype):
     x = torch.randn(64, 4096, device="cuda").to(dtype)
     residual = torch.randn(64, 4096, device="cuda").to(dtype)
     weight = (1 + 0.1 * torch.randn(4096, device="cuda")).to(dtype)
-    _assert_close(kernels.rms_norm(x, weight, 1e-5), kernels.rms_norm_ref(x, weight, 1e-5), dtype)
+    assert_close_half(kernels.rms_norm(x, weight, 1e-5), kernels.rms_norm_ref(x, weight, 1e-5), dtype)
     out, new_residual = kernels.fused_add_rms_norm(x, residual, weight, 1e-5)
     expected_out, expected_residual = kernels.fused_add_rms_norm_ref(x, residual, weight, 1e-5)
     assert torch.equal(new_residual, expected_residual)
-    _assert_close(out, expected_out, dtype)
+    assert_close_half(out, expected_out, dtype)
 
     positions = torch.randint(0, 4096, (64,), device="cuda")
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
@@ -126,8 +114,8 @@ def test_norms_rotary_and_activation_at_real_shapes(dtype):
                                                 cos_sin_cache, is_neox)
         rotated = kernels.rotary_embedding(positions, query.clone(), key.clone(), cos_sin_cache,
                                            is_neox)
-        _assert_close(rotated[0], expected[0], dtype)
-        _assert_close(rotated[1], expected[1], dtype)
+        assert_close_half(rotated[0], expected[0], dtype)
+        assert_close_half(rotated[1], expected[1], dtype)
 
     gate_up = torch.randn(64, 2 * 14336, device="cuda").to(dtype)
-    _assert_close(kernels.silu_and_mul(gate_up), kernels.silu_and_mul_ref(gate_up), dtype)
+    assert_close_half(kernels.silu_and_mul(gate_up), kernels.silu_and_mul_ref(gate_up), dtype)

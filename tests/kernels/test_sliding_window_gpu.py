@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import asyncserve.kernels as kernels
+from tests.kernels.gpu_checks import assert_close_half, shuffled_block_tables
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,13 +19,6 @@ HALF_DTYPES = [torch.bfloat16, torch.float16]
 OPTIONS = {"sliding_window": WINDOW, "softcap": SOFTCAP}
 
 
-def _assert_close(actual, expected, dtype):
-    actual, expected = actual.float(), expected.float()
-    relative = (actual - expected).norm() / expected.norm()
-    assert relative < 1e-2, f"relative error {relative:.2e}"
-    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-2
-    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
-
 
 def _pool_batch(seq_lens, query_lens, dtype, seed=0):
     """Random pool with shuffled block ids; the fp32 copies feed the reference."""
@@ -34,12 +28,7 @@ def _pool_batch(seq_lens, query_lens, dtype, seed=0):
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
     v_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
-    order = torch.randperm(num_blocks, generator=gen, device="cuda").to(torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32, device="cuda")
-    used = 0
-    for seq, count in enumerate(blocks_needed):
-        block_tables[seq, :count] = order[used:used + count]
-        used += count
+    block_tables = shuffled_block_tables(blocks_needed, num_blocks, gen)
     # Scores of several units before the cap (scale 1/16 over 256 dims): the cap matters.
     query = 4 * torch.randn(sum(query_lens), NUM_HEADS, HEAD_DIM, generator=gen, device="cuda")
     starts = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -61,7 +50,7 @@ def test_decode_batch_up_to_8k_tokens_with_window_and_softcap(dtype):
                                          max_seq_len, **OPTIONS)
     expected = kernels.paged_decode_attention_ref(*reference_args[:5], scale, **OPTIONS)
     assert out.dtype == dtype
-    _assert_close(out, expected, dtype)
+    assert_close_half(out, expected, dtype)
     unwindowed = kernels.paged_decode_attention_ref(*reference_args[:5], scale, softcap=SOFTCAP)
     assert not torch.allclose(out[1].float(), unwindowed[1], atol=0.1)  # the window cut the 8k one
 
@@ -72,14 +61,14 @@ def test_prefill_chunks_and_decodes_up_to_8k_with_window_and_softcap(dtype):
     query_lens = [2048, 1000, 4100, 1, 700, 1]  # chunks after long context, a whole prompt, decodes
     args, reference_args = _pool_batch(seq_lens, query_lens, dtype)
     out = kernels.paged_attention(*args, **OPTIONS)
-    _assert_close(out, kernels.paged_attention_ref(*reference_args, **OPTIONS), dtype)
+    assert_close_half(out, kernels.paged_attention_ref(*reference_args, **OPTIONS), dtype)
 
 
 def test_full_attention_layers_of_the_same_shapes_still_match():
     """Gemma's global layers: head_dim 256, soft cap, no window."""
     args, reference_args = _pool_batch([6000, 300, 1], [1000, 300, 1], torch.bfloat16)
     out = kernels.paged_attention(*args, softcap=SOFTCAP)
-    _assert_close(out, kernels.paged_attention_ref(*reference_args, softcap=SOFTCAP), torch.bfloat16)
+    assert_close_half(out, kernels.paged_attention_ref(*reference_args, softcap=SOFTCAP), torch.bfloat16)
 
 
 def test_float32_at_head_dim_256_fits_and_matches():
@@ -120,6 +109,6 @@ def test_gemma_norm_and_gelu_at_gemma_2_9b_hidden_size(dtype):
     out, new_residual = kernels.fused_add_rms_norm(x, residual, weight, 1e-6, unit_offset=True)
     expected, expected_residual = kernels.fused_add_rms_norm_ref(x, residual, weight, 1e-6, unit_offset=True)
     assert torch.equal(new_residual, expected_residual)
-    _assert_close(out, expected, dtype)
+    assert_close_half(out, expected, dtype)
     gate_up = torch.randn(33, 2 * intermediate, device="cuda").to(dtype)
-    _assert_close(kernels.gelu_tanh_and_mul(gate_up), kernels.gelu_tanh_and_mul_ref(gate_up.float()), dtype)
+    assert_close_half(kernels.gelu_tanh_and_mul(gate_up), kernels.gelu_tanh_and_mul_ref(gate_up.float()), dtype)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from asyncserve.errors import InvalidParameterError
+from asyncserve.sampling_params import truncate_left
 
 
 @dataclass
@@ -36,16 +37,7 @@ class PoolingParams:
                                         "truncate_prompt_tokens")
 
     def truncate_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's last `truncate_prompt_tokens` tokens (left truncation, as vLLM)."""
-        keep = self.truncate_prompt_tokens
-        if keep is None:
-            return token_ids
-        if keep == -1:
-            keep = max_model_len
-        if keep > max_model_len:
-            raise InvalidParameterError(f"truncate_prompt_tokens={keep} is larger than max_model_len="
-                                        f"{max_model_len}; ask for a smaller truncation.", "truncate_prompt_tokens")
-        return token_ids[-keep:] if len(token_ids) > keep else token_ids
+        return truncate_left(token_ids, self.truncate_prompt_tokens, max_model_len, InvalidParameterError)
 
     def clone(self) -> "PoolingParams":
         return copy(self)

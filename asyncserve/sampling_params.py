@@ -17,6 +17,19 @@ def _check(ok: bool, name: str, allowed: str, value) -> None:
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
+
+def truncate_left(token_ids: list[int], keep: int | None, max_model_len: int, error: type) -> list[int]:
+    """The prompt's last `keep` tokens (vLLM's truncate_prompt_tokens: left truncation; -1 keeps
+    max_model_len); `error` is raised, naming the field, when `keep` exceeds max_model_len."""
+    if keep is None:
+        return token_ids
+    if keep == -1:
+        keep = max_model_len
+    if keep > max_model_len:
+        raise error(f"truncate_prompt_tokens={keep} is larger than max_model_len={max_model_len}; ask for a "
+                    "smaller truncation.", "truncate_prompt_tokens")
+    return token_ids[-keep:] if len(token_ids) > keep else token_ids
+
 @dataclass
 class StructuredOutputsParams:
     """One output constraint, as vLLM's `StructuredOutputsParams`: exactly one of the constraint fields.
@@ -197,16 +210,7 @@ class SamplingParams:
         return max((len(s) for s in self.stop), default=0)
 
     def truncate_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's last `truncate_prompt_tokens` tokens (left truncation, as vLLM)."""
-        keep = self.truncate_prompt_tokens
-        if keep is None:
-            return token_ids
-        if keep == -1:
-            keep = max_model_len
-        if keep > max_model_len:
-            raise SamplingParamsError(f"truncate_prompt_tokens={keep} is larger than max_model_len="
-                                      f"{max_model_len}; ask for a smaller truncation.", "truncate_prompt_tokens")
-        return token_ids[-keep:] if len(token_ids) > keep else token_ids
+        return truncate_left(token_ids, self.truncate_prompt_tokens, max_model_len, SamplingParamsError)
 
     def clone(self) -> "SamplingParams":
         from copy import deepcopy

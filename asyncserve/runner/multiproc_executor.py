@@ -146,12 +146,23 @@ class MultiprocExecutor(Executor):
         return conn
 
     def _check_alive(self) -> None:
-        for rank, process in enumerate(self._processes):
-            if process.poll() is not None:
-                self._dead = (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
-                              f"{process.returncode}")
-                self.shutdown()
-                raise WorkerDiedError(f"{self._dead}: the engine cannot continue; restart it.")
+        if any(process.poll() is not None for process in self._processes):
+            self._fail()
+
+    def _fail(self, how: str = "") -> None:
+        """Names the workers that ended (the first to die usually takes rank 0 down with it), ends the
+        rest and raises."""
+        try:
+            self._processes[0].wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        ended = [f"rank {rank} (pid {process.pid}) "
+                 + (f"killed by signal {-process.returncode}" if process.returncode < 0
+                    else f"exited with code {process.returncode}")
+                 for rank, process in enumerate(self._processes) if process.poll() is not None]
+        self._dead = "tensor-parallel worker " + ("; ".join(ended) or how)
+        self.shutdown()
+        raise WorkerDiedError(f"{self._dead}: the engine cannot continue; restart it.")
 
     def _receive(self):
         while not self._conn.poll(0.2):
@@ -159,9 +170,7 @@ class MultiprocExecutor(Executor):
         try:
             status, value = self._conn.recv()
         except (EOFError, OSError):
-            self._dead = "tensor-parallel worker rank 0 closed its connection"
-            self.shutdown()
-            raise WorkerDiedError(f"{self._dead}: the engine cannot continue; restart it.") from None
+            self._fail("rank 0 closed its connection")
         if status == "error":
             raise value
         return value

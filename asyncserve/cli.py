@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+        engine.shutdown()  # tensor-parallel workers end with the server
     logger.info("asyncserve stopped")
     return 0
 

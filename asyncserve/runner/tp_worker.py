@@ -10,11 +10,10 @@ need only the environment, since rank 0 broadcasts the engine's config first.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
-import signal
-import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -27,12 +26,16 @@ ENGINE_KEY_ENV = "ASYNCSERVE_ENGINE_KEY"
 
 
 def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the engine process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    """Ends this worker when the engine process is gone, however it died (SIGKILL included): its
+    parent changes. (Linux's PR_SET_PDEATHSIG would fire when the starting *thread* ends.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="asyncserve-parent-watch", daemon=True).start()
 
 
 def _broadcast(obj, group):

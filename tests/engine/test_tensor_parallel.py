@@ -35,18 +35,56 @@ def gqa_dir(tmp_path_factory) -> str:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "llama3-kv1", "llama3", num_key_value_heads=1)
 
 
-@pytest.mark.parametrize("family", ["llama3-kv1", "qwen2", "qwen3"])
+SEEDED = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", ["llama3-kv1", "mistral", "qwen2", "qwen3"])
 def test_two_ranks_match_one_exactly(family, tiny_model_dir, gqa_dir):
     from asyncserve import LLM
     path = gqa_dir if family == "llama3-kv1" else tiny_model_dir(family)
     kwargs = dict(device="cpu", dtype="float32", num_gpu_blocks_override=64, max_model_len=256)
     one = LLM(path, **kwargs)
-    expected = _greedy(one)
+    expected = _greedy(one), one.generate(PROMPTS[:1], SEEDED, use_tqdm=False)[0].outputs[0].token_ids
     two = LLM(path, tensor_parallel_size=2, **kwargs)
     assert len(_workers()) == 2
-    assert _greedy(two) == expected
+    # Every rank samples from the same gathered logits: seeded sampling agrees too.
+    assert (_greedy(two), two.generate(PROMPTS[:1], SEEDED, use_tqdm=False)[0].outputs[0].token_ids) == expected
     two.shutdown()
     assert _workers() == []
+
+
+def test_one_rank_stays_in_one_process_without_torch_distributed(make_llm):
+    import torch.distributed as dist
+    from asyncserve.layers.linear import Linear, MergedLinear
+    from asyncserve.runner.executor import UniprocExecutor
+    llm = make_llm("llama3", num_gpu_blocks_override=64, max_model_len=256)
+    assert isinstance(llm.engine.executor, UniprocExecutor)
+    model = llm.engine.executor.model
+    layer = model.layers[0]
+    assert type(layer.self_attn.qkv_proj) is MergedLinear and type(layer.mlp.down_proj) is Linear
+    assert type(model.lm_head) is Linear
+    assert not (dist.is_available() and dist.is_initialized())
+    assert _workers() == []
+
+
+def test_workers_end_when_the_engine_process_is_killed(tiny_model_dir):
+    """SIGTERM (no clean-up runs) and SIGKILL alike: the workers notice their parent is gone."""
+    script = ("import sys, psutil; from asyncserve import LLM; "
+              f"llm = LLM({tiny_model_dir('qwen3')!r}, device='cpu', num_gpu_blocks_override=64, "
+              "max_model_len=256, tensor_parallel_size=2); "
+              "print(*[p.pid for p in psutil.Process().children()], flush=True); sys.stdin.read()")
+    engine = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        pids = [int(pid) for pid in engine.stdout.readline().split()]
+        assert len(pids) == 2
+        engine.send_signal(signal.SIGTERM)
+        engine.wait(timeout=30)
+        gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=20)
+        assert alive == []
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
 
 
 def test_unsharded_families_and_quantized_checkpoints_are_refused(tiny_model_dir):

@@ -47,11 +47,24 @@ def check_tensor_parallel(config) -> None:
     if config.quantization is not None and not isinstance(config.quantization, UnquantizedConfig):
         raise ConfigError(f"tensor_parallel_size={size} is not supported with quantized checkpoints yet "
                           f"({type(config.quantization).__name__}): run it with tensor_parallel_size=1.")
+    _check_shapes(config.model.hf_config, size)
     if config.model.is_pooling:
         raise ConfigError(f"tensor_parallel_size={size} is not supported for embedding models yet.")
     if config.model.device.type == "cuda" and torch.cuda.device_count() < _local_world_size(size):
         raise ConfigError(f"tensor_parallel_size={size} needs {_local_world_size(size)} GPUs on this host, "
                           f"torch sees {torch.cuda.device_count()}.")
+
+
+def _check_shapes(hf_config, size: int) -> None:
+    """Heads and the MLP must split evenly over the ranks: said here, before any worker starts."""
+    from asyncserve.layers.parallel_linear import divide, kv_heads_per_rank
+    heads = hf_config.num_attention_heads
+    try:
+        divide(heads, size, "num_attention_heads")
+        kv_heads_per_rank(getattr(hf_config, "num_key_value_heads", None) or heads, size)
+        divide(hf_config.intermediate_size, size, "intermediate_size")
+    except ValueError as error:
+        raise ConfigError(f"The model cannot be split over tensor_parallel_size={size}: {error}.") from None
 
 
 def _local_world_size(size: int) -> int:

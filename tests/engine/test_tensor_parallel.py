@@ -93,6 +93,8 @@ def test_unsharded_families_and_quantized_checkpoints_are_refused(tiny_model_dir
         LLM(tiny_model_dir("mixtral"), device="cpu", tensor_parallel_size=2)
     with pytest.raises(ConfigError, match="quantized"):
         LLM(tiny_model_dir("qwen3"), device="cpu", quantization="fp8", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
+        LLM(tiny_model_dir("qwen3"), device="cpu", tensor_parallel_size=3)
     assert _workers() == []
 
 

@@ -23,7 +23,7 @@ import torch
 from asyncserve.errors import ConfigError, EngineDeadError
 from asyncserve.runner.executor import Executor
 from asyncserve.runner.step import StepMessage, StepOutput
-from asyncserve.runner.tp_worker import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV
+from asyncserve.runner.tp_worker import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
 
 logger = logging.getLogger("asyncserve")
 
@@ -82,7 +82,7 @@ def _end(processes: list[subprocess.Popen], box: list) -> None:
     conn = box[0]
     if conn is not None:
         try:
-            conn.send(("shutdown", ()))
+            send_message(conn, ("shutdown", ()))
         except (OSError, ValueError):
             pass
     for process in processes:
@@ -135,7 +135,7 @@ class MultiprocExecutor(Executor):
         self._dead: str | None = None
         try:
             self._conn = self._box[0] = self._accept(server, key)
-            self._conn.send(config)
+            send_message(self._conn, config)
             self._receive()  # every rank has loaded its shard
         except BaseException:
             self.shutdown()
@@ -181,7 +181,7 @@ class MultiprocExecutor(Executor):
         while not self._conn.poll(0.2):
             self._check_alive()
         try:
-            status, value = self._conn.recv()
+            status, value = recv_message(self._conn)
         except (EOFError, OSError):
             self._fail("rank 0 closed its connection")
         if status == "error":
@@ -191,7 +191,7 @@ class MultiprocExecutor(Executor):
     def _call(self, method: str, *args):
         if self._dead:
             raise WorkerDiedError(f"{self._dead}: the engine cannot continue; restart it.")
-        self._conn.send((method, args))
+        send_message(self._conn, (method, args))
         return self._receive()
 
     def determine_num_blocks(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import threading
 import time
 
@@ -38,6 +39,16 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="asyncserve-parent-watch", daemon=True).start()
 
 
+def send_message(conn, obj) -> None:
+    """Plain pickling: multiprocessing's own would pass tensors as shared-memory handles, which only
+    processes of one multiprocessing family can open (and never a host away)."""
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv_message(conn):
+    return pickle.loads(conn.recv_bytes())
+
+
 def _broadcast(obj, group):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=group)
@@ -57,7 +68,7 @@ def run_worker() -> None:
         _die_with_parent()
     if os.environ["RANK"] == "0":
         conn = _connect_to_engine()
-        config = conn.recv()
+        config = recv_message(conn)
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -82,13 +93,13 @@ def _serve(config, rank: int, conn, cpu_group) -> None:
         executor = UniprocExecutor(config)
     except Exception as exc:
         if conn is not None:
-            conn.send(("error", exc))
+            send_message(conn, ("error", exc))
         raise
     if conn is not None:
-        conn.send(("ok", None))
+        send_message(conn, ("ok", None))
     pending = None
     while True:
-        call = _broadcast(conn.recv() if conn is not None else None, cpu_group)
+        call = _broadcast(recv_message(conn) if conn is not None else None, cpu_group)
         method, args = call
         if method == "shutdown":
             return
@@ -112,10 +123,10 @@ def _serve(config, rank: int, conn, cpu_group) -> None:
         except Exception as exc:
             if conn is None:
                 raise
-            conn.send(("error", exc))
+            send_message(conn, ("error", exc))
             continue
         if conn is not None:
-            conn.send(("ok", reply))
+            send_message(conn, ("ok", reply))
 
 
 if __name__ == "__main__":  # a rank on another host (torchrun sets the environment)

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import torch
 
-from asyncserve.errors import ConfigError, EngineDeadError
+from asyncserve.errors import ConfigError, WorkerDiedError
 from asyncserve.runner.executor import Executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.runner.tp_worker import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
@@ -29,10 +29,6 @@ logger = logging.getLogger("asyncserve")
 
 # How many of the ranks this host runs (ranks 0..n-1); the others join from other hosts (docs/architecture.md).
 LOCAL_WORLD_SIZE_ENV = "ASYNCSERVE_LOCAL_WORLD_SIZE"
-
-
-class WorkerDiedError(EngineDeadError):
-    """A tensor-parallel worker process ended while the engine needed it."""
 
 
 def check_tensor_parallel(config) -> None:
@@ -128,7 +124,8 @@ class MultiprocExecutor(Executor):
                    **{ENGINE_ADDRESS_ENV: "127.0.0.1:%d" % server.getsockname()[1], ENGINE_KEY_ENV: key.hex()})
         self._processes = [
             subprocess.Popen([sys.executable, "-m", "asyncserve.runner.tp_worker"],
-                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+                             env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank),
+                                      LOCAL_WORLD_SIZE=str(_local_world_size(size))))
             for rank in range(_local_world_size(size))]
         self._box: list[Connection | None] = [None]
         self._finalizer = weakref.finalize(self, _end, self._processes, self._box)

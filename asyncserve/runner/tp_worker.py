@@ -74,6 +74,9 @@ def run_worker() -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
+    else:  # the host's cores shared by its ranks, not each rank using all of them
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_ranks))
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=rank, world_size=size)
     cpu_group = dist.new_group(backend="gloo") if cuda else dist.group.WORLD  # for picklable messages
     set_tensor_parallel(rank, size)

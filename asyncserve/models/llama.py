@@ -33,16 +33,17 @@ class LlamaAttention(nn.Module):
             self.qkv_proj, self.num_heads, self.num_kv_heads = qkv_parallel(
                 config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
                 qkv_bias or attention_bias, f"{prefix}.qkv_proj")
-            self.o_proj = RowParallelLinear(self.num_heads * self.head_dim * tp_size(), config.hidden_size,
+            self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                             bias=attention_bias, prefix=f"{prefix}.o_proj")
+        else:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            self.qkv_proj = MergedLinear(
+                config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                bias=qkv_bias or attention_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+            self.o_proj = Linear(q_size, config.hidden_size, bias=attention_bias, quant_config=quant_config,
+                                 prefix=f"{prefix}.o_proj")
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        if tp_size() == 1:
-            self.qkv_proj = MergedLinear(
-                config.hidden_size, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
-                bias=qkv_bias or attention_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-            self.o_proj = Linear(self.q_size, config.hidden_size, bias=attention_bias,
-                                 quant_config=quant_config, prefix=f"{prefix}.o_proj")
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,

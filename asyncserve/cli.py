@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism and execution")
     parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"],
                           metavar="N",
-                          help="GPUs to shard the model over (only 1 is built yet).")
+                          help="Worker processes (GPUs) to shard the model over: the Llama family, unquantized "
+                               "(default: %(default)s).")
     parallel.add_argument("--enforce-eager", action="store_true",
                           help="Never capture CUDA graphs (slower decode, faster start-up).")
     parallel.add_argument("--structured-outputs-backend", "--guided-decoding-backend",
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+        engine.shutdown()  # tensor-parallel workers end with the server
     logger.info("asyncserve stopped")
     return 0
 

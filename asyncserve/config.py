@@ -87,9 +87,8 @@ class EngineConfig:
             raise ConfigError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}.")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ConfigError(f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}.")
-        if self.tensor_parallel_size != 1:
-            raise ConfigError("tensor_parallel_size > 1 is not supported yet: run one replica per GPU "
-                              "behind a load balancer.")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}.")
         if self.quantization is not None:  # an unknown method fails here, before anything loads
             from asyncserve.layers.quantization import check_method_name
             check_method_name(self.quantization)

@@ -33,6 +33,10 @@ class EngineDeadError(AsyncServeError, RuntimeError):
     """The engine loop stopped on an internal error; no new requests are accepted."""
 
 
+class WorkerDiedError(EngineDeadError):
+    """A tensor-parallel worker process ended while the engine needed it: the engine cannot go on."""
+
+
 class QueueFullError(AsyncServeError):
     """The waiting queue is over its bound: try again later (HTTP 503)."""
 

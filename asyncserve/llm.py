@@ -23,6 +23,10 @@ class LLM:
         self.engine.stream_outputs = False  # generate() returns finished outputs only
         self._request_counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Ends the tensor-parallel worker processes now (they also end when this object is collected)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

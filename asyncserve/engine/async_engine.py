@@ -77,6 +77,10 @@ class AsyncEngine:
         await cancel_and_wait(self._task)
         self._task = None
 
+    def shutdown(self) -> None:
+        """Ends the tensor-parallel worker processes (after `stop`); the engine cannot start again."""
+        self.engine.shutdown()
+
     @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done() and self._dead is None

@@ -21,7 +21,7 @@ from asyncserve.model_config import ModelConfig, load_tokenizer
 from asyncserve.models.registry import model_class
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
-from asyncserve.runner.executor import Executor, UniprocExecutor
+from asyncserve.runner.executor import Executor, make_executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sampling_params import SamplingParams
 
@@ -38,7 +38,7 @@ class LLMEngine:
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
         self.sampling_defaults = sampling_defaults(mc.generation_config, mc.path)
         self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc)
-        self.executor: Executor = UniprocExecutor(config)
+        self.executor: Executor = make_executor(config)
         num_blocks = self.executor.determine_num_blocks()
         block_size = config.cache.block_size
         if num_blocks * block_size < mc.max_model_len:
@@ -82,6 +82,10 @@ class LLMEngine:
     @property
     def model_config(self) -> ModelConfig:
         return self.config.model
+
+    def shutdown(self) -> None:
+        """Ends the executor's worker processes (tensor parallelism); nothing to do in one process."""
+        self.executor.shutdown()
 
     def _num_host_blocks(self) -> int:
         """Host blocks for swapped-out sequences: `swap_space` GiB, used only in swap mode."""

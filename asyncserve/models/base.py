@@ -31,6 +31,9 @@ class CausalLM(nn.Module, ABC):
     expert_modules_mapping: ClassVar[dict[str, str]] = {}
     # The checkpoint's prefix for the decoder body (absent from our parameter names).
     checkpoint_prefix: ClassVar[str] = "model."
+    # Whether the family builds its layers sharded over ranks (layers/parallel_linear.py) when
+    # tensor_parallel_size > 1; the others refuse tensor parallelism by name.
+    supports_tensor_parallel: ClassVar[bool] = False
 
     # The embedding and LM head: what start-up tuning (and later LoRA / vocab-parallel layers) may touch.
     embed_tokens: nn.Embedding  # [V, E] token embedding

@@ -44,6 +44,7 @@ class QwenSparseMoeBlock(nn.Module):
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
     expert_modules_mapping = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    supports_tensor_parallel = False  # experts are not sharded yet
 
     @property
     def qkv_bias(self) -> bool:  # Qwen1.5-MoE's config.json predates the field: biases by default

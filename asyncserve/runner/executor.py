@@ -88,6 +88,14 @@ class UniprocExecutor(Executor):
         self.runner.sample(pending, bitmask, rows)
 
 
+def make_executor(config) -> Executor:
+    """One process for tensor_parallel_size 1 (no torch.distributed at all); worker processes above."""
+    if config.parallel.tensor_parallel_size == 1:
+        return UniprocExecutor(config)
+    from asyncserve.runner.multiproc_executor import MultiprocExecutor
+    return MultiprocExecutor(config)
+
+
 def _make_runner(model, config):
     if config.model.device.type == "cuda":
         from asyncserve.runner.cuda_runner import CudaModelRunner

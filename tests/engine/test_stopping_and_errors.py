@@ -129,8 +129,8 @@ def test_unknown_architecture_names_the_supported_ones(tmp_path):
 
 def test_unbuilt_features_fail_loudly():
     from asyncserve import EngineConfig
-    with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        EngineConfig(tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
+        EngineConfig(tensor_parallel_size=0)
     with pytest.raises(ConfigError, match="quantization"):
         EngineConfig(quantization="squeezellm")
 

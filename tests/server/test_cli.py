@@ -75,7 +75,7 @@ async def test_cli_serves_then_exits_0_on_sigint_ending_streams_cleanly(model_pa
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--tensor-parallel-size", "2"], "tensor_parallel_size"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size must be >= 1"),
     (["--quantization", "squeezellm"], "quantization"),
     (["--kv-cache-dtype", "int8"], "kv_cache_dtype='int8' is not supported (supported: 'auto'"),
     (["--kv-cache-dtype", "fp8_e5m2"], "use 'fp8' (e4m3"),

@@ -1,0 +1,148 @@
+"""Tensor parallelism on the CPU: two worker processes over gloo give exactly the greedy tokens of one
+process in float32; the workers end with the engine; a dead worker fails the engine, not a hang; the
+ranks also meet the multi-host way (env:// with a rank started on its own)."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from asyncserve import SamplingParams
+from asyncserve.errors import ConfigError, EngineDeadError, WorkerDiedError
+from asyncserve.tiny_model import build_tiny_checkpoint
+
+PROMPTS = ["hello world", "the cat sat on the mat and", "a"]
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def _workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "asyncserve.runner.tp_worker" in " ".join(p.cmdline())]
+
+
+def _greedy(llm) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory) -> str:
+    """Llama 3 with one KV head for four query heads: fewer KV heads than ranks (replicated)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "llama3-kv1", "llama3", num_key_value_heads=1)
+
+
+SEEDED = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+# A grammar-constrained row beside a free one: the masks travel to the ranks with `sample`.
+CONSTRAINED = [SamplingParams(structured_outputs={"choice": ["yes", "no", "maybe"]}, temperature=0.0), GREEDY]
+
+
+def _all_kinds(llm) -> tuple:
+    return (_greedy(llm), llm.generate(PROMPTS[:1], SEEDED, use_tqdm=False)[0].outputs[0].token_ids,
+            [out.outputs[0].text for out in llm.generate(PROMPTS[:2], CONSTRAINED, use_tqdm=False)])
+
+
+@pytest.mark.parametrize("family", ["llama3-kv1", "mistral", "qwen2", "qwen3"])
+def test_two_ranks_match_one_exactly(family, tiny_model_dir, gqa_dir):
+    from asyncserve import LLM
+    path = gqa_dir if family == "llama3-kv1" else tiny_model_dir(family)
+    kwargs = dict(device="cpu", dtype="float32", num_gpu_blocks_override=64, max_model_len=256)
+    one = LLM(path, **kwargs)
+    expected = _all_kinds(one)
+    assert expected[2][0] in ("yes", "no", "maybe")
+    two = LLM(path, tensor_parallel_size=2, **kwargs)
+    assert len(_workers()) == 2
+    # Every rank samples from the same gathered logits: seeded and constrained sampling agree too.
+    assert _all_kinds(two) == expected
+    two.shutdown()
+    assert _workers() == []
+
+
+def test_one_rank_stays_in_one_process_without_torch_distributed(make_llm):
+    import torch.distributed as dist
+    from asyncserve.layers.linear import Linear, MergedLinear
+    from asyncserve.runner.executor import UniprocExecutor
+    llm = make_llm("llama3", num_gpu_blocks_override=64, max_model_len=256)
+    assert isinstance(llm.engine.executor, UniprocExecutor)
+    model = llm.engine.executor.model
+    layer = model.layers[0]
+    assert type(layer.self_attn.qkv_proj) is MergedLinear and type(layer.mlp.down_proj) is Linear
+    assert type(model.lm_head) is Linear
+    assert not (dist.is_available() and dist.is_initialized())
+    assert _workers() == []
+
+
+def test_workers_end_when_the_engine_process_is_killed(tiny_model_dir):
+    """SIGTERM (no clean-up runs) and SIGKILL alike: the workers notice their parent is gone."""
+    script = ("import sys, psutil; from asyncserve import LLM; "
+              f"llm = LLM({tiny_model_dir('qwen3')!r}, device='cpu', num_gpu_blocks_override=64, "
+              "max_model_len=256, tensor_parallel_size=2); "
+              "print(*[p.pid for p in psutil.Process().children()], flush=True); sys.stdin.read()")
+    engine = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        pids = [int(pid) for pid in engine.stdout.readline().split()]
+        assert len(pids) == 2
+        engine.send_signal(signal.SIGTERM)
+        engine.wait(timeout=30)
+        gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=20)
+        assert alive == []
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+
+
+def test_unsharded_families_and_quantized_checkpoints_are_refused(tiny_model_dir):
+    from asyncserve import LLM
+    with pytest.raises(ConfigError, match="MixtralForCausalLM"):
+        LLM(tiny_model_dir("mixtral"), device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="quantized"):
+        LLM(tiny_model_dir("qwen3"), device="cpu", quantization="fp8", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
+        LLM(tiny_model_dir("qwen3"), device="cpu", tensor_parallel_size=3)
+    assert _workers() == []
+
+
+def test_a_killed_worker_fails_the_engine_cleanly(tiny_model_dir):
+    from asyncserve import LLM
+    llm = LLM(tiny_model_dir("qwen3"), device="cpu", num_gpu_blocks_override=64, max_model_len=256,
+              tensor_parallel_size=2)
+    rank1 = next(p for p in _workers() if p.environ().get("RANK") == "1")
+    os.kill(rank1.pid, signal.SIGKILL)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(_greedy, llm)
+        with pytest.raises(WorkerDiedError, match="rank 1"):
+            future.result(timeout=60)
+    assert _workers() == []
+    with pytest.raises(EngineDeadError):  # and stays failed
+        _greedy(llm)
+
+
+def test_ranks_meet_the_multi_host_way(tiny_model_dir, monkeypatch):
+    """Rank 1 starts on its own, as torchrun on a second host would; the engine runs rank 0 only."""
+    from asyncserve import LLM
+    path = tiny_model_dir("qwen2")
+    kwargs = dict(device="cpu", dtype="float32", num_gpu_blocks_override=64, max_model_len=256)
+    expected = _greedy(LLM(path, **kwargs))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    other_host = subprocess.Popen([sys.executable, "-m", "asyncserve.runner.tp_worker"],
+                                  env=dict(os.environ, RANK="1", LOCAL_RANK="0", **rendezvous))
+    try:
+        for name, value in rendezvous.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("ASYNCSERVE_LOCAL_WORLD_SIZE", "1")
+        llm = LLM(path, tensor_parallel_size=2, **kwargs)
+        assert len([p for p in _workers() if p.pid != other_host.pid]) == 1  # only rank 0 is the engine's
+        assert _greedy(llm) == expected
+        llm.shutdown()
+        assert other_host.wait(timeout=30) == 0  # rank 0 told it to leave
+    finally:
+        if other_host.poll() is None:
+            other_host.kill()
+            other_host.wait()

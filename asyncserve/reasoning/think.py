@@ -8,30 +8,14 @@ A tag split across deltas is held back until it is whole, so every cut of a text
 """
 from __future__ import annotations
 
-from typing import Callable
-
+from asyncserve.named_registry import NamedRegistry
 from asyncserve.tool_parsers.base import held_prefix
 
 START, END = "<think>", "</think>"
-_PARSERS: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.name = name
-        _PARSERS[name] = cls
-        return cls
-    return add
-
-
-def reasoning_parser_names() -> list[str]:
-    return sorted(_PARSERS)
-
-
-def get_reasoning_parser(name: str) -> type:
-    if name not in _PARSERS:
-        raise KeyError(f"unknown reasoning parser {name!r}; known: {', '.join(sorted(_PARSERS))}")
-    return _PARSERS[name]
+_REGISTRY = NamedRegistry("reasoning parser")
+register = _REGISTRY.register
+reasoning_parser_names = _REGISTRY.names
+get_reasoning_parser = _REGISTRY.get
 
 
 class ReasoningParser:

@@ -1,30 +1,21 @@
 """Tool-call parsers by vLLM's `--tool-call-parser` names; a new format plugs in with `@register(name)`."""
 from __future__ import annotations
 
-from typing import Callable
+from asyncserve.named_registry import NamedRegistry
 
-_PARSERS: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        cls.name = name
-        _PARSERS[name] = cls
-        return cls
-    return add
+_REGISTRY = NamedRegistry("tool-call parser")
+register = _REGISTRY.register
 
 
 def tool_parser_names() -> list[str]:
     _load_builtin()
-    return sorted(_PARSERS)
+    return _REGISTRY.names()
 
 
 def get_tool_parser(name: str) -> type:
     """The parser class for `name`; KeyError names the known ones."""
     _load_builtin()
-    if name not in _PARSERS:
-        raise KeyError(f"unknown tool-call parser {name!r}; known: {', '.join(sorted(_PARSERS))}")
-    return _PARSERS[name]
+    return _REGISTRY.get(name)
 
 
 def _load_builtin() -> None:

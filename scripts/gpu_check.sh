@@ -62,6 +62,7 @@ if [ "$what" = families ]; then  # issue 13: MoE kernel and models, Gemma 2, OPT
   done
 fi
 if [ "$what" = structured ]; then  # issue 14: grammar mask time, constrained decode throughput at c=64
+  # A real vocabulary: copy SmolLM2's tokenizer*.json (from ~/.cache/asyncserve) into bench_tok/ and carry it.
   cd "$ROOT/scripts"
   tok=""; [ -d "$ROOT/bench_tok" ] && tok="--tokenizer $ROOT/bench_tok"
   timeout 120 python3 bench_grammar.py --batch 64 $tok 2>&1 | tee "$OUT/bench_grammar.log" | grep -v Warn | tail -8

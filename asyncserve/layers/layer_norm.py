@@ -9,6 +9,8 @@ from torch.nn import functional as F
 class LayerNorm(nn.Module):
     """[T, E] -> [T, E]; `affine=False` keeps no weight or bias (OPT's layer_norm_elementwise_affine)."""
 
+    is_norm = True  # random (dummy) weights leave it as built: see models/loader.py
+
     def __init__(self, hidden_size: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
         self.hidden_size = hidden_size

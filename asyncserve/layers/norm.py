@@ -8,6 +8,8 @@ from asyncserve.kernels import fused_add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
+    is_norm = True  # random (dummy) weights leave it as built: see models/loader.py
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))

@@ -68,12 +68,14 @@ def _init_dummy(model: torch.nn.Module, seed: int) -> None:
     """Small random weights: real shapes and real arithmetic, without a checkpoint."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    # Norm layers keep the values they are built with: the identity (ones and zero bias, or zeros where
+    # a norm scales by 1 + w), whatever their checkpoint names (norm, ln_1, ln_f, layer_norm...).
+    norm_params = {id(param) for module in model.modules() if getattr(module, "is_norm", False)
+                   for param in module.parameters(recurse=False)}
     for name, param in model.named_parameters():
-        if getattr(param, "checkpoint_optional", False):  # e.g. KV-cache scales: their default stands
-            continue
-        if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
-        elif name.endswith("g_idx"):  # act-order groups: all in order (no permutation)
+        if getattr(param, "checkpoint_optional", False) or id(param) in norm_params:
+            continue  # KV-cache scales and norms: their defaults stand
+        if name.endswith("g_idx"):  # act-order groups: all in order (no permutation)
             param.data.zero_()
         elif not param.dtype.is_floating_point:  # packed integer weights: random bits
             param.data.random_(0, 2 ** 31 - 1, generator=generator)

@@ -104,3 +104,26 @@ def test_dummy_weights_fill_every_parameter(tiny_model_dir):
             assert torch.equal(param, torch.ones_like(param)), name
         else:
             assert param.abs().max() <= 0.02 and param.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("family,identity", [("gemma2", 0.0), ("qwen3", 1.0)])
+def test_dummy_weights_leave_every_norm_at_its_identity(tiny_model_dir, family, identity):
+    """Whatever a norm is called (q_norm, ln_1, ...): weight 1, or 0 where it scales by 1 + w."""
+    path = tiny_model_dir(family)
+    model = load_model(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy").create_config())
+    norms = [module for module in model.modules() if getattr(module, "is_norm", False)]
+    assert len(norms) > 2 * model.config.num_hidden_layers
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.full_like(norm.weight, identity))
+
+
+def test_dummy_weights_leave_layer_norms_of_other_names_as_built(tmp_path):
+    """GPT-2's ln_1/ln_2/ln_f: weight 1 and bias 0 under random weights, as under a real checkpoint's init."""
+    from tests.models.tiny_families import build_variant
+    path = build_variant(tmp_path / "gpt2", "gpt2")
+    model = load_model(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy").create_config())
+    layer_norms = [module for module in model.modules() if getattr(module, "is_norm", False)]
+    assert layer_norms
+    for norm in layer_norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))

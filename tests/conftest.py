@@ -70,6 +70,32 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
+def generate_joining_mid_flight(engine, prompts: list, params, after_step=None) -> list[list[int]]:
+    """Continuous batching by hand: two requests start, another joins every third step and prefills (in
+    chunks) while the others decode. Fails unless some step mixed prefill and decode; `after_step()`
+    runs after each step. Returns each prompt's token ids, in order."""
+    pending = list(enumerate(prompts))
+    results: dict[int, list[int]] = {}
+    steps = mixed_steps = 0
+    for _ in range(2):
+        index, prompt = pending.pop(0)
+        engine.add_request(str(index), prompt, params)
+    while engine.has_unfinished_requests() or pending:
+        if steps % 3 == 2 and pending:
+            index, prompt = pending.pop(0)
+            engine.add_request(str(index), prompt, params)
+        step, scheduled = engine.schedule()
+        mixed_steps += {seq.is_prefilling for seq, _ in scheduled} == {True, False}
+        for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
+            if output.finished:
+                results[int(output.request_id)] = list(output.outputs[0].token_ids)
+        if after_step is not None:
+            after_step()
+        steps += 1
+    assert mixed_steps > 0, "no step mixed prefill and decode"
+    return [results[i] for i in range(len(prompts))]
+
+
 def assert_pool_clean(engine) -> None:
     """After a workload: no request left, every block free, every ref count zero."""
     assert not engine.requests, f"requests left: {list(engine.requests)}"

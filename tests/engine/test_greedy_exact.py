@@ -5,7 +5,7 @@ import pytest
 
 from asyncserve import SamplingParams
 from asyncserve.tiny_model import FAMILIES
-from tests.conftest import PROMPTS, hf_greedy
+from tests.conftest import PROMPTS, generate_joining_mid_flight, hf_greedy
 
 MAX_NEW = 24
 
@@ -30,28 +30,8 @@ def test_batch_of_mixed_lengths_matches_transformers(family, make_llm, hf_refere
 def test_requests_joining_mid_flight_match_transformers(family, make_llm, hf_reference):
     """Continuous batching: new prompts prefill (in chunks) while earlier ones decode."""
     llm = make_llm(family, max_num_batched_tokens=32, max_num_seqs=4)
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-    results = {}
-    mixed_steps = 0
-    pending = list(enumerate(PROMPTS))
-    for _ in range(2):
-        index, prompt = pending.pop(0)
-        engine.add_request(str(index), prompt, params)
-    steps = 0
-    while engine.has_unfinished_requests() or pending:
-        if steps % 3 == 2 and pending:
-            index, prompt = pending.pop(0)
-            engine.add_request(str(index), prompt, params)
-        step, scheduled = engine.schedule()
-        kinds = {seq.is_prefilling for seq, _ in scheduled}
-        mixed_steps += kinds == {True, False}
-        for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
-            if output.finished:
-                results[int(output.request_id)] = output.outputs[0].token_ids
-        steps += 1
-    assert mixed_steps > 0, "no step mixed prefill and decode"
-    assert [results[i] for i in range(len(PROMPTS))] == _expected(hf_reference, family, PROMPTS)
+    results = generate_joining_mid_flight(llm.engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
+    assert results == _expected(hf_reference, family, PROMPTS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asyncserve import LLM, SamplingParams
-from tests.conftest import PROMPTS, assert_pool_clean
+from tests.conftest import PROMPTS, assert_pool_clean, generate_joining_mid_flight
 from tests.models.tiny_families import LONGROPE_ORIGINAL, VARIANTS
 
 MAX_NEW = 16
@@ -44,27 +44,10 @@ def _hf_greedy(path: str, prompts_ids: list[list[int]], max_new: int) -> list[li
 
 def _generate_joining_mid_flight(llm: LLM, prompts_ids: list[list[int]], max_new: int) -> list[list[int]]:
     """Two requests start; another joins every third step, prefilling in chunks while others decode."""
-    engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
-    pending = list(enumerate(prompts_ids))
-    results: dict[int, list[int]] = {}
-    steps = mixed_steps = 0
-    for _ in range(2):
-        index, ids = pending.pop(0)
-        engine.add_request(str(index), {"prompt_token_ids": ids}, params)
-    while engine.has_unfinished_requests() or pending:
-        if steps % 3 == 2 and pending:
-            index, ids = pending.pop(0)
-            engine.add_request(str(index), {"prompt_token_ids": ids}, params)
-        step, scheduled = engine.schedule()
-        mixed_steps += {seq.is_prefilling for seq, _ in scheduled} == {True, False}
-        for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
-            if output.finished:
-                results[int(output.request_id)] = list(output.outputs[0].token_ids)
-        steps += 1
-    assert mixed_steps > 0, "no step mixed prefill and decode"
-    assert_pool_clean(engine)
-    return [results[i] for i in range(len(prompts_ids))]
+    results = generate_joining_mid_flight(llm.engine, [{"prompt_token_ids": ids} for ids in prompts_ids], params)
+    assert_pool_clean(llm.engine)
+    return results
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "phi3-longrope"])

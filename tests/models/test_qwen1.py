@@ -16,7 +16,7 @@ from asyncserve.errors import ConfigError
 from asyncserve.layers.quantization.gptq import GPTQConfig
 from asyncserve.models.loader import load_model
 from tests.checkpoint_edits import copy_checkpoint
-from tests.conftest import PROMPTS, assert_pool_clean, hf_greedy
+from tests.conftest import PROMPTS, assert_pool_clean, generate_joining_mid_flight, hf_greedy
 from tests.qwen1_checkpoints import HEAD_DIM, HEADS, MLP_WIDTH, SEQ_LENGTH, build_qwen1_gptq
 
 MAX_NEW = 24
@@ -83,25 +83,8 @@ def test_batch_of_very_different_lengths_matches_transformers(qwen1_checkpoint, 
 def test_requests_joining_mid_flight_match_transformers(qwen1_checkpoint, reference, make_llm):
     """Continuous batching: new prompts prefill (in chunks) while earlier ones decode."""
     llm = make_llm(qwen1_checkpoint[0], max_num_batched_tokens=32, max_num_seqs=4)
-    engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-    results, mixed_steps, steps = {}, 0, 0
-    pending = list(enumerate(PROMPTS))
-    for _ in range(2):
-        index, prompt = pending.pop(0)
-        engine.add_request(str(index), prompt, params)
-    while engine.has_unfinished_requests() or pending:
-        if steps % 3 == 2 and pending:
-            index, prompt = pending.pop(0)
-            engine.add_request(str(index), prompt, params)
-        step, scheduled = engine.schedule()
-        mixed_steps += {seq.is_prefilling for seq, _ in scheduled} == {True, False}
-        for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
-            if output.finished:
-                results[int(output.request_id)] = output.outputs[0].token_ids
-        steps += 1
-    assert mixed_steps > 0, "no step mixed prefill and decode"
-    assert [results[i] for i in range(len(PROMPTS))] == _expected(reference, llm.get_tokenizer())
+    results = generate_joining_mid_flight(llm.engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
+    assert results == _expected(reference, llm.get_tokenizer())
 
 
 def test_gptq_int4_checkpoint_matches_its_dequantized_reference(gptq_checkpoint, make_llm):

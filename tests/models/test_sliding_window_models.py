@@ -13,7 +13,7 @@ from asyncserve import SamplingParams
 from asyncserve.models.gemma import _rope_of_layer_type
 from asyncserve.models.sliding_window import layer_sliding_window
 from asyncserve.tiny_model import build_tiny_checkpoint
-from tests.conftest import PROMPTS, hf_greedy
+from tests.conftest import PROMPTS, generate_joining_mid_flight, hf_greedy
 
 WINDOW = 8
 MAX_NEW = 24
@@ -46,28 +46,17 @@ def test_mistral_with_window_shorter_than_prompts_matches_transformers_mid_fligh
     path, model, tokenizer = mistral_window
     llm = LLM(path, device="cpu", num_gpu_blocks_override=512, max_num_batched_tokens=32, max_num_seqs=4)
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
-    pending = list(enumerate(PROMPTS))
-    results, steps, mixed_steps, longest_table = {}, 0, 0, 0
-    for _ in range(2):
-        index, prompt = pending.pop(0)
-        engine.add_request(str(index), prompt, params)
-    while engine.has_unfinished_requests() or pending:
-        if steps % 3 == 2 and pending:
-            index, prompt = pending.pop(0)
-            engine.add_request(str(index), prompt, params)
-        step, scheduled = engine.schedule()
-        mixed_steps += {seq.is_prefilling for seq, _ in scheduled} == {True, False}
-        for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
-            if output.finished:
-                results[int(output.request_id)] = output.outputs[0].token_ids
+    longest_table = 0
+
+    def check_pool():
+        nonlocal longest_table
         tables = engine.live_block_tables()
         engine.block_pool.check_invariants(tables)
         longest_table = max([longest_table] + [len(table) for table in tables])
-        steps += 1
-    assert mixed_steps > 0
-    expected = [hf_greedy(model, tokenizer.encode(p), MAX_NEW) for p in PROMPTS]
-    assert [results[i] for i in range(len(PROMPTS))] == expected
+
+    results = generate_joining_mid_flight(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW),
+                                          after_step=check_pool)
+    assert results == [hf_greedy(model, tokenizer.encode(p), MAX_NEW) for p in PROMPTS]
     # Blocks that fell out of the window stay allocated: the long prompt kept all of its blocks.
     long_tokens = len(tokenizer.encode(LONG_PROMPT))
     assert longest_table >= long_tokens // engine.config.cache.block_size

@@ -15,6 +15,7 @@ from asyncserve.layers.norm import GemmaRMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.models.base import CausalLM
+from asyncserve.models.llama import LlamaMLP
 from asyncserve.models.sliding_window import layer_sliding_window
 
 # Names transformers gives GELU's tanh approximation.
@@ -69,22 +70,13 @@ class GemmaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))                  # [T, H D] -> [T, E]
 
 
-class GemmaMLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
-        super().__init__()
-        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-        if activation not in _GELU_TANH:
-            raise UnsupportedModelError(f"Gemma MLP activation {activation!r} is not supported "
-                                        f"(one of {', '.join(_GELU_TANH)} is).")
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=False,
-                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
-        self.act = GeluTanhAndMul()
-        self.down_proj = Linear(size, config.hidden_size, bias=False, quant_config=quant_config,
-                                prefix=f"{prefix}.down_proj")
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
+def gemma_mlp(config, quant_config: QuantizationConfig | None, prefix: str) -> LlamaMLP:
+    """Llama's gated MLP with GELU's tanh approximation."""
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if activation not in _GELU_TANH:
+        raise UnsupportedModelError(f"Gemma MLP activation {activation!r} is not supported "
+                                    f"(one of {', '.join(_GELU_TANH)} is).")
+    return LlamaMLP(config, quant_config, prefix, act=GeluTanhAndMul())
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -95,7 +87,7 @@ class GemmaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = GemmaAttention(config, sliding_window, rotary, qk_norm, quant_config,
                                         f"{prefix}.self_attn")
-        self.mlp = GemmaMLP(config, quant_config, f"{prefix}.mlp")
+        self.mlp = gemma_mlp(config, quant_config, f"{prefix}.mlp")
         eps = config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)

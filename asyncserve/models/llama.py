@@ -65,12 +65,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """down(act(gate, up)) over one fused gate|up projection; `act` SiLU-and-mul unless a family says."""
+
     def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str,
-                 intermediate_size: int | None = None):
+                 intermediate_size: int | None = None, act: nn.Module | None = None):
         super().__init__()
         size = intermediate_size or config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.act = SiluAndMul()
+        self.act = act if act is not None else SiluAndMul()
         if tp_size() > 1:  # this rank's slice of the intermediate size
             self.gate_up_proj = gate_up_parallel(config.hidden_size, size, bias, f"{prefix}.gate_up_proj")
             self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, prefix=f"{prefix}.down_proj")

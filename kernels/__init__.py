@@ -7,81 +7,104 @@ KV pool layout, fixed for the whole engine: per layer k_cache and v_cache
 slot = block_id * block_size + offset.
 """
 
-from ._triton import HAS_TRITON
-from .activation import (
-    gelu_tanh_and_mul,
-    gelu_tanh_and_mul_ref,
-    gelu_tanh_and_mul_triton,
-    silu_and_mul,
-    silu_and_mul_ref,
-    silu_and_mul_triton,
-)
-from .attention import (
-    paged_attention,
-    paged_attention_ref,
-    paged_attention_triton,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    paged_decode_attention_triton,
-    paged_prefill_attention,
-    paged_prefill_attention_ref,
-    paged_prefill_attention_triton,
-)
-from .bitmask import apply_token_bitmask, apply_token_bitmask_ref, apply_token_bitmask_triton
-from .cache import write_kv_cache, write_kv_cache_ref, write_kv_cache_triton
-from .gemv import GEMV_CONFIGS, gemv_ref, gemv_triton
-from .moe import (
-    MOE_CONFIGS,
-    fused_moe,
-    fused_moe_ref,
-    fused_moe_triton,
-    max_padded_entries,
-    moe_align_block_size_ref,
-    moe_align_block_size_triton,
-    select_experts,
-)
-from .norm import (
-    fused_add_rms_norm,
-    fused_add_rms_norm_ref,
-    fused_add_rms_norm_triton,
-    rms_norm,
-    rms_norm_ref,
-    rms_norm_triton,
-)
-from .quant_gemm import (
-    DEQUANT_MIN_ROWS,
-    GEMV_MAX_ROWS,
-    QUANT_BITS,
-    QUANT_GEMM_CONFIGS,
-    QUANT_GEMV_CONFIGS,
-    dequantize_int_rows,
-    dequantize_triton,
-    pack_int_rows,
-    quant_gemm,
-    quant_gemm_ref,
-    quant_gemm_triton,
-    quant_gemv_triton,
-    reserve_dequant_scratch,
-    unpack_int_rows,
-)
-from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
+if __name__ != "asyncserve.kernels":
+    # Found as the top-level name "kernels": the repository root is on sys.path (`python -m pytest`, a
+    # script or a worker process started there). That name belongs to another distribution (Hugging
+    # Face's kernels, which transformers imports), so this folder steps aside for it.
+    from importlib.machinery import PathFinder as _PathFinder
+    from importlib.util import module_from_spec as _module_from_spec
+    import os as _os
+    import sys as _sys
 
-__all__ = [
-    "HAS_TRITON", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
-    "GEMV_CONFIGS", "gemv_ref", "gemv_triton",
-    "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
-    "gelu_tanh_and_mul", "gelu_tanh_and_mul_ref", "gelu_tanh_and_mul_triton",
-    "paged_attention", "paged_attention_ref", "paged_attention_triton",
-    "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_attention_triton",
-    "paged_prefill_attention", "paged_prefill_attention_ref", "paged_prefill_attention_triton",
-    "DEQUANT_MIN_ROWS", "GEMV_MAX_ROWS", "QUANT_BITS", "QUANT_GEMM_CONFIGS", "QUANT_GEMV_CONFIGS",
-    "dequantize_int_rows", "dequantize_triton", "pack_int_rows", "reserve_dequant_scratch",
-    "unpack_int_rows",
-    "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
-    "MOE_CONFIGS", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
-    "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts",
-    "rms_norm", "rms_norm_ref", "rms_norm_triton",
-    "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
-    "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",
-    "write_kv_cache", "write_kv_cache_ref", "write_kv_cache_triton",
-]
+    def _step_aside(name: str, repository_root: str) -> None:
+        """Load the installed distribution of `name` from sys.path without the repository root."""
+        root = _os.path.realpath(repository_root)
+        elsewhere = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != root]
+        spec = _PathFinder.find_spec(name, elsewhere)
+        if spec is None or spec.loader is None:
+            _sys.modules.pop(name, None)
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        module = _module_from_spec(spec)
+        _sys.modules[name] = module  # the import that led here returns what sys.modules holds now
+        spec.loader.exec_module(module)
+
+    _step_aside(__name__, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+else:
+    from ._triton import HAS_TRITON
+    from .activation import (
+        gelu_tanh_and_mul,
+        gelu_tanh_and_mul_ref,
+        gelu_tanh_and_mul_triton,
+        silu_and_mul,
+        silu_and_mul_ref,
+        silu_and_mul_triton,
+    )
+    from .attention import (
+        paged_attention,
+        paged_attention_ref,
+        paged_attention_triton,
+        paged_decode_attention,
+        paged_decode_attention_ref,
+        paged_decode_attention_triton,
+        paged_prefill_attention,
+        paged_prefill_attention_ref,
+        paged_prefill_attention_triton,
+    )
+    from .bitmask import apply_token_bitmask, apply_token_bitmask_ref, apply_token_bitmask_triton
+    from .cache import write_kv_cache, write_kv_cache_ref, write_kv_cache_triton
+    from .gemv import GEMV_CONFIGS, gemv_ref, gemv_triton
+    from .moe import (
+        MOE_CONFIGS,
+        fused_moe,
+        fused_moe_ref,
+        fused_moe_triton,
+        max_padded_entries,
+        moe_align_block_size_ref,
+        moe_align_block_size_triton,
+        select_experts,
+    )
+    from .norm import (
+        fused_add_rms_norm,
+        fused_add_rms_norm_ref,
+        fused_add_rms_norm_triton,
+        rms_norm,
+        rms_norm_ref,
+        rms_norm_triton,
+    )
+    from .quant_gemm import (
+        DEQUANT_MIN_ROWS,
+        GEMV_MAX_ROWS,
+        QUANT_BITS,
+        QUANT_GEMM_CONFIGS,
+        QUANT_GEMV_CONFIGS,
+        dequantize_int_rows,
+        dequantize_triton,
+        pack_int_rows,
+        quant_gemm,
+        quant_gemm_ref,
+        quant_gemm_triton,
+        quant_gemv_triton,
+        reserve_dequant_scratch,
+        unpack_int_rows,
+    )
+    from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
+
+    __all__ = [
+        "HAS_TRITON", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
+        "GEMV_CONFIGS", "gemv_ref", "gemv_triton",
+        "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
+        "gelu_tanh_and_mul", "gelu_tanh_and_mul_ref", "gelu_tanh_and_mul_triton",
+        "paged_attention", "paged_attention_ref", "paged_attention_triton",
+        "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_attention_triton",
+        "paged_prefill_attention", "paged_prefill_attention_ref", "paged_prefill_attention_triton",
+        "DEQUANT_MIN_ROWS", "GEMV_MAX_ROWS", "QUANT_BITS", "QUANT_GEMM_CONFIGS", "QUANT_GEMV_CONFIGS",
+        "dequantize_int_rows", "dequantize_triton", "pack_int_rows", "reserve_dequant_scratch",
+        "unpack_int_rows",
+        "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
+        "MOE_CONFIGS", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
+        "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts",
+        "rms_norm", "rms_norm_ref", "rms_norm_triton",
+        "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
+        "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",
+        "write_kv_cache", "write_kv_cache_ref", "write_kv_cache_triton",
+    ]

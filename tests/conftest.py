@@ -143,3 +143,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    """The versions pip resolved: a new release of a dependency shows in CI's log next to what broke."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+    names = ("torch", "transformers", "tokenizers", "kernels", "triton", "xgrammar", "llguidance", "aiohttp",
+             "openai")
+    return "dependencies: " + ", ".join(f"{name} {of(name)}" for name in names)

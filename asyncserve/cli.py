@@ -17,12 +17,15 @@ import sys
 
 from asyncserve.config import DTYPE_NAMES, EngineConfig
 from asyncserve.errors import ConfigError, UnsupportedModelError
+from asyncserve.vllm_compat import add_vllm_flags, flag_lines
 
 logger = logging.getLogger("asyncserve")
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)
              if f.default is not dataclasses.MISSING}
 _DTYPES = ("auto", *DTYPE_NAMES)
+# Where the API key may come from besides --api-key, in order: ours, then vLLM's.
+API_KEY_VARIABLES = ("ASYNCSERVE_API_KEY", "VLLM_API_KEY")
 
 
 def _port(value: str) -> int:
@@ -51,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a language model with an OpenAI-compatible HTTP API (/v1/completions, "
                     "/v1/chat/completions, /v1/embeddings, /v1/models, /metrics, ...), from one Python process.",
         epilog="Examples: asyncserve serve Qwen/Qwen2.5-0.5B-Instruct --port 8000 (as `vllm serve`), or "
-               "asyncserve --model Qwen/Qwen2.5-0.5B-Instruct")
+               "asyncserve --model Qwen/Qwen2.5-0.5B-Instruct. vLLM flags not listed here get one line each: "
+               "refused (exit 2) when asyncserve lacks what they ask for, else accepted and ignored.")
     d = _DEFAULTS
 
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
@@ -108,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("HTTP server")
     server.add_argument("--host", default="0.0.0.0", help="Interface to listen on (default: %(default)s).")
     server.add_argument("--port", type=_port, default=8000, help="Port (default: %(default)s).")
-    server.add_argument("--api-key", default=os.environ.get("ASYNCSERVE_API_KEY"), metavar="KEY",
+    server.add_argument("--api-key", default=None, metavar="KEY",
                         help="Require 'Authorization: Bearer KEY' on the API routes (not on /health, "
-                             "/version, /metrics); also read from $ASYNCSERVE_API_KEY.")
+                             "/version, /metrics); else read from $ASYNCSERVE_API_KEY, else from vLLM's "
+                             "$VLLM_API_KEY. Start-up says which one is in force.")
     server.add_argument("--chat-template", default=None, metavar="TEMPLATE",
                         help="Jinja chat template, as a file path or the template itself (default: the "
                              "tokenizer's).")
@@ -196,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=("xgrammar", "guidance"),
                           help="Grammar engine of structured outputs (default: %(default)s; 'guidance' is "
                                "llguidance, installed separately).")
+    add_vllm_flags(parser)
     return parser
 
 
@@ -222,11 +228,28 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     args = parser.parse_args(argv)
+    refused, _ = flag_lines(args.vllm_flags)
+    if refused:
+        parser.exit(2, "".join(f"asyncserve: error: {line}\n" for line in refused))
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
     return args
+
+
+def resolve_api_key(flag_value: str | None, environ=os.environ) -> tuple[str | None, str]:
+    """(the key in force, the start-up line saying where it came from): --api-key, then
+    $ASYNCSERVE_API_KEY, then vLLM's $VLLM_API_KEY; as in vLLM, an empty value is no key."""
+    given = [(source, key) for source, key in [("--api-key", flag_value)]
+             + [(f"${name}", environ.get(name)) for name in API_KEY_VARIABLES] if key]
+    if not given:
+        return None, ("no API key (--api-key, $ASYNCSERVE_API_KEY, $VLLM_API_KEY): anyone who can reach this "
+                      "port can use the API")
+    source, key = given[0]
+    others = [other_source for other_source, other in given[1:] if other != key]
+    unused = f" ({' and '.join(others)} also set, not used)" if others else ""
+    return key, f"API key from {source}: the API routes need 'Authorization: Bearer <key>'{unused}"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -278,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.trust_remote_code:
             logger.info("--trust-remote-code has no effect: asyncserve runs its own code for the architectures "
                         "it supports and never a checkpoint's")
+        for line in flag_lines(args.vllm_flags)[1]:
+            logger.info("%s", line)
+        api_key, api_key_line = resolve_api_key(args.api_key)
+        logger.info("%s", api_key_line)
         from asyncserve.engine.async_engine import AsyncEngine
         engine = AsyncEngine(config)
     except (ConfigError, UnsupportedModelError) as exc:
@@ -291,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     cors = None if args.allowed_origins is None else CorsConfig(
         allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
-    app = openai_app(engine, served_model_name=names, api_key=args.api_key, chat_template=args.chat_template,
+    app = openai_app(engine, served_model_name=names, api_key=api_key, chat_template=args.chat_template,
                      log_requests=not args.disable_log_requests,
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
                      drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,

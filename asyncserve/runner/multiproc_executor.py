@@ -24,6 +24,7 @@ from asyncserve.errors import ConfigError, WorkerDiedError
 from asyncserve.runner.executor import Executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.runner.tp_worker import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
+from asyncserve.tp_shapes import check_shapes
 
 logger = logging.getLogger("asyncserve")
 
@@ -53,14 +54,8 @@ def check_tensor_parallel(config) -> None:
 
 def _check_shapes(hf_config, size: int) -> None:
     """Heads and the MLP must split evenly over the ranks: said here, before any worker starts."""
-    from asyncserve.layers.parallel_linear import divide, kv_heads_per_rank
-    heads = hf_config.num_attention_heads
-    try:
-        divide(heads, size, "num_attention_heads")
-        kv_heads_per_rank(getattr(hf_config, "num_key_value_heads", None) or heads, size)
-        divide(hf_config.intermediate_size, size, "intermediate_size")
-    except ValueError as error:
-        raise ConfigError(f"The model cannot be split over tensor_parallel_size={size}: {error}.") from None
+    check_shapes({name: getattr(hf_config, name, None)
+                  for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}, size)
 
 
 def _local_world_size(size: int) -> int:

@@ -13,7 +13,7 @@ from asyncserve.server.connection import quiet_malformed_request_logs, send_and_
 from asyncserve.server.completions import create_completion
 from asyncserve.server.embeddings import create_embedding
 from asyncserve.server.cors import CorsConfig, cors_middleware, enable_cors
-from asyncserve.server.errors import ApiError, api_error_from, error_response
+from asyncserve.server.errors import ApiError, api_error_from, error_response, vllm_route_error
 from asyncserve.server.info import detokenize, health, list_models, metrics, retrieve_model, tokenize, version
 from asyncserve.server.page import chat_page
 from asyncserve.server.serving import client_closed
@@ -39,6 +39,8 @@ async def error_middleware(request: web.Request, handler):
         if exc.status < 400:
             raise
         error = api_error_from(exc)
+        if exc.status == 404 and request.match_info.http_exception is not None:
+            error = vllm_route_error(request.method, request.path) or error
     except Exception as exc:
         error = api_error_from(exc)
         if error is None:

@@ -17,7 +17,7 @@ from asyncserve.server.errors import bad_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.handler import handle_generation
 from asyncserve.server.protocol import ChatRequest, Fields, parse_chat
-from asyncserve.server.serving import Cursor, encode_json, response_entries, usage
+from asyncserve.server.serving import Cursor, encode_json, response_entries, token_usage, usage
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import ServerState
 
@@ -71,8 +71,11 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
 
 
 class ChatStreamWriter:
-    def __init__(self, state: ServerState, parsed: ChatRequest, encoder: ChunkEncoder):
+    """With continuous usage stats, every chunk carries its choice's usage so far (vLLM's)."""
+
+    def __init__(self, state: ServerState, parsed: ChatRequest, encoder: ChunkEncoder, prompt: Prompt):
         self.state = state
+        self.prompt_tokens = len(prompt.token_ids) if parsed.continuous_usage else None
         self.n = parsed.params.n
         self.num_top = parsed.top_logprobs
         self.encoder = encoder
@@ -80,9 +83,15 @@ class ChatStreamWriter:
         make = choice_parsers(state, parsed)
         self.parsers = None if make is None else [make() for _ in range(self.n)]
 
+    def _usages(self, choices: list[dict], num_tokens: list[int]) -> list[dict] | None:
+        if self.prompt_tokens is None:
+            return None
+        return [token_usage(self.prompt_tokens, num_tokens[choice["index"]]) for choice in choices]
+
     def first_frame(self) -> bytes:
-        return self.encoder.frame([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None} for index in range(self.n)])
+        choices = [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for index in range(self.n)]
+        return self.encoder.frame(choices, self._usages(choices, [0] * self.n))
 
     def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
         choices = []
@@ -104,7 +113,9 @@ class ChatStreamWriter:
                     continue
                 choices.append({"index": completion.index, "delta": {"content": text} if text else {},
                                 "logprobs": logprobs, "finish_reason": finish_reason})
-        return self.encoder.frame(choices) if choices else b""
+        if not choices:
+            return b""
+        return self.encoder.frame(choices, self._usages(choices, [cursor.num_tokens for cursor in self.cursors]))
 
     def usage_frame(self, usage_body: dict) -> bytes:
         return self.encoder.usage_frame(usage_body)
@@ -150,20 +161,25 @@ def _choices(state: ServerState, parsed: ChatRequest, latest: dict[int, RequestO
                "stop_reason": completion.stop_reason}
 
 
-def _head(response_id: str, created: int, model: str, generation, latest: dict[int, RequestOutput]) -> dict:
-    return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-            "system_fingerprint": None, "usage": usage(generation, latest)}
+def _head(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str, generation,
+          latest: dict[int, RequestOutput]) -> dict:
+    head = {"id": response_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None}
+    if parsed.return_prompt_logprobs:  # vLLM's place for them: beside the choices
+        head["prompt_logprobs"] = state.logprobs.prompt(latest[0].prompt_logprobs or [])
+    return {**head, "usage": usage(generation, latest)}
 
 
 def _body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
           generation: Generation, latest: dict[int, RequestOutput]) -> dict:
-    return {**_head(response_id, created, model, generation, latest),
+    return {**_head(state, parsed, response_id, created, model, generation, latest),
             "choices": list(_choices(state, parsed, latest))}
 
 
 def _encode_body(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str,
                  generation: Generation, latest: dict[int, RequestOutput]) -> bytes:
-    return encode_json(_head(response_id, created, model, generation, latest), _choices(state, parsed, latest))
+    return encode_json(_head(state, parsed, response_id, created, model, generation, latest),
+                       _choices(state, parsed, latest))
 
 
 def apply_tool_choice(parsed: ChatRequest, tool_parser: str | None) -> None:
@@ -200,10 +216,12 @@ class _Prepared:
         return _encode_body(state, self.parsed, response_id, created, self.model, generation, latest)
 
     def stream_writer(self, state, encoder):
-        return ChatStreamWriter(state, self.parsed, encoder)
+        return ChatStreamWriter(state, self.parsed, encoder, self.prompts[0])
 
     def num_entries(self, latest) -> int:
-        return response_entries(latest, self.parsed.top_logprobs)
+        params = self.parsed.params
+        return response_entries(latest, self.parsed.top_logprobs,
+                                prompt_top=params.prompt_logprobs if self.parsed.return_prompt_logprobs else None)
 
 
 def _prepare(state: ServerState, data) -> _Prepared:

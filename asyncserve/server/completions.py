@@ -9,7 +9,7 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.handler import handle_generation
 from asyncserve.server.protocol import CompletionRequest, Fields, parse_completion
-from asyncserve.server.serving import Cursor, encode_json, response_entries, usage
+from asyncserve.server.serving import Cursor, encode_json, response_entries, token_usage, usage
 from asyncserve.server.sse import ChunkEncoder
 from asyncserve.server.state import ServerState
 
@@ -40,6 +40,22 @@ class _Echo:
                                               num_top, 0)
 
 
+class _PromptLogprobs:
+    """vLLM's `prompt_logprobs` of each prompt, when the request asked for them: built once per prompt,
+    whatever the number of choices that carry them."""
+
+    def __init__(self, state: ServerState, parsed: CompletionRequest):
+        self.enabled = parsed.return_prompt_logprobs
+        self.state = state
+        self.built: dict[int, list] = {}
+
+    def of(self, prompt_index: int, output: RequestOutput) -> list:
+        built = self.built.get(prompt_index)
+        if built is None:
+            built = self.built[prompt_index] = self.state.logprobs.prompt(output.prompt_logprobs or [])
+        return built
+
+
 def _join_logprobs(head: dict | None, tail: dict) -> dict:
     if head is None:
         return tail
@@ -47,14 +63,21 @@ def _join_logprobs(head: dict | None, tail: dict) -> dict:
 
 
 class CompletionStreamWriter:
-    def __init__(self, state: ServerState, parsed: CompletionRequest, encoder: ChunkEncoder, echo: _Echo):
+    """Each choice's first chunk also carries its prompt's `prompt_logprobs` when asked for (vLLM's stream
+    drops them); with continuous usage stats, every chunk its choice's usage so far."""
+
+    def __init__(self, state: ServerState, parsed: CompletionRequest, encoder: ChunkEncoder, echo: _Echo,
+                 prompts: list[Prompt]):
         self.state = state
         self.n = parsed.params.n
         self.num_top = parsed.params.logprobs
         self.encoder = encoder
         self.echo = echo
+        self.prompt_logprobs = _PromptLogprobs(state, parsed)
+        self.prompt_lengths = [len(prompt.token_ids) for prompt in prompts] if parsed.continuous_usage else None
         self.cursors: dict[int, Cursor] = {}
         self.echoed: set[int] = set()
+        self.started: set[int] = set()
 
     def first_frame(self) -> bytes:
         return b""
@@ -81,17 +104,23 @@ class CompletionStreamWriter:
             text = self.echo.text(prompt_index) + text
             if logprobs is not None:
                 logprobs = _join_logprobs(self.echo.logprobs(prompt_index, output, self.num_top), logprobs)
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                "stop_reason": completion.stop_reason if finish_reason else None}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                  "stop_reason": completion.stop_reason if finish_reason else None}
+        if self.prompt_logprobs.enabled and index not in self.started:
+            choice["prompt_logprobs"] = self.prompt_logprobs.of(prompt_index, output)
+        self.started.add(index)
+        return choice
 
     def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
-        choices = []
+        choices, usages = [], [] if self.prompt_lengths is not None else None
         for prompt_index, output in batch:
             for completion in output.outputs:
                 choice = self._choice(prompt_index, output, completion)
                 if choice is not None:
                     choices.append(choice)
-        return self.encoder.frame(choices) if choices else b""
+                    if usages is not None:
+                        usages.append(token_usage(self.prompt_lengths[prompt_index], len(completion.token_ids)))
+        return self.encoder.frame(choices, usages) if choices else b""
 
     def usage_frame(self, usage_body: dict) -> bytes:
         return self.encoder.usage_frame(usage_body)
@@ -100,6 +129,7 @@ class CompletionStreamWriter:
 def _choices(state: ServerState, parsed: CompletionRequest, generation: Generation,
              latest: dict[int, RequestOutput], echo: _Echo) -> Iterator[dict]:
     n, num_top = parsed.params.n, parsed.params.logprobs
+    prompt_logprobs = _PromptLogprobs(state, parsed)
     for prompt_index in range(len(generation.prompts)):
         output = latest[prompt_index]
         prefix = echo.text(prompt_index)
@@ -109,9 +139,12 @@ def _choices(state: ServerState, parsed: CompletionRequest, generation: Generati
                 logprobs = _join_logprobs(
                     echo.logprobs(prompt_index, output, num_top),
                     state.logprobs.completion(completion.token_ids, completion.logprobs, num_top, len(prefix)))
-            yield {"index": prompt_index * n + completion.index, "text": prefix + completion.text,
-                   "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                   "stop_reason": completion.stop_reason}
+            choice = {"index": prompt_index * n + completion.index, "text": prefix + completion.text,
+                      "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                      "stop_reason": completion.stop_reason}
+            if prompt_logprobs.enabled:
+                choice["prompt_logprobs"] = prompt_logprobs.of(prompt_index, output)
+            yield choice
 
 
 def _head(response_id: str, created: int, model: str, generation, latest: dict[int, RequestOutput]) -> dict:
@@ -147,10 +180,12 @@ class _Prepared:
                             self.echo)
 
     def stream_writer(self, state, encoder):
-        return CompletionStreamWriter(state, self.parsed, encoder, self.echo)
+        return CompletionStreamWriter(state, self.parsed, encoder, self.echo, self.prompts)
 
     def num_entries(self, latest) -> int:
-        return response_entries(latest, self.parsed.params.logprobs, self.echo.enabled)
+        params = self.parsed.params
+        return response_entries(latest, params.logprobs, self.echo.enabled,
+                                params.prompt_logprobs if self.parsed.return_prompt_logprobs else None)
 
 
 def _prepare(state: ServerState, data) -> _Prepared:

@@ -5,6 +5,7 @@ import orjson
 from aiohttp import web
 
 from asyncserve.errors import (ConfigError, EngineDeadError, InvalidParameterError, QueueFullError)
+from asyncserve.vllm_compat import route_line
 
 # HTTP status -> OpenAI's error `type`.
 _TYPES = {
@@ -75,6 +76,12 @@ def api_error_from(exc: BaseException) -> ApiError | None:
     if isinstance(exc, web.RequestPayloadError):  # a body aiohttp cannot decode (bad Content-Encoding ...)
         return ApiError(400, f"The request body could not be read: {exc.__cause__ or exc}.", code="invalid_body")
     return None
+
+
+def vllm_route_error(method: str, path: str) -> ApiError | None:
+    """A 404 that names the vLLM feature behind a path asyncserve does not serve; None for other paths."""
+    line = route_line(method, path)
+    return None if line is None else ApiError(404, line, code="not_implemented")
 
 
 def _from_http_exception(exc: web.HTTPException) -> ApiError:

@@ -107,6 +107,15 @@ class LogprobFormatter:
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
+    def prompt(self, positions: list[PositionLogprobs | None]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: for each prompt token (the first, without context, is None), token id ->
+        {logprob, rank, decoded_token}, the prompt's own token first, then the top ones."""
+        return [None if position is None else
+                {str(token_id): {"logprob": _value(entry), "rank": entry.rank,
+                                 "decoded_token": self.token_text(token_id, position)}
+                 for token_id, entry in position.items()}
+                for position in positions]
+
     def chat(self, token_ids: list[int], positions: list[PositionLogprobs], num_top: int) -> list[dict]:
         """The entries of `logprobs.content`: one per generated token."""
         content = []

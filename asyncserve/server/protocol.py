@@ -88,6 +88,8 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk (vLLM's)
+    return_prompt_logprobs: bool = False  # the request asked for `prompt_logprobs` itself
     use_beam_search: bool = False
     length_penalty: float = 1.0
     structured_field: str | None = None  # the request field that set params.structured_outputs
@@ -109,11 +111,12 @@ class ChatRequest(GenerationRequest):
     tool_choice: ToolChoice | None = None  # None: the request has no tools
 
 
-def _stream_fields(fields: Fields) -> tuple[bool, bool]:
+def _stream_fields(fields: Fields) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous usage): as vLLM, per-chunk usage needs include_usage too."""
     stream = fields.boolean("stream", False)
     options = fields.data.get("stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not isinstance(options, dict):
         raise bad_request(f"'stream_options' must be an object, got {_kind(options)}.", "stream_options")
     if not stream:
@@ -122,7 +125,11 @@ def _stream_fields(fields: Fields) -> tuple[bool, bool]:
     include_usage = False if include_usage is None else include_usage
     if type(include_usage) is not bool:
         raise bad_request("'stream_options.include_usage' must be true or false.", "stream_options.include_usage")
-    return stream, include_usage
+    continuous = options.get("continuous_usage_stats")
+    if continuous is not None and type(continuous) is not bool:
+        raise bad_request("'stream_options.continuous_usage_stats' must be true or false.",
+                          "stream_options.continuous_usage_stats")
+    return stream, include_usage, include_usage and bool(continuous)
 
 
 def _stop(fields: Fields) -> list[str]:
@@ -265,7 +272,7 @@ def parse_completion(data, *, vocab_size: int,
     if fields.data.get("suffix") is not None:
         raise bad_request("'suffix' is not supported by this server.", "suffix")
     prompts = _prompts(fields)
-    stream, include_usage = _stream_fields(fields)
+    stream, include_usage, continuous_usage = _stream_fields(fields)
     echo = fields.boolean("echo", False)
     logprobs = fields.integer("logprobs", minimum=0)
     prompt_logprobs = fields.integer("prompt_logprobs", minimum=0)
@@ -279,7 +286,9 @@ def parse_completion(data, *, vocab_size: int,
     _check_best_of_stream(params, stream)
     fields.string("user")
     return CompletionRequest(model=fields.string("model"), params=params, stream=stream,
-                             include_usage=include_usage, prompts=prompts, echo=echo,
+                             include_usage=include_usage, continuous_usage=continuous_usage,
+                             return_prompt_logprobs=fields.data.get("prompt_logprobs") is not None,
+                             prompts=prompts, echo=echo,
                              use_beam_search=fields.boolean("use_beam_search", False),
                              length_penalty=fields.number("length_penalty", 1.0),
                              structured_field=structured_field(fields.data))
@@ -330,7 +339,7 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
         raise bad_request("'messages' must be a non-empty array of {\"role\", \"content\"} objects.",
                           "messages")
     messages = [_message(message, index) for index, message in enumerate(messages)]
-    stream, include_usage = _stream_fields(fields)
+    stream, include_usage, continuous_usage = _stream_fields(fields)
     want_logprobs = fields.boolean("logprobs", False)
     top_logprobs = fields.integer("top_logprobs", minimum=0)
     if top_logprobs is not None and not want_logprobs:
@@ -339,9 +348,12 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
     max_tokens = fields.integer("max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = fields.integer("max_tokens", defaults.get("max_tokens"), minimum=1)
+    prompt_logprobs = fields.integer("prompt_logprobs", minimum=0)
+    if prompt_logprobs is not None and stream:
+        raise bad_request("'prompt_logprobs' are returned only in a whole chat completion (as vLLM does): set "
+                          "stream to false, or use /v1/completions, whose stream carries them.", "prompt_logprobs")
     params = sampling_params(fields, max_tokens=max_tokens, logprobs=logprobs,
-                             prompt_logprobs=fields.integer("prompt_logprobs", minimum=0), vocab_size=vocab_size,
-                             defaults=defaults)
+                             prompt_logprobs=prompt_logprobs, vocab_size=vocab_size, defaults=defaults)
     _check_best_of_stream(params, stream)
     kwargs = fields.raw("chat_template_kwargs", {})
     if not isinstance(kwargs, dict):
@@ -353,6 +365,7 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
         raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true: set "
                           "add_generation_prompt to false to continue the last message.", "continue_final_message")
     return ChatRequest(model=fields.string("model"), params=params, stream=stream, include_usage=include_usage,
+                       continuous_usage=continuous_usage, return_prompt_logprobs=prompt_logprobs is not None,
                        use_beam_search=fields.boolean("use_beam_search", False),
                        length_penalty=fields.number("length_penalty", 1.0),
                        structured_field=structured_field(fields.data),

@@ -78,11 +78,15 @@ class StreamWriter(Protocol):
     def usage_frame(self, usage: dict) -> bytes: ...
 
 
+def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def usage(generation: Generation, latest: dict[int, RequestOutput]) -> dict:
     prompt_tokens = sum(len(prompt.token_ids) for prompt in generation.prompts)
     completion_tokens = sum(len(choice.token_ids) for output in latest.values() for choice in output.outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return token_usage(prompt_tokens, completion_tokens)
 
 
 def _record(state: ServerState, latest: dict[int, RequestOutput], batch) -> None:
@@ -153,11 +157,17 @@ def json_response(payload: dict) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
-def response_entries(latest: dict[int, RequestOutput], num_top: int | None, echo: bool = False) -> int:
-    """How many token entries a non-streamed body holds: what its building and encoding cost."""
+def response_entries(latest: dict[int, RequestOutput], num_top: int | None, echo: bool = False,
+                     prompt_top: int | None = None) -> int:
+    """How many token entries a non-streamed body holds: what its building and encoding cost.
+    `prompt_top`: the body also holds each choice's prompt logprobs, this many alternatives a token."""
     num_tokens = sum(len(choice.token_ids) + (len(output.prompt_token_ids) if echo else 0)
                      for output in latest.values() for choice in output.outputs)
-    return num_tokens * (1 + (num_top or 0))
+    entries = num_tokens * (1 + (num_top or 0))
+    if prompt_top is not None:
+        entries += sum(len(output.prompt_token_ids) * len(output.outputs) for output in latest.values()) * \
+            (2 + prompt_top)
+    return entries
 
 
 def encode_json(head: dict, choices: Iterable[dict]) -> bytes:

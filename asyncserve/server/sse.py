@@ -23,10 +23,14 @@ class ChunkEncoder:
         self._prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":['
         self._suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
-    def frame(self, choices: list[dict]) -> bytes:
-        """One write's worth of events: each choice in its own chunk, as OpenAI sends them."""
+    def frame(self, choices: list[dict], usages: list[dict] | None = None) -> bytes:
+        """One write's worth of events: each choice in its own chunk, as OpenAI sends them; `usages`
+        (vLLM's continuous usage stats) puts each choice's usage so far in its chunk instead of null."""
         prefix, suffix = self._prefix, self._suffix
-        return b"".join(prefix + orjson.dumps(choice) + suffix for choice in choices)
+        if usages is None:
+            return b"".join(prefix + orjson.dumps(choice) + suffix for choice in choices)
+        return b"".join(prefix + orjson.dumps(choice) + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
+                        for choice, usage in zip(choices, usages))
 
     def usage_frame(self, usage: dict) -> bytes:
         return event({**self._head, "choices": [], "usage": usage})

@@ -173,3 +173,137 @@ async def test_generation_config_defaults_fill_the_fields_a_request_leaves_out(m
         async with live_server(model_with_generation_config, generation_config="vllm") as live:
             status, body = await _post(http, live, COMPLETIONS, ignore_eos=True)
             assert body["usage"]["completion_tokens"] == 16  # OpenAI's default, the file ignored
+
+
+# ---- prompt_logprobs and continuous usage stats, in vLLM's shapes -----------------------------------
+
+
+async def _engine_output(server, prompt, **params):
+    final = None
+    async for output in server.engine.generate(prompt, SamplingParams(**params)):
+        final = output
+    return final
+
+
+def _vllm_prompt_logprobs(output) -> list:
+    """What vLLM puts in `prompt_logprobs`: per prompt token, token id -> {logprob, rank, decoded_token}."""
+    return [None if position is None else
+            {str(token_id): {"logprob": max(entry.logprob, -9999.0), "rank": entry.rank,
+                             "decoded_token": entry.decoded_token} for token_id, entry in position.items()}
+            for position in output.prompt_logprobs]
+
+
+async def test_completions_return_prompt_logprobs_as_the_offline_llm_computes_them(server, client):
+    expected = _vllm_prompt_logprobs(await _engine_output(server, PROMPT, max_tokens=1, prompt_logprobs=2))
+    result = await client.completions.create(model=MODEL_NAME, prompt=[PROMPT, PROMPT], n=2, max_tokens=2,
+                                             extra_body={"prompt_logprobs": 2})
+    assert len(result.choices) == 4
+    for choice in result.choices:
+        assert choice.prompt_logprobs == expected
+    assert len(expected) == result.usage.prompt_tokens // 2
+    assert expected[0] is None and all(len(position) in (2, 3) for position in expected[1:])
+
+
+async def test_a_completions_stream_carries_prompt_logprobs_in_each_choices_first_chunk(server, http):
+    expected = _vllm_prompt_logprobs(await _engine_output(server, PROMPT, max_tokens=1, prompt_logprobs=0))
+    async with http.post(server.url + COMPLETIONS, json={"model": MODEL_NAME, "prompt": PROMPT, "n": 2,
+                                                         "max_tokens": 4, "ignore_eos": True, "stream": True,
+                                                         "prompt_logprobs": 0}) as response:
+        chunks = _sse(await response.read())
+    carried = [(chunk["choices"][0]["index"], chunk["choices"][0].get("prompt_logprobs")) for chunk in chunks]
+    first = {index: logprobs for index, logprobs in reversed(carried)}
+    assert first == {0: expected, 1: expected}
+    assert sum(logprobs is not None for _, logprobs in carried) == 2
+
+
+async def test_chat_returns_prompt_logprobs_beside_the_choices_and_refuses_them_streamed(server, http):
+    status, body = await _post(http, server, CHAT, max_tokens=2, prompt_logprobs=1)
+    assert status == 200, body
+    prompt_ids = server.engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)
+    assert body["prompt_logprobs"] == _vllm_prompt_logprobs(
+        await _engine_output(server, prompt_ids, max_tokens=1, prompt_logprobs=1))
+    status, body = await _post(http, server, CHAT, max_tokens=2, prompt_logprobs=1, stream=True)
+    assert status == 400
+    assert body["error"]["param"] == "prompt_logprobs"
+
+
+def _sse(raw: bytes) -> list[dict]:
+    events = [line.removeprefix(b"data: ") for line in raw.split(b"\n\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+async def test_continuous_usage_stats_put_each_choices_usage_so_far_in_every_completions_chunk(client):
+    stream = await client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, n=2, max_tokens=6, logprobs=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
+    received = {0: 0, 1: 0}
+    chunks = [chunk async for chunk in stream]
+    prompt_tokens = chunks[-1].usage.prompt_tokens
+    for chunk in chunks[:-1]:
+        choice = chunk.choices[0]
+        received[choice.index] += len(choice.logprobs.tokens)
+        assert chunk.usage.model_dump(exclude_none=True) == {
+            "prompt_tokens": prompt_tokens, "completion_tokens": received[choice.index],
+            "total_tokens": prompt_tokens + received[choice.index]}
+    assert received == {0: 6, 1: 6}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+async def test_continuous_usage_stats_in_a_chat_stream_start_at_zero_tokens(server, http):
+    async with http.post(server.url + CHAT, json={
+            "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 5, "ignore_eos": True, "stream": True,
+            "logprobs": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as response:
+        chunks = _sse(await response.read())
+    prompt_tokens = chunks[-1]["usage"]["prompt_tokens"]
+    received = 0
+    for chunk in chunks[:-1]:
+        received += len((chunk["choices"][0]["logprobs"] or {}).get("content", []))
+        assert chunk["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": received,
+                                  "total_tokens": prompt_tokens + received}
+    assert chunks[0]["usage"]["completion_tokens"] == 0 and received == 5
+
+
+async def test_continuous_usage_stats_need_include_usage_as_in_vllm_and_a_boolean(server, http):
+    async with http.post(server.url + COMPLETIONS, json={
+            "model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2, "stream": True,
+            "stream_options": {"continuous_usage_stats": True}}) as response:
+        assert all("usage" not in chunk for chunk in _sse(await response.read()))
+    status, body = await _post(http, server, COMPLETIONS, stream=True,
+                               stream_options={"include_usage": True, "continuous_usage_stats": "yes"})
+    assert status == 400
+    assert body["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
+# ---- vLLM routes asyncserve does not serve: a 404 that says so ---------------------------------------
+
+
+@pytest.mark.parametrize("method,path,message", [
+    ("POST", "/v1/responses", "POST /v1/responses (vLLM: the Responses API) is not built in asyncserve yet: use "
+                              "/v1/chat/completions."),
+    ("GET", "/v1/responses/resp_1", "GET /v1/responses/resp_1 (vLLM: the Responses API) is not built in "
+                                    "asyncserve yet: use /v1/chat/completions."),
+    ("POST", "/v1/audio/transcriptions", "POST /v1/audio/transcriptions (vLLM: speech-to-text models) is not "
+                                         "built in asyncserve yet."),
+    ("POST", "/v2/rerank", "POST /v2/rerank (vLLM: reranking) is not built in asyncserve yet."),
+    ("POST", "/v1/load_lora_adapter", "POST /v1/load_lora_adapter (vLLM: LoRA adapters) is not built in "
+                                      "asyncserve yet."),
+    ("POST", "/scale_elastic_ep", "POST /scale_elastic_ep (vLLM: elastic expert parallelism) has no meaning in "
+                                  "asyncserve."),
+])
+async def test_known_vllm_routes_answer_a_404_naming_the_unbuilt_feature(server, http, method, path, message):
+    async with http.request(method, server.url + path, json={}) as response:
+        assert response.status == 404
+        assert await response.json() == {"error": {"message": message, "type": "invalid_request_error",
+                                                   "param": None, "code": "not_implemented"}}
+
+
+async def test_the_openai_client_hears_why_the_responses_api_is_missing_and_other_paths_stay_plain_404s(
+        server, client, http):
+    import openai
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.responses.create(model=MODEL_NAME, input="Hello")
+    assert caught.value.body["message"].startswith("POST /v1/responses (vLLM: the Responses API) is not built")
+    async with http.post(server.url + "/v1/responsesX", json={}) as response:
+        assert (await response.json())["error"]["message"] == "Not found: no route matches this path."

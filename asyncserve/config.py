@@ -122,6 +122,8 @@ class EngineConfig:
         """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
         builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
         from asyncserve.default_model import TINY_MODEL, default_model_path
+        from asyncserve.scratch import remove_stale_scratch
+        remove_stale_scratch()  # what a killed download or conversion left in the cache
         if self.model is None:
             return default_model_path()
         if self.model == TINY_MODEL and not os.path.isdir(self.model):

@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
         from asyncserve.server.parsers_config import check_parsers
         check_parsers(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
+        from asyncserve.server.cors import CorsConfig
+        cors = None if args.allowed_origins is None else CorsConfig(
+            allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+            allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
         sock = _listen_or_exit(parser, args.host, args.port)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.trust_remote_code:
@@ -286,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"asyncserve: error: {exc}\n")
 
     from asyncserve.server import openai_app
-    from asyncserve.server.cors import CorsConfig
     from asyncserve.server.run import serve
-    cors = None if args.allowed_origins is None else CorsConfig(
-        allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-        allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     app = openai_app(engine, served_model_name=names, api_key=args.api_key, chat_template=args.chat_template,
                      log_requests=not args.disable_log_requests,
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),

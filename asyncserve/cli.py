@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CORS: request headers cross-origin requests may send (default: all).")
     server.add_argument("--allow-credentials", action="store_true",
                         help="CORS: allow cookies and Authorization headers on cross-origin requests.")
+    server.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                        help="Close a connection that sends no complete request head for this long: one kept "
+                             "alive after a response, a new one that sends nothing, or a head that never ends "
+                             "(uvicorn's flag; vLLM's default; default: %(default)s).")
+    server.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="Most connections at once. Beyond it a new connection takes the place of the oldest "
+                             "one that has sent nothing yet, or is closed when all have (default: the open-file "
+                             "limit, raised to its hard limit up to 65535 as vLLM does, less 128 but at least "
+                             "half of it).")
 
     tools = parser.add_argument_group("tool calling and reasoning")
     tools.add_argument("--enable-auto-tool-choice", action="store_true",
@@ -274,9 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         from asyncserve.server.parsers_config import check_parsers
         check_parsers(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
         from asyncserve.server.cors import CorsConfig
+        from asyncserve.server.listener import ConnectionLimits, raise_open_file_limit
         cors = None if args.allowed_origins is None else CorsConfig(
             allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
             allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+        limits = ConnectionLimits(keepalive_timeout=args.timeout_keep_alive, max_connections=args.max_connections)
+        raise_open_file_limit()
         sock = _listen_or_exit(parser, args.host, args.port)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.trust_remote_code:
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(serve(
             app, args.host, port, sock=sock, on_started=announce, shutdown_timeout=args.shutdown_timeout + 5.0,
-            access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access")))
+            access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access"), limits=limits))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

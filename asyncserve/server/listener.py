@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from asyncserve.errors import ConfigError
-from asyncserve.server.connection import SERVER_NAME
+from asyncserve.server.connection import SERVER_NAME, http_error_words
 from asyncserve.server.errors import error_payload
 
 logger = logging.getLogger("asyncserve.server")
@@ -94,10 +94,7 @@ def _malformed_request_error(exc: BaseException | None, status: int) -> tuple[in
     if isinstance(exc, HttpProcessingError):
         if exc.message == "Too many headers received":
             return 431, f"The request has more than {MAX_HEADERS} header fields.", "header_fields_too_large"
-        # aiohttp's message quotes the offending bytes on lines of their own: keep only its words.
-        words = [line.strip().rstrip(":") for line in exc.message.splitlines()
-                 if line.strip() and not line.strip().startswith(("b'", 'b"', "bytearray(", "^"))]
-        return 400, f"Malformed HTTP request: {': '.join(words) or 'unreadable'}.", "malformed_http"
+        return 400, f"Malformed HTTP request: {http_error_words(exc)}.", "malformed_http"
     if status == 500:
         return 500, "Internal server error; the server log has details.", None
     return status, "The request could not be answered.", None

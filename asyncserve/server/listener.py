@@ -115,7 +115,7 @@ class JsonErrorRequestHandler(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._book.opened(self)
+        self._book.connected(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._book.closed(self)
@@ -166,9 +166,14 @@ class ConnectionBook:
         self._warn()
         return False
 
-    def opened(self, handler: JsonErrorRequestHandler) -> None:
+    def created(self, handler: JsonErrorRequestHandler) -> None:
+        # Counted from its creation: several connections accepted in one pass of the loop are all created
+        # before the first of them is told it is connected.
         self.open[handler] = None
-        self.silent[handler] = None
+
+    def connected(self, handler: JsonErrorRequestHandler) -> None:
+        if handler in self.open:  # not closed meanwhile
+            self.silent[handler] = None
 
     def spoke(self, handler: JsonErrorRequestHandler) -> None:
         self.silent.pop(handler, None)
@@ -217,5 +222,7 @@ class LimitedSite(web.BaseSite):
     def _new_connection(self) -> asyncio.Protocol:
         if not self.book.admit():
             return _Refused()
-        return JsonErrorRequestHandler(self._runner.server, loop=asyncio.get_running_loop(), book=self.book,
-                                       **self._options)
+        handler = JsonErrorRequestHandler(self._runner.server, loop=asyncio.get_running_loop(), book=self.book,
+                                          **self._options)
+        self.book.created(handler)
+        return handler

@@ -84,6 +84,24 @@ async def test_at_the_limit_with_every_connection_in_use_a_new_one_is_closed(mod
             writer.close()
 
 
+async def _served(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    try:
+        writer.write(get())
+        return (await read_answer(reader)).status == 200
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+
+
+async def test_a_burst_of_connections_never_holds_more_than_the_limit(model_path):
+    limits = ConnectionLimits(keepalive_timeout=60.0, max_connections=5)
+    async with cli_server(model_path, limits) as (host, port):
+        burst = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(40)))
+        served = await asyncio.gather(*(_served(reader, writer) for reader, writer in burst))
+        assert sum(served) == 5
+
+
 def _open_file_limit(limit: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))

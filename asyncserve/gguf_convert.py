@@ -12,12 +12,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
 from asyncserve.errors import ConfigError, UnsupportedModelError
 from asyncserve.paths import cache_dir
+from asyncserve.scratch import scratch_dir
 
 logger = logging.getLogger("asyncserve")
 
@@ -316,9 +316,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, dtype:
     config["torch_dtype"] = dtype  # what the safetensors hold
 
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    with scratch_dir(parent, name) as staging:
         os.chmod(staging, 0o755)
         _write_json(os.path.join(staging, "config.json"), config)
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -337,8 +335,6 @@ def convert_gguf(gguf_path: str, out_dir: str, *, tokenizer: bool = True, dtype:
         except OSError:  # another process finished first: keep its directory
             if not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

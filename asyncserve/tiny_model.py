@@ -13,10 +13,10 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 
 from ._tiny_corpus import CORPUS
+from .scratch import scratch_dir
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
             "gemma3")
@@ -283,9 +283,7 @@ def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = Fal
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{path} exists and is not empty; remove it or choose another path")
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    with scratch_dir(parent, name) as staging:
         os.chmod(staging, 0o755)  # mkdtemp's 0o700 would follow the checkpoint after the rename
         _write_checkpoint(staging, family, seed, shard, dict(config_overrides))
         try:
@@ -293,8 +291,6 @@ def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = Fal
         except OSError:
             if not os.path.exists(os.path.join(path, MARKER_FILE)):
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

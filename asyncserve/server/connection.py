@@ -18,6 +18,7 @@ else:  # aiohttp depends on async-timeout before 3.11
 logger = logging.getLogger("asyncserve.server")
 
 SERVER_NAME = "asyncserve"  # the `Server:` header: no versions for an attacker to match against
+_MAX_ERROR_WORDS = 200  # characters of aiohttp's description of a malformed request
 
 
 def _is_json(content_type: str) -> bool:
@@ -86,14 +87,27 @@ async def set_server_header(request: web.Request, response: web.StreamResponse) 
     response.headers["Server"] = SERVER_NAME
 
 
+def http_error_words(exc: HttpProcessingError) -> str:
+    """aiohttp's description of a malformed request without the request bytes it quotes (up to 8 KB)."""
+    words = []
+    for line in exc.message.splitlines():
+        for quote in ("b'", 'b"', "bytearray("):
+            line = line.split(quote, 1)[0]
+        line = line.strip().rstrip(":").strip()
+        if line and line != "^":
+            words.append(line)
+    return ": ".join(words)[:_MAX_ERROR_WORDS] or "unreadable"
+
+
 class MalformedRequestFilter(logging.Filter):
-    """aiohttp logs each malformed HTTP request as an ERROR with a traceback; one WARNING line says it all."""
+    """aiohttp logs each malformed HTTP request as an ERROR with a traceback and the request's bytes; one
+    short WARNING line says it all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg, record.args = "malformed HTTP request from %s: %s", (remote, " ".join(exc.message.split()))
+            record.msg, record.args = "malformed HTTP request from %s: %s", (remote, http_error_words(exc))
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info, record.exc_text = None, None
         return True

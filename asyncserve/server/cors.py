@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import hdrs, web
 
+from asyncserve.errors import ConfigError
+
 _PREFLIGHT_MAX_AGE = "600"
 _ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
@@ -19,6 +21,14 @@ class CorsConfig:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+
+    def __post_init__(self) -> None:
+        # Starlette (and so vLLM) would echo any origin back, 'null' of sandboxed pages included: every site
+        # could then read answers with the user's cookies. Browsers refuse '*' with credentials; so do we.
+        if "*" in self.allowed_origins and self.allow_credentials:
+            raise ConfigError("--allowed-origins '[\"*\"]' cannot go with --allow-credentials: any web site could "
+                              "then make requests with the user's credentials and read the answers. List the "
+                              "origins that may (e.g. '[\"https://app.example\"]'), or drop --allow-credentials.")
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.allowed_origins or origin in self.allowed_origins
@@ -33,10 +43,8 @@ class CorsConfig:
         return [h.strip() for h in requested.split(",") if h.strip() and h.strip().lower() not in allowed]
 
     def origin_header(self, origin: str) -> str:
-        """'*' where any origin may read without credentials; otherwise the origin itself (and Vary)."""
-        if "*" in self.allowed_origins and not self.allow_credentials:
-            return "*"
-        return origin
+        """'*' where any origin may read (never with credentials); otherwise the origin itself (and Vary)."""
+        return "*" if "*" in self.allowed_origins else origin
 
 
 CORS_CONFIG = web.AppKey("cors_config", CorsConfig)

@@ -6,10 +6,13 @@ from importlib import resources
 
 from aiohttp import web
 
-# The page runs only its own inline script and style and talks only to this server.
+# The page runs only its own inline script and style, talks only to this server, and is never shown inside
+# another site's frame (where that site could overlay it and steer the user's clicks and typed key).
 _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                               "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'",
+                               "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",  # frame-ancestors' predecessor, for browsers that predate it
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }

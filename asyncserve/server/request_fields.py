@@ -6,6 +6,7 @@ neutral value (`"functions": []`, `"function_call": "none"`) is fine.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import Any, Callable
 
@@ -13,6 +14,9 @@ from asyncserve.server.errors import bad_request
 from asyncserve.server.structured import FIELDS as STRUCTURED_FIELDS
 
 logger = logging.getLogger("asyncserve.server")
+
+_MAX_NAMES_LOGGED = 10  # unknown fields named in the warning; the rest are counted
+_MAX_NAME_CHARS = 64
 
 _SAMPLING = frozenset({
     "model", "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
@@ -92,4 +96,13 @@ def check_fields(data: dict, endpoint: str) -> None:
             continue
         ignored.append(name)
     if ignored:
-        logger.warning("The following fields were present in the request but ignored: %s", sorted(ignored))
+        logger.warning("The following fields were present in the request but ignored: %s", _summary(ignored))
+
+
+def _summary(names: list[str]) -> str:
+    """The first few names (sorted, each cut short) and how many more: a request of 100,000 unknown keys
+    costs the log one short line, not megabytes."""
+    shown = [name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS] + "..."
+             for name in heapq.nsmallest(_MAX_NAMES_LOGGED, names)]
+    more = len(names) - len(shown)
+    return f"{shown} and {more} more" if more else str(shown)

@@ -78,3 +78,10 @@ def test_the_page_ships_as_package_data():
     assert page.is_file()
     relative = page.relative_to(ROOT / "asyncserve").as_posix()
     assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
+
+
+@on_server_loop
+async def test_no_other_site_may_show_the_page_in_a_frame(server):
+    _, headers, _ = await _get(server.url + "/")
+    assert headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from asyncserve.cli import main
+from asyncserve.errors import ConfigError
 from asyncserve.server import CorsConfig
 
 from tests.server.conftest import live_server
@@ -68,3 +70,20 @@ async def test_no_cors_headers_unless_asked(server, http):
     async with http.get(server.api + "/models", headers={"Origin": ORIGIN}) as response:
         assert response.status == 200
         assert not any(name.startswith("Access-Control-") for name in response.headers)
+
+
+def test_any_origin_with_credentials_is_refused_at_start_up():
+    with pytest.raises(ConfigError, match="cannot go with --allow-credentials"):
+        CorsConfig(allowed_origins=["*"], allow_credentials=True)
+    with pytest.raises(ConfigError):
+        CorsConfig(allowed_origins=["http://app.example", "*"], allow_credentials=True)
+    CorsConfig(allowed_origins=["*"])  # without credentials: any origin may read, as '*' says
+    CorsConfig(allowed_origins=[ORIGIN], allow_credentials=True)
+
+
+def test_the_cli_refuses_any_origin_with_credentials_before_loading_a_model(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--model", "no/such-model", "--allowed-origins", '["*"]', "--allow-credentials"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot go with --allow-credentials" in err and "Traceback" not in err

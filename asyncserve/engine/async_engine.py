@@ -55,6 +55,7 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-grammar")
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-token-lists")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
@@ -143,6 +144,15 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(
                 self._compiler, self.engine.structured.compile, params.structured_outputs)
 
+    async def prepare_token_constraints(self, params: SamplingParams) -> None:
+        """Checks and tokenizes the params' token lists (logit_bias, allowed_token_ids, bad_words,
+        stop_token_ids) in a thread when there are any, so that a big list never holds the loop;
+        `add_request` then finds them done. Raises InvalidParameterError naming the field."""
+        if params.token_constraints is None and (params.logit_bias or params.allowed_token_ids
+                                                 or params.bad_words or params.stop_token_ids):
+            await asyncio.get_running_loop().run_in_executor(
+                self._preparer, self.engine.prepare_token_constraints, params)
+
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None):
@@ -170,8 +180,10 @@ class AsyncEngine:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
-        sampling_params = sampling_params or self.default_sampling_params()
+        # A copy: what is prepared for this request is kept on it, not on the caller's object.
+        sampling_params = (sampling_params or self.default_sampling_params()).clone()
         await self.compile_structured_outputs(sampling_params)
+        await self.prepare_token_constraints(sampling_params)
         request, stream = self.add_request(prompt, sampling_params, request_id)
         finished = False
         try:

@@ -7,7 +7,7 @@ with a full-vocabulary `logit_bias`, each while small requests and `/health` pro
 `--serve-tiny` starts `asyncserve --model asyncserve/tiny-random` (vocabulary 768) on a free port.
 For each phase (small requests alone, then beside each hostile request) it prints: the small requests'
 latency (median and worst), the worst `/health` latency seen by a probe every 10 ms, the server's own
-loop-lag samples over 100 ms and 1 s (from /metrics) and its worst loop lag since start-up, and the
+loop-lag samples over 50 ms, 100 ms and 1 s (from /metrics) and its worst loop lag since start-up, and the
 hostile request's status and time. Not part of CI: run it on demand.
 """
 from __future__ import annotations
@@ -118,6 +118,7 @@ async def _phase(session, base_url: str, model: str, args, name: str, hostile_bo
     hostile = await probe.run_while(work)
     after = await _metrics(session, base_url)
     report = {"phase": name, **probe.report(),
+              "server_lag_samples_over_50ms": _lag_samples_over(after, "0.05") - _lag_samples_over(before, "0.05"),
               "server_lag_samples_over_100ms": _lag_samples_over(after, "0.1") - _lag_samples_over(before, "0.1"),
               "server_lag_samples_over_1s": _lag_samples_over(after, "1.0") - _lag_samples_over(before, "1.0"),
               "server_worst_lag_since_start_s": round(after.get("event_loop_lag_seconds_max", 0.0), 3)}

@@ -177,16 +177,16 @@ def constraint_bias(rows: list[SequenceState], vocab_size: int, device: torch.de
             bans.append(banned)
     if not fixed and not bans:
         return None
+    counts = [banned.numel() for banned in bans]
+    fixed_index, ban_index, ban_counts = _pack([fixed_rows, ban_rows, counts], torch.int64, device)
     if len(fixed) == len(rows):
         bias = torch.stack(fixed)
     else:
         bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
         if fixed:
-            bias[_to_device(fixed_rows, torch.int64, device)] = torch.stack(fixed)
+            bias[fixed_index] = torch.stack(fixed)
     if bans:
-        counts = [banned.numel() for banned in bans]
-        row_ids = torch.repeat_interleave(_to_device(ban_rows, torch.int64, device),
-                                          _to_device(counts, torch.int64, device), output_size=sum(counts))
+        row_ids = torch.repeat_interleave(ban_index, ban_counts, output_size=sum(counts))
         bias[row_ids, torch.cat(bans)] = _NEG_INF
     return bias
 

@@ -134,7 +134,9 @@ class AsyncEngine:
         return self.engine.tokenize_prompt(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
-        """Every engine-side rule a request must meet, raised before anything is queued."""
+        """Every engine-side rule a request must meet, raised before anything is queued. The params' token
+        lists are tokenized and made compact here, kept on `params` for `add_request` (so call this off the
+        loop for a big request, and do not change those lists afterwards)."""
         self.engine.validate_prompt(prompt_token_ids, params)
 
     async def compile_structured_outputs(self, params: SamplingParams) -> None:

@@ -11,18 +11,23 @@ from asyncserve.token_constraints import TokenConstraints
 _NEG_INF = float("-inf")
 
 
+def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    # Pageable host memory, as runner/inputs.py's copies: staged before `to` returns, no stream sync.
+    return tensor.to(device, non_blocking=True)
+
+
 def _fixed_bias(constraints: TokenConstraints, device: torch.device) -> torch.Tensor:
     """[V] float32: vLLM's allowed_token_ids (-inf elsewhere), plus logit_bias, -inf on single-token bad words."""
     vocab_size = constraints.vocab_size
     if constraints.allowed_token_ids is not None:
         row = torch.full((vocab_size,), _NEG_INF, device=device)
-        row[constraints.allowed_token_ids.to(device)] = 0.0
+        row[_on(device, constraints.allowed_token_ids)] = 0.0
     else:
         row = torch.zeros(vocab_size, device=device)
     if constraints.logit_bias_ids is not None:  # distinct ids (a dict's keys)
-        row.index_add_(0, constraints.logit_bias_ids.to(device), constraints.logit_bias_values.to(device))
+        row.index_add_(0, _on(device, constraints.logit_bias_ids), _on(device, constraints.logit_bias_values))
     if constraints.banned_token_ids is not None:
-        row[constraints.banned_token_ids.to(device)] = _NEG_INF
+        row[_on(device, constraints.banned_token_ids)] = _NEG_INF
     return row
 
 
@@ -51,7 +56,7 @@ class DeviceConstraints:
         self.device = device
         self.fixed_bias = _fixed_bias(constraints, device) if constraints.has_fixed_bias else None  # [V]
         self.min_tokens = constraints.min_tokens
-        self.min_tokens_banned = (constraints.min_tokens_banned.to(device)
+        self.min_tokens_banned = (_on(device, constraints.min_tokens_banned)
                                   if constraints.min_tokens_banned is not None else None)
         self.bad_words = constraints.bad_words
         self._banned_at: dict[int, torch.Tensor] = {}  # automaton state -> the ids it bans, on the device
@@ -75,7 +80,7 @@ class DeviceConstraints:
             if node != BadWordAutomaton.ROOT:
                 banned = self._banned_at.get(node)
                 if banned is None:  # once per state reached: the union along its failure chain
-                    banned = torch.tensor(self.bad_words.banned(node), dtype=torch.int64).to(self.device)
+                    banned = _on(self.device, torch.tensor(self.bad_words.banned(node), dtype=torch.int64))
                     self._banned_at[node] = banned
                 if banned.numel():
                     bans.append(banned)

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json as _json
+from copy import copy
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from asyncserve.errors import SamplingParamsError
 
 _GREEDY_EPS = 1e-5
+# Each word is tokenized (twice) when a request is admitted: the bound keeps that under ~0.1 s of one
+# thread's time. vLLM has no bound; the step's cost does not depend on it (bad_words.py).
+MAX_BAD_WORDS = 4096
 
 
 def _check(ok: bool, name: str, allowed: str, value) -> None:
@@ -123,8 +128,9 @@ class SamplingParams:
     bad_words: list[str] | None = None          # never generate these words (vLLM's rules, see bad_words.py)
     truncate_prompt_tokens: int | None = None   # keep only the last k prompt tokens; -1: max_model_len
     structured_outputs: StructuredOutputsParams | None = None  # the output follows a schema/regex/grammar
-    # Filled by the engine from the tokenizer: each bad word as the token-id sequences to ban.
-    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    # Filled by the engine when the request is admitted: the lists above, validated, tokenized and in the
+    # compact form the runner turns into device tensors once (asyncserve/token_constraints.py).
+    token_constraints: Any = field(default=None, repr=False)
     # Filled by the engine from the model's generation config: eos ids beyond the tokenizer's.
     extra_eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -189,6 +195,9 @@ class SamplingParams:
                            for t in self.allowed_token_ids),
                    "allowed_token_ids", "a non-empty list of token ids (ints >= 0)", self.allowed_token_ids)
         if self.bad_words is not None:
+            if isinstance(self.bad_words, list) and len(self.bad_words) > MAX_BAD_WORDS:
+                raise SamplingParamsError(f"bad_words may hold at most {MAX_BAD_WORDS} words, got "
+                                          f"{len(self.bad_words)}.", param="bad_words")
             _check(isinstance(self.bad_words, list) and all(isinstance(w, str) and w.strip() for w in self.bad_words),
                    "bad_words", "a list of non-blank strings", self.bad_words)
         _check(self.truncate_prompt_tokens is None or (
@@ -213,8 +222,9 @@ class SamplingParams:
         return truncate_left(token_ids, self.truncate_prompt_tokens, max_model_len, SamplingParamsError)
 
     def clone(self) -> "SamplingParams":
-        from copy import deepcopy
-        return deepcopy(self)
+        """A copy whose fields the engine may set; the lists inside are shared, never changed (a deep copy
+        of a full-vocabulary logit_bias would hold the event loop)."""
+        return copy(self)
 
 
 @dataclass

@@ -55,6 +55,7 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-grammar")
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-token-lists")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
@@ -133,7 +134,9 @@ class AsyncEngine:
         return self.engine.tokenize_prompt(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
-        """Every engine-side rule a request must meet, raised before anything is queued."""
+        """Every engine-side rule a request must meet, raised before anything is queued. The params' token
+        lists are tokenized and made compact here, kept on `params` for `add_request` (so call this off the
+        loop for a big request, and do not change those lists afterwards)."""
         self.engine.validate_prompt(prompt_token_ids, params)
 
     async def compile_structured_outputs(self, params: SamplingParams) -> None:
@@ -142,6 +145,15 @@ class AsyncEngine:
         if params.structured_outputs is not None:
             await asyncio.get_running_loop().run_in_executor(
                 self._compiler, self.engine.structured.compile, params.structured_outputs)
+
+    async def prepare_token_constraints(self, params: SamplingParams) -> None:
+        """Checks and tokenizes the params' token lists (logit_bias, allowed_token_ids, bad_words,
+        stop_token_ids) in a thread when there are any, so that a big list never holds the loop;
+        `add_request` then finds them done. Raises InvalidParameterError naming the field."""
+        if params.token_constraints is None and (params.logit_bias or params.allowed_token_ids
+                                                 or params.bad_words or params.stop_token_ids):
+            await asyncio.get_running_loop().run_in_executor(
+                self._preparer, self.engine.prepare_token_constraints, params)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -170,8 +182,10 @@ class AsyncEngine:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
-        sampling_params = sampling_params or self.default_sampling_params()
+        # A copy: what is prepared for this request is kept on it, not on the caller's object.
+        sampling_params = (sampling_params or self.default_sampling_params()).clone()
         await self.compile_structured_outputs(sampling_params)
+        await self.prepare_token_constraints(sampling_params)
         request, stream = self.add_request(prompt, sampling_params, request_id)
         finished = False
         try:

@@ -6,7 +6,6 @@ import logging
 import time
 
 
-from asyncserve.bad_words import bad_words_token_ids
 from asyncserve.config import Config, EngineConfig
 from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
@@ -24,6 +23,7 @@ from asyncserve.pooling_params import PoolingParams
 from asyncserve.runner.executor import Executor, make_executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sampling_params import SamplingParams
+from asyncserve.token_constraints import TokenConstraints, build_token_constraints
 
 logger = logging.getLogger("asyncserve")
 
@@ -143,21 +143,16 @@ class LLMEngine:
         if params.best_of > max_num_seqs:
             raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
                                         f"{max_num_seqs}.", "n")
-        self._check_token_constraints(params)
+        self.prepare_token_constraints(params)
 
-    def _check_token_constraints(self, params: SamplingParams) -> list[list[int]]:
-        """allowed_token_ids inside the vocabulary; bad_words as token sequences (they need a tokenizer)."""
-        vocab_size = self.model_config.vocab_size
-        outside = sorted({t for t in params.allowed_token_ids or () if t >= vocab_size})
-        if outside:
-            raise InvalidParameterError(f"allowed_token_ids {outside} are outside the vocabulary "
-                                        f"[0, {vocab_size}).", "allowed_token_ids")
-        if not params.bad_words:
-            return []
-        if self.tokenizer is None:
-            raise InvalidParameterError("bad_words need a tokenizer; this engine runs with "
-                                        "skip_tokenizer_init. Use logit_bias.", "bad_words")
-        return bad_words_token_ids(params.bad_words, self.tokenizer, vocab_size)
+    def prepare_token_constraints(self, params: SamplingParams) -> TokenConstraints:
+        """logit_bias, allowed_token_ids, bad_words and stop ids checked against the model, tokenized and
+        made compact, once per params object: `validate` (off the event loop for a big request) does it,
+        and `add_request` finds it done. Changing those fields of params afterwards is not seen."""
+        if params.token_constraints is None:
+            params.token_constraints = build_token_constraints(params, self.model_config.vocab_size,
+                                                               self.tokenizer, self.eos_token_ids())
+        return params.token_constraints
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | PoolingParams | None = None) -> Request:
@@ -171,7 +166,6 @@ class LLMEngine:
         if len(truncated) < len(token_ids):
             text, token_ids = None, truncated
         self.validate_prompt(token_ids, params)
-        params.bad_words_token_ids = self._check_token_constraints(params)
         room = self.model_config.max_model_len - len(token_ids)  # the context ends generation anyway
         params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())

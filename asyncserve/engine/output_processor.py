@@ -61,13 +61,14 @@ class OutputProcessor:
         num_output = seq.num_output_tokens
         # As vLLM: the EOS or stop token that ends the output is not part of its text (which shows with
         # skip_special_tokens=False), unless include_stop_str_in_output asks for it.
+        stop_token_ids = params.token_constraints.stop_token_ids  # a set, built once per request
         stops_here = num_output >= params.min_tokens and (
-            token_id in params.extra_eos_token_ids or token_id in params.stop_token_ids)
+            token_id in params.extra_eos_token_ids or token_id in stop_token_ids)
         delta = "" if stops_here and not params.include_stop_str_in_output else detokenizer.step(token_id)
         if num_output >= params.min_tokens:
             if token_id in params.extra_eos_token_ids:
                 return self._finish(seq, FinishReason.STOP, None)
-            if token_id in params.stop_token_ids:
+            if token_id in stop_token_ids:
                 return self._finish(seq, FinishReason.STOP, token_id)
             found = find_stop_string(detokenizer.output_text, len(delta), params.stop,
                                      params.include_stop_str_in_output)

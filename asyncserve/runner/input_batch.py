@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asyncserve.runner.constraint_rows import BadWordMatch, DeviceConstraints
 from asyncserve.runner.step import NewSequence, StepMessage
 
 
@@ -18,10 +19,11 @@ class SequenceState:
     """What the runner knows of one sequence, plus this step's part of it (set by `InputBatch.apply`)."""
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
-                 "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs")
+                 "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs",
+                 "constraints", "bad_word_match")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
-                 generators: list):
+                 generators: list, constraints: DeviceConstraints | None = None):
         self.seq_id = seq_id
         self.token_ids = token_ids
         self.num_prompt_tokens = num_prompt_tokens
@@ -34,6 +36,10 @@ class SequenceState:
         self.new_token_ids: list[int] = []
         self.num_samples = 0
         self.prompt_logprobs: int | None = None
+        # The request's logit_bias, allowed ids, bad words and min_tokens bans, on the device (None: none).
+        self.constraints = constraints
+        self.bad_word_match: BadWordMatch | None = (
+            constraints.new_match(num_prompt_tokens) if constraints is not None else None)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -70,7 +76,7 @@ class InputBatch:
         states = self.states
         for new in message.new_seqs:
             states[new.seq_id] = SequenceState(new.seq_id, list(new.token_ids), new.num_prompt_tokens,
-                                               new.params, self._generators(new))
+                                               new.params, self._generators(new), self._constraints(new))
         for seq_id in message.finished_seq_ids:  # after the new ones: a fork may draw on its parent
             states.pop(seq_id, None)
         seqs = []
@@ -108,6 +114,15 @@ class InputBatch:
             if state is not None:
                 state.token_ids.append(token_id)
                 state.num_unread -= 1
+
+    def _constraints(self, new: NewSequence) -> DeviceConstraints | None:
+        """Built on the device once per request: a fork shares its parent's."""
+        if new.fork_parent is not None:
+            return self.states[new.fork_parent].constraints
+        constraints = getattr(new.params, "token_constraints", None)
+        if constraints is None or not constraints.shapes_sampling:
+            return None
+        return DeviceConstraints(constraints, self.device)
 
     def _generators(self, new: NewSequence) -> list:
         """Seeded streams: sample i of a request draws from seed + i, whichever sequence carries it."""

@@ -5,10 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncserve.bad_words import banned_next_tokens
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.sampler import SamplingTensors
-from asyncserve.runner.input_batch import ScheduledBatch
+from asyncserve.runner.input_batch import ScheduledBatch, SequenceState
 
 _NEG_INF = float("-inf")
 
@@ -131,10 +130,9 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
     params = [seq.params for seq, _ in rows]
     temperature = [p.temperature for p in params]
     all_greedy = all(p.is_greedy for p in params)
-    if all_greedy and not any(p.logprobs is not None or p.logit_bias or p.min_tokens or p.best_of > p.n
-                              or p.allowed_token_ids or p.bad_words_token_ids or p.structured_outputs
-                              or _has_penalties(p)
-                              for p in params):
+    if all_greedy and not any(p.logprobs is not None or p.best_of > p.n or p.structured_outputs
+                              or _has_penalties(p) for p in params) \
+            and all(seq.constraints is None for seq, _ in rows):
         return SamplingTensors(temperature=None, top_p=None, top_k=None, min_p=None,
                                generators=[], all_greedy=True, plain_greedy=True)
     t = SamplingTensors(
@@ -154,19 +152,43 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
         t.repetition_penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device)
         t.output_tokens = _padded([seq.output_token_ids for seq, _ in rows], vocab_size, device)
         t.prompt_tokens = _padded([seq.prompt_token_ids for seq, _ in rows], vocab_size, device)
-    bias_rows = [_bias_entries(seq) for seq, _ in rows]
-    if any(bias_rows) or any(p.allowed_token_ids for p in params):
-        bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
-        for row, entries in enumerate(bias_rows):
-            _allow_only(bias[row], params[row].allowed_token_ids)
-            for token_id, value in entries:
-                if 0 <= token_id < vocab_size:
-                    bias[row, token_id] += value
-        t.logit_bias = bias.to(device, non_blocking=True)
+    t.logit_bias = constraint_bias([seq for seq, _ in rows], vocab_size, device)
     num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     if num_logprobs or any(p.best_of > p.n for p in params):
         t.max_num_logprobs = max(num_logprobs, default=0)
     return t
+
+
+def constraint_bias(rows: list[SequenceState], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """[S, V], row i for sample row i: its request's fixed bias (logit_bias, allowed_token_ids, single-token
+    bad words), and -inf on what it may not sample now (stop/eos ids before min_tokens, bad words' last
+    tokens). Every part is a device tensor built once per request (runner/constraint_rows.py): a step
+    costs O(S) on the host and a few batched ops, whatever the size of the requests' lists."""
+    fixed_rows, fixed, ban_rows, bans = [], [], [], []
+    for index, seq in enumerate(rows):
+        constraints = seq.constraints
+        if constraints is None:
+            continue
+        if constraints.fixed_bias is not None:
+            fixed_rows.append(index)
+            fixed.append(constraints.fixed_bias)
+        for banned in constraints.bans(seq.num_output_tokens, seq.bad_word_match, seq.token_ids):
+            ban_rows.append(index)
+            bans.append(banned)
+    if not fixed and not bans:
+        return None
+    counts = [banned.numel() for banned in bans]
+    fixed_index, ban_index, ban_counts = _pack([fixed_rows, ban_rows, counts], torch.int64, device)
+    if len(fixed) == len(rows):
+        bias = torch.stack(fixed)
+    else:
+        bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+        if fixed:
+            bias[fixed_index] = torch.stack(fixed)
+    if bans:
+        row_ids = torch.repeat_interleave(ban_index, ban_counts, output_size=sum(counts))
+        bias[row_ids, torch.cat(bans)] = _NEG_INF
+    return bias
 
 
 def _has_penalties(params) -> bool:
@@ -181,24 +203,5 @@ def needs_grammar_masks(step: ScheduledBatch) -> bool:
 def needs_output_token_values(step: ScheduledBatch) -> bool:
     """Whether sampling this step reads the values of generated tokens (penalties, multi-token bad
     words), not just their count: then the runner waits for the previous step's tokens."""
-    return any(seq.num_samples and (_has_penalties(seq.params) or seq.params.bad_words_token_ids)
-               for seq in step.seqs)
-
-
-def _bias_entries(seq) -> list[tuple[int, float]]:
-    params = seq.params
-    entries = [(int(k), float(v)) for k, v in (params.logit_bias or {}).items()]
-    if params.bad_words_token_ids:
-        entries.extend((token_id, _NEG_INF) for token_id in
-                       banned_next_tokens(params.bad_words_token_ids, seq.token_ids, seq.num_prompt_tokens))
-    if seq.num_output_tokens < params.min_tokens:
-        banned = set(params.stop_token_ids) | set(params.extra_eos_token_ids)
-        entries.extend((token_id, _NEG_INF) for token_id in banned)
-    return entries
-
-
-def _allow_only(bias_row: torch.Tensor, allowed_token_ids: list[int] | None) -> None:
-    """vLLM's allowed_token_ids: every other token's logit becomes -inf."""
-    if allowed_token_ids:
-        bias_row.fill_(_NEG_INF)
-        bias_row[torch.tensor(allowed_token_ids, dtype=torch.int64)] = 0.0
+    return any(seq.num_samples and (_has_penalties(seq.params) or (
+        seq.constraints is not None and seq.constraints.reads_output_tokens)) for seq in step.seqs)

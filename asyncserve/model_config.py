@@ -82,7 +82,7 @@ def _max_model_len(requested: int | None, hf_config) -> int:
 def load_hf_config(path: str):
     """transformers' config of the checkpoint, or asyncserve's own reading of a Qwen-1 config.json,
     whose class exists only as the checkpoint's remote code (never run)."""
-    from asyncserve.qwen_config import QWenConfig, is_qwen1, read_config_json
+    from asyncserve.checkpoints.qwen_config import QWenConfig, is_qwen1, read_config_json
     config = read_config_json(path)
     if is_qwen1(config):
         logger.info("Qwen-1 checkpoint (model_type 'qwen'): its remote code is not run, trust_remote_code or "
@@ -132,7 +132,7 @@ def kv_recompute_length(model_config: ModelConfig) -> int | None:
 
 
 def load_tokenizer(model_config: ModelConfig):
-    from asyncserve.qwen_tokenizer import QWenTokenizer, is_qwen_tokenizer_dir
+    from asyncserve.checkpoints.qwen_tokenizer import QWenTokenizer, is_qwen_tokenizer_dir
     path = model_config.tokenizer or model_config.path
     if is_qwen_tokenizer_dir(path):
         return QWenTokenizer.from_directory(path)

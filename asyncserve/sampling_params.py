@@ -129,7 +129,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None   # keep only the last k prompt tokens; -1: max_model_len
     structured_outputs: StructuredOutputsParams | None = None  # the output follows a schema/regex/grammar
     # Filled by the engine when the request is admitted: the lists above, validated, tokenized and in the
-    # compact form the runner turns into device tensors once (asyncserve/token_constraints.py).
+    # compact form the runner turns into device tensors once (asyncserve/sample/token_constraints.py).
     token_constraints: Any = field(default=None, repr=False)
     # Filled by the engine from the model's generation config: eos ids beyond the tokenizer's.
     extra_eos_token_ids: list[int] = field(default_factory=list, repr=False)

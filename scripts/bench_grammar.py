@@ -23,11 +23,11 @@ from structured_schema import SCHEMA, random_document  # noqa: E402
 
 def default_tokenizer_dir() -> str:
     """SmolLM2's tokenizer (49k byte-level BPE) when the default model is cached, else the tiny model's."""
-    from asyncserve.paths import cache_dir
+    from asyncserve.checkpoints.cache import cache_dir
     for name in sorted(os.listdir(cache_dir())) if os.path.isdir(cache_dir()) else []:
         if name.startswith("SmolLM2") and os.path.exists(os.path.join(cache_dir(), name, "tokenizer.json")):
             return os.path.join(cache_dir(), name)
-    from asyncserve.tiny_model import default_model_path
+    from asyncserve.checkpoints.tiny_model import default_model_path
     return default_model_path()
 
 

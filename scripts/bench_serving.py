@@ -368,7 +368,7 @@ async def tiny_server(model: str | None):
 
     from asyncserve import AsyncEngine, EngineConfig
     from asyncserve.server import SERVER_STATE, openai_app
-    from asyncserve.default_model import TINY_MODEL
+    from asyncserve.checkpoints.default_model import TINY_MODEL
     engine = AsyncEngine(EngineConfig(model=model or TINY_MODEL, max_num_seqs=256))
     app = openai_app(engine, log_requests=False)
     runner = web.AppRunner(app, access_log=None)

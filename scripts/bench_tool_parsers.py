@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import time
 
-from asyncserve.reasoning import get_reasoning_parser
-from asyncserve.tool_parsers import get_tool_parser
+from asyncserve.parsers.reasoning import get_reasoning_parser
+from asyncserve.parsers.tool_calls import get_tool_parser
 
 
 def _per_delta(make, pieces: list[str], repeats: int = 50) -> float:

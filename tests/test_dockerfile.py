@@ -57,7 +57,8 @@ def test_the_project_is_installed_on_the_images_own_torch(commands):
     pyproject = _pyproject()
     copied = {source for command in _all(commands, "COPY") for source in command.value[:-1]}
     # everything pip needs to build the project: its metadata, readme and every package directory
-    needed = {"pyproject.toml", pyproject["project"]["readme"], *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    needed = {"pyproject.toml", "setup.py", pyproject["project"]["readme"],
+              *pyproject["tool"]["setuptools"]["package-dir"].values()}
     assert needed <= copied
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]

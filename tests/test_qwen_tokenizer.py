@@ -12,7 +12,7 @@ import pytest
 import tiktoken
 
 from asyncserve.engine.detokenizer import IncrementalDetokenizer
-from asyncserve.qwen_tokenizer import QWenTokenizer
+from asyncserve.checkpoints.qwen_tokenizer import QWenTokenizer
 from tests.conftest import PROMPTS
 from tests.qwen1_checkpoints import QWEN_PAT_STR, QWEN_SPECIAL_TOKENS
 

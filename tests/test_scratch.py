@@ -11,12 +11,12 @@ import time
 import pytest
 
 from asyncserve.config import EngineConfig
-from asyncserve.default_model import TINY_MODEL
-from asyncserve.scratch import remove_stale_scratch
+from asyncserve.checkpoints.default_model import TINY_MODEL
+from asyncserve.checkpoints.scratch import remove_stale_scratch
 
 FILLING = """
 import sys, time
-from asyncserve.scratch import scratch_dir
+from asyncserve.checkpoints.scratch import scratch_dir
 with scratch_dir(sys.argv[1], sys.argv[2]) as path:
     with open(path + "/model.whl", "wb") as f:
         f.write(b"0" * 100_000)

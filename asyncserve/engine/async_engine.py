@@ -21,7 +21,7 @@ from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
-from asyncserve.tasks import cancel_and_wait
+from asyncserve.utils.tasks import cancel_and_wait
 
 logger = logging.getLogger("asyncserve")
 

@@ -23,7 +23,7 @@ from asyncserve.pooling_params import PoolingParams
 from asyncserve.runner.executor import Executor, make_executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sampling_params import SamplingParams
-from asyncserve.token_constraints import TokenConstraints, build_token_constraints
+from asyncserve.sample.token_constraints import TokenConstraints, build_token_constraints
 
 logger = logging.getLogger("asyncserve")
 

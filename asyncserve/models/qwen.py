@@ -4,7 +4,7 @@ code: the same pre-norm RMSNorm / rotary / SwiGLU decoder as Llama, written nati
 Checkpoint names: transformer.wte, transformer.h.N.{ln_1, attn.c_attn (fused q|k|v with bias), attn.c_proj,
 ln_2, mlp.w1, mlp.w2, mlp.c_proj}, transformer.ln_f, lm_head. In modeling_qwen.py the MLP is
 c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection, and `intermediate_size` is twice the
-MLP width. The config is asyncserve's own reading of config.json (asyncserve/qwen_config.py).
+MLP width. The config is asyncserve's own reading of config.json (asyncserve/checkpoints/qwen_config.py).
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from asyncserve.bad_words import BadWordAutomaton
-from asyncserve.token_constraints import TokenConstraints
+from asyncserve.sample.bad_words import BadWordAutomaton
+from asyncserve.sample.token_constraints import TokenConstraints
 
 _NEG_INF = float("-inf")
 

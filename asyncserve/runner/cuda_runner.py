@@ -18,7 +18,7 @@ from asyncserve.runner.inputs import build_sampling_tensors, needs_grammar_masks
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
-from asyncserve.layers.sampler import SamplerOutput
+from asyncserve.sample.sampler import SamplerOutput
 
 logger = logging.getLogger("asyncserve")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.layers.sampler import SamplingTensors
+from asyncserve.sample.sampler import SamplingTensors
 from asyncserve.runner.input_batch import ScheduledBatch, SequenceState
 
 _NEG_INF = float("-inf")

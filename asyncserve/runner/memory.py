@@ -6,7 +6,7 @@ import logging
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.layers.sampler import SamplingTensors
+from asyncserve.sample.sampler import SamplingTensors
 from asyncserve.runner.kv_pool import bytes_per_block
 
 logger = logging.getLogger("asyncserve")

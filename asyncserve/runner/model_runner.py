@@ -7,7 +7,7 @@ import logging
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sampling_tensors,

@@ -12,7 +12,7 @@ from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import StructuredOutputsParams
 from asyncserve.server.chat_output import ChoiceParser, message, parser_factory
-from asyncserve.tool_parsers import get_tool_parser
+from asyncserve.parsers.tool_calls import get_tool_parser
 from asyncserve.server.errors import bad_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
 from asyncserve.server.handler import handle_generation

@@ -8,10 +8,10 @@ from __future__ import annotations
 import uuid
 from typing import Callable
 
-from asyncserve.reasoning import ReasoningParser, get_reasoning_parser
+from asyncserve.parsers.reasoning import ReasoningParser, get_reasoning_parser
 from asyncserve.server.tools import ToolChoice
-from asyncserve.tool_parsers import ContentDelta, ToolCallStart, ToolParser, get_tool_parser
-from asyncserve.tool_parsers.forced import NamedFunctionParser, RequiredCallsParser
+from asyncserve.parsers.tool_calls import ContentDelta, ToolCallStart, ToolParser, get_tool_parser
+from asyncserve.parsers.tool_calls.forced import NamedFunctionParser, RequiredCallsParser
 
 
 def tool_call_id() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from asyncserve.server.metrics import LAG_BUCKETS, Histogram
-from asyncserve.tasks import cancel_and_wait
+from asyncserve.utils.tasks import cancel_and_wait
 
 
 class LagMonitor:

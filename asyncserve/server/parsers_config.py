@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from asyncserve.errors import ConfigError
-from asyncserve.reasoning import reasoning_parser_names
-from asyncserve.tool_parsers import tool_parser_names
+from asyncserve.parsers.reasoning import reasoning_parser_names
+from asyncserve.parsers.tool_calls import tool_parser_names
 
 
 def check_parsers(tool_call_parser: str | None, enable_auto_tool_choice: bool,

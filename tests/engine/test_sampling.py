@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asyncserve import SamplingParams
-from asyncserve.layers.sampler import Sampler, SamplingTensors
+from asyncserve.sample.sampler import Sampler, SamplingTensors
 from tests.conftest import PROMPTS
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from asyncserve import SamplingParams
 from asyncserve.errors import ConfigError, EngineDeadError, WorkerDiedError
-from asyncserve.tiny_model import build_tiny_checkpoint
+from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
 
 PROMPTS = ["hello world", "the cat sat on the mat and", "a"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

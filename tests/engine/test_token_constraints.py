@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asyncserve import InvalidParameterError, SamplingParams, SamplingParamsError
-from asyncserve.bad_words import bad_words_token_ids, banned_next_tokens
+from asyncserve.sample.bad_words import bad_words_token_ids, banned_next_tokens
 from asyncserve.sampling_params import MAX_BAD_WORDS
 
 PROMPT = "Hello, my name is"

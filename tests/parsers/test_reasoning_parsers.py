@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncserve.reasoning import get_reasoning_parser, reasoning_parser_names
+from asyncserve.parsers.reasoning import get_reasoning_parser, reasoning_parser_names
 
 # (parser, chat_template_kwargs, text) -> (reasoning, content)
 CASES = [

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from asyncserve.tool_parsers import (
+from asyncserve.parsers.tool_calls import (
     ArgumentsDelta,
     ContentDelta,
     ToolCall,
@@ -162,7 +162,7 @@ def _forced(parser, pieces):
 
 
 def test_required_array_parser_gives_each_object_as_a_call_for_every_cut():
-    from asyncserve.tool_parsers.forced import RequiredCallsParser
+    from asyncserve.parsers.tool_calls.forced import RequiredCallsParser
     text = '[{"name": "f", "parameters": {"a": [1, "]"]}}, {"name": "g", "parameters": {}}]'
     expected = ("", [("f", '{"a": [1, "]"]}'), ("g", "{}")])
     for i in range(len(text) + 1):
@@ -171,7 +171,7 @@ def test_required_array_parser_gives_each_object_as_a_call_for_every_cut():
 
 
 def test_named_function_parser_makes_the_whole_output_the_arguments():
-    from asyncserve.tool_parsers.forced import NamedFunctionParser
+    from asyncserve.parsers.tool_calls.forced import NamedFunctionParser
     text = '{"city": "Paris"}'
     for i in range(len(text) + 1):
         assert _forced(NamedFunctionParser("w"), [text[:i], text[i:]]) == ("", [("w", text)])

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncserve import SamplingParams
-from asyncserve.bad_words import BadWordAutomaton, bad_words_token_ids, banned_next_tokens
+from asyncserve.sample.bad_words import BadWordAutomaton, bad_words_token_ids, banned_next_tokens
 from asyncserve.runner import constraint_rows
 from asyncserve.runner.input_batch import InputBatch
 from asyncserve.runner.inputs import constraint_bias
 from asyncserve.runner.step import NewSequence, ScheduledSequence, StepMessage
-from asyncserve.token_constraints import build_token_constraints
+from asyncserve.sample.token_constraints import build_token_constraints
 
 VOCAB = 40
 EOS = 39

@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Iterator
 
-from asyncserve.paths import cache_dir
+from asyncserve.checkpoints.cache import cache_dir
 
 try:
     import fcntl

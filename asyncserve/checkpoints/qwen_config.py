@@ -45,7 +45,7 @@ class QWenConfig(SimpleNamespace):
         config = dict(config)
         tiktoken_file = os.path.join(path, "qwen.tiktoken") if path else None
         if "eos_token_id" not in config and tiktoken_file and os.path.exists(tiktoken_file):
-            from asyncserve.qwen_tokenizer import ENDOFTEXT, IM_END, special_token_ids
+            from asyncserve.checkpoints.qwen_tokenizer import ENDOFTEXT, IM_END, special_token_ids
             ids = special_token_ids(tiktoken_file)
             config["eos_token_id"] = [ids[ENDOFTEXT], ids[IM_END]]
         return cls(**config)

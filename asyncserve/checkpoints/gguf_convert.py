@@ -16,10 +16,10 @@ import shutil
 import numpy as np
 
 from asyncserve.errors import ConfigError, UnsupportedModelError
-from asyncserve.gguf_archs import ARCHITECTURES, GGUFView, hf_config
-from asyncserve.gguf_tokenizer import write_tokenizer
-from asyncserve.paths import cache_dir
-from asyncserve.scratch import scratch_dir
+from asyncserve.checkpoints.gguf_archs import ARCHITECTURES, GGUFView, hf_config
+from asyncserve.checkpoints.gguf_tokenizer import write_tokenizer
+from asyncserve.checkpoints.cache import cache_dir
+from asyncserve.checkpoints.scratch import scratch_dir
 
 logger = logging.getLogger("asyncserve")
 

@@ -1,5 +1,5 @@
 """Reasoning parsers (`--reasoning-parser`): a thinking model's `<think>` text apart from its answer."""
-from asyncserve.reasoning.think import (
+from asyncserve.parsers.reasoning.think import (
     DeepSeekR1ReasoningParser,
     Qwen3ReasoningParser,
     ReasoningParser,

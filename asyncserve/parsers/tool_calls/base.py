@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from asyncserve.tool_parsers.json_call import CallScanner
+from asyncserve.parsers.tool_calls.json_call import CallScanner
 
 
 @dataclass(frozen=True)

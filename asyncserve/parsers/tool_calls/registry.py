@@ -1,7 +1,7 @@
 """Tool-call parsers by vLLM's `--tool-call-parser` names; a new format plugs in with `@register(name)`."""
 from __future__ import annotations
 
-from asyncserve.named_registry import NamedRegistry
+from asyncserve.utils.named_registry import NamedRegistry
 
 _REGISTRY = NamedRegistry("tool-call parser")
 register = _REGISTRY.register
@@ -19,4 +19,4 @@ def get_tool_parser(name: str) -> type:
 
 
 def _load_builtin() -> None:
-    from asyncserve.tool_parsers import hermes, llama3_json  # noqa: F401  (they register themselves)
+    from asyncserve.parsers.tool_calls import hermes, llama3_json  # noqa: F401  (they register themselves)

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 
 from asyncserve.errors import ConfigError
-from asyncserve.scratch import scratch_dir
+from asyncserve.checkpoints.scratch import scratch_dir
 
 logger = logging.getLogger("asyncserve")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncserve.bad_words import BadWordAutomaton, bad_words_token_ids
+from asyncserve.sample.bad_words import BadWordAutomaton, bad_words_token_ids
 from asyncserve.errors import InvalidParameterError
 
 

@@ -1,5 +1,5 @@
 """Tool calls in a model's own text (`--tool-call-parser`), whole or as it streams."""
-from asyncserve.tool_parsers.base import (
+from asyncserve.parsers.tool_calls.base import (
     ArgumentsDelta,
     ContentDelta,
     ExtractedToolCalls,
@@ -8,7 +8,7 @@ from asyncserve.tool_parsers.base import (
     ToolParser,
     collect,
 )
-from asyncserve.tool_parsers.registry import get_tool_parser, register, tool_parser_names
+from asyncserve.parsers.tool_calls.registry import get_tool_parser, register, tool_parser_names
 
 __all__ = ["ArgumentsDelta", "ContentDelta", "ExtractedToolCalls", "ToolCall", "ToolCallStart", "ToolParser",
            "collect", "get_tool_parser", "register", "tool_parser_names"]

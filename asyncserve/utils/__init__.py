@@ -1,0 +1,1 @@
+"""Small helpers with no layer of their own: a name -> plugin registry, asyncio task handling."""

@@ -20,7 +20,7 @@ from asyncserve.model_config import ModelConfig, load_tokenizer
 from asyncserve.models.registry import model_class
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
-from asyncserve.runner.executor import Executor, make_executor
+from asyncserve.executor import Executor, make_executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sampling_params import SamplingParams
 from asyncserve.sample.token_constraints import TokenConstraints, build_token_constraints

@@ -1,5 +1,5 @@
 """This process's place in the tensor-parallel group: set once by a tensor-parallel worker before it
-builds the model (runner/tp_worker.py); in one process (tensor_parallel_size 1) rank 0 of 1, and no
+builds the model (executor/worker.py); in one process (tensor_parallel_size 1) rank 0 of 1, and no
 layer calls torch.distributed."""
 from __future__ import annotations
 

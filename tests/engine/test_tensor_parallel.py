@@ -22,7 +22,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
 def _workers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "asyncserve.runner.tp_worker" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process().children(recursive=True) if "asyncserve.executor.worker" in " ".join(p.cmdline())]
 
 
 def _greedy(llm) -> list[list[int]]:
@@ -86,7 +86,7 @@ def test_token_lists_reach_every_rank_and_give_one_ranks_tokens(tiny_model_dir):
 def test_one_rank_stays_in_one_process_without_torch_distributed(make_llm):
     import torch.distributed as dist
     from asyncserve.layers.linear import Linear, MergedLinear
-    from asyncserve.runner.executor import UniprocExecutor
+    from asyncserve.executor.uniproc import UniprocExecutor
     llm = make_llm("llama3", num_gpu_blocks_override=64, max_model_len=256)
     assert isinstance(llm.engine.executor, UniprocExecutor)
     model = llm.engine.executor.model
@@ -153,7 +153,7 @@ def test_ranks_meet_the_multi_host_way(tiny_model_dir, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
-    other_host = subprocess.Popen([sys.executable, "-m", "asyncserve.runner.tp_worker"],
+    other_host = subprocess.Popen([sys.executable, "-m", "asyncserve.executor.worker"],
                                   env=dict(os.environ, RANK="1", LOCAL_RANK="0", **rendezvous))
     try:
         for name, value in rendezvous.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pickle
 
 from asyncserve import SamplingParams, StructuredOutputsParams
-from asyncserve.runner.executor import Executor
+from asyncserve.executor.base import Executor
 from asyncserve.runner.step import StepMessage
 
 from tests.conftest import PROMPTS, assert_pool_clean

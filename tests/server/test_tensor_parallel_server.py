@@ -16,7 +16,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 def _workers() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True)
-            if "asyncserve.runner.tp_worker" in " ".join(p.cmdline())]
+            if "asyncserve.executor.worker" in " ".join(p.cmdline())]
 
 
 async def _complete(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:

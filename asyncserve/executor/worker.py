@@ -2,28 +2,25 @@
 MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, as torchrun sets them), builds its shard of the model in
 a one-process executor, and runs what rank 0 broadcasts.
 
-The engine starts its host's ranks with `python -m asyncserve.runner.tp_worker`; rank 0 connects
+The engine starts its host's ranks with `python -m asyncserve.executor.worker`; rank 0 connects
 back to it (the address and key in the environment) and receives each call (a step message,
 `initialize_cache`, ...), broadcasts it to the other ranks over a gloo group, runs its part and
-answers. Ranks on other hosts start with `python -m asyncserve.runner.tp_worker` (or torchrun): they
+answers. Ranks on other hosts start with `python -m asyncserve.executor.worker` (or torchrun): they
 need only the environment, since rank 0 broadcasts the engine's config first.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import threading
 import time
 
 import torch
 import torch.distributed as dist
 
+from asyncserve.executor.protocol import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
 from asyncserve.layers.parallel_state import set_tensor_parallel
 
-# Where rank 0 finds the engine, and the key that proves the connection is the engine's own.
-ENGINE_ADDRESS_ENV = "ASYNCSERVE_ENGINE_ADDRESS"
-ENGINE_KEY_ENV = "ASYNCSERVE_ENGINE_KEY"
 
 
 def _die_with_parent() -> None:
@@ -37,16 +34,6 @@ def _die_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="asyncserve-parent-watch", daemon=True).start()
-
-
-def send_message(conn, obj) -> None:
-    """Plain pickling: multiprocessing's own would pass tensors as shared-memory handles, which only
-    processes of one multiprocessing family can open (and never a host away)."""
-    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def recv_message(conn):
-    return pickle.loads(conn.recv_bytes())
 
 
 def _broadcast(obj, group):
@@ -91,7 +78,7 @@ def run_worker() -> None:
 
 
 def _serve(config, rank: int, conn, cpu_group) -> None:
-    from asyncserve.runner.executor import UniprocExecutor
+    from asyncserve.executor.uniproc import UniprocExecutor
     try:
         executor = UniprocExecutor(config)
     except Exception as exc:

@@ -1,5 +1,5 @@
 """Tensor parallelism: the engine process holds no model; it starts one worker process per local rank
-(`python -m asyncserve.runner.tp_worker`, the same command a rank on another host runs, and never a
+(`python -m asyncserve.executor.worker`, the same command a rank on another host runs, and never a
 re-import of the user's script as multiprocessing's spawn does) and sends each call to rank 0 over an
 authenticated local connection; rank 0 broadcasts it to every rank. Only rank 0's
 results come back (every rank samples the same ids from the same gathered logits and seeds).
@@ -21,9 +21,9 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 import torch
 
 from asyncserve.errors import ConfigError, WorkerDiedError
-from asyncserve.runner.executor import Executor
+from asyncserve.executor.base import Executor
 from asyncserve.runner.step import StepMessage, StepOutput
-from asyncserve.runner.tp_worker import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
+from asyncserve.executor.protocol import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
 from asyncserve.tp_shapes import check_shapes
 
 logger = logging.getLogger("asyncserve")
@@ -118,7 +118,7 @@ class MultiprocExecutor(Executor):
                    MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()), WORLD_SIZE=str(size),
                    **{ENGINE_ADDRESS_ENV: "127.0.0.1:%d" % server.getsockname()[1], ENGINE_KEY_ENV: key.hex()})
         self._processes = [
-            subprocess.Popen([sys.executable, "-m", "asyncserve.runner.tp_worker"],
+            subprocess.Popen([sys.executable, "-m", "asyncserve.executor.worker"],
                              env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank),
                                       LOCAL_WORLD_SIZE=str(_local_world_size(size))))
             for rank in range(_local_world_size(size))]

@@ -1,0 +1,55 @@
+"""The model and its runner in this process: the executor of tensor_parallel_size 1, and each rank's
+part inside a tensor-parallel worker."""
+from __future__ import annotations
+
+import torch
+
+from asyncserve.executor.base import Executor
+from asyncserve.runner.pending import PendingStep
+from asyncserve.runner.step import StepMessage
+
+
+class UniprocExecutor(Executor):
+    """The model and its runner in this process; `execute` runs on the caller's thread."""
+
+    def __init__(self, config):
+        from asyncserve.models.loader import load_model
+        self.config = config
+        model_config = config.model
+        torch.manual_seed(model_config.seed)
+        model = load_model(config)
+        self.runner = _make_runner(model, config)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.runner.model
+
+    def determine_num_blocks(self) -> int:
+        from asyncserve.runner.memory import num_kv_blocks
+        return num_kv_blocks(self.runner, self.config)
+
+    def bytes_per_block(self) -> int:
+        from asyncserve.runner.kv_pool import bytes_per_block
+        attention = self.runner.model.attention_layers()
+        return bytes_per_block(len(attention), self.config.cache.block_size, attention[0].num_kv_heads,
+                               attention[0].head_dim, self.config.kv_cache_torch_dtype)
+
+    def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
+        self.runner.allocate_kv_pool(num_blocks)
+        if num_host_blocks:
+            self.runner.kv_pool.allocate_swap_space(num_host_blocks)
+        self.runner.prepare()
+
+    def launch(self, message: StepMessage) -> PendingStep:
+        return self.runner.launch(message)
+
+    def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
+        self.runner.sample(pending, bitmask, rows)
+
+
+def _make_runner(model, config):
+    if config.model.device.type == "cuda":
+        from asyncserve.runner.cuda_runner import CudaModelRunner
+        return CudaModelRunner(model, config)
+    from asyncserve.runner.model_runner import ModelRunner
+    return ModelRunner(model, config)

@@ -1,6 +1,6 @@
-"""This process's place in the tensor-parallel group: set once by a tensor-parallel worker before it
-builds the model (runner/tp_worker.py); in one process (tensor_parallel_size 1) rank 0 of 1, and no
-layer calls torch.distributed."""
+"""This process's place in the tensor-parallel group and the collectives layers use: set once by a
+tensor-parallel worker before it builds the model (runner/tp_worker.py); in one process
+(tensor_parallel_size 1) rank 0 of 1, every split is the whole and no layer calls torch.distributed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +30,34 @@ def tp_size() -> int:
     return _state.size
 
 
+def divide(total: int, parts: int, what: str) -> int:
+    """`total` split evenly over `parts` ranks, or a ValueError that names `what` (checked at start-up)."""
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
+    return total // parts
+
+
+def heads_per_rank(num_heads: int, size: int, what: str = "num_key_value_heads") -> int:
+    """Heads split over ranks, or replicated (one per rank) when there are fewer heads than ranks."""
+    if num_heads >= size:
+        return divide(num_heads, size, what)
+    if size % num_heads:
+        raise ValueError(f"tensor_parallel_size ({size}) must be a multiple of {what} ({num_heads}) "
+                         "when it exceeds it")
+    return 1
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums `x` over the ranks (the partial products of row-parallel layers), in place."""
-    torch.distributed.all_reduce(x)
+    """Sums `x` over the ranks (partial products of row-parallel layers), in place; `x` itself at size 1."""
+    if _state.size > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over the ranks, in place (a row-parallel weight's per-row range)."""
+    if _state.size > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
     return x
 
 

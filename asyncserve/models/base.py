@@ -31,12 +31,11 @@ class CausalLM(nn.Module, ABC):
     expert_modules_mapping: ClassVar[dict[str, str]] = {}
     # The checkpoint's prefix for the decoder body (absent from our parameter names).
     checkpoint_prefix: ClassVar[str] = "model."
-    # Whether the family builds its layers sharded over ranks (layers/parallel_linear.py) when
-    # tensor_parallel_size > 1; the others refuse tensor parallelism by name.
-    supports_tensor_parallel: ClassVar[bool] = False
 
-    # The embedding and LM head: what start-up tuning (and later LoRA / vocab-parallel layers) may touch.
-    embed_tokens: nn.Embedding  # [V, E] token embedding
+    # The embedding and LM head: what start-up tuning (and later LoRA) may touch. A family builds them,
+    # as every layer, from layers/ (vocabulary-, column- and row-parallel), so the model is the same
+    # code at any tensor_parallel_size.
+    embed_tokens: nn.Module     # [V, E] token embedding (VocabParallelEmbedding: `.weight` is this rank's rows)
     lm_head: LinearBase | None  # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings;
                                 # None in an embedding model (drop_lm_head)
     tie_word_embeddings: bool   # the checkpoint has no lm_head of its own

@@ -58,6 +58,12 @@ class CausalLM(nn.Module, ABC):
         at start-up, before the memory profile."""
         tune_single_row_products(self)
 
+    @classmethod
+    def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
+        """The length past which a sequence's whole KV must be computed again (the model computes KV
+        differently beyond it: Phi-3's LongRoPE), or None; read into `SchedulerConfig.recompute_kv_at`."""
+        return None
+
     def drop_lm_head(self) -> None:
         """An embedding model reads final hidden states only: no LM head to load or to hold in memory."""
         self.lm_head = None

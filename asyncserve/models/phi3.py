@@ -105,6 +105,18 @@ class Phi3ForCausalLM(CausalLM):
         self.lm_head = lm_head(config.hidden_size, config.vocab_size, quant_config,
                                tied_to=self.embed_tokens if self.tie_word_embeddings else None)
 
+    @classmethod
+    def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
+        """LongRoPE rotates with one factor set up to `original_max_position_embeddings` tokens and another
+        past it; transformers recomputes a sequence's whole KV when it grows past that length."""
+        scaling = {**(getattr(hf_config, "rope_scaling", None) or {}),
+                   **(getattr(hf_config, "rope_parameters", None) or {})}
+        if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+            return None
+        original = (getattr(hf_config, "original_max_position_embeddings", None)
+                    or scaling.get("original_max_position_embeddings"))
+        return original if original and original < max_model_len else None
+
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
 

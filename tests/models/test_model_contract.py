@@ -80,3 +80,21 @@ def test_a_toy_family_runs_through_the_runner(toy_dir):
     outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
                            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert [list(out.outputs[0].token_ids) for out in outputs] == [_expected(p, 20) for p in prompts]
+
+
+class LongContextRuleForCausalLM(ToySumForCausalLM):
+    """A family whose KV changes past 40 tokens: the rule is its class's, nothing else names it."""
+
+    @classmethod
+    def kv_recompute_length(cls, hf_config, max_model_len):
+        return 40
+
+
+register_model("LongContextRuleForCausalLM", LongContextRuleForCausalLM)
+
+
+def test_a_familys_own_rule_reaches_the_scheduler_through_the_registry(toy_dir, tmp_path):
+    from asyncserve import EngineConfig
+    ruled = copy_checkpoint(toy_dir, tmp_path / "ruled", {"architectures": ["LongContextRuleForCausalLM"]})
+    assert EngineConfig(ruled, device="cpu").create_config().scheduler.recompute_kv_at == 40
+    assert EngineConfig(toy_dir, device="cpu").create_config().scheduler.recompute_kv_at is None

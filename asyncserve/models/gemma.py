@@ -14,7 +14,7 @@ from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.norm import GemmaRMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
-from asyncserve.layers.vocab_parallel import VocabParallelEmbedding, lm_head
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 from asyncserve.models.llama import LlamaMLP
 from asyncserve.models.sliding_window import layer_sliding_window
@@ -130,12 +130,7 @@ class Gemma2ForCausalLM(CausalLM):
             for i, window in enumerate(windows))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, quant_config,
-                               tied_to=self.embed_tokens if self.tie_word_embeddings else None)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        self.build_lm_head(config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, E]

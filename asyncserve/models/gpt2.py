@@ -12,7 +12,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.layer_norm import LayerNorm
 from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.quantization import QuantizationConfig
-from asyncserve.layers.vocab_parallel import VocabParallelEmbedding, lm_head
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 
 
@@ -81,12 +81,7 @@ class GPT2LMHeadModel(CausalLM):
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, quant_config,
-                               tied_to=self.wte if self.tie_word_embeddings else None)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.h]
+        self.build_lm_head(config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.wte(input_ids) + self.wpe(positions)           # [T, E]

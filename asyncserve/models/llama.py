@@ -10,7 +10,7 @@ from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
-from asyncserve.layers.vocab_parallel import VocabParallelEmbedding, lm_head
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 from asyncserve.models.sliding_window import layer_sliding_window
 
@@ -98,6 +98,9 @@ class LlamaForCausalLM(CausalLM):
 
     qkv_bias = False
     qk_norm = False
+    # The decoder bodies alone, as sentence-transformers saves embedding checkpoints: served as embedding
+    # models (pooling_config.py), their LM head dropped.
+    other_architectures = ("LlamaModel",)
     packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                               "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -110,17 +113,12 @@ class LlamaForCausalLM(CausalLM):
                               self.make_mlp(config, i, quant_config, f"layers.{i}.mlp"), layer_index=i)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, quant_config,
-                               tied_to=self.embed_tokens if self.tie_word_embeddings else None)
+        self.build_lm_head(config, quant_config, tied_by_default=False)
 
     def make_mlp(self, config, layer_index: int, quant_config: QuantizationConfig | None,
                  prefix: str) -> nn.Module | None:
         """Layer `layer_index`'s feed-forward block; None: the dense SwiGLU MLP (MoE families override)."""
         return None
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, E]
@@ -137,12 +135,14 @@ class LlamaForCausalLM(CausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    other_architectures = ("MistralModel",)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+    other_architectures = ("Qwen2Model",)
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+    other_architectures = ("Qwen3Model",)

@@ -11,7 +11,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.layer_norm import LayerNorm
 from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.quantization import QuantizationConfig
-from asyncserve.layers.vocab_parallel import VocabParallelEmbedding, lm_head
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 
 POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0
@@ -88,12 +88,7 @@ class OPTForCausalLM(CausalLM):
         final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = (LayerNorm(hidden, affine=getattr(config, "layer_norm_elementwise_affine", True))
                                  if final_norm else None)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = lm_head(embed_dim, config.vocab_size, quant_config,
-                               tied_to=self.embed_tokens if self.tie_word_embeddings else None)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        self.build_lm_head(config, quant_config, tied_by_default=True, hidden_size=embed_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, word_embed_proj_dim]

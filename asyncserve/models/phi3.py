@@ -14,7 +14,7 @@ from asyncserve.layers.longrope import PhiRotaryEmbedding
 from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import rope_parameters
-from asyncserve.layers.vocab_parallel import VocabParallelEmbedding, lm_head
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 from asyncserve.models.sliding_window import layer_sliding_window
 
@@ -101,9 +101,7 @@ class Phi3ForCausalLM(CausalLM):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, head_dim, quant_config, f"layers.{i}", i)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, quant_config,
-                               tied_to=self.embed_tokens if self.tie_word_embeddings else None)
+        self.build_lm_head(config, quant_config, tied_by_default=False)
 
     @classmethod
     def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
@@ -116,9 +114,6 @@ class Phi3ForCausalLM(CausalLM):
         original = (getattr(hf_config, "original_max_position_embeddings", None)
                     or scaling.get("original_max_position_embeddings"))
         return original if original and original < max_model_len else None
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         rows = self.rotary.cache_rows(positions, meta)

@@ -17,7 +17,7 @@ from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding
-from asyncserve.layers.vocab_parallel import VocabParallelEmbedding, lm_head
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 
 
@@ -92,12 +92,7 @@ class QWenLMHeadModel(CausalLM):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(QWenBlock(config, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.tie_word_embeddings = bool(config.tie_word_embeddings)
-        self.lm_head = lm_head(config.hidden_size, config.vocab_size, quant_config,
-                               tied_to=self.embed_tokens if self.tie_word_embeddings else None)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.h]
+        self.build_lm_head(config, quant_config, tied_by_default=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                       # [T, E]

@@ -47,13 +47,18 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
     param.copy_(loaded_weight)
 
 
+def _check_extent(loaded: torch.Tensor, dim: int, whole: int, pack: int, what: str) -> None:
+    """The checkpoint tensor holds the layer's `whole` outputs (inputs) along `dim`, `pack` per element."""
+    if loaded.dim() <= dim or loaded.shape[dim] * pack != whole:
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected {whole} {what}"
+                         + (f" ({whole // pack} elements of {pack})" if pack > 1 else "") + f" along dim {dim}")
+
+
 def _narrow(loaded: torch.Tensor, dim: int, start: int, size: int, whole: int, pack: int,
             what: str) -> torch.Tensor:
     """[start, start + size) of a checkpoint tensor's `whole` outputs (inputs) along `dim`, where one
     element holds `pack` of them; zero rows past `whole` (a padded vocabulary's last rank)."""
-    if loaded.dim() <= dim or loaded.shape[dim] * pack != whole:
-        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, expected {whole} {what}"
-                         + (f" ({whole // pack} elements of {pack})" if pack > 1 else "") + f" along dim {dim}")
+    _check_extent(loaded, dim, whole, pack, what)
     if start % pack or size % pack:
         raise ValueError(f"this rank's {what} [{start}, {start + size}) do not fall on whole elements of {pack}")
     present = max(0, min(start + size, whole) - start)
@@ -165,8 +170,7 @@ class LinearBase(nn.Module):
                 and output_dim is not None and loaded.numel() > 1):
             # One checkpoint tensor for several shards (Phi-3's qkv_proj): each shard cut on its own.
             pack = getattr(param, "output_pack", 1)
-            loaded = _narrow(loaded, output_dim, 0, sum(self.whole_output_sizes), sum(self.whole_output_sizes),
-                             pack, "outputs")
+            _check_extent(loaded, output_dim, sum(self.whole_output_sizes), pack, "outputs")
             for name, (start, size) in self.whole_shard_offsets.items():
                 self._load(load_part, False, param, loaded.narrow(output_dim, start // pack, size // pack), name)
             return

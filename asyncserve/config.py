@@ -150,11 +150,14 @@ class EngineConfig:
 
     def create_config(self) -> "Config":
         """Reads the checkpoint's config and resolves everything that depends on it."""
-        from asyncserve.model_config import kv_recompute_length, load_model_config
+        from asyncserve.model_config import load_model_config
         from asyncserve.models.loader import quantization_config
+        from asyncserve.models.registry import model_class
         model = load_model_config(self, self.model_path)
         quantization = quantization_config(model.hf_config, self.quantization, model.path)
         self._note_what_does_little(model, quantization)
+        # A rule of the model's own (Phi-3's LongRoPE) that the scheduler applies.
+        recompute_kv_at = model_class(model.hf_config).kv_recompute_length(model.hf_config, model.max_model_len)
         prefix_caching = self.enable_prefix_caching
         if model.pooler is not None and model.pooler.pooling_type != "LAST" and prefix_caching:
             # A cached prefix's hidden states are never computed: mean and CLS pooling need them all.
@@ -173,7 +176,7 @@ class EngineConfig:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=self._token_budget(model.max_model_len, model.device),
                 enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
-                max_num_waiting=self.max_num_waiting, recompute_kv_at=kv_recompute_length(model)),
+                max_num_waiting=self.max_num_waiting, recompute_kv_at=recompute_kv_at),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             quantization=quantization,
             disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend)

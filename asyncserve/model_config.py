@@ -117,20 +117,6 @@ def load_model_config(args, path: str) -> ModelConfig:
                        matryoshka_dimensions=list(matryoshka) if matryoshka else None)
 
 
-def kv_recompute_length(model_config: ModelConfig) -> int | None:
-    """Phi-3's LongRoPE rotates with one factor set up to `original_max_position_embeddings` tokens and
-    another past it; transformers recomputes a sequence's whole KV when it grows past that length. The
-    length, or None for models whose KV never changes with the sequence's length."""
-    hf_config = model_config.hf_config
-    scaling = {**(getattr(hf_config, "rope_scaling", None) or {}),
-               **(getattr(hf_config, "rope_parameters", None) or {})}
-    if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
-        return None
-    original = (getattr(hf_config, "original_max_position_embeddings", None)
-                or scaling.get("original_max_position_embeddings"))
-    return original if original and original < model_config.max_model_len else None
-
-
 def load_tokenizer(model_config: ModelConfig):
     from asyncserve.checkpoints.qwen_tokenizer import QWenTokenizer, is_qwen_tokenizer_dir
     path = model_config.tokenizer or model_config.path

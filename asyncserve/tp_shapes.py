@@ -1,4 +1,5 @@
-"""What tensor parallelism asks of a model's shape: heads and the MLP split evenly over the ranks.
+"""What tensor parallelism asks of a model's shape: heads and the MLP split evenly over the ranks; the
+parallel layers split with the same arithmetic.
 
 Arithmetic on config.json's numbers, without torch: EngineConfig checks it as soon as it is made,
 before anything is imported or loaded, and the executor again on the resolved config.
@@ -12,18 +13,19 @@ from asyncserve.errors import ConfigError
 
 
 def divide(total: int, parts: int, what: str) -> int:
+    """`total` split evenly over `parts` ranks, or a ValueError that names `what` (checked at start-up)."""
     if total % parts:
         raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({parts})")
     return total // parts
 
 
-def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
-    """KV heads split over ranks, or replicated (one per rank) when there are fewer heads than ranks."""
-    if num_kv_heads >= size:
-        return divide(num_kv_heads, size, "num_key_value_heads")
-    if size % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size ({size}) must be a multiple of num_key_value_heads "
-                         f"({num_kv_heads}) when it exceeds it")
+def heads_per_rank(num_heads: int, size: int, what: str = "num_key_value_heads") -> int:
+    """Heads split over ranks, or replicated (one per rank) when there are fewer heads than ranks."""
+    if num_heads >= size:
+        return divide(num_heads, size, what)
+    if size % num_heads:
+        raise ValueError(f"tensor_parallel_size ({size}) must be a multiple of {what} ({num_heads}) "
+                         "when it exceeds it")
     return 1
 
 
@@ -33,7 +35,7 @@ def check_shapes(config: dict, size: int) -> None:
     try:
         if heads:
             divide(heads, size, "num_attention_heads")
-            kv_heads_per_rank(config.get("num_key_value_heads") or heads, size)
+            heads_per_rank(config.get("num_key_value_heads") or heads, size)
         if config.get("intermediate_size"):
             divide(config["intermediate_size"], size, "intermediate_size")
     except ValueError as error:

@@ -311,3 +311,19 @@ def test_default_model_without_marker_is_rebuilt(tmp_path, monkeypatch):
     path = default_model_path()
     assert os.path.isfile(os.path.join(path, MARKER_FILE))
     assert _config_json(path)["model_type"] == "qwen3"
+
+
+def test_any_served_architecture_transformers_can_build_is_built_by_its_name(tmp_path):
+    """A new family needs no spec here: the builder finds it through the registry and transformers'
+    model types (Phi-3 has no entry in FAMILIES), and serves token for token like transformers."""
+    from asyncserve import LLM, SamplingParams
+    from tests.conftest import hf_greedy
+    path = build_tiny_checkpoint(tmp_path / "phi3", "Phi3ForCausalLM")
+    assert AutoConfig.from_pretrained(path).model_type == "phi3"
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = AutoTokenizer.from_pretrained(path).encode(PROMPT)
+    llm = LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=64, max_model_len=256)
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == hf_greedy(reference, prompt, 8)
+    with pytest.raises(ValueError, match="unknown family 'FalconForCausalLM'"):
+        build_tiny_checkpoint(tmp_path / "falcon", "FalconForCausalLM")

@@ -220,7 +220,7 @@ def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrid
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.utils import logging as hf_logging
 
-    model_type, architecture, style, family_config = _FAMILY_SPECS[family]
+    model_type, architecture, style, family_config = _family_spec(family)
     tokenizer = build_tokenizer(style)
     ids = _special_token_ids(tokenizer, style)
     eos_ids = ids["eos_token_id"]
@@ -269,6 +269,24 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
+def _family_spec(family: str) -> tuple[str, str, str, dict]:
+    """A family of FAMILIES, or the architecture name of any family asyncserve serves (a new model file,
+    found by the registry) that transformers can build: its model type with the shared tiny shape."""
+    if family in _FAMILY_SPECS:
+        return _FAMILY_SPECS[family]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from asyncserve.models.registry import supported_architectures
+    model_types = [model_type for model_type, architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
+                   if architecture == family]
+    # Several model types may share a class (exaone and llama): the one its name starts with first.
+    model_types.sort(key=lambda model_type: not family.lower().startswith(model_type.replace("_", "")))
+    if family not in supported_architectures() or not model_types:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}, or the architecture name of "
+                         "a family asyncserve serves and transformers can build")
+    return model_types[0], family, "byte_level", {"rope_theta": 10000.0, "pad_token_id": None}
+
+
 def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = False,
                           **config_overrides) -> str:
     """Write a complete Hugging Face checkpoint of `family` at `path`; return the path.
@@ -277,8 +295,7 @@ def build_tiny_checkpoint(path, family: str, *, seed: int = 0, shard: bool = Fal
     must not be a non-empty directory; if a concurrent builder gets there
     first, its checkpoint is kept.
     """
-    if family not in _FAMILY_SPECS:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    _family_spec(family)  # an unknown family fails before anything is written
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{path} exists and is not empty; remove it or choose another path")

@@ -20,11 +20,10 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import torch
 
-from asyncserve.errors import ConfigError, WorkerDiedError
+from asyncserve.errors import ConfigError, UnsupportedModelError, WorkerDiedError
 from asyncserve.executor.base import Executor
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.executor.protocol import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
-from asyncserve.tp_shapes import check_shapes
 
 logger = logging.getLogger("asyncserve")
 
@@ -33,29 +32,32 @@ LOCAL_WORLD_SIZE_ENV = "ASYNCSERVE_LOCAL_WORLD_SIZE"
 
 
 def check_tensor_parallel(config) -> None:
-    """Refuses, by name, what is not sharded yet: other families, quantized checkpoints, embedding models."""
-    from asyncserve.layers.quantization import UnquantizedConfig
-    from asyncserve.models.registry import model_class
+    """Refuses, before any worker starts, what cannot be split: embedding models, too few GPUs, and
+    sizes that do not divide (said by the layers themselves, built as rank 0 on the meta device)."""
     size = config.parallel.tensor_parallel_size
-    cls = model_class(config.model.hf_config)
-    if not cls.supports_tensor_parallel:
-        raise ConfigError(f"tensor_parallel_size={size} is not supported for {cls.__name__} yet (only the "
-                          "Llama family: Llama, Mistral, Qwen2, Qwen3): run it with tensor_parallel_size=1.")
-    if config.quantization is not None and not isinstance(config.quantization, UnquantizedConfig):
-        raise ConfigError(f"tensor_parallel_size={size} is not supported with quantized checkpoints yet "
-                          f"({type(config.quantization).__name__}): run it with tensor_parallel_size=1.")
-    _check_shapes(config.model.hf_config, size)
     if config.model.is_pooling:
         raise ConfigError(f"tensor_parallel_size={size} is not supported for embedding models yet.")
+    _check_splits(config, size)
     if config.model.device.type == "cuda" and torch.cuda.device_count() < _local_world_size(size):
         raise ConfigError(f"tensor_parallel_size={size} needs {_local_world_size(size)} GPUs on this host, "
                           f"torch sees {torch.cuda.device_count()}.")
 
 
-def _check_shapes(hf_config, size: int) -> None:
-    """Heads and the MLP must split evenly over the ranks: said here, before any worker starts."""
-    check_shapes({name: getattr(hf_config, name, None)
-                  for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}, size)
+def _check_splits(config, size: int) -> None:
+    """Builds rank 0's shard of the model without memory: heads, MLP widths, packed quantized tensors and
+    the vocabulary must split over the ranks, and a layer that cannot says so by name."""
+    from asyncserve.layers.parallel_state import set_tensor_parallel, tp_rank, tp_size
+    from asyncserve.models.loader import build_model
+    previous = tp_rank(), tp_size()
+    set_tensor_parallel(0, size)
+    try:
+        build_model(config, device="meta")
+    except (ConfigError, UnsupportedModelError):
+        raise
+    except ValueError as error:
+        raise ConfigError(f"The model cannot be split over tensor_parallel_size={size}: {error}.") from None
+    finally:
+        set_tensor_parallel(*previous)
 
 
 def _local_world_size(size: int) -> int:

@@ -1,5 +1,7 @@
 """A mixture-of-experts feed-forward: every expert's gate|up and down weights stacked in two tensors,
-so that one fused kernel runs the whole layer; each checkpoint tensor loads by (shard, expert id)."""
+so that one fused kernel runs the whole layer; each checkpoint tensor loads by (shard, expert id).
+Tensor-parallel as a dense MLP is: every rank holds every expert's slice of the intermediate size
+(gate|up rows, down columns), and the ranks' partial outputs are summed."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +9,9 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels import fused_moe
+from asyncserve.layers.parallel_state import all_reduce, tp_rank, tp_size
 from asyncserve.layers.quantization import QuantizationConfig
+from asyncserve.tp_shapes import divide
 
 # shard -> the parameter that holds it: gate and up stacked in w13 (gate rows first), down in w2.
 EXPERT_SHARDS = {"gate": "w13_weight", "up": "w13_weight", "down": "w2_weight"}
@@ -19,13 +23,20 @@ class FusedMoE(nn.Module):
     if `renormalize`)."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool, quant_config: QuantizationConfig | None = None, prefix: str = ""):
+                 renormalize: bool, quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 reduce_results: bool = True):
         super().__init__()
         if quant_config is not None and quant_config.name is not None:
             raise ConfigError(f"{prefix}: quantized MoE experts ({quant_config.name}) are not supported; "
                               "serve the unquantized checkpoint of this model")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.tp_size = tp_size()
+        self.whole_intermediate_size = intermediate_size
+        # This rank's slice of each expert's intermediate size; `reduce_results` False: the caller sums.
+        intermediate_size = divide(intermediate_size, self.tp_size, f"{prefix} moe_intermediate_size")
+        self.intermediate_start = tp_rank() * intermediate_size
         self.intermediate_size = intermediate_size
+        self.reduce_results = reduce_results
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         for param in (self.w13_weight, self.w2_weight):
@@ -43,10 +54,17 @@ class FusedMoE(nn.Module):
         if shard != "down":
             size = self.intermediate_size
             target = target[:size] if shard == "gate" else target[size:]
+        if self.tp_size > 1:  # [I, H] gate / up rows or [H, I] down columns: this rank's slice of I
+            dim = 1 if shard == "down" else 0
+            if loaded_weight.dim() != 2 or loaded_weight.shape[dim] != self.whole_intermediate_size:
+                raise ValueError(f"expert {expert}'s {shard} projection has shape {tuple(loaded_weight.shape)}, "
+                                 f"expected {self.whole_intermediate_size} along dim {dim}")
+            loaded_weight = loaded_weight.narrow(dim, self.intermediate_start, self.intermediate_size)
         if loaded_weight.shape != target.shape:
             raise ValueError(f"expert {expert}'s {shard} projection has shape {tuple(loaded_weight.shape)}, "
                              f"expected {tuple(target.shape)}")
         target.copy_(loaded_weight)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return fused_moe(hidden, self.w13_weight, self.w2_weight, router_logits, self.top_k, self.renormalize)
+        out = fused_moe(hidden, self.w13_weight, self.w2_weight, router_logits, self.top_k, self.renormalize)
+        return all_reduce(out) if self.reduce_results else out

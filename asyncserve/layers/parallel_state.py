@@ -1,6 +1,6 @@
-"""This process's place in the tensor-parallel group: set once by a tensor-parallel worker before it
-builds the model (executor/worker.py); in one process (tensor_parallel_size 1) rank 0 of 1, and no
-layer calls torch.distributed."""
+"""This process's place in the tensor-parallel group and the collectives layers use: set once by a
+tensor-parallel worker before it builds the model (executor/worker.py); in one process
+(tensor_parallel_size 1) rank 0 of 1, every split is the whole and no layer calls torch.distributed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +31,16 @@ def tp_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums `x` over the ranks (the partial products of row-parallel layers), in place."""
-    torch.distributed.all_reduce(x)
+    """Sums `x` over the ranks (partial products of row-parallel layers), in place; `x` itself at size 1."""
+    if _state.size > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over the ranks, in place (a row-parallel weight's per-row range)."""
+    if _state.size > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
     return x
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import LinearBase, tune_single_row_products
+from asyncserve.layers.vocab_parallel import lm_head
 
 
 class CausalLM(nn.Module, ABC):
@@ -20,7 +21,8 @@ class CausalLM(nn.Module, ABC):
     The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers` and
     `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_name` and each parameter's
     `weight_loader` (and `shard_ids`, where a parameter needs more shards than its packed module's).
-    A family declares its structure and these names; nothing else.
+    A family declares its structure (its layers, `embed_tokens`, `build_lm_head`), these names and its
+    own rules (`kv_recompute_length`); nothing else. The registry finds it by its class name.
     """
 
     # The checkpoint names of the projections fused into one of our layers, in shard order
@@ -31,12 +33,14 @@ class CausalLM(nn.Module, ABC):
     expert_modules_mapping: ClassVar[dict[str, str]] = {}
     # The checkpoint's prefix for the decoder body (absent from our parameter names).
     checkpoint_prefix: ClassVar[str] = "model."
-    # Whether the family builds its layers sharded over ranks (layers/parallel_linear.py) when
-    # tensor_parallel_size > 1; the others refuse tensor parallelism by name.
-    supports_tensor_parallel: ClassVar[bool] = False
+    # config.json `architectures` this class serves besides its own name (read from the class itself,
+    # never inherited): the registry (models/registry.py) finds every family of this package.
+    other_architectures: ClassVar[tuple[str, ...]] = ()
 
-    # The embedding and LM head: what start-up tuning (and later LoRA / vocab-parallel layers) may touch.
-    embed_tokens: nn.Embedding  # [V, E] token embedding
+    # The embedding and LM head: what start-up tuning (and later LoRA) may touch. A family builds them,
+    # as every layer, from layers/ (vocabulary-, column- and row-parallel), so the model is the same
+    # code at any tensor_parallel_size.
+    embed_tokens: nn.Module     # [V, E] token embedding (VocabParallelEmbedding: `.weight` is this rank's rows)
     lm_head: LinearBase | None  # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings;
                                 # None in an embedding model (drop_lm_head)
     tie_word_embeddings: bool   # the checkpoint has no lm_head of its own
@@ -50,14 +54,27 @@ class CausalLM(nn.Module, ABC):
         """[S, E] hidden rows -> [S, V] logits (a one-row call takes the LM head's tuned kernel)."""
         return self.lm_head(hidden)
 
-    @abstractmethod
     def attention_layers(self) -> list[PagedAttention]:
-        """The layers that own KV, in order; the runner sets each one's `kv_cache`."""
+        """The layers that own KV, in order (of construction); the runner sets each one's `kv_cache`."""
+        return [module for module in self.modules() if isinstance(module, PagedAttention)]
+
+    def build_lm_head(self, config, quant_config, tied_by_default: bool, hidden_size: int | None = None) -> None:
+        """Sets `tie_word_embeddings` (config.json's, else the family's default) and `lm_head`:
+        vocabulary-parallel, sharing `embed_tokens`' weight when tied. Called after `embed_tokens` exists."""
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", tied_by_default))
+        self.lm_head = lm_head(hidden_size or config.hidden_size, config.vocab_size, quant_config,
+                               tied_to=self.embed_tokens if self.tie_word_embeddings else None)
 
     def tune_single_row(self) -> None:
         """Times the one-row kernels of every linear layer (the LM head included) on this GPU; once,
         at start-up, before the memory profile."""
         tune_single_row_products(self)
+
+    @classmethod
+    def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
+        """The length past which a sequence's whole KV must be computed again (the model computes KV
+        differently beyond it: Phi-3's LongRoPE), or None; read into `SchedulerConfig.recompute_kv_at`."""
+        return None
 
     def drop_lm_head(self) -> None:
         """An embedding model reads final hidden states only: no LM head to load or to hold in memory."""

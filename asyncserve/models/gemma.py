@@ -10,10 +10,11 @@ from torch import nn
 from asyncserve.errors import UnsupportedModelError
 from asyncserve.layers.activation import GeluTanhAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
-from asyncserve.layers.linear import Linear, MergedLinear
+from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.norm import GemmaRMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 from asyncserve.models.llama import LlamaMLP
 from asyncserve.models.sliding_window import layer_sliding_window
@@ -41,17 +42,15 @@ class GemmaAttention(nn.Module):
     def __init__(self, config, sliding_window: int | None, rotary: RotaryEmbedding, qk_norm: bool,
                  quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = qkv_linear(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                   self.head_dim, bias, quant_config, f"{prefix}.qkv_proj")
+        self.o_proj = Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj", parallel="row")
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
-            bias=bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias, quant_config=quant_config,
-                             prefix=f"{prefix}.o_proj")
         self.rotary = rotary  # shared by every layer of its type
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    scale=config.query_pre_attn_scalar ** -0.5, sliding_window=sliding_window,
@@ -122,7 +121,7 @@ class Gemma2ForCausalLM(CausalLM):
             layer_type: RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                         *_rope_of_layer_type(config, layer_type))
             for layer_type in _LAYER_TYPES})
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # sqrt(E) in the model's dtype, as transformers rounds it (55.5 for E = 3072 in bf16).
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
         self.layers = nn.ModuleList(
@@ -131,15 +130,7 @@ class Gemma2ForCausalLM(CausalLM):
             for i, window in enumerate(windows))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config,
-                                  prefix="lm_head")
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        self.build_lm_head(config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, E]

@@ -10,8 +10,9 @@ from asyncserve.errors import UnsupportedModelError
 from asyncserve.layers.activation import get_activation
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.layer_norm import LayerNorm
-from asyncserve.layers.linear import Conv1DLinear, Linear
+from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.quantization import QuantizationConfig
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 
 
@@ -24,13 +25,16 @@ class GPT2Attention(nn.Module):
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_idx + 1)
         # reorder_and_upcast_attn only changes transformers' fp16 arithmetic: our attention keeps scores in fp32.
-        self.c_attn = Conv1DLinear(hidden, 3 * hidden, bias=True, quant_config=quant_config,
-                                   prefix=f"{prefix}.c_attn")
-        self.c_proj = Conv1DLinear(hidden, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj")
+        # c_attn is one [E, 3E] tensor (q | k | v columns): split per rank as three shards.
+        self.c_attn = qkv_linear(hidden, heads, heads, head_dim, True, quant_config, f"{prefix}.c_attn",
+                                 ("q", "k", "v"), fused_in_checkpoint=True, checkpoint_transposed=True)
+        self.c_proj = Linear(hidden, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj",
+                             parallel="row", checkpoint_transposed=True)
+        heads = self.c_attn.num_heads  # this rank's
         self.attn = PagedAttention(heads, heads, head_dim, scale=scale)
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)             # [T, 3E] -> 3 x [T, E]
+        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)             # [T, 3 H D] -> 3 x [T, H D]
         return self.c_proj(self.attn(q, k, v, meta))
 
 
@@ -38,11 +42,11 @@ class GPT2MLP(nn.Module):
     def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
         inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.c_fc = Conv1DLinear(config.hidden_size, inner, bias=True, quant_config=quant_config,
-                                 prefix=f"{prefix}.c_fc")
+        self.c_fc = Linear(config.hidden_size, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_fc",
+                           parallel="column", checkpoint_transposed=True)
         self.act = get_activation(config.activation_function)
-        self.c_proj = Conv1DLinear(inner, config.hidden_size, bias=True, quant_config=quant_config,
-                                   prefix=f"{prefix}.c_proj")
+        self.c_proj = Linear(inner, config.hidden_size, bias=True, quant_config=quant_config,
+                             prefix=f"{prefix}.c_proj", parallel="row", checkpoint_transposed=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(hidden)))
@@ -73,18 +77,11 @@ class GPT2LMHeadModel(CausalLM):
             raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention) is an encoder-decoder "
                                         "part, not a causal LM asyncserve serves.")
         self.config = config
-        self.wte = self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
         self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.wte.weight)
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config, prefix="lm_head")
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.h]
+        self.build_lm_head(config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.wte(input_ids) + self.wpe(positions)           # [T, E]

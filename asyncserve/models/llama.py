@@ -6,13 +6,11 @@ from torch import nn
 
 from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
-from asyncserve.layers.linear import Linear, MergedLinear
+from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
-from asyncserve.layers.parallel_linear import RowParallelLinear, gate_up_parallel, qkv_parallel
-from asyncserve.layers.parallel_state import tp_size
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
-from asyncserve.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 from asyncserve.models.sliding_window import layer_sliding_window
 
@@ -25,23 +23,15 @@ class LlamaAttention(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
                  prefix: str, layer_index: int = 0):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = _head_dim(config)
         attention_bias = bool(getattr(config, "attention_bias", False))
-        if tp_size() > 1:  # this rank's heads only (KV heads replicated when fewer than ranks)
-            self.qkv_proj, self.num_heads, self.num_kv_heads = qkv_parallel(
-                config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                qkv_bias or attention_bias, f"{prefix}.qkv_proj")
-            self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                            bias=attention_bias, prefix=f"{prefix}.o_proj")
-        else:
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            self.qkv_proj = MergedLinear(
-                config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-                bias=qkv_bias or attention_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-            self.o_proj = Linear(q_size, config.hidden_size, bias=attention_bias, quant_config=quant_config,
-                                 prefix=f"{prefix}.o_proj")
+        self.qkv_proj = qkv_linear(config.hidden_size, num_heads, num_kv_heads, self.head_dim,
+                                   qkv_bias or attention_bias, quant_config, f"{prefix}.qkv_proj")
+        self.o_proj = Linear(num_heads * self.head_dim, config.hidden_size, bias=attention_bias,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj", parallel="row")
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         theta, scaling = rope_parameters(config)
@@ -68,19 +58,15 @@ class LlamaMLP(nn.Module):
     """down(act(gate, up)) over one fused gate|up projection; `act` SiLU-and-mul unless a family says."""
 
     def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str,
-                 intermediate_size: int | None = None, act: nn.Module | None = None):
+                 intermediate_size: int | None = None, act: nn.Module | None = None, reduce_results: bool = True):
         super().__init__()
         size = intermediate_size or config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
         self.act = act if act is not None else SiluAndMul()
-        if tp_size() > 1:  # this rank's slice of the intermediate size
-            self.gate_up_proj = gate_up_parallel(config.hidden_size, size, bias, f"{prefix}.gate_up_proj")
-            self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, prefix=f"{prefix}.down_proj")
-            return
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=bias,
                                          quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = Linear(size, config.hidden_size, bias=bias, quant_config=quant_config,
-                                prefix=f"{prefix}.down_proj")
+                                prefix=f"{prefix}.down_proj", parallel="row", reduce_results=reduce_results)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
@@ -112,38 +98,27 @@ class LlamaForCausalLM(CausalLM):
 
     qkv_bias = False
     qk_norm = False
-    supports_tensor_parallel = True  # the MoE families built on this class say False
+    # The decoder bodies alone, as sentence-transformers saves embedding checkpoints: served as embedding
+    # models (pooling_config.py), their LM head dropped.
+    other_architectures = ("LlamaModel",)
     packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                               "gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
-        parallel = tp_size() > 1
-        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size) if parallel
-                             else nn.Embedding(config.vocab_size, config.hidden_size))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}",
                               self.make_mlp(config, i, quant_config, f"layers.{i}.mlp"), layer_index=i)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if parallel:
-            self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size,
-                                          self.embed_tokens if self.tie_word_embeddings else None)
-        elif self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config,
-                                  prefix="lm_head")
+        self.build_lm_head(config, quant_config, tied_by_default=False)
 
     def make_mlp(self, config, layer_index: int, quant_config: QuantizationConfig | None,
                  prefix: str) -> nn.Module | None:
         """Layer `layer_index`'s feed-forward block; None: the dense SwiGLU MLP (MoE families override)."""
         return None
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, E]
@@ -160,12 +135,14 @@ class LlamaForCausalLM(CausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    other_architectures = ("MistralModel",)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
+    other_architectures = ("Qwen2Model",)
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+    other_architectures = ("Qwen3Model",)

@@ -190,16 +190,20 @@ def quantization_config(hf_config, quantization: str | None = None, path: str | 
     return get_quantization_config(quantization, checkpoint_quantization_config(hf_config, path))
 
 
+def build_model(config, device: torch.device | str | None = None) -> CausalLM:
+    """The model `config` describes, its parameters not loaded (on the meta device: shapes alone)."""
+    model_config = config.model
+    cls = model_class(model_config.hf_config)
+    with _default_dtype(model_config.dtype), torch.device(device or model_config.device):
+        return cls(model_config.hf_config, config.quantization)
+
+
 def load_model(config) -> CausalLM:
     """`config` is the engine's config tree: its model part says what to build, where and from what;
     its quantization part which linear method every layer uses."""
     model_config = config.model
-    hf_config, path, dtype, device = (model_config.hf_config, model_config.path, model_config.dtype,
-                                      model_config.device)
-    load_format, seed, quant_config = model_config.load_format, model_config.seed, config.quantization
-    cls = model_class(hf_config)
-    with _default_dtype(dtype), torch.device(device):
-        model = cls(hf_config, quant_config)
+    path, load_format, seed = model_config.path, model_config.load_format, model_config.seed
+    model = build_model(config)
     if model_config.is_pooling:
         model.drop_lm_head()
     if load_format == "dummy":

@@ -28,7 +28,6 @@ class MixtralMoE(nn.Module):
 
 class MixtralForCausalLM(LlamaForCausalLM):
     expert_modules_mapping = {"w1": "gate", "w3": "up", "w2": "down"}
-    supports_tensor_parallel = False  # experts are not sharded yet
 
     def make_mlp(self, config, layer_index, quant_config, prefix):
         return MixtralMoE(config, quant_config, prefix)

@@ -9,8 +9,9 @@ from torch import nn
 from asyncserve.layers.activation import get_activation
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.layer_norm import LayerNorm
-from asyncserve.layers.linear import Linear, MergedLinear
+from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.quantization import QuantizationConfig
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 
 POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0
@@ -22,13 +23,14 @@ class OPTAttention(nn.Module):
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // heads
         bias = getattr(config, "enable_bias", True)
-        self.qkv_proj = MergedLinear(hidden, {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}, bias=bias,
-                                     quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-        self.out_proj = Linear(hidden, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.out_proj")
+        self.qkv_proj = qkv_linear(hidden, heads, heads, head_dim, bias, quant_config, f"{prefix}.qkv_proj")
+        self.out_proj = Linear(hidden, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.out_proj",
+                               parallel="row")
+        heads = self.qkv_proj.num_heads  # this rank's
         self.attn = PagedAttention(heads, heads, head_dim, scale=head_dim ** -0.5)
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).chunk(3, dim=-1)           # [T, 3E] -> 3 x [T, E]
+        q, k, v = self.qkv_proj(hidden).chunk(3, dim=-1)           # [T, 3 H D] -> 3 x [T, H D]
         return self.out_proj(self.attn(q, k, v, meta))
 
 
@@ -41,9 +43,11 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, quant_config, f"{prefix}.self_attn")
         self.self_attn_layer_norm = LayerNorm(hidden, affine=affine)
-        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc1")
+        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc1",
+                          parallel="column")
         self.act = get_activation(config.activation_function)
-        self.fc2 = Linear(config.ffn_dim, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc2")
+        self.fc2 = Linear(config.ffn_dim, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc2",
+                          parallel="row")
         self.final_layer_norm = LayerNorm(hidden, affine=affine)
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -74,7 +78,7 @@ class OPTForCausalLM(CausalLM):
         self.config = config
         hidden = config.hidden_size
         embed_dim = getattr(config, "word_embed_proj_dim", None) or hidden
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         # Linear without a quant_config: quantized OPT checkpoints keep these two in full precision.
         self.project_in = Linear(embed_dim, hidden) if embed_dim != hidden else None
@@ -84,14 +88,7 @@ class OPTForCausalLM(CausalLM):
         final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
         self.final_layer_norm = (LayerNorm(hidden, affine=getattr(config, "layer_norm_elementwise_affine", True))
                                  if final_norm else None)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head = Linear(embed_dim, config.vocab_size, shared_weight=self.embed_tokens.weight)
-        else:
-            self.lm_head = Linear(embed_dim, config.vocab_size, quant_config=quant_config, prefix="lm_head")
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        self.build_lm_head(config, quant_config, tied_by_default=True, hidden_size=embed_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, word_embed_proj_dim]

@@ -9,11 +9,12 @@ from torch import nn
 from asyncserve.errors import UnsupportedModelError
 from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
-from asyncserve.layers.linear import Linear
+from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.longrope import PhiRotaryEmbedding
 from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import rope_parameters
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 from asyncserve.models.sliding_window import layer_sliding_window
 
@@ -32,11 +33,13 @@ class Phi3Attention(nn.Module):
         super().__init__()
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        # The checkpoint's qkv_proj is already one [q + k + v, E] tensor, cut into its shards per rank.
+        self.qkv_proj = qkv_linear(config.hidden_size, heads, kv_heads, head_dim, False, quant_config,
+                                   f"{prefix}.qkv_proj", fused_in_checkpoint=True)
+        self.o_proj = Linear(heads * head_dim, config.hidden_size, quant_config=quant_config,
+                             prefix=f"{prefix}.o_proj", parallel="row")
+        heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-        # The checkpoint's qkv_proj is already one [q + k + v, E] tensor: a single Linear loads it whole.
-        self.qkv_proj = Linear(config.hidden_size, sum(self.sizes), quant_config=quant_config,
-                               prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(self.sizes[0], config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         # Phi-3-mini's configs set sliding_window (2047): transformers masks by it, so do the kernels.
         self.attn = PagedAttention(heads, kv_heads, head_dim, scale=head_dim ** -0.5,
                                    sliding_window=layer_sliding_window(config, layer_index))
@@ -53,10 +56,12 @@ class Phi3MLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         # [gate | up] rows, one tensor in the checkpoint.
-        self.gate_up_proj = Linear(config.hidden_size, 2 * size, quant_config=quant_config,
-                                   prefix=f"{prefix}.gate_up_proj")
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+                                         fused_in_checkpoint=True)
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj")
+        self.down_proj = Linear(size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj",
+                                parallel="row")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
@@ -91,19 +96,24 @@ class Phi3ForCausalLM(CausalLM):
             raise UnsupportedModelError(f"Phi-3 with hidden_act {config.hidden_act!r} is not supported (silu is).")
         self.config = config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary = _rotary(config, head_dim)   # one cos|sin table for every layer
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, head_dim, quant_config, f"layers.{i}", i)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config, prefix="lm_head")
+        self.build_lm_head(config, quant_config, tied_by_default=False)
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.layers]
+    @classmethod
+    def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
+        """LongRoPE rotates with one factor set up to `original_max_position_embeddings` tokens and another
+        past it; transformers recomputes a sequence's whole KV when it grows past that length."""
+        scaling = {**(getattr(hf_config, "rope_scaling", None) or {}),
+                   **(getattr(hf_config, "rope_parameters", None) or {})}
+        if scaling.get("rope_type", scaling.get("type")) not in ("longrope", "su"):
+            return None
+        original = (getattr(hf_config, "original_max_position_embeddings", None)
+                    or scaling.get("original_max_position_embeddings"))
+        return original if original and original < max_model_len else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         rows = self.rotary.cache_rows(positions, meta)

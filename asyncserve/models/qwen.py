@@ -13,23 +13,26 @@ from torch import nn
 
 from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
-from asyncserve.layers.linear import Linear, MergedLinear
+from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding
+from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.base import CausalLM
 
 
 class QWenAttention(nn.Module):
     def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.num_heads = config.num_attention_heads
         self.head_dim = config.kv_channels
+        heads = config.num_attention_heads
+        # c_attn is one [3 H D, E] tensor (q | k | v rows): cut into its shards per rank.
+        self.c_attn = qkv_linear(config.hidden_size, heads, heads, self.head_dim, True, quant_config,
+                                 f"{prefix}.c_attn", ("q", "k", "v"), fused_in_checkpoint=True)
+        self.c_proj = Linear(heads * self.head_dim, config.hidden_size, bias=not config.no_bias,
+                             quant_config=quant_config, prefix=f"{prefix}.c_proj", parallel="row")
+        self.num_heads = self.c_attn.num_heads  # this rank's
         self.size = self.num_heads * self.head_dim
-        self.c_attn = Linear(config.hidden_size, 3 * self.size, bias=True, quant_config=quant_config,
-                             prefix=f"{prefix}.c_attn")
-        self.c_proj = Linear(self.size, config.hidden_size, bias=not config.no_bias, quant_config=quant_config,
-                             prefix=f"{prefix}.c_proj")
         max_position = min(config.seq_length, config.max_position_embeddings)  # max_model_len's cap
         self.rotary = RotaryEmbedding(self.head_dim, max_position, float(config.rotary_emb_base),
                                       {"rope_type": "default"})
@@ -51,7 +54,7 @@ class QWenMLP(nn.Module):
                                          quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.act = SiluAndMul()
         self.c_proj = Linear(width, config.hidden_size, bias=bias, quant_config=quant_config,
-                             prefix=f"{prefix}.c_proj")
+                             prefix=f"{prefix}.c_proj", parallel="row")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.gate_up_proj(hidden)))     # [T, 2I] -> [T, I] -> [T, E]
@@ -86,18 +89,10 @@ class QWenLMHeadModel(CausalLM):
     def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(QWenBlock(config, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.tie_word_embeddings = bool(config.tie_word_embeddings)
-        if self.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, shared_weight=self.embed_tokens.weight)
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, quant_config=quant_config,
-                                  prefix="lm_head")
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [block.attn.attn for block in self.h]
+        self.build_lm_head(config, quant_config, tied_by_default=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                       # [T, E]

@@ -8,6 +8,7 @@ from torch import nn
 
 from asyncserve.layers.linear import Linear
 from asyncserve.layers.moe import FusedMoE
+from asyncserve.layers.parallel_state import all_reduce
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.models.llama import LlamaForCausalLM, LlamaMLP
 
@@ -20,31 +21,31 @@ def is_sparse_layer(config, layer_index: int) -> bool:
 
 class QwenSparseMoeBlock(nn.Module):
     """Router `gate` [E, H], `experts`, and (Qwen2-MoE) a dense `shared_expert` every token takes,
-    scaled by sigmoid(`shared_expert_gate`)."""
+    scaled by sigmoid(`shared_expert_gate`). Over several ranks both give partial sums, added up once."""
 
     def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
+        shared_size = getattr(config, "shared_expert_intermediate_size", 0) or 0
         self.gate = Linear(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")  # never quantized
         self.experts = FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
                                 config.moe_intermediate_size,
                                 renormalize=bool(getattr(config, "norm_topk_prob", False)),
-                                quant_config=quant_config, prefix=f"{prefix}.experts")
-        shared_size = getattr(config, "shared_expert_intermediate_size", 0) or 0
-        self.shared_expert = (LlamaMLP(config, quant_config, f"{prefix}.shared_expert", shared_size)
-                              if shared_size else None)
+                                quant_config=quant_config, prefix=f"{prefix}.experts",
+                                reduce_results=not shared_size)
+        self.shared_expert = (LlamaMLP(config, quant_config, f"{prefix}.shared_expert", shared_size,
+                                       reduce_results=False) if shared_size else None)
         self.shared_expert_gate = (Linear(config.hidden_size, 1, prefix=f"{prefix}.shared_expert_gate")
                                    if shared_size else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.experts(hidden, self.gate(hidden))                 # [T, E] logits -> [T, H]
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
+            out = all_reduce(out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden))
         return out
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):
     expert_modules_mapping = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-    supports_tensor_parallel = False  # experts are not sharded yet
 
     @property
     def qkv_bias(self) -> bool:  # Qwen1.5-MoE's config.json predates the field: biases by default

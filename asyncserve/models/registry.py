@@ -1,48 +1,51 @@
-"""Which model class serves which Hugging Face architecture name."""
+"""Which model class serves which Hugging Face architecture name: every `CausalLM` family defined in a
+module of this package serves its class name (and its own `other_architectures`), found on first use,
+so a new family is its model file alone; `register_model` adds one kept outside asyncserve."""
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 from asyncserve.errors import UnsupportedModelError
-from asyncserve.models import gemma, gpt2, llama, mixtral, opt, phi3, qwen, qwen_moe
 from asyncserve.models.base import CausalLM
 
-_ARCHITECTURES = {
-    "LlamaForCausalLM": llama.LlamaForCausalLM,
-    "MistralForCausalLM": llama.MistralForCausalLM,
-    "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
-    "QWenLMHeadModel": qwen.QWenLMHeadModel,
-    "MixtralForCausalLM": mixtral.MixtralForCausalLM,
-    "Qwen2MoeForCausalLM": qwen_moe.Qwen2MoeForCausalLM,
-    "Qwen3MoeForCausalLM": qwen_moe.Qwen3MoeForCausalLM,
-    "Gemma2ForCausalLM": gemma.Gemma2ForCausalLM,
-    "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
-    "OPTForCausalLM": opt.OPTForCausalLM,
-    "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
-    "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
-    # The decoder bodies alone, as sentence-transformers saves embedding checkpoints: served as
-    # embedding models (pooling_config.py), their LM head dropped.
-    "LlamaModel": llama.LlamaForCausalLM,
-    "MistralModel": llama.MistralForCausalLM,
-    "Qwen2Model": llama.Qwen2ForCausalLM,
-    "Qwen3Model": llama.Qwen3ForCausalLM,
-}
+_registered: dict[str, type[CausalLM]] = {}
+_found: dict[str, type[CausalLM]] | None = None
+
+
+def _families() -> dict[str, type[CausalLM]]:
+    global _found
+    if _found is None:
+        import asyncserve.models as package
+        found: dict[str, type[CausalLM]] = {}
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for cls in vars(module).values():
+                if (isinstance(cls, type) and issubclass(cls, CausalLM) and cls.__module__ == module.__name__
+                        and not inspect.isabstract(cls)):
+                    for name in (cls.__name__, *vars(cls).get("other_architectures", ())):
+                        found[name] = cls
+        _found = found
+    return {**_found, **_registered}
 
 
 def register_model(architecture: str, cls: type[CausalLM]) -> None:
     """Serves checkpoints whose config.json names `architecture` with `cls` (a family kept outside
     asyncserve, or a test's toy model)."""
-    _ARCHITECTURES[architecture] = cls
+    _registered[architecture] = cls
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(_families())
 
 
 def model_class(hf_config) -> type[CausalLM]:
     names = list(getattr(hf_config, "architectures", None) or [])
+    families = _families()
     for name in names:
-        if name in _ARCHITECTURES:
-            return _ARCHITECTURES[name]
+        if name in families:
+            return families[name]
     raise UnsupportedModelError(
         f"Model architecture {names or '(none in config.json)'} is not supported. "
         f"Supported architectures: {', '.join(supported_architectures())}.")

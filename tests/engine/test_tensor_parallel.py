@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU: two worker processes over gloo give exactly the greedy tokens of one
-process in float32; the workers end with the engine; a dead worker fails the engine, not a hang; the
-ranks also meet the multi-host way (env:// with a rank started on its own)."""
+process in float32, for every family and quantized format; the workers end with the engine; a dead
+worker fails the engine, not a hang; the ranks also meet the multi-host way (env:// with a rank started
+on its own)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -16,6 +17,7 @@ import pytest
 from asyncserve import SamplingParams
 from asyncserve.errors import ConfigError, EngineDeadError, WorkerDiedError
 from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
+from tests.quantized_checkpoints import build_quantized
 
 PROMPTS = ["hello world", "the cat sat on the mat and", "a"]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -80,6 +82,52 @@ def test_token_lists_reach_every_rank_and_give_one_ranks_tokens(tiny_model_dir):
     expected = run(one)
     two = LLM(path, tensor_parallel_size=2, **kwargs)
     assert run(two) == expected
+
+
+PHI3_LINEAR_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# What must split token-exactly beyond the Llama family above: every other family (MoE experts with and
+# without a shared expert, biases and learned positions, soft-capping, fused checkpoint tensors) and every
+# quantized format (GPTQ's packed rows and groups, act-order gathering its inputs, AWQ's packed columns,
+# FP8 checkpoints and FP8 quantized at load over a row's slices).
+SPLIT_CASES = ["mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3", "opt-postln", "gpt2", "phi3", "qwen1",
+               "gptq", "gptq-act-order-phi3", "awq", "fp8", "fp8-at-load"]
+
+
+@pytest.fixture(scope="module")
+def split_case(tmp_path_factory, tiny_model_dir, qwen1_checkpoint):
+    """case -> (checkpoint, LLM keyword arguments)."""
+    from tests.models.tiny_families import VARIANTS, build_variant
+    from tests.quantized_checkpoints import build_fp8
+    root = tmp_path_factory.mktemp("tp-cases")
+
+    def get(case: str) -> tuple[str, dict]:
+        if case in VARIANTS:
+            return build_variant(root / case, case), {}
+        if case == "qwen1":
+            return qwen1_checkpoint[0], {}
+        if case == "gptq-act-order-phi3":
+            phi3 = build_variant(root / "phi3-source", "phi3")
+            return build_quantized(phi3, root / case, fmt="gptq", act_order=True,
+                                   linear_modules=PHI3_LINEAR_MODULES)[0], {}
+        if case in ("gptq", "awq"):
+            return build_quantized(tiny_model_dir("llama"), root / case, fmt=case)[0], {}
+        if case == "fp8":
+            return build_fp8(tiny_model_dir("llama"), root / case)[0], {}
+        if case == "fp8-at-load":
+            return tiny_model_dir("llama"), {"quantization": "fp8"}
+        return tiny_model_dir(case), {}
+
+    return get
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_every_family_and_quantized_format_splits_exactly(case, split_case):
+    from asyncserve import LLM
+    path, options = split_case(case)
+    kwargs = dict(device="cpu", dtype="float32", num_gpu_blocks_override=64, max_model_len=256, **options)
+    expected = _greedy(LLM(path, **kwargs))
+    two = LLM(path, tensor_parallel_size=2, **kwargs)
+    assert _greedy(two) == expected
     two.shutdown()
 
 
@@ -117,14 +165,15 @@ def test_workers_end_when_the_engine_process_is_killed(tiny_model_dir):
             engine.wait()
 
 
-def test_unsharded_families_and_quantized_checkpoints_are_refused(tiny_model_dir):
+def test_what_cannot_be_split_is_refused_before_any_worker_starts(tiny_model_dir, tmp_path):
+    """The layers say it, built as rank 0 on the meta device: heads, and packed groups of a rank's inputs."""
     from asyncserve import LLM
-    with pytest.raises(ConfigError, match="MixtralForCausalLM"):
-        LLM(tiny_model_dir("mixtral"), device="cpu", tensor_parallel_size=2)
-    with pytest.raises(ConfigError, match="quantized"):
-        LLM(tiny_model_dir("qwen3"), device="cpu", quantization="fp8", tensor_parallel_size=2)
     with pytest.raises(ConfigError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"):
         LLM(tiny_model_dir("qwen3"), device="cpu", tensor_parallel_size=3)
+    path, _ = build_quantized(tiny_model_dir("llama"), tmp_path / "gptq", fmt="gptq", group_size=64)
+    with pytest.raises(ConfigError, match=r"GPTQ: layer 'layers.0.self_attn.o_proj' has 32 inputs on each of "
+                                          r"tensor_parallel_size=2 ranks, not a multiple of the group size 64"):
+        LLM(path, device="cpu", tensor_parallel_size=2)
     assert _workers() == []
 
 

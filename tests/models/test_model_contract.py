@@ -80,3 +80,40 @@ def test_a_toy_family_runs_through_the_runner(toy_dir):
     outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
                            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert [list(out.outputs[0].token_ids) for out in outputs] == [_expected(p, 20) for p in prompts]
+
+
+class LongContextRuleForCausalLM(ToySumForCausalLM):
+    """A family whose KV changes past 40 tokens: the rule is its class's, nothing else names it."""
+
+    @classmethod
+    def kv_recompute_length(cls, hf_config, max_model_len):
+        return 40
+
+
+register_model("LongContextRuleForCausalLM", LongContextRuleForCausalLM)
+
+
+def test_a_familys_own_rule_reaches_the_scheduler_through_the_registry(toy_dir, tmp_path):
+    from asyncserve import EngineConfig
+    ruled = copy_checkpoint(toy_dir, tmp_path / "ruled", {"architectures": ["LongContextRuleForCausalLM"]})
+    assert EngineConfig(ruled, device="cpu").create_config().scheduler.recompute_kv_at == 40
+    assert EngineConfig(toy_dir, device="cpu").create_config().scheduler.recompute_kv_at is None
+
+
+def test_a_new_family_is_its_model_file_alone(tmp_path, monkeypatch, tiny_model_dir):
+    """A file in the models package declaring a CausalLM is found by the registry, nothing else edited;
+    the skeleton (LM head, attention layers) is the base class's."""
+    import asyncserve.models as package
+    from asyncserve.models import registry
+    (tmp_path / "toy_dense.py").write_text(
+        "from asyncserve.models.llama import LlamaForCausalLM\n\n\n"
+        "class ToyDenseForCausalLM(LlamaForCausalLM):\n    pass\n")
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_found", None)
+    source = tiny_model_dir("llama")
+    toy = copy_checkpoint(source, tmp_path / "toy", {"architectures": ["ToyDenseForCausalLM"]})
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = [LLM(path, device="cpu", num_gpu_blocks_override=64, max_model_len=256).generate(
+        "Hello, my name is", params, use_tqdm=False)[0].outputs[0].token_ids for path in (toy, source)]
+    assert outputs[0] == outputs[1]
+    assert "ToyDenseForCausalLM" in registry.supported_architectures()

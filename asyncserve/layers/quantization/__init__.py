@@ -1,8 +1,8 @@
 """Linear methods: how each linear layer stores and multiplies its weight, chosen by the checkpoint's
 quantization config."""
-from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
+from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader, set_split_dims
 from asyncserve.layers.quantization.registry import QUANTIZATION_METHODS, check_method_name, get_quantization_config
 from asyncserve.layers.quantization.unquantized import UnquantizedConfig, UnquantizedLinearMethod
 
-__all__ = ["LinearMethodBase", "QuantizationConfig", "WeightLoader", "QUANTIZATION_METHODS",
+__all__ = ["LinearMethodBase", "QuantizationConfig", "WeightLoader", "set_split_dims", "QUANTIZATION_METHODS",
            "get_quantization_config", "check_method_name", "UnquantizedConfig", "UnquantizedLinearMethod"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
-from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader
+from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, set_split_dims
 from asyncserve.layers.quantization.packed_int import (
     PackedIntLinearMethod,
     check_shapes,
@@ -43,9 +43,13 @@ class AWQLinearMethod(PackedIntLinearMethod):
         check_shapes(layer, layer.prefix, "AWQ", in_features, output_sizes, self.group_size, 8, 8)
         groups, out = in_features // self.group_size, sum(output_sizes)
         layer.group_size = self.group_size
-        layer.qweight = int_param(in_features, out // 8, loader=output_dim_loader(layer, 8))
-        layer.qzeros = int_param(groups, out // 8, loader=output_dim_loader(layer, 8, grouped=True))
+        group_rows = {"input_dim": 0, "input_pack": self.group_size}  # rows of scales and zeros: groups
+        layer.qweight = int_param(in_features, out // 8, loader=output_dim_loader(layer, 8), output_dim=1,
+                                  output_pack=8, input_dim=0)
+        layer.qzeros = int_param(groups, out // 8, loader=output_dim_loader(layer, 8, grouped=True),
+                                 output_dim=1, output_pack=8, **group_rows)
         layer.scales = nn.Parameter(torch.zeros(groups, out, dtype=scale_dtype()), requires_grad=False)
+        set_split_dims(layer.scales, output_dim=1, **group_rows)
         layer.scales.weight_loader = output_dim_loader(layer, grouped=True)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

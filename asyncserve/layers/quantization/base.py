@@ -8,17 +8,33 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-# weight_loader(param, loaded_weight[, shard_id]): copies one checkpoint tensor into its place.
+# weight_loader(param, loaded_weight[, shard_id]): copies one checkpoint tensor (this rank's part of it)
+# into its place.
 WeightLoader = Callable[..., None]
+
+
+def set_split_dims(param: nn.Parameter, *, output_dim: int | None = None, input_dim: int | None = None,
+                   output_pack: int = 1, input_pack: int = 1) -> nn.Parameter:
+    """Says how the layer cuts a checkpoint tensor of `param` to this rank's part: which of its dims runs
+    along the layer's outputs and inputs (None: not split along them), with `pack` outputs (inputs) per
+    element (8 4-bit values per int32; a group of inputs per row of scales)."""
+    param.output_dim, param.input_dim = output_dim, input_dim
+    param.output_pack, param.input_pack = output_pack, input_pack
+    return param
 
 
 class LinearMethodBase(ABC):
     """How one linear layer stores its weight and computes x @ W^T (+ bias)."""
 
+    # Whether a row-parallel layer may hold a slice of the inputs (False where the input groups are
+    # scattered over the inputs, as GPTQ's act-order: the layer then gathers its input instead).
+    splits_input: bool = True
+
     @abstractmethod
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        weight_loader: WeightLoader) -> None:
-        """Registers the layer's weight parameters, each carrying `weight_loader`."""
+        """Registers the layer's weight parameters for this rank's `in_features` and `output_sizes`,
+        each carrying `weight_loader` and its split dims (`set_split_dims`)."""
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

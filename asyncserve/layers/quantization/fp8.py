@@ -13,7 +13,8 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels.fp8_linear import fp8_linear
-from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
+from asyncserve.layers.parallel_state import all_reduce_max
+from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader, set_split_dims
 from asyncserve.layers.quantization.packed_int import is_skipped
 from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
@@ -21,10 +22,14 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] float -> (fp8 [N, K], float32 scale [N]) with |w| / scale within e4m3's range."""
+def quantize_per_channel(weight: torch.Tensor, across_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (fp8 [N, K], float32 scale [N]) with |w| / scale within e4m3's range;
+    `across_ranks`: K is this rank's slice of a row-parallel weight, scaled by the whole row's range."""
     weight = weight.float()
-    scale = (weight.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    amax = weight.abs().amax(dim=1)
+    if across_ranks:
+        amax = all_reduce_max(amax)
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     return (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -37,11 +42,13 @@ class FP8LinearMethod(LinearMethodBase):
                        weight_loader: WeightLoader) -> None:
         dtype = FP8 if self.serialized else torch.get_default_dtype()
         weight = nn.Parameter(torch.empty(sum(output_sizes), in_features, dtype=dtype), requires_grad=False)
+        set_split_dims(weight, output_dim=0, input_dim=1)
         weight.weight_loader = weight_loader  # the layer's: [out, in] rows, shards stacked
         layer.register_parameter("weight", weight)
         if not self.serialized:
             return
         scale = nn.Parameter(torch.zeros(sum(output_sizes), dtype=torch.float32), requires_grad=False)
+        set_split_dims(scale, output_dim=0)  # a per-tensor scale (one number) is every rank's
         scale.weight_loader = _scale_loader(layer)
         layer.register_parameter("weight_scale", scale)
         if self.static_input_scale:  # read so the checkpoint loads; activations are scaled per row here
@@ -51,7 +58,8 @@ class FP8LinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.serialized:
-            weight, scale = quantize_per_channel(layer.weight.data)
+            across_ranks = getattr(layer, "input_parallel", False)  # a row-parallel slice: the whole row's range
+            weight, scale = quantize_per_channel(layer.weight.data, across_ranks)
             layer.weight = nn.Parameter(weight, requires_grad=False)
             layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 

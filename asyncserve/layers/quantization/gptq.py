@@ -13,7 +13,7 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels.quant_gemm import unpack_int_rows
-from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader
+from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, set_split_dims
 from asyncserve.layers.quantization.packed_int import (
     PackedIntLinearMethod,
     check_shapes,
@@ -35,6 +35,8 @@ class GPTQLinearMethod(PackedIntLinearMethod):
     def __init__(self, config: GPTQConfig):
         super().__init__(config.bits, config.group_size)
         self.config = config
+        # Act-order scatters each group over the inputs: a slice of them would need every group.
+        self.splits_input = not config.desc_act
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        weight_loader: WeightLoader) -> None:
@@ -43,11 +45,16 @@ class GPTQLinearMethod(PackedIntLinearMethod):
         check_shapes(layer, layer.prefix, "GPTQ", in_features, output_sizes, group_size, pack, pack)
         groups, out = in_features // group_size, sum(output_sizes)
         layer.group_size = group_size
-        layer.qweight = int_param(in_features // pack, out, loader=output_dim_loader(layer))
-        layer.qzeros = int_param(groups, out // pack, loader=output_dim_loader(layer, pack, grouped=True))
+        # Rows of scales and zeros are groups of inputs; one group (group_size -1) is every rank's.
+        group_rows = {"input_dim": None if self.group_size == -1 else 0, "input_pack": group_size}
+        layer.qweight = int_param(in_features // pack, out, loader=output_dim_loader(layer), output_dim=1,
+                                  input_dim=0, input_pack=pack)
+        layer.qzeros = int_param(groups, out // pack, loader=output_dim_loader(layer, pack, grouped=True),
+                                 output_dim=1, output_pack=pack, **group_rows)
         layer.scales = nn.Parameter(torch.zeros(groups, out, dtype=scale_dtype()), requires_grad=False)
+        set_split_dims(layer.scales, output_dim=1, **group_rows)
         layer.scales.weight_loader = output_dim_loader(layer, grouped=True)
-        layer.g_idx = int_param(in_features, loader=self._g_idx_loader(layer))
+        layer.g_idx = int_param(in_features, loader=self._g_idx_loader(layer), input_dim=0)
 
     @staticmethod
     def _g_idx_loader(layer: nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch
-from asyncserve.layers.quantization.base import LinearMethodBase
+from asyncserve.layers.quantization.base import LinearMethodBase, set_split_dims
 
 
 def scale_dtype() -> torch.dtype:
@@ -19,12 +19,13 @@ def scale_dtype() -> torch.dtype:
 
 
 def shard_names(layer: nn.Module, prefix: str) -> list[str]:
-    """The checkpoint modules behind a layer: 'layers.0.self_attn.qkv_proj' -> [..q_proj, ..k_proj, ..v_proj]."""
-    offsets = getattr(layer, "shard_offsets", None)
-    if not offsets:
+    """The checkpoint modules behind a layer: 'layers.0.self_attn.qkv_proj' -> [..q_proj, ..k_proj, ..v_proj]
+    (the layer's own name where the checkpoint stores it as one tensor)."""
+    shards = getattr(layer, "checkpoint_shards", None)
+    if not shards:
         return [prefix]
     parent = prefix.rpartition(".")[0]
-    return [f"{parent}.{name}" if parent else name for name in offsets]
+    return [f"{parent}.{name}" if parent else name for name in shards]
 
 
 def _matches(module: str, name: str) -> bool:
@@ -68,21 +69,24 @@ def output_dim_loader(layer: nn.Module, pack: int = 1, grouped: bool = False):
     return load
 
 
-def int_param(*shape: int, loader) -> nn.Parameter:
-    param = nn.Parameter(torch.zeros(*shape, dtype=torch.int32), requires_grad=False)
+def int_param(*shape: int, loader, **split_dims) -> nn.Parameter:
+    param = set_split_dims(nn.Parameter(torch.zeros(*shape, dtype=torch.int32), requires_grad=False), **split_dims)
     param.weight_loader = loader
     return param
 
 
 def check_shapes(layer: nn.Module, prefix: str, method: str, in_features: int, output_sizes: list[int],
                  group_size: int, in_pack: int, out_pack: int) -> None:
-    """Fails at start, naming the layer, when its sizes cannot be packed or grouped."""
+    """Fails at start, naming the layer, when its sizes (this rank's part of them) cannot be packed or
+    grouped."""
+    ranks = getattr(layer, "tp_size", 1)
+    part = f" on each of tensor_parallel_size={ranks} ranks" if ranks > 1 else ""
     if in_features % group_size or in_features % in_pack:
-        raise ConfigError(f"{method}: layer {prefix!r} has {in_features} inputs, not a multiple of the group "
-                          f"size {group_size} (and of {in_pack} values per int32).")
+        raise ConfigError(f"{method}: layer {prefix!r} has {in_features} inputs{part}, not a multiple of the "
+                          f"group size {group_size} (and of {in_pack} values per int32).")
     bad = [size for size in output_sizes if size % out_pack]
     if bad:
-        raise ConfigError(f"{method}: layer {prefix!r} has output sizes {output_sizes}, not multiples of "
+        raise ConfigError(f"{method}: layer {prefix!r} has output sizes {output_sizes}{part}, not multiples of "
                           f"{out_pack} values per int32.")
 
 

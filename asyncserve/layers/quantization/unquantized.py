@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
+from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader, set_split_dims
 from asyncserve.layers.single_row import SingleRowKernel, fastest_single_row_kernel, linear
 
 
@@ -17,7 +17,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        weight_loader: WeightLoader) -> None:
-        weight = nn.Parameter(torch.empty(sum(output_sizes), in_features))
+        weight = set_split_dims(nn.Parameter(torch.empty(sum(output_sizes), in_features)), output_dim=0, input_dim=1)
         weight.weight_loader = weight_loader
         layer.register_parameter("weight", weight)
 

@@ -16,9 +16,11 @@ import os
 import socket
 import sys
 
-from asyncserve.config import DTYPE_NAMES, EngineConfig
+from asyncserve.config.device import DTYPE_NAMES
+
+from asyncserve.config import EngineConfig
 from asyncserve.errors import ConfigError, UnsupportedModelError
-from asyncserve.vllm_compat import add_vllm_flags, flag_lines
+from asyncserve.config.vllm_compat import add_vllm_flags, flag_lines
 
 logger = logging.getLogger("asyncserve")
 

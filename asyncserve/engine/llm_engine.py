@@ -16,7 +16,8 @@ from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.engine.structured import StructuredOutputManager
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
-from asyncserve.model_config import ModelConfig, load_tokenizer
+from asyncserve.config.model import ModelConfig
+from asyncserve.checkpoints.tokenizer import load_tokenizer
 from asyncserve.models.registry import model_class
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams

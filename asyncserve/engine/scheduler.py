@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from asyncserve.config import SchedulerConfig
+from asyncserve.config.scheduler import SchedulerConfig
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.sequence import Sequence, SequenceStatus
 from asyncserve.runner.step import NewSequence, ScheduledSequence, StepMessage

@@ -21,7 +21,7 @@ from torch import nn
 from asyncserve.layers.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from asyncserve.layers.quantization import QuantizationConfig, UnquantizedConfig, UnquantizedLinearMethod
 from asyncserve.layers.single_row import SingleRowKernel, linear
-from asyncserve.tp_shapes import divide, heads_per_rank
+from asyncserve.config.tp_shapes import divide, heads_per_rank
 
 __all__ = ["LinearBase", "Linear", "MergedLinear", "qkv_linear", "SingleRowKernel", "default_weight_loader",
            "linear", "tune_single_row_products"]

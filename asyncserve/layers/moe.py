@@ -11,7 +11,7 @@ from asyncserve.errors import ConfigError
 from asyncserve.kernels import fused_moe
 from asyncserve.layers.parallel_state import all_reduce, tp_rank, tp_size
 from asyncserve.layers.quantization import QuantizationConfig
-from asyncserve.tp_shapes import divide
+from asyncserve.config.tp_shapes import divide
 
 # shard -> the parameter that holds it: gate and up stacked in w13 (gate rows first), down in w2.
 EXPERT_SHARDS = {"gate": "w13_weight", "up": "w13_weight", "down": "w2_weight"}

@@ -5,7 +5,7 @@ import orjson
 from aiohttp import web
 
 from asyncserve.errors import (ConfigError, EngineDeadError, InvalidParameterError, QueueFullError)
-from asyncserve.vllm_compat import route_line
+from asyncserve.config.vllm_compat import route_line
 
 # HTTP status -> OpenAI's error `type`.
 _TYPES = {

@@ -220,5 +220,5 @@ def test_each_model_kind_refuses_the_other_api(make):
 ])
 def test_auto_runner_tells_bodies_from_language_models(architecture, expected, tmp_path):
     """A bare body (…Model) is an embedding model; …LMHeadModel names (GPT-2, Qwen-1) generate."""
-    from asyncserve.pooling_config import resolve_runner
+    from asyncserve.config.pooling import resolve_runner
     assert resolve_runner("auto", "auto", None, [architecture], str(tmp_path)) == expected

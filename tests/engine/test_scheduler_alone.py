@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from asyncserve.config import SchedulerConfig
+from asyncserve.config.scheduler import SchedulerConfig
 from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.scheduler import Scheduler

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from asyncserve import LLM, SamplingParams
 from asyncserve.layers import quantization

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from asyncserve.errors import ConfigError
 from asyncserve.config import EngineConfig

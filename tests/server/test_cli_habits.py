@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 
 from asyncserve.cli import build_parser, main, parse_args
-from asyncserve.config import looks_like_path
-
+from asyncserve.checkpoints.resolve import looks_like_path
 from tests.server.test_cli import _free_port, _wait_healthy
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -169,7 +168,7 @@ def test_unbuilt_vllm_flags_are_refused_with_one_line_each_and_exit_2(argv, line
 
 
 def test_harmless_vllm_flags_and_neutral_values_are_accepted_with_a_note_consuming_their_values():
-    from asyncserve.vllm_compat import flag_lines
+    from asyncserve.config.vllm_compat import flag_lines
     args = parse_args(build_parser(), [
         "serve", "some/model", "--uvicorn-log-level", "debug", "--disable-fastapi-docs", "--enable-log-requests",
         "--cudagraph-capture-sizes", "1", "2", "4", "--pipeline-parallel-size", "1", "--no-enable-lora",
@@ -192,7 +191,7 @@ def test_harmless_vllm_flags_and_neutral_values_are_accepted_with_a_note_consumi
 
 
 def test_every_table_flag_is_known_to_the_parser_hidden_from_help_and_none_shadows_a_built_flag():
-    from asyncserve.vllm_compat import FLAGS
+    from asyncserve.config.vllm_compat import FLAGS
     parser = build_parser()
     help_text = parser.format_help()
     names = [name for flag in FLAGS for name in flag.names]

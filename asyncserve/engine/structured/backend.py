@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from asyncserve.config.engine_args import STRUCTURED_OUTPUTS_BACKENDS
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 
@@ -42,7 +43,7 @@ class GrammarBackend(ABC):
         """Writes matcher i's allowed next tokens into row rows[i] of bitmask [R, ceil(V / 32)] int32 (CPU)."""
 
 
-BACKENDS = ("xgrammar", "guidance")
+BACKENDS = STRUCTURED_OUTPUTS_BACKENDS
 
 
 def make_backend(name: str, tokenizer, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:

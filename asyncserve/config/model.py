@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asyncserve.errors import ConfigError
-from asyncserve.pooling_config import PoolerConfig, resolve_pooler, resolve_runner
+from asyncserve.config.pooling import PoolerConfig, resolve_pooler, resolve_runner
 
 logger = logging.getLogger("asyncserve")
 
@@ -79,22 +79,10 @@ def _max_model_len(requested: int | None, hf_config) -> int:
     return requested
 
 
-def load_hf_config(path: str):
-    """transformers' config of the checkpoint, or asyncserve's own reading of a Qwen-1 config.json,
-    whose class exists only as the checkpoint's remote code (never run)."""
-    from asyncserve.checkpoints.qwen_config import QWenConfig, is_qwen1, read_config_json
-    config = read_config_json(path)
-    if is_qwen1(config):
-        logger.info("Qwen-1 checkpoint (model_type 'qwen'): its remote code is not run, trust_remote_code or "
-                    "not; asyncserve serves it with its own QWenLMHeadModel and reads qwen.tiktoken with tiktoken.")
-        return QWenConfig.from_dict(config, path)
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path)
-
-
 def load_model_config(args, path: str) -> ModelConfig:
     """`args` is the user's EngineConfig; the result is what every layer below reads."""
-    from asyncserve.config import resolve_device, resolve_dtype
+    from asyncserve.checkpoints.hf_config import load_hf_config
+    from asyncserve.config.device import resolve_device, resolve_dtype
     hf_config = load_hf_config(path)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, _checkpoint_dtype(hf_config), device)
@@ -115,12 +103,3 @@ def load_model_config(args, path: str) -> ModelConfig:
                        generation_config=args.generation_config, runner_type=runner_type, pooler=pooler,
                        is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False) or matryoshka),
                        matryoshka_dimensions=list(matryoshka) if matryoshka else None)
-
-
-def load_tokenizer(model_config: ModelConfig):
-    from asyncserve.checkpoints.qwen_tokenizer import QWenTokenizer, is_qwen_tokenizer_dir
-    path = model_config.tokenizer or model_config.path
-    if is_qwen_tokenizer_dir(path):
-        return QWenTokenizer.from_directory(path)
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)

@@ -1,8 +1,5 @@
-"""Engine settings with vLLM's names (`EngineConfig`, flat, what users pass), and the config tree they
-resolve to once the checkpoint is known (`Config`: model / cache / scheduler / parallel / quantization).
-
-Every component receives the tree whole and reads its fields where they live; none keeps a copy.
-"""
+"""Engine settings with vLLM's names (`EngineConfig`, flat, what users pass), checked at once, and resolved
+into the config tree (`config/tree.py`) once the checkpoint is known."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,24 +8,23 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from asyncserve.checkpoints.resolve import check_local_path, resolve_checkpoint
+from asyncserve.config.cache import CacheConfig, check_kv_cache_dtype
+from asyncserve.config.device import DTYPE_NAMES, resolve_device, resolve_dtype
+from asyncserve.config.parallel import ParallelConfig
+from asyncserve.config.scheduler import SchedulerConfig
+from asyncserve.config.tree import Config
 from asyncserve.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported only where a dtype or device is resolved: `--help` stays fast
     import torch
 
-    from asyncserve.model_config import ModelConfig
+    from asyncserve.config.model import ModelConfig
 
 logger = logging.getLogger("asyncserve")
 
-# Every dtype name a user may give (vLLM's and torch's spellings) -> the torch dtype's name.
-DTYPE_NAMES = {
-    "float32": "float32", "float": "float32", "fp32": "float32",
-    "float16": "float16", "half": "float16", "fp16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-# --kv-cache-dtype names (vLLM's) -> the pool's torch dtype name; "auto" is the model's dtype.
-KV_CACHE_DTYPE_NAMES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
-
+# The grammar engines of structured outputs, by vLLM's names (engine/structured/ builds them).
+STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "guidance")
 
 @dataclass
 class EngineConfig:
@@ -101,18 +97,17 @@ class EngineConfig:
             if self.model != TINY_MODEL:
                 check_local_path(self.model)
                 if self.tensor_parallel_size > 1:  # before anything loads (or downloads)
-                    from asyncserve.tp_shapes import check_checkpoint_shapes
+                    from asyncserve.config.tp_shapes import check_checkpoint_shapes
                     check_checkpoint_shapes(self.model, self.revision, self.tensor_parallel_size)
-        from asyncserve.engine.structured.backend import BACKENDS
-        if self.structured_outputs_backend not in BACKENDS:
-            raise ConfigError(f"structured_outputs_backend must be one of {list(BACKENDS)}, got "
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ConfigError(f"structured_outputs_backend must be one of {list(STRUCTURED_OUTPUTS_BACKENDS)}, got "
                               f"{self.structured_outputs_backend!r}.")
         if self.structured_outputs_backend == "guidance" and importlib.util.find_spec("llguidance") is None:
             raise ConfigError("structured_outputs_backend='guidance' needs llguidance: pip install llguidance "
                               "(or asyncserve[guidance]).")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
-        from asyncserve.pooling_config import check_runner_args, parse_pooler_config
+        from asyncserve.config.pooling import check_runner_args, parse_pooler_config
         check_runner_args(self.runner, self.convert, self.task)
         if self.pooler_config is not None and self.override_pooler_config is not None:
             raise ConfigError("Give pooler_config or its older name override_pooler_config, not both.")
@@ -150,7 +145,7 @@ class EngineConfig:
 
     def create_config(self) -> "Config":
         """Reads the checkpoint's config and resolves everything that depends on it."""
-        from asyncserve.model_config import load_model_config
+        from asyncserve.config.model import load_model_config
         from asyncserve.models.loader import quantization_config
         from asyncserve.models.registry import model_class
         model = load_model_config(self, self.model_path)
@@ -210,110 +205,3 @@ class EngineConfig:
 
 
 _DEFAULT_GPU_MEMORY_UTILIZATION = EngineConfig.gpu_memory_utilization
-
-
-@dataclass
-class CacheConfig:
-    block_size: int
-    gpu_memory_utilization: float
-    cpu_kv_cache_space: float
-    num_gpu_blocks_override: int | None
-    enable_prefix_caching: bool
-    swap_space: float
-    kv_cache_dtype: str
-
-
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int     # resolved: the per-step token budget
-    enable_chunked_prefill: bool
-    preemption_mode: str = "recompute"  # or "swap": keep the KV in host memory
-    max_num_waiting: int | None = None  # beyond this the server answers 503
-    # A sequence whose KV was computed while it held at most this many tokens recomputes it all when it
-    # grows past (Phi-3 LongRoPE's switch of factor sets, as transformers does); None: never.
-    recompute_kv_at: int | None = None
-
-
-@dataclass
-class ParallelConfig:
-    tensor_parallel_size: int = 1
-
-
-@dataclass
-class Config:
-    """The resolved tree, passed whole to the engine, executor, runner and loader."""
-
-    model: "ModelConfig"
-    cache: CacheConfig
-    scheduler: SchedulerConfig
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
-    disable_log_stats: bool = False
-    structured_outputs_backend: str = "xgrammar"
-
-    @property
-    def kv_cache_torch_dtype(self) -> "torch.dtype":
-        """The KV pool's element type: the model's dtype, or e4m3 (one byte) for `--kv-cache-dtype fp8`."""
-        import torch
-        name = KV_CACHE_DTYPE_NAMES.get(self.cache.kv_cache_dtype)
-        return self.model.dtype if name is None else getattr(torch, name)
-
-
-def check_kv_cache_dtype(name: str) -> None:
-    if name == "fp8_e5m2":
-        raise ConfigError("kv_cache_dtype='fp8_e5m2' is not supported: use 'fp8' (e4m3, with per-tensor "
-                          "scales from the checkpoint), or 'auto' (the model's dtype).")
-    if name != "auto" and name not in KV_CACHE_DTYPE_NAMES:
-        raise ConfigError(f"kv_cache_dtype={name!r} is not supported (supported: 'auto' (the model's "
-                          f"dtype), {', '.join(repr(n) for n in KV_CACHE_DTYPE_NAMES)}).")
-
-
-def resolve_device(device: str) -> "torch.device":
-    import torch
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked for but torch sees no CUDA device.")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: "torch.dtype | None", device: "torch.device") -> "torch.dtype":
-    """'auto' keeps a half-precision checkpoint's dtype on GPU, bf16 for fp32 ones, fp32 on CPU."""
-    import torch
-    if dtype != "auto":
-        return getattr(torch, DTYPE_NAMES[dtype])
-    if device.type == "cpu":
-        return torch.float32
-    if checkpoint_dtype in (torch.float16, torch.bfloat16):
-        return checkpoint_dtype
-    return torch.bfloat16
-
-
-def looks_like_path(model: str) -> bool:
-    """A hub id is 'name' or 'org/name'; anything else that names the file system is meant as a path."""
-    if model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1:
-        return True
-    head = model.split("/", 1)[0]
-    return "/" in model and os.path.exists(head)
-
-
-def check_local_path(model: str) -> None:
-    """A path that does not exist fails in one line here, instead of as a hub id validation error later."""
-    if looks_like_path(model) and not os.path.exists(os.path.expanduser(model)):
-        raise ConfigError(f"Model path {model!r} does not exist.")
-
-
-def resolve_checkpoint(model: str, revision: str | None = None) -> str:
-    """A local directory is used as is; anything else is treated as a Hugging Face hub id."""
-    if os.path.isdir(os.path.expanduser(model)):
-        return os.path.expanduser(model)
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(model, revision=revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
-                                                 "*.tiktoken"])
-    except Exception as exc:  # no network, unknown id, gated repo ...
-        raise ConfigError(f"Could not find model {model!r}: it is not a local directory and the "
-                          f"Hugging Face hub download failed ({type(exc).__name__}: {exc}). Pass the "
-                          "path of a checkpoint directory (config.json + *.safetensors).") from exc

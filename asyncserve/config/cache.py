@@ -1,0 +1,29 @@
+"""The KV cache's part of the config tree: blocks, memory share, prefix caching, swap, element type."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asyncserve.errors import ConfigError
+
+# --kv-cache-dtype names (vLLM's) -> the pool's torch dtype name; "auto" is the model's dtype.
+KV_CACHE_DTYPE_NAMES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    cpu_kv_cache_space: float
+    num_gpu_blocks_override: int | None
+    enable_prefix_caching: bool
+    swap_space: float
+    kv_cache_dtype: str
+
+
+def check_kv_cache_dtype(name: str) -> None:
+    if name == "fp8_e5m2":
+        raise ConfigError("kv_cache_dtype='fp8_e5m2' is not supported: use 'fp8' (e4m3, with per-tensor "
+                          "scales from the checkpoint), or 'auto' (the model's dtype).")
+    if name != "auto" and name not in KV_CACHE_DTYPE_NAMES:
+        raise ConfigError(f"kv_cache_dtype={name!r} is not supported (supported: 'auto' (the model's "
+                          f"dtype), {', '.join(repr(n) for n in KV_CACHE_DTYPE_NAMES)}).")

@@ -1,0 +1,35 @@
+"""The resolved config tree, passed whole to the engine, executor, runner and loader: every component reads
+its fields where they live and keeps no copy."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from asyncserve.config.cache import KV_CACHE_DTYPE_NAMES, CacheConfig
+from asyncserve.config.parallel import ParallelConfig
+from asyncserve.config.scheduler import SchedulerConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from asyncserve.config.model import ModelConfig
+
+
+@dataclass
+class Config:
+    """The resolved tree, passed whole to the engine, executor, runner and loader."""
+
+    model: "ModelConfig"
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
+    disable_log_stats: bool = False
+    structured_outputs_backend: str = "xgrammar"
+
+    @property
+    def kv_cache_torch_dtype(self) -> "torch.dtype":
+        """The KV pool's element type: the model's dtype, or e4m3 (one byte) for `--kv-cache-dtype fp8`."""
+        import torch
+        name = KV_CACHE_DTYPE_NAMES.get(self.cache.kv_cache_dtype)
+        return self.model.dtype if name is None else getattr(torch, name)

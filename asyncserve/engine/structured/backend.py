@@ -56,8 +56,9 @@ def make_backend(name: str, tokenizer, vocab_size: int, stop_token_ids: list[int
                                 "structured_outputs_backend")
 
 
-def json_schema_text(params: StructuredOutputsParams) -> str:
-    """The schema as JSON text, objects closed when disable_additional_properties asks for it."""
+def json_schema(params: StructuredOutputsParams) -> dict:
+    """The schema as a dict (the caller's: not to be changed), objects closed in a copy when
+    disable_additional_properties asks for it."""
     schema = params.json
     if isinstance(schema, str):
         try:
@@ -66,9 +67,7 @@ def json_schema_text(params: StructuredOutputsParams) -> str:
             raise constraint_error(params, f"the JSON schema is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise constraint_error(params, "the JSON schema must be a JSON object.")
-    if params.disable_additional_properties:
-        schema = _closed_objects(copy.deepcopy(schema))
-    return json.dumps(schema)
+    return _closed_objects(copy.deepcopy(schema)) if params.disable_additional_properties else schema
 
 
 def _closed_objects(node):

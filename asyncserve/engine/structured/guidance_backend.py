@@ -1,6 +1,7 @@
 """llguidance (Microsoft's guidance engine; vLLM's `guidance` backend): masks computed lazily per step."""
 from __future__ import annotations
 
+import json
 import os
 
 import llguidance
@@ -8,8 +9,7 @@ import llguidance.hf
 import llguidance.torch
 import torch
 
-from asyncserve.engine.structured.backend import (GrammarBackend, choice_regex, constraint_error,
-                                                  json_schema_text)
+from asyncserve.engine.structured.backend import GrammarBackend, choice_regex, constraint_error, json_schema
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 
@@ -56,7 +56,8 @@ class GuidanceBackend(GrammarBackend):
         kind = params.kind
         whitespace = {"whitespace_flexible": not params.disable_any_whitespace}
         if kind == "json":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json_schema_text(params), overrides=whitespace)
+            schema = json.dumps(json_schema(params))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=whitespace)
         elif kind == "json_object":
             grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=whitespace)
         elif kind == "regex":

@@ -1,13 +1,15 @@
 """xgrammar (what vLLM and SGLang use by default): compiled grammars with precomputed token masks."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 import xgrammar as xgr
 
 from asyncserve.engine.structured.backend import (GrammarBackend, GrammarMatcher, choice_regex,
-                                                  constraint_error, json_schema_text)
+                                                  constraint_error, json_schema)
+from asyncserve.engine.structured.xgrammar_schema import SchemaError, xgrammar_schema, xgrammar_structural_tag
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 
@@ -26,7 +28,8 @@ class XGrammarBackend(GrammarBackend):
         try:
             kind = params.kind
             if kind == "json":
-                return compiler.compile_json_schema(json_schema_text(params), any_whitespace=whitespace)
+                schema = json.dumps(xgrammar_schema(json_schema(params)))
+                return compiler.compile_json_schema(schema, any_whitespace=whitespace)
             if kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace,
                                                     strict_mode=False)
@@ -36,10 +39,10 @@ class XGrammarBackend(GrammarBackend):
                 return compiler.compile_regex(choice_regex(params.choice))
             if kind == "grammar":
                 return compiler.compile_grammar(params.grammar)
-            return compiler.compile_structural_tag(params.structural_tag)
+            return compiler.compile_structural_tag(xgrammar_structural_tag(params.structural_tag))
         except InvalidParameterError:
             raise
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except (SchemaError, RuntimeError, ValueError, TypeError) as exc:
             raise constraint_error(params, str(exc)) from None
 
     def new_matcher(self, grammar) -> GrammarMatcher:

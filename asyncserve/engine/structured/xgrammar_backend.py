@@ -9,7 +9,8 @@ import xgrammar as xgr
 
 from asyncserve.engine.structured.backend import (GrammarBackend, GrammarMatcher, choice_regex,
                                                   constraint_error, json_schema)
-from asyncserve.engine.structured.xgrammar_schema import SchemaError, xgrammar_schema, xgrammar_structural_tag
+from asyncserve.engine.structured.xgrammar_schema import (SchemaError, strict_string_classes, xgrammar_schema,
+                                                          xgrammar_structural_tag)
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 
@@ -27,12 +28,8 @@ class XGrammarBackend(GrammarBackend):
         compiler, whitespace = self.compiler, not params.disable_any_whitespace
         try:
             kind = params.kind
-            if kind == "json":
-                schema = json.dumps(xgrammar_schema(json_schema(params)))
-                return compiler.compile_json_schema(schema, any_whitespace=whitespace)
-            if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=whitespace,
-                                                    strict_mode=False)
+            if kind in ("json", "json_object"):
+                return compiler.compile_grammar(_json_grammar(params, whitespace))
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
@@ -53,3 +50,15 @@ class XGrammarBackend(GrammarBackend):
             matchers[0].fill_next_token_bitmask(bitmask, rows[0])
         else:
             self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+
+
+def _json_grammar(params: StructuredOutputsParams, any_whitespace: bool) -> str:
+    """The EBNF xgrammar makes of the schema (patterns made safe first), with strict string characters
+    (see xgrammar_schema.py)."""
+    if params.kind == "json_object":
+        grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
+                                               strict_mode=False)
+    else:
+        schema = json.dumps(xgrammar_schema(json_schema(params)))
+        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace)
+    return strict_string_classes(str(grammar))

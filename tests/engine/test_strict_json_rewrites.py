@@ -1,5 +1,6 @@
-"""safe_pattern: a schema's pattern restricted to strings JSON can carry raw (no control character, quote
-or backslash); every string it matches, the original pattern matches too (as validators read it)."""
+"""What xgrammar is handed: a schema's patterns restricted to strings JSON can carry raw (no control character,
+quote or backslash; every string matched is matched by the original pattern too, as validators read it),
+string rules it would drop refused, and its EBNF's string characters made strict."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,7 @@ import re
 import pytest
 
 from asyncserve.engine.structured.safe_regex import UnsupportedPattern, length_pattern, safe_pattern
-from asyncserve.engine.structured.xgrammar_schema import SchemaError, xgrammar_schema
+from asyncserve.engine.structured.xgrammar_schema import SchemaError, strict_string_classes, xgrammar_schema
 
 ALPHABET = ["a", "b", "Z", "1", "_", " ", "-", "@", ".", "é", "٣", "\u2028", "\u00a0", "\x85", "\n", "\t", "\x01",
             '"', "\\"]
@@ -63,15 +64,23 @@ def test_string_rules_xgrammar_would_ignore_are_refused(node, words):
         xgrammar_schema({"type": "object", "properties": {"x": node}})
 
 
-def test_xgrammar_gets_patterns_for_lengths_in_every_subschema_and_the_schema_is_left_alone():
-    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}},
+def test_xgrammar_gets_safe_patterns_in_every_subschema_and_the_schema_is_left_alone():
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[ -~]{1,3}$"}},
               "$defs": {"d": {"type": ["string", "null"], "minLength": 1}},
               "propertyNames": {"maxLength": 2}, "patternProperties": {"^[ -~]+$": {"type": "integer"}},
-              "not": {"type": "string", "maxLength": 1}}
+              "not": {"type": "string", "pattern": "^[ -~]$"}}
     rewritten = xgrammar_schema(schema)
-    assert rewritten["properties"]["a"] == {"type": "string", "pattern": length_pattern(0, 3)}
-    assert rewritten["$defs"]["d"] == {"type": ["string", "null"], "pattern": length_pattern(1, None)}
-    assert rewritten["propertyNames"] == {"type": "string", "pattern": length_pattern(0, 2)}
+    assert rewritten["properties"]["a"] == {"type": "string", "pattern": safe_pattern("^[ -~]{1,3}$")}
+    assert rewritten["$defs"]["d"] == schema["$defs"]["d"]  # lengths stay xgrammar's (strict_string_classes)
+    assert rewritten["propertyNames"] == {"type": "string", "maxLength": 2}  # a type, or xgrammar drops it
     assert list(rewritten["patternProperties"]) == [safe_pattern("^[ -~]+$")]
     assert rewritten["not"] == schema["not"]  # restricting what `not` excludes would widen the document
-    assert schema["properties"]["a"] == {"type": "string", "maxLength": 3}
+    assert schema["properties"]["a"] == {"type": "string", "pattern": "^[ -~]{1,3}$"}
+    assert xgrammar_schema(schema, lengths_as_patterns=True)["$defs"]["d"] == {
+        "type": ["string", "null"], "pattern": length_pattern(1, None)}
+
+
+def test_negated_classes_of_xgrammars_ebnf_exclude_what_json_escapes_and_literals_are_kept():
+    ebnf = 'a ::= [^\\"\\\\\\r\\n]{0, 12} "[^x]" Regex("^[^a]$", json_string=true) [a-z\\]]'
+    assert strict_string_classes(ebnf) == (
+        'a ::= [^\\0-\\x1f\\"\\\\\\"\\\\\\r\\n]{0, 12} "[^x]" Regex("^[^a]$", json_string=true) [a-z\\]]')

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from asyncserve.errors import InvalidParameterError
-from asyncserve.sampling_params import StructuredOutputsParams
+from asyncserve.sampling_params import MAX_JSON_DEPTH, StructuredOutputsParams, json_too_deep
 
 
 class GrammarMatcher(Protocol):
@@ -34,8 +34,17 @@ class GrammarBackend(ABC):
         """The compiled grammar; raises InvalidParameterError naming what is wrong with the constraint."""
 
     @abstractmethod
+    def grammar_bytes(self, grammar) -> int:
+        """What keeping `grammar` costs the process, as measured by scripts/bench_grammar_cache.py."""
+
+    @abstractmethod
     def new_matcher(self, grammar) -> GrammarMatcher:
         """A matcher at the grammar's start."""
+
+    @abstractmethod
+    def matches_nothing(self, grammar) -> bool:
+        """Whether no output can satisfy `grammar`: it allows no first token and cannot end at once (a
+        rule that only refers to itself, contradictory constraints the engine sees at the start)."""
 
     @abstractmethod
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -61,10 +70,15 @@ def json_schema(params: StructuredOutputsParams) -> dict:
     disable_additional_properties asks for it."""
     schema = params.json
     if isinstance(schema, str):
+        too_deep = constraint_error(params, f"the JSON schema nests deeper than {MAX_JSON_DEPTH} levels.")
         try:
             schema = json.loads(schema)
         except ValueError as exc:
             raise constraint_error(params, f"the JSON schema is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise too_deep from None
+        if isinstance(schema, (dict, list)) and json_too_deep(schema):
+            raise too_deep
     if not isinstance(schema, dict):
         raise constraint_error(params, "the JSON schema must be a JSON object.")
     return _closed_objects(copy.deepcopy(schema)) if params.disable_additional_properties else schema

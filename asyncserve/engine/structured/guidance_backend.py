@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import llguidance
 import llguidance.hf
@@ -37,6 +38,7 @@ class GuidanceBackend(GrammarBackend):
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
+        self.vocab_size, self.stop_token_ids = vocab_size, stop_token_ids
         self.executor = llguidance.LLExecutor(min(8, os.cpu_count() or 1))
 
     def compile(self, params: StructuredOutputsParams):
@@ -69,6 +71,19 @@ class GuidanceBackend(GrammarBackend):
         else:
             raise constraint_error(params, "structural tags need the xgrammar backend.")
         return grammar
+
+    def grammar_bytes(self, grammar: str) -> int:
+        return sys.getsizeof(grammar)
+
+    def matches_nothing(self, grammar: str) -> bool:
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+        if matcher.is_accepting():
+            return False
+        bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+        for token_id in self.stop_token_ids:  # llguidance offers a stop token even where it cannot end
+            bitmask[0, token_id // 32] &= ~(1 << (token_id % 32))
+        return not bool(bitmask.any())
 
     def new_matcher(self, grammar) -> GuidanceMatcher:
         return GuidanceMatcher(llguidance.LLMatcher(self.tokenizer, grammar))

@@ -18,6 +18,7 @@ import json
 import re
 
 from asyncserve.engine.structured.safe_regex import UnsupportedPattern, length_pattern, safe_pattern
+from asyncserve.sampling_params import MAX_JSON_DEPTH, json_too_deep
 
 # Where a subschema's values are among the document's: restricting it restricts the document. `not` and `if`
 # are left as written (restricting them would widen what they allow).
@@ -61,14 +62,16 @@ def xgrammar_structural_tag(text: str) -> str:
     """A structural tag's JSON text with each JSON schema in it (`schema` of a tag, `json_schema` of a
     format whose style is JSON) rewritten as `xgrammar_schema` does; text that is not JSON stays as it is
     (xgrammar names the problem)."""
+    too_deep = SchemaError(f"the structural tag nests deeper than {MAX_JSON_DEPTH} levels.")
     try:
         tag = json.loads(text)
     except ValueError:
         return text
-    try:
-        return json.dumps(_rewrite_tag(tag, "structural_tag"))
     except RecursionError:
-        raise SchemaError("the structural tag nests too deeply") from None
+        raise too_deep from None
+    if isinstance(tag, (dict, list)) and json_too_deep(tag):
+        raise too_deep
+    return json.dumps(_rewrite_tag(tag, "structural_tag"))
 
 
 def _rewrite_tag(node, where: str):

@@ -213,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
                           choices=("xgrammar", "guidance"),
                           help="Grammar engine of structured outputs (default: %(default)s; 'guidance' is "
                                "llguidance, installed separately).")
+    parallel.add_argument("--structured-outputs-cache-mb", type=float, default=d["structured_outputs_cache_mb"],
+                          metavar="MB",
+                          help="Memory that compiled grammars may keep, least recently used out first "
+                               "(default: %(default)g).")
+    parallel.add_argument("--structured-outputs-max-bytes", type=int, default=d["structured_outputs_max_bytes"],
+                          metavar="N",
+                          help="Longest schema, regex, grammar or choice list (as text) compiled; longer is a "
+                               "400 (default: %(default)s).")
+    parallel.add_argument("--structured-outputs-compile-timeout", type=float,
+                          default=d["structured_outputs_compile_timeout"], metavar="SECONDS",
+                          help="How long a request waits for its grammar to compile; longer is a 400 "
+                               "(default: %(default)g).")
     add_vllm_flags(parser)
     return parser
 
@@ -231,7 +243,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_logprobs=args.max_logprobs,
         served_model_name=args.served_model_name, max_num_waiting=args.max_num_waiting,
         disable_log_stats=args.disable_log_stats, runner=args.runner, convert=args.convert, task=args.task,
-        pooler_config=args.pooler_config, structured_outputs_backend=args.structured_outputs_backend)
+        pooler_config=args.pooler_config, structured_outputs_backend=args.structured_outputs_backend,
+        structured_outputs_cache_mb=args.structured_outputs_cache_mb,
+        structured_outputs_max_bytes=args.structured_outputs_max_bytes,
+        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

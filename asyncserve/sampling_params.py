@@ -20,7 +20,23 @@ def _check(ok: bool, name: str, allowed: str, value) -> None:
 
 
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+# How deep JSON in a request may nest (an object or array inside another counts one level): deeper values
+# would reach Python's recursion limit where they are copied, hashed, printed or rendered.
+MAX_JSON_DEPTH = 32
 
+
+def json_too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value` (parsed JSON) nests objects/arrays more than `limit` deep; walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def truncate_left(token_ids: list[int], keep: int | None, max_model_len: int, error: type) -> list[int]:
@@ -60,6 +76,10 @@ class StructuredOutputsParams:
             raise SamplingParamsError(
                 "structured_outputs needs exactly one of json, regex, choice, grammar, json_object, "
                 f"structural_tag; got {chosen or 'none'}.", "structured_outputs")
+        for name in ("json", "choice"):  # checked before anything copies, hashes or prints them
+            if isinstance(getattr(self, name), (dict, list, tuple)) and json_too_deep(getattr(self, name)):
+                raise SamplingParamsError(f"structured_outputs.{name} nests deeper than {MAX_JSON_DEPTH} "
+                                          "levels.", f"structured_outputs.{name}")
         _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs.json",
                "a JSON schema (a dict or its JSON text)", self.json)
         _check(self.regex is None or isinstance(self.regex, str), "structured_outputs.regex", "a string",
@@ -81,13 +101,26 @@ class StructuredOutputsParams:
         return next(name for name in _CONSTRAINTS if getattr(self, name) is not None)
 
     def key(self) -> tuple:
-        """What the compiled grammar depends on: equal keys share one compiled grammar."""
-        value = getattr(self, self.kind)
-        if isinstance(value, dict):
-            value = _json.dumps(value, sort_keys=True)
-        elif isinstance(value, list):
-            value = _json.dumps(value)
-        return (self.kind, value, self.disable_any_whitespace, self.disable_additional_properties)
+        """What the compiled grammar depends on: equal keys share one compiled grammar. Computed once (a
+        big schema's text takes a while): the constraint is not to be changed once made."""
+        key = self.__dict__.get("_key")
+        if key is None:
+            value = getattr(self, self.kind)
+            if isinstance(value, dict):
+                value = _json.dumps(value, sort_keys=True)
+            elif isinstance(value, list):
+                value = _json.dumps(value)
+            key = self.__dict__["_key"] = (self.kind, value, self.disable_any_whitespace,
+                                           self.disable_additional_properties)
+        return key
+
+    def size(self) -> int:
+        """The constraint's size in characters: its text (a schema as JSON, the choices as a JSON array)."""
+        value = self.key()[1]
+        return len(value) if isinstance(value, str) else 0
+
+    def __deepcopy__(self, memo) -> "StructuredOutputsParams":
+        return self  # shared, never changed: a copy of a big schema would cost time and recursion depth
 
     @classmethod
     def from_dict(cls, values: dict) -> "StructuredOutputsParams":
@@ -206,6 +239,11 @@ class SamplingParams:
             "truncate_prompt_tokens", "an integer >= 1, or -1 for max_model_len", self.truncate_prompt_tokens)
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", "a StructuredOutputsParams (or a dict of its fields)", self.structured_outputs)
+        if self.structured_outputs is not None and self.allowed_token_ids is not None:
+            raise SamplingParamsError(
+                "allowed_token_ids cannot be combined with structured outputs: both decide which tokens may "
+                "come next, and where they disagree no token is left. Put the restriction in the grammar "
+                "(regex, choice, schema).", "allowed_token_ids")
         if self.is_greedy:
             _check(self.best_of == 1 or self.best_of == self.n, "best_of",
                    "1 when sampling greedily (temperature 0)", self.best_of)

@@ -68,6 +68,9 @@ class EngineConfig:
     pooler_config: dict | str | None = None  # {"pooling_type": "LAST"|"MEAN"|"CLS", "normalize": bool}
     override_pooler_config: dict | str | None = None  # vLLM's older name for pooler_config
     structured_outputs_backend: str = "xgrammar"  # or "guidance" (llguidance), as vLLM names them
+    structured_outputs_cache_mb: float = 512.0  # compiled grammars kept, bounded by what they cost in memory
+    structured_outputs_max_bytes: int = 65536  # the longest constraint text (schema, regex, grammar) compiled
+    structured_outputs_compile_timeout: float = 10.0  # seconds a request waits for its grammar to compile
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,6 +110,10 @@ class EngineConfig:
                               "(or asyncserve[guidance]).")
         if self.max_logprobs < 0:
             raise ConfigError(f"max_logprobs must be >= 0, got {self.max_logprobs}.")
+        for name in ("structured_outputs_cache_mb", "structured_outputs_max_bytes",
+                     "structured_outputs_compile_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
         from asyncserve.config.pooling import check_runner_args, parse_pooler_config
         check_runner_args(self.runner, self.convert, self.task)
         if self.pooler_config is not None and self.override_pooler_config is not None:
@@ -174,7 +181,10 @@ class EngineConfig:
                 max_num_waiting=self.max_num_waiting, recompute_kv_at=recompute_kv_at),
             parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             quantization=quantization,
-            disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend)
+            disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend,
+            structured_outputs_cache_mb=self.structured_outputs_cache_mb,
+            structured_outputs_max_bytes=self.structured_outputs_max_bytes,
+            structured_outputs_compile_timeout=self.structured_outputs_compile_timeout)
 
     def _note_what_does_little(self, model: "ModelConfig", quantization) -> None:
         """One start-up line for each setting that does less, or other, than a user may think."""

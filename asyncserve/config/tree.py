@@ -26,6 +26,9 @@ class Config:
     quantization: object | None = None  # QuantizationConfig: which linear method every layer uses
     disable_log_stats: bool = False
     structured_outputs_backend: str = "xgrammar"
+    structured_outputs_cache_mb: float = 512.0
+    structured_outputs_max_bytes: int = 65536
+    structured_outputs_compile_timeout: float = 10.0
 
     @property
     def kv_cache_torch_dtype(self) -> "torch.dtype":

@@ -54,7 +54,6 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
-        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-grammar")
         self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-token-lists")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -139,12 +138,13 @@ class AsyncEngine:
         loop for a big request, and do not change those lists afterwards)."""
         self.engine.validate_prompt(prompt_token_ids, params)
 
-    async def compile_structured_outputs(self, params: SamplingParams) -> None:
-        """Compiles the grammar of `params.structured_outputs` in a thread (a large schema takes a while;
-        other requests keep streaming) and caches it; raises InvalidParameterError naming what is wrong."""
-        if params.structured_outputs is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._compiler, self.engine.structured.compile, params.structured_outputs)
+    async def compile_structured_outputs(self, params: SamplingParams):
+        """The grammar of `params.structured_outputs` (None without one), compiled in a thread under the
+        compile deadline (see engine/structured/compile_lanes.py) and cached; raises InvalidParameterError
+        naming what is wrong, QueueFullError when the compiler is too busy."""
+        if params.structured_outputs is None:
+            return None
+        return await self.engine.structured.compile_async(params.structured_outputs)
 
     async def prepare_token_constraints(self, params: SamplingParams) -> None:
         """Checks and tokenizes the params' token lists (logit_bias, allowed_token_ids, bad_words,
@@ -184,7 +184,9 @@ class AsyncEngine:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
         # A copy: what is prepared for this request is kept on it, not on the caller's object.
         sampling_params = (sampling_params or self.default_sampling_params()).clone()
-        await self.compile_structured_outputs(sampling_params)
+        grammar = await self.compile_structured_outputs(sampling_params)
+        if grammar is not None:  # found by add_request without compiling on the loop, cached or not
+            self.engine.structured.hand_over(sampling_params.structured_outputs, grammar)
         await self.prepare_token_constraints(sampling_params)
         request, stream = self.add_request(prompt, sampling_params, request_id)
         finished = False

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 
+from asyncserve.errors import InvalidParameterError
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -75,12 +76,24 @@ class BeamState:
         return BeamSearchOutput(best)
 
 
+def check_beam_width(width: int, max_logprobs: int, param: str = "beam_width") -> None:
+    """Each step ranks 2 x width candidates per beam, read as logprobs: more than max_logprobs is refused
+    naming the beam width, not the logprobs the caller never asked for."""
+    if 2 * width > max_logprobs:
+        raise InvalidParameterError(
+            f"Beam search with {param}={width} ranks the {2 * width} most likely next tokens of each beam "
+            f"(twice the beam width), but this server reads at most max_logprobs={max_logprobs} per token "
+            f"(--max-logprobs): use a beam width of at most {max_logprobs // 2}, or start the server with "
+            f"--max-logprobs {2 * width}.", param)
+
+
 def _eos_ids(engine, params: BeamSearchParams) -> set[int]:
     return set() if params.ignore_eos else set(engine.eos_token_ids())
 
 
 def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
     """Offline: drives an LLMEngine's steps until every beam of every prompt has its next token."""
+    check_beam_width(params.beam_width, engine.model_config.max_logprobs)
     eos_ids = _eos_ids(engine, params)
     states = [BeamState(engine.tokenize_prompt(prompt)[1], params, eos_ids) for prompt in prompts]
     counter = itertools.count()
@@ -107,6 +120,7 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSea
 
 async def beam_search_async(engine, prompt_ids: list[int], params: BeamSearchParams) -> BeamSearchOutput:
     """On an AsyncEngine: each step's beams run as concurrent one-token requests beside other traffic."""
+    check_beam_width(params.beam_width, engine.max_logprobs)
     state = BeamState(prompt_ids, params, _eos_ids(engine, params))
 
     async def next_token(beam: BeamSearchSequence) -> RequestOutput:

@@ -55,7 +55,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids(),
                                                   config.structured_outputs_backend,
-                                                  pin_memory=mc.device.type == "cuda")
+                                                  pin_memory=mc.device.type == "cuda",
+                                                  cache_mb=config.structured_outputs_cache_mb,
+                                                  max_bytes=config.structured_outputs_max_bytes,
+                                                  compile_timeout=config.structured_outputs_compile_timeout)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._in_flight: tuple[list, object] | None = None  # (scheduled, PendingStep) of step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from asyncserve.engine.beam_search import check_beam_width
 from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.sampling_params import BeamSearchParams
 from asyncserve.server.errors import bad_request
@@ -17,7 +18,11 @@ class BeamGeneration:
     prompts: list[Prompt]
 
 
-def check_beam_request(params, stream: bool, structured_field: str | None = None) -> None:
+def check_beam_request(params, stream: bool, structured_field: str | None = None,
+                       max_logprobs: int | None = None) -> None:
+    if max_logprobs is not None:  # the beam width, not logprobs the request never asked for
+        check_beam_width(max(params.n, params.best_of), max_logprobs,
+                         "best_of" if params.best_of > params.n else "n")
     if structured_field is not None:
         raise bad_request(f"'{structured_field}' (structured outputs) is not supported with 'use_beam_search': "
                           "sample with n > 1 instead.", structured_field)

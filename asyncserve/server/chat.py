@@ -196,6 +196,9 @@ def apply_tool_choice(parsed: ChatRequest, tool_parser: str | None) -> None:
         raise bad_request("tool_choice \"required\" or a named function cannot be combined with structured "
                           "outputs (response_format, structured_outputs, guided_*): both constrain the output.",
                           "tool_choice")
+    if parsed.params.allowed_token_ids is not None:
+        raise bad_request("tool_choice \"required\" or a named function cannot be combined with "
+                          "allowed_token_ids: both decide which tokens may come next.", "allowed_token_ids")
     # Compact JSON: a call has no use for free whitespace, and a weak model could spend max_tokens on it.
     parsed.params.structured_outputs = StructuredOutputsParams(json=choice.schema(), disable_any_whitespace=True)
     parsed.structured_field = "tools"  # a schema the grammar engine cannot compile is the tools' fault

@@ -61,11 +61,12 @@ async def handle_generation(request: web.Request,
     engine, parsed = state.engine, prepared.parsed
     response_id, created = state.new_id(prepared.id_prefix), int(time.time())
     if parsed.use_beam_search:
-        check_beam_request(parsed.params, parsed.stream, parsed.structured_field)
+        check_beam_request(parsed.params, parsed.stream, parsed.structured_field, engine.max_logprobs)
         latest = await beam_search_outputs(engine, prepared.prompts, parsed.params, parsed.length_penalty)
         return json_response(prepared.body(state, response_id, created, BeamGeneration(prepared.prompts),
                                            latest))
-    await compile_structured_outputs(engine, parsed.params, parsed.structured_field)
+    if not await compile_structured_outputs(engine, parsed.params, parsed.structured_field, request):
+        return client_closed()
     generation = Generation(engine, response_id, prepared.prompts, parsed.params)
     log_request(state, response_id, prepared.kind, generation, parsed.stream)
     if parsed.stream:

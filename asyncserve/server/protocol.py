@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from asyncserve.errors import SamplingParamsError
-from asyncserve.sampling_params import SamplingParams
+from asyncserve.sampling_params import MAX_JSON_DEPTH, SamplingParams, json_too_deep
 from asyncserve.server.errors import ApiError, bad_request
 from asyncserve.server.request_fields import check_fields
 from asyncserve.server.structured import parse_structured_outputs, structured_field
@@ -376,9 +376,20 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
 
 
 def parse_json(body: bytes):
+    """The body's JSON; a 400 for invalid JSON, or for a field nested deeper than MAX_JSON_DEPTH."""
     if not body:
         raise bad_request("The request body is empty: send a JSON object.")
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if isinstance(data, dict):
+        for name, value in data.items():
+            if name not in _TOKEN_ID_FIELDS and isinstance(value, (dict, list)) and json_too_deep(value):
+                raise bad_request(f"'{name}' nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays.",
+                                  name)
+    return data
+
+
+# Arrays of token ids, often millions of entries: their parsers check their shape without recursion.
+_TOKEN_ID_FIELDS = frozenset({"prompt", "input", "tokens"})

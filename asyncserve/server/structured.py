@@ -2,6 +2,8 @@
 `structured_outputs` and its older `guided_*` fields; each problem a 400 naming the field it came from."""
 from __future__ import annotations
 
+import asyncio
+
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 from asyncserve.server.errors import bad_request
@@ -61,24 +63,40 @@ def parse_structured_outputs(data: dict) -> StructuredOutputsParams | None:
     value = data[source]
     try:
         if source == "response_format":
-            return _response_format(value)
-        if source == "structured_outputs":
+            params = _response_format(value)
+        elif source == "structured_outputs":
             if not isinstance(value, dict):
                 raise bad_request("'structured_outputs' must be an object with one of json, regex, choice, "
                                   "grammar, json_object.", source)
-            return StructuredOutputsParams.from_dict(value)
-        return StructuredOutputsParams(**{_GUIDED[source]: value})
+            params = StructuredOutputsParams.from_dict(value)
+        else:
+            params = StructuredOutputsParams(**{_GUIDED[source]: value})
     except InvalidParameterError as exc:
         raise bad_request(f"'{source}': {exc}", source) from None
+    if params is not None:
+        params.key()  # the schema's text, made here: off the loop when the body is big
+    return params
 
 
-async def compile_structured_outputs(engine, params, source: str | None) -> None:
-    """Compiles the request's grammar off the loop; a bad schema, regex or grammar is a 400 on `source`
-    (the request field that asked for it; `structured_outputs` when the server set it itself)."""
+async def compile_structured_outputs(engine, params, source: str | None, request=None) -> bool:
+    """Compiles the request's grammar off the loop; a bad schema, regex or grammar, or one that does not
+    compile in time, is a 400 on `source` (the request field that asked for it; `structured_outputs` when
+    the server set it itself). False when the client of `request` left meanwhile: the compile is dropped."""
     if params.structured_outputs is None:
-        return
+        return True
     source = source or "structured_outputs"
+    compiling = asyncio.ensure_future(engine.compile_structured_outputs(params))
     try:
-        await engine.compile_structured_outputs(params)
+        while not compiling.done():
+            await asyncio.wait((compiling,), timeout=_DISCONNECT_POLL_SECONDS)
+            if request is not None and (request.transport is None or request.transport.is_closing()):
+                return False
+        compiling.result()
     except InvalidParameterError as exc:
         raise bad_request(f"'{source}': {exc}", source) from None
+    finally:
+        compiling.cancel()  # a no-op once done; else the compile is abandoned (see compile_lanes.py)
+    return True
+
+
+_DISCONNECT_POLL_SECONDS = 0.05  # how soon a client that left while its grammar compiles is noticed

@@ -16,8 +16,7 @@ from tests.server.conftest import MODEL_NAME, wait_until_idle
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-# Strings bounded by patterns, not maxLength: xgrammar 0.2's maxLength rule lets raw control characters
-# into strings, which strict JSON parsers refuse.
+# Strings bounded by patterns (maxLength strings are covered by test_strict_json_outputs.py).
 SCHEMA = {
     "type": "object",
     "properties": {

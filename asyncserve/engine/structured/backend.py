@@ -12,7 +12,7 @@ import torch
 
 from asyncserve.config.engine_args import STRUCTURED_OUTPUTS_BACKENDS
 from asyncserve.errors import InvalidParameterError
-from asyncserve.sampling_params import StructuredOutputsParams
+from asyncserve.sampling_params import MAX_JSON_DEPTH, StructuredOutputsParams, json_too_deep
 
 
 class GrammarMatcher(Protocol):
@@ -35,8 +35,17 @@ class GrammarBackend(ABC):
         """The compiled grammar; raises InvalidParameterError naming what is wrong with the constraint."""
 
     @abstractmethod
+    def grammar_bytes(self, grammar) -> int:
+        """What keeping `grammar` costs the process, as measured by scripts/bench_grammar_cache.py."""
+
+    @abstractmethod
     def new_matcher(self, grammar) -> GrammarMatcher:
         """A matcher at the grammar's start."""
+
+    @abstractmethod
+    def matches_nothing(self, grammar) -> bool:
+        """Whether no output can satisfy `grammar`: it allows no first token and cannot end at once (a
+        rule that only refers to itself, contradictory constraints the engine sees at the start)."""
 
     @abstractmethod
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -57,19 +66,23 @@ def make_backend(name: str, tokenizer, vocab_size: int, stop_token_ids: list[int
                                 "structured_outputs_backend")
 
 
-def json_schema_text(params: StructuredOutputsParams) -> str:
-    """The schema as JSON text, objects closed when disable_additional_properties asks for it."""
+def json_schema(params: StructuredOutputsParams) -> dict:
+    """The schema as a dict (the caller's: not to be changed), objects closed in a copy when
+    disable_additional_properties asks for it."""
     schema = params.json
     if isinstance(schema, str):
+        too_deep = constraint_error(params, f"the JSON schema nests deeper than {MAX_JSON_DEPTH} levels.")
         try:
             schema = json.loads(schema)
         except ValueError as exc:
             raise constraint_error(params, f"the JSON schema is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise too_deep from None
+        if isinstance(schema, (dict, list)) and json_too_deep(schema):
+            raise too_deep
     if not isinstance(schema, dict):
         raise constraint_error(params, "the JSON schema must be a JSON object.")
-    if params.disable_additional_properties:
-        schema = _closed_objects(copy.deepcopy(schema))
-    return json.dumps(schema)
+    return _closed_objects(copy.deepcopy(schema)) if params.disable_additional_properties else schema
 
 
 def _closed_objects(node):

@@ -1,15 +1,16 @@
 """llguidance (Microsoft's guidance engine; vLLM's `guidance` backend): masks computed lazily per step."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
 
-from asyncserve.engine.structured.backend import (GrammarBackend, choice_regex, constraint_error,
-                                                  json_schema_text)
+from asyncserve.engine.structured.backend import GrammarBackend, choice_regex, constraint_error, json_schema
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 
@@ -37,6 +38,7 @@ class GuidanceBackend(GrammarBackend):
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stop_token_ids)
+        self.vocab_size, self.stop_token_ids = vocab_size, stop_token_ids
         self.executor = llguidance.LLExecutor(min(8, os.cpu_count() or 1))
 
     def compile(self, params: StructuredOutputsParams):
@@ -56,7 +58,8 @@ class GuidanceBackend(GrammarBackend):
         kind = params.kind
         whitespace = {"whitespace_flexible": not params.disable_any_whitespace}
         if kind == "json":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json_schema_text(params), overrides=whitespace)
+            schema = json.dumps(json_schema(params))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=whitespace)
         elif kind == "json_object":
             grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=whitespace)
         elif kind == "regex":
@@ -68,6 +71,19 @@ class GuidanceBackend(GrammarBackend):
         else:
             raise constraint_error(params, "structural tags need the xgrammar backend.")
         return grammar
+
+    def grammar_bytes(self, grammar: str) -> int:
+        return sys.getsizeof(grammar)
+
+    def matches_nothing(self, grammar: str) -> bool:
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
+        if matcher.is_accepting():
+            return False
+        bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+        for token_id in self.stop_token_ids:  # llguidance offers a stop token even where it cannot end
+            bitmask[0, token_id // 32] &= ~(1 << (token_id % 32))
+        return not bool(bitmask.any())
 
     def new_matcher(self, grammar) -> GuidanceMatcher:
         return GuidanceMatcher(llguidance.LLMatcher(self.tokenizer, grammar))

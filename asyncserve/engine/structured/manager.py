@@ -1,8 +1,9 @@
-"""The engine's side of structured outputs: grammars compiled once per constraint (cached by its key),
-one matcher per constrained sequence, and each step's bitmask filled for its constrained rows only.
+"""The engine's side of structured outputs: grammars compiled once per constraint (kept in a cache bounded
+by bytes), one matcher per constrained sequence, and each step's bitmask filled for its constrained rows.
 
-Compiling may take long for a big schema: callers on an event loop run `compile` in a thread first
-(AsyncEngine does); the engine then finds it in the cache.
+Callers on an event loop compile with `compile_async` first (AsyncEngine does: off the loop, under a
+deadline, see compile_lanes.py) and hand the grammar over with `hand_over`; the engine's `compile` then
+finds it without compiling on the loop. Offline callers just call `compile`.
 """
 from __future__ import annotations
 
@@ -12,25 +13,38 @@ from collections import OrderedDict
 
 import torch
 
-from asyncserve.engine.structured.backend import GrammarBackend, GrammarMatcher, make_backend
+from asyncserve.config import EngineConfig
+from asyncserve.engine.structured.backend import GrammarBackend, GrammarMatcher, constraint_error, make_backend
+from asyncserve.engine.structured.compile_lanes import CompileLanes
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger("asyncserve")
 
+# --structured-outputs-cache-mb (vLLM's VLLM_XGRAMMAR_CACHE_MB has the same default), -max-bytes, -compile-timeout
+DEFAULT_CACHE_MB = EngineConfig.structured_outputs_cache_mb
+DEFAULT_MAX_BYTES = EngineConfig.structured_outputs_max_bytes
+DEFAULT_COMPILE_TIMEOUT = EngineConfig.structured_outputs_compile_timeout
+
 
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], backend: str = "xgrammar",
-                 pin_memory: bool = False, cache_size: int = 512):
+                 pin_memory: bool = False, cache_mb: float = DEFAULT_CACHE_MB,
+                 max_bytes: int = DEFAULT_MAX_BYTES, compile_timeout: float = DEFAULT_COMPILE_TIMEOUT):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self.backend_name = backend
         self.pin_memory = pin_memory
-        self.cache_size = cache_size
+        self.cache_bytes_limit = int(cache_mb * 1024 * 1024)
+        self.max_bytes = max_bytes
+        self.compile_timeout = compile_timeout
         self._backend: GrammarBackend | None = None
-        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[object, int]] = OrderedDict()  # key -> (grammar, bytes)
+        self.cache_bytes = 0
+        self._handed_over: tuple[tuple, object] | None = None
         self._lock = threading.Lock()
+        self._lanes = CompileLanes(self._compile_new, self._keep)
         self._bitmask: torch.Tensor | None = None  # reused host buffer, grown to the largest step
         self.num_compiles = 0
 
@@ -46,21 +60,71 @@ class StructuredOutputManager:
                                              self.stop_token_ids)
             return self._backend
 
+    def check_size(self, params: StructuredOutputsParams) -> None:
+        size = params.size()
+        if size > self.max_bytes:
+            raise constraint_error(params, f"it is {size} characters long; this server compiles constraints "
+                                           f"of at most {self.max_bytes} (--structured-outputs-max-bytes).")
+
     def compile(self, params: StructuredOutputsParams):
-        """The compiled grammar of `params`: from the cache, else compiled (InvalidParameterError if bad)."""
+        """The compiled grammar of `params`: handed over, cached, or compiled here (InvalidParameterError)."""
         key = params.key()
+        handed, self._handed_over = self._handed_over, None
+        if handed is not None and handed[0] == key:
+            return handed[1]
+        grammar = self._cached(key)
+        if grammar is None:
+            self.check_size(params)
+            grammar = self._compile_new(params)
+            self._keep(params, grammar)
+        return grammar
+
+    async def compile_async(self, params: StructuredOutputsParams):
+        """`compile` off the loop, within the compile deadline (see compile_lanes.py)."""
+        grammar = self._cached(params.key())
+        if grammar is None:
+            self.check_size(params)
+            grammar = await self._lanes.compile(params, self.compile_timeout)
+        return grammar
+
+    def hand_over(self, params: StructuredOutputsParams, grammar) -> None:
+        """The next `compile(params)` returns `grammar`, cached or not (call it right before add_request)."""
+        self._handed_over = (params.key(), grammar)
+
+    def _cached(self, key: tuple):
         with self._lock:
-            grammar = self._cache.get(key)
-            if grammar is not None:
-                self._cache.move_to_end(key)
-                return grammar
-        grammar = self.backend.compile(params)
+            entry = self._cache.get(key)
+            if entry is None:
+                return None
+            self._cache.move_to_end(key)
+            return entry[0]
+
+    def _compile_new(self, params: StructuredOutputsParams):
+        backend = self.backend
+        grammar = backend.compile(params)
+        if backend.matches_nothing(grammar):
+            raise constraint_error(params, "no output can satisfy it: it allows no first token and cannot "
+                                           "end at once (e.g. a rule that only refers to itself).")
         with self._lock:
             self.num_compiles += 1
-            self._cache[key] = grammar
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
         return grammar
+
+    def _keep(self, params: StructuredOutputsParams, grammar) -> None:
+        """Caches `grammar`, least recently used entries out past the byte bound; one bigger than the
+        whole bound is not kept."""
+        size = self.backend.grammar_bytes(grammar)
+        if size > self.cache_bytes_limit:
+            return
+        key = params.key()
+        with self._lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self.cache_bytes -= old[1]
+            self._cache[key] = (grammar, size)
+            self.cache_bytes += size
+            while self.cache_bytes > self.cache_bytes_limit:
+                _, (_, evicted) = self._cache.popitem(last=False)
+                self.cache_bytes -= evicted
 
     def new_matcher(self, grammar) -> GrammarMatcher:
         return self.backend.new_matcher(grammar)

@@ -27,7 +27,7 @@ def default_tokenizer_dir() -> str:
     for name in sorted(os.listdir(cache_dir())) if os.path.isdir(cache_dir()) else []:
         if name.startswith("SmolLM2") and os.path.exists(os.path.join(cache_dir(), name, "tokenizer.json")):
             return os.path.join(cache_dir(), name)
-    from asyncserve.checkpoints.tiny_model import default_model_path
+    from asyncserve.testing.tiny_model import default_model_path
     return default_model_path()
 
 

@@ -8,10 +8,10 @@ import os
 import sys
 
 try:
-    from asyncserve.checkpoints.tiny_model import FAMILIES, build_tiny_checkpoint
+    from asyncserve.testing.tiny_model import FAMILIES, build_tiny_checkpoint
 except ImportError:  # run from a source checkout that is not installed
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from asyncserve.checkpoints.tiny_model import FAMILIES, build_tiny_checkpoint
+    from asyncserve.testing.tiny_model import FAMILIES, build_tiny_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:

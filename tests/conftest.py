@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels called directly run in its interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint  # noqa: E402
+from asyncserve.testing.tiny_model import build_tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

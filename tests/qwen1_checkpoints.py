@@ -15,7 +15,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint, build_tokenizer
+from asyncserve.testing.tiny_model import build_tiny_checkpoint, build_tokenizer
 from tests.checkpoint_edits import copy_checkpoint
 from tests.quantized_checkpoints import build_quantized
 

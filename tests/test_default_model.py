@@ -27,6 +27,7 @@ from asyncserve.checkpoints import pypi_gguf
 from asyncserve.config import EngineConfig
 from asyncserve.checkpoints.default_model import DEFAULT_MODEL, TINY_MODEL, hub_reachable
 from asyncserve.errors import ConfigError
+from asyncserve.engine.resolve_config import resolve_model_path
 
 real_weights = pytest.mark.real_weights
 
@@ -186,10 +187,10 @@ def test_failed_pip_download_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_tiny_random_model_has_an_explicit_name(tmp_path, monkeypatch):
-    from asyncserve.checkpoints import tiny_model
+    from asyncserve.testing import tiny_model
     monkeypatch.setenv("ASYNCSERVE_CACHE_DIR", str(tmp_path))
     assert TINY_MODEL == "asyncserve/tiny-random"
-    assert EngineConfig(model=TINY_MODEL).model_path == tiny_model.default_model_path()
+    assert resolve_model_path(EngineConfig(model=TINY_MODEL)) == tiny_model.default_model_path()
     assert EngineConfig(model=TINY_MODEL).model_names == [TINY_MODEL]
     assert EngineConfig().model_names == [DEFAULT_MODEL]
 
@@ -252,7 +253,7 @@ def test_the_default_models_own_name_resolves_as_no_name_does_offline(tmp_path, 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
     monkeypatch.setattr(default_model, "smollm2_from_pypi", lambda: "/from/pypi")
     named, bare = EngineConfig(model=DEFAULT_MODEL), EngineConfig()
-    assert named.model_path == bare.model_path == "/from/pypi"
+    assert resolve_model_path(named) == resolve_model_path(bare) == "/from/pypi"
     assert named.model_names == bare.model_names == [DEFAULT_MODEL]
 
 
@@ -261,4 +262,4 @@ def test_the_default_models_name_with_a_revision_goes_to_the_hub(monkeypatch):
     monkeypatch.setattr(default_model, "default_model_path", lambda: pytest.fail("took the fallback"))
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, revision=None, **kwargs: f"/hub/{repo}@{revision}")
-    assert EngineConfig(model=DEFAULT_MODEL, revision="abc").model_path == f"/hub/{DEFAULT_MODEL}@abc"
+    assert resolve_model_path(EngineConfig(model=DEFAULT_MODEL, revision="abc")) == f"/hub/{DEFAULT_MODEL}@abc"

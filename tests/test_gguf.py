@@ -18,7 +18,8 @@ from asyncserve.config import EngineConfig
 from asyncserve.errors import ConfigError, UnsupportedModelError
 from asyncserve.checkpoints.gguf_archs import unpermute_rotary_rows
 from asyncserve.checkpoints.gguf_convert import QUANT_TYPES, convert_gguf, gguf_checkpoint_dir
-from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
+from asyncserve.testing.tiny_model import build_tiny_checkpoint
+from asyncserve.engine.resolve_config import resolve_model_path
 
 from tests.conftest import PROMPTS
 from tests.gguf_files import GGUF_SHAPE, LAYER_TYPES, llama_cpp_permute, write_gguf
@@ -229,8 +230,8 @@ def test_weights_are_dequantized_to_the_serving_dtype(gguf_models, tmp_path):
         assert json.load(f)["torch_dtype"] == "bfloat16"
     for name, tensor in _state_dict(out).items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, as_float32[name].to(torch.bfloat16))
-    assert EngineConfig(model=path, device="cpu", dtype="bfloat16").model_path != EngineConfig(
-        model=path, device="cpu").model_path  # cached per serving dtype
+    assert resolve_model_path(EngineConfig(model=path, device="cpu", dtype="bfloat16")) != resolve_model_path(EngineConfig(
+        model=path, device="cpu"))  # cached per serving dtype
 
 
 def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):
@@ -238,7 +239,7 @@ def test_converted_directory_is_cached_by_file_identity(gguf_models, tmp_path):
     copy = tmp_path / "model.gguf"
     copy.write_bytes(open(path, "rb").read())
     first = gguf_checkpoint_dir(str(copy))
-    assert EngineConfig(model=str(copy)).model_path == first
+    assert resolve_model_path(EngineConfig(model=str(copy))) == first
     marker = os.path.join(first, "asyncserve_gguf.json")
     os.utime(marker, (1, 1))
     assert gguf_checkpoint_dir(str(copy)) == first and os.stat(marker).st_mtime == 1  # not rebuilt
@@ -330,12 +331,12 @@ def test_unsupported_quantization_type_is_named(tmp_path):
 def test_gguf_without_tokenizer_asks_for_one(gguf_models):
     path, _ = gguf_models("qwen2")
     with pytest.raises(ConfigError, match="carries no tokenizer.*--tokenizer"):
-        EngineConfig(model=path).model_path
+        resolve_model_path(EngineConfig(model=path))
 
 
 def test_missing_gguf_file_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        EngineConfig(model=str(tmp_path / "absent.gguf")).model_path
+        resolve_model_path(EngineConfig(model=str(tmp_path / "absent.gguf")))
 
 
 def test_converted_config_says_what_the_file_says(gguf_models, tmp_path):

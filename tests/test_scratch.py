@@ -13,6 +13,7 @@ import pytest
 from asyncserve.config import EngineConfig
 from asyncserve.checkpoints.default_model import TINY_MODEL
 from asyncserve.checkpoints.scratch import remove_stale_scratch
+from asyncserve.engine.resolve_config import resolve_model_path
 
 FILLING = """
 import sys, time
@@ -60,7 +61,7 @@ def test_the_next_start_removes_what_a_killed_download_and_conversion_left(cache
     kept = os.path.join(cache, "SmolLM2-135M-Instruct-Q4_1-v1")  # a finished directory is never scratch
     os.makedirs(kept)
 
-    path = EngineConfig(model=TINY_MODEL, device="cpu").model_path  # what `asyncserve` resolves at start
+    path = resolve_model_path(EngineConfig(model=TINY_MODEL, device="cpu"))  # what `asyncserve` resolves at start
 
     assert sorted(os.listdir(cache)) == sorted(["SmolLM2-135M-Instruct-Q4_1-v1", "gguf", os.path.basename(path)])
     assert os.listdir(os.path.join(cache, "gguf")) == []

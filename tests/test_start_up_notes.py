@@ -8,11 +8,12 @@ import pytest
 
 from asyncserve.config import EngineConfig
 from asyncserve.errors import ConfigError
+from asyncserve.engine.resolve_config import resolve_config
 
 
 def _notes(caplog, **settings) -> list[str]:
     with caplog.at_level(logging.INFO, logger="asyncserve"):
-        EngineConfig(device="cpu", **settings).create_config()
+        resolve_config(EngineConfig(device="cpu", **settings))
     return [record.getMessage() for record in caplog.records]
 
 

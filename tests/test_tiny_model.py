@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from asyncserve.checkpoints import tiny_model
-from asyncserve.checkpoints.tiny_model import (
+from asyncserve.testing import tiny_model
+from asyncserve.testing.tiny_model import (
     FAMILIES,
     MARKER_FILE,
     build_tiny_checkpoint,

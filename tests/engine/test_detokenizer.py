@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from asyncserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from asyncserve.checkpoints.tiny_model import build_tokenizer
+from asyncserve.testing.tiny_model import build_tokenizer
 
 TEXTS = [
     "Hello world, this is plain ASCII text.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from asyncserve import SamplingParams
-from asyncserve.checkpoints.tiny_model import FAMILIES
+from asyncserve.testing.tiny_model import FAMILIES
 from tests.conftest import PROMPTS, generate_joining_mid_flight, hf_greedy
 
 MAX_NEW = 24

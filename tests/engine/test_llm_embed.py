@@ -6,6 +6,7 @@ import torch
 
 from asyncserve import LLM, PoolingParams
 from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
+from asyncserve.engine.resolve_config import resolve_config
 from tests.conftest import PROMPTS, assert_pool_clean
 from tests.embedding_checkpoints import (decoder_body_checkpoint, reference_embedding,
                                          sentence_transformers_checkpoint)
@@ -132,10 +133,10 @@ def test_flags_that_ask_for_an_embedding_model(checkpoints):
     from asyncserve.config import EngineConfig
     generative = str(checkpoints["generative"])
     for flags in ({"runner": "pooling"}, {"task": "embed"}, {"task": "embedding"}, {"convert": "embed"}):
-        assert EngineConfig(generative, device="cpu", **flags).create_config().model.runner_type == "pooling"
-    assert EngineConfig(generative, device="cpu").create_config().model.runner_type == "generate"
+        assert resolve_config(EngineConfig(generative, device="cpu", **flags)).model.runner_type == "pooling"
+    assert resolve_config(EngineConfig(generative, device="cpu")).model.runner_type == "generate"
     st = str(checkpoints["last"])
-    assert EngineConfig(st, device="cpu", runner="generate").create_config().model.runner_type == "generate"
+    assert resolve_config(EngineConfig(st, device="cpu", runner="generate")).model.runner_type == "generate"
     with pytest.raises(ConfigError, match="runner='pooling'"):
         EngineConfig(generative, runner="generate", convert="embed")
     with pytest.raises(ConfigError, match="runner='pooling'"):
@@ -146,8 +147,8 @@ def test_flags_that_ask_for_an_embedding_model(checkpoints):
         EngineConfig(generative, pooler_config='{"pooling_type": "MAX"}')
     with pytest.raises(ConfigError, match="dimensions"):
         EngineConfig(generative, override_pooler_config={"dimensions": 8})
-    config = EngineConfig(generative, device="cpu", runner="pooling",
-                          override_pooler_config='{"pooling_type": "CLS"}').create_config()
+    config = resolve_config(EngineConfig(generative, device="cpu", runner="pooling",
+                          override_pooler_config='{"pooling_type": "CLS"}'))
     assert (config.model.pooler.pooling_type, config.model.pooler.normalize) == ("CLS", True)
     assert not config.cache.enable_prefix_caching  # CLS and MEAN read every prompt token's hidden state
 
@@ -163,7 +164,7 @@ def test_cli_flags_reach_the_engine_config(checkpoints):
     old = engine_config(parse_args(parser, [model_path, "--task", "embed",
                                             "--override-pooler-config", '{"pooling_type": "CLS"}']))
     assert (old.task, old.pooler_config) == ("embed", {"pooling_type": "CLS"})
-    assert old.create_config().model.runner_type == "pooling"
+    assert resolve_config(old).model.runner_type == "pooling"
 
 
 def test_unsupported_sentence_transformers_module_is_refused(checkpoints, tmp_path):
@@ -172,7 +173,7 @@ def test_unsupported_sentence_transformers_module_is_refused(checkpoints, tmp_pa
     path = sentence_transformers_checkpoint(str(checkpoints["generative"]), tmp_path / "dense",
                                             extra_modules=[dense])
     with pytest.raises(ConfigError, match="Dense"):
-        EngineConfig(str(path), device="cpu").create_config()
+        resolve_config(EngineConfig(str(path), device="cpu"))
 
 
 def test_matryoshka_dimensions_truncate_then_normalize(make):

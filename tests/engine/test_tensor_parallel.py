@@ -16,7 +16,7 @@ import pytest
 
 from asyncserve import SamplingParams
 from asyncserve.errors import ConfigError, EngineDeadError, WorkerDiedError
-from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
+from asyncserve.testing.tiny_model import build_tiny_checkpoint
 from tests.quantized_checkpoints import build_quantized
 
 PROMPTS = ["hello world", "the cat sat on the mat and", "a"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from asyncserve import SamplingParams
-from asyncserve.checkpoints.tiny_model import FAMILIES
+from asyncserve.testing.tiny_model import FAMILIES
 from tests.conftest import PROMPTS, hf_greedy
 
 pytestmark = pytest.mark.gpu

@@ -14,6 +14,7 @@ from asyncserve.layers.quantization import (LinearMethodBase, QuantizationConfig
                                             UnquantizedLinearMethod)
 from asyncserve.config import EngineConfig
 from asyncserve.models.loader import load_model
+from asyncserve.engine.resolve_config import resolve_config
 from tests.checkpoint_edits import copy_checkpoint
 from tests.conftest import PROMPTS
 
@@ -75,7 +76,7 @@ def _linear_names(num_layers: int) -> set[str]:
 
 
 def test_every_linear_layer_holds_the_checkpoints_method(counting, counting_checkpoint):
-    model = load_model(EngineConfig(counting_checkpoint, device="cpu", dtype="float32").create_config())
+    model = load_model(resolve_config(EngineConfig(counting_checkpoint, device="cpu", dtype="float32")))
     layers = {name: module for name, module in model.named_modules() if isinstance(module, LinearBase)}
     assert set(layers) == _linear_names(2)
     methods = counting[0].methods
@@ -109,7 +110,7 @@ def test_each_layer_gets_its_own_unquantized_method():
 def test_a_tied_lm_head_stays_unquantized(counting, tiny_model_dir, tmp_path):
     path = copy_checkpoint(tiny_model_dir("qwen3"), tmp_path / "tied",
                            {"quantization_config": {"quant_method": "counting"}})
-    model = load_model(EngineConfig(path, device="cpu", dtype="float32").create_config())
+    model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32")))
     assert type(model.lm_head.quant_method) is UnquantizedLinearMethod
     assert "lm_head" not in counting[0].methods
 

@@ -12,7 +12,7 @@ from asyncserve.layers.parallel_state import set_tensor_parallel
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
 from asyncserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 from asyncserve.models.loader import iterate_weights, load_weights
-from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
+from asyncserve.testing.tiny_model import build_tiny_checkpoint
 
 
 @pytest.fixture

@@ -40,3 +40,10 @@ def test_the_engine_refuses_a_quantized_checkpoint(tiny_model_dir, tmp_path):
                            {"quantization_config": {"quant_method": "exl2", "bits": 4}})
     with pytest.raises(ConfigError, match="quantized with 'exl2'"):
         LLM(path, device="cpu", num_gpu_blocks_override=64)
+
+
+def test_the_names_config_accepts_are_the_methods_layers_serve():
+    """config/quantization.py checks --quantization before torch loads; layers/ maps the same names."""
+    from asyncserve.config.quantization import METHOD_NAMES
+    from asyncserve.layers.quantization import QUANTIZATION_METHODS
+    assert set(QUANTIZATION_METHODS) == {None, *METHOD_NAMES}

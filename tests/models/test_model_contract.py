@@ -11,6 +11,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, MergedLinear
 from asyncserve.models.base import CausalLM
 from asyncserve.models.registry import register_model
+from asyncserve.engine.resolve_config import resolve_config
 from tests.checkpoint_edits import copy_checkpoint
 
 WIDTH = 4
@@ -96,8 +97,8 @@ register_model("LongContextRuleForCausalLM", LongContextRuleForCausalLM)
 def test_a_familys_own_rule_reaches_the_scheduler_through_the_registry(toy_dir, tmp_path):
     from asyncserve import EngineConfig
     ruled = copy_checkpoint(toy_dir, tmp_path / "ruled", {"architectures": ["LongContextRuleForCausalLM"]})
-    assert EngineConfig(ruled, device="cpu").create_config().scheduler.recompute_kv_at == 40
-    assert EngineConfig(toy_dir, device="cpu").create_config().scheduler.recompute_kv_at is None
+    assert resolve_config(EngineConfig(ruled, device="cpu")).scheduler.recompute_kv_at == 40
+    assert resolve_config(EngineConfig(toy_dir, device="cpu")).scheduler.recompute_kv_at is None
 
 
 def test_a_new_family_is_its_model_file_alone(tmp_path, monkeypatch, tiny_model_dir):

@@ -8,11 +8,12 @@ import torch
 from asyncserve.config import EngineConfig
 from asyncserve.errors import ConfigError
 from asyncserve.models.loader import iterate_weights, load_model
+from asyncserve.engine.resolve_config import resolve_config
 from tests.checkpoint_edits import copy_checkpoint
 
 
 def _ours(path: str, **kwargs):
-    return load_model(EngineConfig(path, device="cpu", dtype="float32", **kwargs).create_config())
+    return load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32", **kwargs)))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])

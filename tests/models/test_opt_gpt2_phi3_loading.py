@@ -12,11 +12,12 @@ from safetensors import safe_open
 from asyncserve.config import EngineConfig
 from asyncserve.errors import UnsupportedModelError
 from asyncserve.models.loader import load_model
+from asyncserve.engine.resolve_config import resolve_config
 from tests.checkpoint_edits import copy_checkpoint
 
 
 def _ours(path: str):
-    return load_model(EngineConfig(path, device="cpu", dtype="float32").create_config())
+    return load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32")))
 
 
 def _hf(path: str):

@@ -15,6 +15,7 @@ from asyncserve import LLM, EngineConfig, SamplingParams
 from asyncserve.errors import ConfigError
 from asyncserve.layers.quantization.gptq import GPTQConfig
 from asyncserve.models.loader import load_model
+from asyncserve.engine.resolve_config import resolve_config
 from tests.checkpoint_edits import copy_checkpoint
 from tests.conftest import PROMPTS, assert_pool_clean, generate_joining_mid_flight, hf_greedy
 from tests.qwen1_checkpoints import HEAD_DIM, HEADS, MLP_WIDTH, SEQ_LENGTH, build_qwen1_gptq
@@ -51,7 +52,7 @@ def _expected(model, tokenizer, prompts=PROMPTS, max_new=MAX_NEW) -> list[list[i
 
 
 def test_every_tensor_lands_where_the_qwen2_reference_has_it(qwen1_checkpoint, reference):
-    ours = load_model(EngineConfig(qwen1_checkpoint[0], device="cpu", dtype="float32").create_config())
+    ours = load_model(resolve_config(EngineConfig(qwen1_checkpoint[0], device="cpu", dtype="float32")))
     size = HEADS * HEAD_DIM
     assert torch.equal(ours.embed_tokens.weight, reference.model.embed_tokens.weight)
     assert torch.equal(ours.ln_f.weight, reference.model.norm.weight)
@@ -102,9 +103,9 @@ def test_gptq_int4_checkpoint_matches_its_dequantized_reference(gptq_checkpoint,
 def test_max_model_len_stops_at_seq_length(qwen1_checkpoint):
     """Past seq_length Qwen-1 needs dynamic NTK and log-n scaling, which are not built: never go there."""
     path = qwen1_checkpoint[0]
-    assert EngineConfig(path, device="cpu").create_config().model.max_model_len == SEQ_LENGTH
+    assert resolve_config(EngineConfig(path, device="cpu")).model.max_model_len == SEQ_LENGTH
     with pytest.raises(ConfigError, match=f"larger than the model supports \\({SEQ_LENGTH}"):
-        EngineConfig(path, device="cpu", max_model_len=SEQ_LENGTH + 1).create_config()
+        resolve_config(EngineConfig(path, device="cpu", max_model_len=SEQ_LENGTH + 1))
 
 
 def test_eos_is_endoftext_and_im_end(qwen1_checkpoint, make_llm):
@@ -116,7 +117,7 @@ def test_eos_is_endoftext_and_im_end(qwen1_checkpoint, make_llm):
 def test_partial_rotary_is_refused_by_name(qwen1_checkpoint, tmp_path):
     path = copy_checkpoint(qwen1_checkpoint[0], tmp_path / "partial-rotary", {"rotary_pct": 0.5})
     with pytest.raises(ConfigError, match="rotary_pct=0.5"):
-        EngineConfig(path, device="cpu").create_config()
+        resolve_config(EngineConfig(path, device="cpu"))
 
 
 def test_eos_ids_come_from_qwen_tiktoken_without_generation_config_or_tokenizer(qwen1_checkpoint, tmp_path):
@@ -125,7 +126,7 @@ def test_eos_ids_come_from_qwen_tiktoken_without_generation_config_or_tokenizer(
     os.remove(path / "generation_config.json")
     with open(path / "qwen.tiktoken") as f:
         num_ranks = sum(1 for line in f if line.strip())
-    config = EngineConfig(str(path), device="cpu", skip_tokenizer_init=True).create_config()
+    config = resolve_config(EngineConfig(str(path), device="cpu", skip_tokenizer_init=True))
     assert config.model.eos_token_ids == [num_ranks, num_ranks + 2]
 
 

@@ -12,7 +12,7 @@ import torch
 from asyncserve import SamplingParams
 from asyncserve.models.gemma import _rope_of_layer_type
 from asyncserve.models.sliding_window import layer_sliding_window
-from asyncserve.checkpoints.tiny_model import build_tiny_checkpoint
+from asyncserve.testing.tiny_model import build_tiny_checkpoint
 from tests.conftest import PROMPTS, generate_joining_mid_flight, hf_greedy
 
 WINDOW = 8

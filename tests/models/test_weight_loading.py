@@ -8,10 +8,11 @@ import torch
 from asyncserve.errors import ConfigError
 from asyncserve.config import EngineConfig
 from asyncserve.models.loader import iterate_weights, load_model, load_weights
+from asyncserve.engine.resolve_config import resolve_config
 
 
 def _ours(path: str):
-    return load_model(EngineConfig(path, device="cpu", dtype="float32").create_config())
+    return load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32")))
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3"])
@@ -97,7 +98,7 @@ def test_a_shard_of_the_wrong_shape_is_an_error(tiny_model_dir):
 
 def test_dummy_weights_fill_every_parameter(tiny_model_dir):
     path = tiny_model_dir("qwen2")
-    model = load_model(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy").create_config())
+    model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy")))
     for name, param in model.named_parameters():
         if name.endswith(("norm.weight", "attn.k_scale", "attn.v_scale")):  # KV-cache scales stay 1.0
             assert torch.equal(param, torch.ones_like(param)), name
@@ -109,7 +110,7 @@ def test_dummy_weights_fill_every_parameter(tiny_model_dir):
 def test_dummy_weights_leave_every_norm_at_its_identity(tiny_model_dir, family, identity):
     """Whatever a norm is called (q_norm, ln_1, ...): weight 1, or 0 where it scales by 1 + w."""
     path = tiny_model_dir(family)
-    model = load_model(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy").create_config())
+    model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy")))
     norms = [module for module in model.modules() if getattr(module, "is_norm", False)]
     assert len(norms) > 2 * model.config.num_hidden_layers
     for norm in norms:
@@ -120,7 +121,7 @@ def test_dummy_weights_leave_layer_norms_of_other_names_as_built(tmp_path):
     """GPT-2's ln_1/ln_2/ln_f: weight 1 and bias 0 under random weights, as under a real checkpoint's init."""
     from tests.models.tiny_families import build_variant
     path = build_variant(tmp_path / "gpt2", "gpt2")
-    model = load_model(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy").create_config())
+    model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy")))
     layer_norms = [module for module in model.modules() if getattr(module, "is_norm", False)]
     assert layer_norms
     for norm in layer_norms:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from asyncserve.checkpoints.tiny_model import INIT_STD, NORM_STD, build_tokenizer
+from asyncserve.testing.tiny_model import INIT_STD, NORM_STD, build_tokenizer
 
 # LongRoPE: a small original context, so prompts and outputs of a few dozen tokens cross it.
 LONGROPE_ORIGINAL = 48

@@ -6,11 +6,12 @@ import pytest
 
 from asyncserve.config import EngineConfig
 from asyncserve.models.loader import load_model
+from asyncserve.engine.resolve_config import resolve_config
 from tests.server.test_bench_serving import load_script
 
 
 def _model(path):
-    return load_model(EngineConfig(path, device="cpu", dtype="float32").create_config())
+    return load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32")))
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 served as if its packed tensors were plain weights."""
 from __future__ import annotations
 
+from asyncserve.config.quantization import canonical_method, check_method_name, supported_methods
 from asyncserve.errors import ConfigError
 from asyncserve.layers.quantization.awq import AWQConfig
 from asyncserve.layers.quantization.base import QuantizationConfig
@@ -14,29 +15,6 @@ from asyncserve.layers.quantization.unquantized import UnquantizedConfig
 QUANTIZATION_METHODS: dict[str | None, type[QuantizationConfig]] = {
     None: UnquantizedConfig, "gptq": GPTQConfig, "awq": AWQConfig, "fp8": FP8Config,
     "compressed-tensors": CompressedTensorsConfig}
-# vLLM's names of other kernels for the same checkpoints: we serve them with ours.
-ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
-
-
-def _supported() -> str:
-    names = sorted(name for name in QUANTIZATION_METHODS if name is not None)
-    names += sorted(alias for alias, target in ALIASES.items() if target in QUANTIZATION_METHODS)
-    return ", ".join(names) if names else "none yet (unquantized bf16/fp16/fp32 weights only)"
-
-
-def canonical_method(method: str | None) -> str | None:
-    """'GPTQ', 'gptq_marlin' -> 'gptq'; an unknown name is returned lower-cased (and refused later)."""
-    if method is None:
-        return None
-    method = str(method).lower()
-    return ALIASES.get(method) or method
-
-
-def check_method_name(method: str | None) -> None:
-    """Fails on an unknown `--quantization` before anything loads (its parameters come with the checkpoint)."""
-    if canonical_method(method) not in QUANTIZATION_METHODS:
-        raise ConfigError(f"quantization={method!r} is not supported yet (supported: {_supported()}); "
-                          "serve an unquantized (bf16/fp16) checkpoint.")
 
 
 def get_quantization_config(method: str | None = None,
@@ -53,7 +31,7 @@ def get_quantization_config(method: str | None = None,
         if canonical_method(quantized_with) not in QUANTIZATION_METHODS:
             raise ConfigError(f"The checkpoint is quantized with {quantized_with!r} (config.json "
                               f"quantization_config), which asyncserve does not support yet (supported: "
-                              f"{_supported()}); serve an unquantized (bf16/fp16) checkpoint.")
+                              f"{supported_methods()}); serve an unquantized (bf16/fp16) checkpoint.")
         return QUANTIZATION_METHODS[canonical_method(quantized_with)].from_config(checkpoint_config)
     check_method_name(method)
     return QUANTIZATION_METHODS[canonical_method(method)].from_config({})

@@ -15,7 +15,7 @@ import os
 import shutil
 from collections import Counter
 
-from asyncserve.checkpoints.tiny_corpus import CORPUS
+from asyncserve.testing.tiny_corpus import CORPUS
 from asyncserve.checkpoints.scratch import scratch_dir
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",

@@ -1,4 +1,4 @@
-"""Training text for the tiny tokenizers in `asyncserve.checkpoints.tiny_model`.
+"""Training text for the tiny tokenizers in `asyncserve.testing.tiny_model`.
 
 Varied English (prose, dialogue, code, numbers, markup) and other scripts, so
 that the trained vocabularies hold common English pieces while rarer

@@ -10,7 +10,8 @@ import llguidance.hf
 import llguidance.torch
 import torch
 
-from asyncserve.engine.structured.backend import GrammarBackend, choice_regex, constraint_error, json_schema
+from asyncserve.engine.structured.backend import GrammarBackend
+from asyncserve.engine.structured.constraints import choice_regex, constraint_error, json_schema
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 

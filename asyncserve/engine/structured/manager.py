@@ -14,8 +14,10 @@ from collections import OrderedDict
 import torch
 
 from asyncserve.config import EngineConfig
-from asyncserve.engine.structured.backend import GrammarBackend, GrammarMatcher, constraint_error, make_backend
+from asyncserve.engine.structured.backend import GrammarBackend, GrammarMatcher
 from asyncserve.engine.structured.compile_lanes import CompileLanes
+from asyncserve.engine.structured.constraints import constraint_error
+from asyncserve.engine.structured.factory import make_backend
 from asyncserve.errors import InvalidParameterError
 from asyncserve.sampling_params import StructuredOutputsParams
 

@@ -7,8 +7,8 @@ import os
 import torch
 import xgrammar as xgr
 
-from asyncserve.engine.structured.backend import (GrammarBackend, GrammarMatcher, choice_regex,
-                                                  constraint_error, json_schema)
+from asyncserve.engine.structured.backend import GrammarBackend, GrammarMatcher
+from asyncserve.engine.structured.constraints import choice_regex, constraint_error, json_schema
 from asyncserve.engine.structured.xgrammar_schema import (SchemaError, strict_string_classes, xgrammar_schema,
                                                           xgrammar_structural_tag)
 from asyncserve.errors import InvalidParameterError

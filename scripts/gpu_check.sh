@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|structured]
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|structured|compare DIR]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -67,4 +67,19 @@ if [ "$what" = structured ]; then  # issue 14: grammar mask time, constrained de
   tok=""; [ -d "$ROOT/bench_tok" ] && tok="--tokenizer $ROOT/bench_tok"
   timeout 120 python3 bench_grammar.py --batch 64 $tok 2>&1 | tee "$OUT/bench_grammar.log" | grep -v Warn | tail -8
   timeout 300 python3 bench_structured.py --model llama-3.1-8b --concurrency 64 $tok 2>&1 | tee "$OUT/bench_structured.log" | grep -v Warn | tail -8
+fi
+if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine
+  base=$(realpath "${2:?compare needs the other checkout's folder}")
+  for round in $(seq 1 "${ROUNDS:-1}"); do
+    for tree in "$base" "$ROOT"; do
+      name=$([ "$tree" = "$ROOT" ] && echo new || echo base)
+      cd "$tree/scripts"
+      for m in llama-3.1-8b qwen2.5-0.5b; do
+        PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 \
+          | tee "$OUT/latency_${m}_${name}_$round.log" | grep -E "^asyncserve:" | sed "s/^/$name $m batch-1 round $round: /"
+      done
+      PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 260 python3 bench_throughput.py --model llama-3.1-8b --no-hf 2>&1 \
+        | tee "$OUT/throughput_${name}_$round.log" | grep -E "^asyncserve:" | sed "s/^/$name llama-3.1-8b offline round $round: /"
+    done
+  done
 fi

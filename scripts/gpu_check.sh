@@ -69,7 +69,7 @@ if [ "$what" = structured ]; then  # issue 14: grammar mask time, constrained de
   timeout 300 python3 bench_structured.py --model llama-3.1-8b --concurrency 64 $tok 2>&1 | tee "$OUT/bench_structured.log" | grep -v Warn | tail -8
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine
-  base=$(realpath "${2:?compare needs the other checkout's folder}")
+  base=$(realpath "${2:?compare needs the folder of the other checkout}")
   for round in $(seq 1 "${ROUNDS:-1}"); do
     for tree in "$base" "$ROOT"; do
       name=$([ "$tree" = "$ROOT" ] && echo new || echo base)

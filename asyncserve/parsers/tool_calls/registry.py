@@ -19,4 +19,10 @@ def get_tool_parser(name: str) -> type:
 
 
 def _load_builtin() -> None:
-    from asyncserve.parsers.tool_calls import hermes, llama3_json  # noqa: F401  (they register themselves)
+    """Imports every module of this package once: a parser file registers itself, nothing lists it."""
+    import importlib
+    import pkgutil
+
+    import asyncserve.parsers.tool_calls as package
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")

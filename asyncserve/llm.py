@@ -19,20 +19,20 @@ class LLM:
     """Generates for a batch of prompts with continuous batching; `LLM()` serves SmolLM2-135M-Instruct."""
 
     def __init__(self, model: str | None = None, **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
-        self.engine.stream_outputs = False  # generate() returns finished outputs only
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine.stream_outputs = False  # generate() returns finished outputs only
         self._request_counter = itertools.count()
 
     def shutdown(self) -> None:
         """Ends the tensor-parallel worker processes now (they also end when this object is collected)."""
-        self.engine.shutdown()
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation-config defaults (see `generation_config`), as vLLM."""
-        return SamplingParams(**self.engine.sampling_defaults)
+        return SamplingParams(**self.llm_engine.sampling_defaults)
 
     def generate(self, prompts: PromptType | SequenceType[PromptType],
                  sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
@@ -76,11 +76,11 @@ class LLM:
         try:
             for prompt, one in zip(prompts, params_list):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, one)
+                self.llm_engine.add_request(request_id, self.llm_engine.input_processor.process(prompt, one))
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:
-                self.engine.abort_request(request_id)
+                self.llm_engine.abort_request(request_id)
             raise
         return self._run(request_ids, use_tqdm)
 
@@ -89,14 +89,14 @@ class LLM:
         progress = tqdm(total=len(request_ids), desc="Generating", unit="req",
                         disable=not use_tqdm or len(request_ids) < 2)
         try:
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+            while self.llm_engine.has_unfinished_requests():
+                for output in self.llm_engine.step():
                     if output.finished:
                         finished[output.request_id] = output
                         progress.update(1)
         except BaseException:
             for request_id in request_ids:
-                self.engine.abort_request(request_id)
+                self.llm_engine.abort_request(request_id)
             raise
         finally:
             progress.close()
@@ -107,7 +107,7 @@ class LLM:
         """Beam search as vLLM's `LLM.beam_search`: outputs in prompt order, beams best first."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        return beam_search(self.engine, list(prompts), params)
+        return beam_search(self.llm_engine, list(prompts), params)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
@@ -119,7 +119,7 @@ class LLM:
             raise InvalidParameterError("continue_final_message and add_generation_prompt cannot both be "
                                         "True: pass add_generation_prompt=False.", "continue_final_message")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.llm_engine.tokenizer
         prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(
             conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tools=tools,
             continue_final_message=continue_final_message, tokenize=True, return_dict=False)}

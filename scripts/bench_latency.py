@@ -43,7 +43,7 @@ def bench_ours(path, load_format, prompts, output_len, args):
     run(output_len)()  # warm-up (Triton compiles prefill shapes)
     full, first = _timed(run(output_len), args.repeats), _timed(run(1), args.repeats)
     per_token = (full - first) / (output_len - 1)
-    model = llm.engine.executor.runner.model
+    model = llm.llm_engine.executor.runner.model
     return startup, per_token, weight_bytes(model), decode_bytes_per_step(model, args.batch_size)
 
 

@@ -40,7 +40,7 @@ def parallel_sampling(llm, vocab, num_prompts, prompt_len, output_len):
             ("n=4", prompts, SamplingParams(n=4, temperature=1.0, max_tokens=output_len, ignore_eos=True)),
             ("4 separate", [p for p in prompts for _ in range(4)],
              SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True))):
-        engine = llm.engine
+        engine = llm.llm_engine
         peak = [0]
         step = engine.step
 
@@ -71,12 +71,12 @@ def main():
     path, load_format = resolve_model(args.model)
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=4096, max_num_seqs=256, enable_prefix_caching=True, gpu_memory_utilization=0.9)
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.llm_engine.model_config.vocab_size
     cold, warm = prefix_ttft(llm, vocab, args.prefix_len, args.suffix_len)
     print(f"model {args.model} | {torch.cuda.get_device_name()}")
     print(f"TTFT, {args.prefix_len}-token shared prefix + {args.suffix_len} new tokens: not cached "
           f"{cold * 1e3:.1f} ms, cached {warm * 1e3:.1f} ms ({cold / warm:.1f}x)")
-    llm.engine.block_pool.enable_caching = False  # sharing below comes from fork + copy-on-write only
+    llm.llm_engine.block_pool.enable_caching = False  # sharing below comes from fork + copy-on-write only
     for label, (seconds, rate, peak) in parallel_sampling(llm, vocab, 64, 512, 128).items():
         print(f"{label:>10}: 64 prompts x 4 samples, 512 in / 128 out: {seconds:.2f} s, {rate:,.0f} output "
               f"tokens/s, peak KV blocks {peak}")

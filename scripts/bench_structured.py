@@ -57,7 +57,7 @@ def main() -> None:
               max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.concurrency,
               enable_prefix_caching=False, enforce_eager=args.enforce_eager,
               structured_outputs_backend=args.backend)
-    vocab = min(llm.engine.model_config.vocab_size, len(llm.engine.tokenizer))
+    vocab = min(llm.llm_engine.model_config.vocab_size, len(llm.llm_engine.tokenizer))
     prompts = random_prompts(args.num_prompts, [args.input_len] * args.num_prompts, vocab)
     constraint = StructuredOutputsParams(json=SCHEMA)
     workloads = {
@@ -79,7 +79,7 @@ def main() -> None:
         ratio = rate["json schema t=1"] / rate[name]
         results[f"ratio to {name}"] = round(ratio, 3)
         print(f"constrained / {name}: {ratio:.3f} (target >= 0.9)")
-    print(f"grammar compiles: {llm.engine.structured.num_compiles}; tokenizer {tokenizer}; concurrency {args.concurrency}")
+    print(f"grammar compiles: {llm.llm_engine.structured.num_compiles}; tokenizer {tokenizer}; concurrency {args.concurrency}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), **results}, f, indent=1)

@@ -31,17 +31,17 @@ def bench_ours(path, load_format, prompts, args):
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - started
-    kv_tokens = llm.engine.block_pool.num_blocks * llm.engine.config.cache.block_size
+    kv_tokens = llm.llm_engine.block_pool.num_blocks * llm.llm_engine.config.cache.block_size
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # warm-up
-    waste = _WasteSampler(llm.engine)
+    waste = _WasteSampler(llm.llm_engine)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    params_count = active_params(llm.engine.executor.runner.model)  # MoE: top-k experts per token
+    params_count = active_params(llm.llm_engine.executor.runner.model)  # MoE: top-k experts per token
     waste.detach()
     return startup, seconds, generated, params_count, waste.mean(), kv_tokens
 

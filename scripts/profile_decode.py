@@ -23,12 +23,12 @@ def main():
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.context + 160, max_num_seqs=max(8, args.batch_size),
               gpu_memory_utilization=0.5)
-    engine = llm.engine
+    engine = llm.llm_engine
     runner = engine.executor.runner
     vocab = engine.model_config.vocab_size
     for i, prompt in enumerate(random_prompts(args.batch_size, [args.context] * args.batch_size, vocab)):
-        engine.add_request(str(i), {"prompt_token_ids": prompt},
-                           SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
+        engine.add_request(str(i), engine.input_processor.process({"prompt_token_ids": prompt},
+                           SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)))
     for _ in range(5):  # prefill, then a few decodes
         engine.step()
     graphs = runner.decode_graphs

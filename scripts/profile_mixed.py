@@ -24,19 +24,19 @@ def main():
     path, load_format = resolve_model(args.model)
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048,
               max_num_seqs=256, gpu_memory_utilization=0.8)
-    engine = llm.engine
+    engine = llm.llm_engine
     runner = engine.executor.runner
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(args.num_decodes, [64] * args.num_decodes, vocab)):
-        engine.add_request(f"d{i}", {"prompt_token_ids": prompt}, params)
+        engine.add_request(f"d{i}", engine.input_processor.process({"prompt_token_ids": prompt}, params))
     for _ in range(4):
         engine.step()
     engine.drain()
     new = iter(random_prompts(1000, [args.prefill_len] * 1000, vocab))
 
     def mixed_step(i):
-        engine.add_request(f"p{i}", {"prompt_token_ids": next(new)}, SamplingParams(max_tokens=1))
+        engine.add_request(f"p{i}", engine.input_processor.process({"prompt_token_ids": next(new)}, SamplingParams(max_tokens=1)))
         message, scheduled = engine.schedule()
         torch.cuda.synchronize()
         start = time.perf_counter()

@@ -79,11 +79,11 @@ def generate_joining_mid_flight(engine, prompts: list, params, after_step=None) 
     steps = mixed_steps = 0
     for _ in range(2):
         index, prompt = pending.pop(0)
-        engine.add_request(str(index), prompt, params)
+        engine.add_request(str(index), engine.input_processor.process(prompt, params))
     while engine.has_unfinished_requests() or pending:
         if steps % 3 == 2 and pending:
             index, prompt = pending.pop(0)
-            engine.add_request(str(index), prompt, params)
+            engine.add_request(str(index), engine.input_processor.process(prompt, params))
         step, scheduled = engine.schedule()
         mixed_steps += {seq.is_prefilling for seq, _ in scheduled} == {True, False}
         for output in engine.process(scheduled, engine.executor.execute(step)) if scheduled else []:
@@ -121,7 +121,7 @@ def make_llm(tiny_model_dir):
 
     yield make
     for llm in made:
-        assert_pool_clean(llm.engine)
+        assert_pool_clean(llm.llm_engine)
 
 
 PROMPTS = [

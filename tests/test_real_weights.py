@@ -79,7 +79,7 @@ def model(request):
 
 
 def test_converted_tensors_equal_transformers_gguf_tensors(model):
-    checkpoint = model.llm.engine.model_config.path
+    checkpoint = model.llm.llm_engine.model_config.path
     expected = model.reference.state_dict()
     names = []
     for file in sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors")):

@@ -48,9 +48,9 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs):
-        self.engine = LLMEngine(config or EngineConfig(**kwargs))
-        self.config = self.engine.config  # the resolved tree
-        self.tokenizer = self.engine.tokenizer
+        self.llm_engine = LLMEngine(config or EngineConfig(**kwargs))
+        self.config = self.llm_engine.config  # the resolved tree
+        self.tokenizer = self.llm_engine.tokenizer
         self._streams: dict[str, RequestStream] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
@@ -79,7 +79,7 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         """Ends the tensor-parallel worker processes (after `stop`); the engine cannot start again."""
-        self.engine.shutdown()
+        self.llm_engine.shutdown()
 
     @property
     def is_running(self) -> bool:
@@ -120,23 +120,23 @@ class AsyncEngine:
     @property
     def sampling_defaults(self) -> dict:
         """The model's generation-config defaults (--generation-config) for fields a request leaves out."""
-        return self.engine.sampling_defaults
+        return self.llm_engine.sampling_defaults
 
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.engine.sampling_defaults)
+        return SamplingParams(**self.llm_engine.sampling_defaults)
 
     def eos_token_ids(self) -> list[int]:
-        return self.engine.eos_token_ids()
+        return self.llm_engine.eos_token_ids()
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text or None, token ids) for any prompt form `generate` takes."""
-        return self.engine.tokenize_prompt(prompt)
+        return self.llm_engine.input_processor.tokenize(prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
         """Every engine-side rule a request must meet, raised before anything is queued. The params' token
         lists are tokenized and made compact here, kept on `params` for `add_request` (so call this off the
         loop for a big request, and do not change those lists afterwards)."""
-        self.engine.validate_prompt(prompt_token_ids, params)
+        self.llm_engine.input_processor.validate(prompt_token_ids, params)
 
     async def compile_structured_outputs(self, params: SamplingParams):
         """The grammar of `params.structured_outputs` (None without one), compiled in a thread under the
@@ -144,7 +144,7 @@ class AsyncEngine:
         naming what is wrong, QueueFullError when the compiler is too busy."""
         if params.structured_outputs is None:
             return None
-        return await self.engine.structured.compile_async(params.structured_outputs)
+        return await self.llm_engine.structured.compile_async(params.structured_outputs)
 
     async def prepare_token_constraints(self, params: SamplingParams) -> None:
         """Checks and tokenizes the params' token lists (logit_bias, allowed_token_ids, bad_words,
@@ -153,7 +153,7 @@ class AsyncEngine:
         if params.token_constraints is None and (params.logit_bias or params.allowed_token_ids
                                                  or params.bad_words or params.stop_token_ids):
             await asyncio.get_running_loop().run_in_executor(
-                self._preparer, self.engine.prepare_token_constraints, params)
+                self._preparer, self.llm_engine.input_processor.prepare_token_constraints, params)
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -166,14 +166,17 @@ class AsyncEngine:
         bound = self.config.scheduler.max_num_waiting
         if bound is not None:
             # Only what cannot start at the next step waits: free running slots take the first arrivals.
-            scheduler = self.engine.scheduler
+            scheduler = self.llm_engine.scheduler
             free_slots = max(0, self.config.scheduler.max_num_seqs - scheduler.num_running)
             num_beyond = scheduler.num_waiting - free_slots
             if num_beyond >= bound:
                 raise QueueFullError(f"{num_beyond} requests already wait beyond the {free_slots} free running "
                                      f"slots (max_num_waiting={bound}); try again later.")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        request = self.engine.add_request(request_id, prompt, params)
+        # On the loop, as cheap as it is for a small request: `generate` compiled the grammar and built the
+        # token lists off the loop, and the server checks a big prompt off the loop first.
+        processed = self.llm_engine.input_processor.process(prompt, params)
+        request = self.llm_engine.add_request(request_id, processed)
         stream = RequestStream()
         self._streams[request_id] = stream
         self._wakeup.set()
@@ -186,7 +189,7 @@ class AsyncEngine:
         sampling_params = (sampling_params or self.default_sampling_params()).clone()
         grammar = await self.compile_structured_outputs(sampling_params)
         if grammar is not None:  # found by add_request without compiling on the loop, cached or not
-            self.engine.structured.hand_over(sampling_params.structured_outputs, grammar)
+            self.llm_engine.structured.hand_over(sampling_params.structured_outputs, grammar)
         await self.prepare_token_constraints(sampling_params)
         request, stream = self.add_request(prompt, sampling_params, request_id)
         finished = False
@@ -223,7 +226,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Frees the request's KV blocks now; its stream ends with finish_reason 'abort'."""
         stream = self._streams.pop(request_id, None)
-        output = self.engine.abort_request(request_id)
+        output = self.llm_engine.abort_request(request_id)
         if stream is not None and output is not None:
             stream.put(output)
 
@@ -233,7 +236,7 @@ class AsyncEngine:
         """The pipeline: launch step N+1 on the worker thread, then process step N on the loop while the
         device (or, on the CPU, the worker) computes N+1."""
         loop = asyncio.get_running_loop()
-        engine = self.engine
+        engine = self.llm_engine
         in_flight = None  # (scheduled, PendingStep)
         try:
             while True:
@@ -281,7 +284,7 @@ class AsyncEngine:
             return
         if output.finished:
             del self._streams[output.request_id]
-            request_metrics(output, self.engine)
+            request_metrics(output, self.llm_engine)
         stream.put(output)
 
     # ---- what the server reports ----------------------------------------------------------------
@@ -306,13 +309,13 @@ class AsyncEngine:
         self._last_log = (now, stats["prompt_tokens_total"], stats["generation_tokens_total"])
 
     def stats(self) -> dict:
-        scheduler, pool = self.engine.scheduler, self.engine.block_pool
+        scheduler, pool = self.llm_engine.scheduler, self.llm_engine.block_pool
         return {
             "num_requests_running": scheduler.num_running,
             "num_requests_waiting": scheduler.num_waiting,
             "kv_cache_usage_perc": pool.usage(),
-            "prompt_tokens_total": self.engine.stats["prompt_tokens"],
-            "generation_tokens_total": self.engine.stats["generation_tokens"],
+            "prompt_tokens_total": self.llm_engine.stats["prompt_tokens"],
+            "generation_tokens_total": self.llm_engine.stats["generation_tokens"],
             "num_preemptions_total": scheduler.num_preemptions,
             "prefix_cache_queries_total": pool.num_cache_queries,
             "prefix_cache_hits_total": pool.num_cache_hits,

@@ -95,14 +95,15 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSea
     """Offline: drives an LLMEngine's steps until every beam of every prompt has its next token."""
     check_beam_width(params.beam_width, engine.model_config.max_logprobs)
     eos_ids = _eos_ids(engine, params)
-    states = [BeamState(engine.tokenize_prompt(prompt)[1], params, eos_ids) for prompt in prompts]
+    states = [BeamState(engine.input_processor.tokenize(prompt)[1], params, eos_ids) for prompt in prompts]
     counter = itertools.count()
     for _ in range(params.max_tokens):
         requests = {}
         for state in states:
             for beam in state.running:
                 request_id = f"beam-{next(counter)}"
-                engine.add_request(request_id, {"prompt_token_ids": beam.tokens}, state.step_params())
+                processed = engine.input_processor.process({"prompt_token_ids": beam.tokens}, state.step_params())
+                engine.add_request(request_id, processed)
                 requests[request_id] = state
         if not requests:
             break

@@ -11,12 +11,13 @@ from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.output_processor import OutputProcessor
+from asyncserve.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
+from asyncserve.engine.pooling import embedding_output
 from asyncserve.engine.resolve_config import resolve_config
-from asyncserve.engine.pooling import add_pooling_request, embedding_output, process_pooled, validate_pooling_prompt
 from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.engine.structured import StructuredOutputManager
-from asyncserve.errors import ConfigError, InvalidParameterError, PromptTooLongError
+from asyncserve.errors import ConfigError, InvalidParameterError
 from asyncserve.config.model import ModelConfig
 from asyncserve.checkpoints.tokenizer import load_tokenizer
 from asyncserve.models.registry import model_class
@@ -24,12 +25,10 @@ from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.executor import Executor, make_executor
 from asyncserve.runner.step import StepMessage, StepOutput
-from asyncserve.sampling_params import SamplingParams
-from asyncserve.sample.token_constraints import TokenConstraints, build_token_constraints
 
 logger = logging.getLogger("asyncserve")
 
-PromptType = str | list[int] | dict
+__all__ = ["LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -54,12 +53,15 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
-        self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, self.eos_token_ids(),
+        self._eos_token_ids = self._find_eos_token_ids()
+        self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, self._eos_token_ids,
                                                   config.structured_outputs_backend,
                                                   pin_memory=mc.device.type == "cuda",
                                                   cache_mb=config.structured_outputs_cache_mb,
                                                   max_bytes=config.structured_outputs_max_bytes,
                                                   compile_timeout=config.structured_outputs_compile_timeout)
+        self.input_processor = InputProcessor(mc, config.scheduler, self.tokenizer, self.structured,
+                                              self._eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._in_flight: tuple[list, object] | None = None  # (scheduled, PendingStep) of step()
@@ -100,101 +102,38 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def _encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise InvalidParameterError("This engine runs with skip_tokenizer_init: pass prompts as "
-                                        "{'prompt_token_ids': [...]}, not text.", "prompt")
-        return self.tokenizer.encode(text)
-
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self._encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self._encode(prompt["prompt"])
-            raise InvalidParameterError("A prompt dict needs 'prompt' or 'prompt_token_ids'.", "prompt")
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise InvalidParameterError(f"Unsupported prompt type {type(prompt).__name__}: pass a string, "
-                                    "a list of token ids, or {'prompt_token_ids': [...]}.", "prompt")
-
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
-        if isinstance(params, PoolingParams) or self.model_config.is_pooling:
-            return validate_pooling_prompt(self, token_ids, params)
-        max_len = self.model_config.max_model_len
-        if not token_ids:
-            raise InvalidParameterError("The prompt is empty: give at least one token.", "prompt")
-        if any(not 0 <= t < self.model_config.vocab_size for t in token_ids):
-            raise InvalidParameterError(
-                f"Prompt token ids must be in [0, {self.model_config.vocab_size}).", "prompt")
-        if len(token_ids) >= max_len:
-            raise PromptTooLongError(
-                f"The prompt has {len(token_ids)} tokens; this model's max_model_len is {max_len}, "
-                "and at least one token must be generated. Shorten the prompt.", "prompt")
-        for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
-            if value is not None and value > self.model_config.max_logprobs:
-                raise InvalidParameterError(
-                    f"{name}={value} is more than this server allows (max_logprobs="
-                    f"{self.model_config.max_logprobs}).", name)
-        if params.stop and self.tokenizer is None:
-            raise InvalidParameterError("Stop strings need a tokenizer; this engine runs with "
-                                        "skip_tokenizer_init. Use stop_token_ids.", "stop")
-        if params.structured_outputs is not None and self.tokenizer is None:
-            raise InvalidParameterError("Structured outputs need a tokenizer; this engine runs with "
-                                        "skip_tokenizer_init.", "structured_outputs")
-        max_num_seqs = self.config.scheduler.max_num_seqs
-        if params.best_of > max_num_seqs:
-            raise InvalidParameterError(f"best_of/n={params.best_of} exceeds max_num_seqs="
-                                        f"{max_num_seqs}.", "n")
-        self.prepare_token_constraints(params)
-
-    def prepare_token_constraints(self, params: SamplingParams) -> TokenConstraints:
-        """logit_bias, allowed_token_ids, bad_words and stop ids checked against the model, tokenized and
-        made compact, once per params object: `validate` (off the event loop for a big request) does it,
-        and `add_request` finds it done. Changing those fields of params afterwards is not seen."""
-        if params.token_constraints is None:
-            params.token_constraints = build_token_constraints(params, self.model_config.vocab_size,
-                                                               self.tokenizer, self.eos_token_ids())
-        return params.token_constraints
-
-    def add_request(self, request_id: str, prompt: PromptType,
-                    params: SamplingParams | PoolingParams | None = None) -> Request:
+    def add_request(self, request_id: str, processed: ProcessedRequest) -> Request:
+        """Admits a request that the input processor made (`input_processor.process(prompt, params)`)."""
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
-        if isinstance(params, PoolingParams) or self.model_config.is_pooling:
-            return add_pooling_request(self, request_id, prompt, params)
-        params = (params or SamplingParams()).clone()
-        text, token_ids = self.tokenize_prompt(prompt)
-        truncated = params.truncate_prompt(token_ids, self.model_config.max_model_len)
-        if len(truncated) < len(token_ids):
-            text, token_ids = None, truncated
-        self.validate_prompt(token_ids, params)
-        room = self.model_config.max_model_len - len(token_ids)  # the context ends generation anyway
-        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids())
-        request = Request(request_id, text, token_ids, params)
-        if params.structured_outputs is not None:  # compiled here unless a caller did it off the loop
-            request.grammar = self.structured.compile(params.structured_outputs)
-        request.num_forks_pending = params.best_of - 1
-        seq = self._new_sequence(request, list(token_ids), 0)
+        params, token_ids = processed.params, processed.prompt_token_ids
+        request = Request(request_id, processed.prompt, token_ids, params)
+        if isinstance(params, PoolingParams):
+            seq = Sequence(next(self._seq_ids), request, list(token_ids), 0)
+            request.seqs.append(seq)
+        else:
+            request.grammar = processed.grammar
+            request.num_forks_pending = params.best_of - 1
+            seq = self._new_sequence(request, list(token_ids), 0)
         self.requests[request_id] = request
         self.scheduler.add(seq)
         self.stats["prompt_tokens"] += len(token_ids)
         return request
 
     def eos_token_ids(self) -> list[int]:
+        return list(self._eos_token_ids)
+
+    def _find_eos_token_ids(self) -> list[int]:
         ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
 
     def _new_sequence(self, request: Request, token_ids: list[int], index: int) -> Sequence:
-        seq = Sequence(next(self._seq_ids), request, token_ids, index)
-        seq.detokenizer = self.output_processor.make_detokenizer(request)
-        if request.grammar is not None:  # forks happen at the prompt's end: each starts the grammar afresh
-            seq.matcher = self.structured.new_matcher(request.grammar)
+        # Forks happen at the prompt's end: each starts the grammar afresh.
+        matcher = self.structured.new_matcher(request.grammar) if request.grammar is not None else None
+        seq = Sequence(next(self._seq_ids), request, token_ids, index,
+                       self.output_processor.make_detokenizer(request), matcher)
         request.seqs.append(seq)
         return seq
 
@@ -267,7 +206,7 @@ class LLMEngine:
     def process(self, scheduled: list[tuple[Sequence, int]], output: StepOutput) -> list[RequestOutput]:
         """Applies a step's results; returns the outputs of the requests it changed."""
         if self.model_config.is_pooling:
-            return process_pooled(self, scheduled, output)
+            return self._process_pooled(scheduled, output)
         processor = self.output_processor
         touched: dict[str, Request] = {}
         now = time.monotonic()
@@ -303,6 +242,28 @@ class LLMEngine:
                 del self.requests[request.request_id]
                 self._record_timings(request)
                 self._to_release.append(request)
+        return outputs
+
+    def _process_pooled(self, scheduled: list[tuple[Sequence, int]],
+                        output: StepOutput) -> list[EmbeddingRequestOutput]:
+        """Applies a pooling step: a sequence whose prompt ended takes its embedding and finishes, which
+        frees its blocks; returns the finished requests' outputs."""
+        outputs = []
+        for (seq, _), result in zip(scheduled, output.results):
+            if result.embedding is not None:
+                seq.num_in_flight -= 1
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            self.kv_manager.cache_computed_blocks(seq)
+            if result.embedding is None:
+                continue
+            request = seq.request
+            request.embedding = result.embedding
+            seq.finish_reason = FinishReason.STOP
+            self.scheduler.finish(seq)
+            del self.requests[request.request_id]
+            self._to_release.append(request)
+            outputs.append(embedding_output(request))
         return outputs
 
     def _record_timings(self, request: Request) -> None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from asyncserve.engine.detokenizer import IncrementalDetokenizer
+    from asyncserve.engine.output_processor import NullDetokenizer
+    from asyncserve.engine.structured import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -16,7 +21,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason:
+class FinishReason(enum.StrEnum):
+    """A str: it compares equal to, formats as and serializes to "stop" / "length" / "abort"."""
+
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
@@ -29,7 +36,8 @@ class Sequence:
     so that reference counting, not the cyclic garbage collector, frees both.
     """
 
-    def __init__(self, seq_id: int, request: "Request", token_ids: list[int], index: int = 0):
+    def __init__(self, seq_id: int, request: "Request", token_ids: list[int], index: int = 0,
+                 detokenizer: "IncrementalDetokenizer | NullDetokenizer | None" = None, matcher: "GrammarMatcher | None" = None):
         self.seq_id = seq_id
         self.request: Request | None = request
         self.params: SamplingParams = request.params
@@ -47,11 +55,11 @@ class Sequence:
         self.cache_salt = 0
         self.recompute_kv_at: int | None = None  # see SchedulerConfig.recompute_kv_at
         self.status = SequenceStatus.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
-        self.detokenizer: Any = None    # IncrementalDetokenizer, made by the engine
+        self.detokenizer = detokenizer  # None for a pooling request, which produces no text
         self.num_preemptions = 0
         # Tokens sampled by launched steps whose results were not processed yet (0 or 1): the step
         # after may already compute them, fed on the device.
@@ -60,7 +68,7 @@ class Sequence:
         self.num_sent_blocks = 0
         self.block_table_rewritten = False  # changed other than by appending: resend it whole
         # Structured outputs: where the output stands in the request's grammar (None: unconstrained).
-        self.matcher: Any = None
+        self.matcher = matcher
 
     @property
     def num_tokens(self) -> int:

@@ -35,4 +35,4 @@ def test_beams_reuse_cached_prefix_blocks(make_llm):
     llm = make_llm("qwen3")
     prompt = "The quick brown fox jumps over the lazy dog. " * 6
     llm.beam_search(prompt, BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))
-    assert llm.engine.block_pool.num_cache_hits > 0
+    assert llm.llm_engine.block_pool.num_cache_hits > 0

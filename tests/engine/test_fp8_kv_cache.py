@@ -37,7 +37,7 @@ def make_path_llm():
 
     yield make
     for llm in made:
-        assert_pool_clean(llm.engine)
+        assert_pool_clean(llm.llm_engine)
 
 
 def _greedy(max_tokens: int = MAX_TOKENS, **kwargs) -> SamplingParams:
@@ -45,11 +45,11 @@ def _greedy(max_tokens: int = MAX_TOKENS, **kwargs) -> SamplingParams:
 
 
 def _pool(llm: LLM):
-    return llm.engine.executor.runner.kv_pool
+    return llm.llm_engine.executor.runner.kv_pool
 
 
 def _attention_layers(llm: LLM):
-    return llm.engine.executor.model.attention_layers()
+    return llm.llm_engine.executor.model.attention_layers()
 
 
 def test_fp8_kv_cache_agrees_with_the_unquantized_cache_on_most_greedy_tokens(make_llm):
@@ -78,11 +78,11 @@ def test_fp8_pool_holds_twice_the_bf16_tokens_in_the_same_memory(make_llm, caplo
     bf16 = make_llm("llama", **space)
     with caplog.at_level(logging.INFO, logger="asyncserve"):
         fp8 = make_llm("llama", kv_cache_dtype="fp8", **space)
-    assert fp8.engine.block_pool.num_blocks == 2 * bf16.engine.block_pool.num_blocks
-    assert fp8.engine.executor.bytes_per_block() * 2 == bf16.engine.executor.bytes_per_block()
+    assert fp8.llm_engine.block_pool.num_blocks == 2 * bf16.llm_engine.block_pool.num_blocks
+    assert fp8.llm_engine.executor.bytes_per_block() * 2 == bf16.llm_engine.executor.bytes_per_block()
     assert _pool(fp8).storage.dtype == FP8 and _pool(bf16).storage.dtype == torch.bfloat16
     assert _pool(fp8).storage.nbytes == _pool(bf16).storage.nbytes <= 0.01 * (1 << 30)
-    tokens = fp8.engine.block_pool.num_blocks * 16
+    tokens = fp8.llm_engine.block_pool.num_blocks * 16
     assert f"= {tokens} tokens of float8_e4m3fn" in caplog.text
     outputs = fp8.generate(PROMPTS[:2], _greedy(8), use_tqdm=False)  # a bf16 model over an fp8 pool runs
     assert all(len(out.outputs[0].token_ids) > 0 for out in outputs)
@@ -211,5 +211,5 @@ def test_swap_preemption_moves_fp8_blocks_unchanged(make_llm):
                    max_model_len=128, preemption_mode="swap", swap_space=0.01)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
-    assert llm.engine.kv_manager.num_swaps > 0
+    assert llm.llm_engine.kv_manager.num_swaps > 0
     assert _pool(llm).host_storage.dtype == FP8

@@ -43,9 +43,9 @@ def _workload() -> list[tuple[str, SamplingParams]]:
 
 
 def test_finished_and_aborted_requests_are_freed_without_the_garbage_collector(make_llm):
-    engine = make_llm("qwen3", max_num_batched_tokens=64).engine
+    engine = make_llm("qwen3", max_num_batched_tokens=64).llm_engine
     with collector_off_saving_garbage() as garbage:
-        requests = [engine.add_request(f"r{i}", prompt, params) for i, (prompt, params) in enumerate(_workload())]
+        requests = [engine.add_request(f"r{i}", engine.input_processor.process(prompt, params)) for i, (prompt, params) in enumerate(_workload())]
         num_steps = 0
         while engine.has_unfinished_requests():
             engine.step()

@@ -58,24 +58,24 @@ def test_offline_generate_follows_json_schema_choice_and_regex(make_llm):
 def test_a_schema_is_compiled_once_and_unconstrained_work_never_builds_the_grammar_engine(make_llm):
     llm = make_llm()
     llm.generate(["x"], SamplingParams(max_tokens=4), use_tqdm=False)
-    assert llm.engine.structured._backend is None
+    assert llm.llm_engine.structured._backend is None
     params = SamplingParams(temperature=1.0, max_tokens=60, structured_outputs=_json())
     llm.generate(["a", "b", "c"], params, use_tqdm=False)
     llm.generate(["d"], SamplingParams(max_tokens=60, structured_outputs=_json(dict(reversed(SCHEMA.items())))),
                  use_tqdm=False)
-    assert llm.engine.structured.num_compiles == 1
+    assert llm.llm_engine.structured.num_compiles == 1
 
 
 def test_only_steps_with_a_constrained_row_wait_for_masks(make_llm):
-    engine = make_llm().engine
+    engine = make_llm().llm_engine
     deferred = []
     sample = engine.executor.sample
     engine.executor.sample = lambda pending, bitmask, rows: (deferred.append(list(rows)),
                                                              sample(pending, bitmask, rows))
-    engine.add_request("plain", "Hello", SamplingParams(temperature=0.0, max_tokens=3))
+    engine.add_request("plain", engine.input_processor.process("Hello", SamplingParams(temperature=0.0, max_tokens=3)))
     engine.step()
     assert deferred == [] and engine._in_flight[1].device_token_ids is not None  # sampled at launch
-    engine.add_request("json", "JSON:", SamplingParams(max_tokens=3, structured_outputs=_json()))
+    engine.add_request("json", engine.input_processor.process("JSON:", SamplingParams(max_tokens=3, structured_outputs=_json())))
     engine.step()
     assert deferred == [[1]]  # sampled once the masks came; only the constrained row has one
     assert engine._in_flight[1].device_token_ids is not None
@@ -99,7 +99,7 @@ def test_constrained_sequences_survive_preemption(make_llm):
     params = SamplingParams(temperature=1.0, seed=3, max_tokens=60, ignore_eos=True,
                             structured_outputs=StructuredOutputsParams(regex="[a-z]{20,60}"))
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.scheduler.num_preemptions > 0
     assert all(re.fullmatch("[a-z]{20,60}", output.outputs[0].text) for output in outputs)
 
 

@@ -30,7 +30,7 @@ def test_batch_of_mixed_lengths_matches_transformers(family, make_llm, hf_refere
 def test_requests_joining_mid_flight_match_transformers(family, make_llm, hf_reference):
     """Continuous batching: new prompts prefill (in chunks) while earlier ones decode."""
     llm = make_llm(family, max_num_batched_tokens=32, max_num_seqs=4)
-    results = generate_joining_mid_flight(llm.engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
+    results = generate_joining_mid_flight(llm.llm_engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
     assert results == _expected(hf_reference, family, PROMPTS)
 
 

@@ -44,7 +44,7 @@ def make(checkpoints):
 
     yield build
     for llm in made:  # every block back in the pool: nothing of a pooled prompt's KV is kept
-        assert_pool_clean(llm.engine)
+        assert_pool_clean(llm.llm_engine)
 
 
 def vectors(outputs) -> list[torch.Tensor]:
@@ -61,7 +61,7 @@ def assert_close(actual: list[torch.Tensor], expected, tolerance: float = TOLERA
 def test_qwen3_embedding_layout_is_served_as_sentence_transformers_encodes_it(make, checkpoints):
     from sentence_transformers import SentenceTransformer
     llm = make("last")
-    assert llm.engine.model_config.runner_type == "pooling"  # auto: the checkpoint ships a Pooling module
+    assert llm.llm_engine.model_config.runner_type == "pooling"  # auto: the checkpoint ships a Pooling module
     outputs = llm.embed(MIXED)
     reference = SentenceTransformer(str(checkpoints["last"]), device="cpu").encode(MIXED, convert_to_tensor=True)
     assert_close(vectors(outputs), list(reference))
@@ -73,7 +73,7 @@ def test_qwen3_embedding_layout_is_served_as_sentence_transformers_encodes_it(ma
 def test_mean_pooling_checkpoint_matches_sentence_transformers(make, checkpoints):
     from sentence_transformers import SentenceTransformer
     llm = make("mean")
-    assert llm.engine.model_config.pooler.pooling_type == "MEAN"
+    assert llm.llm_engine.model_config.pooler.pooling_type == "MEAN"
     reference = SentenceTransformer(str(checkpoints["mean"]), device="cpu").encode(MIXED, convert_to_tensor=True)
     assert_close(vectors(llm.embed(MIXED)), list(reference))
 
@@ -91,9 +91,9 @@ def test_pooler_config_pools_as_transformers_plus_manual_pooling(make, checkpoin
 
 def test_decoder_body_checkpoint_loads_without_lm_head_and_defaults_to_last_normalized(make, checkpoints):
     llm = make("body")
-    config = llm.engine.model_config
+    config = llm.llm_engine.model_config
     assert config.runner_type == "pooling" and config.hf_config.architectures == ["Qwen3Model"]
-    assert llm.engine.executor.model.lm_head is None
+    assert llm.llm_engine.executor.model.lm_head is None
     outputs = llm.embed(PROMPTS)
     expected = [reference_embedding(str(checkpoints["body"]), output.prompt_token_ids, "LAST", True)
                 for output in outputs]
@@ -105,7 +105,7 @@ def test_chunked_prefill_and_batching_give_the_vectors_of_one_prompt_alone(make,
     """A budget of 24 tokens a step: long prompts are split over steps, short ones share them."""
     llm = make("generative", runner="pooling", max_num_batched_tokens=24,
                pooler_config={"pooling_type": pooling_type})
-    runner = llm.engine.executor.runner
+    runner = llm.llm_engine.executor.runner
     step_sizes = []
     launch = runner.launch_pooling
     runner.launch_pooling = lambda batch, finished: step_sizes.append(len(batch.seqs)) or launch(batch, finished)
@@ -126,7 +126,7 @@ def test_pooled_requests_survive_preemption_in_a_small_pool(make):
                  pooler_config={"pooling_type": "MEAN"}, max_num_batched_tokens=48)
     large = make("generative", runner="pooling", pooler_config={"pooling_type": "MEAN"})
     assert_close(vectors(small.embed(prompts)), vectors(large.embed(prompts)), 1e-5)
-    assert small.engine.scheduler.num_preemptions > 0
+    assert small.llm_engine.scheduler.num_preemptions > 0
 
 
 def test_flags_that_ask_for_an_embedding_model(checkpoints):

@@ -31,7 +31,7 @@ def test_prefix_cache_hit_gives_identical_output(make_llm):
     assert _tokens(second) == plain
     shared_tokens = len(llm.get_tokenizer().encode(SHARED))
     assert all(o.num_cached_tokens >= (shared_tokens // 16 - 1) * 16 for o in second)
-    assert llm.engine.block_pool.num_cache_hits > 0
+    assert llm.llm_engine.block_pool.num_cache_hits > 0
 
 
 def test_chunked_prefill_at_a_tiny_budget_gives_identical_output(make_llm, reference):
@@ -55,14 +55,14 @@ def test_preemption_when_blocks_run_out_gives_identical_output(make_llm, prefix_
     llm = make_llm("qwen2", enable_prefix_caching=prefix_caching, num_gpu_blocks_override=16,
                    max_model_len=256)
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
 def test_max_num_seqs_caps_the_running_batch(make_llm, reference):
     llm = make_llm("qwen2", enable_prefix_caching=False, max_num_seqs=2)
-    engine = llm.engine
+    engine = llm.llm_engine
     for i, prompt in enumerate(PROMPTS):
-        engine.add_request(str(i), prompt, GREEDY)
+        engine.add_request(str(i), engine.input_processor.process(prompt, GREEDY))
     results = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -77,11 +77,11 @@ def test_n_shares_the_prompt_blocks(make_llm):
     params = SamplingParams(temperature=1.0, seed=5, max_tokens=4, ignore_eos=True)
     shared = make_llm("qwen3", enable_prefix_caching=False)
     separate = make_llm("qwen3", enable_prefix_caching=False)
-    shared.engine.add_request("n4", prompt, SamplingParams(n=4, **_fields(params)))
+    shared.llm_engine.add_request("n4", shared.llm_engine.input_processor.process(prompt, SamplingParams(n=4, **_fields(params))))
     for i in range(4):
-        separate.engine.add_request(str(i), prompt, params)
-    peak_shared = _peak_blocks(shared.engine)
-    peak_separate = _peak_blocks(separate.engine)
+        separate.llm_engine.add_request(str(i), separate.llm_engine.input_processor.process(prompt, params))
+    peak_shared = _peak_blocks(shared.llm_engine)
+    peak_separate = _peak_blocks(separate.llm_engine)
     num_prompt_blocks = len(shared.get_tokenizer().encode(prompt)) // 16
     assert peak_shared <= peak_separate - 3 * num_prompt_blocks
 
@@ -108,5 +108,5 @@ def test_swap_preemption_gives_identical_output(make_llm):
     llm = make_llm("qwen2", enable_prefix_caching=False, num_gpu_blocks_override=16, max_model_len=256,
                    preemption_mode="swap", swap_space=0.01)
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
-    assert llm.engine.kv_manager.num_swaps > 0
-    assert len(llm.engine.kv_manager.free_host_blocks) == llm.engine.executor.runner.kv_pool.host_storage.shape[2]
+    assert llm.llm_engine.kv_manager.num_swaps > 0
+    assert len(llm.llm_engine.kv_manager.free_host_blocks) == llm.llm_engine.executor.runner.kv_pool.host_storage.shape[2]

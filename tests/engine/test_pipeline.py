@@ -48,13 +48,13 @@ def _workload():
 
 def _add_all(engine, workload) -> None:
     for request_id, prompt, params in workload:
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(request_id, engine.input_processor.process(prompt, params))
 
 
 def test_pipelined_steps_equal_serial_steps(make_llm):
     # A small pool and budget: preemption and chunked prefill happen while steps are in flight.
     settings = dict(num_gpu_blocks_override=34, max_model_len=272, max_num_batched_tokens=40, block_size=8)
-    serial, pipelined = make_llm("llama", **settings).engine, make_llm("llama", **settings).engine
+    serial, pipelined = make_llm("llama", **settings).llm_engine, make_llm("llama", **settings).llm_engine
     workload = _workload()
     _add_all(serial, workload)
     _add_all(pipelined, workload)
@@ -68,7 +68,7 @@ def test_pipelined_steps_equal_serial_steps(make_llm):
 
 
 def test_an_abort_while_a_step_is_in_flight_loses_nothing_else(make_llm):
-    serial, pipelined = make_llm("qwen3").engine, make_llm("qwen3").engine
+    serial, pipelined = make_llm("qwen3").llm_engine, make_llm("qwen3").llm_engine
     workload = _workload()
     _add_all(serial, workload)
     _add_all(pipelined, workload)

@@ -9,7 +9,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def test_a_stop_token_id_is_left_out_of_the_text_unless_asked_for(make_llm):
     llm = make_llm("llama3")
-    tokenizer = llm.engine.tokenizer
+    tokenizer = llm.llm_engine.tokenizer
     full = llm.generate("The capital of France is", SamplingParams(max_tokens=24, **GREEDY), use_tqdm=False)[0]
     stop_id = full.outputs[0].token_ids[3]
     first = full.outputs[0].token_ids.index(stop_id)
@@ -23,7 +23,7 @@ def test_a_stop_token_id_is_left_out_of_the_text_unless_asked_for(make_llm):
 
 def test_eos_text_never_shows_even_without_skipping_special_tokens(make_llm):
     llm = make_llm("qwen3")
-    for eos in llm.engine.eos_token_ids():
+    for eos in llm.llm_engine.eos_token_ids():
         out = llm.generate("Hello", SamplingParams(max_tokens=4, allowed_token_ids=[eos], temperature=0.0,
                                                    skip_special_tokens=False), use_tqdm=False)[0].outputs[0]
         assert out.token_ids == [eos] and out.finish_reason == "stop"

@@ -57,7 +57,7 @@ def test_min_tokens_suppresses_early_stop(make_llm):
 
 def test_eos_ends_with_stop_unless_ignored(make_llm):
     llm = make_llm("qwen3")
-    eos = llm.engine.eos_token_ids()[0]
+    eos = llm.llm_engine.eos_token_ids()[0]
     params = SamplingParams(temperature=0.0, max_tokens=8, logit_bias={eos: 100.0})
     out = llm.generate("Hi", params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [eos] and out.finish_reason == "stop" and out.text == ""
@@ -109,7 +109,7 @@ def test_bad_request_in_a_batch_adds_nothing(make_llm):
     llm = make_llm("qwen3", max_model_len=64)
     with pytest.raises(PromptTooLongError):
         llm.generate(["fine", {"prompt_token_ids": [1] * 100}], SamplingParams(max_tokens=4), use_tqdm=False)
-    assert not llm.engine.requests
+    assert not llm.llm_engine.requests
 
 
 def test_logprobs_over_the_limit_are_refused(make_llm):

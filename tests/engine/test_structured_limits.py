@@ -14,10 +14,10 @@ from asyncserve.sampling_params import MAX_JSON_DEPTH, json_too_deep
 @pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
 @pytest.mark.parametrize("grammar", ["root ::= root", 'root ::= root "a"', 'root ::= x\nx ::= x "b"'])
 def test_a_grammar_that_matches_nothing_is_refused(make_llm, backend, grammar):
-    engine = make_llm(structured_outputs_backend=backend).engine
+    engine = make_llm(structured_outputs_backend=backend).llm_engine
     params = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(grammar=grammar))
     with pytest.raises(InvalidParameterError, match="no output can satisfy it") as caught:
-        engine.add_request("r", "x", params)
+        engine.add_request("r", engine.input_processor.process("x", params))
     assert caught.value.param == "structured_outputs.grammar" and not engine.requests
 
 
@@ -64,10 +64,10 @@ def test_structured_outputs_nested_too_deep_are_a_sampling_params_error(fields):
 
 
 def test_the_json_schema_as_text_nested_too_deep_is_refused_when_compiled(make_llm):
-    engine = make_llm().engine
+    engine = make_llm().llm_engine
     text = '{"a":' * 600 + "{}" + "}" * 600
     with pytest.raises(InvalidParameterError, match=f"nests deeper than {MAX_JSON_DEPTH} levels"):
-        engine.add_request("r", "x", SamplingParams(structured_outputs=StructuredOutputsParams(json=text)))
+        engine.add_request("r", engine.input_processor.process("x", SamplingParams(structured_outputs=StructuredOutputsParams(json=text))))
 
 
 def test_the_grammar_cache_is_bounded_by_bytes_and_xgrammar_keeps_no_copies(tiny_model_dir):

@@ -136,8 +136,8 @@ def test_one_rank_stays_in_one_process_without_torch_distributed(make_llm):
     from asyncserve.layers.linear import Linear, MergedLinear
     from asyncserve.executor.uniproc import UniprocExecutor
     llm = make_llm("llama3", num_gpu_blocks_override=64, max_model_len=256)
-    assert isinstance(llm.engine.executor, UniprocExecutor)
-    model = llm.engine.executor.model
+    assert isinstance(llm.llm_engine.executor, UniprocExecutor)
+    model = llm.llm_engine.executor.model
     layer = model.layers[0]
     assert type(layer.self_attn.qkv_proj) is MergedLinear and type(layer.mlp.down_proj) is Linear
     assert type(model.lm_head) is Linear

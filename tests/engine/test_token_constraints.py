@@ -169,7 +169,7 @@ def _traced_steps(engine, requests: list[tuple[str, SamplingParams]]) -> tuple[l
         return local if "/asyncserve/" in frame.f_code.co_filename else None
 
     for request_id, params in requests:
-        engine.add_request(request_id, {"prompt_token_ids": PROMPT_IDS}, params)
+        engine.add_request(request_id, engine.input_processor.process({"prompt_token_ids": PROMPT_IDS}, params))
     finished = {}
     gc.disable()
     torch.tensor = counting_tensor
@@ -194,7 +194,7 @@ PROMPT_IDS = [42, 295, 336, 14, 284, 91, 541, 301, 310]
 
 def test_a_steps_host_work_does_not_grow_with_the_requests_lists(make_llm):
     llm = make_llm("qwen3")
-    engine, tokenizer = llm.engine, llm.get_tokenizer()
+    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     vocab = engine.model_config.vocab_size
     free = _greedy(llm, {"prompt_token_ids": PROMPT_IDS}, max_tokens=6)
     allowed = sorted(set(free) | {7, 100, 300})
@@ -227,15 +227,15 @@ def test_a_steps_host_work_does_not_grow_with_the_requests_lists(make_llm):
 
 def test_bad_words_are_tokenized_once_when_validate_ran_first(make_llm, monkeypatch):
     llm = make_llm("qwen3")
-    engine, tokenizer = llm.engine, llm.get_tokenizer()
+    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     words = _outside(tokenizer, set(), 50)
     params = SamplingParams(temperature=0.0, max_tokens=4, bad_words=words)
-    engine.validate_prompt(PROMPT_IDS, params)  # as the server does, off the event loop for a big request
+    engine.input_processor.validate(PROMPT_IDS, params)  # as the server does, off the event loop for a big request
     encoded = []
     real_encode = tokenizer.encode
     monkeypatch.setattr(tokenizer, "encode", lambda text, *args, **kwargs: encoded.append(text)
                         or real_encode(text, *args, **kwargs))
-    engine.add_request("once", {"prompt_token_ids": PROMPT_IDS}, params)  # on the loop, in a server
+    engine.add_request("once", engine.input_processor.process({"prompt_token_ids": PROMPT_IDS}, params))  # on the loop, in a server
     while engine.has_unfinished_requests():
         engine.step()
     assert encoded == []
@@ -245,7 +245,7 @@ def test_full_vocabulary_logit_bias_with_allowed_ids_is_the_argmax_of_biased_tra
         make_llm, hf_reference):
     llm = make_llm("qwen3")
     model, tokenizer = hf_reference("qwen3")
-    vocab = llm.engine.model_config.vocab_size
+    vocab = llm.llm_engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     bias = ((torch.rand(vocab, generator=generator) - 0.5) * 6).tolist()
     allowed = sorted(torch.randperm(vocab, generator=generator)[:200].tolist())

@@ -18,4 +18,4 @@ def make_cuda_llm(tiny_model_dir):
 
     yield make
     for llm in made:
-        assert_pool_clean(llm.engine)
+        assert_pool_clean(llm.llm_engine)

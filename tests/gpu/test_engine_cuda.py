@@ -19,14 +19,14 @@ MAX_NEW = 24
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_fp32_on_cuda_matches_transformers(family, enforce_eager, make_cuda_llm, hf_reference):
     llm = make_cuda_llm(family, dtype="float32", enforce_eager=enforce_eager)
-    assert (llm.engine.executor.runner.decode_graphs is None) == enforce_eager
+    assert (llm.llm_engine.executor.runner.decode_graphs is None) == enforce_eager
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
     model, tokenizer = hf_reference(family)
     expected = [hf_greedy(model, tokenizer.encode(p), MAX_NEW) for p in PROMPTS]
     assert [o.outputs[0].token_ids for o in outputs] == expected
     # Steps were launched before the engine read the tokens they take as input (fed on the device),
     # and decode steps replayed graphs unless eager.
-    runner = llm.engine.executor.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.num_device_fed_steps > 0
     assert (runner.num_graph_steps > 0) != enforce_eager
 
@@ -51,8 +51,8 @@ def test_seeded_sampling_on_cuda_is_reproducible(make_cuda_llm):
 def test_kv_pool_is_sized_from_memory_utilization(tiny_model_dir):
     from asyncserve import LLM
     llm = LLM(tiny_model_dir("qwen3"), device="cuda", gpu_memory_utilization=0.3, max_num_seqs=8)
-    pool = llm.engine.block_pool
-    assert pool.num_blocks * 16 >= llm.engine.model_config.max_model_len
+    pool = llm.llm_engine.block_pool
+    assert pool.num_blocks * 16 >= llm.llm_engine.model_config.max_model_len
     used = torch.cuda.memory_reserved() / torch.cuda.get_device_properties(0).total_memory
     assert used < 0.35
     out = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
@@ -63,11 +63,11 @@ def test_kv_pool_is_sized_from_memory_utilization(tiny_model_dir):
 def test_mixed_decode_and_chunked_prefill_steps_on_cuda(family, make_cuda_llm, hf_reference):
     """Small token budget: steps mix decodes (decode kernel) with prefill chunks (prefill kernel)."""
     llm = make_cuda_llm(family, dtype="float32", max_num_batched_tokens=32, max_num_seqs=4)
-    engine = llm.engine
+    engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     mixed = 0
     for index, prompt in enumerate(PROMPTS):
-        engine.add_request(str(index), prompt, params)
+        engine.add_request(str(index), engine.input_processor.process(prompt, params))
     results = {}
     while engine.has_unfinished_requests():
         step, scheduled = engine.schedule()

@@ -21,9 +21,9 @@ def test_fp8_decode_graphs_and_eager_agree(family, make_cuda_llm):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     graphs = make_cuda_llm(family, dtype="bfloat16", kv_cache_dtype="fp8")
     eager = make_cuda_llm(family, dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=True)
-    assert graphs.engine.executor.runner.kv_pool.storage.dtype == torch.float8_e4m3fn
+    assert graphs.llm_engine.executor.runner.kv_pool.storage.dtype == torch.float8_e4m3fn
     tokens = [o.outputs[0].token_ids for o in graphs.generate(PROMPTS, params, use_tqdm=False)]
-    assert graphs.engine.executor.runner.num_graph_steps > 0
+    assert graphs.llm_engine.executor.runner.num_graph_steps > 0
     assert tokens == [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params, use_tqdm=False)]
 
 
@@ -48,7 +48,7 @@ def test_fp8_kv_cache_on_cuda_agrees_with_the_unquantized_cache_on_most_greedy_t
 def _profiled_num_blocks(path: str, **kwargs) -> int:
     llm = LLM(path, device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3, max_num_seqs=8,
               enforce_eager=True, **kwargs)
-    num_blocks = llm.engine.block_pool.num_blocks
+    num_blocks = llm.llm_engine.block_pool.num_blocks
     out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) >= 1 for o in out)
     del llm, out

@@ -35,6 +35,6 @@ def test_constrained_and_unconstrained_rows_share_steps_on_cuda(tiny_model_dir, 
     for choice in outputs[1].outputs:
         jsonschema.validate(json.loads(choice.text), SCHEMA)
     assert re.fullmatch(r"[a-z]{4}-\d{3}", outputs[2].outputs[0].text)
-    runner = llm.engine.executor.runner
+    runner = llm.llm_engine.executor.runner
     assert (runner.num_graph_steps > 0) != enforce_eager
-    assert_pool_clean(llm.engine)
+    assert_pool_clean(llm.llm_engine)

@@ -31,7 +31,7 @@ def _generate(llm: LLM) -> list[list[int]]:
 
 
 def _fp8_layers(llm: LLM) -> dict:
-    return {name: module for name, module in llm.engine.executor.model.named_modules()
+    return {name: module for name, module in llm.llm_engine.executor.model.named_modules()
             if isinstance(getattr(module, "quant_method", None), FP8LinearMethod)}
 
 
@@ -46,7 +46,7 @@ def test_fp8_checkpoint_greedy_tokens_equal_transformers_on_dequantized_weights(
     assert len(layers) == 8 and all(layer.weight.dtype == torch.float8_e4m3fn for layer in layers.values())
     qkv = layers["layers.0.self_attn.qkv_proj"].weight_scale  # one per-tensor scale per shard
     assert len({qkv[0].item(), qkv[64].item(), qkv[96].item()}) == 3
-    assert type(llm.engine.executor.model.lm_head.quant_method) is UnquantizedLinearMethod
+    assert type(llm.llm_engine.executor.model.lm_head.quant_method) is UnquantizedLinearMethod
 
 
 def test_quantization_fp8_quantizes_a_float_checkpoint_at_load(tiny_model_dir, tmp_path):

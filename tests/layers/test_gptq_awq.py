@@ -105,7 +105,7 @@ def test_quantized_greedy_tokens_equal_transformers_on_dequantized_weights(case,
 
 
 def _model(llm: LLM):
-    return llm.engine.executor.model
+    return llm.llm_engine.executor.model
 
 
 def _quantized_layers(model) -> dict:

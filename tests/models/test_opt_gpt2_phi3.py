@@ -45,8 +45,8 @@ def _hf_greedy(path: str, prompts_ids: list[list[int]], max_new: int) -> list[li
 def _generate_joining_mid_flight(llm: LLM, prompts_ids: list[list[int]], max_new: int) -> list[list[int]]:
     """Two requests start; another joins every third step, prefilling in chunks while others decode."""
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
-    results = generate_joining_mid_flight(llm.engine, [{"prompt_token_ids": ids} for ids in prompts_ids], params)
-    assert_pool_clean(llm.engine)
+    results = generate_joining_mid_flight(llm.llm_engine, [{"prompt_token_ids": ids} for ids in prompts_ids], params)
+    assert_pool_clean(llm.llm_engine)
     return results
 
 

@@ -110,7 +110,7 @@ def test_quantized_phi3_loads_its_fused_tensors_whole(fmt, variant_dir, tmp_path
     prompts = [tokenizer.encode("Hello, my name is"), tokenizer.encode("The capital of France is")]
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
                            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    layer = llm.engine.executor.model.layers[0]
+    layer = llm.llm_engine.executor.model.layers[0]
     for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
         assert type(linear.quant_method).__name__ == f"{fmt.upper()}LinearMethod"
     assert [list(o.outputs[0].token_ids) for o in outputs] == _hf_greedy(reference, prompts, 8)

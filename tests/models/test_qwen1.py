@@ -44,7 +44,7 @@ def make_llm():
 
     yield make
     for llm in made:
-        assert_pool_clean(llm.engine)
+        assert_pool_clean(llm.llm_engine)
 
 
 def _expected(model, tokenizer, prompts=PROMPTS, max_new=MAX_NEW) -> list[list[int]]:
@@ -84,7 +84,7 @@ def test_batch_of_very_different_lengths_matches_transformers(qwen1_checkpoint, 
 def test_requests_joining_mid_flight_match_transformers(qwen1_checkpoint, reference, make_llm):
     """Continuous batching: new prompts prefill (in chunks) while earlier ones decode."""
     llm = make_llm(qwen1_checkpoint[0], max_num_batched_tokens=32, max_num_seqs=4)
-    results = generate_joining_mid_flight(llm.engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
+    results = generate_joining_mid_flight(llm.llm_engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
     assert results == _expected(reference, llm.get_tokenizer())
 
 
@@ -94,7 +94,7 @@ def test_gptq_int4_checkpoint_matches_its_dequantized_reference(gptq_checkpoint,
     path, reference_path = gptq_checkpoint
     reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32).eval()
     llm = make_llm(path, dtype="float32")
-    quant = llm.engine.config.quantization
+    quant = llm.llm_engine.config.quantization
     assert isinstance(quant, GPTQConfig) and (quant.bits, quant.group_size, quant.desc_act) == (4, 128, False)
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == _expected(reference, llm.get_tokenizer())
@@ -111,7 +111,7 @@ def test_max_model_len_stops_at_seq_length(qwen1_checkpoint):
 def test_eos_is_endoftext_and_im_end(qwen1_checkpoint, make_llm):
     llm = make_llm(qwen1_checkpoint[0])
     tokenizer = llm.get_tokenizer()
-    assert llm.engine.eos_token_ids() == sorted(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+    assert llm.llm_engine.eos_token_ids() == sorted(tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
 
 
 def test_partial_rotary_is_refused_by_name(qwen1_checkpoint, tmp_path):

@@ -33,8 +33,8 @@ def mistral_window(tmp_path_factory):
 def test_mistral_window_is_not_a_length_cap(mistral_window):
     from asyncserve import LLM
     llm = LLM(mistral_window[0], device="cpu", num_gpu_blocks_override=128)
-    assert llm.engine.config.model.max_model_len == 2048  # max_position_embeddings, not the window
-    model = llm.engine.executor.runner.model
+    assert llm.llm_engine.config.model.max_model_len == 2048  # max_position_embeddings, not the window
+    model = llm.llm_engine.executor.runner.model
     assert [attention.sliding_window for attention in model.attention_layers()] == [WINDOW, WINDOW]
 
 
@@ -45,7 +45,7 @@ def test_mistral_with_window_shorter_than_prompts_matches_transformers_mid_fligh
     from tests.conftest import assert_pool_clean
     path, model, tokenizer = mistral_window
     llm = LLM(path, device="cpu", num_gpu_blocks_override=512, max_num_batched_tokens=32, max_num_seqs=4)
-    engine = llm.engine
+    engine = llm.llm_engine
     longest_table = 0
 
     def check_pool():
@@ -83,7 +83,7 @@ def test_gemma_prompt_logprobs_match_transformers(family, make_llm, hf_reference
 
 def test_gemma2_final_soft_cap_bounds_the_logits(make_llm):
     llm = make_llm("gemma2")
-    model = llm.engine.executor.runner.model
+    model = llm.llm_engine.executor.runner.model
     hidden = torch.randn(3, model.config.hidden_size) * 100
     logits = model.compute_logits(hidden)
     cap = model.config.final_logit_softcapping
@@ -93,9 +93,9 @@ def test_gemma2_final_soft_cap_bounds_the_logits(make_llm):
 
 def test_gemma_layers_alternate_local_and_global(make_llm):
     for family in ("gemma2", "gemma3"):
-        model = make_llm(family).engine.executor.runner.model
+        model = make_llm(family).llm_engine.executor.runner.model
         assert [a.sliding_window for a in model.attention_layers()] == [WINDOW, None]
-    gemma2 = make_llm("gemma2").engine.executor.runner.model
+    gemma2 = make_llm("gemma2").llm_engine.executor.runner.model
     assert [a.softcap for a in gemma2.attention_layers()] == [5.0, 5.0]
     assert gemma2.attention_layers()[0].scale == 24 ** -0.5  # query_pre_attn_scalar, not head_dim
 

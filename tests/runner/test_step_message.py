@@ -80,7 +80,7 @@ def test_pickled_messages_give_the_same_tokens(make_llm):
     settings = dict(num_gpu_blocks_override=34, max_model_len=272, max_num_batched_tokens=32, block_size=8)
     expected = _run(make_llm("llama", **settings))
     llm = make_llm("llama", **settings)
-    engine = llm.engine
+    engine = llm.llm_engine
     engine.executor = PicklingExecutor(engine.executor)
     assert _run(llm) == expected
     assert engine.scheduler.num_preemptions > 0
@@ -90,7 +90,7 @@ def test_pickled_messages_give_the_same_tokens(make_llm):
 
 def test_decode_steps_send_only_diffs(make_llm):
     llm = make_llm("qwen3")
-    engine = llm.engine
+    engine = llm.llm_engine
     engine.executor = PicklingExecutor(engine.executor)
     prompt = " ".join(["many words in a long prompt"] * 20)
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)
@@ -121,7 +121,7 @@ def test_token_constraints_cross_the_process_boundary_once_and_give_the_same_tok
 
     expected = run(make_llm("qwen3"))
     llm = make_llm("qwen3")
-    engine = llm.engine
+    engine = llm.llm_engine
     engine.executor = PicklingExecutor(engine.executor)
     assert run(llm) == expected
     assert all(set(tokens) <= set(allowed) for tokens, _ in expected[0])

@@ -94,7 +94,7 @@ async def wait_until_idle(engine: AsyncEngine, timeout: float = 1.0) -> dict:
     while True:
         stats = engine.stats()
         idle = (stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
-                and stats["kv_cache_usage_perc"] == 0.0 and not engine.engine.requests)
+                and stats["kv_cache_usage_perc"] == 0.0 and not engine.llm_engine.requests)
         if idle or asyncio.get_running_loop().time() > deadline:
             return stats
         await asyncio.sleep(0.01)

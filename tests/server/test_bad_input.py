@@ -137,7 +137,7 @@ async def test_bad_input_never_reached_the_500_handler_and_the_server_serves_on(
                                              extra_body={"ignore_eos": True})
     assert result.usage.completion_tokens == 3
     assert server.engine.is_running
-    assert not server.engine.engine.requests
+    assert not server.engine.llm_engine.requests
 
 
 async def test_api_key_is_required_on_api_routes_only(model_path):
@@ -190,7 +190,7 @@ async def test_dead_engine_answers_503_and_health_fails(model_path):
         def broken_step(step):
             raise RuntimeError("simulated device failure")
 
-        live.engine.engine.executor.launch = broken_step
+        live.engine.llm_engine.executor.launch = broken_step
         async with http.post(live.url + COMPLETIONS, json=OK_PROMPT) as response:
             assert response.status == 503  # the request in flight when the engine died
         async with http.post(live.url + CHAT, json=OK_CHAT) as response:

@@ -79,7 +79,7 @@ async def test_clients_leaving_mid_stream_free_their_requests_within_a_second(se
         seen = b""
         while seen.count(b"\n\n") < 2:
             seen += await response.content.readany()
-        assert engine.engine.requests  # this client's 400 tokens are far from done
+        assert engine.llm_engine.requests  # this client's 400 tokens are far from done
         response.close()  # drops the connection mid-stream
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -87,7 +87,7 @@ async def test_clients_leaving_mid_stream_free_their_requests_within_a_second(se
         stats = await wait_until_idle(engine, timeout=1.0)
     assert stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0
     assert stats["kv_cache_usage_perc"] == 0.0
-    engine.engine.block_pool.check_invariants([])
+    engine.llm_engine.block_pool.check_invariants([])
     assert engine.stats()["generation_tokens_total"] - generated_before < 8 * 400 / 2  # stopped early
     assert server.state.active == set()
 
@@ -97,14 +97,14 @@ async def test_non_streaming_client_leaving_aborts_its_request(server):
     body = {"model": MODEL_NAME, "prompt": "A long answer", "max_tokens": 450, "ignore_eos": True}
     async with aiohttp.ClientSession() as session:
         task = asyncio.ensure_future(session.post(server.api + "/completions", json=body))
-        while not engine.engine.requests:
+        while not engine.llm_engine.requests:
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
     stats = await wait_until_idle(engine, timeout=1.0)
     assert stats["num_requests_running"] == 0 and stats["kv_cache_usage_perc"] == 0.0
-    engine.engine.block_pool.check_invariants([])
+    engine.llm_engine.block_pool.check_invariants([])
 
 
 async def test_server_keeps_serving_after_clients_leave(client):

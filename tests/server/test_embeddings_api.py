@@ -43,7 +43,7 @@ async def embedder(embedding_server):
     async with AsyncOpenAI(base_url=embedding_server.api, api_key="unused", max_retries=0, timeout=60) as client:
         yield client
     await wait_until_idle(embedding_server.engine)
-    assert_pool_clean(embedding_server.engine.engine)  # no KV kept once the prompts have run
+    assert_pool_clean(embedding_server.engine.llm_engine)  # no KV kept once the prompts have run
 
 
 def assert_close(actual, expected) -> None:
@@ -166,7 +166,7 @@ async def test_embedding_model_refuses_generation(embedding_server, http, path, 
 async def test_generative_model_refuses_embeddings(client, server):
     with pytest.raises(openai.BadRequestError, match="does not support the Embeddings API"):
         await client.embeddings.create(model=MODEL_NAME, input="hi")
-    assert_pool_clean(server.engine.engine)
+    assert_pool_clean(server.engine.llm_engine)
 
 
 async def test_dimensions_of_a_matryoshka_model(tiny_model_dir, tmp_path, http):

@@ -48,7 +48,7 @@ async def live(model_path):
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def held(live):
-    manager = live.engine.engine.structured
+    manager = live.engine.llm_engine.structured
     holder = HeldCompiles(manager.backend)
     yield holder
     holder.release.set()
@@ -102,7 +102,7 @@ async def test_a_small_choice_is_answered_while_a_big_schema_compiles(live, held
 
 
 async def test_a_client_that_leaves_while_its_grammar_compiles_drops_the_compile(live, held):
-    manager = live.engine.engine.structured
+    manager = live.engine.llm_engine.structured
     leaving = asyncio.ensure_future(_post(live, "/v1/completions", {"prompt": "x", "max_tokens": 2,
                                                                     "guided_regex": HELD}))
     await _until(lambda: held.started == 1)

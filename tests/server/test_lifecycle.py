@@ -42,7 +42,7 @@ async def test_mounted_sub_app_serves_beside_host_routes_and_owns_the_engine(mod
             async with http.get(url + "/llm/metrics") as response:
                 assert "asyncserve:generation_tokens_total" in await response.text()
     assert not engine.is_running  # and its cleanup with the host app's
-    assert_pool_clean(engine.engine)
+    assert_pool_clean(engine.llm_engine)
 
 
 async def _stream(http: aiohttp.ClientSession, url: str, max_tokens: int):
@@ -72,7 +72,7 @@ async def test_shutdown_lets_short_streams_finish(model_path):
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert not live.engine.is_running
-    assert_pool_clean(live.engine.engine)
+    assert_pool_clean(live.engine.llm_engine)
 
 
 async def test_shutdown_aborts_streams_past_the_drain_timeout_and_ends_them_cleanly(model_path):
@@ -86,4 +86,4 @@ async def test_shutdown_aborts_streams_past_the_drain_timeout_and_ends_them_clea
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "abort"
     assert not live.engine.is_running
-    assert_pool_clean(live.engine.engine)
+    assert_pool_clean(live.engine.llm_engine)

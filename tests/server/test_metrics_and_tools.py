@@ -78,7 +78,7 @@ async def test_metrics_expose_every_series_with_sane_values(server, client, http
 async def test_kv_cache_usage_is_a_fraction_while_busy(server, http):
     body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 200, "ignore_eos": True}
     task = asyncio.ensure_future(http.post(server.api + "/completions", json=body))
-    while not server.engine.engine.requests:
+    while not server.engine.llm_engine.requests:
         await asyncio.sleep(0.005)
     async with http.get(server.url + "/metrics") as response:
         _, samples = parse_metrics(await response.text())

@@ -31,7 +31,7 @@ async def test_the_waiting_bound_counts_only_requests_beyond_free_running_slots(
         for i in range(16 + 8):
             engine.abort(f"burst-{i}")
         await engine.stop()
-    assert_pool_clean(engine.engine)
+    assert_pool_clean(engine.llm_engine)
 
 
 async def test_a_burst_that_fits_the_free_running_slots_is_never_refused(model_path):
@@ -74,4 +74,4 @@ async def test_while_draining_new_requests_get_503_shutting_down_until_the_liste
         assert rest.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"length"' in rest
     await asyncio.wait_for(server, 30)
     assert not engine.is_running
-    assert_pool_clean(engine.engine)
+    assert_pool_clean(engine.llm_engine)

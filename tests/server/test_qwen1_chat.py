@@ -55,7 +55,7 @@ async def test_a_chat_request_answers_what_transformers_generates(qwen_server, q
                     streamed.append(choice["delta"].get("content") or "")
     assert "".join(streamed) == tokenizer.decode(completion, skip_special_tokens=True)
     await wait_until_idle(qwen_server.engine)
-    assert_pool_clean(qwen_server.engine.engine)
+    assert_pool_clean(qwen_server.engine.llm_engine)
 
 
 async def test_chat_logprobs_give_each_tokens_own_bytes(qwen_server, qwen1_checkpoint, http):

@@ -47,7 +47,7 @@ async def test_a_client_that_never_reads_its_stream_is_cut_off_and_its_request_a
         loop = asyncio.get_running_loop()
         with caplog.at_level(logging.WARNING, logger="asyncserve.server"):
             await loop.sock_sendall(sock, request)
-            while not engine.engine.requests:  # the request started
+            while not engine.llm_engine.requests:  # the request started
                 await asyncio.sleep(0.01)
             deadline = loop.time() + 30
             while live.state.active and loop.time() < deadline:
@@ -56,7 +56,7 @@ async def test_a_client_that_never_reads_its_stream_is_cut_off_and_its_request_a
             assert not live.state.active, "the handler is still blocked writing to a client that never reads"
             stats = await wait_until_idle(engine, timeout=2.0)
             assert stats["num_requests_running"] == 0 and stats["kv_cache_usage_perc"] == 0.0
-            assert not engine.engine.requests
+            assert not engine.llm_engine.requests
             assert stats["generation_tokens_total"] < 4 * 400  # aborted, not run to the end
             assert "read nothing for 0.5 s; its request was aborted" in caplog.text
         finally:

@@ -191,4 +191,4 @@ async def test_chat_stream_with_bad_schema_is_a_400_before_any_frame(client):
 
 async def test_pool_is_clean_after_structured_requests(server):
     await wait_until_idle(server.engine, timeout=10.0)
-    assert_pool_clean(server.engine.engine)
+    assert_pool_clean(server.engine.llm_engine)

@@ -51,7 +51,7 @@ def test_llm_chat_renders_tools_through_the_template(make_llm):
     messages = [{"role": "user", "content": "Weather?"}]
     [output] = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False,
                         chat_template=HERMES_TOOLS_TEMPLATE, tools=TOOLS)
-    expected = llm.engine.tokenizer.apply_chat_template(messages, tools=TOOLS, chat_template=HERMES_TOOLS_TEMPLATE,
+    expected = llm.llm_engine.tokenizer.apply_chat_template(messages, tools=TOOLS, chat_template=HERMES_TOOLS_TEMPLATE,
                                                         add_generation_prompt=True, tokenize=False)
     assert '"name": "temp"' in expected
-    assert output.prompt_token_ids == llm.engine.tokenizer.encode(expected, add_special_tokens=False)
+    assert output.prompt_token_ids == llm.llm_engine.tokenizer.encode(expected, add_special_tokens=False)

@@ -72,3 +72,18 @@ def find_stop_string(text: str, num_new_chars: int, stops: list[str],
         return None
     stop, position = best
     return stop, position + len(stop) if include_stop_str else position
+
+
+class NullDetokenizer:
+    """Token ids only (skip_tokenizer_init): no text is produced."""
+
+    output_text = ""
+
+    def step(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+    def truncate(self, length: int) -> None:
+        pass

@@ -4,26 +4,11 @@ from __future__ import annotations
 import logging
 import time
 
-from asyncserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from asyncserve.engine.detokenizer import NullDetokenizer, IncrementalDetokenizer, find_stop_string
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 logger = logging.getLogger("asyncserve")
-
-
-class NullDetokenizer:
-    """Token ids only (skip_tokenizer_init): no text is produced."""
-
-    output_text = ""
-
-    def step(self, token_id: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
-
-    def truncate(self, length: int) -> None:
-        pass
 
 
 class OutputProcessor:

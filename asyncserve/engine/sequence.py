@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 from asyncserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from asyncserve.engine.detokenizer import IncrementalDetokenizer
-    from asyncserve.engine.output_processor import NullDetokenizer
+    from asyncserve.engine.detokenizer import IncrementalDetokenizer, NullDetokenizer
     from asyncserve.engine.structured import GrammarMatcher
 
 
@@ -37,7 +36,8 @@ class Sequence:
     """
 
     def __init__(self, seq_id: int, request: "Request", token_ids: list[int], index: int = 0,
-                 detokenizer: "IncrementalDetokenizer | NullDetokenizer | None" = None, matcher: "GrammarMatcher | None" = None):
+                 detokenizer: "IncrementalDetokenizer | NullDetokenizer | None" = None,
+                 matcher: "GrammarMatcher | None" = None):
         self.seq_id = seq_id
         self.request: Request | None = request
         self.params: SamplingParams = request.params

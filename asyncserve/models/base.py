@@ -55,8 +55,8 @@ class CausalLM(nn.Module, ABC):
         """The layers that own KV, in order; the runner sets each one's `kv_cache`."""
 
     def tune_single_row(self) -> None:
-        """Times the one-row kernels of every linear layer (the LM head included) on this GPU; once,
-        at start-up, before the memory profile."""
+        """Times the one-row kernels (on the CPU: weight layouts) of every linear layer, the LM head
+        included, on this device; once, at start-up, before the memory profile."""
         tune_single_row_products(self)
 
     def drop_lm_head(self) -> None:

@@ -48,9 +48,10 @@ def paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, 
         hidden = positions >= lengths
         if sliding_window:  # the new token sits at seq_len - 1
             hidden |= positions <= lengths - 1 - sliding_window
-        # Stale slots may hold NaN, which a zero probability would still spread.
-        keys.masked_fill_(hidden[:, :, None, None], 0.0)
-        values.masked_fill_(hidden[:, :, None, None], 0.0)
+        # Stale slots may hold NaN, which a zero probability would still spread: zero those rows only.
+        hidden_rows = hidden.view(-1).nonzero().view(-1)
+        keys.view(-1, num_kv_heads * head_dim).index_fill_(0, hidden_rows, 0.0)
+        values.view(-1, num_kv_heads * head_dim).index_fill_(0, hidden_rows, 0.0)
         mask = ~hidden[:, None, None, :]  # [B, 1, 1, L]: True where a key is seen
     q = query[:, :, None]  # [B, H, 1, D]
     k, v = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]

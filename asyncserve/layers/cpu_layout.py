@@ -17,8 +17,9 @@ from torch.nn import functional as F
 # A one-row product over a smaller weight costs a few microseconds of dispatch whatever its layout:
 # timing it would pick a layout by noise, so it keeps the layout it was loaded in.
 MIN_TIMED_BYTES = 1 << 20
-# Time over enough copies of a weight that the caches cannot hold them, as the model reads it.
-_COLD_BYTES = 64 << 20
+# Time over enough copies of a weight that the last-level cache cannot hold them, as a model's step
+# reads it: each layout's copies fill this much, and the two layouts' passes alternate.
+_COLD_BYTES = 32 << 20
 _MAX_COPIES = 64
 # Column-major must win by this much: timing noise must not flip a layout that barely matters.
 _MIN_GAIN = 0.9
@@ -39,27 +40,54 @@ def _elapsed(run) -> float:
     return time.perf_counter() - start
 
 
-@torch.inference_mode()
-def time_one_row_layouts(weight: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
-    """(row-major ms, column-major ms) of x[1, in] @ weight^T on this CPU, weights read cold."""
-    x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
-    num_copies = max(1, min(_MAX_COPIES, _COLD_BYTES // (weight.numel() * weight.element_size())))
-    rows = [weight.contiguous()] + [weight.contiguous().clone() for _ in range(num_copies - 1)]
-    columns = [column_major(copy) for copy in rows]
+class OneRowTimer:
+    """Times x[1, in] @ weight^T in both layouts over copies of the weight. The copies live in one scratch
+    buffer kept for every shape, so its pages are faulted in once (the costly part of start-up timing)."""
 
-    def over(copies):
-        def run():
-            for copy in copies:
-                F.linear(x, copy)
-        return run
+    def __init__(self, cold_bytes: int = _COLD_BYTES):
+        self.cold_bytes = cold_bytes
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
-    # The best of several runs, alternating: other processes only ever add time, and a busy moment of
-    # the machine hurts both layouts alike.
-    row_time = column_time = float("inf")
-    for _ in range(repeats):
-        row_time = min(row_time, _elapsed(over(rows)))
-        column_time = min(column_time, _elapsed(over(columns)))
-    return row_time * 1e3 / num_copies, column_time * 1e3 / num_copies
+    def _copies(self, weight: torch.Tensor, count: int, offset: int, transposed: bool) -> list[torch.Tensor]:
+        numel = weight.numel()
+        flat = self._scratch[offset:offset + count * numel * weight.element_size()].view(weight.dtype)
+        copies = []
+        for index in range(count):
+            part = flat[index * numel:(index + 1) * numel]
+            if transposed:
+                copies.append(part.view(weight.shape[1], weight.shape[0]).copy_(weight.t()).t())
+            else:
+                copies.append(part.view(weight.shape).copy_(weight))
+        return copies
+
+    @torch.inference_mode()
+    def __call__(self, weight: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
+        """(row-major ms, column-major ms) of one product, weights read cold. A weight larger than the
+        cold size is timed over its first rows that fit (the speed per byte is what is compared)."""
+        row_bytes = weight.shape[1] * weight.element_size()
+        part = weight[:max(1, self.cold_bytes // row_bytes)]
+        nbytes = part.numel() * part.element_size()
+        count = max(1, min(_MAX_COPIES, self.cold_bytes // nbytes))
+        if self._scratch.numel() < 2 * count * nbytes:  # both layouts' copies; allocated once
+            self._scratch = torch.empty(max(2 * count * nbytes, 2 * self.cold_bytes), dtype=torch.uint8)
+        rows = self._copies(part, count, 0, transposed=False)
+        columns = self._copies(part, count, count * nbytes, transposed=True)
+        x = torch.randn(1, weight.shape[1], dtype=weight.dtype)
+
+        def over(copies):
+            def run():
+                for copy in copies:
+                    F.linear(x, copy)
+            return run
+
+        # The best of several runs, alternating: other processes only ever add time, and a busy moment
+        # of the machine hurts both layouts alike.
+        row_time = column_time = float("inf")
+        for _ in range(repeats):
+            row_time = min(row_time, _elapsed(over(rows)))
+            column_time = min(column_time, _elapsed(over(columns)))
+        whole = weight.shape[0] / part.shape[0]
+        return row_time * 1e3 * whole / count, column_time * 1e3 * whole / count
 
 
 def prefers_column_major(row_ms: float, column_ms: float) -> bool:

@@ -37,11 +37,12 @@ def timed(monkeypatch):
     shapes = []
     table = {(OUT, IN): (1.0, 0.6), (IN, OUT): (1.0, 0.95), (2048, IN): (2.0, 1.0)}
 
-    def fake(weight):
-        shapes.append(tuple(weight.shape))
-        return table[tuple(weight.shape)]
+    class FakeTimer:
+        def __call__(self, weight):
+            shapes.append(tuple(weight.shape))
+            return table[tuple(weight.shape)]
 
-    monkeypatch.setattr(unquantized, "time_one_row_layouts", fake)
+    monkeypatch.setattr(unquantized, "OneRowTimer", FakeTimer)
     return shapes
 
 
@@ -80,9 +81,21 @@ def test_weights_under_a_mebibyte_are_not_timed(timed):
     assert layer.weight.is_contiguous()
 
 
-def test_the_timing_reads_both_layouts_of_copies():
-    row_ms, column_ms = cpu_layout.time_one_row_layouts(torch.randn(OUT, IN), repeats=1)
+def test_the_timer_multiplies_copies_in_both_layouts_from_one_scratch_buffer():
+    timer = cpu_layout.OneRowTimer(cold_bytes=8 << 20)
+    weight = torch.randn(OUT, IN)
+    row_ms, column_ms = timer(weight, repeats=1)  # 4 copies of each layout: 16 MiB of scratch
     assert row_ms > 0 and column_ms > 0
+    assert timer._scratch.numel() == 16 << 20
+    timer(torch.randn(4 * OUT, IN), repeats=1)  # 8 MiB: timed over its first 4 MiB of rows
+    assert timer._scratch.numel() == 16 << 20
+    rows = timer._copies(weight, 4, 0, transposed=False)
+    columns = timer._copies(weight, 4, 8 << 20, transposed=True)
+    assert all(torch.equal(copy, weight) for copy in rows + columns)
+    assert [c.stride() for c in rows] == [(IN, 1)] * 4 and [c.stride() for c in columns] == [(1, OUT)] * 4
+    scratch = timer._scratch.data_ptr()
+    timer(torch.randn(IN, IN), repeats=1)  # a smaller shape reuses the buffer
+    assert timer._scratch.data_ptr() == scratch
 
 
 def test_the_cpu_runner_tunes_at_start_up(make_llm, monkeypatch):
@@ -97,7 +110,7 @@ def test_greedy_output_matches_transformers_with_every_weight_column_major(famil
                                                                           monkeypatch):
     """The tiny models' weights are under the timing threshold: here every one of them is turned."""
     monkeypatch.setattr(unquantized, "MIN_TIMED_BYTES", 0)
-    monkeypatch.setattr(unquantized, "time_one_row_layouts", lambda weight: (1.0, 0.5))
+    monkeypatch.setattr(unquantized, "OneRowTimer", lambda: lambda weight: (1.0, 0.5))
     llm = make_llm(family)
     model = llm.engine.executor.runner.model
     layouts = [m.weight.stride(0) == 1 for m in model.modules()  # a one-row weight has a single layout

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from asyncserve.layers.cpu_layout import (MIN_TIMED_BYTES, column_major, is_column_major, prefers_column_major,
-                                          time_one_row_layouts)
+from asyncserve.layers.cpu_layout import (MIN_TIMED_BYTES, OneRowTimer, column_major, is_column_major,
+                                          prefers_column_major)
 from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader
 from asyncserve.layers.single_row import SingleRowKernel, fastest_single_row_kernel, linear
 
@@ -50,7 +50,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
             return None
         first = key not in timings
         if first:
-            timings[key] = time_one_row_layouts(weight.data)
+            timer = timings.setdefault("cpu one-row timer", OneRowTimer())  # one scratch buffer for all
+            timings[key] = timer(weight.data)
         row_ms, column_ms = timings[key]
         if not prefers_column_major(row_ms, column_ms):
             return None

@@ -44,6 +44,7 @@ else:
         paged_attention_ref,
         paged_attention_triton,
         paged_decode_attention,
+        paged_decode_attention_cpu,
         paged_decode_attention_ref,
         paged_decode_attention_triton,
         paged_prefill_attention,
@@ -51,7 +52,7 @@ else:
         paged_prefill_attention_triton,
     )
     from .bitmask import apply_token_bitmask, apply_token_bitmask_ref, apply_token_bitmask_triton
-    from .cache import write_kv_cache, write_kv_cache_ref, write_kv_cache_triton
+    from .cache import write_kv_cache, write_kv_cache_cpu, write_kv_cache_ref, write_kv_cache_triton
     from .gemv import GEMV_CONFIGS, gemv_ref, gemv_triton
     from .moe import (
         MOE_CONFIGS,
@@ -95,7 +96,8 @@ else:
         "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
         "gelu_tanh_and_mul", "gelu_tanh_and_mul_ref", "gelu_tanh_and_mul_triton",
         "paged_attention", "paged_attention_ref", "paged_attention_triton",
-        "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_attention_triton",
+        "paged_decode_attention", "paged_decode_attention_cpu", "paged_decode_attention_ref",
+        "paged_decode_attention_triton",
         "paged_prefill_attention", "paged_prefill_attention_ref", "paged_prefill_attention_triton",
         "DEQUANT_MIN_ROWS", "GEMV_MAX_ROWS", "QUANT_BITS", "QUANT_GEMM_CONFIGS", "QUANT_GEMV_CONFIGS",
         "dequantize_int_rows", "dequantize_triton", "pack_int_rows", "reserve_dequant_scratch",
@@ -106,5 +108,5 @@ else:
         "rms_norm", "rms_norm_ref", "rms_norm_triton",
         "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
         "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",
-        "write_kv_cache", "write_kv_cache_ref", "write_kv_cache_triton",
+        "write_kv_cache", "write_kv_cache_cpu", "write_kv_cache_ref", "write_kv_cache_triton",
     ]

@@ -3,6 +3,7 @@ Every entry point takes the keywords `sliding_window` and `softcap` (see attenti
 `v_scale` for an fp8 pool."""
 
 from ._triton import use_triton
+from .attention_cpu import paged_decode_attention_cpu
 from .attention_decode import paged_decode_attention_triton
 from .attention_prefill import paged_prefill_attention_triton
 from .attention_ref import (
@@ -42,6 +43,11 @@ def paged_prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, que
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
                            max_seq_len=None, **options):
-    """Triton on CUDA, torch reference elsewhere."""
-    attend = paged_decode_attention_triton if use_triton(query) else paged_decode_attention_ref
+    """Triton on CUDA, torch's fused attention on the CPU, torch reference elsewhere."""
+    if use_triton(query):
+        attend = paged_decode_attention_triton
+    elif query.device.type == "cpu":
+        attend = paged_decode_attention_cpu
+    else:
+        attend = paged_decode_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, **options)

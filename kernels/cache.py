@@ -6,7 +6,7 @@ tokens (CUDA-graph batches) and are skipped. An fp8 pool stores saturate(x / sca
 """
 
 from ._triton import tl, triton, use_triton, next_power_of_2
-from .kv_scale import FP8_KV_MAX, is_fp8, quantize_kv_ref, scale_operands
+from .kv_scale import FP8_KV_MAX, _is_one, is_fp8, quantize_kv_ref, scale_operands
 
 
 def write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
@@ -72,7 +72,24 @@ def write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping, k_scale=1.
     )
 
 
+def write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+    """`write_kv_cache_ref` for CPU tensors: two row copies when no token is padding (on the CPU, reading
+    the slots costs no device sync), instead of the reference's masks and gathers; the reference else."""
+    plain = not is_fp8(k_cache.dtype) and _is_one(k_scale) and _is_one(v_scale)
+    if not plain or not bool((slot_mapping >= 0).all()):
+        return write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    slots = slot_mapping.long()
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
-    """Triton on CUDA, torch reference elsewhere."""
-    write = write_kv_cache_triton if use_triton(key) else write_kv_cache_ref
+    """Triton on CUDA, the CPU version on the CPU, torch reference elsewhere."""
+    if use_triton(key):
+        write = write_kv_cache_triton
+    elif key.device.type == "cpu":
+        write = write_kv_cache_cpu
+    else:
+        write = write_kv_cache_ref
     return write(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)

@@ -258,7 +258,8 @@ def qkv_linear(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: in
 
 
 def tune_single_row_products(model: nn.Module) -> None:
-    """Lets every linear layer's method time its one-row kernels (batch-1 decode) on this GPU."""
+    """Lets every linear layer's method time its one-row kernels (batch-1 decode) on this device: on a
+    GPU the kernel, on the CPU the weight's layout (cpu_layout.py)."""
     timings: dict = {}
     report = []
     for module in model.modules():
@@ -266,4 +267,6 @@ def tune_single_row_products(model: nn.Module) -> None:
             line = module.quant_method.tune_single_row(module, timings)
             if line is not None:
                 report.append(line)
-    logger.info("one-row products: %s", "; ".join(report) or "cuBLAS GEMM for every shape")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    logger.info("one-row products: %s", "; ".join(report) or (
+        "weights as loaded (row-major) for every shape" if on_cpu else "cuBLAS GEMM for every shape"))

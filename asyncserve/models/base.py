@@ -66,8 +66,8 @@ class CausalLM(nn.Module, ABC):
                                tied_to=self.embed_tokens if self.tie_word_embeddings else None)
 
     def tune_single_row(self) -> None:
-        """Times the one-row kernels of every linear layer (the LM head included) on this GPU; once,
-        at start-up, before the memory profile."""
+        """Times the one-row kernels (on the CPU: weight layouts) of every linear layer, the LM head
+        included, on this device; once, at start-up, before the memory profile."""
         tune_single_row_products(self)
 
     @classmethod

@@ -30,8 +30,6 @@ class CudaModelRunner(ModelRunner):
         self.decode_graphs: _DecodeGraphs | None = None
         self.capture_seconds = 0.0
         self.num_graph_steps = 0
-        # Before the memory profile: the timing briefly holds extra weight copies.
-        model.tune_single_row()
 
     @torch.inference_mode()
     def prepare(self) -> None:

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     # Must precede the @triton.jit decorators of asyncserve.kernels (read at decoration).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_KERNEL_MODULES = ["_triton", "cache", "kv_scale", "attention_ref", "attention_window", "attention_decode",
+_KERNEL_MODULES = ["_triton", "cache", "kv_scale", "attention_ref", "attention_cpu", "attention_window", "attention_decode",
                    "attention_prefill", "attention", "norm", "rotary", "activation", "quant_gemm", "fp8_linear",
                    "moe", "bitmask"]
 if os.environ.get("TRITON_INTERPRET") == "1" and "asyncserve.kernels" in sys.modules:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from asyncserve.kernels import write_kv_cache_ref, write_kv_cache_triton
+from asyncserve.kernels import write_kv_cache_cpu, write_kv_cache_ref, write_kv_cache_triton
 
 
 def _pool(num_blocks, block_size, num_kv_heads, head_dim, device):
@@ -49,3 +49,29 @@ def test_triton_reads_key_and_value_through_strides(triton_device):
     write_kv_cache_ref(key, value, k_expected, v_expected, slot_mapping)
     write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+@pytest.mark.parametrize("slots", [[5, 1, 0], [3, -1, 6], [-1, -1, -1], []])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_version_matches_reference(slots, dtype):
+    """Through a fused qkv's strided views; padding anywhere falls back to the reference."""
+    num_tokens = len(slots)
+    qkv = torch.randn(num_tokens, 4 + 2 * 2, 16)
+    key, value = qkv[:, 4:6], qkv[:, 6:]
+    slot_mapping = torch.tensor(slots, dtype=torch.int64)
+    k_cache, v_cache = (t.to(dtype) for t in _pool(2, 4, 2, 16, "cpu"))
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    write_kv_cache_ref(key, value, k_expected, v_expected, slot_mapping)
+    write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def test_cpu_version_with_scales_or_fp8_pool_is_the_reference():
+    key, value = torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    slot_mapping = torch.tensor([1, 6])
+    for pool_dtype, scales in ((torch.float8_e4m3fn, {}), (torch.float32, {"k_scale": 0.5, "v_scale": 2.0})):
+        k_cache, v_cache = torch.zeros(2, 4, 1, 16, dtype=pool_dtype), torch.zeros(2, 4, 1, 16, dtype=pool_dtype)
+        k_expected, v_expected = k_cache.clone(), v_cache.clone()
+        write_kv_cache_ref(key, value, k_expected, v_expected, slot_mapping, **scales)
+        write_kv_cache_cpu(key, value, k_cache, v_cache, slot_mapping, **scales)
+        assert torch.equal(k_cache.float(), k_expected.float()) and torch.equal(v_cache.float(), v_expected.float())

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from asyncserve.layers.cpu_layout import (MIN_TIMED_BYTES, OneRowTimer, column_major, is_column_major,
+                                          prefers_column_major)
 from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader, set_split_dims
 from asyncserve.layers.single_row import SingleRowKernel, fastest_single_row_kernel, linear
 
@@ -29,6 +31,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:
         weight = layer.weight
         key = (tuple(weight.shape), weight.dtype)
+        if weight.device.type == "cpu":
+            return self._choose_cpu_layout(weight, key, timings)
         if key in timings:
             self.single_row = timings[key][0]
             return None
@@ -37,6 +41,25 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if self.single_row is None:
             return None
         return f"{key[0][0]}x{key[0][1]}: {self.single_row} {best * 1e3:.1f} us (cuBLAS {baseline * 1e3:.1f} us)"
+
+    @staticmethod
+    def _choose_cpu_layout(weight: nn.Parameter, key: tuple, timings: dict) -> str | None:
+        """On the CPU the choice is the weight's layout (see cpu_layout.py); F.linear reads either.
+        A tied LM head shares its parameter with the embedding, which then reads the same layout."""
+        if weight.numel() * weight.element_size() < MIN_TIMED_BYTES:
+            return None
+        first = key not in timings
+        if first:
+            timer = timings.setdefault("cpu one-row timer", OneRowTimer())  # one scratch buffer for all
+            timings[key] = timer(weight.data)
+        row_ms, column_ms = timings[key]
+        if not prefers_column_major(row_ms, column_ms):
+            return None
+        if not is_column_major(weight):
+            weight.data = column_major(weight.data)
+        if not first:
+            return None
+        return f"{key[0][0]}x{key[0][1]}: column-major {column_ms * 1e3:.0f} us (row-major {row_ms * 1e3:.0f} us)"
 
 
 class UnquantizedConfig(QuantizationConfig):

@@ -11,7 +11,7 @@ from asyncserve.layers import cpu_layout
 from asyncserve.layers.linear import Linear, tune_single_row_products
 from asyncserve.layers.quantization import unquantized
 from asyncserve.models.base import CausalLM
-from asyncserve.tiny_model import FAMILIES
+from asyncserve.testing.tiny_model import FAMILIES
 from tests.conftest import PROMPTS, hf_greedy
 
 # Linear(512, 1024) in float32 holds 2 MiB: over cpu_layout.MIN_TIMED_BYTES, so it is timed.
@@ -112,7 +112,7 @@ def test_greedy_output_matches_transformers_with_every_weight_column_major(famil
     monkeypatch.setattr(unquantized, "MIN_TIMED_BYTES", 0)
     monkeypatch.setattr(unquantized, "OneRowTimer", lambda: lambda weight: (1.0, 0.5))
     llm = make_llm(family)
-    model = llm.engine.executor.runner.model
+    model = llm.llm_engine.executor.runner.model
     layouts = [m.weight.stride(0) == 1 for m in model.modules()  # a one-row weight has a single layout
                if isinstance(getattr(m, "quant_method", None), unquantized.UnquantizedLinearMethod)
                and m.weight.shape[0] > 1]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from asyncserve.errors import InvalidParameterError
-from asyncserve.sampling_params import truncate_left
+from asyncserve.utils.truncation import truncate_left
 
 
 @dataclass

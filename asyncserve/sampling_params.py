@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from asyncserve.errors import SamplingParamsError
+from asyncserve.utils.truncation import truncate_left
 
 _GREEDY_EPS = 1e-5
 # Each word is tokenized (twice) when a request is admitted: the bound keeps that under ~0.1 s of one
@@ -38,18 +39,6 @@ def json_too_deep(value, limit: int = MAX_JSON_DEPTH) -> bool:
                 stack.append((child, depth + 1))
     return False
 
-
-def truncate_left(token_ids: list[int], keep: int | None, max_model_len: int, error: type) -> list[int]:
-    """The prompt's last `keep` tokens (vLLM's truncate_prompt_tokens: left truncation; -1 keeps
-    max_model_len); `error` is raised, naming the field, when `keep` exceeds max_model_len."""
-    if keep is None:
-        return token_ids
-    if keep == -1:
-        keep = max_model_len
-    if keep > max_model_len:
-        raise error(f"truncate_prompt_tokens={keep} is larger than max_model_len={max_model_len}; ask for a "
-                    "smaller truncation.", "truncate_prompt_tokens")
-    return token_ids[-keep:] if len(token_ids) > keep else token_ids
 
 @dataclass
 class StructuredOutputsParams:

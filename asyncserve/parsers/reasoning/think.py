@@ -9,7 +9,7 @@ A tag split across deltas is held back until it is whole, so every cut of a text
 from __future__ import annotations
 
 from asyncserve.utils.named_registry import NamedRegistry
-from asyncserve.parsers.tool_calls.base import held_prefix
+from asyncserve.utils.text import held_prefix
 
 START, END = "<think>", "</think>"
 _REGISTRY = NamedRegistry("reasoning parser")

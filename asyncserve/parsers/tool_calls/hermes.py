@@ -2,7 +2,8 @@
 fine-tunes (Hermes, Qwen-based agents) write tool calls; text outside the tags is content."""
 from __future__ import annotations
 
-from asyncserve.parsers.tool_calls.base import ToolParser, held_prefix
+from asyncserve.parsers.tool_calls.base import ToolParser
+from asyncserve.utils.text import held_prefix
 from asyncserve.parsers.tool_calls.registry import register
 
 START, END = "<tool_call>", "</tool_call>"

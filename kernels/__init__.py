@@ -1,6 +1,7 @@
 """Kernels of asyncserve: each op comes as `op_ref` (pure torch, any device and float dtype),
 `op_triton` (Triton; runs on CPU tensors under TRITON_INTERPRET=1) and `op` (Triton for CUDA
-tensors when triton is installed, the reference otherwise).
+tensors when triton is installed, the reference otherwise). Ops on the decode path of the CPU also
+come as `op_cpu` (fewer, fused torch ops with the reference's contract), which `op` takes for CPU tensors.
 
 KV pool layout, fixed for the whole engine: per layer k_cache and v_cache
 `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous;

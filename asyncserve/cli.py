@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: %(default)s).")
     parallel.add_argument("--enforce-eager", action="store_true",
                           help="Never capture CUDA graphs (slower decode, faster start-up).")
+    parallel.add_argument("--max-cudagraph-capture-size", type=int, default=d["max_cudagraph_capture_size"],
+                          metavar="TOKENS",
+                          help="Largest mixed prefill+decode step replayed from CUDA graphs; larger ones run "
+                               "eagerly; 0: none (default: 2048, capped by --max-num-batched-tokens).")
     parallel.add_argument("--structured-outputs-backend", "--guided-decoding-backend",
                           dest="structured_outputs_backend", default=d["structured_outputs_backend"],
                           choices=("xgrammar", "guidance"),
@@ -239,6 +243,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
         preemption_mode=args.preemption_mode, swap_space=args.swap_space, enforce_eager=args.enforce_eager,
+        max_cudagraph_capture_size=args.max_cudagraph_capture_size,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_logprobs=args.max_logprobs,
         served_model_name=args.served_model_name, max_num_waiting=args.max_num_waiting,

@@ -46,6 +46,9 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of pinned CPU memory for swapped-out blocks
     enforce_eager: bool = False
+    # Largest step (tokens) of prefill chunks and decodes replayed from CUDA graphs; larger steps run
+    # eagerly (the GPU then takes longer than the launches). vLLM's flag; 0: none.
+    max_cudagraph_capture_size: int | None = None
     load_format: str = "auto"  # "auto", "safetensors", "dummy"
     tensor_parallel_size: int = 1
     quantization: str | None = None

@@ -31,6 +31,7 @@ class ModelConfig:
     seed: int = 0
     max_logprobs: int = 20
     enforce_eager: bool = False
+    max_cudagraph_capture_size: int | None = None  # None: the runner's default (runner/mixed_graphs.py)
     generation_config: str = "auto"  # where sampling defaults come from: "auto", "vllm" or a folder
     runner_type: str = "generate"   # or "pooling": an embedding model (pooling_config.py)
     pooler: PoolerConfig | None = None  # set when runner_type is "pooling"
@@ -100,6 +101,7 @@ def load_model_config(args, path: str) -> ModelConfig:
                        model=args.model, served_model_names=args.model_names, tokenizer=args.tokenizer,
                        skip_tokenizer_init=args.skip_tokenizer_init, load_format=args.load_format,
                        seed=args.seed, max_logprobs=args.max_logprobs, enforce_eager=args.enforce_eager,
+                       max_cudagraph_capture_size=args.max_cudagraph_capture_size,
                        generation_config=args.generation_config, runner_type=runner_type, pooler=pooler,
                        is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False) or matryoshka),
                        matryoshka_dimensions=list(matryoshka) if matryoshka else None)

@@ -66,7 +66,8 @@ _TLS = "HTTPS"
 _TLS_HINT = "put a TLS-terminating proxy in front"
 _LOGS = "asyncserve logs each request unless --disable-log-requests"
 _UVICORN = "its HTTP server is aiohttp, not uvicorn"
-_GRAPHS = "asyncserve captures decode CUDA graphs for its own batch sizes (--enforce-eager skips them)"
+_GRAPHS = ("asyncserve captures decode steps per batch size and mixed steps per token count "
+           "(--max-cudagraph-capture-size; --enforce-eager skips both)")
 _SCHED = "asyncserve's scheduler has no such knob"
 
 FLAGS: tuple[VllmFlag, ...] = (
@@ -155,7 +156,7 @@ FLAGS: tuple[VllmFlag, ...] = (
              "--num-lookahead-slots --num-scheduler-steps", "scheduler tuning", NO_MEANING, 1, _SCHED),
     _ignored("--async-scheduling --disable-hybrid-kv-cache-manager --use-v2-block-manager "
              "--disable-async-output-proc", "scheduler tuning", NO_MEANING, 0, _SCHED),
-    _ignored("--max-seq-len-to-capture --max-cudagraph-capture-size", "CUDA-graph sizes", NO_MEANING, 1, _GRAPHS),
+    _ignored("--max-seq-len-to-capture", "CUDA-graph sizes", NO_MEANING, 1, _GRAPHS),
     _ignored("--cudagraph-capture-sizes --cuda-graph-sizes", "CUDA-graph sizes", NO_MEANING, "+", _GRAPHS),
     _ignored("--compilation-config -O", "torch.compile settings", NO_MEANING, 1,
              "asyncserve runs Triton kernels and CUDA graphs without torch.compile"),

@@ -32,6 +32,10 @@ class AttentionMetadata:
     # a prefill is chunked), for rotary schemes that depend on it (Phi-3's LongRoPE). None in captured
     # decode steps, where it equals seq_lens.
     context_lens: torch.Tensor | None = None
+    # Set while a mixed step is captured in pieces (runner/mixed_graphs.py): each attention layer hands
+    # its queries to `graph_split.cut(layer, query)` and returns what it gives back; the attention itself
+    # runs between the pieces (`PagedAttention.attend`).
+    graph_split: object | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -65,28 +69,42 @@ class PagedAttention(nn.Module):
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = self.kv_cache
+        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, **self._scales(k_cache))
+        if meta.graph_split is not None:
+            return meta.graph_split.cut(self, query)
+        return self.attend(query, meta).reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _scales(self, k_cache: torch.Tensor) -> dict:
         # Checkpoint scales serve an fp8 pool only, as in vLLM; a model-dtype pool stores keys as they are.
-        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale) if is_fp8(k_cache.dtype) else {}
-        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, **scales)
-        options = {"sliding_window": self.sliding_window, "softcap": self.softcap, **scales}
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale) if is_fp8(k_cache.dtype) else {}
+
+    def attend(self, query: torch.Tensor, meta: AttentionMetadata,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """query [T, H, D] of tokens whose K/V are in the pool -> [T, H, D] (into `out` if given)."""
+        k_cache, v_cache = self.kv_cache
+        options = {"sliding_window": self.sliding_window, "softcap": self.softcap, **self._scales(k_cache)}
         if meta.is_decode:
-            out = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                         self.scale, meta.max_seq_len, **options)
+            result = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                            self.scale, meta.max_seq_len, **options)
         elif meta.num_decodes:
             decodes = meta.num_decodes
-            out = torch.empty_like(query)
-            out[:decodes] = paged_decode_attention(
+            result = torch.empty_like(query) if out is None else out
+            result[:decodes] = paged_decode_attention(
                 query[:decodes], k_cache, v_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes],
                 self.scale, meta.decode_max_seq_len, **options)
-            out[decodes:] = paged_attention(
+            result[decodes:] = paged_attention(
                 query[decodes:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_seq_lens,
                 meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale,
                 **options)
+            return result
         else:
-            out = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale,
-                                  **options)
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+            result = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale,
+                                     **options)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
 
 
 def _kv_scale_parameter() -> nn.Parameter:

@@ -70,6 +70,11 @@ class CausalLM(nn.Module, ABC):
         included, on this device; once, at start-up, before the memory profile."""
         tune_single_row_products(self)
 
+    def captures_mixed_steps(self) -> bool:
+        """Whether everything outside attention depends on the token count only, never on the step's
+        metadata, so that mixed steps can be replayed from CUDA graph pieces (runner/mixed_graphs.py)."""
+        return True
+
     @classmethod
     def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
         """The length past which a sequence's whole KV must be computed again (the model computes KV

@@ -103,6 +103,10 @@ class Phi3ForCausalLM(CausalLM):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.build_lm_head(config, quant_config, tied_by_default=False)
 
+    def captures_mixed_steps(self) -> bool:
+        """LongRoPE picks each token's table by its sequence's length (the step's metadata)."""
+        return self.rotary.original_max_position is None
+
     @classmethod
     def kv_recompute_length(cls, hf_config, max_model_len: int) -> int | None:
         """LongRoPE rotates with one factor set up to `original_max_position_embeddings` tokens and another

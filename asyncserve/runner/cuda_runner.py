@@ -13,6 +13,7 @@ import time
 import torch
 
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
+from asyncserve.runner.mixed_graphs import DEFAULT_MAX_MIXED_GRAPH_TOKENS, MixedStepGraphs, mixed_graph_sizes
 from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_sampling_tensors, needs_grammar_masks
 from asyncserve.runner.model_runner import ModelRunner
@@ -46,9 +47,30 @@ class CudaModelRunner(ModelRunner):
             graphs.capture(self, graph_batch_sizes(max_num_seqs))
         torch.cuda.synchronize(self.device)
         self.decode_graphs = graphs
-        self.capture_seconds = time.perf_counter() - started
         logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", graphs.sizes,
-                    self.capture_seconds)
+                    time.perf_counter() - started)
+        self._capture_mixed_steps()
+        self.capture_seconds = time.perf_counter() - started
+
+    def _capture_mixed_steps(self) -> None:
+        config = self.config
+        limit = config.model.max_cudagraph_capture_size
+        limit = DEFAULT_MAX_MIXED_GRAPH_TOKENS if limit is None else limit
+        sizes = mixed_graph_sizes(min(limit, config.scheduler.max_num_batched_tokens))
+        if not sizes:
+            return
+        if not MixedStepGraphs.supports(self.model) or config.parallel.tensor_parallel_size > 1:
+            logger.info("mixed prefill+decode steps run eagerly: this model's layers read the step's "
+                        "metadata outside attention" if config.parallel.tensor_parallel_size == 1 else
+                        "mixed prefill+decode steps run eagerly under tensor parallelism")
+            return
+        started = time.perf_counter()
+        graphs = MixedStepGraphs(self.model, self.device, sizes[-1])
+        graphs.capture(sizes, self.stream, self.block_size)
+        self.mixed_graphs = graphs
+        logger.info("captured CUDA graphs of mixed prefill+decode steps for %d token counts up to %d "
+                    "(%d pieces each) in %.1f s", len(sizes), sizes[-1], len(graphs.pieces[sizes[-1]]),
+                    time.perf_counter() - started)
 
     @torch.inference_mode()
     def launch(self, message: StepMessage) -> PendingStep:

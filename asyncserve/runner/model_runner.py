@@ -13,6 +13,7 @@ from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sampling_tensors,
                                       needs_grammar_masks, needs_output_token_values)
 from asyncserve.runner.kv_pool import KVPool
+from asyncserve.runner.mixed_graphs import MixedStepGraphs
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.pooling import PoolingRunner
 from asyncserve.runner.step import StepMessage, StepOutput
@@ -40,6 +41,8 @@ class ModelRunner:
         self.input_batch = InputBatch(self.device)
         self._in_flight: list[PendingStep] = []  # launched steps not yet folded into the input batch
         self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
+        self.mixed_graphs: MixedStepGraphs | None = None  # set by the GPU runner's prepare()
+        self.num_mixed_graph_steps = 0
         pooler = config.model.pooler
         self.pooling = PoolingRunner(pooler, self.device) if pooler is not None else None  # embedding models
         # Before the memory profile: the timing briefly holds extra weight copies.
@@ -178,6 +181,11 @@ class ModelRunner:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        """Any step that the decode graphs do not take: replayed in pieces if a capture fits it."""
+        graphs = self.mixed_graphs
+        if graphs is not None and graphs.padded_size(input_ids.shape[0]) is not None:
+            self.num_mixed_graph_steps += 1
+            return graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, batch: ScheduledBatch):

@@ -59,9 +59,10 @@ def test_kv_pool_is_sized_from_memory_utilization(tiny_model_dir):
     assert all(len(o.outputs[0].token_ids) >= 1 for o in out)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def test_mixed_decode_and_chunked_prefill_steps_on_cuda(family, make_cuda_llm, hf_reference):
-    """Small token budget: steps mix decodes (decode kernel) with prefill chunks (prefill kernel)."""
+    """Small token budget: steps mix decodes (decode kernel) with prefill chunks (prefill kernel), replayed
+    from the mixed-step graph pieces with attention between them."""
     llm = make_cuda_llm(family, dtype="float32", max_num_batched_tokens=32, max_num_seqs=4)
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
@@ -76,6 +77,7 @@ def test_mixed_decode_and_chunked_prefill_steps_on_cuda(family, make_cuda_llm, h
             if output.finished:
                 results[int(output.request_id)] = output.outputs[0].token_ids
     assert mixed > 0
+    assert engine.executor.runner.num_mixed_graph_steps >= mixed
     model, tokenizer = hf_reference(family)
     assert [results[i] for i in range(len(PROMPTS))] == [hf_greedy(model, tokenizer.encode(p), MAX_NEW)
                                                          for p in PROMPTS]

@@ -184,10 +184,21 @@ def test_harmless_vllm_flags_and_neutral_values_are_accepted_with_a_note_consumi
         "--enable-log-requests (vLLM: request logging) has no meaning in asyncserve: asyncserve logs each request "
         "unless --disable-log-requests; ignored.",
         "--cudagraph-capture-sizes (vLLM: CUDA-graph sizes) has no meaning in asyncserve: asyncserve captures "
-        "decode CUDA graphs for its own batch sizes (--enforce-eager skips them); ignored.",
+        "decode steps per batch size and mixed steps per token count (--max-cudagraph-capture-size; "
+        "--enforce-eager skips both); ignored.",
         "--pipeline-parallel-size 1 (vLLM: pipeline parallelism) asks for nothing asyncserve does not already do; "
         "ignored.",
         "--no-enable-lora (vLLM: LoRA adapters) asks for nothing asyncserve does not already do; ignored."]
+
+
+def test_max_cudagraph_capture_size_is_vllms_flag_and_reaches_the_model_config(tiny_model_dir):
+    from asyncserve.cli import engine_config
+    from asyncserve.engine.resolve_config import resolve_config
+    args = parse_args(build_parser(), ["serve", tiny_model_dir("qwen3"), "--device", "cpu",
+                                       "--max-cudagraph-capture-size", "512"])
+    assert args.max_cudagraph_capture_size == 512 and not args.vllm_flags  # a built flag, not a note
+    assert resolve_config(engine_config(args)).model.max_cudagraph_capture_size == 512
+    assert parse_args(build_parser(), ["serve", "some/model"]).max_cudagraph_capture_size is None
 
 
 def test_every_table_flag_is_known_to_the_parser_hidden_from_help_and_none_shadows_a_built_flag():

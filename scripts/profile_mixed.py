@@ -1,4 +1,4 @@
-"""Where a mixed step's time goes (decodes + a prefill chunk, run eagerly): the host's launch time next to
+"""Where a mixed step's time goes (decodes + a prefill chunk): the host's launch time next to
 the GPU's time, and the ops that cost the host most. Explains a server slower than its GPU at concurrency.
 
     python scripts/profile_mixed.py --model llama-3.1-8b --num-decodes 64 --prefill-len 512
@@ -19,11 +19,15 @@ def main():
     parser.add_argument("--num-decodes", type=int, default=64)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-cudagraph-capture-size", type=int, default=None,
+                        help="0: mixed steps run eagerly (the figure before mixed-step graphs)")
+    parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
     from asyncserve import LLM, SamplingParams
     path, load_format = resolve_model(args.model)
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=256, gpu_memory_utilization=0.8)
+              max_num_seqs=256, gpu_memory_utilization=0.8,
+              max_cudagraph_capture_size=args.max_cudagraph_capture_size)
     engine = llm.llm_engine
     runner = engine.executor.runner
     vocab = engine.model_config.vocab_size
@@ -57,8 +61,11 @@ def main():
     results = [mixed_step(i) for i in range(args.steps)]
     launch = sum(r[0] for r in results) / len(results)
     gpu = sum(r[1] for r in results) / len(results)
+    graphs = "eager" if runner.mixed_graphs is None else "graph pieces"
     print(f"{args.model}: mixed step of {args.num_decodes} decodes + {args.prefill_len}-token prefill "
-          f"({results[0][2]} tokens): host launch {launch * 1e3:.2f} ms, GPU {gpu * 1e3:.2f} ms")
+          f"({results[0][2]} tokens, {graphs}): host launch {launch * 1e3:.2f} ms, GPU {gpu * 1e3:.2f} ms")
+    if args.no_profile:
+        return
     import cProfile
     import pstats
     profiler = cProfile.Profile()

@@ -20,10 +20,16 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import torch
 
+from asyncserve.config.tree import Config
 from asyncserve.errors import ConfigError, UnsupportedModelError, WorkerDiedError
 from asyncserve.executor.base import Executor
+from asyncserve.executor.protocol import (
+    ENGINE_ADDRESS_ENV,
+    ENGINE_KEY_ENV,
+    recv_message,
+    send_message,
+)
 from asyncserve.runner.step import StepMessage, StepOutput
-from asyncserve.executor.protocol import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
 
 logger = logging.getLogger("asyncserve")
 
@@ -31,7 +37,7 @@ logger = logging.getLogger("asyncserve")
 LOCAL_WORLD_SIZE_ENV = "ASYNCSERVE_LOCAL_WORLD_SIZE"
 
 
-def check_tensor_parallel(config) -> None:
+def check_tensor_parallel(config: Config) -> None:
     """Refuses, before any worker starts, what cannot be split: embedding models, too few GPUs, and
     sizes that do not divide (said by the layers themselves, built as rank 0 on the meta device)."""
     size = config.parallel.tensor_parallel_size
@@ -43,7 +49,7 @@ def check_tensor_parallel(config) -> None:
                           f"torch sees {torch.cuda.device_count()}.")
 
 
-def _check_splits(config, size: int) -> None:
+def _check_splits(config: Config, size: int) -> None:
     """Builds rank 0's shard of the model without memory: heads, MLP widths, packed quantized tensors and
     the vocabulary must split over the ranks, and a layer that cannot says so by name."""
     from asyncserve.layers.parallel_state import set_tensor_parallel, tp_rank, tp_size
@@ -110,7 +116,7 @@ class _Done:
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, config):
+    def __init__(self, config: Config):
         check_tensor_parallel(config)
         self.config = config
         size = config.parallel.tensor_parallel_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from asyncserve.config.tree import Config
 from asyncserve.executor.base import Executor
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
@@ -12,7 +13,7 @@ from asyncserve.runner.step import StepMessage
 class UniprocExecutor(Executor):
     """The model and its runner in this process; `execute` runs on the caller's thread."""
 
-    def __init__(self, config):
+    def __init__(self, config: Config):
         from asyncserve.models.loader import load_model
         self.config = config
         model_config = config.model
@@ -47,7 +48,7 @@ class UniprocExecutor(Executor):
         self.runner.sample(pending, bitmask, rows)
 
 
-def _make_runner(model, config):
+def _make_runner(model: CausalLM, config: Config):
     if config.model.device.type == "cuda":
         from asyncserve.runner.cuda_runner import CudaModelRunner
         return CudaModelRunner(model, config)

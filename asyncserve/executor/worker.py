@@ -18,9 +18,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from asyncserve.executor.protocol import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, recv_message, send_message
+from asyncserve.config.tree import Config
+from asyncserve.executor.protocol import (
+    ENGINE_ADDRESS_ENV,
+    ENGINE_KEY_ENV,
+    recv_message,
+    send_message,
+)
 from asyncserve.layers.parallel_state import set_tensor_parallel
-
 
 
 def _die_with_parent() -> None:
@@ -77,7 +82,7 @@ def run_worker() -> None:
         dist.destroy_process_group()
 
 
-def _serve(config, rank: int, conn, cpu_group) -> None:
+def _serve(config: Config, rank: int, conn, cpu_group) -> None:
     from asyncserve.executor.uniproc import UniprocExecutor
     try:
         executor = UniprocExecutor(config)

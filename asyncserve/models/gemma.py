@@ -24,39 +24,39 @@ _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-def _rope_of_layer_type(config, layer_type: str) -> tuple[float, dict]:
+def _rope_of_layer_type(hf_config, layer_type: str) -> tuple[float, dict]:
     """(theta, scaling) of local or global layers: transformers 5 keeps one rope dict per layer
     type (Gemma 3); 4.x configs give the global one plus `rope_local_base_freq`."""
-    params = getattr(config, "rope_parameters", None) or {}
+    params = getattr(hf_config, "rope_parameters", None) or {}
     if layer_type in params:
         scaling = dict(params[layer_type])
         scaling.setdefault("rope_type", scaling.get("type", "default"))
         return float(scaling["rope_theta"]), scaling
-    local_base = getattr(config, "rope_local_base_freq", None)
+    local_base = getattr(hf_config, "rope_local_base_freq", None)
     if layer_type == "sliding_attention" and local_base is not None:
         return float(local_base), {"rope_type": "default"}
-    return rope_parameters(config)
+    return rope_parameters(hf_config)
 
 
 class GemmaAttention(nn.Module):
-    def __init__(self, config, sliding_window: int | None, rotary: RotaryEmbedding, qk_norm: bool,
+    def __init__(self, hf_config, sliding_window: int | None, rotary: RotaryEmbedding, qk_norm: bool,
                  quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.head_dim = config.head_dim
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = qkv_linear(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+        self.head_dim = hf_config.head_dim
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        self.qkv_proj = qkv_linear(hf_config.hidden_size, hf_config.num_attention_heads, hf_config.num_key_value_heads,
                                    self.head_dim, bias, quant_config, f"{prefix}.qkv_proj")
-        self.o_proj = Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias,
+        self.o_proj = Linear(hf_config.num_attention_heads * self.head_dim, hf_config.hidden_size, bias=bias,
                              quant_config=quant_config, prefix=f"{prefix}.o_proj", parallel="row")
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.rotary = rotary  # shared by every layer of its type
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
-                                   scale=config.query_pre_attn_scalar ** -0.5, sliding_window=sliding_window,
-                                   softcap=getattr(config, "attn_logit_softcapping", None))
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+                                   scale=hf_config.query_pre_attn_scalar ** -0.5, sliding_window=sliding_window,
+                                   softcap=getattr(hf_config, "attn_logit_softcapping", None))
+        self.q_norm = GemmaRMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.k_norm = GemmaRMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata):
         num_tokens = hidden.shape[0]
@@ -69,29 +69,29 @@ class GemmaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))                  # [T, H D] -> [T, E]
 
 
-def gemma_mlp(config, quant_config: QuantizationConfig | None, prefix: str) -> LlamaMLP:
+def gemma_mlp(hf_config, quant_config: QuantizationConfig | None, prefix: str) -> LlamaMLP:
     """Llama's gated MLP with GELU's tanh approximation."""
-    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
     if activation not in _GELU_TANH:
         raise UnsupportedModelError(f"Gemma MLP activation {activation!r} is not supported "
                                     f"(one of {', '.join(_GELU_TANH)} is).")
-    return LlamaMLP(config, quant_config, prefix, act=GeluTanhAndMul())
+    return LlamaMLP(hf_config, quant_config, prefix, act=GeluTanhAndMul())
 
 
 class GemmaDecoderLayer(nn.Module):
     """x + post_attn_norm(attn(norm(x))), then the same around the MLP with its own two norms."""
 
-    def __init__(self, config, sliding_window: int | None, rotary: RotaryEmbedding, qk_norm: bool,
+    def __init__(self, hf_config, sliding_window: int | None, rotary: RotaryEmbedding, qk_norm: bool,
                  quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.self_attn = GemmaAttention(config, sliding_window, rotary, qk_norm, quant_config,
+        self.self_attn = GemmaAttention(hf_config, sliding_window, rotary, qk_norm, quant_config,
                                         f"{prefix}.self_attn")
-        self.mlp = gemma_mlp(config, quant_config, f"{prefix}.mlp")
-        eps = config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.mlp = gemma_mlp(hf_config, quant_config, f"{prefix}.mlp")
+        eps = hf_config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(hf_config.hidden_size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(hf_config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hf_config.hidden_size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hf_config.hidden_size, eps)
 
     def forward(self, positions, hidden, residual, meta):
         if residual is None:
@@ -112,25 +112,26 @@ class Gemma2ForCausalLM(CausalLM):
     packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                               "gate_up_proj": ("gate_proj", "up_proj")}
 
-    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.config = config
-        pattern = getattr(config, "sliding_window_pattern", None) or self.sliding_window_pattern
-        windows = [layer_sliding_window(config, i, pattern) for i in range(config.num_hidden_layers)]
+        self.hf_config = hf_config
+        pattern = getattr(hf_config, "sliding_window_pattern", None) or self.sliding_window_pattern
+        windows = [layer_sliding_window(hf_config, i, pattern) for i in range(hf_config.num_hidden_layers)]
         self.rotary = nn.ModuleDict({
-            layer_type: RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                        *_rope_of_layer_type(config, layer_type))
+            layer_type: RotaryEmbedding(hf_config.head_dim, hf_config.max_position_embeddings,
+                                        *_rope_of_layer_type(hf_config, layer_type))
             for layer_type in _LAYER_TYPES})
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         # sqrt(E) in the model's dtype, as transformers rounds it (55.5 for E = 3072 in bf16).
-        self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5), persistent=False)
+        self.register_buffer("embed_scale", torch.tensor(hf_config.hidden_size ** 0.5), persistent=False)
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, window, self.rotary["full_attention" if window is None else "sliding_attention"],
+            GemmaDecoderLayer(hf_config, window,
+                              self.rotary["full_attention" if window is None else "sliding_attention"],
                               self.qk_norm, quant_config, f"layers.{i}")
             for i, window in enumerate(windows))
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
-        self.build_lm_head(config, quant_config, tied_by_default=True)
+        self.norm = GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
+        self.build_lm_head(hf_config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, E]

@@ -17,12 +17,12 @@ from asyncserve.models.base import CausalLM
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        hidden, heads = config.hidden_size, config.num_attention_heads
+        hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
         head_dim = hidden // heads
-        scale = head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
-        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        scale = head_dim ** -0.5 if getattr(hf_config, "scale_attn_weights", True) else 1.0
+        if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer_idx + 1)
         # reorder_and_upcast_attn only changes transformers' fp16 arithmetic: our attention keeps scores in fp32.
         # c_attn is one [E, 3E] tensor (q | k | v columns): split per rank as three shards.
@@ -39,13 +39,13 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.c_fc = Linear(config.hidden_size, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_fc",
+        inner = getattr(hf_config, "n_inner", None) or 4 * hf_config.hidden_size
+        self.c_fc = Linear(hf_config.hidden_size, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_fc",
                            parallel="column", checkpoint_transposed=True)
-        self.act = get_activation(config.activation_function)
-        self.c_proj = Linear(inner, config.hidden_size, bias=True, quant_config=quant_config,
+        self.act = get_activation(hf_config.activation_function)
+        self.c_proj = Linear(inner, hf_config.hidden_size, bias=True, quant_config=quant_config,
                              prefix=f"{prefix}.c_proj", parallel="row", checkpoint_transposed=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -53,13 +53,13 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        eps = config.layer_norm_epsilon
-        self.ln_1 = LayerNorm(config.hidden_size, eps)
-        self.attn = GPT2Attention(config, layer_idx, quant_config, f"{prefix}.attn")
-        self.ln_2 = LayerNorm(config.hidden_size, eps)
-        self.mlp = GPT2MLP(config, quant_config, f"{prefix}.mlp")
+        eps = hf_config.layer_norm_epsilon
+        self.ln_1 = LayerNorm(hf_config.hidden_size, eps)
+        self.attn = GPT2Attention(hf_config, layer_idx, quant_config, f"{prefix}.attn")
+        self.ln_2 = LayerNorm(hf_config.hidden_size, eps)
+        self.mlp = GPT2MLP(hf_config, quant_config, f"{prefix}.mlp")
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = hidden + self.attn(self.ln_1(hidden), meta)
@@ -71,17 +71,18 @@ class GPT2LMHeadModel(CausalLM):
 
     checkpoint_prefix = "transformer."
 
-    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        if getattr(config, "add_cross_attention", False):
+        if getattr(hf_config, "add_cross_attention", False):
             raise UnsupportedModelError("GPT-2 with cross-attention (add_cross_attention) is an encoder-decoder "
                                         "part, not a causal LM asyncserve serves.")
-        self.config = config
-        self.wte = self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
-        self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.build_lm_head(config, quant_config, tied_by_default=True)
+        self.hf_config = hf_config
+        self.wte = self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.wpe = nn.Embedding(hf_config.max_position_embeddings, hf_config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(hf_config, i, quant_config, f"h.{i}")
+                               for i in range(hf_config.num_hidden_layers))
+        self.ln_f = LayerNorm(hf_config.hidden_size, hf_config.layer_norm_epsilon)
+        self.build_lm_head(hf_config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.wte(input_ids) + self.wpe(positions)           # [T, E]

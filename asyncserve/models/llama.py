@@ -15,32 +15,32 @@ from asyncserve.models.base import CausalLM
 from asyncserve.models.sliding_window import layer_sliding_window
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def _head_dim(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
+    def __init__(self, hf_config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
                  prefix: str, layer_index: int = 0):
         super().__init__()
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        self.head_dim = _head_dim(config)
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = qkv_linear(config.hidden_size, num_heads, num_kv_heads, self.head_dim,
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        self.head_dim = _head_dim(hf_config)
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        self.qkv_proj = qkv_linear(hf_config.hidden_size, num_heads, num_kv_heads, self.head_dim,
                                    qkv_bias or attention_bias, quant_config, f"{prefix}.qkv_proj")
-        self.o_proj = Linear(num_heads * self.head_dim, config.hidden_size, bias=attention_bias,
+        self.o_proj = Linear(num_heads * self.head_dim, hf_config.hidden_size, bias=attention_bias,
                              quant_config=quant_config, prefix=f"{prefix}.o_proj", parallel="row")
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        theta, scaling = rope_parameters(config)
-        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        theta, scaling = rope_parameters(hf_config)
+        self.rotary = RotaryEmbedding(self.head_dim, hf_config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    scale=self.head_dim ** -0.5,
-                                   sliding_window=layer_sliding_window(config, layer_index))
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+                                   sliding_window=layer_sliding_window(hf_config, layer_index))
+        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata):
         num_tokens = hidden.shape[0]
@@ -57,15 +57,15 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """down(act(gate, up)) over one fused gate|up projection; `act` SiLU-and-mul unless a family says."""
 
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str,
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str,
                  intermediate_size: int | None = None, act: nn.Module | None = None, reduce_results: bool = True):
         super().__init__()
-        size = intermediate_size or config.intermediate_size
-        bias = getattr(config, "mlp_bias", False)
+        size = intermediate_size or hf_config.intermediate_size
+        bias = getattr(hf_config, "mlp_bias", False)
         self.act = act if act is not None else SiluAndMul()
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=bias,
+        self.gate_up_proj = MergedLinear(hf_config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=bias,
                                          quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = Linear(size, config.hidden_size, bias=bias, quant_config=quant_config,
+        self.down_proj = Linear(size, hf_config.hidden_size, bias=bias, quant_config=quant_config,
                                 prefix=f"{prefix}.down_proj", parallel="row", reduce_results=reduce_results)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -73,14 +73,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
+    def __init__(self, hf_config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
                  prefix: str, mlp: nn.Module | None = None, layer_index: int = 0):
         super().__init__()
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn",
+        self.self_attn = LlamaAttention(hf_config, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn",
                                         layer_index)
-        self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp if mlp is not None else LlamaMLP(hf_config, quant_config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, meta):
         if residual is None:
@@ -104,18 +104,18 @@ class LlamaForCausalLM(CausalLM):
     packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                               "gate_up_proj": ("gate_proj", "up_proj")}
 
-    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.hf_config = hf_config
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}",
-                              self.make_mlp(config, i, quant_config, f"layers.{i}.mlp"), layer_index=i)
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.build_lm_head(config, quant_config, tied_by_default=False)
+            LlamaDecoderLayer(hf_config, self.qkv_bias, self.qk_norm, quant_config, f"layers.{i}",
+                              self.make_mlp(hf_config, i, quant_config, f"layers.{i}.mlp"), layer_index=i)
+            for i in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.build_lm_head(hf_config, quant_config, tied_by_default=False)
 
-    def make_mlp(self, config, layer_index: int, quant_config: QuantizationConfig | None,
+    def make_mlp(self, hf_config, layer_index: int, quant_config: QuantizationConfig | None,
                  prefix: str) -> nn.Module | None:
         """Layer `layer_index`'s feed-forward block; None: the dense SwiGLU MLP (MoE families override)."""
         return None

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from asyncserve.config.tree import Config
 from asyncserve.errors import ConfigError
 from asyncserve.layers.linear import LinearBase, default_weight_loader
 from asyncserve.layers.moe import EXPERT_SHARDS
@@ -190,7 +191,7 @@ def quantization_config(hf_config, quantization: str | None = None, path: str | 
     return get_quantization_config(quantization, checkpoint_quantization_config(hf_config, path))
 
 
-def build_model(config, device: torch.device | str | None = None) -> CausalLM:
+def build_model(config: Config, device: torch.device | str | None = None) -> CausalLM:
     """The model `config` describes, its parameters not loaded (on the meta device: shapes alone)."""
     model_config = config.model
     cls = model_class(model_config.hf_config)
@@ -198,7 +199,7 @@ def build_model(config, device: torch.device | str | None = None) -> CausalLM:
         return cls(model_config.hf_config, config.quantization)
 
 
-def load_model(config) -> CausalLM:
+def load_model(config: Config) -> CausalLM:
     """`config` is the engine's config tree: its model part says what to build, where and from what;
     its quantization part which linear method every layer uses."""
     model_config = config.model

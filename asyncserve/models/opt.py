@@ -18,11 +18,11 @@ POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        hidden, heads = config.hidden_size, config.num_attention_heads
+        hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
         head_dim = hidden // heads
-        bias = getattr(config, "enable_bias", True)
+        bias = getattr(hf_config, "enable_bias", True)
         self.qkv_proj = qkv_linear(hidden, heads, heads, head_dim, bias, quant_config, f"{prefix}.qkv_proj")
         self.out_proj = Linear(hidden, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.out_proj",
                                parallel="row")
@@ -35,18 +35,18 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        hidden = config.hidden_size
-        bias = getattr(config, "enable_bias", True)
-        affine = getattr(config, "layer_norm_elementwise_affine", True)
-        self.pre_norm = config.do_layer_norm_before
-        self.self_attn = OPTAttention(config, quant_config, f"{prefix}.self_attn")
+        hidden = hf_config.hidden_size
+        bias = getattr(hf_config, "enable_bias", True)
+        affine = getattr(hf_config, "layer_norm_elementwise_affine", True)
+        self.pre_norm = hf_config.do_layer_norm_before
+        self.self_attn = OPTAttention(hf_config, quant_config, f"{prefix}.self_attn")
         self.self_attn_layer_norm = LayerNorm(hidden, affine=affine)
-        self.fc1 = Linear(hidden, config.ffn_dim, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc1",
+        self.fc1 = Linear(hidden, hf_config.ffn_dim, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc1",
                           parallel="column")
-        self.act = get_activation(config.activation_function)
-        self.fc2 = Linear(config.ffn_dim, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc2",
+        self.act = get_activation(hf_config.activation_function)
+        self.fc2 = Linear(hf_config.ffn_dim, hidden, bias=bias, quant_config=quant_config, prefix=f"{prefix}.fc2",
                           parallel="row")
         self.final_layer_norm = LayerNorm(hidden, affine=affine)
 
@@ -73,22 +73,22 @@ class OPTForCausalLM(CausalLM):
     packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
     checkpoint_prefix = "model.decoder."
 
-    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.config = config
-        hidden = config.hidden_size
-        embed_dim = getattr(config, "word_embed_proj_dim", None) or hidden
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
+        self.hf_config = hf_config
+        hidden = hf_config.hidden_size
+        embed_dim = getattr(hf_config, "word_embed_proj_dim", None) or hidden
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, embed_dim)
+        self.embed_positions = nn.Embedding(hf_config.max_position_embeddings + POSITION_OFFSET, hidden)
         # Linear without a quant_config: quantized OPT checkpoints keep these two in full precision.
         self.project_in = Linear(embed_dim, hidden) if embed_dim != hidden else None
         self.project_out = Linear(hidden, embed_dim) if embed_dim != hidden else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, quant_config, f"layers.{i}")
-                                    for i in range(config.num_hidden_layers))
-        final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
-        self.final_layer_norm = (LayerNorm(hidden, affine=getattr(config, "layer_norm_elementwise_affine", True))
+        self.layers = nn.ModuleList(OPTDecoderLayer(hf_config, quant_config, f"layers.{i}")
+                                    for i in range(hf_config.num_hidden_layers))
+        final_norm = hf_config.do_layer_norm_before and not getattr(hf_config, "_remove_final_layer_norm", False)
+        self.final_layer_norm = (LayerNorm(hidden, affine=getattr(hf_config, "layer_norm_elementwise_affine", True))
                                  if final_norm else None)
-        self.build_lm_head(config, quant_config, tied_by_default=True, hidden_size=embed_dim)
+        self.build_lm_head(hf_config, quant_config, tied_by_default=True, hidden_size=embed_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                         # [T, word_embed_proj_dim]

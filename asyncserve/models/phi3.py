@@ -19,30 +19,30 @@ from asyncserve.models.base import CausalLM
 from asyncserve.models.sliding_window import layer_sliding_window
 
 
-def _rotary(config, head_dim: int) -> PhiRotaryEmbedding:
-    theta, scaling = rope_parameters(config)
+def _rotary(hf_config, head_dim: int) -> PhiRotaryEmbedding:
+    theta, scaling = rope_parameters(hf_config)
     rotary_dim = int(head_dim * scaling.get("partial_rotary_factor",
-                                            getattr(config, "partial_rotary_factor", None) or 1.0))
-    return PhiRotaryEmbedding(head_dim, rotary_dim, config.max_position_embeddings, theta, scaling,
-                              getattr(config, "original_max_position_embeddings", None))
+                                            getattr(hf_config, "partial_rotary_factor", None) or 1.0))
+    return PhiRotaryEmbedding(head_dim, rotary_dim, hf_config.max_position_embeddings, theta, scaling,
+                              getattr(hf_config, "original_max_position_embeddings", None))
 
 
 class Phi3Attention(nn.Module):
-    def __init__(self, config, head_dim: int, quant_config: QuantizationConfig | None, prefix: str,
+    def __init__(self, hf_config, head_dim: int, quant_config: QuantizationConfig | None, prefix: str,
                  layer_index: int):
         super().__init__()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
         # The checkpoint's qkv_proj is already one [q + k + v, E] tensor, cut into its shards per rank.
-        self.qkv_proj = qkv_linear(config.hidden_size, heads, kv_heads, head_dim, False, quant_config,
+        self.qkv_proj = qkv_linear(hf_config.hidden_size, heads, kv_heads, head_dim, False, quant_config,
                                    f"{prefix}.qkv_proj", fused_in_checkpoint=True)
-        self.o_proj = Linear(heads * head_dim, config.hidden_size, quant_config=quant_config,
+        self.o_proj = Linear(heads * head_dim, hf_config.hidden_size, quant_config=quant_config,
                              prefix=f"{prefix}.o_proj", parallel="row")
         heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
         self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
         # Phi-3-mini's configs set sliding_window (2047): transformers masks by it, so do the kernels.
         self.attn = PagedAttention(heads, kv_heads, head_dim, scale=head_dim ** -0.5,
-                                   sliding_window=layer_sliding_window(config, layer_index))
+                                   sliding_window=layer_sliding_window(hf_config, layer_index))
 
     def forward(self, rotary: PhiRotaryEmbedding, rows: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -52,15 +52,15 @@ class Phi3Attention(nn.Module):
 
 
 class Phi3MLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        size = config.intermediate_size
+        size = hf_config.intermediate_size
         # [gate | up] rows, one tensor in the checkpoint.
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size},
+        self.gate_up_proj = MergedLinear(hf_config.hidden_size, {"gate_proj": size, "up_proj": size},
                                          quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
                                          fused_in_checkpoint=True)
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj",
+        self.down_proj = Linear(size, hf_config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.down_proj",
                                 parallel="row")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -68,13 +68,13 @@ class Phi3MLP(nn.Module):
 
 
 class Phi3DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, quant_config: QuantizationConfig | None, prefix: str,
+    def __init__(self, hf_config, head_dim: int, quant_config: QuantizationConfig | None, prefix: str,
                  layer_index: int):
         super().__init__()
-        self.self_attn = Phi3Attention(config, head_dim, quant_config, f"{prefix}.self_attn", layer_index)
-        self.mlp = Phi3MLP(config, quant_config, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Phi3Attention(hf_config, head_dim, quant_config, f"{prefix}.self_attn", layer_index)
+        self.mlp = Phi3MLP(hf_config, quant_config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, rotary, rows, hidden, residual, meta):
         if residual is None:
@@ -90,18 +90,18 @@ class Phi3DecoderLayer(nn.Module):
 class Phi3ForCausalLM(CausalLM):
     """[T] ids -> [T, E] hidden states."""
 
-    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"Phi-3 with hidden_act {config.hidden_act!r} is not supported (silu is).")
-        self.config = config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.rotary = _rotary(config, head_dim)   # one cos|sin table for every layer
-        self.layers = nn.ModuleList(Phi3DecoderLayer(config, head_dim, quant_config, f"layers.{i}", i)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.build_lm_head(config, quant_config, tied_by_default=False)
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"Phi-3 with hidden_act {hf_config.hidden_act!r} is not supported (silu is).")
+        self.hf_config = hf_config
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.rotary = _rotary(hf_config, head_dim)   # one cos|sin table for every layer
+        self.layers = nn.ModuleList(Phi3DecoderLayer(hf_config, head_dim, quant_config, f"layers.{i}", i)
+                                    for i in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.build_lm_head(hf_config, quant_config, tied_by_default=False)
 
     def captures_mixed_steps(self) -> bool:
         """LongRoPE picks each token's table by its sequence's length (the step's metadata)."""

@@ -4,7 +4,7 @@ code: the same pre-norm RMSNorm / rotary / SwiGLU decoder as Llama, written nati
 Checkpoint names: transformer.wte, transformer.h.N.{ln_1, attn.c_attn (fused q|k|v with bias), attn.c_proj,
 ln_2, mlp.w1, mlp.w2, mlp.c_proj}, transformer.ln_f, lm_head. In modeling_qwen.py the MLP is
 c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection, and `intermediate_size` is twice the
-MLP width. The config is asyncserve's own reading of config.json (asyncserve/checkpoints/qwen_config.py).
+MLP width. The hf_config is asyncserve's own reading of config.json (asyncserve/checkpoints/qwen_config.py).
 """
 from __future__ import annotations
 
@@ -22,19 +22,19 @@ from asyncserve.models.base import CausalLM
 
 
 class QWenAttention(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.head_dim = config.kv_channels
-        heads = config.num_attention_heads
+        self.head_dim = hf_config.kv_channels
+        heads = hf_config.num_attention_heads
         # c_attn is one [3 H D, E] tensor (q | k | v rows): cut into its shards per rank.
-        self.c_attn = qkv_linear(config.hidden_size, heads, heads, self.head_dim, True, quant_config,
+        self.c_attn = qkv_linear(hf_config.hidden_size, heads, heads, self.head_dim, True, quant_config,
                                  f"{prefix}.c_attn", ("q", "k", "v"), fused_in_checkpoint=True)
-        self.c_proj = Linear(heads * self.head_dim, config.hidden_size, bias=not config.no_bias,
+        self.c_proj = Linear(heads * self.head_dim, hf_config.hidden_size, bias=not hf_config.no_bias,
                              quant_config=quant_config, prefix=f"{prefix}.c_proj", parallel="row")
         self.num_heads = self.c_attn.num_heads  # this rank's
         self.size = self.num_heads * self.head_dim
-        max_position = min(config.seq_length, config.max_position_embeddings)  # max_model_len's cap
-        self.rotary = RotaryEmbedding(self.head_dim, max_position, float(config.rotary_emb_base),
+        max_position = min(hf_config.seq_length, hf_config.max_position_embeddings)  # max_model_len's cap
+        self.rotary = RotaryEmbedding(self.head_dim, max_position, float(hf_config.rotary_emb_base),
                                       {"rope_type": "default"})
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=self.head_dim ** -0.5)
 
@@ -45,15 +45,15 @@ class QWenAttention(nn.Module):
 
 
 class QWenMLP(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        width = config.intermediate_size // 2
-        bias = not config.no_bias
+        width = hf_config.intermediate_size // 2
+        bias = not hf_config.no_bias
         # w2 (the gate) first: SiluAndMul takes silu of the first half
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"w2": width, "w1": width}, bias=bias,
+        self.gate_up_proj = MergedLinear(hf_config.hidden_size, {"w2": width, "w1": width}, bias=bias,
                                          quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         self.act = SiluAndMul()
-        self.c_proj = Linear(width, config.hidden_size, bias=bias, quant_config=quant_config,
+        self.c_proj = Linear(width, hf_config.hidden_size, bias=bias, quant_config=quant_config,
                              prefix=f"{prefix}.c_proj", parallel="row")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,12 @@ class QWenMLP(nn.Module):
 
 
 class QWenBlock(nn.Module):
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.attn = QWenAttention(config, quant_config, f"{prefix}.attn")
-        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.mlp = QWenMLP(config, quant_config, f"{prefix}.mlp")
+        self.ln_1 = RMSNorm(hf_config.hidden_size, hf_config.layer_norm_epsilon)
+        self.attn = QWenAttention(hf_config, quant_config, f"{prefix}.attn")
+        self.ln_2 = RMSNorm(hf_config.hidden_size, hf_config.layer_norm_epsilon)
+        self.mlp = QWenMLP(hf_config, quant_config, f"{prefix}.mlp")
 
     def forward(self, positions, hidden, residual, meta):
         if residual is None:
@@ -86,13 +86,13 @@ class QWenLMHeadModel(CausalLM):
     checkpoint_prefix = "transformer."
     packed_modules_mapping = {"gate_up_proj": ("w2", "w1")}
 
-    def __init__(self, config, quant_config: QuantizationConfig | None = None):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.h = nn.ModuleList(QWenBlock(config, quant_config, f"h.{i}") for i in range(config.num_hidden_layers))
-        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.build_lm_head(config, quant_config, tied_by_default=False)
+        self.hf_config = hf_config
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.h = nn.ModuleList(QWenBlock(hf_config, quant_config, f"h.{i}") for i in range(hf_config.num_hidden_layers))
+        self.ln_f = RMSNorm(hf_config.hidden_size, hf_config.layer_norm_epsilon)
+        self.build_lm_head(hf_config, quant_config, tied_by_default=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)                       # [T, E]

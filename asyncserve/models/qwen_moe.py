@@ -13,28 +13,28 @@ from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.models.llama import LlamaForCausalLM, LlamaMLP
 
 
-def is_sparse_layer(config, layer_index: int) -> bool:
+def is_sparse_layer(hf_config, layer_index: int) -> bool:
     """transformers' rule for which decoder layers hold experts."""
-    return (layer_index not in (getattr(config, "mlp_only_layers", None) or [])
-            and config.num_experts > 0 and (layer_index + 1) % config.decoder_sparse_step == 0)
+    return (layer_index not in (getattr(hf_config, "mlp_only_layers", None) or [])
+            and hf_config.num_experts > 0 and (layer_index + 1) % hf_config.decoder_sparse_step == 0)
 
 
 class QwenSparseMoeBlock(nn.Module):
     """Router `gate` [E, H], `experts`, and (Qwen2-MoE) a dense `shared_expert` every token takes,
     scaled by sigmoid(`shared_expert_gate`). Over several ranks both give partial sums, added up once."""
 
-    def __init__(self, config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        shared_size = getattr(config, "shared_expert_intermediate_size", 0) or 0
-        self.gate = Linear(config.hidden_size, config.num_experts, prefix=f"{prefix}.gate")  # never quantized
-        self.experts = FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
-                                config.moe_intermediate_size,
-                                renormalize=bool(getattr(config, "norm_topk_prob", False)),
+        shared_size = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+        self.gate = Linear(hf_config.hidden_size, hf_config.num_experts, prefix=f"{prefix}.gate")  # never quantized
+        self.experts = FusedMoE(hf_config.num_experts, hf_config.num_experts_per_tok, hf_config.hidden_size,
+                                hf_config.moe_intermediate_size,
+                                renormalize=bool(getattr(hf_config, "norm_topk_prob", False)),
                                 quant_config=quant_config, prefix=f"{prefix}.experts",
                                 reduce_results=not shared_size)
-        self.shared_expert = (LlamaMLP(config, quant_config, f"{prefix}.shared_expert", shared_size,
+        self.shared_expert = (LlamaMLP(hf_config, quant_config, f"{prefix}.shared_expert", shared_size,
                                        reduce_results=False) if shared_size else None)
-        self.shared_expert_gate = (Linear(config.hidden_size, 1, prefix=f"{prefix}.shared_expert_gate")
+        self.shared_expert_gate = (Linear(hf_config.hidden_size, 1, prefix=f"{prefix}.shared_expert_gate")
                                    if shared_size else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -49,10 +49,10 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
 
     @property
     def qkv_bias(self) -> bool:  # Qwen1.5-MoE's config.json predates the field: biases by default
-        return bool(getattr(self.config, "qkv_bias", True))
+        return bool(getattr(self.hf_config, "qkv_bias", True))
 
-    def make_mlp(self, config, layer_index, quant_config, prefix):
-        return QwenSparseMoeBlock(config, quant_config, prefix) if is_sparse_layer(config, layer_index) else None
+    def make_mlp(self, hf_config, layer_index, quant_config, prefix):
+        return QwenSparseMoeBlock(hf_config, quant_config, prefix) if is_sparse_layer(hf_config, layer_index) else None
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):

@@ -12,10 +12,15 @@ import time
 
 import torch
 
+from asyncserve.config.tree import Config
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
-from asyncserve.runner.mixed_graphs import DEFAULT_MAX_MIXED_GRAPH_TOKENS, MixedStepGraphs, mixed_graph_sizes
 from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_sampling_tensors, needs_grammar_masks
+from asyncserve.runner.mixed_graphs import (
+    DEFAULT_MAX_MIXED_GRAPH_TOKENS,
+    MixedStepGraphs,
+    mixed_graph_sizes,
+)
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
@@ -25,7 +30,7 @@ logger = logging.getLogger("asyncserve")
 
 
 class CudaModelRunner(ModelRunner):
-    def __init__(self, model, config):
+    def __init__(self, model: CausalLM, config: Config):
         super().__init__(model, config)
         self.stream = torch.cuda.Stream(device=self.device)
         self.decode_graphs: _DecodeGraphs | None = None

@@ -5,16 +5,17 @@ import logging
 
 import torch
 
+from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.sample.sampler import SamplingTensors
 from asyncserve.runner.kv_pool import bytes_per_block
+from asyncserve.sample.sampler import SamplingTensors
 
 logger = logging.getLogger("asyncserve")
 
 _GIB = 1 << 30
 
 
-def num_kv_blocks(runner, config) -> int:
+def num_kv_blocks(runner, config: Config) -> int:
     """`config` is the whole tree: cache settings, the scheduler's budget, the model's device."""
     model_config, cache = config.model, config.cache
     attention = runner.model.attention_layers()

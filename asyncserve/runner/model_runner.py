@@ -6,17 +6,23 @@ import logging
 
 import torch
 
+from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
-from asyncserve.runner.inputs import (ModelInputs, build_model_inputs, build_sampling_tensors,
-                                      needs_grammar_masks, needs_output_token_values)
+from asyncserve.runner.inputs import (
+    ModelInputs,
+    build_model_inputs,
+    build_sampling_tensors,
+    needs_grammar_masks,
+    needs_output_token_values,
+)
 from asyncserve.runner.kv_pool import KVPool
 from asyncserve.runner.mixed_graphs import MixedStepGraphs
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.pooling import PoolingRunner
 from asyncserve.runner.step import StepMessage, StepOutput
+from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger("asyncserve")
 
@@ -33,7 +39,7 @@ def _to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, config):
+    def __init__(self, model: CausalLM, config: Config):
         self.model = model
         self.config = config
         self.sampler = Sampler()

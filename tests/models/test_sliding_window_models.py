@@ -84,9 +84,9 @@ def test_gemma_prompt_logprobs_match_transformers(family, make_llm, hf_reference
 def test_gemma2_final_soft_cap_bounds_the_logits(make_llm):
     llm = make_llm("gemma2")
     model = llm.llm_engine.executor.runner.model
-    hidden = torch.randn(3, model.config.hidden_size) * 100
+    hidden = torch.randn(3, model.hf_config.hidden_size) * 100
     logits = model.compute_logits(hidden)
-    cap = model.config.final_logit_softcapping
+    cap = model.hf_config.final_logit_softcapping
     assert logits.abs().max() <= cap
     assert torch.allclose(logits, torch.tanh(model.lm_head(hidden) / cap) * cap)
 

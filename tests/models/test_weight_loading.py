@@ -112,7 +112,7 @@ def test_dummy_weights_leave_every_norm_at_its_identity(tiny_model_dir, family, 
     path = tiny_model_dir(family)
     model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32", load_format="dummy")))
     norms = [module for module in model.modules() if getattr(module, "is_norm", False)]
-    assert len(norms) > 2 * model.config.num_hidden_layers
+    assert len(norms) > 2 * model.hf_config.num_hidden_layers
     for norm in norms:
         assert torch.equal(norm.weight, torch.full_like(norm.weight, identity))
 

@@ -12,12 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import tl, triton, next_power_of_2
+from ._triton import HAS_TRITON, tl, triton, next_power_of_2
 from .attention_prefill_tile import attend_tile
 from .attention_window import first_key
 from .kv_scale import scale_operands
 
 _LOG2E = 1.4426950408889634
+if HAS_TRITON:
+    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
+else:
+    _OUT_OF_RESOURCES = ()  # catches nothing: the launch raises ModuleNotFoundError
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,26 @@ PREFILL_TILES: dict[tuple[int, int, bool], PrefillTile] = {
 }
 
 
+# A tile whose launch ran out of shared memory on this GPU (the table is sized for Hopper's) -> the
+# smaller one that replaced it, so each is tried once.
+_SHRUNK: dict[PrefillTile, PrefillTile] = {}
+
+
 def prefill_tile(head_dim_pad: int, element_size: int, max_query_len: int) -> PrefillTile:
     """The table's tile for a launch: head sizes round up to 64, 128 or 256; 1-byte queries count as 2."""
     head_key = 64 if head_dim_pad <= 64 else (128 if head_dim_pad <= 128 else 256)
     return PREFILL_TILES[(head_key, 4 if element_size >= 4 else 2, max_query_len >= LONG_QUERY)]
+
+
+def _smaller(tile: PrefillTile) -> PrefillTile | None:
+    """Half the shared memory: fewer stages first, then half the keys, then half the rows."""
+    if tile.num_stages > 2:
+        return PrefillTile(tile.block_m, tile.block_n, tile.num_warps, tile.num_stages - 1)
+    if tile.block_n > 16:
+        return PrefillTile(tile.block_m, tile.block_n // 2, tile.num_warps, tile.num_stages)
+    if tile.block_m > 16:
+        return PrefillTile(tile.block_m // 2, tile.block_n, min(tile.num_warps, 4), tile.num_stages)
+    return None
 
 
 @triton.jit
@@ -154,22 +174,31 @@ def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens,
     if num_tokens == 0 or num_seqs == 0:
         return out
     head_dim_pad = max(16, next_power_of_2(head_dim))
-    queries_per_kv = num_heads // num_kv_heads
-    queries_per_kv_pad = next_power_of_2(queries_per_kv)
+    queries_per_kv_pad = next_power_of_2(num_heads // num_kv_heads)
     tile = tile or prefill_tile(head_dim_pad, query.element_size(), max_query_len)
-    block_q, block_m = packed_rows(tile, queries_per_kv_pad, max_query_len)
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    while tile in _SHRUNK:
+        tile = _SHRUNK[tile]
     k_scale, v_scale, has_scales = scale_operands(k_scale, v_scale, query)
-    _packed_prefill_kernel[grid](
-        out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-        k_scale, v_scale, sliding_window or 0, (softcap or 0.0) * _LOG2E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        QUERIES_PER_KV=queries_per_kv, QUERIES_PER_KV_PAD=queries_per_kv_pad, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=tile.block_n, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        HAS_SCALES=has_scales, USE_SOFTCAP=bool(softcap),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
-    )
-    return out
+    while True:
+        block_q, block_m = packed_rows(tile, queries_per_kv_pad, max_query_len)
+        grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+        try:
+            _packed_prefill_kernel[grid](
+                out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
+                k_scale, v_scale, sliding_window or 0, (softcap or 0.0) * _LOG2E,
+                query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+                QUERIES_PER_KV=num_heads // num_kv_heads, QUERIES_PER_KV_PAD=queries_per_kv_pad,
+                BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_Q=block_q,
+                BLOCK_M=block_m, BLOCK_N=tile.block_n,
+                DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                HAS_SCALES=has_scales, USE_SOFTCAP=bool(softcap),
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
+            )
+            return out
+        except _OUT_OF_RESOURCES:
+            smaller = _smaller(tile)
+            if smaller is None:
+                raise
+            _SHRUNK[tile] = tile = smaller

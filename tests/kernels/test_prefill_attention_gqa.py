@@ -101,3 +101,27 @@ def test_the_torch_path_never_takes_cpu_tensors_or_options_it_lacks(paged):
     args = (batch.query, batch.k_cache, batch.query_start_loc, batch.max_query_len)
     assert not sdpa_prefill_applies(*args)
     assert not sdpa_prefill_applies(*args, sliding_window=8)
+
+
+def test_a_tile_too_big_for_the_gpus_shared_memory_shrinks_once(paged, triton_device, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from asyncserve.kernels import attention_prefill_gqa
+    batch = paged.build([40], [40], 4, 2, 16, 8, device=triton_device)
+    kernel, stages_tried = attention_prefill_gqa._packed_prefill_kernel, []
+
+    class SmallSharedMemory:
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                stages_tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(200_000, 101_376, "shared memory")
+                return kernel[grid](*args, num_stages=num_stages, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention_prefill_gqa, "_packed_prefill_kernel", SmallSharedMemory())
+    monkeypatch.setattr(attention_prefill_gqa, "_SHRUNK", {})
+    big = PrefillTile(32, 16, 4, 4)
+    for _ in range(2):
+        _check(paged, batch, tile=big)
+    assert stages_tried == [4, 3, 2, 2]  # the second call starts from the tile that fit

@@ -1,59 +1,34 @@
 """Flash-attention over the paged KV pool for prefill, chunked prefill and extend.
 
-One program per (query tile of one sequence, query head). Key tiles wholly before the
+`paged_prefill_attention_triton` runs the kernel `PREFILL_KERNEL` names (env
+`ASYNCSERVE_PREFILL_KERNEL`): "v2", the default, packs the query heads of a KV head into each tile
+(attention_prefill_gqa); "v1" is this module's per-head kernel, kept as the reference and fallback;
+"sdpa" takes torch's fused attention where it applies (attention_prefill_sdpa), else v2.
+
+v1: one program per (query tile of one sequence, query head). Key tiles wholly before the
 tile's first query position need no mask; only the diagonal tiles apply the causal one.
 An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
 With a sliding window, tiles wholly before every row's window are skipped and the tiles
 across the window's start are masked too.
 """
 
+import os
+
 import torch
 
 from ._triton import tl, triton, next_power_of_2
+from .attention_prefill_gqa import paged_prefill_attention_gqa
+from .attention_prefill_sdpa import paged_prefill_attention_sdpa, sdpa_prefill_applies
+from .attention_prefill_tile import attend_tile
+from .attention_window import first_key
 from .kv_scale import scale_operands
-from .attention_window import first_key, soft_cap
+
+PREFILL_KERNELS = ("v1", "v2", "sdpa")
+PREFILL_KERNEL = os.environ.get("ASYNCSERVE_PREFILL_KERNEL", "v2")
+if PREFILL_KERNEL not in PREFILL_KERNELS:
+    raise ValueError(f"ASYNCSERVE_PREFILL_KERNEL must be one of {PREFILL_KERNELS}, got {PREFILL_KERNEL!r}")
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
-                 tile_start, kv_end, query_positions, window_starts,
-                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2e,
-                 softcap_log2e, CAUSAL_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, USE_SOFTCAP: tl.constexpr):
-    """One online-softmax step over keys [tile_start, tile_start + BLOCK_N)."""
-    tokens = tile_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    token_mask = tokens < kv_end
-    offsets = tokens % BLOCK_SIZE
-    if CAUSAL_MASK or HEAD_DIM != HEAD_DIM_PAD:
-        blocks = tl.load(table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        kv_mask = token_mask[:, None] & (dims < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + offsets[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
-        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-    else:  # a full tile below the diagonal: no masks at all
-        blocks = tl.load(table_row + tokens // BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_cache_ptr + blocks[:, None] * stride_kb + offsets[:, None] * stride_kt
-                    + kv_head * stride_kh + dims[None, :]).to(q.dtype)
-        v = tl.load(v_cache_ptr + blocks[:, None] * stride_vb + offsets[:, None] * stride_vt
-                    + kv_head * stride_vh + dims[None, :]).to(q.dtype)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [M, N]
-    if USE_SOFTCAP:
-        scores = soft_cap(scores, softcap_log2e)
-    if CAUSAL_MASK:  # also the sliding window's start: each row sees [window_starts, itself]
-        visible = ((tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
-                   & (tokens[None, :] >= window_starts[:, None]))
-        scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -103,19 +78,19 @@ def _prefill_kernel(
                                     BLOCK_N) * BLOCK_N, unmasked_end)
     window_end = tl.maximum(window_end, lo)
     for tile_start in range(lo, window_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
+        m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
             query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
             BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
     for tile_start in range(window_end, unmasked_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
+        m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
             query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
             BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
+        m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
             query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
@@ -143,7 +118,22 @@ def _tile_config(max_query_len: int, head_dim_pad: int, element_size: int = 2):
 def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
                                    query_start_loc, max_query_len, max_seq_len, scale,
                                    k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None):
-    """query [T, H, D] (flattened new tokens) -> out [T, H, D]; see attention_ref for semantics."""
+    """query [T, H, D] (flattened new tokens) -> out [T, H, D] by the kernel PREFILL_KERNEL names."""
+    args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+            max_seq_len, scale, k_scale, v_scale)
+    options = dict(sliding_window=sliding_window, softcap=softcap)
+    if PREFILL_KERNEL == "v1":
+        return paged_prefill_attention_v1(*args, **options)
+    if PREFILL_KERNEL == "sdpa" and sdpa_prefill_applies(query, k_cache, query_start_loc, max_query_len,
+                                                         k_scale, v_scale, **options):
+        return paged_prefill_attention_sdpa(*args, **options)
+    return paged_prefill_attention_gqa(*args, **options)
+
+
+def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
+                               query_start_loc, max_query_len, max_seq_len, scale,
+                               k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None):
+    """The per-head kernel: query [T, H, D] -> out [T, H, D]; see attention_ref for semantics."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _KERNEL_MODULES = ["_triton", "cache", "kv_scale", "attention_ref", "attention_cpu", "attention_window", "attention_decode",
+                   "attention_prefill_tile", "attention_prefill_gqa", "attention_prefill_sdpa",
                    "attention_prefill", "attention", "norm", "rotary", "activation", "quant_gemm", "fp8_linear",
                    "moe", "bitmask"]
 if os.environ.get("TRITON_INTERPRET") == "1" and "asyncserve.kernels" in sys.modules:

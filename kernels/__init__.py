@@ -23,8 +23,14 @@ if __name__ != "asyncserve.kernels":
         elsewhere = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != root]
         spec = _PathFinder.find_spec(name, elsewhere)
         if spec is None or spec.loader is None:
-            _sys.modules.pop(name, None)
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            # None installed: stay an empty placeholder that reads as a namespace-package shadow (no
+            # __file__, no version), which transformers' availability check counts as absent, where an
+            # ImportError here would escape that check and break `import transformers.models...`.
+            # `from kernels import anything` still raises ImportError.
+            module = _sys.modules[name]
+            module.__file__ = None
+            module.__path__ = []
+            return
         module = _module_from_spec(spec)
         _sys.modules[name] = module  # the import that led here returns what sys.modules holds now
         spec.loader.exec_module(module)

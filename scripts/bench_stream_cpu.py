@@ -113,7 +113,9 @@ def serve(args) -> None:
         stats = engine.stats()
         return web.json_response({"cpu_s": time.process_time(), "threads": thread_cpu(),
                                   "lag_max_s": state.lag.reset(), "generation_tokens": stats["generation_tokens_total"],
-                                  "vocab_size": engine.vocab_size})
+                                  "vocab_size": engine.vocab_size, "steps": stats.get("engine_steps_total", 0),
+                                  "process_s": stats.get("engine_process_seconds_total", 0.0),
+                                  "schedule_s": stats.get("engine_schedule_seconds_total", 0.0)})
 
     app.router.add_get(WINDOW_ROUTE, window)
 
@@ -257,7 +259,12 @@ async def burst(server: Server, endpoint: str, prompts: list[list[int]], max_tok
                for name in after["threads"]}
     return {"cpu_s": after["cpu_s"] - before["cpu_s"], "wall_s": wall, "tokens": tokens,
             "events": sum(events for _, events in results), "lag_max_s": after["lag_max_s"], "threads": threads,
-            "engine_tokens": after["generation_tokens"] - before["generation_tokens"]}
+            "engine_tokens": after["generation_tokens"] - before["generation_tokens"],
+            "steps": after["steps"] - before["steps"],
+            # the loop's synchronous work per step: processing step N's outputs and delivering them
+            # (with the sinks: framing and writing), and scheduling step N+1
+            "loop_ms_per_step": {key: 1e3 * (after[f"{key}_s"] - before[f"{key}_s"]) / max(1, after["steps"] - before["steps"])
+                                 for key in ("process", "schedule")}}
 
 
 def _median(rounds: list[dict], key) -> float:
@@ -295,6 +302,9 @@ def report(args, figures: dict) -> str:
                                                          sorted(threads.items(), key=lambda item: -item[1])))
     lines.append(f"event loop worst lag: {figures['server_lag_max_ms']:.1f} ms (target <= 20 ms; worst round "
                  f"{figures['server_lag_max_ms_worst_round']:.1f} ms)")
+    per_step = figures["rounds"][-1]["loop_ms_per_step"]
+    lines.append(f"  the loop's work per step (mean of {figures['rounds'][-1]['steps']} steps): process+deliver "
+                 f"{per_step['process']:.1f} ms, schedule {per_step['schedule']:.1f} ms")
     offline_rate = f" (offline LLM.generate: {figures['offline_tok_s']:.0f} tok/s)" if offline_us else ""
     lines.append(f"output tok/s streamed: {figures['server_tok_s']:.0f}{offline_rate}")
     return "\n".join(lines)

@@ -11,19 +11,33 @@ import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 from asyncserve.config import EngineConfig
+from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
 from asyncserve.engine.step_profile import StepProfile
 from asyncserve.errors import EngineDeadError, QueueFullError, RequestAbortedError
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
-from asyncserve.engine.beam_search import BeamSearchOutput, beam_search_async
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams
 from asyncserve.utils.tasks import cancel_and_wait
 
 logger = logging.getLogger("asyncserve")
+
+# Sinks told of a step's end between two visits of the loop to its other work (about 1-2 ms of framing
+# and socket writes on a CPU core).
+_SINKS_PER_SLICE = 64
+
+
+class OutputSink(Protocol):
+    """Where the engine hands one request's outputs, on the loop: `put` for each output (cumulative) or the
+    error that ends it, then `end_step` once the step has delivered all its outputs (a sink fed by several
+    requests builds one write per step from them)."""
+
+    def put(self, item: RequestOutput | BaseException) -> None: ...
+
+    def end_step(self) -> None: ...
 
 
 class RequestStream:
@@ -36,6 +50,9 @@ class RequestStream:
     def put(self, item: RequestOutput | BaseException) -> None:
         self._latest = item
         self._ready.set()
+
+    def end_step(self) -> None:
+        pass
 
     async def get(self) -> RequestOutput:
         await self._ready.wait()
@@ -51,7 +68,8 @@ class AsyncEngine:
         self.llm_engine = LLMEngine(config or EngineConfig(**kwargs))
         self.config = self.llm_engine.config  # the resolved tree
         self.tokenizer = self.llm_engine.tokenizer
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, OutputSink] = {}
+        self._touched: list[OutputSink] = []  # sinks given outputs during the current step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
         self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-token-lists")
@@ -157,8 +175,11 @@ class AsyncEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None):
-        """Validates and queues a request; raises InvalidParameterError / QueueFullError before anything runs."""
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
+                    sink: OutputSink | None = None):
+        """Validates and queues a request; raises InvalidParameterError / QueueFullError before anything runs.
+        Its outputs go to `sink`, called on the loop as each step is processed (a new RequestStream, to be
+        awaited, without one)."""
         self.check_health()
         if self._task is None:
             raise EngineDeadError("The engine is not started: `await engine.start()` first, or mount "
@@ -177,7 +198,7 @@ class AsyncEngine:
         # token lists off the loop, and the server checks a big prompt off the loop first.
         processed = self.llm_engine.input_processor.process(prompt, params)
         request = self.llm_engine.add_request(request_id, processed)
-        stream = RequestStream()
+        stream = sink if sink is not None else RequestStream()
         self._streams[request_id] = stream
         self._wakeup.set()
         return request, stream
@@ -229,6 +250,7 @@ class AsyncEngine:
         output = self.llm_engine.abort_request(request_id)
         if stream is not None and output is not None:
             stream.put(output)
+            stream.end_step()
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -257,6 +279,7 @@ class AsyncEngine:
                     profile.mark("wait_device")
                     for result in engine.process(previous, pending.result()):
                         self._deliver(result)
+                    await self._end_step()
                     profile.mark("process")
                 in_flight = (scheduled, await launch) if launch is not None else None
                 profile.mark("wait_launch")
@@ -274,8 +297,10 @@ class AsyncEngine:
         except BaseException as exc:  # a bug or a device failure: fail every stream, refuse new work
             logger.exception("engine loop failed")
             self._dead = exc
+            self._touched.clear()
             for request_id, stream in list(self._streams.items()):
                 stream.put(EngineDeadError(f"The engine failed: {exc!r}"))
+                stream.end_step()
                 self._streams.pop(request_id, None)
 
     def _deliver(self, output: RequestOutput) -> None:
@@ -286,6 +311,19 @@ class AsyncEngine:
             del self._streams[output.request_id]
             request_metrics(output, self.llm_engine)
         stream.put(output)
+        self._touched.append(stream)
+
+    async def _end_step(self) -> None:
+        """Tells each sink that got outputs this step that the step is complete (a sink fed by several
+        requests is told once per request: `end_step` after the first finds nothing new). A sink may frame
+        and write its client's step there: the loop is let in between slices of sinks, so that hundreds of
+        clients' writes never hold it in one piece (the next step is already computing meanwhile)."""
+        touched, self._touched = self._touched, []
+        for start in range(0, len(touched), _SINKS_PER_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for stream in touched[start:start + _SINKS_PER_SLICE]:
+                stream.end_step()
 
     # ---- what the server reports ----------------------------------------------------------------
 

@@ -83,6 +83,26 @@ async def write_within(request: web.Request, response: web.StreamResponse, data:
         raise ConnectionResetError("stream write timed out") from None
 
 
+async def drain_within(request: web.Request, response: web.StreamResponse, seconds: float) -> None:
+    """Waits until the client has read enough of what was written (the transport is below its low-water
+    mark); a client that reads nothing for `seconds` is cut off, as in `write_within`."""
+    transport = request.transport
+    if transport is None or transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+        return
+    try:
+        async with timeout(seconds):
+            writer = await response.prepare(request)  # prepared already: its payload writer
+            await writer.drain()
+    except ConnectionResetError:
+        raise
+    except ConnectionError as exc:  # aiohttp's "Connection lost" while waiting: the client left
+        raise ConnectionResetError(str(exc)) from None
+    except asyncio.TimeoutError:
+        transport.abort()
+        logger.warning("client %s read nothing for %g s; its request was aborted", request.remote, seconds)
+        raise ConnectionResetError("stream write timed out") from None
+
+
 async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_NAME
 

@@ -25,10 +25,11 @@ from asyncserve.server.serving import (
     read_and_prepare,
     send_json,
     stream,
+    stream_sink,
 )
 from asyncserve.server.sse import ChunkEncoder
-from asyncserve.server.structured import compile_structured_outputs
 from asyncserve.server.state import SERVER_STATE, ServerState
+from asyncserve.server.structured import compile_structured_outputs
 
 
 class PreparedRequest(Protocol):
@@ -57,7 +58,9 @@ async def handle_generation(request: web.Request,
     state.check_accepting()
     refuse_on_embedding_model(state, "Chat Completions" if request.path.endswith("/chat/completions")
                               else "Completions")
-    prepared = await read_and_prepare(request, state, prepare)
+    # Off the loop whatever the size: a burst of hundreds of arrivals (a benchmark's start, a retry storm)
+    # would otherwise parse, render and tokenize them all on it, one after another.
+    prepared = await read_and_prepare(request, state, prepare, always_offload=True)
     engine, parsed = state.engine, prepared.parsed
     response_id, created = state.new_id(prepared.id_prefix), int(time.time())
     if parsed.use_beam_search:
@@ -67,13 +70,15 @@ async def handle_generation(request: web.Request,
                                            latest))
     if not await compile_structured_outputs(engine, parsed.params, parsed.structured_field, request):
         return client_closed()
-    generation = Generation(engine, response_id, prepared.prompts, parsed.params)
-    log_request(state, response_id, prepared.kind, generation, parsed.stream)
     if parsed.stream:
         encoder = ChunkEncoder(response_id, prepared.chunk_object, created, prepared.model,
                                parsed.include_usage, chat=prepared.chat)
-        return await stream(request, state, generation, prepared.stream_writer(state, encoder),
-                            parsed.include_usage)
+        sink, latest = stream_sink(state, prepared.stream_writer(state, encoder))
+        generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink)
+        log_request(state, response_id, prepared.kind, generation, parsed.stream)
+        return await stream(request, state, generation, sink, latest, parsed.include_usage)
+    generation = Generation(engine, response_id, prepared.prompts, parsed.params)
+    log_request(state, response_id, prepared.kind, generation, parsed.stream)
     latest = await collect(request, state, generation)
     if latest is None:
         return client_closed()

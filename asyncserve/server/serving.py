@@ -10,11 +10,12 @@ from aiohttp import web
 
 from asyncserve.errors import AsyncServeError
 from asyncserve.outputs import CompletionOutput, RequestOutput
-from asyncserve.server.connection import read_body, write_within
+from asyncserve.server.connection import drain_within, read_body, write_within
 from asyncserve.server.errors import ApiError, api_error_from, error_payload
 from asyncserve.server.generation import Generation
 from asyncserve.server.sse import DONE, event, open_stream
 from asyncserve.server.state import ServerState
+from asyncserve.server.stream_sink import StreamSink
 
 logger = logging.getLogger("asyncserve.server")
 
@@ -30,12 +31,13 @@ OFFLOAD_BYTES = 16 * 1024
 OFFLOAD_RESPONSE_ENTRIES = 20_000
 
 
-async def read_and_prepare(request: web.Request, state: ServerState, prepare: Callable[[ServerState, object], T]
-                           ) -> T:
-    """Reads the body, then `prepare(state, parsed JSON)`: in the worker thread for a big body, so that
-    neither parsing, tokenizing nor freeing millions of token ids holds the loop."""
+async def read_and_prepare(request: web.Request, state: ServerState, prepare: Callable[[ServerState, object], T],
+                           always_offload: bool = False) -> T:
+    """Reads the body, then `prepare(state, parsed JSON)`: in the worker thread for a big body (or for
+    every body with `always_offload`), so that neither parsing, tokenizing nor freeing millions of token ids
+    holds the loop."""
     body = await read_body(request, state.max_body_bytes, state.request_body_timeout)
-    return await state.run(len(body) >= OFFLOAD_BYTES, _parse_and_prepare, prepare, state, body)
+    return await state.run(always_offload or len(body) >= OFFLOAD_BYTES, _parse_and_prepare, prepare, state, body)
 
 
 def _parse_and_prepare(prepare, state: ServerState, body: bytes):
@@ -97,10 +99,18 @@ def _record(state: ServerState, latest: dict[int, RequestOutput], batch) -> None
             state.metrics.observe_finished(output)
 
 
-async def stream(request: web.Request, state: ServerState, generation: Generation, writer: StreamWriter,
-                 include_usage: bool) -> web.StreamResponse:
-    """One SSE frame per engine step; a client that goes away aborts its requests (their KV is freed)."""
+def stream_sink(state: ServerState, writer: StreamWriter) -> tuple[StreamSink, dict[int, RequestOutput]]:
+    """The sink a streamed Generation feeds, and the newest output of each prompt, which it keeps."""
     latest: dict[int, RequestOutput] = {}
+    return StreamSink(writer, lambda batch: _record(state, latest, batch)), latest
+
+
+async def stream(request: web.Request, state: ServerState, generation: Generation, sink: StreamSink,
+                 latest: dict[int, RequestOutput], include_usage: bool) -> web.StreamResponse:
+    """One SSE frame per engine step, written by the step itself (server/stream_sink.py); this coroutine
+    writes the first frame, a slow client's backlog and the end. A client that goes away aborts its requests
+    (their KV is freed)."""
+    writer = sink.writer
     response = None
     write_timeout = state.stream_write_timeout
     state.track(generation)
@@ -109,12 +119,13 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
         first = writer.first_frame()
         if first:
             await write_within(request, response, first, write_timeout)
-        async with contextlib.aclosing(generation.outputs()) as batches:
-            async for batch in batches:
-                _record(state, latest, batch)
-                frame = writer.step_frame(batch)
-                if frame:
-                    await write_within(request, response, frame, write_timeout)
+        await sink.start(request, response)
+        while not sink.finished:
+            frames = await sink.wait()
+            if frames:
+                await write_within(request, response, frames, write_timeout)
+                await drain_within(request, response, write_timeout)
+            sink.written()
         tail = writer.usage_frame(usage(generation, latest)) if include_usage else b""
         await write_within(request, response, tail + DONE, write_timeout)
         await write_within(request, response, None, write_timeout)
@@ -128,7 +139,8 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
                                write_timeout)
             await write_within(request, response, None, write_timeout)
     finally:
-        generation.abort()  # no-op for finished requests; covers a generator that never started
+        sink.detach()
+        generation.abort()  # no-op for finished requests
         state.untrack(generation)
     return response if response is not None else client_closed()
 

@@ -12,17 +12,31 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 def scripted_output(engine, pieces: list[str], finish_reason: str = "stop", seen_params: list | None = None):
     """The engine 'generates' `pieces`, one per step; the rest of the server is real. Each request's
     SamplingParams are appended to `seen_params` when given."""
-    def add_request(prompt, params, request_id=None):
+    def add_request(prompt, params, request_id=None, sink=None):
         if seen_params is not None:
             seen_params.append(params)
-        stream: asyncio.Queue = asyncio.Queue()
+        outputs = []
         text = ""
         for step, piece in enumerate(pieces):
             text += piece
             last = step == len(pieces) - 1
             completion = CompletionOutput(0, text, list(range(step + 1)), finish_reason=finish_reason if last else None)
-            stream.put_nowait(RequestOutput(request_id, prompt["prompt"], prompt["prompt_token_ids"], [completion],
-                                            finished=last))
+            outputs.append(RequestOutput(request_id, prompt["prompt"], prompt["prompt_token_ids"], [completion],
+                                         finished=last))
+        if sink is not None:  # a streamed request: one output per loop iteration, as engine steps come
+            loop = asyncio.get_running_loop()
+
+            def step(index: int = 0) -> None:
+                sink.put(outputs[index])
+                sink.end_step()
+                if index + 1 < len(outputs):
+                    loop.call_soon(step, index + 1)
+
+            loop.call_soon(step)
+            return None, sink
+        stream: asyncio.Queue = asyncio.Queue()
+        for output in outputs:
+            stream.put_nowait(output)
         return None, stream
 
     engine.add_request = add_request

@@ -69,6 +69,7 @@ else:
         max_padded_entries,
         moe_align_block_size_ref,
         moe_align_block_size_triton,
+        select_experts_triton,
         select_experts,
     )
     from .norm import (
@@ -111,7 +112,7 @@ else:
         "unpack_int_rows",
         "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
         "MOE_CONFIGS", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
-        "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts",
+        "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts", "select_experts_triton",
         "rms_norm", "rms_norm_ref", "rms_norm_triton",
         "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
         "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",

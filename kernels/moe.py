@@ -44,6 +44,48 @@ def select_experts(router_logits, top_k, renormalize):
     return weights, ids.to(torch.int32)
 
 
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_lm, TOP_K: tl.constexpr,
+                  K_POW2: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """One token: the softmax of its router logits in float32, then its top-k, largest first (the lower
+    expert on a tie), rescaled to sum to 1 if RENORMALIZE: `select_experts` in one launch."""
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_POW2)
+    valid = experts < num_experts
+    logits = tl.load(logits_ptr + row * stride_lm + experts, mask=valid, other=float("-inf")).to(tl.float32)
+    exps = tl.where(valid, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
+    remaining = tl.where(valid, exps / tl.sum(exps, axis=0), -1.0)  # probabilities are >= 0: -1 is taken
+    slots = tl.arange(0, K_POW2)
+    top_weights = tl.zeros((K_POW2,), dtype=tl.float32)
+    top_ids = tl.zeros((K_POW2,), dtype=tl.int32)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(remaining, axis=0)
+        chosen = tl.min(tl.where(remaining == best, experts, E_POW2), axis=0)
+        top_weights = tl.where(slots == slot, best, top_weights)
+        top_ids = tl.where(slots == slot, chosen, top_ids)
+        remaining = tl.where(experts == chosen, -1.0, remaining)
+    if RENORMALIZE:
+        top_weights = top_weights / tl.sum(top_weights, axis=0)
+    tl.store(weights_ptr + row * TOP_K + slots, top_weights, mask=slots < TOP_K)
+    tl.store(ids_ptr + row * TOP_K + slots, top_ids, mask=slots < TOP_K)
+
+
+_MAX_ROUTED_EXPERTS = 1024  # one token's logits in one program's registers
+
+
+def select_experts_triton(router_logits, top_k, renormalize):
+    """Triton version of `select_experts`: one launch instead of softmax, top-k, rescale and cast."""
+    num_tokens, num_experts = router_logits.shape
+    assert router_logits.stride(1) == 1
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens:
+        _route_kernel[(num_tokens,)](router_logits, weights, ids, num_experts, router_logits.stride(0),
+                                     TOP_K=top_k, K_POW2=next_power_of_2(top_k),
+                                     E_POW2=next_power_of_2(num_experts), RENORMALIZE=bool(renormalize))
+    return weights, ids
+
+
 def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize):
     """hidden [M, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], router_logits [M, E]
     -> [M, H] = sum over each token's top-k experts of weight * w2 @ (silu(gate) * up).
@@ -135,13 +177,59 @@ def _scatter_kernel(topk_ids_ptr, ranks_ptr, starts_ptr, sorted_ids_ptr, num_ent
     tl.store(sorted_ids_ptr + slot, offs, mask=mask)
 
 
+@triton.jit
+def _align_small_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_experts, num_entries,
+                        num_blocks, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, N_POW2: tl.constexpr,
+                        BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    """The whole align step of a few entries (a decode batch) in one program: counts from a one-hot
+    [experts, entries] matrix, each entry's rank among the earlier entries of its expert from an
+    [entries, entries] one (stable, as the reference), the padded runs' starts, every block's expert."""
+    offs = tl.arange(0, N_POW2)
+    valid = offs < num_entries
+    ids = tl.load(topk_ids_ptr + offs, mask=valid, other=-1)
+    experts = tl.arange(0, E_POW2)
+    onehot = ids[None, :] == experts[:, None]                                    # [E, N]
+    counts = tl.sum(onehot.to(tl.int32), axis=1)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(num_post_ptr, tl.sum(padded, 0))
+    start = tl.sum(tl.where(onehot, (ends - padded)[:, None], 0), axis=0)      # [N]: its expert's run
+    earlier = (ids[:, None] == ids[None, :]) & (offs[None, :] < offs[:, None])  # [N, N]
+    slot = start + tl.sum(earlier.to(tl.int32), axis=1)
+    block_ends = tl.where(experts < num_experts, ends // BLOCK_M, 1 << 30)
+    for first in range(0, num_blocks, BLOCK):
+        blocks = first + tl.arange(0, BLOCK)
+        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < num_blocks)
+    for first in range(0, num_blocks * BLOCK_M, FILL_BLOCK):
+        slots = first + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + slots, tl.zeros((FILL_BLOCK,), tl.int32) + num_entries,
+                 mask=slots < num_blocks * BLOCK_M)
+    tl.debug_barrier()  # the padding is written before the entries land on it
+    tl.store(sorted_ids_ptr + slot, offs, mask=valid)
+
+
+_SMALL_ALIGN_ENTRIES = 128   # one program holds an [entries, entries] comparison: decode batches
+_SMALL_ALIGN_EXPERTS = 256
+
+
 def moe_align_block_size_triton(topk_ids, num_experts, block_m):
-    """Triton version of `moe_align_block_size_ref` in three launches and no host sync; the order
-    within an expert follows the atomics (any order gives the same products)."""
+    """Triton version of `moe_align_block_size_ref` and no host sync: one launch for a decode batch's
+    few entries (stable, as the reference), three above, where the order within an expert follows the
+    atomics (any order gives the same products)."""
     flat = topk_ids.reshape(-1)
     num_entries = flat.numel()
     num_blocks = _cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
     device = flat.device
+    e_pow2 = next_power_of_2(num_experts)
+    if num_entries <= _SMALL_ALIGN_ENTRIES and num_experts <= _SMALL_ALIGN_EXPERTS:
+        sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+        expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+        num_post = torch.empty(1, dtype=torch.int32, device=device)
+        _align_small_kernel[(1,)](flat, sorted_ids, expert_ids, num_post, num_experts, num_entries, num_blocks,
+                                  BLOCK_M=block_m, E_POW2=e_pow2, N_POW2=max(16, next_power_of_2(num_entries)),
+                                  BLOCK=max(16, min(_ALIGN_BLOCK, 16384 // e_pow2)), FILL_BLOCK=_ALIGN_BLOCK)
+        return sorted_ids, expert_ids, num_post
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     scratch = torch.empty(num_entries + num_experts + 1, dtype=torch.int32, device=device)
     ranks, starts, num_post = scratch[:num_entries], scratch[num_entries:-1], scratch[-1:]
@@ -226,7 +314,10 @@ def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=
     assert hidden.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     if num_tokens == 0:
         return torch.empty_like(hidden)
-    weights, ids = select_experts(router_logits, top_k, renormalize)
+    if num_experts <= _MAX_ROUTED_EXPERTS:
+        weights, ids = select_experts_triton(router_logits, top_k, renormalize)
+    else:
+        weights, ids = select_experts(router_logits, top_k, renormalize)
     config = config or moe_config(num_tokens, top_k, num_experts)
     block_m = config[1]
     sorted_ids, expert_ids, num_post = moe_align_block_size_triton(ids, num_experts, block_m)

@@ -44,7 +44,7 @@ def bench_ours(path, load_format, prompts, output_len, args):
     full, first = _timed(run(output_len), args.repeats), _timed(run(1), args.repeats)
     per_token = (full - first) / (output_len - 1)
     model = llm.llm_engine.executor.runner.model
-    return startup, per_token, weight_bytes(model), decode_bytes_per_step(model, args.batch_size)
+    return startup, per_token, first, weight_bytes(model), decode_bytes_per_step(model, args.batch_size)
 
 
 def bench_hf(path, prompts, output_len, repeats):
@@ -82,7 +82,7 @@ def main():
     if not args.no_hf:  # first, so that its memory is back before our KV pool takes the rest
         hf = bench_hf(path, prompts, args.hf_output_len, 1)
         free_cuda()
-    startup, per_token, weights, read = bench_ours(path, load_format, prompts, args.output_len, args)
+    startup, per_token, first, weights, read = bench_ours(path, load_format, prompts, args.output_len, args)
     floor = read / bandwidth  # MoE: only the experts a step routes to are read
     print(f"model {args.model} | batch {args.batch_size} | input {args.input_len} | output {args.output_len} "
           f"| {torch.cuda.get_device_name()}")
@@ -91,11 +91,12 @@ def main():
     print(f"copy bandwidth measured: {bandwidth / 1e12:.2f} TB/s; weights {weights / 1e9:.2f} GB{experts} "
           f"-> floor {floor * 1e3:.2f} ms/step ({1 / floor:.0f} steps/s)")
     print(f"asyncserve: startup {startup:.1f} s; decode {per_token * 1e3:.2f} ms/step = "
-          f"{args.batch_size / per_token:.1f} tokens/s ({floor / per_token * 100:.0f}% of the floor)")
+          f"{args.batch_size / per_token:.1f} tokens/s ({floor / per_token * 100:.0f}% of the floor); "
+          f"TTFT {first * 1e3:.1f} ms ({args.input_len}-token prompt)")
     if args.json:
         figures = {"model": args.model, "batch_size": args.batch_size, "input_len": args.input_len,
                    "output_len": args.output_len, "device": torch.cuda.get_device_name(), "startup_s": startup,
-                   "ms_per_step": per_token * 1e3, "tokens_per_s": args.batch_size / per_token,
+                   "ms_per_step": per_token * 1e3, "tokens_per_s": args.batch_size / per_token, "ttft_ms": first * 1e3,
                    "bandwidth_TBps": bandwidth / 1e12, "weight_GB": weights / 1e9,
                    "read_GB_per_step": read / 1e9, "floor_ms": floor * 1e3,
                    "fraction_of_floor": floor / per_token, "hf_ms_per_step": hf * 1e3 if hf else None}

@@ -42,6 +42,12 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+# A mixed step's decodes go through the prefill kernel with its prompt chunks unless one reads more than
+# this many tokens and they give fewer (sequence, KV head) programs than this (an H100 has 132 SMs).
+_ONE_LAUNCH_MAX_DECODE_CONTEXT = 2048
+_ONE_LAUNCH_MIN_PROGRAMS = 256
+
+
 class PagedAttention(nn.Module):
     """Writes the new K/V into the pool, then attends over each sequence's whole context, or
     its last `sliding_window` tokens; `softcap` bounds the logits (Gemma 2). A window's older
@@ -78,6 +84,13 @@ class PagedAttention(nn.Module):
         # Checkpoint scales serve an fp8 pool only, as in vLLM; a model-dtype pool stores keys as they are.
         return dict(k_scale=self.k_scale, v_scale=self.v_scale) if is_fp8(k_cache.dtype) else {}
 
+    def _split_decodes(self, query: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether a mixed step's decodes take the split-K decode kernel apart from its prompt chunks.
+        On the GPU the prefill kernel takes them too, as one-token queries (one launch, no copies), unless
+        a decode reads a long context with too few (sequence, KV head) programs to fill the GPU."""
+        return not query.is_cuda or (meta.decode_max_seq_len > _ONE_LAUNCH_MAX_DECODE_CONTEXT
+                                     and meta.num_decodes * self.num_kv_heads < _ONE_LAUNCH_MIN_PROGRAMS)
+
     def attend(self, query: torch.Tensor, meta: AttentionMetadata,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """query [T, H, D] of tokens whose K/V are in the pool -> [T, H, D] (into `out` if given)."""
@@ -86,7 +99,7 @@ class PagedAttention(nn.Module):
         if meta.is_decode:
             result = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                             self.scale, meta.max_seq_len, **options)
-        elif meta.num_decodes:
+        elif meta.num_decodes and self._split_decodes(query, meta):
             decodes = meta.num_decodes
             result = torch.empty_like(query) if out is None else out
             result[:decodes] = paged_decode_attention(

@@ -1,21 +1,31 @@
 """Incremental detokenization: text grows token by token, multi-byte characters appear only when whole.
 
-A step's sequences are decoded together (`decode_step`): one call of the Rust tokenizer's `decode_batch`
-over every sequence's two windows, which releases the GIL, instead of two calls per sequence.
+A step's sequences are decoded together (`decode_step`). With `BATCH_DECODE`, that is one call of the Rust
+tokenizer's `decode_batch` over every sequence's two windows (exactly the same texts); it is off: the call
+releases the GIL, and on the CPU, where the step thread runs Python while the loop decodes, the loop then
+waits up to the switch interval (5 ms) to get it back: 256 streams' steps decoded in 2.1 ms in isolation took
+~2.2 ms per call in the server, and worst loop lag rose (docs/benchmarks.md). One decode per sequence holds the
+GIL throughout. Either way a one-token prefix window's text comes from a per-tokenizer cache (`piece_cache`):
+decode is a pure function of the ids, so the cached text is exact, and steady decoding needs one decode call
+per token instead of two.
 """
 from __future__ import annotations
 
 # Prompt tokens decoded in front of the output, so its first word keeps its leading space.
 _CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
+BATCH_DECODE = False  # see the module's docstring
 
 
 class IncrementalDetokenizer:
     """Decodes a sliding window of ids per token: `prefix` is what was already shown, `read` what is new."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
-                 spaces_between_special_tokens: bool = True):
+                 spaces_between_special_tokens: bool = True, piece_cache: dict[int, str] | None = None):
+        """`piece_cache`: token id -> its text alone, shared by the detokenizers of one tokenizer and one
+        skip_special_tokens value (OutputProcessor keeps them)."""
         self.tokenizer = tokenizer
+        self._pieces = piece_cache if piece_cache is not None else {}
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
@@ -61,7 +71,13 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         if self.read_offset == len(self.ids):
             return ""
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        if self.read_offset - self.prefix_offset == 1:  # the steady case: the last token's text alone
+            token_id = self.ids[self.prefix_offset]
+            prefix_text = self._pieces.get(token_id)
+            if prefix_text is None:
+                prefix_text = self._pieces[token_id] = self._decode([token_id])
+        else:
+            prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         return self.take(prefix_text, new_text, final)
 
@@ -98,10 +114,13 @@ def find_stop_string(text: str, num_new_chars: int, stops: list[str],
     return stop, position + len(stop) if include_stop_str else position
 
 
-def decode_step(detokenizers: list) -> list[str]:
+def decode_step(detokenizers: list, batch: bool | None = None) -> list[str]:
     """`step` for many detokenizers whose new token is already in `ids` (`push`): the text each token
-    completes, exactly as `step` would give it. Detokenizers with a Rust backend are decoded in one
-    `decode_batch` call per (backend, skip_special_tokens); the others one by one."""
+    completes, exactly as `step` would give it. With `batch` (default BATCH_DECODE), detokenizers with a
+    Rust backend are decoded in one `decode_batch` call per (backend, skip_special_tokens); the others, and
+    all without it, one by one."""
+    if not (BATCH_DECODE if batch is None else batch):
+        return [detokenizer._advance(final=False) for detokenizer in detokenizers]
     deltas = [""] * len(detokenizers)
     groups: dict[tuple, tuple[list[int], list[list[int]]]] = {}
     for position, detokenizer in enumerate(detokenizers):

@@ -15,13 +15,15 @@ class OutputProcessor:
     def __init__(self, tokenizer, max_model_len: int):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self._pieces: dict[bool, dict[int, str]] = {True: {}, False: {}}  # by skip_special_tokens
 
     def make_detokenizer(self, request: Request) -> IncrementalDetokenizer:
         params = request.params
         if self.tokenizer is None:
             return NullDetokenizer()
         return IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
-                                      params.spaces_between_special_tokens)
+                                      params.spaces_between_special_tokens,
+                                      self._pieces[bool(params.skip_special_tokens)])
 
     def _decoded(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None

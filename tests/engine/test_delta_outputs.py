@@ -106,10 +106,12 @@ TEXTS = [
 ]
 
 
+@pytest.mark.parametrize("batch", [True, False])
 @pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
-def test_decoding_a_step_in_one_batch_equals_one_decode_per_sequence(kind):
+def test_decoding_a_step_in_one_batch_equals_one_decode_per_sequence(kind, batch):
     """Many sequences at different points of multi-byte characters, skip_special_tokens on and off (two
-    decode_batch groups), against the per-sequence `step`; a final flush shows the same partial character."""
+    decode_batch groups, two piece caches), against the per-sequence `step` of detokenizers that cache
+    nothing; a final flush shows the same partial character."""
     tokenizer = build_tokenizer(kind)
     special = tokenizer.all_special_ids[:1]
     prompt = tokenizer.encode("Prompt:", add_special_tokens=False)
@@ -119,17 +121,19 @@ def test_decoding_a_step_in_one_batch_equals_one_decode_per_sequence(kind):
     options = [dict(skip_special_tokens=skip, spaces_between_special_tokens=spaces)
                for skip in (True, False) for spaces in (True, False)]
     one_by_one, batched = [], []
+    pieces = {True: {}, False: {}}  # shared, as OutputProcessor shares them
     for ids in outputs:
         for option in options:
             one_by_one.append((IncrementalDetokenizer(tokenizer, prompt, **option), ids))
-            batched.append((IncrementalDetokenizer(tokenizer, prompt, **option), ids))
+            batched.append((IncrementalDetokenizer(tokenizer, prompt, **option,
+                                                   piece_cache=pieces[option["skip_special_tokens"]]), ids))
     assert all(detokenizer.batch_key is not None for detokenizer, _ in batched)
     for position in range(max(len(ids) for ids in outputs)):
         live = [(a, b, ids[position]) for (a, ids), (b, _) in zip(one_by_one, batched) if position < len(ids)]
         expected = [a.step(token_id) for a, _, token_id in live]
         for _, b, token_id in live:
             b.push(token_id)
-        assert decode_step([b for _, b, _ in live]) == expected
+        assert decode_step([b for _, b, _ in live], batch=batch) == expected
     for (a, _), (b, _) in zip(one_by_one, batched):
         assert b.flush() == a.flush() and b.output_text == a.output_text
     assert any("\ufffd" in a.output_text for a, _ in one_by_one)  # the partial character at the end

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="Write the figures here as JSON.")
     parser.add_argument("--role", choices=("client", "server", "offline"), default="client", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--process-only", action="store_true",
+                        help="No server: the engine's `process` alone (appends, detokenizing, stops, the outputs "
+                             "a streaming sink gets), timed serially in this process after gc.freeze() as the "
+                             "server does, so no step thread competes for the GIL: loop-side engine us/token.")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="cProfile the server's event-loop thread into FILE (pstats format).")
     return parser
@@ -157,6 +161,42 @@ def offline(args) -> None:
         tokens = sum(len(choice.token_ids) for output in outputs for choice in output.outputs)
         rounds.append({"cpu_s": cpu, "wall_s": wall, "tokens": tokens})
     print("RESULT " + json.dumps(rounds), flush=True)
+
+
+def process_only(args) -> dict:
+    """`LLMEngine.process` per streamed token, serially: schedule, execute, then time `process` alone. The
+    requests are a streaming sink's (delta outputs, where the engine has them), sampled with ignore_eos."""
+    import gc
+    import inspect
+
+    from asyncserve import SamplingParams
+    from asyncserve.config import EngineConfig
+    from asyncserve.engine.llm_engine import LLMEngine
+
+    kwargs = engine_kwargs(args)
+    kwargs.setdefault("max_model_len", max(2048, args.prompt_len + args.max_tokens))
+    engine = LLMEngine(EngineConfig(**kwargs))
+    engine.stream_outputs = True
+    delta = {"delta": True} if "delta" in inspect.signature(engine.add_request).parameters else {}
+    for index, ids in enumerate(prompt_ids(args, engine.config.model.vocab_size)):
+        params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=1.0, seed=index)
+        engine.add_request(f"r{index}", engine.input_processor.process({"prompt_token_ids": ids}, params),
+                           **delta)
+    gc.collect()
+    gc.freeze()
+    spent = 0.0
+    while engine.has_unfinished_requests():
+        message, scheduled = engine.schedule()
+        if scheduled:
+            result = engine.executor.execute(message)
+            started = time.perf_counter()
+            engine.process(scheduled, result)
+            spent += time.perf_counter() - started
+    tokens = args.num_streams * args.max_tokens
+    figures = {"process_us_per_token": 1e6 * spent / tokens, "delta_outputs": bool(delta), "tokens": tokens}
+    print(f"engine process per streamed token: {figures['process_us_per_token']:.1f} us "
+          f"({args.num_streams} streams x {args.max_tokens} tokens, delta outputs: {bool(delta)})")
+    return figures
 
 
 # ---- the client ------------------------------------------------------------------------------------------
@@ -341,6 +381,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.role == "offline":
         offline(args)
         return None
+    if args.process_only:
+        figures = process_only(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=2)
+        return figures
     try:
         import uvloop
         results = uvloop.run(client(args))

@@ -31,9 +31,12 @@ _SINKS_PER_SLICE = 64
 
 
 class OutputSink(Protocol):
-    """Where the engine hands one request's outputs, on the loop: `put` for each output (cumulative) or the
-    error that ends it, then `end_step` once the step has delivered all its outputs (a sink fed by several
-    requests builds one write per step from them)."""
+    """Where the engine hands one request's outputs, on the loop: `put` for each output or the error that
+    ends it, then `end_step` once the step has delivered all its outputs (a sink fed by several requests
+    builds one write per step from them). A sink whose `delta` is true gets each step's new text, token ids
+    and logprobs only (OutputProcessor.delta_output); otherwise cumulative outputs."""
+
+    delta: bool
 
     def put(self, item: RequestOutput | BaseException) -> None: ...
 
@@ -42,6 +45,8 @@ class OutputSink(Protocol):
 
 class RequestStream:
     """Latest output of one request: outputs are cumulative, so a slow reader just skips to the newest."""
+
+    delta = False
 
     def __init__(self) -> None:
         self._latest: RequestOutput | BaseException | None = None
@@ -197,7 +202,8 @@ class AsyncEngine:
         # On the loop, as cheap as it is for a small request: `generate` compiled the grammar and built the
         # token lists off the loop, and the server checks a big prompt off the loop first.
         processed = self.llm_engine.input_processor.process(prompt, params)
-        request = self.llm_engine.add_request(request_id, processed)
+        request = self.llm_engine.add_request(request_id, processed,
+                                              delta=sink is not None and getattr(sink, "delta", False))
         stream = sink if sink is not None else RequestStream()
         self._streams[request_id] = stream
         self._wakeup.set()

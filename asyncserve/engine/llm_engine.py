@@ -14,6 +14,7 @@ from asyncserve.engine.output_processor import OutputProcessor
 from asyncserve.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from asyncserve.engine.pooling import embedding_output
 from asyncserve.engine.resolve_config import resolve_config
+from asyncserve.engine.detokenizer import decode_step
 from asyncserve.engine.scheduler import Scheduler
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.engine.structured import StructuredOutputManager
@@ -102,12 +103,15 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, processed: ProcessedRequest) -> Request:
-        """Admits a request that the input processor made (`input_processor.process(prompt, params)`)."""
+    def add_request(self, request_id: str, processed: ProcessedRequest, delta: bool = False) -> Request:
+        """Admits a request that the input processor made (`input_processor.process(prompt, params)`).
+        `delta`: each output carries only what is new since the one before (OutputProcessor.delta_output),
+        as a streaming client takes it; otherwise outputs are cumulative."""
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         params, token_ids = processed.params, processed.prompt_token_ids
         request = Request(request_id, processed.prompt, token_ids, params)
+        request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n
         if isinstance(params, PoolingParams):
             seq = Sequence(next(self._seq_ids), request, list(token_ids), 0)
             request.seqs.append(seq)
@@ -149,6 +153,11 @@ class LLMEngine:
         self._to_release.append(request)
         if isinstance(request.params, PoolingParams):
             return embedding_output(request)
+        return self._output(request)
+
+    def _output(self, request: Request) -> RequestOutput:
+        if request.delta:
+            return self.output_processor.delta_output(request)
         return self.output_processor.request_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -210,6 +219,8 @@ class LLMEngine:
         processor = self.output_processor
         touched: dict[str, Request] = {}
         now = time.monotonic()
+        appended: list[tuple[Sequence, int, bool]] = []  # this step's tokens, in order: whether decoded
+        to_decode = []  # the detokenizers of those whose text is decoded, in the same order
         for (seq, num_new), result in zip(scheduled, output.results):
             request = seq.request
             if result.token_ids:
@@ -228,16 +239,23 @@ class LLMEngine:
                     targets += self._fork(seq, len(result.token_ids) - 1)
                 for i, (target, token_id) in enumerate(zip(targets, result.token_ids)):
                     entry = result.logprobs[i] if result.logprobs else None
-                    self.stats["generation_tokens"] += 1
-                    finished = processor.append_token(target, token_id, entry)
-                    if target.matcher is not None and not finished:
-                        finished = processor.advance_grammar(target, token_id)
-                    if finished:
-                        self.scheduler.finish(target)
+                    decode = processor.append_ids(target, token_id, entry)
+                    if decode:
+                        to_decode.append(target.detokenizer)
+                    appended.append((target, token_id, decode))
+        self.stats["generation_tokens"] += len(appended)
+        # All the step's new text at once (one decode_batch call), then each token's stop conditions.
+        deltas = iter(decode_step(to_decode) if to_decode else ())
+        for target, token_id, decode in appended:
+            finished = processor.check_stop(target, token_id, next(deltas) if decode else "")
+            if target.matcher is not None and not finished:
+                finished = processor.advance_grammar(target, token_id)
+            if finished:
+                self.scheduler.finish(target)
         outputs = []
         for request in touched.values():
             if self.stream_outputs or request.is_finished:
-                outputs.append(processor.request_output(request))
+                outputs.append(self._output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
                 self._record_timings(request)

@@ -69,6 +69,10 @@ class Sequence:
         self.block_table_rewritten = False  # changed other than by appending: resend it whole
         # Structured outputs: where the output stands in the request's grammar (None: unconstrained).
         self.matcher = matcher
+        # A streaming request's deltas (OutputProcessor.delta_output): what its outputs already carried.
+        self.num_sent_tokens = self.num_prompt_tokens  # index in token_ids of the first token not sent yet
+        self.num_sent_chars = 0
+        self.finish_sent = False
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +120,7 @@ class Request:
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
     embedding: Any = None  # an embedding model's result ([D] float32 CPU tensor) once the prompt ran
     grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
+    delta: bool = False  # outputs carry only what is new since the last one (a streaming sink's request)
 
     @property
     def is_finished(self) -> bool:

@@ -94,17 +94,17 @@ class ChatStreamWriter:
         return self.encoder.frame(choices, self._usages(choices, [0] * self.n))
 
     def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
+        """One step's delta (the engine's output carries only the new text, token ids and logprobs)."""
         choices = []
         for _, output in batch:
             for completion in output.outputs:
-                delta = self.cursors[completion.index].advance(completion)
-                if delta is None:
+                if not self.cursors[completion.index].advance(completion):
                     continue
-                text, first_new, finish_reason = delta
+                text, finish_reason = completion.text, completion.finish_reason
                 logprobs = None
                 if self.num_top is not None:
-                    logprobs = {"content": self.state.logprobs.chat(
-                        completion.token_ids[first_new:], completion.logprobs[first_new:], self.num_top)}
+                    logprobs = {"content": self.state.logprobs.chat(completion.token_ids, completion.logprobs,
+                                                                    self.num_top)}
                 elif not text and finish_reason is None:
                     continue  # tokens that do not make a whole character yet
                 if self.parsers is not None:
@@ -119,6 +119,9 @@ class ChatStreamWriter:
 
     def usage_frame(self, usage_body: dict) -> bytes:
         return self.encoder.usage_frame(usage_body)
+
+    def completion_tokens(self) -> int:
+        return sum(cursor.num_tokens for cursor in self.cursors)
 
 
 def _parsed_chunks(parser: ChoiceParser, index: int, text: str, logprobs, finish_reason) -> list[dict]:

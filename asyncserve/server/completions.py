@@ -88,17 +88,16 @@ class CompletionStreamWriter:
         if cursor is None:
             cursor = self.cursors[index] = Cursor()
         text_offset = len(self.echo.text(prompt_index)) + cursor.text_len
-        delta = cursor.advance(completion)
-        if delta is None:
+        if not cursor.advance(completion):
             return None
-        text, first_new, finish_reason = delta
+        text, finish_reason = completion.text, completion.finish_reason
         echo_now = self.echo.enabled and index not in self.echoed
         if not text and finish_reason is None and self.num_top is None and not echo_now:
             return None  # tokens that do not make a whole character yet
         logprobs = None
         if self.num_top is not None:
-            logprobs = self.state.logprobs.completion(completion.token_ids[first_new:],
-                                                      completion.logprobs[first_new:], self.num_top, text_offset)
+            logprobs = self.state.logprobs.completion(completion.token_ids, completion.logprobs, self.num_top,
+                                                      text_offset)
         if echo_now:
             self.echoed.add(index)
             text = self.echo.text(prompt_index) + text
@@ -112,6 +111,7 @@ class CompletionStreamWriter:
         return choice
 
     def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
+        """One step's deltas (one output per prompt that moved on) as chunks."""
         choices, usages = [], [] if self.prompt_lengths is not None else None
         for prompt_index, output in batch:
             for completion in output.outputs:
@@ -119,8 +119,12 @@ class CompletionStreamWriter:
                 if choice is not None:
                     choices.append(choice)
                     if usages is not None:
-                        usages.append(token_usage(self.prompt_lengths[prompt_index], len(completion.token_ids)))
+                        usages.append(token_usage(self.prompt_lengths[prompt_index],
+                                                  self.cursors[choice["index"]].num_tokens))
         return self.encoder.frame(choices, usages) if choices else b""
+
+    def completion_tokens(self) -> int:
+        return sum(cursor.num_tokens for cursor in self.cursors.values())
 
     def usage_frame(self, usage_body: dict) -> bytes:
         return self.encoder.usage_frame(usage_body)

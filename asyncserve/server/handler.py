@@ -73,10 +73,10 @@ async def handle_generation(request: web.Request,
     if parsed.stream:
         encoder = ChunkEncoder(response_id, prepared.chunk_object, created, prepared.model,
                                parsed.include_usage, chat=prepared.chat)
-        sink, latest = stream_sink(state, prepared.stream_writer(state, encoder))
+        sink = stream_sink(state, prepared.stream_writer(state, encoder))
         generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink)
         log_request(state, response_id, prepared.kind, generation, parsed.stream)
-        return await stream(request, state, generation, sink, latest, parsed.include_usage)
+        return await stream(request, state, generation, sink, parsed.include_usage)
     generation = Generation(engine, response_id, prepared.prompts, parsed.params)
     log_request(state, response_id, prepared.kind, generation, parsed.stream)
     latest = await collect(request, state, generation)

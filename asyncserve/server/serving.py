@@ -46,7 +46,8 @@ def _parse_and_prepare(prepare, state: ServerState, body: bytes):
 
 
 class Cursor:
-    """How much of one choice a client has been sent."""
+    """How much of one choice a client has been sent. A stream's outputs are deltas (the engine's
+    OutputProcessor.delta_output): each carries only the choice's new text, token ids and logprobs."""
 
     __slots__ = ("text_len", "num_tokens", "done")
 
@@ -55,19 +56,17 @@ class Cursor:
         self.num_tokens = 0
         self.done = False
 
-    def advance(self, completion: CompletionOutput) -> tuple[str, int, str | None] | None:
-        """(text since last time, index of the first new token, finish reason or None); None if nothing new."""
+    def advance(self, completion: CompletionOutput) -> bool:
+        """Counts a delta in; False when it brings nothing to send (nothing new, or the choice had ended)."""
         if self.done:
-            return None
-        text = completion.text[self.text_len:] if len(completion.text) > self.text_len else ""
-        first_new = self.num_tokens
+            return False
         finish_reason = completion.finish_reason
-        if not text and first_new == len(completion.token_ids) and finish_reason is None:
-            return None
-        self.text_len += len(text)
-        self.num_tokens = len(completion.token_ids)
+        if not completion.text and not completion.token_ids and finish_reason is None:
+            return False
+        self.text_len += len(completion.text)
+        self.num_tokens += len(completion.token_ids)
         self.done = finish_reason is not None
-        return text, first_new, finish_reason
+        return True
 
 
 class StreamWriter(Protocol):
@@ -78,6 +77,8 @@ class StreamWriter(Protocol):
     def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes: ...
 
     def usage_frame(self, usage: dict) -> bytes: ...
+
+    def completion_tokens(self) -> int: ...
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -99,14 +100,20 @@ def _record(state: ServerState, latest: dict[int, RequestOutput], batch) -> None
             state.metrics.observe_finished(output)
 
 
-def stream_sink(state: ServerState, writer: StreamWriter) -> tuple[StreamSink, dict[int, RequestOutput]]:
-    """The sink a streamed Generation feeds, and the newest output of each prompt, which it keeps."""
-    latest: dict[int, RequestOutput] = {}
-    return StreamSink(writer, lambda batch: _record(state, latest, batch)), latest
+def _record_finished(state: ServerState, batch) -> None:
+    """A stream's finished outputs (deltas; the last one lists every choice) feed the latency histograms."""
+    for _, output in batch:
+        if output.finished:
+            state.metrics.observe_finished(output)
+
+
+def stream_sink(state: ServerState, writer: StreamWriter) -> StreamSink:
+    """The sink a streamed Generation feeds: its outputs are deltas, counted by the writer's cursors."""
+    return StreamSink(writer, lambda batch: _record_finished(state, batch))
 
 
 async def stream(request: web.Request, state: ServerState, generation: Generation, sink: StreamSink,
-                 latest: dict[int, RequestOutput], include_usage: bool) -> web.StreamResponse:
+                 include_usage: bool) -> web.StreamResponse:
     """One SSE frame per engine step, written by the step itself (server/stream_sink.py); this coroutine
     writes the first frame, a slow client's backlog and the end. A client that goes away aborts its requests
     (their KV is freed)."""
@@ -126,7 +133,9 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
                 await write_within(request, response, frames, write_timeout)
                 await drain_within(request, response, write_timeout)
             sink.written()
-        tail = writer.usage_frame(usage(generation, latest)) if include_usage else b""
+        prompt_tokens = sum(len(prompt.token_ids) for prompt in generation.prompts)
+        tail = writer.usage_frame(token_usage(prompt_tokens, writer.completion_tokens())) if include_usage \
+            else b""
         await write_within(request, response, tail + DONE, write_timeout)
         await write_within(request, response, None, write_timeout)
     except ConnectionResetError:

@@ -20,7 +20,10 @@ HIGH_WATER = 64 * 1024  # bytes unsent in a client's transport past which its fr
 
 class StreamSink:
     """Collects a step's outputs of one HTTP request's engine requests (one per prompt) and, at the step's
-    end, frames them once (`writer.step_frame`) and writes the frame, or keeps it for the coroutine."""
+    end, frames them once (`writer.step_frame`) and writes the frame, or keeps it for the coroutine. The
+    outputs are deltas (`delta`): each step's new text, token ids and logprobs only."""
+
+    delta = True
 
     def __init__(self, writer, on_batch):
         self.writer = writer  # CompletionStreamWriter or ChatStreamWriter
@@ -133,6 +136,8 @@ class _PromptSink:
     """The engine's sink for one prompt's request: tags its outputs with the prompt's index."""
 
     __slots__ = ("prompt_index", "sink")
+
+    delta = True  # the engine's outputs for this request are deltas (OutputProcessor.delta_output)
 
     def __init__(self, sink: StreamSink, prompt_index: int):
         self.sink = sink

@@ -25,6 +25,11 @@ def scripted_output(engine, pieces: list[str], finish_reason: str = "stop", seen
                                          finished=last))
         if sink is not None:  # a streamed request: one output per loop iteration, as engine steps come
             loop = asyncio.get_running_loop()
+            if getattr(sink, "delta", False):  # what the engine gives a streaming sink: each step's news only
+                outputs = [RequestOutput(request_id, prompt["prompt"], prompt["prompt_token_ids"],
+                                         [CompletionOutput(0, piece, [step], finish_reason=output.outputs[0].finish_reason)],
+                                         finished=output.finished)
+                           for step, (piece, output) in enumerate(zip(pieces, outputs))]
 
             def step(index: int = 0) -> None:
                 sink.put(outputs[index])

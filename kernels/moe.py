@@ -146,6 +146,21 @@ def _count_kernel(topk_ids_ptr, counts_ptr, ranks_ptr, num_entries, BLOCK: tl.co
 
 
 @triton.jit
+def _store_block_experts_and_padding(block_ends, expert_ids_ptr, sorted_ids_ptr, num_experts, num_entries,
+                                     num_blocks, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                                     FILL_BLOCK: tl.constexpr):
+    """Every block's expert (the first whose padded run ends past it), and padding in every slot."""
+    for first in range(0, num_blocks, BLOCK):
+        blocks = first + tl.arange(0, BLOCK)
+        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < num_blocks)
+    for first in range(0, num_blocks * BLOCK_M, FILL_BLOCK):
+        slots = first + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + slots, tl.zeros((FILL_BLOCK,), tl.int32) + num_entries,
+                 mask=slots < num_blocks * BLOCK_M)
+
+
+@triton.jit
 def _offsets_kernel(counts_ptr, starts_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_experts,
                     num_entries, num_blocks, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr,
                     BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr):
@@ -158,14 +173,8 @@ def _offsets_kernel(counts_ptr, starts_ptr, sorted_ids_ptr, expert_ids_ptr, num_
     tl.store(starts_ptr + experts, ends - padded, mask=valid)
     tl.store(num_post_ptr, tl.sum(padded, 0))
     block_ends = tl.where(valid, ends // BLOCK_M, 1 << 30)
-    for first in range(0, num_blocks, BLOCK):
-        blocks = first + tl.arange(0, BLOCK)
-        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < num_blocks)
-    for first in range(0, num_blocks * BLOCK_M, FILL_BLOCK):
-        slots = first + tl.arange(0, FILL_BLOCK)
-        tl.store(sorted_ids_ptr + slots, tl.zeros((FILL_BLOCK,), tl.int32) + num_entries,
-                 mask=slots < num_blocks * BLOCK_M)
+    _store_block_experts_and_padding(block_ends, expert_ids_ptr, sorted_ids_ptr, num_experts, num_entries,
+                                     num_blocks, BLOCK_M, BLOCK, FILL_BLOCK)
 
 
 @triton.jit
@@ -197,14 +206,8 @@ def _align_small_kernel(topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_p
     earlier = (ids[:, None] == ids[None, :]) & (offs[None, :] < offs[:, None])  # [N, N]
     slot = start + tl.sum(earlier.to(tl.int32), axis=1)
     block_ends = tl.where(experts < num_experts, ends // BLOCK_M, 1 << 30)
-    for first in range(0, num_blocks, BLOCK):
-        blocks = first + tl.arange(0, BLOCK)
-        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=blocks < num_blocks)
-    for first in range(0, num_blocks * BLOCK_M, FILL_BLOCK):
-        slots = first + tl.arange(0, FILL_BLOCK)
-        tl.store(sorted_ids_ptr + slots, tl.zeros((FILL_BLOCK,), tl.int32) + num_entries,
-                 mask=slots < num_blocks * BLOCK_M)
+    _store_block_experts_and_padding(block_ends, expert_ids_ptr, sorted_ids_ptr, num_experts, num_entries,
+                                     num_blocks, BLOCK_M, BLOCK, FILL_BLOCK)
     tl.debug_barrier()  # the padding is written before the entries land on it
     tl.store(sorted_ids_ptr + slot, offs, mask=valid)
 

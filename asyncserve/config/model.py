@@ -67,6 +67,13 @@ def _checkpoint_dtype(hf_config) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
+def _capture_size(requested: int | None) -> int | None:
+    if requested is not None and requested < 0:
+        raise ConfigError(f"max_cudagraph_capture_size={requested}: give a number of tokens >= 0 "
+                          "(0: mixed steps run eagerly)")
+    return requested
+
+
 def _max_model_len(requested: int | None, hf_config) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
     seq_length = getattr(hf_config, "seq_length", None)  # Qwen-1's training length (see qwen_config.py)
@@ -101,7 +108,7 @@ def load_model_config(args, path: str) -> ModelConfig:
                        model=args.model, served_model_names=args.model_names, tokenizer=args.tokenizer,
                        skip_tokenizer_init=args.skip_tokenizer_init, load_format=args.load_format,
                        seed=args.seed, max_logprobs=args.max_logprobs, enforce_eager=args.enforce_eager,
-                       max_cudagraph_capture_size=args.max_cudagraph_capture_size,
+                       max_cudagraph_capture_size=_capture_size(args.max_cudagraph_capture_size),
                        generation_config=args.generation_config, runner_type=runner_type, pooler=pooler,
                        is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False) or matryoshka),
                        matryoshka_dimensions=list(matryoshka) if matryoshka else None)

@@ -199,6 +199,11 @@ def test_max_cudagraph_capture_size_is_vllms_flag_and_reaches_the_model_config(t
     assert args.max_cudagraph_capture_size == 512 and not args.vllm_flags  # a built flag, not a note
     assert resolve_config(engine_config(args)).model.max_cudagraph_capture_size == 512
     assert parse_args(build_parser(), ["serve", "some/model"]).max_cudagraph_capture_size is None
+    from asyncserve.errors import ConfigError
+    negative = parse_args(build_parser(), ["serve", tiny_model_dir("qwen3"), "--device", "cpu",
+                                           "--max-cudagraph-capture-size", "-1"])
+    with pytest.raises(ConfigError, match="max_cudagraph_capture_size=-1"):
+        resolve_config(engine_config(negative))
 
 
 def test_every_table_flag_is_known_to_the_parser_hidden_from_help_and_none_shadows_a_built_flag():

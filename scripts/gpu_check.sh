@@ -15,7 +15,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 what=${1:-all}
 ROOT=$(pwd)
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/gpu tests/layers 2>python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/gpu 2>&11 | tee "$OUT/gpu_tests.log" | tail -25
+  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/gpu tests/layers 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   cd "$ROOT/scripts"
@@ -72,29 +72,33 @@ fi
 if [ "$what" = vllm ]; then  # issue 22: next to vLLM 0.26.0, staged into /tmp/vsite first (DEVELOPERS.md)
   # Online: `vllm serve` then asyncserve, each loaded by `vllm bench serve` (8B shape, dummy weights).
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
-  RESULTS="$OUT/serve" timeout 560 bash .vllm/bin/serve_bench.sh /tmp/llama8b 512 128 "${GRID:-16:1 256:64 1024:256}"
+  RESULTS="$OUT/serve" MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048} timeout 560 bash .vllm/bin/serve_bench.sh /tmp/llama8b 512 128 "${GRID:-16:1 256:64 1024:256}"
 fi
-if [ "$what" = vllm-offline ]; then  # offline 8B, batch-1 8B and 0.5B, TTFT of 16k/32k prompts, Qwen3-30B-A3B
+if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks among: 8b 05b ttft moe
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"
-  C=scripts/model_configs
-  $V --workload both 2>&1 | grep '^{' | tee "$OUT/vllm_8b.jsonl"
-  $V --workload latency --config $C/qwen2.5-0.5b/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_05b.jsonl"
-  for n in 16384 32768; do
-    $V --workload latency --lat-input-len $n --lat-output-len 2 --iters 3 --max-model-len $((n + 64)) 2>&1 \
-      | grep '^{' | tee "$OUT/vllm_ttft_$n.jsonl"
+  C=$ROOT/scripts/model_configs
+  for part in ${PARTS:-8b 05b ttft moe}; do
+    cd "$ROOT"
+    case $part in
+      8b) $V --workload both 2>&1 | grep '^{' | tee "$OUT/vllm_8b.jsonl"
+          cd "$ROOT/scripts"
+          timeout 200 python3 bench_latency.py --model llama-3.1-8b --no-hf 2>&1 | tee "$OUT/latency_8b.log" | grep "^asyncserve:"
+          timeout 260 python3 bench_throughput.py --model llama-3.1-8b --no-hf 2>&1 | tee "$OUT/throughput_8b.log" | grep "^asyncserve:" ;;
+      05b) $V --workload latency --config $C/qwen2.5-0.5b/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_05b.jsonl"
+          cd "$ROOT/scripts"
+          timeout 200 python3 bench_latency.py --model qwen2.5-0.5b --no-hf 2>&1 | tee "$OUT/latency_05b.log" | grep "^asyncserve:" ;;
+      ttft) for n in 16384 32768; do
+            $V --workload latency --lat-input-len $n --lat-output-len 2 --iters 3 --max-model-len $((n + 64)) 2>&1 \
+              | grep '^{' | tee "$OUT/vllm_ttft_$n.jsonl"
+            (cd "$ROOT/scripts" && timeout 200 python3 bench_latency.py --model llama-3.1-8b --no-hf --input-len $n --output-len 2 \
+              --repeats 3 2>&1 | tee "$OUT/ttft_$n.log" | grep "^asyncserve:")
+          done ;;
+      moe) $V --workload both --config $C/qwen3-30b-a3b/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_qwen3moe.jsonl"
+          cd "$ROOT/scripts"
+          timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | grep "^asyncserve:"
+          timeout 400 python3 bench_throughput.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/throughput_qwen3moe.log" | grep "^asyncserve:" ;;
+    esac
   done
-  $V --workload both --config $C/qwen3-30b-a3b/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_qwen3moe.jsonl"
-  cd "$ROOT/scripts"
-  for m in llama-3.1-8b qwen2.5-0.5b; do
-    timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_$m.log" | grep "^asyncserve:"
-  done
-  timeout 260 python3 bench_throughput.py --model llama-3.1-8b --no-hf 2>&1 | tee "$OUT/throughput_8b.log" | grep "^asyncserve:"
-  for n in 16384 32768; do
-    timeout 200 python3 bench_latency.py --model llama-3.1-8b --no-hf --input-len $n --output-len 2 --repeats 3 2>&1 \
-      | tee "$OUT/ttft_$n.log" | grep "^asyncserve:"
-  done
-  timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | grep "^asyncserve:"
-  timeout 400 python3 bench_throughput.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/throughput_qwen3moe.log" | grep "^asyncserve:"
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine
   base=$(realpath "${2:?compare needs the folder of the other checkout}")
@@ -102,7 +106,7 @@ if [ "$what" = compare ]; then  # this tree next to another checkout of asyncser
     for tree in "$base" "$ROOT"; do
       name=$([ "$tree" = "$ROOT" ] && echo new || echo base)
       cd "$tree/scripts"
-      for m in llama-3.1-8b qwen2.5-0.5b; do
+      for m in ${MODELS:-llama-3.1-8b qwen2.5-0.5b}; do
         PYTHONPATH="$tree:${PYTHONPATH:-}" timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 \
           | tee "$OUT/latency_${m}_${name}_$round.log" | grep -E "^asyncserve:" | sed "s/^/$name $m batch-1 round $round: /"
       done

@@ -98,6 +98,7 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self.abort(request_id)
         await cancel_and_wait(self._task)
+        self.step_profile.close()
         self._task = None
 
     def shutdown(self) -> None:
@@ -294,7 +295,7 @@ class AsyncEngine:
                     # on the worker; the forward pass of this step is already on the device.
                     await loop.run_in_executor(self._executor, engine.sample_under_grammars, *in_flight)
                     profile.mark("grammar")
-                profile.num_steps += 1
+                profile.end_step(scheduled, engine.scheduler.num_waiting)
                 if in_flight is None and scheduled == [] and engine.has_unfinished_requests():
                     await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests
                 self._log_stats()

@@ -25,7 +25,7 @@ class StepProfile:
         self.num_steps = 0
         self._last = time.perf_counter()
         trace_path = trace_path if trace_path is not None else os.environ.get(TRACE_ENV)
-        self._trace = open(trace_path, "ab", buffering=1 << 16) if trace_path else None  # noqa: SIM115 (lives as long as the engine)
+        self._trace = open(trace_path, "ab", buffering=1 << 16) if trace_path else None  # noqa: SIM115 (open while the engine is)
         self._step_start = dict(self.seconds)
 
     def start(self) -> None:

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="No server: the engine's `process` alone (appends, detokenizing, stops, the outputs "
                              "a streaming sink gets), timed serially in this process after gc.freeze() as the "
                              "server does, so no step thread competes for the GIL: loop-side engine us/token.")
+    parser.add_argument("--stall-stacks", default=None, metavar="FILE",
+                        help="Sample the server's event-loop thread every 2 ms from a watchdog thread and write, "
+                             "to FILE, the stacks it was in while the loop had not ticked for 15 ms or more "
+                             "(what the worst lag is made of), most frequent first.")
+    parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
+                        help="The server process's GIL switch interval (sys.setswitchinterval; Python's default "
+                             "is 0.005): how long the loop may wait for the GIL held by the step thread.")
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="cProfile the server's event-loop thread into FILE (pstats format).")
     return parser
@@ -103,6 +110,9 @@ def thread_cpu() -> dict[str, float]:
 def serve(args) -> None:
     from aiohttp import web
 
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+
     from asyncserve.cli import new_event_loop
     from asyncserve.config import EngineConfig
     from asyncserve.engine.async_engine import AsyncEngine
@@ -126,19 +136,72 @@ def serve(args) -> None:
     def announce(addresses) -> None:
         print(f"PORT {addresses[0][1]}", flush=True)
 
+    stalls = StallSampler(args.stall_stacks) if args.stall_stacks else None
     profiler = None
     if args.profile:
         import cProfile
         profiler = cProfile.Profile()
         profiler.enable()
     loop = new_event_loop()
+    if stalls is not None:
+        app.on_startup.append(stalls.start)
     try:
         loop.run_until_complete(serve_app(app, "127.0.0.1", args.port, on_started=announce, access_log=None))
     finally:
         loop.close()
+        if stalls is not None:
+            stalls.write()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
+
+
+class StallSampler:
+    """A watchdog thread that knows when the loop last ticked (a 5 ms heartbeat) and, while it has not for
+    `STALL` seconds, samples the loop thread's Python stack: the stacks of the stalls, counted."""
+
+    STALL = 0.015
+
+    def __init__(self, path: str):
+        self.path = path
+        self.last_tick = time.perf_counter()
+        self.stacks: dict[str, int] = {}
+        self.num_stalls = 0
+
+    async def start(self, app) -> None:
+        import asyncio
+        loop_thread = threading.get_ident()
+
+        async def heartbeat() -> None:
+            while True:
+                self.last_tick = time.perf_counter()
+                await asyncio.sleep(0.005)
+
+        app["stall_heartbeat"] = asyncio.get_running_loop().create_task(heartbeat())
+        threading.Thread(target=self._watch, args=(loop_thread,), daemon=True, name="stall-sampler").start()
+
+    def _watch(self, loop_thread: int) -> None:
+        import traceback
+        in_stall = False
+        while True:
+            time.sleep(0.002)
+            if time.perf_counter() - self.last_tick < self.STALL:
+                in_stall = False
+                continue
+            self.num_stalls += not in_stall
+            in_stall = True
+            frame = sys._current_frames().get(loop_thread)
+            if frame is None:
+                continue
+            stack = ";".join(f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}"
+                             for f in traceback.extract_stack(frame)[-12:])
+            self.stacks[stack] = self.stacks.get(stack, 0) + 1
+
+    def write(self) -> None:
+        with open(self.path, "w") as out:
+            out.write(f"# {self.num_stalls} stalls of >= {self.STALL * 1e3:.0f} ms; samples every 2 ms\n")
+            for stack, count in sorted(self.stacks.items(), key=lambda item: -item[1]):
+                out.write(f"{count} {stack}\n")
 
 
 # ---- the offline baseline -------------------------------------------------------------------------------
@@ -217,6 +280,10 @@ def _role_command(args, role: str) -> list[str]:
         command += ["--model", args.model]
     if args.profile and role == "server":
         command += ["--profile", os.path.abspath(args.profile)]
+    if args.switch_interval and role == "server":
+        command += ["--switch-interval", str(args.switch_interval)]
+    if args.stall_stacks and role == "server":
+        command += ["--stall-stacks", os.path.abspath(args.stall_stacks)]
     for item in args.engine_arg:
         command += ["--engine-arg", item]
     return command

@@ -5,17 +5,17 @@ Reasoning goes out as `reasoning_content` and, under vLLM's newer name, `reasoni
 """
 from __future__ import annotations
 
-import uuid
 from typing import Callable
 
 from asyncserve.parsers.reasoning import ReasoningParser, get_reasoning_parser
 from asyncserve.server.tools import ToolChoice
 from asyncserve.parsers.tool_calls import ContentDelta, ToolCallStart, ToolParser, get_tool_parser
 from asyncserve.parsers.tool_calls.forced import NamedFunctionParser, RequiredCallsParser
+from asyncserve.utils.ids import random_hex_id
 
 
 def tool_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+    return f"chatcmpl-tool-{random_hex_id()}"
 
 
 class ChoiceParser:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ from asyncserve.server.lag import LagMonitor
 from asyncserve.server.logprobs import LogprobFormatter
 from asyncserve.server.metrics import ServerMetrics
 from asyncserve.server.prompt_encoder import PromptEncoder
+from asyncserve.utils.ids import random_hex_id
 
 if TYPE_CHECKING:
     from asyncserve.engine.async_engine import AsyncEngine
@@ -81,7 +81,7 @@ class ServerState:
 
     @staticmethod
     def new_id(prefix: str) -> str:
-        return f"{prefix}-{uuid.uuid4().hex}"
+        return f"{prefix}-{random_hex_id()}"
 
     def check_accepting(self) -> None:
         if self.draining:

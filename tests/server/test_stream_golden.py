@@ -1,9 +1,10 @@
-"""Streams are byte-for-byte what they were before streaming requests got delta outputs (engine →
+"""Streams are what they were before streaming requests got delta outputs (engine →
 sink → SSE frame) and the step's text was decoded in one batch: every chunk of a set of streamed requests
 (completions and chat; n > 1, logprobs, echo, stop strings, sampled text with multi-byte characters split
 across tokens, special tokens kept, continuous usage; the reasoning and tool-call parsers on the real
 model's text and on scripted texts cut inside their tags and inside characters) is compared with the chunks
-that main's code (63e723c, cumulative outputs) sent, recorded in data/stream_golden.json.
+that main's code (63e723c, cumulative outputs) sent, recorded in data/stream_golden.json: the same bytes but for
+logprob floats, compared to 1e-5 (another torch, or another batching of the same requests, rounds the last bits).
 
 Ids, `created` and tool-call ids are random and left out. To record again (only on purpose, from a
 checkout whose streams are known good): ASYNCSERVE_WRITE_STREAM_GOLDEN=1 pytest this file.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import re
 
 import orjson
@@ -113,7 +115,19 @@ async def test_streams_are_what_they_were_before_delta_outputs(server, http):
         golden = json.load(f)
     assert sorted(streams) == sorted(golden)
     for name in golden:
-        assert streams[name] == golden[name], name
+        assert _same(streams[name], golden[name]), (name, streams[name], golden[name])
+
+
+def _same(got, want) -> bool:
+    """Equal, but for float logprobs within 1e-5 relative: another torch's CPU kernels round differently in
+    the last bits (the streams' shape, text and tokens must not change at all)."""
+    if isinstance(want, float) and isinstance(got, float):
+        return math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return got.keys() == want.keys() and all(_same(got[key], want[key]) for key in want)
+    if isinstance(want, list) and isinstance(got, list):
+        return len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
+    return type(got) is type(want) and got == want
 
 
 def test_the_golden_streams_cover_what_they_claim():

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Callable
 
 from asyncserve.parsers.reasoning import ReasoningParser, get_reasoning_parser
-from asyncserve.server.tools import ToolChoice
 from asyncserve.parsers.tool_calls import ContentDelta, ToolCallStart, ToolParser, get_tool_parser
 from asyncserve.parsers.tool_calls.forced import NamedFunctionParser, RequiredCallsParser
+from asyncserve.server.tools import ToolChoice
 from asyncserve.utils.ids import random_hex_id
 
 

@@ -12,8 +12,8 @@ checkout whose streams are known good): ASYNCSERVE_WRITE_STREAM_GOLDEN=1 pytest 
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import re
 
 import orjson

@@ -9,6 +9,7 @@ flash-linear-attention's Triton kernels (`fla-core`, imported lazily).
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ def causal_conv1d_varlen_ref(x: torch.Tensor, weight: torch.Tensor, initial_stat
     out = torch.empty_like(x)
     finals = []
     bounds = cu_seqlens.tolist()
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
         history = torch.cat([initial_state[index].to(x.dtype), x[start:end].t()], dim=1)  # [D, W + L]
         conv = F.conv1d(history[None, :, 1:], weight[:, None, :].to(x.dtype), groups=weight.shape[0])
         out[start:end] = F.silu(conv[0].t())

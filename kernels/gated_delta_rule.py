@@ -12,6 +12,7 @@ flash-linear-attention's Triton kernels (`fla-core`, the optional `hybrid` extra
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,10 @@ def chunk_gated_delta_rule_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def fla_ops():
     """flash-linear-attention's kernels, or None where fla-core is not installed."""
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        from fla.ops.gated_delta_rule import (
+            chunk_gated_delta_rule,
+            fused_recurrent_gated_delta_rule,
+        )
     except ImportError:
         return None
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -112,7 +116,7 @@ def chunk_gated_delta_rule_varlen_ref(q, k, v, g, beta, initial_state, cu_seqlen
     out = torch.empty_like(v)
     finals = []
     bounds = cu_seqlens.tolist()
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for index, (start, end) in enumerate(itertools.pairwise(bounds)):
         part = slice(start, end)
         o, final = chunk_gated_delta_rule_ref(q[None, part], k[None, part], v[None, part], g[None, part],
                                               beta[None, part], initial_state[index:index + 1])

@@ -18,7 +18,10 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels.causal_conv1d import causal_conv1d_update, causal_conv1d_varlen
-from asyncserve.kernels.gated_delta_rule import chunk_gated_delta_rule_varlen, recurrent_gated_delta_rule_step
+from asyncserve.kernels.gated_delta_rule import (
+    chunk_gated_delta_rule_varlen,
+    recurrent_gated_delta_rule_step,
+)
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.linear import Linear, MergedLinear
 from asyncserve.layers.parallel_state import tp_size

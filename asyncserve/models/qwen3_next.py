@@ -13,7 +13,7 @@ group of value heads side by side; b, a likewise); they are regrouped at load in
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn

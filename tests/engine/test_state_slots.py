@@ -85,10 +85,10 @@ def test_a_preempted_sequence_gives_its_slot_back_and_restarts_from_position_zer
 def test_forks_have_slots_reserved_at_admission_and_get_the_prompts_state_after_its_step():
     scheduler = _scheduler(num_slots=4)
     parent = _add(scheduler, 1, 6, n=3, temperature=1.0)
-    blocked = _add(scheduler, 2, 3)
-    message, scheduled = scheduler.schedule()
+    other = _add(scheduler, 2, 3)
+    message, _ = scheduler.schedule()
     # the parent's slot and two reserved for its forks leave one: the second request still fits
-    assert len(parent.request.fork_state_slots) == 2 and blocked.state_slot is not None
+    assert len(parent.request.fork_state_slots) == 2 and other.state_slot is not None
     (parent_entry, _) = message.seqs
     assert parent_entry.num_samples == 3
     assert sorted(message.state_fork_copies) == sorted(
@@ -98,7 +98,7 @@ def test_forks_have_slots_reserved_at_admission_and_get_the_prompts_state_after_
         scheduler.kv.fork(parent, child, parent.num_tokens)
     assert {child.state_slot for child in children} == {slot for _, slot in message.state_fork_copies}
     assert parent.request.fork_state_slots == []
-    scheduler.kv.states.check_invariants([parent, blocked, *children])
+    scheduler.kv.states.check_invariants([parent, other, *children])
 
 
 def test_a_request_whose_forks_do_not_fit_waits():

@@ -16,7 +16,12 @@ from safetensors.torch import load_file, save_file
 from asyncserve import LLM, SamplingParams
 from asyncserve.errors import ConfigError
 from asyncserve.testing.tiny_model import HYBRID_FAMILIES
-from tests.conftest import PROMPTS, assert_pool_clean, generate_joining_mid_flight, hf_greedy
+from tests.conftest import (
+    PROMPTS,
+    assert_pool_clean,
+    generate_joining_mid_flight,
+    hf_greedy,
+)
 
 MAX_NEW = 24
 CHUNK_BUDGET = 40  # prompt chunks end inside the kernel's 64-token chunks

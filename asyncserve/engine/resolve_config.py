@@ -54,6 +54,12 @@ def resolve_config(args: EngineConfig) -> Config:
     recompute_kv_at = model_class(model.hf_config).kv_recompute_length(model.hf_config, model.max_model_len)
     prefix_caching = args.enable_prefix_caching
     hybrid = model_class(model.hf_config).has_recurrent_state(model.hf_config)
+    if hybrid and model.device.type == "cuda":
+        from asyncserve.kernels.gated_delta_rule import fla_ops
+        if fla_ops() is None:
+            logger.warning("fla-core is not installed: this hybrid model's Gated DeltaNet layers run their "
+                           "pure-torch reference on the GPU (correct, much slower); pip install "
+                           "'asyncserve[hybrid]' for flash-linear-attention's kernels")
     if hybrid and prefix_caching:
         # A cached prefix's KV is reusable, but the recurrent state after it is not kept: a hit could not
         # resume the linear-attention layers.

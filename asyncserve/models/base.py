@@ -20,9 +20,10 @@ class CausalLM(nn.Module, ABC):
     """A decoder-only model over a flattened token batch (no padding), built as
     `cls(hf_config, quant_config)`.
 
-    The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers` and
-    `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_name` and each parameter's
-    `weight_loader` (and `shard_ids`, where a parameter needs more shards than its packed module's).
+    The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers`,
+    `state_layers` and `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_tensors`,
+    `checkpoint_name` and each parameter's `weight_loader` (and `shard_ids`, where a parameter needs more
+    shards than its packed module's).
     A family declares its structure (its layers, `embed_tokens`, `build_lm_head`), these names and its
     own rules (`kv_recompute_length`); nothing else. The registry finds it by its class name.
     """

@@ -190,3 +190,18 @@ def test_prefix_caching_is_off_with_one_line_saying_why(family, tiny_model_dir, 
 def test_tensor_parallelism_is_refused_before_any_worker_starts(tiny_model_dir):
     with pytest.raises(ConfigError, match="Gated DeltaNet layers are not tensor-parallel"):
         LLM(tiny_model_dir("qwen3_next"), device="cpu", tensor_parallel_size=2, num_gpu_blocks_override=64)
+
+
+def test_the_text_only_form_of_a_qwen3_5_checkpoint_loads(tiny_model_dir, tmp_path, hf_reference):
+    """transformers' Qwen3_5ForCausalLM saves config.json's text config alone (`qwen3_5_text`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source = tiny_model_dir("qwen3_5")
+    text_only = str(tmp_path / "text-only")
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).save_pretrained(text_only)
+    AutoTokenizer.from_pretrained(source).save_pretrained(text_only)
+    with open(os.path.join(text_only, "config.json")) as f:
+        config = json.load(f)
+    assert (config["architectures"], config["model_type"]) == (["Qwen3_5ForCausalLM"], "qwen3_5_text")
+    llm = LLM(text_only, device="cpu", num_gpu_blocks_override=256)
+    outputs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == _expected(hf_reference, "qwen3_5", PROMPTS[:3], 12)

@@ -28,11 +28,11 @@ def num_kv_blocks(runner, config: Config) -> int:
     state_bytes = state_bytes_per_slot(runner.model.state_layers()) * (cache.num_state_slots + 1)
     if model_config.device.type != "cuda":
         num_blocks = (int(cache.cpu_kv_cache_space * _GIB) - state_bytes) // block_bytes
-        if num_blocks <= 0:
+        if state_bytes and num_blocks <= 0:
             raise MemoryError(f"The state pool of {cache.num_state_slots} sequences takes "
                               f"{state_bytes / _GIB:.2f} GiB, leaving no room for the KV cache in "
                               f"cpu_kv_cache_space={cache.cpu_kv_cache_space} GiB: raise it or lower max_num_seqs.")
-        return num_blocks
+        return max(1, num_blocks)
     logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
                 config.scheduler.max_num_batched_tokens)
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,

@@ -205,3 +205,19 @@ def test_the_text_only_form_of_a_qwen3_5_checkpoint_loads(tiny_model_dir, tmp_pa
     llm = LLM(text_only, device="cpu", num_gpu_blocks_override=256)
     outputs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == _expected(hf_reference, "qwen3_5", PROMPTS[:3], 12)
+
+
+def test_the_state_pool_is_counted_in_the_memory_budget(tiny_model_dir):
+    """On the CPU the KV pool gets cpu_kv_cache_space less the state pool (max_num_seqs slots and the graphs'
+    padding slot); a state pool larger than the space is refused by name."""
+    from asyncserve.runner.state_pool import state_bytes_per_slot
+    space = 0.002  # GiB
+    llm = LLM(tiny_model_dir("qwen3_next"), device="cpu", cpu_kv_cache_space=space, max_num_seqs=6, max_model_len=128)
+    engine = llm.llm_engine
+    runner = engine.executor.runner
+    state_bytes = state_bytes_per_slot(runner.model.state_layers()) * 7
+    assert engine.executor.state_slot_bytes() * 7 == state_bytes > 0
+    assert engine.block_pool.num_blocks == (int(space * (1 << 30)) - state_bytes) // engine.executor.bytes_per_block()
+    assert sum(t.numel() * t.element_size() for t in runner.state_pool.tensors) == state_bytes
+    with pytest.raises(MemoryError, match="lower max_num_seqs"):
+        LLM(tiny_model_dir("qwen3_next"), device="cpu", cpu_kv_cache_space=space, max_num_seqs=200, max_model_len=128)

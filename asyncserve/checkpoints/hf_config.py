@@ -30,6 +30,6 @@ def text_part(config):
     for name in ("tie_word_embeddings", "dtype"):
         if getattr(text, name, None) in (None, False) and getattr(config, name, None) is not None:
             setattr(text, name, getattr(config, name))
-    logger.info("serving the text part of a multimodal checkpoint (%s): text prompts only, the vision "
+    logger.info("reading the text part of a multimodal checkpoint (%s): text prompts only, its vision "
                 "encoder is not loaded", ", ".join(text.architectures) or config.model_type)
     return text

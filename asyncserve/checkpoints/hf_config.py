@@ -16,4 +16,20 @@ def load_hf_config(path: str):
                     "not; asyncserve serves it with its own QWenLMHeadModel and reads qwen.tiktoken with tiktoken.")
         return QWenConfig.from_dict(config, path)
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path)
+    return text_part(AutoConfig.from_pretrained(path))
+
+
+def text_part(config):
+    """A multimodal checkpoint's text-model config (`text_config`: Qwen3.5's), which is what asyncserve
+    serves of it, with the checkpoint's architecture and the top level's settings the text part lacks; any
+    other config as it is."""
+    text = getattr(config, "text_config", None)
+    if text is None or hasattr(config, "vocab_size"):
+        return config
+    text.architectures = list(getattr(config, "architectures", None) or [])
+    for name in ("tie_word_embeddings", "dtype"):
+        if getattr(text, name, None) in (None, False) and getattr(config, name, None) is not None:
+            setattr(text, name, getattr(config, name))
+    logger.info("reading the text part of a multimodal checkpoint (%s): text prompts only, its vision "
+                "encoder is not loaded", ", ".join(text.architectures) or config.model_type)
+    return text

@@ -18,6 +18,9 @@ class CacheConfig:
     enable_prefix_caching: bool
     swap_space: float
     kv_cache_dtype: str
+    # Slots of the per-sequence state pool (hybrid models' linear-attention layers): one per sequence that
+    # may run at once (max_num_seqs); 0 for models without such layers.
+    num_state_slots: int = 0
 
 
 def check_kv_cache_dtype(name: str) -> None:

@@ -1,4 +1,5 @@
-"""Which blocks each sequence holds: allocation, prefix-cache hits, fork with copy-on-write, free."""
+"""Which blocks each sequence holds: allocation, prefix-cache hits, fork with copy-on-write, free; and, for
+hybrid models, its slot of recurrent state (engine/state_slots.py), which follows the same lifecycle."""
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,7 @@ from array import array
 
 from asyncserve.engine.block_pool import BlockPool, KVCacheBlock
 from asyncserve.engine.sequence import Sequence
+from asyncserve.engine.state_slots import StateSlotPool
 
 
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
@@ -17,8 +19,10 @@ def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, num_host_blocks: int = 0):
+    def __init__(self, pool: BlockPool, block_size: int, num_host_blocks: int = 0,
+                 states: StateSlotPool | None = None):
         self.pool = pool
+        self.states = states  # None: the model keeps no per-sequence state beside its KV
         self.block_size = block_size
         # (src, dst) block copies the runner must do before this step's forward (copy-on-write).
         self.pending_copies: list[tuple[int, int]] = []
@@ -58,7 +62,10 @@ class KVCacheManager:
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        cached: list[KVCacheBlock] = ()) -> bool:
-        """Makes room for `num_new_tokens` more computed tokens; False (nothing changed) if the pool is short."""
+        """Makes room for `num_new_tokens` more computed tokens; False (nothing changed) if the pool is short
+        (of blocks, or of state slots for a sequence being admitted)."""
+        if self.states is not None and not self.states.can_admit(seq):
+            return False
         num_computed = seq.num_computed_tokens + len(cached) * self.block_size
         num_held = len(seq.blocks) + len(cached)
         num_needed = -(-(num_computed + num_new_tokens) // self.block_size) - num_held
@@ -81,6 +88,8 @@ class KVCacheManager:
             new_blocks = self.pool.allocate(num_needed)
             seq.blocks.extend(new_blocks)
             seq.block_table.extend(block.block_id for block in new_blocks)
+        if self.states is not None:
+            self.states.admit(seq)
         return True
 
     def _copy_on_write(self, seq: Sequence, index: int) -> None:
@@ -121,8 +130,19 @@ class KVCacheManager:
         child.num_computed_tokens = num_tokens
         child.num_cached_blocks = min(parent.num_cached_blocks, num_tokens // self.block_size)
         child.block_hashes = list(parent.block_hashes[:num_tokens // self.block_size])
+        if self.states is not None:
+            self.states.fork(parent, child)
 
-    def free(self, seq: Sequence) -> None:
+    def copy_state_to_forks(self, parent: Sequence) -> None:
+        """The step being scheduled completes the parent's prompt, which its request's forks will share."""
+        if self.states is not None:
+            self.states.copy_to_forks(parent)
+
+    def free(self, seq: Sequence, finished: bool = False) -> None:
+        """Gives back what the sequence holds; `finished`: its request is over for it (an unfinished one
+        may be admitted again, and keeps its request's state slots reserved for forks)."""
+        if self.states is not None:
+            self.states.free(seq, finished)
         self.pool.free(reversed(seq.blocks))
         seq.blocks = []
         seq.block_table = []
@@ -135,6 +155,10 @@ class KVCacheManager:
         """Moves a sequence's KV to host memory and frees its device blocks; False if the host is full."""
         if len(seq.blocks) > len(self.free_host_blocks):
             return False
+        if self.states is not None:
+            if not self.states.can_swap_out(seq):
+                return False
+            self.states.swap_out(seq)
         host = [self.free_host_blocks.pop() for _ in seq.blocks]
         self.pending_swap_out.extend(zip(seq.block_table, host))
         self.pool.free(reversed(seq.blocks))
@@ -148,12 +172,20 @@ class KVCacheManager:
         """Brings a swapped sequence's KV back into fresh device blocks; False if the pool is short."""
         if len(seq.host_blocks) > self.pool.num_free_blocks:
             return False
+        if self.states is not None:
+            if not self.states.can_swap_in(seq):
+                return False
+            self.states.swap_in(seq)
         blocks = self.pool.allocate(len(seq.host_blocks))
         self.pending_swap_in.extend(zip(seq.host_blocks, (block.block_id for block in blocks)))
         self.free_host_blocks.extend(seq.host_blocks)
         seq.blocks, seq.block_table, seq.host_blocks = blocks, [b.block_id for b in blocks], []
         seq.block_table_rewritten = True
         return True
+
+    def take_state_moves(self) -> tuple[list, list, list]:
+        """(swap_out, swap_in, fork copies) of state slots the runner must do in this step."""
+        return self.states.take_moves() if self.states is not None else ([], [], [])
 
     def take_block_moves(self) -> tuple[list, list, list]:
         """(swap_out, swap_in, copies) the runner must do before this step's forward."""

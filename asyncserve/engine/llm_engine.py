@@ -16,6 +16,7 @@ from asyncserve.engine.pooling import embedding_output
 from asyncserve.engine.resolve_config import resolve_config
 from asyncserve.engine.detokenizer import decode_step
 from asyncserve.engine.scheduler import Scheduler
+from asyncserve.engine.state_slots import StateSlotPool
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.engine.structured import StructuredOutputManager
 from asyncserve.errors import ConfigError, InvalidParameterError
@@ -48,10 +49,13 @@ class LLMEngine:
                 f"The KV pool holds {num_blocks * block_size} tokens, fewer than max_model_len="
                 f"{mc.max_model_len}: lower max_model_len, or raise gpu_memory_utilization / "
                 "num_gpu_blocks_override / cpu_kv_cache_space.")
-        num_host_blocks = self._num_host_blocks()
-        self.executor.initialize_cache(num_blocks, num_host_blocks)
+        state_bytes = self.executor.state_slot_bytes()
+        num_host_blocks, num_host_state_slots = self._swap_space(state_bytes)
+        self.executor.initialize_cache(num_blocks, num_host_blocks, num_host_state_slots)
         self.block_pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
-        self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks)
+        num_state_slots = config.cache.num_state_slots
+        states = StateSlotPool(num_state_slots, num_host_state_slots) if num_state_slots else None
+        self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks, states)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self._eos_token_ids = self._find_eos_token_ids()
@@ -73,14 +77,19 @@ class LLMEngine:
         # Streaming callers get every request's output each step; offline ones only finished outputs.
         self.stream_outputs = True
         kv_tokens = num_blocks * block_size
+        concurrency = kv_tokens / mc.max_model_len
+        state_pool = ""
+        if num_state_slots:  # each running sequence holds one slot too
+            concurrency = min(concurrency, num_state_slots)
+            state_pool = (f" | state pool (linear attention): {num_state_slots} slots of "
+                          f"{state_bytes / (1 << 20):.2f} MiB")
         logger.info(
             "asyncserve engine ready in %.1f s: model=%s (%s) dtype=%s device=%s | KV pool: %d blocks "
-            "of %d tokens = %d tokens of %s | max concurrency at max_model_len=%d: %.2fx",
+            "of %d tokens = %d tokens of %s%s | max concurrency at max_model_len=%d: %.2fx",
             self.startup_seconds, mc.model or f"the default model at {mc.path}",
             mc.hf_config.architectures[0] if getattr(mc.hf_config, "architectures", None) else "?",
             str(mc.dtype).removeprefix("torch."), mc.device, num_blocks, block_size, kv_tokens,
-            str(config.kv_cache_torch_dtype).removeprefix("torch."), mc.max_model_len,
-            kv_tokens / mc.max_model_len)
+            str(config.kv_cache_torch_dtype).removeprefix("torch."), state_pool, mc.max_model_len, concurrency)
         if mc.is_pooling:
             logger.info("serving as an embedding model: %s pooling%s, %d dimensions", mc.pooler.pooling_type,
                         ", normalized" if mc.pooler.normalize else "", mc.hidden_size)
@@ -95,11 +104,17 @@ class LLMEngine:
         """Ends the executor's worker processes (tensor parallelism); nothing to do in one process."""
         self.executor.shutdown()
 
-    def _num_host_blocks(self) -> int:
-        """Host blocks for swapped-out sequences: `swap_space` GiB, used only in swap mode."""
+    def _swap_space(self, state_bytes: int) -> tuple[int, int]:
+        """(host KV blocks, host state slots) for swapped-out sequences: `swap_space` GiB, used only in swap
+        mode; a hybrid model gives half of it to state slots (at most one per max_num_seqs)."""
         if self.config.scheduler.preemption_mode != "swap":
-            return 0
-        return max(1, int(self.config.cache.swap_space * (1 << 30)) // self.executor.bytes_per_block())
+            return 0, 0
+        swap_bytes = int(self.config.cache.swap_space * (1 << 30))
+        num_state_slots = 0
+        if state_bytes:
+            num_state_slots = min(self.config.cache.num_state_slots, swap_bytes // 2 // state_bytes)
+            swap_bytes -= num_state_slots * state_bytes
+        return max(1, swap_bytes // self.executor.bytes_per_block()), num_state_slots
 
     # ---- requests -------------------------------------------------------------------------------
 

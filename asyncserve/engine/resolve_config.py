@@ -53,6 +53,19 @@ def resolve_config(args: EngineConfig) -> Config:
     # A rule of the model's own (Phi-3's LongRoPE) that the scheduler applies.
     recompute_kv_at = model_class(model.hf_config).kv_recompute_length(model.hf_config, model.max_model_len)
     prefix_caching = args.enable_prefix_caching
+    hybrid = model_class(model.hf_config).has_recurrent_state(model.hf_config)
+    if hybrid and model.device.type == "cuda":
+        from asyncserve.kernels.gated_delta_rule import fla_ops
+        if fla_ops() is None:
+            logger.warning("fla-core is not installed: this hybrid model's Gated DeltaNet layers run their "
+                           "pure-torch reference on the GPU (correct, much slower); pip install "
+                           "'asyncserve[hybrid]' for flash-linear-attention's kernels")
+    if hybrid and prefix_caching:
+        # A cached prefix's KV is reusable, but the recurrent state after it is not kept: a hit could not
+        # resume the linear-attention layers.
+        logger.info("prefix caching is off: this hybrid model's linear-attention layers keep one recurrent "
+                    "state per sequence, not one per KV block, so a cached prefix could not be resumed")
+        prefix_caching = False
     if model.pooler is not None and model.pooler.pooling_type != "LAST" and prefix_caching:
         # A cached prefix's hidden states are never computed: mean and CLS pooling need them all.
         logger.info("prefix caching is off: %s pooling reads every prompt token's hidden state",
@@ -65,7 +78,7 @@ def resolve_config(args: EngineConfig) -> Config:
             cpu_kv_cache_space=args.cpu_kv_cache_space,
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             enable_prefix_caching=prefix_caching, swap_space=args.swap_space,
-            kv_cache_dtype=args.kv_cache_dtype),
+            kv_cache_dtype=args.kv_cache_dtype, num_state_slots=args.max_num_seqs if hybrid else 0),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=_token_budget(args, model.max_model_len, model.device),

@@ -98,10 +98,13 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+        described = [self._describe(seq, num_new) for seq, num_new in scheduled]
         swap_out, swap_in, copies = self.kv.take_block_moves()
-        message = StepMessage([self._describe(seq, num_new) for seq, num_new in scheduled],
-                              new_seqs=self._take_announced(), finished_seq_ids=self._finished_seq_ids,
-                              block_copies=copies, swap_out=swap_out, swap_in=swap_in)
+        state_swap_out, state_swap_in, state_fork_copies = self.kv.take_state_moves()
+        message = StepMessage(described, new_seqs=self._take_announced(), finished_seq_ids=self._finished_seq_ids,
+                              block_copies=copies, swap_out=swap_out, swap_in=swap_in,
+                              state_swap_out=state_swap_out, state_swap_in=state_swap_in,
+                              state_fork_copies=state_fork_copies)
         self._finished_seq_ids = []
         return message, scheduled
 
@@ -125,6 +128,7 @@ class Scheduler:
             if seq.index == 0 and request.num_forks_pending:  # n/best_of: forked on this step's samples
                 num_samples += request.num_forks_pending
                 request.num_forks_pending = 0
+                self.kv.copy_state_to_forks(seq)
             seq.num_in_flight += 1
         wants_prompt_logprobs = (seq.index == 0 and seq.params.prompt_logprobs is not None
                                  and start < seq.num_prompt_tokens - 1
@@ -137,7 +141,8 @@ class Scheduler:
         return ScheduledSequence(
             seq_id=seq.seq_id, start_position=start, num_new_tokens=num_new, new_block_ids=new_block_ids,
             replace_block_table=replace, num_samples=num_samples,
-            prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None)
+            prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None,
+            state_slot=seq.state_slot)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's device blocks: its KV goes to host memory (swap) or is dropped."""
@@ -190,7 +195,7 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SequenceStatus.SWAPPED:
             self.swapped.remove(seq)
-        self.kv.free(seq)
+        self.kv.free(seq, finished=True)
         seq.status = SequenceStatus.FINISHED
         self._finished_seq_ids.append(seq.seq_id)
 

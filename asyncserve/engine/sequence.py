@@ -48,6 +48,9 @@ class Sequence:
         self.blocks: list = []          # KVCacheBlock objects, owned through the KVCacheManager
         self.block_table: list[int] = []
         self.host_blocks: list[int] = []  # where its KV waits while swapped out
+        # Hybrid models: its slot of recurrent state (engine/state_slots.py), or where it waits while swapped.
+        self.state_slot: int | None = None
+        self.host_state_slot: int | None = None
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.block_hashes: list[int] = []  # hashes of the full blocks of token_ids, grown lazily
         # Chained into the first block's hash: KV computed differently for the same tokens (LongRoPE's
@@ -118,6 +121,7 @@ class Request:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed
+    fork_state_slots: list[int] = field(default_factory=list)  # hybrid models: state slots kept for the forks
     embedding: Any = None  # an embedding model's result ([D] float32 CPU tensor) once the prompt ran
     grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
     delta: bool = False  # outputs carry only what is new since the last one (a streaming sink's request)

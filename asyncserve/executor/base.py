@@ -22,12 +22,18 @@ class Executor(ABC):
         """How many KV blocks fit (the minimum over workers, when there are several)."""
 
     @abstractmethod
-    def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
-        """Allocates the pool (and host swap space), then captures graphs."""
+    def initialize_cache(self, num_blocks: int, num_host_blocks: int, num_host_state_slots: int = 0) -> None:
+        """Allocates the pool (and host swap space; hybrid models: the state pool and its host slots),
+        then captures graphs."""
 
     @abstractmethod
     def bytes_per_block(self) -> int:
         """Device bytes of one KV block, all layers."""
+
+    def state_slot_bytes(self) -> int:
+        """Device bytes of one sequence's recurrent state, all layers (0: the model keeps none; hybrid
+        models are served by one process only, so only UniprocExecutor knows other values)."""
+        return 0
 
     @abstractmethod
     def launch(self, message: StepMessage) -> PendingStep:

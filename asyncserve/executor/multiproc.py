@@ -200,8 +200,8 @@ class MultiprocExecutor(Executor):
     def bytes_per_block(self) -> int:
         return self._call("bytes_per_block")
 
-    def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
-        self._call("initialize_cache", num_blocks, num_host_blocks)
+    def initialize_cache(self, num_blocks: int, num_host_blocks: int, num_host_state_slots: int = 0) -> None:
+        self._call("initialize_cache", num_blocks, num_host_blocks, num_host_state_slots)
 
     def launch(self, message: StepMessage) -> _Done:
         return _Done(self._call("launch", message), [seq.num_samples for seq in message.seqs])

@@ -35,10 +35,16 @@ class UniprocExecutor(Executor):
         return bytes_per_block(len(attention), self.config.cache.block_size, attention[0].num_kv_heads,
                                attention[0].head_dim, self.config.kv_cache_torch_dtype)
 
-    def initialize_cache(self, num_blocks: int, num_host_blocks: int) -> None:
+    def state_slot_bytes(self) -> int:
+        from asyncserve.runner.state_pool import state_bytes_per_slot
+        return state_bytes_per_slot(self.runner.model.state_layers())
+
+    def initialize_cache(self, num_blocks: int, num_host_blocks: int, num_host_state_slots: int = 0) -> None:
         self.runner.allocate_kv_pool(num_blocks)
         if num_host_blocks:
             self.runner.kv_pool.allocate_swap_space(num_host_blocks)
+        if num_host_state_slots:
+            self.runner.state_pool.allocate_swap_space(num_host_state_slots)
         self.runner.prepare()
 
     def launch(self, message: StepMessage) -> PendingStep:

@@ -36,6 +36,9 @@ class AttentionMetadata:
     # its queries to `graph_split.cut(layer, query)` and returns what it gives back; the attention itself
     # runs between the pieces (`PagedAttention.attend`).
     graph_split: object | None = None
+    # [B] int64: each sequence's slot in the state pool of layers with a per-sequence recurrent state
+    # (hybrid models' linear attention, layers/recurrent_state.py); None for models without such layers.
+    state_slots: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import LinearBase, tune_single_row_products
+from asyncserve.layers.recurrent_state import RecurrentStateLayer
 from asyncserve.layers.vocab_parallel import lm_head
 
 
@@ -18,9 +20,10 @@ class CausalLM(nn.Module, ABC):
     """A decoder-only model over a flattened token batch (no padding), built as
     `cls(hf_config, quant_config)`.
 
-    The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers` and
-    `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_name` and each parameter's
-    `weight_loader` (and `shard_ids`, where a parameter needs more shards than its packed module's).
+    The runner calls `model(input_ids, positions, meta)`, `compute_logits`, `attention_layers`,
+    `state_layers` and `tune_single_row`; the loader reads `packed_modules_mapping`, `checkpoint_tensors`,
+    `checkpoint_name` and each parameter's `weight_loader` (and `shard_ids`, where a parameter needs more
+    shards than its packed module's).
     A family declares its structure (its layers, `embed_tokens`, `build_lm_head`), these names and its
     own rules (`kv_recompute_length`); nothing else. The registry finds it by its class name.
     """
@@ -58,6 +61,17 @@ class CausalLM(nn.Module, ABC):
         """The layers that own KV, in order (of construction); the runner sets each one's `kv_cache`."""
         return [module for module in self.modules() if isinstance(module, PagedAttention)]
 
+    def state_layers(self) -> list[RecurrentStateLayer]:
+        """The layers that keep a fixed-size state per sequence (hybrid models' linear attention), in order;
+        the runner binds each one's `state_cache` to its part of the state pool."""
+        return [module for module in self.modules() if isinstance(module, RecurrentStateLayer)]
+
+    @classmethod
+    def has_recurrent_state(cls, hf_config) -> bool:
+        """Whether a checkpoint of this family has `state_layers` (read before the model is built: the
+        engine then sizes a state pool and turns prefix caching off)."""
+        return False
+
     def build_lm_head(self, config, quant_config, tied_by_default: bool, hidden_size: int | None = None) -> None:
         """Sets `tie_word_embeddings` (config.json's, else the family's default) and `lm_head`:
         vocabulary-parallel, sharing `embed_tokens`' weight when tied. Called after `embed_tokens` exists."""
@@ -84,6 +98,11 @@ class CausalLM(nn.Module, ABC):
     def drop_lm_head(self) -> None:
         """An embedding model reads final hidden states only: no LM head to load or to hold in memory."""
         self.lm_head = None
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) pairs as this family's layers load them: a family whose
+        checkpoints fuse or stack tensors otherwise rewrites them here (default: as they are)."""
+        return weights
 
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor's name, or None to skip it (a tied or dropped LM head)."""

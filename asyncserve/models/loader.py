@@ -122,7 +122,7 @@ def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -
                           or model.packed_modules_mapping.get(_module_leaf(name), (None,)))
                 for name, param in params.items() if not getattr(param, "checkpoint_optional", False)}
     loaded: dict[str, set] = {name: set() for name in params}
-    for checkpoint_name, tensor in weights:
+    for checkpoint_name, tensor in model.checkpoint_tensors(weights):
         name = model.checkpoint_name(checkpoint_name)
         if name is None:
             continue

@@ -23,13 +23,16 @@ class QwenSparseMoeBlock(nn.Module):
     """Router `gate` [E, H], `experts`, and (Qwen2-MoE) a dense `shared_expert` every token takes,
     scaled by sigmoid(`shared_expert_gate`). Over several ranks both give partial sums, added up once."""
 
-    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(self, hf_config, quant_config: QuantizationConfig | None, prefix: str,
+                 renormalize: bool | None = None):
         super().__init__()
+        if renormalize is None:  # config.json's, unless the family knows better
+            renormalize = bool(getattr(hf_config, "norm_topk_prob", False))
         shared_size = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
         self.gate = Linear(hf_config.hidden_size, hf_config.num_experts, prefix=f"{prefix}.gate")  # never quantized
         self.experts = FusedMoE(hf_config.num_experts, hf_config.num_experts_per_tok, hf_config.hidden_size,
                                 hf_config.moe_intermediate_size,
-                                renormalize=bool(getattr(hf_config, "norm_topk_prob", False)),
+                                renormalize=renormalize,
                                 quant_config=quant_config, prefix=f"{prefix}.experts",
                                 reduce_results=not shared_size)
         self.shared_expert = (LlamaMLP(hf_config, quant_config, f"{prefix}.shared_expert", shared_size,

@@ -25,9 +25,9 @@ class _HostInputs:
     """Pinned host mirrors of the graphs' input buffers, with numpy views to fill them."""
 
     def __init__(self, max_batch: int, max_blocks: int):
-        self.longs = torch.zeros(3 * max_batch, dtype=torch.int64, pin_memory=True)
+        self.longs = torch.zeros(4 * max_batch, dtype=torch.int64, pin_memory=True)
         self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
-        self.longs_np = self.longs.numpy().reshape(3, max_batch)
+        self.longs_np = self.longs.numpy().reshape(4, max_batch)
         self.seq_lens_np = self.ints.numpy()[:max_batch]
         self.tables_np = self.ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
 
@@ -42,8 +42,12 @@ class _DecodeGraphs:
         self.block_size = runner.block_size
         max_blocks = -(-max_model_len // runner.block_size)
         # One int64 and one int32 buffer, so a step's inputs arrive in two copies.
-        self.longs = torch.zeros(3 * max_batch, dtype=torch.int64, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.longs.view(3, max_batch)
+        self.longs = torch.zeros(4 * max_batch, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.state_slots = self.longs.view(4, max_batch)
+        # Hybrid models: each row's state slot; padding rows (and the captures) write to the spare slot.
+        self.padding_state_slot = runner.state_pool.padding_slot if runner.state_pool is not None else None
+        if self.padding_state_slot is not None:
+            self.state_slots.fill_(self.padding_state_slot)
         self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
         self.seq_lens = self.ints[:max_batch]
         self.block_tables = self.ints[max_batch:].view(max_batch, max_blocks)
@@ -62,7 +66,8 @@ class _DecodeGraphs:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
             seq_lens=self.seq_lens[:batch], query_start_loc=self.query_start_loc[:batch + 1],
-            max_query_len=1, max_seq_len=self.max_model_len)
+            max_query_len=1, max_seq_len=self.max_model_len,
+            state_slots=self.state_slots[:batch] if self.padding_state_slot is not None else None)
 
     def capture(self, runner, sizes: list[int]) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -98,6 +103,9 @@ class _DecodeGraphs:
         longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
                             for seq, p in zip(seqs, positions)]
         longs[2, batch:] = -1  # padding rows write nowhere
+        if self.padding_state_slot is not None:
+            longs[3, :batch] = [seq.state_slot for seq in seqs]
+            longs[3, batch:] = self.padding_state_slot
         host.seq_lens_np[:batch] = [p + 1 for p in positions]
         host.seq_lens_np[batch:] = 1
         tables = host.tables_np

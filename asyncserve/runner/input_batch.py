@@ -20,7 +20,7 @@ class SequenceState:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
                  "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs",
-                 "constraints", "bad_word_match")
+                 "constraints", "bad_word_match", "state_slot")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
                  generators: list, constraints: DeviceConstraints | None = None):
@@ -40,6 +40,7 @@ class SequenceState:
         self.constraints = constraints
         self.bad_word_match: BadWordMatch | None = (
             constraints.new_match(num_prompt_tokens) if constraints is not None else None)
+        self.state_slot: int | None = None  # hybrid models: its slot of the state pool
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -65,6 +66,12 @@ class ScheduledBatch:
     # Sequences (index in `seqs`) whose last input token is still on the device: their
     # new_token_ids end with a 0 that the runner overwrites on the device before the forward.
     unread_inputs: list[int] = field(default_factory=list)
+    # Hybrid models' state slots: zeroed (sequences at their first token) and swapped before the forward,
+    # copied to forks after it.
+    state_resets: list[int] = field(default_factory=list)
+    state_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    state_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    state_fork_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 class InputBatch:
@@ -81,6 +88,7 @@ class InputBatch:
             states.pop(seq_id, None)
         seqs = []
         unread_inputs = []
+        state_resets = []
         for index, entry in enumerate(message.seqs):
             state = states[entry.seq_id]
             if entry.replace_block_table:
@@ -95,8 +103,13 @@ class InputBatch:
                 unread_inputs.append(index)
             state.num_samples = entry.num_samples
             state.prompt_logprobs = entry.prompt_logprobs
+            state.state_slot = entry.state_slot
+            if entry.state_slot is not None and start == 0:
+                state_resets.append(entry.state_slot)
             seqs.append(state)
-        return ScheduledBatch(seqs, message.block_copies, message.swap_out, message.swap_in, unread_inputs)
+        return ScheduledBatch(seqs, message.block_copies, message.swap_out, message.swap_in, unread_inputs,
+                              state_resets, message.state_swap_out, message.state_swap_in,
+                              message.state_fork_copies)
 
     def refresh_inputs(self, batch: ScheduledBatch) -> None:
         """After a fold made the unread tokens known on the host: input ids straight from token_ids."""

@@ -64,6 +64,7 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
     prompt_row_counts: list[int] = []
     max_blocks = _round_up(max((len(seq.block_table) for seq in step.seqs), default=1))
     block_tables: list[list[int]] = []
+    state_slots: list[int] = []
     for seq in step.seqs:
         start, count = seq.start_position, len(seq.new_token_ids)
         row0 = len(input_ids)
@@ -75,6 +76,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         seq_lens.append(start + count)
         query_start_loc.append(row0 + count)
         block_tables.append(table + [0] * (max_blocks - len(table)))
+        if seq.state_slot is not None:
+            state_slots.append(seq.state_slot)
         logits_indices.extend([row0 + count - 1] * seq.num_samples)
         num_rows = 0
         if seq.prompt_logprobs is not None:
@@ -85,8 +88,9 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
             num_rows = max(0, last - start)
         prompt_row_counts.append(num_rows)
     # Two host-to-device copies per step, whatever the batch: one per dtype.
-    ids, pos, slots, logits_rows, rows, targets = _pack(
-        [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets], torch.int64, device)
+    ids, pos, slots, logits_rows, rows, targets, states = _pack(
+        [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets, state_slots],
+        torch.int64, device)
     max_query_len = max(len(seq.new_token_ids) for seq in step.seqs)
     num_decodes = 0
     if max_query_len > 1:  # a mixed step: its leading decodes go to the decode kernel
@@ -108,7 +112,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         prefill_seq_lens=part_lens if num_decodes else None,
         prefill_block_tables=part_tables.view(-1, max_blocks) if num_decodes else None,
         decode_max_seq_len=max(seq_lens[:num_decodes], default=0),
-        prefill_max_seq_len=max(seq_lens[num_decodes:], default=0), context_lens=contexts)
+        prefill_max_seq_len=max(seq_lens[num_decodes:], default=0), context_lens=contexts,
+        state_slots=states if state_slots else None)
     unread_rows = [query_start_loc[index + 1] - 1 for index in step.unread_inputs]
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
                        prompt_rows=rows if prompt_rows else None,

@@ -8,6 +8,7 @@ import torch
 from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.runner.kv_pool import bytes_per_block
+from asyncserve.runner.state_pool import state_bytes_per_slot
 from asyncserve.sample.sampler import SamplingTensors
 
 logger = logging.getLogger("asyncserve")
@@ -23,8 +24,15 @@ def num_kv_blocks(runner, config: Config) -> int:
                                   attention[0].head_dim, config.kv_cache_torch_dtype)
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
+    # Hybrid models: the state pool (one slot per max_num_seqs, and the graphs' padding slot) comes first.
+    state_bytes = state_bytes_per_slot(runner.model.state_layers()) * (cache.num_state_slots + 1)
     if model_config.device.type != "cuda":
-        return max(1, int(cache.cpu_kv_cache_space * _GIB) // block_bytes)
+        num_blocks = (int(cache.cpu_kv_cache_space * _GIB) - state_bytes) // block_bytes
+        if state_bytes and num_blocks <= 0:
+            raise MemoryError(f"The state pool of {cache.num_state_slots} sequences takes "
+                              f"{state_bytes / _GIB:.2f} GiB, leaving no room for the KV cache in "
+                              f"cpu_kv_cache_space={cache.cpu_kv_cache_space} GiB: raise it or lower max_num_seqs.")
+        return max(1, num_blocks)
     logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
                 config.scheduler.max_num_batched_tokens)
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
@@ -33,17 +41,19 @@ def num_kv_blocks(runner, config: Config) -> int:
     total = torch.cuda.get_device_properties(model_config.device).total_memory
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
-    budget = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
+    budget = total * cache.gpu_memory_utilization - peak - max(0, used_by_others) - state_bytes
     num_blocks = int(budget // block_bytes)
     logger.info("memory profile: weights %.2f GiB, peak activations %.2f GiB, other processes %.2f GiB, "
-                "KV pool %.2f GiB of %s (gpu_memory_utilization=%.2f)",
+                "state pool %.2f GiB, KV pool %.2f GiB of %s (gpu_memory_utilization=%.2f)",
                 torch.cuda.memory_allocated(model_config.device) / _GIB,
                 (peak - torch.cuda.memory_allocated(model_config.device)) / _GIB,
-                max(0, used_by_others) / _GIB, max(0, num_blocks) * block_bytes / _GIB,
+                max(0, used_by_others) / _GIB, state_bytes / _GIB, max(0, num_blocks) * block_bytes / _GIB,
                 str(config.kv_cache_torch_dtype).removeprefix("torch."), cache.gpu_memory_utilization)
     if num_blocks <= 0:
         raise MemoryError("No memory is left for the KV cache after loading the model: raise "
-                          "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model.")
+                          "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model"
+                          + (" (or lower max_num_seqs: each one holds a recurrent-state slot)." if state_bytes
+                             else "."))
     return num_blocks
 
 
@@ -59,6 +69,10 @@ def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_le
     for attn in attention:
         attn.kv_cache = (scratch, scratch)
     num_seqs = max(1, min(max_num_seqs, -(-num_tokens // max_model_len)))
+    state_layers = runner.model.state_layers()
+    for layer in state_layers:  # a scratch slot per profiled sequence
+        layer.state_cache = tuple(torch.zeros((num_seqs, *shape), dtype=dtype, device=device)
+                                  for shape, dtype in layer.state_shapes())
     lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
     starts = [0]
     for length in lens:
@@ -69,7 +83,8 @@ def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_le
         block_tables=torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        max_query_len=max(lens), max_seq_len=max(lens))
+        max_query_len=max(lens), max_seq_len=max(lens),
+        state_slots=torch.arange(num_seqs, device=device) if state_layers else None)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
@@ -89,6 +104,8 @@ def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_le
     peak = torch.cuda.max_memory_allocated(device)
     for attn in attention:
         attn.kv_cache = None
+    for layer in state_layers:
+        layer.state_cache = None
     del hidden, logits, scratch
     torch.cuda.empty_cache()
     return peak

@@ -21,6 +21,7 @@ from asyncserve.runner.kv_pool import KVPool
 from asyncserve.runner.mixed_graphs import MixedStepGraphs
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.pooling import PoolingRunner
+from asyncserve.runner.state_pool import StatePool
 from asyncserve.runner.step import StepMessage, StepOutput
 from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors
 
@@ -44,6 +45,7 @@ class ModelRunner:
         self.config = config
         self.sampler = Sampler()
         self.kv_pool: KVPool | None = None
+        self.state_pool: StatePool | None = None  # hybrid models: the linear-attention layers' states
         self.input_batch = InputBatch(self.device)
         self._in_flight: list[PendingStep] = []  # launched steps not yet folded into the input batch
         self.num_device_fed_steps = 0  # steps launched before the host knew their input tokens
@@ -71,7 +73,14 @@ class ModelRunner:
         return self.config.cache.block_size
 
     def apply_block_moves(self, batch: ScheduledBatch) -> None:
-        """Swaps and copy-on-write copies, before the forward can overwrite the blocks they read."""
+        """Swaps and copy-on-write copies, before the forward can overwrite the blocks they read; state
+        slots swapped, then zeroed for sequences at their first token (a slot just swapped out may be one)."""
+        if batch.state_swap_out:
+            self.state_pool.swap_out(batch.state_swap_out)
+        if batch.state_swap_in:
+            self.state_pool.swap_in(batch.state_swap_in)
+        if batch.state_resets:
+            self.state_pool.reset(batch.state_resets)
         if batch.swap_out:
             self.kv_pool.swap_out(batch.swap_out)
         if batch.swap_in:
@@ -86,6 +95,9 @@ class ModelRunner:
                               first.head_dim, self.config.kv_cache_torch_dtype, self.device)
         for layer, cache in zip(attention_layers, self.kv_pool.layer_caches()):
             layer.kv_cache = cache
+        state_layers = self.model.state_layers()
+        if state_layers:
+            self.state_pool = StatePool(state_layers, self.config.cache.num_state_slots, self.device)
 
     def prepare(self) -> None:
         """Work done once the pool exists (CUDA graph capture on the GPU runner)."""
@@ -128,6 +140,8 @@ class ModelRunner:
         inputs = build_model_inputs(batch, self.block_size, self.device)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        if batch.state_fork_copies:  # the prompt's final state, before a later step advances the parent's
+            self.state_pool.copy(batch.state_fork_copies)
         sampled = deferred = None
         if sampling is not None:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])

@@ -36,6 +36,7 @@ class ScheduledSequence:
     replace_block_table: bool = False  # ... or, when True, the whole table (after CoW, swap, preemption)
     num_samples: int = 1          # 0 mid-prompt; 1 normally; best_of when the prompt completes
     prompt_logprobs: int | None = None  # set on prompt chunks of requests that want them
+    state_slot: int | None = None  # hybrid models: its slot of recurrent state (zeroed when start_position is 0)
 
 
 @dataclass
@@ -46,6 +47,10 @@ class StepMessage:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, on the device
     swap_out: list[tuple[int, int]] = field(default_factory=list)      # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)       # (host block, device block)
+    # Hybrid models' state slots: swapped before the forward, copied to forks' slots after it.
+    state_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device slot, host slot)
+    state_swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host slot, device slot)
+    state_fork_copies: list[tuple[int, int]] = field(default_factory=list)  # (parent's slot, fork's slot)
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,10 @@ from asyncserve.checkpoints.scratch import scratch_dir
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
             "gemma3")
+# Hybrid linear-attention families (Qwen3-Next, Qwen3.5 dense and MoE): their real configs' shapes scaled
+# down, four layers (three Gated DeltaNet, then gated attention). Not in FAMILIES: they need a state pool
+# and run mixed steps eagerly, which the tests over FAMILIES do not expect (tests/models/test_hybrid_models.py).
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 INIT_STD = 0.25  # std of every linear / embedding weight
 NORM_STD = 0.1  # norm weights are 1 + N(0, NORM_STD): wrong norm loading shows up
 DEFAULT_MODEL_VERSION = 1  # bump when the corpus, tokenizers or init change
@@ -106,11 +110,41 @@ _FAMILY_SPECS = {
         "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 2,
         "final_logit_softcapping": None, "attn_logit_softcapping": None,
     }),
+    # Qwen3-Next-80B-A3B's form: GVA 2 value heads per key head, partial rotary, MoE with a shared expert in
+    # every layer, config.json with rope_theta / partial_rotary_factor / full_attention_interval at its top.
+    "qwen3_next": ("qwen3_next", "Qwen3NextForCausalLM", "byte_level", {
+        "num_hidden_layers": 4, "full_attention_interval": 4, "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "num_experts": 6,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    }),
+    # Qwen3.5-27B's and Qwen3.5-35B-A3B's form: a multimodal checkpoint (a tiny vision tower beside the text
+    # model), 3 value heads per key head, rotary with interleaved position sections.
+    "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration", "byte_level", {"text_config": {
+        "num_hidden_layers": 4, "head_dim": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 6,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    }}),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "byte_level", {"text_config": {
+        "num_hidden_layers": 4, "head_dim": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "num_experts": 8,
+        "num_experts_per_tok": 3, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "intermediate_size": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                            "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    }}),
 }
+_TINY_VISION = {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 64,
+                "num_position_embeddings": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}
 # Families whose RMSNorm scales by (1 + weight): their norm weights are drawn around 0.
-_ZERO_CENTRED_NORMS = ("gemma2", "gemma3")
+_ZERO_CENTRED_NORMS = ("gemma2", "gemma3", *HYBRID_FAMILIES)
+# Norms that scale by weight even in those families: Gated DeltaNet's gated output norm.
+_ONE_CENTRED_NORMS = ("linear_attn.norm.weight",)
 # Hub config keys that transformers 5 folds into other fields when it saves a config.
-_HUB_ONLY_KEYS = ("rope_local_base_freq", "sliding_window_pattern")
+_HUB_ONLY_KEYS = ("rope_local_base_freq", "sliding_window_pattern", "partial_rotary_factor",
+                  "full_attention_interval")
 _SHARED_SHAPE = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -209,7 +243,9 @@ def _init_weights(model, seed: int, norm_centre: float = 1.0) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():  # tied weights appear once
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if name.endswith("norm.weight"):
+            if name.endswith(_ONE_CENTRED_NORMS):
+                param.copy_(1.0 + NORM_STD * noise)
+            elif name.endswith("norm.weight"):
                 param.copy_(norm_centre + NORM_STD * noise)
             else:
                 param.copy_(INIT_STD * noise)
@@ -225,14 +261,25 @@ def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrid
     ids = _special_token_ids(tokenizer, style)
     eos_ids = ids["eos_token_id"]
     # config.json in the form of the real checkpoints on the Hub (rope_theta/rope_scaling).
-    hub_config = {**_SHARED_SHAPE, **copy.deepcopy(family_config), "vocab_size": len(tokenizer),
+    multimodal = "text_config" in family_config  # the text model nested, as Qwen3.5's checkpoints have it
+    text_config = family_config["text_config"] if multimodal else family_config
+    hub_config = {**_SHARED_SHAPE, **copy.deepcopy(text_config), "vocab_size": len(tokenizer),
                   "bos_token_id": ids["bos_token_id"],
                   "eos_token_id": eos_ids[0] if isinstance(eos_ids, list) else eos_ids,
                   **overrides}
-    config = AutoConfig.for_model(model_type, **copy.deepcopy(hub_config))
+    if multimodal:  # a shared-shape field the family's config lacks is given as None (Qwen3.5-MoE's MLP width)
+        text = {key: value for key, value in hub_config.items() if text_config.get(key, 0) is not None}
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=dict(_TINY_VISION),
+                                      tie_word_embeddings=False)
+    else:
+        config = AutoConfig.for_model(model_type, **copy.deepcopy(hub_config))
     config.architectures = [architecture]
     with torch.random.fork_rng(devices=[]):  # from_config's own init must not move the global RNG
-        model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+        if multimodal:
+            import transformers
+            model = getattr(transformers, architecture)(config).to(torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     _init_weights(model, seed, 0.0 if family in _ZERO_CENTRED_NORMS else 1.0)
     model.generation_config = GenerationConfig(**ids)
     progress_bars = hf_logging.is_progress_bar_enabled()
@@ -244,10 +291,12 @@ def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrid
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out_dir)
 
-    # Hub checkpoints spell rope as rope_theta/rope_scaling; transformers 5 reads both.
-    _update_json(os.path.join(out_dir, "config.json"), drop="rope_parameters",
-                 rope_theta=hub_config["rope_theta"], rope_scaling=hub_config["rope_scaling"],
-                 torch_dtype="float32", **{key: hub_config[key] for key in _HUB_ONLY_KEYS if key in hub_config})
+    # Hub checkpoints spell rope as rope_theta/rope_scaling; transformers 5 reads both. (Qwen3.5's nested
+    # text config keeps rope_parameters, as its hub checkpoints do.)
+    if not multimodal:
+        _update_json(os.path.join(out_dir, "config.json"), drop="rope_parameters",
+                     rope_theta=hub_config["rope_theta"], rope_scaling=hub_config["rope_scaling"],
+                     torch_dtype="float32", **{key: hub_config[key] for key in _HUB_ONLY_KEYS if key in hub_config})
     # A class name that transformers 4 and 5 both map to the plain tokenizers-backed class.
     _update_json(os.path.join(out_dir, "tokenizer_config.json"),
                  tokenizer_class="PreTrainedTokenizerFast", chat_template=tokenizer.chat_template)

@@ -4,7 +4,12 @@ transformers computes them, and the rotated queries and keys the same as its rot
 import pytest
 import torch
 
-from asyncserve.layers.rotary import RotaryEmbedding, inverse_frequencies, rope_attention_factor, rope_parameters
+from asyncserve.layers.rotary import (
+    RotaryEmbedding,
+    inverse_frequencies,
+    rope_attention_factor,
+    rope_parameters,
+)
 
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                 "original_max_position_embeddings": 4096, "rope_theta": 150000.0}
@@ -32,7 +37,10 @@ def test_inverse_frequencies_and_attention_factor_match_transformers(head_dim, r
 
 
 def test_rotated_queries_and_keys_match_transformers():
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.gpt_oss.modeling_gpt_oss import (
+        GptOssRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
     head_dim, positions = 16, torch.tensor([0, 1, 5, 700, 4095, 9000])
     config = _config(head_dim, GPT_OSS_ROPE)
     gen = torch.Generator().manual_seed(0)

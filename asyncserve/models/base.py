@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -84,6 +84,11 @@ class CausalLM(nn.Module, ABC):
     def drop_lm_head(self) -> None:
         """An embedding model reads final hidden states only: no LM head to load or to hold in memory."""
         self.lm_head = None
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) stream as the loader should see it: a family whose checkpoint
+        packs or fuses tensors in its own way (GPT-OSS's MXFP4 experts) unpacks them here; as it is by default."""
+        return weights
 
     def checkpoint_name(self, name: str) -> str | None:
         """Our parameter name for a checkpoint tensor's name, or None to skip it (a tied or dropped LM head)."""

@@ -12,7 +12,7 @@ see kernels/mxfp4.py for why) and land in the fused MoE layer like any MoE famil
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn

@@ -66,7 +66,7 @@ _HARMONY_TEMPLATE = (
     "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
     "Knowledge cutoff: 2024-06\n\nReasoning: ' + (reasoning_effort | default('medium')) + '\n\n"
     "# Valid channels: analysis, commentary, final. Channel must be included for every message.' }}"
-    "{%- if tools %}{{- '\nCalls to these tools must go to the commentary channel: \'functions\'.' }}{%- endif %}"
+    "{%- if tools %}{{- \"\nCalls to these tools must go to the commentary channel: 'functions'.\" }}{%- endif %}"
     "{{- '<|end|>' }}"
     "{%- set instructions = messages[0]['content'] if messages and messages[0]['role'] in "
     "('system', 'developer') else '' %}"

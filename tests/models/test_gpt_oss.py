@@ -15,7 +15,12 @@ from asyncserve.kernels.mxfp4 import dequantize_mxfp4
 from asyncserve.models.loader import iterate_weights, load_model
 from asyncserve.testing.mxfp4_checkpoint import quantize_mxfp4, write_mxfp4_checkpoint
 from tests.checkpoint_edits import copy_checkpoint
-from tests.conftest import PROMPTS, assert_pool_clean, generate_joining_mid_flight, hf_greedy
+from tests.conftest import (
+    PROMPTS,
+    assert_pool_clean,
+    generate_joining_mid_flight,
+    hf_greedy,
+)
 
 MAX_NEW = 24
 WINDOW = 8

@@ -27,13 +27,13 @@ CASES = [
     (ANALYSIS + CALL + "<|call|>", "User asks the weather. Use the tool.", None,
      [ToolCall("get_weather", '{"city": "Oslo"}')]),
     # the recipient in the role part, a preamble on the commentary channel, two calls
-    ("<|channel|>commentary<|message|>Checking both.<|end|>"
-     '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "A"}<|call|>'
-     '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{}<|call|>',
+    (("<|channel|>commentary<|message|>Checking both.<|end|>"
+      '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "A"}<|call|>'
+      '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{}<|call|>'),
      None, "Checking both.", [ToolCall("get_weather", '{"city": "A"}'), ToolCall("get_time", "{}")]),
     # two analysis messages: one reasoning text, a line apart
-    ("<|channel|>analysis<|message|>First.<|end|><|start|>assistant<|channel|>analysis<|message|>Second.<|end|>"
-     "<|start|>assistant<|channel|>final<|message|>Done.", "First.\nSecond.", "Done.", []),
+    (("<|channel|>analysis<|message|>First.<|end|><|start|>assistant<|channel|>analysis<|message|>Second.<|end|>"
+      "<|start|>assistant<|channel|>final<|message|>Done."), "First.\nSecond.", "Done.", []),
     ("<|channel|>analysis<|message|>cut off while think", "cut off while think", None, []),
     ("<|channel|>final<|message|>Only an answer.", None, "Only an answer.", []),
     ("No framing at all (a model that ignores harmony).", None, "No framing at all (a model that ignores harmony).", []),
@@ -45,7 +45,7 @@ CASES = [
 def _parse(text: str, pieces: list[str] | None = None):
     """The reasoning parser over the deltas, then the tool parser over its content, as the server chains them."""
     reasoning_parser, tool_parser = get_reasoning_parser("openai_gptoss")(), get_tool_parser("openai")()
-    reasoning = content = ""
+    reasoning = ""
     deltas = []
     for piece in pieces if pieces is not None else [text]:
         r, c = reasoning_parser.feed(piece)

@@ -45,6 +45,9 @@ else:
         silu_and_mul,
         silu_and_mul_ref,
         silu_and_mul_triton,
+        swiglu_oai_and_mul,
+        swiglu_oai_and_mul_ref,
+        swiglu_oai_and_mul_triton,
     )
     from .attention import (
         paged_attention,
@@ -116,5 +119,6 @@ else:
         "rms_norm", "rms_norm_ref", "rms_norm_triton",
         "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
         "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",
+        "swiglu_oai_and_mul", "swiglu_oai_and_mul_ref", "swiglu_oai_and_mul_triton",
         "write_kv_cache", "write_kv_cache_cpu", "write_kv_cache_ref", "write_kv_cache_triton",
     ]

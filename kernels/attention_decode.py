@@ -6,6 +6,8 @@ partitions' (max, sum, acc). Launch shapes depend only on Python ints (CUDA-grap
 An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
 With a sliding window, partitions wholly before the window return at once and the merge
 skips them; their blocks are still in the table (the pool does not free them).
+Attention sinks (HAS_SINKS) start the first partition the merge reads with the sink as its running
+max and a sum of 1: one more key of weight exp(sink) and value zero, read on the device.
 """
 
 import torch
@@ -22,7 +24,7 @@ _MAX_PARTITIONS = 64
 def _decode_partition_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, scale_log2e,
-    k_scale_ptr, v_scale_ptr,
+    k_scale_ptr, v_scale_ptr, sinks_ptr,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     num_partitions, sliding_window, softcap_log2e,
@@ -30,7 +32,7 @@ def _decode_partition_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PARTITION_SIZE: tl.constexpr, SINGLE_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_SCALES: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -57,6 +59,11 @@ def _decode_partition_kernel(
         scale_log2e = scale_log2e * tl.load(k_scale_ptr)
     m_i = tl.full([GROUP_PAD], -1e30, tl.float32)  # finite: no inf - inf on empty rows
     l_i = tl.zeros([GROUP_PAD], tl.float32)
+    if HAS_SINKS:  # the sink joins the first partition the merge reads (window_start's)
+        sink = tl.load(sinks_ptr + heads, mask=head_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        first = partition == window_start // PARTITION_SIZE
+        m_i = tl.where(first, sink, m_i)
+        l_i = tl.where(first, 1.0, l_i)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + tl.arange(0, BLOCK_N)
@@ -142,9 +149,9 @@ def _partition_size(num_programs_per_partition: int, max_len: int) -> int:
 
 def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, scale,
                                   max_seq_len=None, k_scale=1.0, v_scale=1.0, *, sliding_window=None,
-                                  softcap=None):
+                                  softcap=None, sinks=None):
     """query [B, H, D] -> out [B, H, D]; max_seq_len (Python int) bounds every seq_lens[b];
-    sliding_window and softcap as in attention_ref."""
+    sliding_window, softcap and sinks [H] as in attention_ref."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert query.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -171,7 +178,7 @@ def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_len
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_max, part_sum,
         query, k_cache, v_cache, block_tables, seq_lens, scale * _LOG2E, k_scale, v_scale,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        query if sinks is None else sinks, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         num_partitions, sliding_window or 0, (softcap or 0.0) * _LOG2E,
@@ -179,7 +186,7 @@ def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_len
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n,
         PARTITION_SIZE=partition_size, SINGLE_PARTITION=single,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", USE_SOFTCAP=bool(softcap),
-        HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
+        HAS_SCALES=has_scales, HAS_SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](

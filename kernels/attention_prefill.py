@@ -9,7 +9,8 @@ v1: one program per (query tile of one sequence, query head). Key tiles wholly b
 tile's first query position need no mask; only the diagonal tiles apply the causal one.
 An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
 With a sliding window, tiles wholly before every row's window are skipped and the tiles
-across the window's start are masked too.
+across the window's start are masked too. Attention sinks (HAS_SINKS) start each row's running
+max at its head's sink and its sum at 1: one more key of value zero, read on the device.
 """
 
 import os
@@ -34,12 +35,13 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(
     out_ptr, query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sliding_window, softcap_log2e,
+    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sinks_ptr, sliding_window, softcap_log2e,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     query_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -65,6 +67,9 @@ def _prefill_kernel(
         scale_log2e = scale_log2e * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: no inf - inf on masked rows
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # one more key of logit sinks[head] and value zero: the running max and sum start there
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     first_query_position = context_len + query_tile * BLOCK_M
     window_starts = first_key(query_positions, sliding_window)  # [M]; 0 without a window
@@ -117,11 +122,12 @@ def _tile_config(max_query_len: int, head_dim_pad: int, element_size: int = 2):
 
 def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
                                    query_start_loc, max_query_len, max_seq_len, scale,
-                                   k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None):
+                                   k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None,
+                                   sinks=None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D] by the kernel PREFILL_KERNEL names."""
     args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
             max_seq_len, scale, k_scale, v_scale)
-    options = dict(sliding_window=sliding_window, softcap=softcap)
+    options = {"sliding_window": sliding_window, "softcap": softcap, "sinks": sinks}
     if PREFILL_KERNEL == "v1":
         return paged_prefill_attention_v1(*args, **options)
     if PREFILL_KERNEL == "sdpa" and sdpa_prefill_applies(query, k_cache, query_start_loc, max_query_len,
@@ -132,7 +138,8 @@ def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_le
 
 def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
                                query_start_loc, max_query_len, max_seq_len, scale,
-                               k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None):
+                               k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None,
+                               sinks=None):
     """The per-head kernel: query [T, H, D] -> out [T, H, D]; see attention_ref for semantics."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -147,7 +154,7 @@ def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
     k_scale, v_scale, has_scales = scale_operands(k_scale, v_scale, query)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-        k_scale, v_scale,
+        k_scale, v_scale, query if sinks is None else sinks,
         sliding_window or 0, (softcap or 0.0) * _LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -155,7 +162,7 @@ def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", HAS_SCALES=has_scales,
-        USE_SOFTCAP=bool(softcap),
+        USE_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

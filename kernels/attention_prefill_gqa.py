@@ -4,8 +4,8 @@ One program per (query tile of one sequence, KV head): the tile's rows are BLOCK
 QUERIES_PER_KV query heads that share the KV head (token-major, heads padded to a power of two), so a
 K/V tile is read once for all of them instead of once per query head (4x fewer reads for 32/8 GQA), and
 its products are QUERIES_PER_KV times taller. Query tiles run heaviest first (the last tokens of a
-causal prompt see the most keys), so the tail of the grid is short. Masks, sliding window, softcap
-and fp8 scales are those of attention_prefill's per-head kernel, which stays the reference.
+causal prompt see the most keys), so the tail of the grid is short. Masks, sliding window, softcap,
+fp8 scales and attention sinks are those of attention_prefill's per-head kernel, which stays the reference.
 """
 
 from dataclasses import dataclass
@@ -80,13 +80,13 @@ def _smaller(tile: PrefillTile) -> PrefillTile | None:
 @triton.jit
 def _packed_prefill_kernel(
     out_ptr, query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sliding_window, softcap_log2e,
+    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sinks_ptr, sliding_window, softcap_log2e,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     QUERIES_PER_KV: tl.constexpr, QUERIES_PER_KV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     query_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first
     seq = tl.program_id(1)
@@ -114,6 +114,9 @@ def _packed_prefill_kernel(
         scale_log2e = scale_log2e * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: no inf - inf on masked rows
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:  # one more key of logit sinks[head] and value zero: the running max and sum start there
+        m_i = tl.load(sinks_ptr + heads, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     first_query_position = context_len + query_tile * BLOCK_Q
     window_starts = first_key(query_positions, sliding_window)  # [M]; 0 without a window
@@ -163,7 +166,7 @@ def packed_rows(tile: PrefillTile, queries_per_kv_pad: int, max_query_len: int) 
 
 def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                 max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0, *,
-                                sliding_window=None, softcap=None, tile: PrefillTile | None = None):
+                                sliding_window=None, softcap=None, sinks=None, tile: PrefillTile | None = None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; see attention_ref for semantics.
     `tile` overrides PREFILL_TILES (the benchmark's sweep)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -185,7 +188,8 @@ def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens,
         try:
             _packed_prefill_kernel[grid](
                 out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-                k_scale, v_scale, sliding_window or 0, (softcap or 0.0) * _LOG2E,
+                k_scale, v_scale, query if sinks is None else sinks, sliding_window or 0,
+                (softcap or 0.0) * _LOG2E,
                 query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                 v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -193,7 +197,7 @@ def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens,
                 BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_Q=block_q,
                 BLOCK_M=block_m, BLOCK_N=tile.block_n,
                 DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-                HAS_SCALES=has_scales, USE_SOFTCAP=bool(softcap),
+                HAS_SCALES=has_scales, USE_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
                 num_warps=tile.num_warps, num_stages=tile.num_stages,
             )
             return out

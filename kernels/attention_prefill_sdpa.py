@@ -1,7 +1,7 @@
 """Prefill of one sequence through torch's own fused attention (FlashAttention-2 or cuDNN, built into
 torch): the sequence's blocks are gathered into contiguous K/V, then attended causally, aligned
 lower-right so a chunk sees its cached context. Only for the long-prompt case it serves (one
-sequence, no window or softcap, a model-dtype pool, bf16/fp16 on CUDA); `sdpa_prefill_applies` says
+sequence, no window, softcap or sinks, a model-dtype pool, bf16/fp16 on CUDA); `sdpa_prefill_applies` says
 when, and the Triton kernel runs otherwise. Off unless `ASYNCSERVE_PREFILL_KERNEL=sdpa`
 (scripts/bench_prefill_attention.py measures whether it pays)."""
 
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 
 def sdpa_prefill_applies(query, k_cache, query_start_loc, max_query_len, k_scale=1.0, v_scale=1.0, *,
-                         sliding_window=None, softcap=None) -> bool:
+                         sliding_window=None, softcap=None, sinks=None) -> bool:
     """One sequence whose new tokens are the whole query, in a pool of the query's half dtype."""
     return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and k_cache.dtype == query.dtype and query_start_loc.shape[0] == 2
-            and query.shape[0] == max_query_len and not sliding_window and not softcap
+            and query.shape[0] == max_query_len and not sliding_window and not softcap and sinks is None
             and hasattr(torch.ops.aten, "_flash_attention_forward"))
 
 
@@ -26,7 +26,7 @@ def _gather(cache, block_table, seq_len):
 
 def paged_prefill_attention_sdpa(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                  max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0, *,
-                                 sliding_window=None, softcap=None, backend="flash"):
+                                 sliding_window=None, softcap=None, sinks=None, backend="flash"):
     """query [T, H, D] of one sequence whose length is max_seq_len -> out [T, H, D].
     `backend` "cudnn" takes torch's cuDNN attention when the chunk is the whole sequence (T == L)."""
     num_tokens = query.shape[0]

@@ -9,6 +9,9 @@ Options of every entry point (keywords, off by default):
 - `sliding_window` W: a query at position p sees only keys in (p - W, p], the convention of
   transformers' sliding-window mask (Mistral, Gemma 2/3): W keys, itself included.
 - `softcap` C: scores s become C * tanh(s / C) before masking and softmax (Gemma 2).
+- `sinks` [H]: a learned logit per query head that joins each softmax's denominator and nothing else
+  (GPT-OSS's attention sinks): weights become exp(s_i) / (exp(sink) + sum_j exp(s_j)), so a head may
+  attend to less than all of its keys. A query that sees no key (an empty sequence) still gives zeros.
 """
 
 import torch
@@ -32,9 +35,18 @@ def _soft_cap(scores, softcap):
     return scores.div_(softcap).tanh_().mul_(softcap)
 
 
+def _softmax(scores, sink=None):
+    """Softmax over the last dim of scores; `sink` (each row's sink logit, broadcastable to
+    scores[..., :1]) joins the denominator as one more key whose weight is dropped."""
+    if sink is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sink.float().expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
 def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                         max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0, *,
-                        sliding_window=None, softcap=None):
+                        sliding_window=None, softcap=None, sinks=None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; causal over the paged pool."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -63,7 +75,7 @@ def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_s
             if sliding_window:
                 hidden |= key_positions[None, :] <= query_positions[:, None] - sliding_window
             scores.masked_fill_(hidden, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+            probs = _softmax(scores, None if sinks is None else sinks.view(num_kv_heads, group, 1, 1))
             attended = torch.einsum("kgtl,lkd->tkgd", probs, values)  # [t, Hkv, group, D]
             out[chunk_start:chunk_end] = attended.reshape(-1, num_heads, head_dim).to(query.dtype)
     return out
@@ -74,7 +86,7 @@ paged_prefill_attention_ref = paged_attention_ref
 
 def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale,
                                max_seq_len=None, k_scale=1.0, v_scale=1.0, *, sliding_window=None,
-                               softcap=None):
+                               softcap=None, sinks=None):
     """query [B, H, D] (one new token per sequence, already in the pool) -> out [B, H, D].
 
     Batched over sequences: gathers every sequence's blocks up to the longest one.
@@ -102,6 +114,7 @@ def paged_decode_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, 
         hidden |= key_positions <= seq_lens[:, None].long() - 1 - sliding_window
     scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
     values.masked_fill_(hidden[:, :, None, None], 0.0)  # stale slots may hold NaN
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # empty sequences -> zeros
+    sink = None if sinks is None else sinks.view(1, num_kv_heads, group, 1)
+    probs = _softmax(scores, sink).nan_to_num_(0.0)  # empty sequences -> zeros
     out = torch.einsum("bkgl,blkd->bkgd", probs, values)
     return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)

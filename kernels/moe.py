@@ -2,8 +2,12 @@
 
     hidden [M, H] --top-k of softmax(router_logits)--> M * top_k (token, expert, weight) entries
     align: entries grouped per expert, each group padded to BLOCK_M rows -> sorted_token_ids
-    w13 [E, 2I, H]: [M * top_k, 2I] -> silu(gate) * up -> [M * top_k, I]
-    w2  [E, H, I]:  [M * top_k, H] times each entry's routing weight -> summed per token [M, H]
+    w13 [E, 2I, H]: [M * top_k, 2I] (+ w13_bias [E, 2I]) -> silu(gate) * up -> [M * top_k, I]
+    w2  [E, H, I]:  [M * top_k, H] (+ w2_bias [E, H]) times each entry's routing weight -> summed per token [M, H]
+
+Options (keywords, off by default): per-expert biases `w13_bias` / `w2_bias` (added inside the GEMMs'
+epilogue, before the routing weight), and `activation` "swigluoai" with `swiglu_alpha` / `swiglu_limit`
+for GPT-OSS's clamped SwiGLU instead of "silu".
 
 Each BLOCK_M block of sorted entries belongs to one expert, so a program multiplies its rows by that
 expert's weights only: at decode the GEMM reads just the experts the batch routed to. Every buffer has
@@ -15,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import next_power_of_2, tl, triton, use_triton
-from .activation import silu_and_mul_ref, silu_and_mul_triton
+from .activation import (
+    silu_and_mul_ref,
+    silu_and_mul_triton,
+    swiglu_oai_and_mul_ref,
+    swiglu_oai_and_mul_triton,
+)
+
+MOE_ACTIVATIONS = ("silu", "swigluoai")
 
 # Tiles by the rows each used expert sees on average, (M * top_k) / min(M * top_k, E); the first row
 # whose bound is >= it: (max_rows, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
@@ -86,18 +97,37 @@ def select_experts_triton(router_logits, top_k, renormalize):
     return weights, ids
 
 
-def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize):
+def _check_activation(activation):
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"MoE activation {activation!r} is not supported (one of {', '.join(MOE_ACTIVATIONS)} is)")
+
+
+def _activate_ref(gate_up, activation, swiglu_alpha, swiglu_limit):
+    if activation == "swigluoai":
+        return swiglu_oai_and_mul_ref(gate_up, swiglu_alpha, swiglu_limit)
+    return silu_and_mul_ref(gate_up)
+
+
+def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize, *, w13_bias=None, w2_bias=None,
+                  activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
     """hidden [M, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], router_logits [M, E]
-    -> [M, H] = sum over each token's top-k experts of weight * w2 @ (silu(gate) * up).
-    One pass per used expert over the tokens routed to it, as transformers does."""
+    -> [M, H] = sum over each token's top-k experts of weight * (w2 @ act(gate, up) + w2_bias).
+    One pass per used expert over the tokens routed to it, as transformers does (biases added after
+    each product, as its experts do)."""
+    _check_activation(activation)
     weights, ids = select_experts(router_logits, top_k, renormalize)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for expert in range(w13.shape[0]):
         rows, slots = torch.where(ids == expert)
         if rows.numel() == 0:
             continue
-        x = silu_and_mul_ref(F.linear(hidden[rows], w13[expert]))        # [t, I]
+        gate_up = F.linear(hidden[rows], w13[expert])                     # [t, 2I]
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[expert]
+        x = _activate_ref(gate_up, activation, swiglu_alpha, swiglu_limit)  # [t, I]
         y = F.linear(x, w2[expert])                                       # [t, H]
+        if w2_bias is not None:
+            y = y + w2_bias[expert]
         out.index_add_(0, rows, y.float() * weights[rows, slots, None])
     return out.to(hidden.dtype)
 
@@ -249,12 +279,13 @@ def moe_align_block_size_triton(topk_ids, num_experts, block_m):
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
-                     N, K, num_padded, num_entries, stride_am, stride_be, stride_bn, stride_cm,
-                     TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+                     N, K, num_padded, num_entries, stride_am, stride_be, stride_bn, stride_cm, stride_bias_e,
+                     TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    """C[entry] = A[entry // TOP_K] @ B[expert]^T (* weight[entry]) for the entries of one block."""
+    """C[entry] = (A[entry // TOP_K] @ B[expert]^T + bias[expert]) (* weight[entry]) for the entries of
+    one block."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_padded, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -281,6 +312,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_id
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if MUL_WEIGHT:
         acc *= tl.load(weights_ptr + entries, mask=entry_mask, other=0.0)[:, None]
     c_ptrs = c_ptr + entries.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -294,7 +327,7 @@ def moe_config(num_tokens, top_k, num_experts):
     return next(c for c in MOE_CONFIGS if c[0] is None or rows_per_expert <= c[0])
 
 
-def _moe_gemm(a, b, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, config, used_blocks):
+def _moe_gemm(a, b, bias, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, config, used_blocks):
     _, block_m, block_n, block_k, group_m, num_warps, num_stages = config
     num_experts, n, k = b.shape
     while block_n > 32 and used_blocks * triton.cdiv(n, block_n) < _MIN_PROGRAMS:
@@ -303,15 +336,18 @@ def _moe_gemm(a, b, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_w
         block_k = max(16, block_k // 2)
     grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, block_n),)
     _moe_gemm_kernel[grid](
-        a, b, out, weights, sorted_ids, expert_ids, num_post, n, k, sorted_ids.numel(), out.shape[0],
-        a.stride(0), b.stride(0), b.stride(1), out.stride(0), TOP_K=top_k, MUL_WEIGHT=mul_weight,
+        a, b, out, weights, out if bias is None else bias, sorted_ids, expert_ids, num_post, n, k,
+        sorted_ids.numel(), out.shape[0], a.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        0 if bias is None else bias.stride(0), TOP_K=top_k, MUL_WEIGHT=mul_weight, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=num_warps,
         num_stages=num_stages)
 
 
-def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=None):
+def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=None, *, w13_bias=None,
+                     w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
     """Triton version of `fused_moe_ref`; `config` is one of MOE_CONFIGS (chosen by M if None)."""
+    _check_activation(activation)
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     assert hidden.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
@@ -328,16 +364,20 @@ def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=
     # Blocks that hold entries, at most: what the program count is sized by (the rest exit at once).
     used_blocks = min(expert_ids.numel(), _cdiv(entries, block_m) + min(entries, num_experts))
     gate_up = torch.empty(entries, two_inter, dtype=hidden.dtype, device=hidden.device)
-    _moe_gemm(hidden, w13, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, config,
+    _moe_gemm(hidden, w13, w13_bias, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, config,
               used_blocks)
+    if activation == "swigluoai":
+        activated = swiglu_oai_and_mul_triton(gate_up, swiglu_alpha, swiglu_limit)
+    else:
+        activated = silu_and_mul_triton(gate_up)
     down = torch.empty(entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    _moe_gemm(silu_and_mul_triton(gate_up), w2, down, weights, sorted_ids, expert_ids, num_post, 1, True,
+    _moe_gemm(activated, w2, w2_bias, down, weights, sorted_ids, expert_ids, num_post, 1, True,
               config, used_blocks)
     return down.view(num_tokens, top_k, hidden_size).sum(dim=1)
 
 
-def fused_moe(hidden, w13, w2, router_logits, top_k, renormalize):
-    """Triton on CUDA, the torch reference elsewhere."""
+def fused_moe(hidden, w13, w2, router_logits, top_k, renormalize, **options):
+    """Triton on CUDA, the torch reference elsewhere; `options` as `fused_moe_ref`'s keywords."""
     if use_triton(hidden):
-        return fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize)
-    return fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize)
+        return fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, **options)
+    return fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize, **options)

@@ -28,10 +28,11 @@ ARCHITECTURES = {
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "gpt_oss": ("gpt_oss", "GptOssForCausalLM"),
 }
 TOKENIZER_STYLE = {"llama": "metaspace", "mistral": "metaspace", "mixtral": "metaspace", "gemma2": "metaspace",
                    "gemma3": "metaspace", "llama3": "byte_level", "qwen2": "byte_level", "qwen3": "byte_level",
-                   "qwen2_moe": "byte_level", "qwen3_moe": "byte_level"}
+                   "qwen2_moe": "byte_level", "qwen3_moe": "byte_level", "gpt_oss": "harmony"}
 NON_ASCII = ("Café naïve Zürich — Καλημέρα κόσμε, Привет мир!\n"
              "你好，世界 こんにちは 안녕하세요 😀🦀 👨‍👩‍👧 龘\tend  two spaces")
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -180,14 +181,14 @@ def test_config_overrides_reach_config_json(tiny_dir):
     assert _config_json(path)["num_hidden_layers"] == 3
 
 
-@pytest.mark.parametrize("style", ["byte_level", "metaspace"])
+@pytest.mark.parametrize("style", ["byte_level", "harmony", "metaspace"])
 def test_tokenizer_round_trips_non_ascii(style):
     tokenizer = build_tokenizer(style)
     ids = tokenizer.encode(NON_ASCII, add_special_tokens=False)
     assert tokenizer.decode(ids) == NON_ASCII
 
 
-@pytest.mark.parametrize("style", ["byte_level", "metaspace"])
+@pytest.mark.parametrize("style", ["byte_level", "harmony", "metaspace"])
 def test_tokenizer_is_the_same_every_build(style):
     first, second = build_tokenizer(style), build_tokenizer(style)
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
@@ -227,6 +228,26 @@ def test_chatml_template_renders_system_message_and_generation_prompt():
                     "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_harmony_template_renders_gpt_oss_turns_tools_and_calls():
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "1", "content": "-3 C"}]
+    text = build_tokenizer("harmony").apply_chat_template(messages, tools=tools, tokenize=False,
+                                                          add_generation_prompt=True, reasoning_effort="low")
+    assert text.startswith("<|start|>system<|message|>You are ChatGPT")
+    assert "Reasoning: low\n\n# Valid channels: analysis, commentary, final." in text
+    assert "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Tools\n\n## functions" in text
+    assert 'type get_weather = (_: {"type": "object"' in text
+    assert text.endswith("<|start|>user<|message|>Weather in Oslo?<|end|>"
+                         "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+                         '<|message|>{"city": "Oslo"}<|call|>'
+                         "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>-3 C<|end|>"
+                         "<|start|>assistant")
+
+
 def test_llama2_template_renders_inst_blocks():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
@@ -249,7 +270,13 @@ def test_checkpoint_tokenizer_matches_built_one(loaded, family):
 def test_generation_config_names_the_special_tokens(loaded, family):
     model, tokenizer = loaded[family]
     generation_config = model.generation_config
-    if TOKENIZER_STYLE[family] == "byte_level":
+    if TOKENIZER_STYLE[family] == "harmony":  # GPT-OSS: the answer ends with <|return|>, a tool call with <|call|>
+        start, end_of_text, answer_end, call_end = tokenizer.convert_tokens_to_ids(
+            ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|call|>"])
+        assert generation_config.bos_token_id == start
+        assert generation_config.eos_token_id == [answer_end, end_of_text, call_end]
+        assert generation_config.pad_token_id == end_of_text
+    elif TOKENIZER_STYLE[family] == "byte_level":
         end_of_text, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
         assert generation_config.bos_token_id == end_of_text
         assert generation_config.eos_token_id == [im_end, end_of_text]

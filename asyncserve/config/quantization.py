@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from asyncserve.errors import ConfigError
 
-METHOD_NAMES = ("gptq", "awq", "fp8", "compressed-tensors")
+METHOD_NAMES = ("gptq", "awq", "fp8", "compressed-tensors", "mxfp4")
 # vLLM's names of other kernels for the same checkpoints: we serve them with ours.
 ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
 

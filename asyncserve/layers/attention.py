@@ -8,6 +8,7 @@ from torch import nn
 
 from asyncserve.kernels import paged_attention, paged_decode_attention, write_kv_cache
 from asyncserve.kernels.kv_scale import is_fp8
+from asyncserve.layers.parallel_state import tp_rank
 
 
 @dataclass
@@ -53,11 +54,12 @@ _ONE_LAUNCH_MIN_PROGRAMS = 256
 
 class PagedAttention(nn.Module):
     """Writes the new K/V into the pool, then attends over each sequence's whole context, or
-    its last `sliding_window` tokens; `softcap` bounds the logits (Gemma 2). A window's older
-    blocks stay allocated in the pool: they are masked, never freed early."""
+    its last `sliding_window` tokens; `softcap` bounds the logits (Gemma 2); `sinks` gives each query
+    head a learned logit in its softmax's denominator (GPT-OSS's `self_attn.sinks`, this rank's heads).
+    A window's older blocks stay allocated in the pool: they are masked, never freed early."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None, softcap: float | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None, sinks: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -70,6 +72,7 @@ class PagedAttention(nn.Module):
         # Per-tensor scales of an fp8 pool (stored = k / k_scale), from the checkpoint when it has them.
         self.k_scale = _kv_scale_parameter()
         self.v_scale = _kv_scale_parameter()
+        self.sinks = _sinks_parameter(num_heads) if sinks else None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -98,7 +101,8 @@ class PagedAttention(nn.Module):
                out: torch.Tensor | None = None) -> torch.Tensor:
         """query [T, H, D] of tokens whose K/V are in the pool -> [T, H, D] (into `out` if given)."""
         k_cache, v_cache = self.kv_cache
-        options = {"sliding_window": self.sliding_window, "softcap": self.softcap, **self._scales(k_cache)}
+        options = {"sliding_window": self.sliding_window, "softcap": self.softcap, "sinks": self.sinks,
+                   **self._scales(k_cache)}
         if meta.is_decode:
             result = paged_decode_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                             self.scale, meta.max_seq_len, **options)
@@ -121,6 +125,23 @@ class PagedAttention(nn.Module):
             return result
         out.copy_(result)
         return out
+
+
+def _sinks_parameter(num_heads: int) -> nn.Parameter:
+    """[num_heads] of this rank: its slice of the checkpoint's one logit per query head."""
+    sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False)
+    sinks.weight_loader = load_sinks
+    return sinks
+
+
+def load_sinks(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    """Query heads split evenly over ranks, in order: rank r holds heads [r H, (r + 1) H)."""
+    num_heads = param.shape[0]
+    start = tp_rank() * num_heads
+    if loaded.dim() != 1 or loaded.shape[0] < start + num_heads:
+        raise ValueError(f"attention sinks have shape {tuple(loaded.shape)}, expected one per query head "
+                         f"({num_heads} on this rank, from head {start})")
+    param.data.copy_(loaded[start:start + num_heads])
 
 
 def _kv_scale_parameter() -> nn.Parameter:

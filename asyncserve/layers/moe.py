@@ -15,16 +15,20 @@ from asyncserve.config.tp_shapes import divide
 
 # shard -> the parameter that holds it: gate and up stacked in w13 (gate rows first), down in w2.
 EXPERT_SHARDS = {"gate": "w13_weight", "up": "w13_weight", "down": "w2_weight"}
+# The same for the experts' biases (GPT-OSS): w13_bias [E, 2I], w2_bias [E, H].
+EXPERT_BIAS_SHARDS = {"gate": "w13_bias", "up": "w13_bias", "down": "w2_bias"}
 
 
 class FusedMoE(nn.Module):
     """hidden [T, H] and router logits [T, E] -> [T, H]: each token through its top-k experts'
     SwiGLU MLPs, weighted by the softmax over the router logits (top-k weights rescaled to sum to 1
-    if `renormalize`)."""
+    if `renormalize`). GPT-OSS's experts: `has_bias` (w13_bias, w2_bias) and `activation`
+    "swigluoai" (the clamped SwiGLU, with `swiglu_alpha` and `swiglu_limit`)."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, quant_config: QuantizationConfig | None = None, prefix: str = "",
-                 reduce_results: bool = True):
+                 reduce_results: bool = True, *, has_bias: bool = False, activation: str = "silu",
+                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0):
         super().__init__()
         if quant_config is not None and quant_config.name is not None:
             raise ConfigError(f"{prefix}: quantized MoE experts ({quant_config.name}) are not supported; "
@@ -39,11 +43,18 @@ class FusedMoE(nn.Module):
         self.reduce_results = reduce_results
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        for param in (self.w13_weight, self.w2_weight):
-            param.weight_loader = self.weight_loader
+        self.w13_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if has_bias else None
+        self.w2_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if has_bias else None
+        self.activation_options = {"activation": activation}
+        if activation == "swigluoai":
+            self.activation_options.update(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
         # What the loader must fill: every (shard, expert) of each parameter.
-        self.w13_weight.shard_ids = [(shard, e) for shard in ("gate", "up") for e in range(num_experts)]
-        self.w2_weight.shard_ids = [("down", e) for e in range(num_experts)]
+        for w13, w2 in ((self.w13_weight, self.w2_weight), (self.w13_bias, self.w2_bias)):
+            if w13 is None:
+                continue
+            w13.weight_loader = w2.weight_loader = self.weight_loader
+            w13.shard_ids = [(shard, e) for shard in ("gate", "up") for e in range(num_experts)]
+            w2.shard_ids = [("down", e) for e in range(num_experts)]
 
     @torch.no_grad()
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: tuple[str, int]) -> None:
@@ -54,7 +65,12 @@ class FusedMoE(nn.Module):
         if shard != "down":
             size = self.intermediate_size
             target = target[:size] if shard == "gate" else target[size:]
-        if self.tp_size > 1:  # [I, H] gate / up rows or [H, I] down columns: this rank's slice of I
+        if param.dim() == 2:  # a bias: gate / up [I] are sliced as their rows; down [H] is added once
+            if shard == "down" and tp_rank() > 0:
+                loaded_weight = torch.zeros_like(loaded_weight)  # the ranks' partial sums carry it once
+            elif shard != "down" and self.tp_size > 1 and loaded_weight.shape == (self.whole_intermediate_size,):
+                loaded_weight = loaded_weight.narrow(0, self.intermediate_start, self.intermediate_size)
+        elif self.tp_size > 1:  # [I, H] gate / up rows or [H, I] down columns: this rank's slice of I
             dim = 1 if shard == "down" else 0
             if loaded_weight.dim() != 2 or loaded_weight.shape[dim] != self.whole_intermediate_size:
                 raise ValueError(f"expert {expert}'s {shard} projection has shape {tuple(loaded_weight.shape)}, "
@@ -66,5 +82,6 @@ class FusedMoE(nn.Module):
         target.copy_(loaded_weight)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        out = fused_moe(hidden, self.w13_weight, self.w2_weight, router_logits, self.top_k, self.renormalize)
+        out = fused_moe(hidden, self.w13_weight, self.w2_weight, router_logits, self.top_k, self.renormalize,
+                        w13_bias=self.w13_bias, w2_bias=self.w2_bias, **self.activation_options)
         return all_reduce(out) if self.reduce_results else out

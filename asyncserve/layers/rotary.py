@@ -32,6 +32,45 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN (GPT-OSS, DeepSeek, Qwen long-context): each frequency blends its extrapolated value (the
+    fastest rotations, kept) and its interpolated one (divided by `factor`) by a linear ramp between the
+    dimensions that rotate `beta_fast` and `beta_slow` times over the original context, as transformers."""
+    factor = scaling["factor"]
+    original = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return head_dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp
+    return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
+
+
+def rope_attention_factor(scaling: dict) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature (from `factor`, or the config's
+    `attention_factor`, or DeepSeek's mscale ratio), 1 for every other rope type."""
+    if scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     rope_type = scaling.get("rope_type", "default")
@@ -41,7 +80,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Ten
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3 are).")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3, yarn are).")
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,8 +96,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]            # [P, D/2]
-        # [P, D]: cos of each frequency, then sin; kept in fp32 for every model dtype.
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
+        # [P, D]: cos of each frequency, then sin (times YaRN's attention factor); fp32 for every model dtype.
+        factor = rope_attention_factor(scaling)
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos() * factor, freqs.sin() * factor], dim=-1),
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):

@@ -101,7 +101,8 @@ class CausalLM(nn.Module, ABC):
 
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
         """The checkpoint's (name, tensor) pairs as this family's layers load them: a family whose
-        checkpoints fuse or stack tensors otherwise rewrites them here (default: as they are)."""
+        checkpoints pack, fuse or stack tensors in their own way (GPT-OSS's MXFP4 experts, Qwen3-Next's fused
+        projections) rewrites them here (default: as they are)."""
         return weights
 
     def checkpoint_name(self, name: str) -> str | None:

@@ -12,6 +12,7 @@ from asyncserve.errors import ConfigError
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import StructuredOutputsParams
 from asyncserve.server.chat_output import ChoiceParser, message, parser_factory
+from asyncserve.parsers.reasoning import get_reasoning_parser
 from asyncserve.parsers.tool_calls import get_tool_parser
 from asyncserve.server.errors import bad_request
 from asyncserve.server.generation import Generation, Prompt, check_prompt, truncate
@@ -207,6 +208,13 @@ def apply_tool_choice(parsed: ChatRequest, tool_parser: str | None) -> None:
     parsed.structured_field = "tools"  # a schema the grammar engine cannot compile is the tools' fault
 
 
+def apply_reasoning_parser(parsed: ChatRequest, reasoning_parser: str | None) -> None:
+    """A reasoning format whose markers are special tokens (GPT-OSS's harmony channels) needs them kept
+    in the output text, where its parser reads them."""
+    if reasoning_parser is not None and get_reasoning_parser(reasoning_parser).keeps_special_tokens:
+        parsed.params.skip_special_tokens = False
+
+
 class _Prepared:
     """A chat request, ready to queue (see server/handler.py)."""
 
@@ -237,6 +245,7 @@ def _prepare(state: ServerState, data) -> _Prepared:
     parsed = parse_chat(data, vocab_size=engine.vocab_size, defaults=engine.sampling_defaults,
                         auto_tools=state.enable_auto_tool_choice)
     apply_tool_choice(parsed, state.tool_call_parser)
+    apply_reasoning_parser(parsed, state.reasoning_parser)
     prompt = truncate(engine, render(state, parsed), parsed.params)
     check_prompt(engine, prompt, parsed.params, "messages", logprobs_field="top_logprobs")
     return _Prepared(model, parsed, prompt)

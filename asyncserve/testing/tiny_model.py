@@ -19,7 +19,7 @@ from asyncserve.testing.tiny_corpus import CORPUS
 from asyncserve.checkpoints.scratch import scratch_dir
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
-            "gemma3")
+            "gemma3", "gpt_oss")
 # Hybrid linear-attention families (Qwen3-Next, Qwen3.5 dense and MoE): their real configs' shapes scaled
 # down, four layers (three Gated DeltaNet, then gated attention). Not in FAMILIES: they need a state pool
 # and run mixed steps eagerly, which the tests over FAMILIES do not expect (tests/models/test_hybrid_models.py).
@@ -35,6 +35,9 @@ _BYTE_LEVEL_SPLIT = (
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 _METASPACE_MIN_CHAR_COUNT = 3  # rarer characters are left to byte fallback
+# GPT-OSS's o200k_harmony special tokens that frame its messages (in the real tokenizer's order).
+HARMONY_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>",
+                          "<|start|>", "<|end|>", "<|message|>", "<|call|>")
 
 _CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -56,6 +59,42 @@ _LLAMA2_TEMPLATE = (
     "{{- bos_token + '[INST] ' + (system_prefix if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
     "{%- else %}{{- ' ' + message['content'] | trim + ' ' + eos_token }}{%- endif %}"
     "{%- endfor %}"
+)
+
+# GPT-OSS's harmony format, as its checkpoints' template renders it (a shorter template of our own: the
+# system message with the reasoning effort, the developer message with instructions and the functions,
+# tool calls to `functions.NAME` on the commentary channel, their results, and `<|start|>assistant`).
+_HARMONY_TEMPLATE = (
+    "{%- macro arguments(call) -%}{%- if call.arguments is string -%}{{- call.arguments -}}"
+    "{%- else -%}{{- call.arguments | tojson -}}{%- endif -%}{%- endmacro -%}"
+    "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\n\nReasoning: ' + (reasoning_effort | default('medium')) + '\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.' }}"
+    "{%- if tools %}{{- \"\nCalls to these tools must go to the commentary channel: 'functions'.\" }}{%- endif %}"
+    "{{- '<|end|>' }}"
+    "{%- set instructions = messages[0]['content'] if messages and messages[0]['role'] in "
+    "('system', 'developer') else '' %}"
+    "{%- if instructions or tools %}{{- '<|start|>developer<|message|>' }}"
+    "{%- if instructions %}{{- '# Instructions\n\n' + instructions + '\n\n' }}{%- endif %}"
+    "{%- if tools %}{{- '# Tools\n\n## functions\n\nnamespace functions {\n\n' }}"
+    "{%- for tool in tools %}{%- set function = tool.function if tool.function is defined else tool %}"
+    "{{- '// ' + (function.description | default('')) + '\ntype ' + function.name + ' = (_: '"
+    " + (function.parameters | default({}) | tojson) + ') => any;\n\n' }}{%- endfor %}"
+    "{{- '} // namespace functions' }}{%- endif %}{{- '<|end|>' }}{%- endif %}"
+    "{%- set last_call = namespace(name='') %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{- '<|start|>user<|message|>' + message['content'] + '<|end|>' }}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{%- for call in message['tool_calls'] %}{%- set function = call.function if call.function is defined else call %}"
+    "{{- '<|start|>assistant to=functions.' + function.name + '<|channel|>commentary <|constrain|>json<|message|>'"
+    " + arguments(function) + '<|call|>' }}{%- set last_call.name = function.name %}{%- endfor %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + message['content'] + '<|end|>' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|start|>functions.' + last_call.name + ' to=assistant<|channel|>commentary<|message|>'"
+    " + message['content'] + '<|end|>' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start|>assistant' }}{%- endif %}"
 )
 
 # family -> (model_type, architecture, tokenizer style, config beyond the shared shape)
@@ -135,6 +174,16 @@ _FAMILY_SPECS = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                             "mrope_section": [2, 1, 1], "mrope_interleaved": True},
     }}),
+    # GPT-OSS (20B: 24 layers, 32 experts, top-4, 64 heads over 8 KV heads, window 128, YaRN x32 over 4096):
+    # a sliding then a full layer, an awkward expert count, YaRN over a 64-token original context (so its
+    # ramp crosses these head dims), a window of 8 and a SwiGLU limit the random activations reach.
+    "gpt_oss": ("gpt_oss", "GptOssForCausalLM", "harmony", {
+        "rope_theta": 150000.0, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "truncate": False,
+                                                 "original_max_position_embeddings": 64},
+        "num_local_experts": 6, "num_experts_per_tok": 4, "sliding_window": 8, "attention_bias": True,
+        "layer_types": ["sliding_attention", "full_attention"], "swiglu_limit": 3.0,
+    }),
 }
 _TINY_VISION = {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 64,
                 "num_position_embeddings": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}
@@ -160,7 +209,9 @@ def _train_backend(style: str) -> str:
     from tokenizers import pre_tokenizers, processors, trainers
 
     lines = CORPUS.strip().splitlines(keepends=True)
-    if style == "byte_level":
+    if style in ("byte_level", "harmony"):
+        special_tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if style == "byte_level"
+                          else list(HARMONY_SPECIAL_TOKENS))
         tokenizer = Tokenizer(models.BPE())
         tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -171,12 +222,12 @@ def _train_backend(style: str) -> str:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(
             vocab_size=768, show_progress=False,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            special_tokens=special_tokens,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tokenizer.train_from_iterator(lines, trainer)
         return tokenizer.to_str()
     if style != "metaspace":
-        raise ValueError(f"unknown tokenizer style {style!r}; use 'byte_level' or 'metaspace'")
+        raise ValueError(f"unknown tokenizer style {style!r}; use 'byte_level', 'harmony' or 'metaspace'")
 
     # The trainer's own `limit_alphabet` breaks count ties in hash order, so
     # rare characters are dropped here instead: the vocabulary stays the same
@@ -209,7 +260,8 @@ def _train_backend(style: str) -> str:
 
 
 def build_tokenizer(style: str):
-    """A fast tokenizer of `style` ("byte_level" or "metaspace"), the same every call."""
+    """A fast tokenizer of `style` ("byte_level", "harmony": byte-level with GPT-OSS's special tokens and
+    chat format, or "metaspace"), the same every call."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -218,6 +270,10 @@ def build_tokenizer(style: str):
         special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                    "unk_token": None, "bos_token": None}
         template = _CHATML_TEMPLATE
+    elif style == "harmony":  # GPT-OSS: turns end with <|return|> (the answer) or <|call|> (a tool call)
+        special = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>",
+                   "unk_token": None}
+        template = _HARMONY_TEMPLATE
     else:
         special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         template = _LLAMA2_TEMPLATE
@@ -232,6 +288,10 @@ def _special_token_ids(tokenizer, style: str) -> dict:
         end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         return {"bos_token_id": end_of_text, "pad_token_id": end_of_text,
                 "eos_token_id": [tokenizer.convert_tokens_to_ids("<|im_end|>"), end_of_text]}
+    if style == "harmony":
+        start, end_of_text, answer_end, call_end = tokenizer.convert_tokens_to_ids(
+            ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|call|>"])
+        return {"bos_token_id": start, "pad_token_id": end_of_text, "eos_token_id": [answer_end, end_of_text, call_end]}
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
@@ -249,6 +309,24 @@ def _init_weights(model, seed: int, norm_centre: float = 1.0) -> None:
                 param.copy_(norm_centre + NORM_STD * noise)
             else:
                 param.copy_(INIT_STD * noise)
+
+
+def _mxfp4_representable_experts(model, seed: int) -> None:
+    """GPT-OSS's expert weights drawn as MXFP4 (random e2m1 codes, scales of 2^-5 .. 2^-3), dequantized:
+    the same checkpoint packs exactly into the public MXFP4 layout (asyncserve.testing.mxfp4_checkpoint)."""
+    import torch
+
+    from asyncserve.kernels.mxfp4 import MXFP4_GROUP, dequantize_mxfp4
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            for param in (experts.gate_up_proj, experts.down_proj):  # [E, in, out]
+                num_experts, fan_in, fan_out = param.shape
+                groups = (num_experts, fan_out, fan_in // MXFP4_GROUP)
+                blocks = torch.randint(0, 256, (*groups, MXFP4_GROUP // 2), generator=generator, dtype=torch.uint8)
+                scales = torch.randint(122, 125, groups, generator=generator, dtype=torch.uint8)
+                param.copy_(dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2))
 
 
 def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrides: dict) -> None:
@@ -281,6 +359,8 @@ def _write_checkpoint(out_dir: str, family: str, seed: int, shard: bool, overrid
         else:
             model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     _init_weights(model, seed, 0.0 if family in _ZERO_CENTRED_NORMS else 1.0)
+    if model_type == "gpt_oss":
+        _mxfp4_representable_experts(model, seed)
     model.generation_config = GenerationConfig(**ids)
     progress_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar

@@ -89,7 +89,7 @@ PHI3_LINEAR_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # without a shared expert, biases and learned positions, soft-capping, fused checkpoint tensors) and every
 # quantized format (GPTQ's packed rows and groups, act-order gathering its inputs, AWQ's packed columns,
 # FP8 checkpoints and FP8 quantized at load over a row's slices).
-SPLIT_CASES = ["mixtral", "qwen2_moe", "qwen3_moe", "gemma2", "gemma3", "opt-postln", "gpt2", "phi3", "qwen1",
+SPLIT_CASES = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "opt-postln", "gpt2", "phi3", "qwen1",
                "gptq", "gptq-act-order-phi3", "awq", "fp8", "fp8-at-load"]
 
 

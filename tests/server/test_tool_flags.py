@@ -9,8 +9,8 @@ from asyncserve.cli import build_parser, main
 
 @pytest.mark.parametrize("flags,message", [
     (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
-    (["--tool-call-parser", "nope"], "--tool-call-parser 'nope' is not known; choose one of hermes, llama3_json"),
-    (["--reasoning-parser", "nope"], "--reasoning-parser 'nope' is not known; choose one of deepseek_r1, qwen3"),
+    (["--tool-call-parser", "nope"], "--tool-call-parser 'nope' is not known; choose one of hermes, llama3_json, openai"),
+    (["--reasoning-parser", "nope"], "--reasoning-parser 'nope' is not known; choose one of deepseek_r1, openai_gptoss, qwen3"),
 ])
 def test_bad_parser_flags_exit_2_before_the_model_loads(flags, message, capsys):
     with pytest.raises(SystemExit) as caught:

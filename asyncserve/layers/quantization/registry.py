@@ -9,12 +9,13 @@ from asyncserve.layers.quantization.base import QuantizationConfig
 from asyncserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from asyncserve.layers.quantization.fp8 import FP8Config
 from asyncserve.layers.quantization.gptq import GPTQConfig
+from asyncserve.layers.quantization.mxfp4 import Mxfp4Config
 from asyncserve.layers.quantization.unquantized import UnquantizedConfig
 
 # method name (config.json's quant_method, or --quantization) -> config class; None: unquantized.
 QUANTIZATION_METHODS: dict[str | None, type[QuantizationConfig]] = {
     None: UnquantizedConfig, "gptq": GPTQConfig, "awq": AWQConfig, "fp8": FP8Config,
-    "compressed-tensors": CompressedTensorsConfig}
+    "compressed-tensors": CompressedTensorsConfig, "mxfp4": Mxfp4Config}
 
 
 def get_quantization_config(method: str | None = None,

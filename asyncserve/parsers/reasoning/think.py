@@ -22,6 +22,8 @@ class ReasoningParser:
     """Text in, (reasoning delta, content delta) out; `finish()` flushes what was held back."""
 
     name = ""
+    # Whether the format's markers are special tokens, which a detokenizer skipping them would drop.
+    keeps_special_tokens = False
 
     def __init__(self, chat_template_kwargs: dict | None = None):
         self._buffer = ""

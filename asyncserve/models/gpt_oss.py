@@ -23,6 +23,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.moe import FusedMoE
 from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.pre_norm_block import PreNormBlock
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.quantization.mxfp4 import Mxfp4Config
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
@@ -77,7 +78,7 @@ class GptOssMoE(nn.Module):
         return self.experts(hidden, self.router(hidden))             # [T, E] logits -> [T, H]
 
 
-class GptOssDecoderLayer(nn.Module):
+class GptOssDecoderLayer(PreNormBlock):
     def __init__(self, hf_config, layer_index: int, rotary: RotaryEmbedding,
                  quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
@@ -85,16 +86,6 @@ class GptOssDecoderLayer(nn.Module):
         self.mlp = GptOssMoE(hf_config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-
-    def forward(self, positions, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class GptOssForCausalLM(CausalLM):

@@ -8,6 +8,7 @@ from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.pre_norm_block import PreNormBlock
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -72,7 +73,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormBlock):
     def __init__(self, hf_config, qkv_bias: bool, qk_norm: bool, quant_config: QuantizationConfig | None,
                  prefix: str, mlp: nn.Module | None = None, layer_index: int = 0):
         super().__init__()
@@ -81,16 +82,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else LlamaMLP(hf_config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-
-    def forward(self, positions, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(CausalLM):

@@ -22,6 +22,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.gated_delta_net import GatedDeltaNet
 from asyncserve.layers.linear import Linear, MergedLinear
 from asyncserve.layers.norm import GemmaRMSNorm
+from asyncserve.layers.pre_norm_block import PreNormBlock
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -82,7 +83,7 @@ class GatedAttention(nn.Module):
         return self.o_proj(out * torch.sigmoid(gate.reshape(num_tokens, -1)))
 
 
-class HybridDecoderLayer(nn.Module):
+class HybridDecoderLayer(PreNormBlock):
     """Pre-norm block: (Gated DeltaNet | gated attention), then the MLP; norms scale by (1 + w)."""
 
     def __init__(self, hf_config, layer_type: str, mlp: nn.Module, quant_config: QuantizationConfig | None,
@@ -97,18 +98,10 @@ class HybridDecoderLayer(nn.Module):
         self.input_layernorm = GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+    def mix(self, positions, hidden, meta):
         if self.is_linear:
-            hidden = self.linear_attn(hidden, meta)
-        else:
-            hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            return self.linear_attn(hidden, meta)
+        return self.self_attn(positions, hidden, meta)
 
 
 class Qwen3NextForCausalLM(CausalLM):

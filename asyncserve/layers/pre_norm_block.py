@@ -1,0 +1,23 @@
+"""The decoder layer most families share: norm, token mixer, norm, MLP, with the residual stream carried to
+the next layer un-added, so that every residual add fuses into the norm that follows it."""
+from __future__ import annotations
+
+from torch import nn
+
+
+class PreNormBlock(nn.Module):
+    """A family's layer sets `input_layernorm`, `post_attention_layernorm` and `mlp`, and either `self_attn`
+    (called as `self_attn(positions, hidden, meta)`) or its own `mix` (a hybrid layer's linear attention)."""
+
+    def mix(self, positions, hidden, meta):
+        return self.self_attn(positions, hidden, meta)
+
+    def forward(self, positions, hidden, residual, meta):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.mix(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|structured|vllm|vllm-offline|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|families23|structured|vllm|vllm-offline|
 #        compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -98,6 +98,20 @@ if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks 
           timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | grep "^asyncserve:"
           timeout 400 python3 bench_throughput.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/throughput_qwen3moe.log" | grep "^asyncserve:" ;;
     esac
+  done
+fi
+if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the GPU, then each family next to vLLM
+  # (carry .whl with fla-core and einops; NO_VLLM=1 skips vLLM's columns; MODELS picks among the three)
+  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gated_delta_net_gpu.py tests/gpu/test_hybrid_cuda.py \
+    tests/kernels/test_attention_sinks_gpu.py 2>&1 | tee "$OUT/families23_tests.log" | tail -8
+  V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"
+  for m in ${MODELS:-gpt-oss-20b qwen3.5-27b qwen3.5-35b-a3b}; do
+    cd "$ROOT"
+    [ -z "${NO_VLLM:-}" ] && $V --workload both --config scripts/model_configs/$m/config.json 2>&1 | grep '^{' \
+      | tee "$OUT/vllm_$m.jsonl"
+    cd "$ROOT/scripts"
+    timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|^asyncserve:"
+    timeout 400 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|^asyncserve:"
   done
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine

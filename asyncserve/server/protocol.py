@@ -20,6 +20,8 @@ _MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]; past it sampling 
 # OpenAI allows 4 stop sequences; vLLM does not bound them. Each is searched for after every token.
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 64, 1024
 
+REASONING_EFFORTS = ("low", "medium", "high")  # what vLLM accepts (GPT-OSS's three levels)
+
 
 def _kind(value) -> str:
     if value is None:
@@ -358,6 +360,12 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
     kwargs = fields.raw("chat_template_kwargs", {})
     if not isinstance(kwargs, dict):
         raise bad_request("'chat_template_kwargs' must be an object.", "chat_template_kwargs")
+    effort = fields.raw("reasoning_effort", None)
+    if effort is not None:  # OpenAI's field; a template that reads it (GPT-OSS's harmony) gets it, as in vLLM
+        if effort not in REASONING_EFFORTS:
+            raise bad_request(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}; got {effort!r}.",
+                              "reasoning_effort")
+        kwargs = {"reasoning_effort": effort, **kwargs}  # chat_template_kwargs' own value wins
     fields.string("user")
     add_generation_prompt = fields.boolean("add_generation_prompt", True)
     continue_final_message = fields.boolean("continue_final_message", False)

@@ -28,7 +28,8 @@ _SAMPLING = frozenset({
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "suffix"}
 CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
                            "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-                           "parallel_tool_calls", "tools", "tool_choice"}  # checked in server/tools.py
+                           "parallel_tool_calls", "tools", "tool_choice",  # checked in server/tools.py
+                           "reasoning_effort"}
 
 
 def _none(value: Any) -> bool:
@@ -58,7 +59,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "modalities": ("output modalities other than text", _one_of(["text"])),
     "prediction": ("predicted outputs", _none),
     "web_search_options": ("web search", _none),
-    "reasoning_effort": ("reasoning_effort", _none),
     "logits_processors": ("custom logits processors", _empty),
     "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _false),
     "return_token_ids": ("return_token_ids", _false),
@@ -74,6 +74,8 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 # Refused where they would change the output, by endpoint.
 _REFUSED_COMPLETION = {**_REFUSED, "add_special_tokens": ("add_special_tokens=false", _one_of(True)),
+                       "reasoning_effort": ("reasoning_effort in /v1/completions (a chat template reads it: use "
+                                            "/v1/chat/completions)", _none),
                        "tools": ("tool calling in /v1/completions (use /v1/chat/completions)", _empty),
                        "tool_choice": ("tool_choice in /v1/completions (use /v1/chat/completions)",
                                        _one_of("none"))}

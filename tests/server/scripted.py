@@ -9,12 +9,16 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 
 
 @contextlib.contextmanager
-def scripted_output(engine, pieces: list[str], finish_reason: str = "stop", seen_params: list | None = None):
+def scripted_output(engine, pieces: list[str], finish_reason: str = "stop", seen_params: list | None = None,
+                    seen_prompts: list | None = None):
     """The engine 'generates' `pieces`, one per step; the rest of the server is real. Each request's
-    SamplingParams are appended to `seen_params` when given."""
+    SamplingParams are appended to `seen_params`, its prompt (a dict with `prompt_token_ids`) to
+    `seen_prompts`, when given."""
     def add_request(prompt, params, request_id=None, sink=None):
         if seen_params is not None:
             seen_params.append(params)
+        if seen_prompts is not None:
+            seen_prompts.append(prompt)
         outputs = []
         text = ""
         for step, piece in enumerate(pieces):

@@ -42,6 +42,19 @@ async def test_the_prompt_is_the_checkpoints_harmony_rendering(server, http):
     assert text.endswith("<|start|>user<|message|>What is the weather in Paris?<|end|><|start|>assistant")
 
 
+@pytest.mark.parametrize("request_fields,level", [
+    ({}, "medium"),  # the template's default
+    ({"reasoning_effort": "high"}, "high"),  # OpenAI's field, as vLLM passes it to GPT-OSS
+    ({"reasoning_effort": "high", "extra_body": {"chat_template_kwargs": {"reasoning_effort": "low"}}}, "low"),
+])
+async def test_reasoning_effort_reaches_the_harmony_system_message(server, client, request_fields, level):
+    prompts = []
+    with scripted_output(server.engine, [FINAL], seen_prompts=prompts):
+        await client.chat.completions.create(model=MODEL_NAME, messages=ASK, **request_fields)
+    text = server.engine.tokenizer.decode(prompts[0]["prompt_token_ids"])
+    assert f"Reasoning: {level}" in text and text.count("Reasoning:") == 1
+
+
 async def test_special_tokens_are_kept_for_the_parsers(server, client):
     seen = []
     with scripted_output(server.engine, [ANALYSIS + FINAL], seen_params=seen):

@@ -34,7 +34,7 @@ async def _engine_text(server, prompt, **params) -> str:
 REFUSED = [
     ("guided_whitespace_pattern", "[ ]?"), ("structural_tag", '{"structures": []}'),
     ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
-    ("cache_salt", "tenant-a"), ("priority", 5), ("reasoning_effort", "high"), ("prompt_embeds", "AAAA"),
+    ("cache_salt", "tenant-a"), ("priority", 5), ("prompt_embeds", "AAAA"),
 ]
 
 
@@ -45,6 +45,16 @@ async def test_unbuilt_vllm_and_openai_features_get_400_not_supported(server, ht
     assert status == 400
     assert body["error"]["param"] == name
     assert "is not supported by this server" in body["error"]["message"]
+
+
+async def test_reasoning_effort_is_a_chat_field_only(server, http):
+    status, body = await _post(http, server, COMPLETIONS, max_tokens=2, reasoning_effort="high")
+    assert status == 400 and body["error"]["param"] == "reasoning_effort"
+    assert "/v1/chat/completions" in body["error"]["message"]
+    status, body = await _post(http, server, CHAT, max_tokens=2, reasoning_effort="extreme")
+    assert status == 400 and body["error"]["param"] == "reasoning_effort" and "low, medium, high" in body["error"]["message"]
+    status, body = await _post(http, server, CHAT, max_tokens=2, reasoning_effort="low")
+    assert status == 200, body
 
 
 @pytest.mark.parametrize("neutral", [{"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}},

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
+# Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
 # Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|families23|structured|vllm|vllm-offline|
 #        compare DIR|none]
 set -uo pipefail

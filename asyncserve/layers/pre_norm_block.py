@@ -21,3 +21,12 @@ class PreNormBlock(nn.Module):
         hidden = self.mix(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+def run_pre_norm_layers(layers, final_norm, hidden, positions, meta):
+    """A stack of PreNormBlocks over the embedded tokens; the last residual add fuses into the final norm."""
+    residual = None
+    for layer in layers:
+        hidden, residual = layer(positions, hidden, residual, meta)
+    hidden, _ = final_norm(hidden, residual)
+    return hidden

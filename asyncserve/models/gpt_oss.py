@@ -23,7 +23,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.moe import FusedMoE
 from asyncserve.layers.norm import RMSNorm
-from asyncserve.layers.pre_norm_block import PreNormBlock
+from asyncserve.layers.pre_norm_block import PreNormBlock, run_pre_norm_layers
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.quantization.mxfp4 import Mxfp4Config
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
@@ -108,12 +108,7 @@ class GptOssForCausalLM(CausalLM):
         self.build_lm_head(hf_config, quant_config, tied_by_default=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        hidden = self.embed_tokens(input_ids)                         # [T, E]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return run_pre_norm_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
 
     def checkpoint_name(self, name: str) -> str | None:
         name = super().checkpoint_name(name)

@@ -8,7 +8,7 @@ from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
-from asyncserve.layers.pre_norm_block import PreNormBlock
+from asyncserve.layers.pre_norm_block import PreNormBlock, run_pre_norm_layers
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -112,12 +112,7 @@ class LlamaForCausalLM(CausalLM):
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        hidden = self.embed_tokens(input_ids)                         # [T, E]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return run_pre_norm_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
 
     def checkpoint_name(self, name: str) -> str | None:
         if "rotary_emb.inv_freq" in name:  # recomputed, never loaded

@@ -22,7 +22,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.gated_delta_net import GatedDeltaNet
 from asyncserve.layers.linear import Linear, MergedLinear
 from asyncserve.layers.norm import GemmaRMSNorm
-from asyncserve.layers.pre_norm_block import PreNormBlock
+from asyncserve.layers.pre_norm_block import PreNormBlock, run_pre_norm_layers
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -140,12 +140,7 @@ class Qwen3NextForCausalLM(CausalLM):
         return False  # the DeltaNet layers read each step's chunk bounds and state slots
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)                         # [T, E]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return run_pre_norm_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
 
     def checkpoint_name(self, name: str) -> str | None:
         if name.startswith("mtp.") or "rotary_emb.inv_freq" in name:  # the MTP head: speculative decoding

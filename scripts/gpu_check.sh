@@ -94,6 +94,8 @@ if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks 
             (cd "$ROOT/scripts" && timeout 200 python3 bench_latency.py --model llama-3.1-8b --no-hf --input-len $n --output-len 2 \
               --repeats 3 2>&1 | tee "$OUT/ttft_$n.log" | grep "^asyncserve:")
           done ;;
+      streamcpu) cd "$ROOT/scripts"  # the server's CPU per streamed token on this machine's CPU (tiny model)
+          timeout 240 python3 bench_stream_cpu.py --endpoint both --json "$OUT/stream_cpu.json" 2>&1 | tee "$OUT/stream_cpu.log" | tail -12 ;;
       moe) $V --workload both --config $C/qwen3-30b-a3b/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_qwen3moe.jsonl"
           cd "$ROOT/scripts"
           timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | grep "^asyncserve:"
@@ -102,14 +104,16 @@ if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks 
   done
 fi
 if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the GPU, then each family next to vLLM
-  # (carry .whl with fla-core and einops; NO_VLLM=1 skips vLLM's columns; MODELS picks among the three)
-  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gated_delta_net_gpu.py tests/gpu/test_hybrid_cuda.py \
+  # (carry .whl with fla-core and einops; NO_VLLM=1 skips vLLM's columns, NO_OURS=1 ours, NO_TESTS=1 the tests;
+  # MODELS picks among the three; VLLM_ARGS reach bench_vllm.py, e.g. --gpu-memory-utilization 0.95)
+  [ -z "${NO_TESTS:-}" ] && python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gated_delta_net_gpu.py tests/gpu/test_hybrid_cuda.py \
     tests/kernels/test_attention_sinks_gpu.py 2>&1 | tee "$OUT/families23_tests.log" | tail -8
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"
   for m in ${MODELS:-gpt-oss-20b qwen3.5-27b qwen3.5-35b-a3b}; do
     cd "$ROOT"
-    [ -z "${NO_VLLM:-}" ] && $V --workload both --config scripts/model_configs/$m/config.json 2>&1 | grep '^{' \
-      | tee "$OUT/vllm_$m.jsonl"
+    [ -z "${NO_VLLM:-}" ] && $V --workload both --config scripts/model_configs/$m/config.json ${VLLM_ARGS:-} 2>&1 \
+      | tee "$OUT/vllm_$m.log" | grep '^{'
+    [ -n "${NO_OURS:-}" ] && continue
     cd "$ROOT/scripts"
     timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|^asyncserve:"
     timeout 400 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|^asyncserve:"

@@ -128,7 +128,7 @@ def chunk_gated_delta_rule_varlen_ref(q, k, v, g, beta, initial_state, cu_seqlen
 def chunk_gated_delta_rule_varlen_fla(q, k, v, g, beta, initial_state, cu_seqlens):
     """`chunk_gated_delta_rule_varlen_ref` through fla-core's chunked Triton kernel."""
     chunk, _ = fla_ops()
-    o, final = chunk(q[None], k[None], v[None], g[None], beta[None], initial_state=initial_state,
+    o, final = chunk(q[None], k[None], v[None], g=g[None], beta=beta[None], initial_state=initial_state,
                      output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens.long())
     return o[0], final
 
@@ -141,9 +141,10 @@ def chunk_gated_delta_rule_varlen(q, k, v, g, beta, initial_state, cu_seqlens):
 
 def recurrent_gated_delta_rule_step_fla(q, k, v, g, beta, initial_state):
     """One token per sequence (q, k [N, Hk, Dk]; v [N, Hv, Dv]; g, beta [N, Hv]; initial_state
-    [N, Hv, Dk, Dv]) through fla-core's fused recurrent kernel: no host sync, CUDA-graph capturable."""
+    [N, Hv, Dk, Dv]) through fla-core's fused recurrent kernel: no host sync, CUDA-graph capturable.
+    By keyword: the kernel's fifth and sixth positions are per-key and per-value decays (gk, gv), not beta."""
     _, recurrent = fla_ops()
-    o, final = recurrent(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
+    o, final = recurrent(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=beta[:, None],
                          initial_state=initial_state, output_final_state=True, use_qk_l2norm_in_kernel=True)
     return o[:, 0], final
 

@@ -111,6 +111,12 @@ def free_cuda() -> None:
     torch.cuda.empty_cache()
 
 
+def vocab_size(path: str) -> int:
+    """The text model's vocabulary, also for checkpoints whose config nests it (Qwen3.5's text_config)."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path).get_text_config().vocab_size
+
+
 def random_prompts(num: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(10, vocab - 10, (length,), generator=generator).tolist() for length in lengths]

@@ -12,9 +12,16 @@ import logging
 import time
 
 import torch
-
-from bench_common import (decode_bytes_per_step, free_cuda, hf_model, measure_bandwidth, random_prompts,
-                          resolve_model, weight_bytes)
+from bench_common import (
+    decode_bytes_per_step,
+    free_cuda,
+    hf_model,
+    measure_bandwidth,
+    random_prompts,
+    resolve_model,
+    vocab_size,
+    weight_bytes,
+)
 
 
 def _timed(fn, repeats: int) -> float:
@@ -32,6 +39,7 @@ def bench_ours(path, load_format, prompts, output_len, args):
     from asyncserve import LLM, SamplingParams
     started = time.perf_counter()
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16",
+              enable_prefix_caching=False,  # repeats send the same prompt: TTFT must be a real prefill, as vLLM's
               max_model_len=args.input_len + output_len + 16, max_num_seqs=max(8, args.batch_size),
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     startup = time.perf_counter() - started
@@ -75,8 +83,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path, load_format = resolve_model(args.model)
     bandwidth = measure_bandwidth()
-    from transformers import AutoConfig
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    vocab = vocab_size(path)
     prompts = random_prompts(args.batch_size, [args.input_len] * args.batch_size, vocab)
     hf = None
     if not args.no_hf:  # first, so that its memory is back before our KV pool takes the rest

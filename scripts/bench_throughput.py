@@ -16,9 +16,15 @@ import random
 import time
 
 import torch
-
-from bench_common import (active_params, free_cuda, hf_model, measure_matmul_rate, random_prompts,
-                          resolve_model)
+from bench_common import (
+    active_params,
+    free_cuda,
+    hf_model,
+    measure_matmul_rate,
+    random_prompts,
+    resolve_model,
+    vocab_size,
+)
 
 
 def bench_ours(path, load_format, prompts, args):
@@ -119,8 +125,7 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path, load_format = resolve_model(args.model)
-    from transformers import AutoConfig
-    vocab = AutoConfig.from_pretrained(path).vocab_size
+    vocab = vocab_size(path)
     rng = random.Random(args.seed)
     lengths = [rng.randint(*args.input_len_range) for _ in range(args.num_prompts)]
     prompts = random_prompts(args.num_prompts, lengths, vocab, args.seed)

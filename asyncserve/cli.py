@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache dtype: 'auto' (the model dtype) or 'fp8' / 'fp8_e4m3' (one byte per "
                             "element, twice the tokens; per-tensor scales from the checkpoint, else 1.0) "
                             "(default: %(default)s).")
+    cache.add_argument("--mamba-ssm-cache-dtype", default=d["mamba_ssm_cache_dtype"], metavar="DTYPE",
+                       choices=["auto", "float32", "bfloat16", "float16"],
+                       help="Element type of hybrid models' recurrent (linear-attention) states: 'auto' (the "
+                            "model dtype) or 'float32' (twice the memory per sequence) (default: %(default)s).")
     cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d["enable_prefix_caching"],
                        help="Reuse the KV of shared prompt prefixes (default: on).")
@@ -245,7 +249,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         preemption_mode=args.preemption_mode, swap_space=args.swap_space, enforce_eager=args.enforce_eager,
         max_cudagraph_capture_size=args.max_cudagraph_capture_size,
         load_format=args.load_format, tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_logprobs=args.max_logprobs,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+        mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype, max_logprobs=args.max_logprobs,
         served_model_name=args.served_model_name, max_num_waiting=args.max_num_waiting,
         disable_log_stats=args.disable_log_stats, runner=args.runner, convert=args.convert, task=args.task,
         pooler_config=args.pooler_config, structured_outputs_backend=args.structured_outputs_backend,

@@ -7,6 +7,9 @@ from asyncserve.errors import ConfigError
 
 # --kv-cache-dtype names (vLLM's) -> the pool's torch dtype name; "auto" is the model's dtype.
 KV_CACHE_DTYPE_NAMES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
+# --mamba-ssm-cache-dtype (vLLM's): the element type of linear-attention layers' recurrent states; "auto" is
+# the model's dtype, as vLLM has it (a 27B hybrid's fp32 states take 151 MB per sequence, bf16 half that).
+SSM_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -21,6 +24,7 @@ class CacheConfig:
     # Slots of the per-sequence state pool (hybrid models' linear-attention layers): one per sequence that
     # may run at once (max_num_seqs); 0 for models without such layers.
     num_state_slots: int = 0
+    mamba_ssm_cache_dtype: str = "auto"
 
 
 def check_kv_cache_dtype(name: str) -> None:
@@ -30,3 +34,9 @@ def check_kv_cache_dtype(name: str) -> None:
     if name != "auto" and name not in KV_CACHE_DTYPE_NAMES:
         raise ConfigError(f"kv_cache_dtype={name!r} is not supported (supported: 'auto' (the model's "
                           f"dtype), {', '.join(repr(n) for n in KV_CACHE_DTYPE_NAMES)}).")
+
+
+def check_mamba_ssm_cache_dtype(name: str) -> None:
+    if name not in SSM_CACHE_DTYPES:
+        raise ConfigError(f"mamba_ssm_cache_dtype={name!r} is not supported (supported: "
+                          f"{', '.join(repr(n) for n in SSM_CACHE_DTYPES)}; 'auto' is the model's dtype).")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from asyncserve.checkpoints.resolve import check_local_path
-from asyncserve.config.cache import check_kv_cache_dtype
+from asyncserve.config.cache import check_kv_cache_dtype, check_mamba_ssm_cache_dtype
 from asyncserve.config.device import DTYPE_NAMES
 from asyncserve.errors import ConfigError
 
@@ -53,6 +53,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    mamba_ssm_cache_dtype: str = "auto"  # hybrid models' recurrent states: 'auto' (the model's), 'float32', ...
     max_logprobs: int = 20
     trust_remote_code: bool = False  # accepted as vLLM does; asyncserve never runs a checkpoint's code
     generation_config: str = "auto"  # "auto" (the model's), "vllm" (none) or a folder with generation_config.json
@@ -91,6 +92,7 @@ class EngineConfig:
             from asyncserve.config.quantization import check_method_name
             check_method_name(self.quantization)
         check_kv_cache_dtype(self.kv_cache_dtype)
+        check_mamba_ssm_cache_dtype(self.mamba_ssm_cache_dtype)
         if self.generation_config not in ("auto", "vllm") and not os.path.exists(self.generation_config):
             raise ConfigError(f"generation_config={self.generation_config!r} is neither 'auto', 'vllm' nor an "
                               "existing folder with a generation_config.json.")

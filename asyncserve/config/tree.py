@@ -31,6 +31,13 @@ class Config:
     structured_outputs_compile_timeout: float = 10.0
 
     @property
+    def ssm_state_torch_dtype(self) -> "torch.dtype":
+        """Recurrent states' element type (`--mamba-ssm-cache-dtype`): the model's dtype unless set."""
+        import torch
+        name = self.cache.mamba_ssm_cache_dtype
+        return self.model.dtype if name == "auto" else getattr(torch, name)
+
+    @property
     def kv_cache_torch_dtype(self) -> "torch.dtype":
         """The KV pool's element type: the model's dtype, or e4m3 (one byte) for `--kv-cache-dtype fp8`."""
         import torch

@@ -78,7 +78,8 @@ def resolve_config(args: EngineConfig) -> Config:
             cpu_kv_cache_space=args.cpu_kv_cache_space,
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             enable_prefix_caching=prefix_caching, swap_space=args.swap_space,
-            kv_cache_dtype=args.kv_cache_dtype, num_state_slots=args.max_num_seqs if hybrid else 0),
+            kv_cache_dtype=args.kv_cache_dtype, num_state_slots=args.max_num_seqs if hybrid else 0,
+            mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=_token_budget(args, model.max_model_len, model.device),

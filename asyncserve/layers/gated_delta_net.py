@@ -28,9 +28,6 @@ from asyncserve.layers.parallel_state import tp_size
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.recurrent_state import RecurrentStateLayer
 
-# The delta-rule state accumulates over the whole sequence: it is kept in fp32, as the kernels compute it.
-STATE_DTYPE = torch.float32
-
 
 class RMSNormGated(nn.Module):
     """weight * RMSNorm(x) * silu(z), per value head (the norm is not zero-centred: weight starts at 1)."""
@@ -86,9 +83,10 @@ class GatedDeltaNet(RecurrentStateLayer):
                                parallel="row")
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        """The conv state (its last W inputs, in the model's dtype) and the delta-rule state (fp32)."""
+        """The conv state (its last W inputs, in the model's dtype) and the delta-rule state (in
+        `ssm_state_dtype`; the kernels compute in fp32 whatever it is stored in)."""
         return [((self.conv_dim, self.conv_width), self.conv1d.weight.dtype),
-                ((self.num_v_heads, self.k_dim, self.v_dim), STATE_DTYPE)]
+                ((self.num_v_heads, self.k_dim, self.v_dim), self.ssm_state_dtype)]
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]

@@ -18,6 +18,9 @@ class RecurrentStateLayer(nn.Module):
     def __init__(self):
         super().__init__()
         self.state_cache: tuple[torch.Tensor, ...] | None = None
+        # The recurrent state's element type, which the runner sets from --mamba-ssm-cache-dtype before it
+        # sizes the pool; fp32 until then (a layer built alone, as the layer tests build them).
+        self.ssm_state_dtype: torch.dtype = torch.float32
 
     def state_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError

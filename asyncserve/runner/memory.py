@@ -27,12 +27,10 @@ def num_kv_blocks(runner, config: Config) -> int:
     # Hybrid models: the state pool (one slot per max_num_seqs, and the graphs' padding slot) comes first.
     state_bytes = state_bytes_per_slot(runner.model.state_layers()) * (cache.num_state_slots + 1)
     if model_config.device.type != "cuda":
-        num_blocks = (int(cache.cpu_kv_cache_space * _GIB) - state_bytes) // block_bytes
-        if state_bytes and num_blocks <= 0:
-            raise MemoryError(f"The state pool of {cache.num_state_slots} sequences takes "
-                              f"{state_bytes / _GIB:.2f} GiB, leaving no room for the KV cache in "
-                              f"cpu_kv_cache_space={cache.cpu_kv_cache_space} GiB: raise it or lower max_num_seqs.")
-        return max(1, num_blocks)
+        available = cache.cpu_kv_cache_space * _GIB
+        if state_bytes > available / 2:
+            state_bytes = _fit_state_slots(runner, config, available / 2)
+        return max(1, int(available - state_bytes) // block_bytes)
     logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
                 config.scheduler.max_num_batched_tokens)
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
@@ -41,7 +39,10 @@ def num_kv_blocks(runner, config: Config) -> int:
     total = torch.cuda.get_device_properties(model_config.device).total_memory
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
-    budget = total * cache.gpu_memory_utilization - peak - max(0, used_by_others) - state_bytes
+    available = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
+    if state_bytes > available / 2:
+        state_bytes = _fit_state_slots(runner, config, available / 2)
+    budget = available - state_bytes
     num_blocks = int(budget // block_bytes)
     logger.info("memory profile: weights %.2f GiB, peak activations %.2f GiB, other processes %.2f GiB, "
                 "state pool %.2f GiB, KV pool %.2f GiB of %s (gpu_memory_utilization=%.2f)",
@@ -55,6 +56,26 @@ def num_kv_blocks(runner, config: Config) -> int:
                           + (" (or lower max_num_seqs: each one holds a recurrent-state slot)." if state_bytes
                              else "."))
     return num_blocks
+
+
+def _fit_state_slots(runner, config: Config, share: float) -> int:
+    """max_num_seqs sequences' recurrent states would take more than half of the memory left after weights
+    and activations: run fewer sequences at once rather than refuse to start (vLLM refuses), and say so.
+    Hybrid models run in one process (tensor parallelism is refused for them), so the tree changed here is
+    the one the engine reads next. Returns the state pool's new size in bytes."""
+    per_slot = state_bytes_per_slot(runner.model.state_layers())
+    slots = int(share // per_slot) - 1  # one more slot: the decode graphs' padding rows
+    if slots < 1:
+        raise MemoryError(f"One sequence's recurrent state takes {per_slot / _GIB:.2f} GiB and the memory left "
+                          f"after loading the model holds none: raise gpu_memory_utilization, set "
+                          f"--mamba-ssm-cache-dtype bfloat16, or use a smaller model.")
+    logger.warning("max_num_seqs lowered from %d to %d: each sequence holds a %.0f MiB recurrent state "
+                   "(--mamba-ssm-cache-dtype %s), and the state pool may take at most half of the %.2f GiB "
+                   "left for caches; set max_num_seqs to choose, or a smaller state dtype to fit more",
+                   config.scheduler.max_num_seqs, slots, per_slot / (1 << 20), config.cache.mamba_ssm_cache_dtype,
+                   2 * share / _GIB)
+    config.cache.num_state_slots = config.scheduler.max_num_seqs = slots
+    return per_slot * (slots + 1)
 
 
 @torch.inference_mode()

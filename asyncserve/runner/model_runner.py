@@ -53,6 +53,8 @@ class ModelRunner:
         self.num_mixed_graph_steps = 0
         pooler = config.model.pooler
         self.pooling = PoolingRunner(pooler, self.device) if pooler is not None else None  # embedding models
+        for layer in model.state_layers():  # before the memory profile sizes the state pool
+            layer.ssm_state_dtype = config.ssm_state_torch_dtype
         # Before the memory profile: the timing briefly holds extra weight copies.
         model.tune_single_row()
 

@@ -219,5 +219,36 @@ def test_the_state_pool_is_counted_in_the_memory_budget(tiny_model_dir):
     assert engine.executor.state_slot_bytes() * 7 == state_bytes > 0
     assert engine.block_pool.num_blocks == (int(space * (1 << 30)) - state_bytes) // engine.executor.bytes_per_block()
     assert sum(t.numel() * t.element_size() for t in runner.state_pool.tensors) == state_bytes
-    with pytest.raises(MemoryError, match="lower max_num_seqs"):
-        LLM(tiny_model_dir("qwen3_next"), device="cpu", cpu_kv_cache_space=space, max_num_seqs=200, max_model_len=128)
+
+
+def test_max_num_seqs_is_lowered_to_the_states_that_fit_with_a_warning(tiny_model_dir, caplog, hf_reference):
+    """States of max_num_seqs sequences that would take more than half the cache space: fewer sequences run at
+    once (vLLM refuses to start instead), the log says so and how to choose, and the output stays exact."""
+    from asyncserve.runner.state_pool import state_bytes_per_slot
+    space = 0.002  # GiB
+    with caplog.at_level(logging.WARNING, logger="asyncserve"):
+        llm = LLM(tiny_model_dir("qwen3_next"), device="cpu", cpu_kv_cache_space=space, max_num_seqs=200,
+                  max_model_len=512)
+    engine = llm.llm_engine
+    per_slot = state_bytes_per_slot(engine.executor.runner.model.state_layers())
+    slots = engine.config.scheduler.max_num_seqs
+    assert slots == int(space * (1 << 30) / 2 // per_slot) - 1 < 200
+    assert engine.config.cache.num_state_slots == slots == engine.kv_manager.states.num_slots
+    assert f"max_num_seqs lowered from 200 to {slots}" in caplog.text
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == _expected(hf_reference, "qwen3_next", PROMPTS, 12)
+    _assert_states_free(llm)
+
+
+def test_mamba_ssm_cache_dtype_sets_the_recurrent_states_element_type(tiny_model_dir):
+    """vLLM's --mamba-ssm-cache-dtype: 'auto' is the model's dtype (float32 here), bfloat16 halves the
+    delta-rule state; the conv state keeps the model's dtype; an unknown name is refused by name."""
+    path = tiny_model_dir("qwen3_next")
+    runners = {name: LLM(path, device="cpu", max_num_seqs=2, max_model_len=64, num_gpu_blocks_override=16,
+                         mamba_ssm_cache_dtype=name).llm_engine.executor.runner for name in ("auto", "bfloat16")}
+    dtypes = {name: [t.dtype for t in runner.state_pool.tensors] for name, runner in runners.items()}
+    assert set(dtypes["auto"]) == {torch.float32}
+    assert dtypes["bfloat16"][1::2] == [torch.bfloat16] * (len(dtypes["bfloat16"]) // 2)  # delta-rule states
+    assert set(dtypes["bfloat16"][0::2]) == {torch.float32}  # conv states: the model's dtype
+    with pytest.raises(ConfigError, match="mamba_ssm_cache_dtype='fp8'"):
+        LLM(path, device="cpu", mamba_ssm_cache_dtype="fp8")

@@ -12,7 +12,7 @@ import sys
 import aiohttp
 import pytest
 
-from asyncserve.cli import build_parser, main
+from asyncserve.cli import build_parser, engine_config, main
 
 STARTUP_TIMEOUT = 90.0
 
@@ -103,6 +103,13 @@ def test_help_lists_vllm_flag_names_in_groups():
         assert flag in text, flag
     for group in ("model:", "HTTP server:", "KV cache:", "scheduler:"):
         assert group in text
+
+
+def test_mamba_ssm_cache_dtype_flag_reaches_the_engine_config():
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["--model", "m"])).mamba_ssm_cache_dtype == "auto"
+    args = parser.parse_args(["--model", "m", "--mamba-ssm-cache-dtype", "float32"])
+    assert engine_config(args).mamba_ssm_cache_dtype == "float32"
 
 
 @pytest.mark.skipif(shutil.which("asyncserve") is None, reason="package not installed")

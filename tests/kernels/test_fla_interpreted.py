@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton.runtime.autotuner
-
 from asyncserve.kernels.causal_conv1d import (
     causal_conv1d_update_fla,
     causal_conv1d_update_ref,

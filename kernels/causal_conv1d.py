@@ -45,17 +45,20 @@ def causal_conv1d_varlen_ref(x: torch.Tensor, weight: torch.Tensor, initial_stat
     return out, torch.stack(finals)
 
 
-def causal_conv1d_varlen_fla(x, weight, initial_state, cu_seqlens):
+def causal_conv1d_varlen_fla(x, weight, initial_state, cu_seqlens, cu_seqlens_host=None):
+    """`cu_seqlens_host` (int64, CPU; with `cu_seqlens` int64 too): fla builds its chunk indices on the host,
+    without a device sync, and reuses them while the same tensors come back (the next layers of the step)."""
     conv, _ = fla_conv_ops()
     out, final = conv(x[None], weight, initial_state=initial_state, output_final_state=True, activation="silu",
-                      cu_seqlens=cu_seqlens.long())
+                      cu_seqlens=cu_seqlens.long(), cu_seqlens_cpu=cu_seqlens_host)
     return out[0], final
 
 
-def causal_conv1d_varlen(x, weight, initial_state, cu_seqlens):
+def causal_conv1d_varlen(x, weight, initial_state, cu_seqlens, cu_seqlens_host=None):
     """fla-core's kernel on CUDA (when installed), the torch reference elsewhere."""
-    run = causal_conv1d_varlen_fla if _use_fla(x) else causal_conv1d_varlen_ref
-    return run(x, weight, initial_state, cu_seqlens)
+    if _use_fla(x):
+        return causal_conv1d_varlen_fla(x, weight, initial_state, cu_seqlens, cu_seqlens_host)
+    return causal_conv1d_varlen_ref(x, weight, initial_state, cu_seqlens)
 
 
 def causal_conv1d_update_ref(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor):

@@ -125,18 +125,22 @@ def chunk_gated_delta_rule_varlen_ref(q, k, v, g, beta, initial_state, cu_seqlen
     return out, torch.cat(finals)
 
 
-def chunk_gated_delta_rule_varlen_fla(q, k, v, g, beta, initial_state, cu_seqlens):
-    """`chunk_gated_delta_rule_varlen_ref` through fla-core's chunked Triton kernel."""
+def chunk_gated_delta_rule_varlen_fla(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_host=None):
+    """`chunk_gated_delta_rule_varlen_ref` through fla-core's chunked Triton kernel. `cu_seqlens_host` (int64,
+    CPU; with `cu_seqlens` int64 too): fla builds its chunk indices on the host, without a device sync, and
+    reuses them while the same tensors come back (the next layers of the step)."""
     chunk, _ = fla_ops()
     o, final = chunk(q[None], k[None], v[None], g=g[None], beta=beta[None], initial_state=initial_state,
-                     output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens.long())
+                     output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens.long(),
+                     cu_seqlens_cpu=cu_seqlens_host)
     return o[0], final
 
 
-def chunk_gated_delta_rule_varlen(q, k, v, g, beta, initial_state, cu_seqlens):
+def chunk_gated_delta_rule_varlen(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_host=None):
     """fla-core's kernel on CUDA (when installed), the torch reference elsewhere."""
-    run = chunk_gated_delta_rule_varlen_fla if _use_fla(q) else chunk_gated_delta_rule_varlen_ref
-    return run(q, k, v, g, beta, initial_state, cu_seqlens)
+    if _use_fla(q):
+        return chunk_gated_delta_rule_varlen_fla(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_host)
+    return chunk_gated_delta_rule_varlen_ref(q, k, v, g, beta, initial_state, cu_seqlens)
 
 
 def recurrent_gated_delta_rule_step_fla(q, k, v, g, beta, initial_state):

@@ -40,6 +40,12 @@ class AttentionMetadata:
     # [B] int64: each sequence's slot in the state pool of layers with a per-sequence recurrent state
     # (hybrid models' linear attention, layers/recurrent_state.py); None for models without such layers.
     state_slots: torch.Tensor | None = None
+    # Steps with prompt chunks of such models: query_start_loc as int64 on the device and on the host, once
+    # per step, for flash-linear-attention's varlen kernels. Their chunk indices are then built on the host
+    # (no device sync) and cached across layers by tensor identity, where a per-layer `.long()` copy synced
+    # once per layer and kernel.
+    state_query_start_loc: torch.Tensor | None = None
+    state_query_start_loc_host: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:

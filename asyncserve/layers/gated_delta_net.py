@@ -29,6 +29,14 @@ from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.recurrent_state import RecurrentStateLayer
 
 
+def _varlen_offsets(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's sequence offsets for the varlen kernels: the runner's int64 pair made once per step where
+    it made one, else query_start_loc as it is (the memory profile's forward, tests building metadata)."""
+    if meta.state_query_start_loc is not None:
+        return meta.state_query_start_loc, meta.state_query_start_loc_host
+    return meta.query_start_loc, None
+
+
 class RMSNormGated(nn.Module):
     """weight * RMSNorm(x) * silu(z), per value head (the norm is not zero-centred: weight starts at 1)."""
 
@@ -100,7 +108,8 @@ class GatedDeltaNet(RecurrentStateLayer):
         if meta.is_decode:  # one token per sequence
             qkv, conv_state = causal_conv1d_update(qkv, weight, conv_states[slots])
         else:
-            qkv, conv_state = causal_conv1d_varlen(qkv, weight, conv_states[slots], meta.query_start_loc)
+            starts, starts_host = _varlen_offsets(meta)
+            qkv, conv_state = causal_conv1d_varlen(qkv, weight, conv_states[slots], starts, starts_host)
         conv_states.index_copy_(0, slots, conv_state.to(conv_states.dtype))
         q, k, v = qkv.split([self.key_size, self.key_size, self.value_size], dim=-1)
         q = q.reshape(num_tokens, self.num_k_heads, self.k_dim)
@@ -109,8 +118,8 @@ class GatedDeltaNet(RecurrentStateLayer):
         if meta.is_decode:
             out, rule_state = recurrent_gated_delta_rule_step(q, k, v, g, beta, rule_states[slots])
         else:
-            out, rule_state = chunk_gated_delta_rule_varlen(q, k, v, g, beta, rule_states[slots],
-                                                            meta.query_start_loc)
+            out, rule_state = chunk_gated_delta_rule_varlen(q, k, v, g, beta, rule_states[slots], starts,
+                                                            starts_host)
         rule_states.index_copy_(0, slots, rule_state.to(rule_states.dtype))
         out = self.norm(out.reshape(-1, self.v_dim), z.reshape(-1, self.v_dim))  # [T Hv, Dv]
         return self.out_proj(out.reshape(num_tokens, self.value_size))

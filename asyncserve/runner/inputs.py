@@ -88,10 +88,11 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
             num_rows = max(0, last - start)
         prompt_row_counts.append(num_rows)
     # Two host-to-device copies per step, whatever the batch: one per dtype.
-    ids, pos, slots, logits_rows, rows, targets, states = _pack(
-        [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets, state_slots],
-        torch.int64, device)
     max_query_len = max(len(seq.new_token_ids) for seq in step.seqs)
+    state_starts = query_start_loc if state_slots and max_query_len > 1 else []
+    ids, pos, slots, logits_rows, rows, targets, states, state_starts_device = _pack(
+        [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets, state_slots,
+         state_starts], torch.int64, device)
     num_decodes = 0
     if max_query_len > 1:  # a mixed step: its leading decodes go to the decode kernel
         while len(step.seqs[num_decodes].new_token_ids) == 1:
@@ -113,7 +114,9 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         prefill_block_tables=part_tables.view(-1, max_blocks) if num_decodes else None,
         decode_max_seq_len=max(seq_lens[:num_decodes], default=0),
         prefill_max_seq_len=max(seq_lens[num_decodes:], default=0), context_lens=contexts,
-        state_slots=states if state_slots else None)
+        state_slots=states if state_slots else None,
+        state_query_start_loc=state_starts_device if state_starts else None,
+        state_query_start_loc_host=torch.tensor(state_starts) if state_starts else None)
     unread_rows = [query_start_loc[index + 1] - 1 for index in step.unread_inputs]
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
                        prompt_rows=rows if prompt_rows else None,

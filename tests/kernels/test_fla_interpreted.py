@@ -75,10 +75,11 @@ def test_short_convolution_calls_match_the_reference():
     weight = torch.randn(channels, width, generator=gen) * 0.5
     states = torch.randn(len(lengths), channels, width, generator=gen)
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    out, final = causal_conv1d_varlen_fla(x, weight, states.clone(), cu_seqlens)
     expected, expected_final = causal_conv1d_varlen_ref(x, weight, states, cu_seqlens)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(final, expected_final)
+    for host in (None, cu_seqlens.long()):  # with the runner's host copy of the offsets, and without
+        out, final = causal_conv1d_varlen_fla(x, weight, states.clone(), cu_seqlens.long(), host)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(final, expected_final)
     stepped, new_state = causal_conv1d_update_fla(x[:3], weight, states.clone())
     expected_step, expected_state = causal_conv1d_update_ref(x[:3], weight, states)
     torch.testing.assert_close(stepped, expected_step, atol=1e-5, rtol=1e-5)

@@ -252,3 +252,27 @@ def test_mamba_ssm_cache_dtype_sets_the_recurrent_states_element_type(tiny_model
     assert set(dtypes["bfloat16"][0::2]) == {torch.float32}  # conv states: the model's dtype
     with pytest.raises(ConfigError, match="mamba_ssm_cache_dtype='fp8'"):
         LLM(path, device="cpu", mamba_ssm_cache_dtype="fp8")
+
+
+def test_prompt_steps_carry_int64_offsets_on_the_device_and_the_host(make_llm, monkeypatch):
+    """fla's varlen kernels get the step's offsets as int64 on both sides, made once per step (every layer
+    sees the same tensors, so fla's identity cache of chunk indices hits after the first layer)."""
+    from asyncserve.layers import gated_delta_net
+    seen = []
+    original = gated_delta_net._varlen_offsets
+
+    def recording(meta):
+        starts, host = original(meta)
+        seen.append((meta.query_start_loc, starts, host))
+        return starts, host
+
+    monkeypatch.setattr(gated_delta_net, "_varlen_offsets", recording)
+    llm = make_llm("qwen3_next", max_num_batched_tokens=CHUNK_BUDGET, max_num_seqs=4)
+    llm.generate(PROMPTS[:3], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    steps = [entry for entry in seen if entry[2] is not None]
+    assert steps and len(steps) == len(seen)
+    for query_start_loc, starts, host in steps:
+        assert starts.dtype == host.dtype == torch.int64 and host.device.type == "cpu"
+        assert starts.tolist() == host.tolist() == query_start_loc.tolist()
+    layers_per_step = sum(1 for entry in seen if entry[1] is seen[0][1])
+    assert layers_per_step == len(llm.llm_engine.executor.runner.model.state_layers())

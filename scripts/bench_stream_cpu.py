@@ -118,6 +118,7 @@ def serve(args) -> None:
     from asyncserve.engine.async_engine import AsyncEngine
     from asyncserve.server import SERVER_STATE, openai_app
     from asyncserve.server.run import serve as serve_app
+    from asyncserve.server.stall_stacks import STALL_STACKS_ENV
 
     engine = AsyncEngine(EngineConfig(**engine_kwargs(args)))
     app = openai_app(engine, log_requests=False)
@@ -136,72 +137,21 @@ def serve(args) -> None:
     def announce(addresses) -> None:
         print(f"PORT {addresses[0][1]}", flush=True)
 
-    stalls = StallSampler(args.stall_stacks) if args.stall_stacks else None
+    if args.stall_stacks:  # the server's own sampler (asyncserve/server/stall_stacks.py), started with the app
+        os.environ[STALL_STACKS_ENV] = args.stall_stacks
     profiler = None
     if args.profile:
         import cProfile
         profiler = cProfile.Profile()
         profiler.enable()
     loop = new_event_loop()
-    if stalls is not None:
-        app.on_startup.append(stalls.start)
     try:
         loop.run_until_complete(serve_app(app, "127.0.0.1", args.port, on_started=announce, access_log=None))
     finally:
         loop.close()
-        if stalls is not None:
-            stalls.write()
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(args.profile)
-
-
-class StallSampler:
-    """A watchdog thread that knows when the loop last ticked (a 5 ms heartbeat) and, while it has not for
-    `STALL` seconds, samples the loop thread's Python stack: the stacks of the stalls, counted."""
-
-    STALL = 0.015
-
-    def __init__(self, path: str):
-        self.path = path
-        self.last_tick = time.perf_counter()
-        self.stacks: dict[str, int] = {}
-        self.num_stalls = 0
-
-    async def start(self, app) -> None:
-        import asyncio
-        loop_thread = threading.get_ident()
-
-        async def heartbeat() -> None:
-            while True:
-                self.last_tick = time.perf_counter()
-                await asyncio.sleep(0.005)
-
-        app["stall_heartbeat"] = asyncio.get_running_loop().create_task(heartbeat())
-        threading.Thread(target=self._watch, args=(loop_thread,), daemon=True, name="stall-sampler").start()
-
-    def _watch(self, loop_thread: int) -> None:
-        import traceback
-        in_stall = False
-        while True:
-            time.sleep(0.002)
-            if time.perf_counter() - self.last_tick < self.STALL:
-                in_stall = False
-                continue
-            self.num_stalls += not in_stall
-            in_stall = True
-            frame = sys._current_frames().get(loop_thread)
-            if frame is None:
-                continue
-            stack = ";".join(f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}"
-                             for f in traceback.extract_stack(frame)[-12:])
-            self.stacks[stack] = self.stacks.get(stack, 0) + 1
-
-    def write(self) -> None:
-        with open(self.path, "w") as out:
-            out.write(f"# {self.num_stalls} stalls of >= {self.STALL * 1e3:.0f} ms; samples every 2 ms\n")
-            for stack, count in sorted(self.stacks.items(), key=lambda item: -item[1]):
-                out.write(f"{count} {stack}\n")
 
 
 # ---- the offline baseline -------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ fi
 if [ "$what" = vllm ]; then  # issue 22: next to vLLM 0.26.0, staged into /tmp/vsite first (DEVELOPERS.md)
   # Online: `vllm serve` then asyncserve, each loaded by `vllm bench serve` (8B shape, dummy weights).
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
-  ASYNCSERVE_STEP_TRACE="$OUT/asyncserve_steps.jsonl" RESULTS="$OUT/serve" MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048} timeout 560 bash .vllm/bin/serve_bench.sh /tmp/llama8b 512 128 "${GRID:-16:1 256:64 1024:256}"
+  ASYNCSERVE_STALL_STACKS="$OUT/asyncserve_stalls.txt" ASYNCSERVE_STEP_TRACE="$OUT/asyncserve_steps.jsonl" RESULTS="$OUT/serve" MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048} timeout 560 bash .vllm/bin/serve_bench.sh /tmp/llama8b 512 128 "${GRID:-16:1 256:64 1024:256}"
 fi
 if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks among: 8b 05b ttft moe
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"

@@ -18,6 +18,7 @@ from asyncserve.server.info import detokenize, health, list_models, metrics, ret
 from asyncserve.server.page import chat_page
 from asyncserve.server.serving import client_closed
 from asyncserve.server.state import SERVER_STATE, ServerState
+from asyncserve.server.stall_stacks import StallSampler
 
 logger = logging.getLogger("asyncserve.server")
 
@@ -103,7 +104,12 @@ async def _engine_lifetime(app: web.Application):
         gc.collect()
         gc.freeze()
     state.lag.start()
+    stalls = StallSampler.from_env()  # ASYNCSERVE_STALL_STACKS=FILE: where the loop stalls, sampled
+    if stalls is not None:
+        stalls.start()
     yield
+    if stalls is not None:
+        await stalls.stop()
     await state.lag.stop()
     await state.engine.stop()
     state.close()

@@ -11,6 +11,7 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+[ -d .vllm/bin ] && python3 scripts/vllm_peer/patch_peer_scripts.py .vllm/bin  # idempotent; what each edit is for
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 what=${1:-all}
@@ -111,7 +112,9 @@ if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"
   for m in ${MODELS:-gpt-oss-20b qwen3.5-27b qwen3.5-35b-a3b}; do
     cd "$ROOT"
-    [ -z "${NO_VLLM:-}" ] && $V --workload both --config scripts/model_configs/$m/config.json ${VLLM_ARGS:-} 2>&1 \
+    extra=""  # Qwen3.5: text part only, fla's GDN prefill (no flashinfer staged), vLLM's state blocks allow ~660 seqs
+    case $m in qwen3.5*) extra="--language-model-only --gdn-prefill-backend triton --max-num-seqs 256" ;; esac
+    [ -z "${NO_VLLM:-}" ] && $V --workload both --config scripts/model_configs/$m/config.json $extra ${VLLM_ARGS:-} 2>&1 \
       | tee "$OUT/vllm_$m.log" | grep '^{'
     [ -n "${NO_OURS:-}" ] && continue
     cd "$ROOT/scripts"

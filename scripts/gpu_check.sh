@@ -108,7 +108,7 @@ if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the
   # (carry .whl with fla-core and einops; NO_VLLM=1 skips vLLM's columns, NO_OURS=1 ours, NO_TESTS=1 the tests;
   # MODELS picks among the three; VLLM_ARGS reach bench_vllm.py, e.g. --gpu-memory-utilization 0.95)
   [ -z "${NO_TESTS:-}" ] && python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gated_delta_net_gpu.py tests/gpu/test_hybrid_cuda.py \
-    tests/kernels/test_attention_sinks_gpu.py 2>&1 | tee "$OUT/families23_tests.log" | tail -8
+    tests/kernels/test_attention_sinks_gpu.py --durations=12 2>&1 | tee "$OUT/families23_tests.log" | tail -22
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"
   for m in ${MODELS:-gpt-oss-20b qwen3.5-27b qwen3.5-35b-a3b}; do
     cd "$ROOT"

@@ -1,0 +1,56 @@
+"""The batched LoRA kernels (kernels/lora.py) against their torch references and against the plain formula,
+on awkward sizes: rows of several adapters and of none in one batch, fused projections of unequal slices,
+ranks and widths that are not powers of two. Triton runs in its CPU interpreter without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from asyncserve.kernels.lora import (
+    lora_expand_ref,
+    lora_expand_triton,
+    lora_shrink_ref,
+    lora_shrink_triton,
+)
+
+SLOTS = [1, -1, 0, 2, 0, -1, 1]  # seven rows: three adapters and the base model, interleaved
+
+
+def _case(device, dtype, k=40, rank=6, widths=(24, 8, 8), num_adapters=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    x = randn(len(SLOTS), k)
+    a_slices = [randn(num_adapters, rank, k) for _ in widths]
+    b_slices = [randn(num_adapters, width, rank) for width in widths]
+    scales = torch.tensor([0.5, 2.0, 1.25], device=device)
+    slots = torch.tensor(SLOTS, dtype=torch.int32, device=device)
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    base = randn(len(SLOTS), sum(widths))
+    return x, a_slices, b_slices, scales, slots, offsets, base
+
+
+def test_the_reference_is_the_lora_formula():
+    x, a_slices, b_slices, scales, slots, offsets, base = _case("cpu", torch.float64)
+    out = lora_expand_ref(lora_shrink_ref(x, a_slices, slots), b_slices, slots, scales, base.clone(), offsets)
+    for row, slot in enumerate(SLOTS):
+        expected = base[row].clone()
+        if slot >= 0:
+            for s, (a, b) in enumerate(zip(a_slices, b_slices)):
+                expected[offsets[s]:offsets[s] + b.shape[1]] += scales[slot] * (b[slot] @ (a[slot] @ x[row]))
+        torch.testing.assert_close(out[row], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_the_reference(triton_device, dtype):
+    x, a_slices, b_slices, scales, slots, offsets, base = _case(triton_device, dtype)
+    y = lora_shrink_triton(x, a_slices, slots)
+    expected_y = lora_shrink_ref(x, a_slices, slots)
+    torch.testing.assert_close(y, expected_y, atol=1e-4 if dtype == torch.float32 else 5e-2, rtol=1e-3)
+    out = lora_expand_triton(expected_y, b_slices, slots, scales, base.clone(), offsets)
+    expected = lora_expand_ref(expected_y, b_slices, slots, scales, base.clone(), offsets)
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-1, rtol=2e-2)
+    torch.testing.assert_close(out, expected, **tolerance)
+    base_rows = [row for row, slot in enumerate(SLOTS) if slot < 0]
+    assert torch.equal(out[base_rows], base[base_rows])  # the base model's rows are untouched

@@ -43,3 +43,8 @@ class QueueFullError(AsyncServeError):
 
 class RequestAbortedError(AsyncServeError):
     """The request was aborted (the server is shutting down) before its result was ready."""
+
+
+class LoRAAdapterError(ConfigError):
+    """A LoRA adapter cannot be served: its files are missing or malformed, or it uses a PEFT feature that is
+    not supported here (the message names which and what to do)."""

@@ -95,8 +95,12 @@ if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks 
             (cd "$ROOT/scripts" && timeout 200 python3 bench_latency.py --model llama-3.1-8b --no-hf --input-len $n --output-len 2 \
               --repeats 3 2>&1 | tee "$OUT/ttft_$n.log" | grep "^asyncserve:")
           done ;;
-      streamcpu) cd "$ROOT/scripts"  # the server's CPU per streamed token on this machine's CPU (tiny model)
-          timeout 240 python3 bench_stream_cpu.py --endpoint both --json "$OUT/stream_cpu.json" 2>&1 | tee "$OUT/stream_cpu.log" | tail -12 ;;
+      streamcpu) cd "$ROOT/scripts"  # the server's CPU per streamed token with the model on the GPU (tiny model:
+          # the serving overhead alone; graphs replay), stalls sampled; then the same on this machine's CPU
+          timeout 200 python3 bench_stream_cpu.py --device cuda --endpoint both --stall-stacks "$OUT/stream_stalls_cuda.txt" \
+            --json "$OUT/stream_cpu_cuda.json" 2>&1 | tee "$OUT/stream_cpu_cuda.log" | tail -12
+          timeout 200 python3 bench_stream_cpu.py --endpoint completions --json "$OUT/stream_cpu.json" 2>&1 \
+            | tee "$OUT/stream_cpu.log" | tail -6 ;;
       moe) $V --workload both --config $C/qwen3-30b-a3b/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_qwen3moe.jsonl"
           cd "$ROOT/scripts"
           timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | grep "^asyncserve:"

@@ -1,0 +1,107 @@
+"""LoRA on the linear layers: a wrapper around a layer's linear method that adds each row's adapter delta
+after the base product, so every quantization method (and the single-row kernels) keep working beneath it.
+
+`LoRASlots` is the GPU side of the adapters one step may use: `max_loras` slots, a scale per slot, and a
+persistent [max_tokens] buffer holding each row's slot for the step (-1: the base model), which the runner
+fills before the forward; the wrapped layers read its first T entries, so CUDA graphs capture them like any
+other static input. A layer's adapter weights live in stacked [slots, r, in] / [slots, out_slice, r] tensors,
+one pair per slice of a fused projection (Q, K, V; gate, up), zero where an adapter leaves a slice alone, the
+rank padded with zeros to `max_lora_rank` (zero rows and columns add nothing).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncserve.errors import LoRAAdapterError
+from asyncserve.kernels.lora import lora_expand, lora_shrink
+
+
+class LoRASlots:
+    def __init__(self, max_loras: int, max_lora_rank: int, max_tokens: int, device: torch.device):
+        self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        self.scales = torch.zeros(max_loras, dtype=torch.float32, device=device)
+        self.layers: dict[str, LoRALinearMethod] = {}
+        self.checkpoint_prefix = ""  # the checkpoint's decoder prefix, absent from our module names
+
+    def set_token_slots(self, slots: torch.Tensor) -> None:
+        """Each row's slot for the next forward (rows past it keep -1: graph padding runs the base)."""
+        self.token_slots[:slots.shape[0]].copy_(slots, non_blocking=True)
+        self.token_slots[slots.shape[0]:].fill_(-1)
+
+    def load(self, slot: int, weights: dict[str, list], scaling: float) -> None:
+        """An adapter's per-module slices (checkpoints/peft_adapter.py's `LoRAAdapter.weights`) into `slot`;
+        modules it does not name are zeroed there, so the slot holds this adapter alone."""
+        adapter_names = {name.removeprefix(self.checkpoint_prefix): name for name in weights}  # ours -> its
+        unknown = sorted(name for ours, name in adapter_names.items() if ours not in self.layers)
+        if unknown:
+            raise LoRAAdapterError(f"The adapter names modules this model does not have or does not adapt: "
+                                   f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}.")
+        for name, method in self.layers.items():
+            method.load_slot(slot, weights.get(adapter_names.get(name, "")))
+        self.scales[slot] = scaling
+
+    def clear(self, slot: int) -> None:
+        for method in self.layers.values():
+            method.load_slot(slot, None)
+        self.scales[slot] = 0.0
+
+
+class LoRALinearMethod:
+    """The base method's product, then each row's `scale * x @ A.T @ B.T` added in place (two launches)."""
+
+    def __init__(self, base, layer: nn.Module, slots: LoRASlots):
+        self.base = base
+        self.slots = slots
+        self.widths = list(layer.output_sizes)
+        self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
+        weight = layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
+        rank, loras, device = slots.max_lora_rank, slots.max_loras, weight.device
+        self.lora_a = [torch.zeros(loras, rank, layer.in_features, dtype=dtype, device=device) for _ in self.widths]
+        self.lora_b = [torch.zeros(loras, width, rank, dtype=dtype, device=device) for width in self.widths]
+
+    def __getattr__(self, name):  # everything else (create_weights, tune_single_row, ...) is the base's
+        return getattr(self.base, name)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = self.base.apply(layer, x, bias)
+        slots = self.slots.token_slots[:x.shape[0]]
+        y = lora_shrink(x.to(self.lora_a[0].dtype), self.lora_a, slots)
+        return lora_expand(y, self.lora_b, slots, self.slots.scales, out, self.offsets)
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, pairs: list | None) -> None:
+        pairs = pairs or [None] * len(self.widths)
+        if len(pairs) != len(self.widths):
+            raise LoRAAdapterError(f"{len(pairs)} slices given for a projection of {len(self.widths)}.")
+        for a_stack, b_stack, pair, width in zip(self.lora_a, self.lora_b, pairs, self.widths):
+            a_stack[slot].zero_()
+            b_stack[slot].zero_()
+            if pair is None:
+                continue
+            a, b = pair
+            rank = a.shape[0]
+            if rank > self.slots.max_lora_rank:
+                raise LoRAAdapterError(f"The adapter's rank {rank} is over max_lora_rank="
+                                       f"{self.slots.max_lora_rank}: raise --max-lora-rank.")
+            if a.shape[1] != a_stack.shape[2] or b.shape[0] != width:
+                raise LoRAAdapterError(f"An adapter slice of shape A{tuple(a.shape)} B{tuple(b.shape)} does not "
+                                       f"fit a projection of {a_stack.shape[2]} -> {width}.")
+            a_stack[slot, :rank].copy_(a)
+            b_stack[slot, :, :rank].copy_(b)
+
+
+def enable_lora(model: nn.Module, slots: LoRASlots, target_modules: set[str]) -> list[str]:
+    """Wraps the linear methods of the layers whose last name is in `target_modules` (our fused names:
+    qkv_proj, o_proj, gate_up_proj, down_proj); returns the wrapped layers' names."""
+    from asyncserve.layers.linear import LinearBase
+    slots.checkpoint_prefix = getattr(model, "checkpoint_prefix", "")
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and name.rpartition(".")[2] in target_modules:
+            if module.communicates:
+                raise LoRAAdapterError("LoRA with tensor parallelism is not supported yet: use one GPU.")
+            module.quant_method = LoRALinearMethod(module.quant_method, module, slots)
+            slots.layers[name] = module.quant_method
+    return list(slots.layers)

@@ -1,0 +1,104 @@
+"""LoRA on the linear layers: a model whose projections carry adapters in slots gives, for rows of each
+adapter, what the same model gives with that adapter merged into its weights (W + scale * B @ A), and for
+base rows what the plain model gives; adapters the model cannot take are refused by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncserve.errors import LoRAAdapterError
+from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.layers.linear import qkv_linear
+from asyncserve.layers.lora import LoRALinearMethod, LoRASlots, enable_lora
+
+TARGETS = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def _random_pairs(layer, rank, seed, skip=()):
+    gen = torch.Generator().manual_seed(seed)
+    return [None if index in skip else (torch.randn(rank, layer.in_features, generator=gen, dtype=torch.float64),
+                                        torch.randn(width, rank, generator=gen, dtype=torch.float64))
+            for index, width in enumerate(layer.output_sizes)]
+
+
+def test_a_fused_projection_adds_each_rows_adapter_slice_by_slice():
+    torch.manual_seed(0)
+    layer = qkv_linear(32, num_heads=4, num_kv_heads=2, head_dim=8)
+    layer.weight.data = torch.randn_like(layer.weight, dtype=torch.float64).to(layer.weight.dtype)
+    layer.double()
+    base = layer.weight.detach().clone()
+    slots = LoRASlots(max_loras=3, max_lora_rank=8, max_tokens=16, device=torch.device("cpu"))
+    layer.quant_method = LoRALinearMethod(layer.quant_method, layer, slots)
+    slots.layers["qkv_proj"] = layer.quant_method
+    adapters = {0: (_random_pairs(layer, 4, 1, skip=(1,)), 0.5), 2: (_random_pairs(layer, 8, 2), 2.0)}
+    for slot, (pairs, scaling) in adapters.items():
+        slots.load(slot, {"qkv_proj": pairs}, scaling)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    row_slots = [2, -1, 0, 0, 2]
+    slots.set_token_slots(torch.tensor(row_slots, dtype=torch.int32))
+    out = layer(x)
+    for row, slot in enumerate(row_slots):
+        weight = base.clone()
+        if slot >= 0:
+            pairs, scaling = adapters[slot]
+            start = 0
+            for pair, width in zip(pairs, layer.output_sizes):
+                if pair is not None:
+                    weight[start:start + width] += scaling * pair[1] @ pair[0]
+                start += width
+        torch.testing.assert_close(out[row], weight @ x[row])
+
+
+def test_a_model_with_an_adapter_in_a_slot_equals_the_model_with_it_merged(make_llm):
+    llm = make_llm("llama", dtype="float32")
+    model = llm.llm_engine.executor.runner.model
+    merged_llm = make_llm("llama", dtype="float32")
+    merged = merged_llm.llm_engine.executor.runner.model
+    slots = LoRASlots(max_loras=2, max_lora_rank=4, max_tokens=64, device=torch.device("cpu"))
+    wrapped = enable_lora(model, slots, TARGETS)
+    assert wrapped and all(name.rpartition(".")[2] in TARGETS for name in wrapped)
+    gen = torch.Generator().manual_seed(3)
+    weights, scaling = {}, 0.75
+    for name in wrapped:
+        layer = model.get_submodule(name)
+        pairs = [(torch.randn(4, layer.in_features, generator=gen) * 0.05, torch.randn(width, 4, generator=gen) * 0.05)
+                 for width in layer.output_sizes]
+        weights["model." + name] = pairs  # the checkpoint's names, as PEFT saves them
+        target = merged.get_submodule(name)
+        with torch.no_grad():
+            delta = torch.cat([b @ a for a, b in pairs]) * scaling
+            target.weight += delta.to(target.weight.dtype)
+    slots.load(1, weights, scaling)
+    ids = torch.tensor([5, 17, 3, 99, 42, 7])
+    positions = torch.arange(len(ids))
+    meta = _prefill_metadata(llm, len(ids))
+    with torch.inference_mode():
+        slots.set_token_slots(torch.ones(len(ids), dtype=torch.int32))
+        adapted = model.compute_logits(model(ids, positions, meta))
+        merged_logits = merged.compute_logits(merged(ids, positions, _prefill_metadata(merged_llm, len(ids))))
+        slots.set_token_slots(torch.full((len(ids),), -1, dtype=torch.int32))
+        base_rows = model.compute_logits(model(ids, positions, _prefill_metadata(llm, len(ids))))
+    torch.testing.assert_close(adapted, merged_logits, atol=1e-4, rtol=1e-4)
+    assert (adapted - base_rows).abs().max() > 1e-3  # the adapter changed something
+
+
+def _prefill_metadata(llm, num_tokens):
+    """One sequence's prompt in blocks 0.. of the engine's pool (nothing else runs)."""
+    block_size = llm.llm_engine.config.cache.block_size
+    num_blocks = -(-num_tokens // block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens), block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32), max_query_len=num_tokens,
+        max_seq_len=num_tokens, context_lens=torch.tensor([num_tokens], dtype=torch.int32))
+
+
+def test_adapters_the_layers_cannot_take_are_refused(make_llm):
+    model = make_llm("llama", dtype="float32").llm_engine.executor.runner.model
+    slots = LoRASlots(max_loras=1, max_lora_rank=2, max_tokens=8, device=torch.device("cpu"))
+    name = enable_lora(model, slots, TARGETS)[0]
+    layer = model.get_submodule(name)
+    with pytest.raises(LoRAAdapterError, match="over max_lora_rank=2"):
+        slots.load(0, {"model." + name: _random_pairs(layer, 4, 0)}, 1.0)
+    with pytest.raises(LoRAAdapterError, match="does not have or does not adapt: model.layers.0.mlp.lm"):
+        slots.load(0, {"model.layers.0.mlp.lm": [None]}, 1.0)

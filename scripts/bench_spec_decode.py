@@ -70,7 +70,13 @@ def counters(llm, engine: str) -> dict[str, float]:
     names = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
              "vllm:spec_decode_num_accepted_tokens")
     found = dict.fromkeys(names, 0.0)
-    metrics = llm.get_metrics() if hasattr(llm, "get_metrics") else []
+    if engine == "asyncserve":  # the engine's speculator keeps them (what /metrics serves)
+        speculator = getattr(llm.llm_engine, "speculator", None)
+        if speculator is not None:
+            stats = speculator.stats
+            found.update(zip(names, (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens)))
+        return found
+    metrics = llm.get_metrics()  # vLLM v1, with stats logging on
     for metric in metrics:
         if getattr(metric, "name", None) in found:
             found[metric.name] = float(getattr(metric, "value", 0.0))
@@ -84,6 +90,7 @@ def build(args, speculative_config):
         kwargs["speculative_config"] = speculative_config
     if args.engine == "vllm":
         from vllm import LLM, SamplingParams
+        kwargs["disable_log_stats"] = False  # LLM.get_metrics() needs the stats loggers
     else:
         from asyncserve import LLM, SamplingParams
     return LLM(**kwargs), SamplingParams

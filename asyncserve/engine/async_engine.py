@@ -275,19 +275,16 @@ class AsyncEngine:
                     continue
                 profile = self.step_profile
                 profile.start()
+                if in_flight is not None and engine.must_apply_before_scheduling(in_flight[1]):
+                    # Speculative decoding: the drafts of the next step follow the tokens of this one.
+                    await self._apply(*in_flight, profile)
+                    in_flight = None
                 message, scheduled = engine.schedule()
                 launch = (loop.run_in_executor(self._executor, engine.executor.launch, message)
                           if scheduled else None)
                 profile.mark("schedule")
                 if in_flight is not None:
-                    previous, pending = in_flight
-                    if not pending.done():  # wait for the device off the loop
-                        await loop.run_in_executor(self._waiter, pending.result)
-                    profile.mark("wait_device")
-                    for result in engine.process(previous, pending.result()):
-                        self._deliver(result)
-                    await self._end_step()
-                    profile.mark("process")
+                    await self._apply(*in_flight, profile)
                 in_flight = (scheduled, await launch) if launch is not None else None
                 profile.mark("wait_launch")
                 if in_flight is not None and in_flight[1].needs_grammar_masks:
@@ -309,6 +306,16 @@ class AsyncEngine:
                 stream.put(EngineDeadError(f"The engine failed: {exc!r}"))
                 stream.end_step()
                 self._streams.pop(request_id, None)
+
+    async def _apply(self, scheduled: list, pending, profile: StepProfile) -> None:
+        """Waits for a launched step's results (off the loop) and hands its outputs to their sinks."""
+        if not pending.done():  # wait for the device off the loop
+            await asyncio.get_running_loop().run_in_executor(self._waiter, pending.result)
+        profile.mark("wait_device")
+        for result in self.llm_engine.process(scheduled, pending.result()):
+            self._deliver(result)
+        await self._end_step()
+        profile.mark("process")
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)

@@ -83,6 +83,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._ids = itertools.count()
         self._last_log = (time.monotonic(), 0, 0)  # time, prompt tokens, generated tokens
+        self._last_spec_stats: dict = {}  # speculative decoding's counters at the last log line
         self.step_profile = StepProfile()
         self._last_profile: dict | None = None
 
@@ -356,6 +357,10 @@ class AsyncEngine:
             (stats["generation_tokens_total"] - last_generated) / elapsed, stats["num_requests_running"],
             stats["num_requests_waiting"], 100 * stats["kv_cache_usage_perc"],
             100 * stats["prefix_cache_hits_total"] / queries if queries else 0.0)
+        speculator = self.llm_engine.speculator
+        if speculator is not None:
+            logger.info(speculator.stats.line(self._last_spec_stats))
+            self._last_spec_stats = speculator.stats.as_dict()
         logger.info("engine loop: %s", self.step_profile.line(self._last_profile))
         self._last_profile = self.step_profile.stats()
         self._last_log = (now, stats["prompt_tokens_total"], stats["generation_tokens_total"])
@@ -372,7 +377,19 @@ class AsyncEngine:
             "prefix_cache_queries_total": pool.num_cache_queries,
             "prefix_cache_hits_total": pool.num_cache_hits,
             **self.step_profile.stats(),
+            **self._spec_decode_stats(),
         }
+
+    def _spec_decode_stats(self) -> dict:
+        """vLLM's speculative decoding counters (their names with _total), none without speculation."""
+        speculator = self.llm_engine.speculator
+        if speculator is None:
+            return {}
+        stats = speculator.stats
+        return {"spec_decode_num_drafts_total": stats.num_drafts,
+                "spec_decode_num_draft_tokens_total": stats.num_draft_tokens,
+                "spec_decode_num_accepted_tokens_total": stats.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos_total": list(stats.num_accepted_tokens_per_pos)}
 
 
 def request_metrics(output: RequestOutput, engine: LLMEngine) -> None:

@@ -7,15 +7,18 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
 class OracleProposer:
     """Proposes the true continuation, computed beforehand without speculation: every draft is right."""
 
-    def __init__(self, expected: list[list[int]], num_tokens: int = 4):
+    def __init__(self, expected: list[list[int]], num_tokens: int = 4, strict: bool = True):
         self.expected = expected  # prompt + output of each request
         self.num_tokens = num_tokens
+        self.strict = strict  # a sequence off every expected path fails the test (else: no drafts)
 
     def continuation(self, token_ids: list[int]) -> list[int]:
         for full in self.expected:
             if full[:len(token_ids)] == token_ids:
                 return full[len(token_ids):]
-        raise AssertionError("a sequence left the expected outputs")
+        if self.strict:
+            raise AssertionError("a sequence left the expected outputs")
+        return []
 
     def propose(self, history, token_ids: list[int], max_tokens: int) -> list[int]:
         return self.continuation(token_ids)[:min(self.num_tokens, max_tokens)]

@@ -27,6 +27,7 @@ class VerifyLayout:
     group_starts: torch.Tensor      # [G] int64: the group's first row
     num_drafts: torch.Tensor        # [G] int64
     max_num_drafts: int             # host int: the grid is max_num_drafts + 1 wide
+    rows_with_drafts: frozenset[int] = frozenset()  # host: the rows that check a draft
 
 
 @dataclass
@@ -37,10 +38,13 @@ class VerifyOutput:
     logprobs: SamplerOutput | None = None
 
 
-def _uniform(num_rows: int, generators: list, device: torch.device) -> torch.Tensor:
-    """A U[0, 1) draw per row; seeded rows from their own generator, in row order (reproducible)."""
+def _uniform(num_rows: int, generators: list, rows_with_drafts: frozenset[int],
+             device: torch.device) -> torch.Tensor:
+    """A U[0, 1) draw per row; seeded rows that check a draft from their own generator, in row order
+    (reproducible). Rows without a draft draw none: a seeded sample that did not speculate this step
+    then takes the same draws, and tokens, as the plain sampler would give it."""
     uniform = torch.empty(num_rows, dtype=torch.float32, device=device)
-    seeded = [i for i, g in enumerate(generators) if g is not None]
+    seeded = [i for i, g in enumerate(generators) if g is not None and i in rows_with_drafts]
     if len(seeded) < len(generators):
         uniform.uniform_()
     for row in seeded:
@@ -71,7 +75,7 @@ class RejectionSampler(torch.nn.Module):
             accepted, recovered = greedy_accepted, processed.greedy
         else:
             probs = processed.probs
-            uniform = _uniform(probs.shape[0], t.generators, probs.device)
+            uniform = _uniform(probs.shape[0], t.generators, layout.rows_with_drafts, probs.device)
             draft_probs = probs.gather(1, safe_drafts[:, None])[:, 0]
             sampled_accepted = has_draft & (uniform < draft_probs)
             # p without the draft (q is one-hot); the bonus row keeps p whole. Unnormalized is fine: the

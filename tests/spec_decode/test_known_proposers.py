@@ -134,3 +134,21 @@ def test_structured_outputs_are_refused_with_speculation(make_llm):
     llm = make_llm(FAMILY, speculative_config=NGRAM)
     with pytest.raises(InvalidParameterError, match="not supported together with speculative decoding"):
         llm.generate(["x"], SamplingParams(structured_outputs={"choice": ["yes", "no"]}), use_tqdm=False)
+
+
+def test_samples_without_drafts_draw_as_plain_sampling(make_llm):
+    """Seeded samples (n = 1, and an n = 2 request's forks) that get no drafts, in steps where greedy
+    requests verify theirs, give the tokens plain decoding gives them: the verify rule draws nothing
+    extra for rows without drafts."""
+    sampled = [SamplingParams(temperature=0.9, max_tokens=16, seed=11, ignore_eos=True),
+               SamplingParams(temperature=0.9, max_tokens=16, seed=12, n=2, ignore_eos=True)]
+    prompts = PROMPTS[:2] + PROMPTS[2:4]
+    params = sampled + [GREEDY, GREEDY]
+    plain = [[list(c.token_ids) for c in o.outputs] for o in make_llm(FAMILY).generate(prompts, params,
+                                                                                        use_tqdm=False)]
+    greedy_paths = full_sequences(make_llm(FAMILY), PROMPTS[2:4], GREEDY)
+    llm = make_llm(FAMILY, speculative_config=NGRAM)
+    llm.llm_engine.speculator.proposer = OracleProposer(greedy_paths, strict=False)
+    speculative = [[list(c.token_ids) for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert speculative == plain
+    assert counters(llm.llm_engine)["spec_decode_num_accepted_tokens"] > 0

@@ -24,7 +24,7 @@ def _layout(groups: list[list[int]]) -> VerifyLayout:
         starts.append(len(drafts))
         drafts.extend(group + [-1])
     return VerifyLayout(torch.tensor(drafts), torch.tensor(starts), torch.tensor([len(g) for g in groups]),
-                        max(len(g) for g in groups))
+                        max(len(g) for g in groups), frozenset(i for i, d in enumerate(drafts) if d >= 0))
 
 
 def _argmax_logits(targets: list[int]) -> torch.Tensor:

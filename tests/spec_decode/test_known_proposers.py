@@ -152,3 +152,24 @@ def test_samples_without_drafts_draw_as_plain_sampling(make_llm):
     speculative = [[list(c.token_ids) for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     assert speculative == plain
     assert counters(llm.llm_engine)["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_blocks_of_rejected_drafts_go_back_at_once(make_llm):
+    """Every draft rejected, 4 a step, blocks of 8 tokens: after each step a sequence holds no block past
+    its tokens (the drafts' slots crossed into new blocks, which went back), ref counts stay right, and all
+    blocks are free at the end (make_llm checks)."""
+    expected = full_sequences(make_llm(FAMILY), PROMPTS, GREEDY)
+    llm = _spec_llm(make_llm, WrongProposer, expected, block_size=8)
+    engine = llm.llm_engine
+    for index, prompt in enumerate(PROMPTS):
+        engine.add_request(str(index), engine.input_processor.process(prompt, GREEDY))
+    held_past_tokens = 0
+    while engine.has_unfinished_requests():
+        message, scheduled = engine.schedule()
+        engine.process(scheduled, engine.executor.execute(message))
+        engine.block_pool.check_invariants(engine.live_block_tables())
+        for seq in engine.scheduler.running:
+            held_past_tokens += len(seq.blocks) > -(-seq.num_tokens // 8)
+    assert held_past_tokens == 0
+    assert counters(engine)["spec_decode_num_draft_tokens"] > 50
+    assert counters(engine)["spec_decode_num_accepted_tokens"] == 0

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="JSON",
                        help="How an embedding model pools, over its own config: e.g. "
                             "'{\"pooling_type\": \"MEAN\", \"normalize\": false}' (LAST, MEAN or CLS).")
+    model.add_argument("--speculative-config", dest="speculative_config", default=None, metavar="JSON",
+                       help="Speculative decoding, in vLLM's spelling: e.g. '{\"method\": \"ngram\", "
+                            "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
+                            "(n-gram prompt lookup; \"disable_by_batch_size\": N turns it off for steps with more "
+                            "than N running sequences, default 16).")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 
@@ -256,7 +261,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         pooler_config=args.pooler_config, structured_outputs_backend=args.structured_outputs_backend,
         structured_outputs_cache_mb=args.structured_outputs_cache_mb,
         structured_outputs_max_bytes=args.structured_outputs_max_bytes,
-        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout)
+        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
+        speculative_config=args.speculative_config)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

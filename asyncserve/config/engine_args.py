@@ -71,6 +71,9 @@ class EngineConfig:
     structured_outputs_cache_mb: float = 512.0  # compiled grammars kept, bounded by what they cost in memory
     structured_outputs_max_bytes: int = 65536  # the longest constraint text (schema, regex, grammar) compiled
     structured_outputs_compile_timeout: float = 10.0  # seconds a request waits for its grammar to compile
+    # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, ...}
+    # (config/speculative.py); parsed here into a SpeculativeConfig, None: no speculation.
+    speculative_config: dict | str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,6 +125,11 @@ class EngineConfig:
         self.pooler_config = parse_pooler_config(
             self.pooler_config if self.pooler_config is not None else self.override_pooler_config)
         self.override_pooler_config = None
+        from asyncserve.config.speculative import parse_speculative_config
+        self.speculative_config = parse_speculative_config(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            raise ConfigError("speculative_config with tensor_parallel_size > 1 is not built in asyncserve yet: "
+                              "serve with tensor_parallel_size=1, or without speculative_config.")
 
     @property
     def model_names(self) -> list[str]:

@@ -29,6 +29,7 @@ class Config:
     structured_outputs_cache_mb: float = 512.0
     structured_outputs_max_bytes: int = 65536
     structured_outputs_compile_timeout: float = 10.0
+    speculative: object | None = None  # SpeculativeConfig (config/speculative.py); None: no speculation
 
     @property
     def ssm_state_torch_dtype(self) -> "torch.dtype":

@@ -72,9 +72,8 @@ _SCHED = "asyncserve's scheduler has no such knob"
 
 FLAGS: tuple[VllmFlag, ...] = (
     # model and weights
-    _flag("--speculative-config", _SPEC, NOT_BUILT),
     _flag("--speculative-model --num-speculative-tokens --ngram-prompt-lookup-max --ngram-prompt-lookup-min",
-          _SPEC, NOT_BUILT),
+          _SPEC, NOT_BUILT, 1, "use --speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'"),
     _flag("--enable-lora", _LORA, NOT_BUILT, 0, "serve a checkpoint with the adapter merged into it"),
     _flag("--lora-modules", _LORA, NOT_BUILT, "+", "serve a checkpoint with the adapter merged into it"),
     _flag("--max-loras --max-lora-rank --max-cpu-loras --lora-dtype --lora-extra-vocab-size --default-mm-loras",

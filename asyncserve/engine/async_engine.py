@@ -83,6 +83,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self._ids = itertools.count()
         self._last_log = (time.monotonic(), 0, 0)  # time, prompt tokens, generated tokens
+        self._last_spec_stats: dict = {}  # speculative decoding's counters at the last log line
         self.step_profile = StepProfile()
         self._last_profile: dict | None = None
 
@@ -275,19 +276,16 @@ class AsyncEngine:
                     continue
                 profile = self.step_profile
                 profile.start()
+                if in_flight is not None and engine.must_apply_before_scheduling(in_flight[1]):
+                    # Speculative decoding: the drafts of the next step follow the tokens of this one.
+                    await self._apply(*in_flight, profile)
+                    in_flight = None
                 message, scheduled = engine.schedule()
                 launch = (loop.run_in_executor(self._executor, engine.executor.launch, message)
                           if scheduled else None)
                 profile.mark("schedule")
                 if in_flight is not None:
-                    previous, pending = in_flight
-                    if not pending.done():  # wait for the device off the loop
-                        await loop.run_in_executor(self._waiter, pending.result)
-                    profile.mark("wait_device")
-                    for result in engine.process(previous, pending.result()):
-                        self._deliver(result)
-                    await self._end_step()
-                    profile.mark("process")
+                    await self._apply(*in_flight, profile)
                 in_flight = (scheduled, await launch) if launch is not None else None
                 profile.mark("wait_launch")
                 if in_flight is not None and in_flight[1].needs_grammar_masks:
@@ -309,6 +307,16 @@ class AsyncEngine:
                 stream.put(EngineDeadError(f"The engine failed: {exc!r}"))
                 stream.end_step()
                 self._streams.pop(request_id, None)
+
+    async def _apply(self, scheduled: list, pending, profile: StepProfile) -> None:
+        """Waits for a launched step's results (off the loop) and hands its outputs to their sinks."""
+        if not pending.done():  # wait for the device off the loop
+            await asyncio.get_running_loop().run_in_executor(self._waiter, pending.result)
+        profile.mark("wait_device")
+        for result in self.llm_engine.process(scheduled, pending.result()):
+            self._deliver(result)
+        await self._end_step()
+        profile.mark("process")
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
@@ -349,6 +357,10 @@ class AsyncEngine:
             (stats["generation_tokens_total"] - last_generated) / elapsed, stats["num_requests_running"],
             stats["num_requests_waiting"], 100 * stats["kv_cache_usage_perc"],
             100 * stats["prefix_cache_hits_total"] / queries if queries else 0.0)
+        speculator = self.llm_engine.speculator
+        if speculator is not None:
+            logger.info(speculator.stats.line(self._last_spec_stats))
+            self._last_spec_stats = speculator.stats.as_dict()
         logger.info("engine loop: %s", self.step_profile.line(self._last_profile))
         self._last_profile = self.step_profile.stats()
         self._last_log = (now, stats["prompt_tokens_total"], stats["generation_tokens_total"])
@@ -365,7 +377,19 @@ class AsyncEngine:
             "prefix_cache_queries_total": pool.num_cache_queries,
             "prefix_cache_hits_total": pool.num_cache_hits,
             **self.step_profile.stats(),
+            **self._spec_decode_stats(),
         }
+
+    def _spec_decode_stats(self) -> dict:
+        """vLLM's speculative decoding counters (their names with _total), none without speculation."""
+        speculator = self.llm_engine.speculator
+        if speculator is None:
+            return {}
+        stats = speculator.stats
+        return {"spec_decode_num_drafts_total": stats.num_drafts,
+                "spec_decode_num_draft_tokens_total": stats.num_draft_tokens,
+                "spec_decode_num_accepted_tokens_total": stats.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos_total": list(stats.num_accepted_tokens_per_pos)}
 
 
 def request_metrics(output: RequestOutput, engine: LLMEngine) -> None:

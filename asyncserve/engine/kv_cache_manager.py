@@ -116,6 +116,17 @@ class KVCacheManager:
                 self.pool.cache_full_block(block, seq.block_hashes[index])
         seq.num_cached_blocks = num_full
 
+    def free_blocks_past(self, seq: Sequence, num_tokens: int) -> None:
+        """Gives back the blocks past those of the first `num_tokens` tokens: the slots of rejected drafts
+        (speculative decoding). They were allocated for this step and never full, so never cached."""
+        keep = -(-num_tokens // self.block_size)
+        if len(seq.blocks) <= keep:
+            return
+        self.pool.free(reversed(seq.blocks[keep:]))
+        del seq.blocks[keep:]
+        del seq.block_table[keep:]
+        seq.block_table_rewritten = True
+
     def fork(self, parent: Sequence, child: Sequence, num_tokens: int | None = None) -> None:
         """The child shares the parent's blocks of its first `num_tokens` (default: all computed) tokens;
         a shared partial block is copied on the child's first write. Blocks past them stay the parent's."""

@@ -16,6 +16,7 @@ from asyncserve.engine.pooling import embedding_output
 from asyncserve.engine.resolve_config import resolve_config
 from asyncserve.engine.detokenizer import decode_step
 from asyncserve.engine.scheduler import Scheduler
+from asyncserve.engine.spec_decode import Speculator
 from asyncserve.engine.state_slots import StateSlotPool
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.engine.structured import StructuredOutputManager
@@ -26,7 +27,7 @@ from asyncserve.models.registry import model_class
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.executor import Executor, make_executor
-from asyncserve.runner.step import StepMessage, StepOutput
+from asyncserve.runner.step import SequenceResult, StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
 
@@ -57,6 +58,8 @@ class LLMEngine:
         states = StateSlotPool(num_state_slots, num_host_state_slots) if num_state_slots else None
         self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks, states)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        # Speculative decoding (--speculative-config): drafts proposed before each schedule.
+        self.speculator = Speculator(config.speculative, mc.max_model_len) if config.speculative else None
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self._eos_token_ids = self._find_eos_token_ids()
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, self._eos_token_ids,
@@ -125,6 +128,11 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         params, token_ids = processed.params, processed.prompt_token_ids
+        if self.speculator is not None and processed.grammar is not None:
+            raise InvalidParameterError(
+                "Structured outputs are not supported together with speculative decoding yet: send the request "
+                "without a grammar / response_format, or serve without --speculative-config.",
+                "structured_outputs")
         request = Request(request_id, processed.prompt, token_ids, params)
         request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n
         if isinstance(params, PoolingParams):
@@ -181,6 +189,8 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def schedule(self) -> tuple[StepMessage, list]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         step = self.scheduler.schedule()
         if self._to_release:
             # Only now: the step message just announced their last forks, reading `seq.request`.
@@ -191,14 +201,25 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Launches the next step, then applies the one launched before it (the GPU runs one while the
-        host processes the other); returns the outputs of the requests that changed."""
+        host processes the other); returns the outputs of the requests that changed. A step that may
+        speculate is scheduled only after the one before it was applied: its drafts follow the last tokens."""
+        outputs = self.drain() if self._in_flight and self.must_apply_before_scheduling(self._in_flight[1]) \
+            else []
         message, scheduled = self.schedule()
         launched = (scheduled, self.executor.launch(message)) if scheduled else None
         previous, self._in_flight = self._in_flight, launched
-        outputs = [] if previous is None else self.process(previous[0], previous[1].result())
+        if previous is not None:
+            outputs += self.process(previous[0], previous[1].result())
         if launched is not None and launched[1].needs_grammar_masks:
             self.sample_under_grammars(*launched)
         return outputs
+
+    def must_apply_before_scheduling(self, pending) -> bool:
+        """Whether the launched step `pending` must be processed before the next is scheduled: the next
+        may speculate (n-gram drafts need every sequence's last token on the host), or `pending` verified
+        drafts (its sequences' lengths are known only then). Never without speculative decoding."""
+        return self.speculator is not None and (
+            pending.is_verify or self.speculator.is_active(self.scheduler.num_running))
 
     def sample_under_grammars(self, scheduled: list[tuple[Sequence, int]], pending) -> None:
         """Has a launched step sampled once the grammar masks of its constrained rows are known: the
@@ -236,12 +257,19 @@ class LLMEngine:
         now = time.monotonic()
         appended: list[tuple[Sequence, int, bool]] = []  # this step's tokens, in order: whether decoded
         to_decode = []  # the detokenizers of those whose text is decoded, in the same order
+        continuations: list[tuple[Sequence, list[int], list | None]] = []  # verified runs past their first token
         for (seq, num_new), result in zip(scheduled, output.results):
             request = seq.request
             if result.token_ids:
                 seq.num_in_flight -= 1
             if seq.is_finished:  # aborted (or finished by the step before) while the step ran
                 continue
+            if result.num_draft_tokens:
+                self._roll_back_rejected(seq, result)
+                if len(result.token_ids) > 1:
+                    continuations.append((seq, result.token_ids, result.logprobs))
+                    result = SequenceResult(result.token_ids[:1], result.logprobs[:1] if result.logprobs else None,
+                                            result.prompt_logprobs)
             self.kv_manager.cache_computed_blocks(seq)
             if result.prompt_logprobs:
                 processor.add_prompt_logprobs(request, result.prompt_logprobs)
@@ -267,6 +295,8 @@ class LLMEngine:
                 finished = processor.advance_grammar(target, token_id)
             if finished:
                 self.scheduler.finish(target)
+        if continuations:
+            self._append_runs(continuations)
         outputs = []
         for request in touched.values():
             if self.stream_outputs or request.is_finished:
@@ -276,6 +306,35 @@ class LLMEngine:
                 self._record_timings(request)
                 self._to_release.append(request)
         return outputs
+
+    def _roll_back_rejected(self, seq: Sequence, result: SequenceResult) -> None:
+        """A verified run: the KV of the rejected drafts is forgotten and their blocks go back to the pool
+        (before any block of the sequence is offered to the prefix cache)."""
+        num_accepted = len(result.token_ids) - 1
+        self.speculator.observe(result.num_draft_tokens, num_accepted)
+        seq.num_computed_tokens -= result.num_draft_tokens - num_accepted
+        seq.draft_token_ids = []
+        self.kv_manager.free_blocks_past(seq, seq.num_computed_tokens + 1)
+
+    def _append_runs(self, runs: list[tuple[Sequence, list[int], list | None]]) -> None:
+        """The tokens after the first of each verified run, one position at a time across the runs (one
+        batched decode per position), so a stop token, stop string or length limit ends a run exactly
+        where plain decoding would have stopped; what follows it is dropped."""
+        processor = self.output_processor
+        for position in range(1, max(len(tokens) for _, tokens, _ in runs)):
+            runs = [run for run in runs if position < len(run[1]) and not run[0].is_finished]
+            if not runs:
+                return
+            decoded = []
+            for seq, tokens, entries in runs:
+                entry = entries[position] if entries else None
+                decoded.append(processor.append_ids(seq, tokens[position], entry))
+            self.stats["generation_tokens"] += len(runs)
+            to_decode = [seq.detokenizer for (seq, _, _), decode in zip(runs, decoded) if decode]
+            deltas = iter(decode_step(to_decode) if to_decode else ())
+            for (seq, tokens, _), decode in zip(runs, decoded):
+                if processor.check_stop(seq, tokens[position], next(deltas) if decode else ""):
+                    self.scheduler.finish(seq)
 
     def _process_pooled(self, scheduled: list[tuple[Sequence, int]],
                         output: StepOutput) -> list[EmbeddingRequestOutput]:

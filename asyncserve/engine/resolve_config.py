@@ -71,6 +71,12 @@ def resolve_config(args: EngineConfig) -> Config:
         logger.info("prefix caching is off: %s pooling reads every prompt token's hidden state",
                     model.pooler.pooling_type)
         prefix_caching = False
+    speculative = args.speculative_config
+    if speculative is not None and (hybrid or model.pooler is not None):
+        # A recurrent state cannot step back over rejected drafts; an embedding model never decodes.
+        logger.info("speculative decoding is off: %s", "this hybrid model's linear-attention state cannot be "
+                    "rolled back past rejected drafts" if hybrid else "an embedding model does not decode")
+        speculative = None
     return Config(
         model=model,
         cache=CacheConfig(
@@ -90,7 +96,7 @@ def resolve_config(args: EngineConfig) -> Config:
         disable_log_stats=args.disable_log_stats, structured_outputs_backend=args.structured_outputs_backend,
         structured_outputs_cache_mb=args.structured_outputs_cache_mb,
         structured_outputs_max_bytes=args.structured_outputs_max_bytes,
-        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout)
+        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout, speculative=speculative)
 
 def _note_what_does_little(args: EngineConfig, model: ModelConfig, quantization) -> None:
     """One start-up line for each setting that does less, or other, than a user may think."""

@@ -47,6 +47,15 @@ class Scheduler:
                 self._recompute_past_threshold(seq)
                 continue
             num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
+            if seq.draft_token_ids:  # speculative decoding: its drafts are scored too, if budget and pool allow
+                num_drafts = 0 if seq.num_in_flight else min(len(seq.draft_token_ids), budget - num_new)
+                if num_drafts and self.kv.allocate_slots(seq, num_new + num_drafts):
+                    del seq.draft_token_ids[num_drafts:]
+                    scheduled.append((seq, num_new + num_drafts))
+                    budget -= num_new + num_drafts
+                    index += 1
+                    continue
+                seq.draft_token_ids = []
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running.pop()  # the most recently admitted goes first
                 self._preempt(victim)
@@ -123,7 +132,8 @@ class Scheduler:
         start = seq.num_computed_tokens
         request = seq.request
         num_samples = 0
-        if start + num_new == seq.num_tokens + seq.num_in_flight:  # reaches the end: samples the next
+        drafts = seq.draft_token_ids  # counted in num_new; the KV of rejected ones is rolled back later
+        if start + num_new - len(drafts) == seq.num_tokens + seq.num_in_flight:  # reaches the end: samples
             num_samples = 1
             if seq.index == 0 and request.num_forks_pending:  # n/best_of: forked on this step's samples
                 num_samples += request.num_forks_pending
@@ -142,12 +152,13 @@ class Scheduler:
             seq_id=seq.seq_id, start_position=start, num_new_tokens=num_new, new_block_ids=new_block_ids,
             replace_block_table=replace, num_samples=num_samples,
             prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None,
-            state_slot=seq.state_slot)
+            state_slot=seq.state_slot, draft_token_ids=list(drafts) if drafts else ())
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's device blocks: its KV goes to host memory (swap) or is dropped."""
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        seq.draft_token_ids = []
         if self.config.preemption_mode == "swap" and self.kv.swap_out(seq):
             seq.status = SequenceStatus.SWAPPED
             self.swapped.append(seq)
@@ -158,6 +169,7 @@ class Scheduler:
     def _requeue_for_recompute(self, seq: Sequence) -> None:
         """Keeps the tokens, forgets the KV, and goes back to the front of the queue."""
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         if seq.recompute_kv_at is not None and seq.num_tokens + seq.num_in_flight > seq.recompute_kv_at:
             # Recomputed whole past the threshold: the other kind of KV from now on, under other hashes.
             seq.recompute_kv_at = None

@@ -76,6 +76,10 @@ class Sequence:
         self.num_sent_tokens = self.num_prompt_tokens  # index in token_ids of the first token not sent yet
         self.num_sent_chars = 0
         self.finish_sent = False
+        # Speculative decoding: tokens proposed to follow token_ids in the next step (engine/spec_decode/),
+        # and the numpy copy of token_ids the n-gram proposer searches (built on first use).
+        self.draft_token_ids: list[int] = []
+        self.token_history = None
 
     @property
     def num_tokens(self) -> int:

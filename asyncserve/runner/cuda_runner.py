@@ -83,6 +83,8 @@ class CudaModelRunner(ModelRunner):
             batch = self.begin(message)
             if self.pooling is not None:
                 return self.launch_pooling(batch, message.finished_seq_ids)
+            if batch.has_drafts:
+                return self.launch_verify(batch)
             return self._launch(batch)
 
     def _launch(self, batch: ScheduledBatch) -> PendingStep:

@@ -20,7 +20,7 @@ class SequenceState:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
                  "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs",
-                 "constraints", "bad_word_match", "state_slot")
+                 "constraints", "bad_word_match", "state_slot", "draft_token_ids")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
                  generators: list, constraints: DeviceConstraints | None = None):
@@ -41,6 +41,7 @@ class SequenceState:
         self.bad_word_match: BadWordMatch | None = (
             constraints.new_match(num_prompt_tokens) if constraints is not None else None)
         self.state_slot: int | None = None  # hybrid models: its slot of the state pool
+        self.draft_token_ids: list[int] | tuple = ()  # this step's proposed tokens (speculative decoding)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -72,6 +73,7 @@ class ScheduledBatch:
     state_swap_out: list[tuple[int, int]] = field(default_factory=list)
     state_swap_in: list[tuple[int, int]] = field(default_factory=list)
     state_fork_copies: list[tuple[int, int]] = field(default_factory=list)
+    has_drafts: bool = False  # some sequence verifies proposed tokens (speculative decoding)
 
 
 class InputBatch:
@@ -89,18 +91,24 @@ class InputBatch:
         seqs = []
         unread_inputs = []
         state_resets = []
+        has_drafts = False
         for index, entry in enumerate(message.seqs):
             state = states[entry.seq_id]
             if entry.replace_block_table:
                 state.block_table = list(entry.new_block_ids)
             elif entry.new_block_ids:
                 state.block_table.extend(entry.new_block_ids)
-            start, end = entry.start_position, entry.start_position + entry.num_new_tokens
+            drafts = entry.draft_token_ids
+            start, end = entry.start_position, entry.start_position + entry.num_new_tokens - len(drafts)
             state.start_position = start
             state.new_token_ids = state.token_ids[start:end]
             if end > len(state.token_ids):  # the token sampled last step, not read back yet
                 state.new_token_ids.append(0)
                 unread_inputs.append(index)
+            state.draft_token_ids = drafts
+            if drafts:
+                state.new_token_ids.extend(drafts)
+                has_drafts = True
             state.num_samples = entry.num_samples
             state.prompt_logprobs = entry.prompt_logprobs
             state.state_slot = entry.state_slot
@@ -109,7 +117,7 @@ class InputBatch:
             seqs.append(state)
         return ScheduledBatch(seqs, message.block_copies, message.swap_out, message.swap_in, unread_inputs,
                               state_resets, message.state_swap_out, message.state_swap_in,
-                              message.state_fork_copies)
+                              message.state_fork_copies, has_drafts)
 
     def refresh_inputs(self, batch: ScheduledBatch) -> None:
         """After a fold made the unread tokens known on the host: input ids straight from token_ids."""
@@ -126,6 +134,15 @@ class InputBatch:
             state = states.get(seq_id)
             if state is not None:
                 state.token_ids.append(token_id)
+                state.num_unread -= 1
+
+    def fold_runs(self, seq_ids: list[int], runs: list[list[int]]) -> None:
+        """`fold` for a verify step: each sequence's run of kept drafts and the token after them."""
+        states = self.states
+        for seq_id, run in zip(seq_ids, runs):
+            state = states.get(seq_id)
+            if state is not None:
+                state.token_ids.extend(run)
                 state.num_unread -= 1
 
     def _constraints(self, new: NewSequence) -> DeviceConstraints | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.sample.rejection_sampler import VerifyLayout
 from asyncserve.sample.sampler import SamplingTensors
 from asyncserve.runner.input_batch import ScheduledBatch, SequenceState
 
@@ -78,7 +79,11 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         block_tables.append(table + [0] * (max_blocks - len(table)))
         if seq.state_slot is not None:
             state_slots.append(seq.state_slot)
-        logits_indices.extend([row0 + count - 1] * seq.num_samples)
+        num_drafts = len(seq.draft_token_ids)
+        if num_drafts:  # speculative decoding: the last input token's row and each draft's
+            logits_indices.extend(range(row0 + count - 1 - num_drafts, row0 + count))
+        else:
+            logits_indices.extend([row0 + count - 1] * seq.num_samples)
         num_rows = 0
         if seq.prompt_logprobs is not None:
             last = min(start + count, seq.num_prompt_tokens - 1)
@@ -130,9 +135,14 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 
 
 def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.device) -> SamplingTensors | None:
-    """One row per sample (a sequence that completes its prompt with best_of > 1 has several)."""
-    rows = [(seq, generator) for seq in step.seqs if seq.num_samples
-            for generator in seq.generators[:seq.num_samples]]
+    """One row per sample (a sequence that completes its prompt with best_of > 1 has several; one with d
+    drafts has d + 1, its logits at the last token and each draft)."""
+    drafted = None  # per row, the drafts before it: penalties count them as output
+    if step.has_drafts:
+        rows, drafted = _verify_rows(step)
+    else:
+        rows = [(seq, generator) for seq in step.seqs if seq.num_samples
+                for generator in seq.generators[:seq.num_samples]]
     if not rows:
         return None
     params = [seq.params for seq, _ in rows]
@@ -158,13 +168,60 @@ def build_sampling_tensors(step: ScheduledBatch, vocab_size: int, device: torch.
         t.presence_penalty = _to_device([p.presence_penalty for p in params], torch.float32, device)
         t.frequency_penalty = _to_device([p.frequency_penalty for p in params], torch.float32, device)
         t.repetition_penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device)
-        t.output_tokens = _padded([seq.output_token_ids for seq, _ in rows], vocab_size, device)
+        outputs = [seq.output_token_ids for seq, _ in rows]
+        if drafted is not None:
+            outputs = [output + list(extra) for output, extra in zip(outputs, drafted)]
+        t.output_tokens = _padded(outputs, vocab_size, device)
         t.prompt_tokens = _padded([seq.prompt_token_ids for seq, _ in rows], vocab_size, device)
     t.logit_bias = constraint_bias([seq for seq, _ in rows], vocab_size, device)
     num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     if num_logprobs or any(p.best_of > p.n for p in params):
         t.max_num_logprobs = max(num_logprobs, default=0)
     return t
+
+
+def _verify_rows(step: ScheduledBatch) -> tuple[list, list]:
+    """Sample rows of a verify step (see `build_verify_layout`), and the drafts each row's position follows."""
+    rows, drafted = [], []
+    for seq in step.seqs:
+        if not seq.num_samples:
+            continue
+        drafts = seq.draft_token_ids
+        if drafts:
+            generator = seq.generators[0]
+            for position in range(len(drafts) + 1):
+                rows.append((seq, generator))
+                drafted.append(drafts[:position])
+        else:
+            for generator in seq.generators[:seq.num_samples]:
+                rows.append((seq, generator))
+                drafted.append(())
+    return rows, drafted
+
+
+def build_verify_layout(step: ScheduledBatch, device: torch.device) -> VerifyLayout:
+    """The rejection sampler's groups, in sample-row order: a sequence with d drafts is one group of d + 1
+    rows; every other sample (best_of forks too) a group of one row, sampled plainly."""
+    row_drafts: list[int] = []
+    starts: list[int] = []
+    counts: list[int] = []
+    for seq in step.seqs:
+        if not seq.num_samples:
+            continue
+        drafts = seq.draft_token_ids
+        if drafts:
+            starts.append(len(row_drafts))
+            counts.append(len(drafts))
+            row_drafts.extend(drafts)
+            row_drafts.append(-1)
+        else:
+            for _ in range(seq.num_samples):
+                starts.append(len(row_drafts))
+                counts.append(0)
+                row_drafts.append(-1)
+    drafts_tensor, starts_tensor, counts_tensor = _pack([row_drafts, starts, counts], torch.int64, device)
+    rows_with_drafts = frozenset(row for row, draft in enumerate(row_drafts) if draft >= 0)
+    return VerifyLayout(drafts_tensor, starts_tensor, counts_tensor, max(counts, default=0), rows_with_drafts)
 
 
 def constraint_bias(rows: list[SequenceState], vocab_size: int, device: torch.device) -> torch.Tensor | None:

@@ -14,15 +14,17 @@ from asyncserve.runner.inputs import (
     ModelInputs,
     build_model_inputs,
     build_sampling_tensors,
+    build_verify_layout,
     needs_grammar_masks,
     needs_output_token_values,
 )
 from asyncserve.runner.kv_pool import KVPool
 from asyncserve.runner.mixed_graphs import MixedStepGraphs
-from asyncserve.runner.pending import PendingStep
+from asyncserve.runner.pending import PendingStep, VerifiedStep
 from asyncserve.runner.pooling import PoolingRunner
 from asyncserve.runner.state_pool import StatePool
 from asyncserve.runner.step import StepMessage, StepOutput
+from asyncserve.sample.rejection_sampler import RejectionSampler
 from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors
 
 logger = logging.getLogger("asyncserve")
@@ -44,6 +46,7 @@ class ModelRunner:
         self.model = model
         self.config = config
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler()  # speculative decoding's verify steps
         self.kv_pool: KVPool | None = None
         self.state_pool: StatePool | None = None  # hybrid models: the linear-attention layers' states
         self.input_batch = InputBatch(self.device)
@@ -113,6 +116,8 @@ class ModelRunner:
         batch = self.begin(message)
         if self.pooling is not None:
             return self.launch_pooling(batch, message.finished_seq_ids)
+        if batch.has_drafts:
+            return self.launch_verify(batch)
         return self.launch_eager(batch, build_sampling_tensors(batch, self.vocab_size, self.device))
 
     def launch_pooling(self, batch: ScheduledBatch, finished_seq_ids: list[int]):
@@ -129,7 +134,8 @@ class ModelRunner:
                                "masks (executor.sample).")
         self._fold_read_steps()
         batch = self.input_batch.apply(message)
-        if batch.unread_inputs and needs_output_token_values(batch):
+        if batch.unread_inputs and (needs_output_token_values(batch)
+                                    or any(pending.is_verify for pending in self._in_flight)):
             for pending in self._in_flight:  # the sampler needs those tokens' values on the host
                 pending.result()
             self._fold_read_steps()
@@ -153,6 +159,36 @@ class ModelRunner:
                 sampled = self.sampler(logits, sampling)
         return self.pending(batch, sampled, self._prompt_logprobs(hidden, inputs, batch),
                             inputs.prompt_row_counts, deferred)
+
+    def launch_verify(self, batch: ScheduledBatch) -> VerifiedStep:
+        """A step where some sequences score proposed tokens (speculative decoding): each such sequence's
+        last token and drafts run as a short chunk over the paged KV, like a prefill chunk, and the
+        rejection sampler keeps a prefix of the drafts plus one token. Eager, and never grammar-masked."""
+        sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
+        layout = build_verify_layout(batch, self.device)
+        inputs = build_model_inputs(batch, self.block_size, self.device)
+        self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        if batch.state_fork_copies:
+            self.state_pool.copy(batch.state_fork_copies)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        verified = self.rejection_sampler(logits, sampling, layout)
+        group_starts, sampled_rows = [], {}
+        row = 0
+        for seq in batch.seqs:
+            if not seq.num_samples:
+                continue
+            sampled_rows[seq.seq_id] = len(group_starts)
+            seq.num_unread += 1
+            num_groups = 1 if seq.draft_token_ids else seq.num_samples
+            for _ in range(num_groups):
+                group_starts.append(row)
+                row += len(seq.draft_token_ids) + 1
+        pending = VerifiedStep(batch.seqs, verified.token_ids, group_starts, sampled_rows,
+                               _logprob_tensors(verified.logprobs), self._prompt_logprobs(hidden, inputs, batch),
+                               inputs.prompt_row_counts)
+        self._in_flight.append(pending)
+        return pending
 
     @torch.inference_mode()
     def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -199,7 +235,10 @@ class ModelRunner:
         while in_flight and (in_flight[0].token_ids is not None or len(in_flight) > 1):
             pending = in_flight.pop(0)
             pending.result()  # an older step nobody read (the engine reads each one before the next but one)
-            self.input_batch.fold(*pending.own_tokens())
+            if pending.is_verify:
+                self.input_batch.fold_runs(*pending.own_runs())
+            else:
+                self.input_batch.fold(*pending.own_tokens())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -19,6 +19,8 @@ def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class PendingStep:
+    is_verify = False  # a speculative decoding step (VerifiedStep)
+
     def __init__(self, seqs: list, token_ids: torch.Tensor | None, sampled_rows: dict[int, int],
                  logprobs=None, prompt_logprobs=None, prompt_row_counts: list[int] | None = None,
                  deferred=None):
@@ -95,3 +97,63 @@ class PendingStep:
         """(seq_ids, each one's own sampled token) once result() has run: what the input batch folds."""
         seq_ids = list(self.sampled_rows)
         return seq_ids, [self.token_ids[row] for row in self.sampled_rows.values()]
+
+
+class VerifiedStep(PendingStep):
+    """A speculative step on its way to the host: token_ids is the rejection sampler's [G, W] grid (a
+    group's emitted tokens, then -1), logprobs one row per verify row. A sequence with drafts gets its run
+    of emitted tokens; any other its samples, as in a plain step."""
+
+    is_verify = True
+
+    def __init__(self, seqs: list, grid: torch.Tensor, group_starts: list[int], sampled_rows: dict[int, int],
+                 logprobs=None, prompt_logprobs=None, prompt_row_counts: list[int] | None = None):
+        self.num_drafts = [len(seq.draft_token_ids) for seq in seqs]
+        self.group_starts = group_starts  # group -> its first row (of logprobs)
+        self._runs: list[list[int]] | None = None
+        super().__init__(seqs, grid, sampled_rows, logprobs, prompt_logprobs, prompt_row_counts)
+        self.device_token_ids = None  # nothing feeds a later step from the device: the engine reads it first
+
+    def result(self) -> StepOutput:
+        if self._output is not None:
+            return self._output
+        if self._event is not None:
+            self._event.synchronize()
+        grid = self._host_token_ids.tolist()
+        runs = [row[:row.index(-1)] if -1 in row else row for row in grid]
+        if self._host_logprobs is not None:
+            values, ids, ranks = (t.tolist() for t in self._host_logprobs)
+        if self._host_prompt is not None:
+            chosen, prompt_ranks, top_values, top_ids = (t.tolist() for t in self._host_prompt)
+        results = []
+        group = prompt_row = 0
+        for num_samples, num_drafts, num_top, num_prompt_top, num_prompt_rows in zip(
+                self.num_samples, self.num_drafts, self.num_logprobs, self.num_prompt_logprobs,
+                self._prompt_row_counts):
+            if num_drafts:
+                result = SequenceResult(token_ids=runs[group], num_draft_tokens=num_drafts)
+                rows = range(self.group_starts[group], self.group_starts[group] + len(runs[group]))
+                group += 1
+            else:
+                result = SequenceResult(token_ids=[runs[g][0] for g in range(group, group + num_samples)])
+                rows = [self.group_starts[g] for g in range(group, group + num_samples)]
+                group += num_samples
+            if self._host_logprobs is not None and rows:
+                result.logprobs = [(values[r][0], ranks[r], list(zip(ids[r][1:1 + num_top],
+                                                                     values[r][1:1 + num_top]))) for r in rows]
+            if num_prompt_rows:
+                result.prompt_logprobs = [
+                    (chosen[r], prompt_ranks[r],
+                     list(zip(top_ids[r][:num_prompt_top], top_values[r][:num_prompt_top])))
+                    for r in range(prompt_row, prompt_row + num_prompt_rows)]
+                prompt_row += num_prompt_rows
+            results.append(result)
+        self._runs = runs
+        self.token_ids = grid
+        self._output = StepOutput(results)
+        return self._output
+
+    def own_runs(self) -> tuple[list[int], list[list[int]]]:
+        """(seq_ids, each one's own emitted tokens) once result() has run: what the input batch folds."""
+        seq_ids = list(self.sampled_rows)
+        return seq_ids, [self._runs[group] for group in self.sampled_rows.values()]

@@ -37,6 +37,9 @@ class ScheduledSequence:
     num_samples: int = 1          # 0 mid-prompt; 1 normally; best_of when the prompt completes
     prompt_logprobs: int | None = None  # set on prompt chunks of requests that want them
     state_slot: int | None = None  # hybrid models: its slot of recurrent state (zeroed when start_position is 0)
+    # Speculative decoding: tokens proposed after the sequence's last one, scored in this step (counted in
+    # num_new_tokens); the step returns the ones the target kept and one more token.
+    draft_token_ids: list[int] | tuple = ()
 
 
 @dataclass
@@ -67,6 +70,9 @@ class SequenceResult:
     prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None = None
     # An embedding model's result for a sequence whose prompt ended this step: [D] float32, on the host.
     embedding: Any = None
+    # Speculative decoding: how many drafts this step verified; then token_ids is the sequence's run of
+    # emitted tokens (the kept drafts, then the target's token), and logprobs one entry per token.
+    num_draft_tokens: int = 0
 
 
 @dataclass

@@ -95,8 +95,34 @@ def _random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]
     return (probs / noise).argmax(dim=-1)
 
 
+@dataclass
+class ProcessedLogits:
+    """One step's logits after the request's processing, the distribution the sampler draws from."""
+
+    greedy: torch.Tensor                 # [S] argmax after bias and penalties
+    probs: torch.Tensor | None           # [S, V] after temperature/top-k/top-p/min-p; None when all greedy
+    is_greedy: torch.Tensor | None       # [S] bool; None when all greedy
+    raw_logprobs: torch.Tensor | None    # [S, V] before any processing (what logprobs report), if wanted
+
+
+def logprobs_of(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, max_num_logprobs: int,
+                out: SamplerOutput) -> SamplerOutput:
+    """Fills `out` with the chosen tokens' logprobs and ranks, and the top `max_num_logprobs`."""
+    chosen = raw_logprobs.gather(1, token_ids[:, None])
+    out.ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+    if max_num_logprobs > 0:
+        top_values, top_ids = raw_logprobs.topk(max_num_logprobs, dim=-1)
+        out.logprobs = torch.cat([chosen, top_values], dim=1)
+        out.logprob_token_ids = torch.cat([token_ids[:, None], top_ids], dim=1)
+    else:
+        out.logprobs, out.logprob_token_ids = chosen, token_ids[:, None]
+    return out
+
+
 class Sampler(torch.nn.Module):
-    def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    @staticmethod
+    def process(logits: torch.Tensor, t: SamplingTensors) -> ProcessedLogits:
+        """Grammar masks, bias, penalties, then temperature and truncation: what each row samples from."""
         logits = logits.float()
         if t.token_bitmask is not None:  # one kernel for every constrained row, in place
             apply_token_bitmask(logits, t.token_bitmask, t.bitmask_rows)
@@ -107,20 +133,20 @@ class Sampler(torch.nn.Module):
             logits = _apply_penalties(logits, t)
         greedy = logits.argmax(dim=-1)
         if t.all_greedy:
-            token_ids = greedy
+            return ProcessedLogits(greedy, None, None, raw_logprobs)
+        is_greedy = t.temperature < 1e-5
+        temperature = torch.where(is_greedy, torch.ones_like(t.temperature), t.temperature)
+        scaled = _apply_top_k_top_p_min_p(logits / temperature[:, None], t)
+        return ProcessedLogits(greedy, scaled.softmax(dim=-1), is_greedy, raw_logprobs)
+
+    def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        processed = self.process(logits, t)
+        if processed.probs is None:
+            token_ids = processed.greedy
         else:
-            is_greedy = t.temperature < 1e-5
-            temperature = torch.where(is_greedy, torch.ones_like(t.temperature), t.temperature)
-            scaled = _apply_top_k_top_p_min_p(logits / temperature[:, None], t)
-            token_ids = torch.where(is_greedy, greedy, _random_sample(scaled.softmax(dim=-1), t.generators))
+            token_ids = torch.where(processed.is_greedy, processed.greedy,
+                                    _random_sample(processed.probs, t.generators))
         out = SamplerOutput(token_ids=token_ids)
-        if raw_logprobs is not None:
-            chosen = raw_logprobs.gather(1, token_ids[:, None])
-            out.ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
-            if t.max_num_logprobs > 0:
-                top_values, top_ids = raw_logprobs.topk(t.max_num_logprobs, dim=-1)
-                out.logprobs = torch.cat([chosen, top_values], dim=1)
-                out.logprob_token_ids = torch.cat([token_ids[:, None], top_ids], dim=1)
-            else:
-                out.logprobs, out.logprob_token_ids = chosen, token_ids[:, None]
+        if processed.raw_logprobs is not None:
+            logprobs_of(processed.raw_logprobs, token_ids, t.max_num_logprobs, out)
         return out

@@ -27,6 +27,11 @@ _ENGINE_HELP = {
     "num_preemptions_total": "Sequences preempted for lack of KV blocks.",
     "prefix_cache_queries_total": "Blocks looked up in the prefix cache.",
     "prefix_cache_hits_total": "Blocks found in the prefix cache.",
+    # Speculative decoding, with vLLM's names and meaning (present only with --speculative-config).
+    "spec_decode_num_drafts_total": "Verifies of proposed tokens (one per sequence and step that proposed).",
+    "spec_decode_num_draft_tokens_total": "Proposed (draft) tokens scored by the target model.",
+    "spec_decode_num_accepted_tokens_total": "Draft tokens the target model accepted.",
+    "spec_decode_num_accepted_tokens_per_pos_total": "Draft tokens accepted, by position in the proposal.",
 }
 
 
@@ -121,6 +126,12 @@ class ServerMetrics:
             if isinstance(value, (int, float)):
                 kind = "counter" if key.endswith("_total") else "gauge"
                 lines += sample(key, kind, _ENGINE_HELP.get(key, f"Engine statistic {key}."), value, labels)
+            elif isinstance(value, list):  # one series per position (label "position", as vLLM's)
+                name = PREFIX + key
+                lines += [f"# HELP {name} {_ENGINE_HELP.get(key, f'Engine statistic {key}.')}",
+                          f"# TYPE {name} counter"]
+                lines += [f"{name}{labels_text({**labels, 'position': str(position)})} {_number(count)}"
+                          for position, count in enumerate(value)]
         for name, kind, help_text, value in extra:
             lines += sample(name, kind, help_text, value, labels)
         success = PREFIX + "request_success_total"

@@ -132,8 +132,9 @@ def test_cors_is_off_unless_origins_are_given():
 
 
 @pytest.mark.parametrize("argv,lines", [
-    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'],
-     ["--speculative-config (vLLM: speculative decoding) is not built in asyncserve yet."]),
+    (["--num-speculative-tokens", "4"],
+     ['--num-speculative-tokens (vLLM: speculative decoding) is not built in asyncserve yet: use '
+      '--speculative-config \'{"method": "ngram", "num_speculative_tokens": 4}\'.']),
     (["--enable-lora", "--lora-modules", "sql=/adapters/sql", "chat=/adapters/chat"],
      ["--enable-lora (vLLM: LoRA adapters) is not built in asyncserve yet: serve a checkpoint with the adapter "
       "merged into it.",

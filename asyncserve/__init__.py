@@ -4,6 +4,7 @@ from asyncserve.errors import (AsyncServeError, ConfigError, InvalidParameterErr
                                SamplingParamsError, UnsupportedModelError)
 from asyncserve.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob,
                                 RequestOutput)
+from asyncserve.lora_request import LoRARequest
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
@@ -22,6 +23,6 @@ def __getattr__(name):
 
 
 __all__ = ["LLM", "AsyncEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
-           "BeamSearchParams", "PoolingParams",
+           "BeamSearchParams", "PoolingParams", "LoRARequest",
            "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EmbeddingOutput", "Logprob", "AsyncServeError", "ConfigError", "InvalidParameterError",
            "PromptTooLongError", "SamplingParamsError", "UnsupportedModelError"]

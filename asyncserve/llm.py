@@ -36,11 +36,13 @@ class LLM:
 
     def generate(self, prompts: PromptType | SequenceType[PromptType],
                  sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """`lora_request`: one LoRARequest for every prompt, or one per prompt (None: the base model), as
+        vLLM's; the engine needs enable_lora=True."""
         prompts = self._prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        return self._submit(prompts, sampling_params, SamplingParams, use_tqdm)
+        return self._submit(prompts, sampling_params, SamplingParams, use_tqdm, lora_request)
 
     def embed(self, prompts: PromptType | SequenceType[PromptType],
               pooling_params: PoolingParams | SequenceType[PoolingParams] | None = None, *,
@@ -62,7 +64,7 @@ class LLM:
             return [prompts]
         return list(prompts)
 
-    def _submit(self, prompts: list, params, params_type: type, use_tqdm: bool) -> list:
+    def _submit(self, prompts: list, params, params_type: type, use_tqdm: bool, lora_request=None) -> list:
         """Queues one request per prompt (one params for all, or one each) and runs them to the end."""
         if isinstance(params, params_type):
             params_list = [params] * len(prompts)
@@ -72,11 +74,19 @@ class LLM:
                 raise InvalidParameterError(
                     f"Got {len(params_list)} {params_type.__name__} for {len(prompts)} prompts: pass one, or "
                     "one per prompt.", "sampling_params" if params_type is SamplingParams else "pooling_params")
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != len(prompts):
+                raise InvalidParameterError(f"Got {len(lora_request)} LoRA requests for {len(prompts)} prompts: "
+                                            "pass one, or one per prompt.", "lora_request")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompts)
         request_ids = []
         try:
-            for prompt, one in zip(prompts, params_list):
+            for prompt, one, lora in zip(prompts, params_list, loras):
                 request_id = str(next(self._request_counter))
-                self.llm_engine.add_request(request_id, self.llm_engine.input_processor.process(prompt, one))
+                self.llm_engine.add_request(request_id, self.llm_engine.input_processor.process(prompt, one),
+                                            lora_request=lora)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:

@@ -74,6 +74,11 @@ class EngineConfig:
     # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, ...}
     # (config/speculative.py); parsed here into a SpeculativeConfig, None: no speculation.
     speculative_config: dict | str | None = None
+    # LoRA adapters (vLLM's names): requests name one with a LoRARequest; max_loras of them run in one batch.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +130,12 @@ class EngineConfig:
         self.pooler_config = parse_pooler_config(
             self.pooler_config if self.pooler_config is not None else self.override_pooler_config)
         self.override_pooler_config = None
+        if self.enable_lora:
+            from asyncserve.config.lora import check_lora_config
+            check_lora_config(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+            if self.tensor_parallel_size > 1:
+                raise ConfigError("enable_lora with tensor_parallel_size > 1 is not built in asyncserve yet: "
+                                  "serve adapters with tensor_parallel_size=1.")
         from asyncserve.config.speculative import parse_speculative_config
         self.speculative_config = parse_speculative_config(self.speculative_config)
         if self.speculative_config is not None and self.tensor_parallel_size > 1:

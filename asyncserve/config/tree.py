@@ -30,6 +30,7 @@ class Config:
     structured_outputs_max_bytes: int = 65536
     structured_outputs_compile_timeout: float = 10.0
     speculative: object | None = None  # SpeculativeConfig (config/speculative.py); None: no speculation
+    lora: object | None = None  # LoRAConfig (config/lora.py); None: LoRA off
 
     @property
     def ssm_state_torch_dtype(self) -> "torch.dtype":

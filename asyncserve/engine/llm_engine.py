@@ -10,6 +10,7 @@ from asyncserve.config import Config, EngineConfig
 from asyncserve.engine.block_pool import BlockPool
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
+from asyncserve.engine.lora_manager import LoRAManager
 from asyncserve.engine.output_processor import OutputProcessor
 from asyncserve.engine.input_processor import InputProcessor, ProcessedRequest, PromptType
 from asyncserve.engine.pooling import embedding_output
@@ -57,7 +58,9 @@ class LLMEngine:
         num_state_slots = config.cache.num_state_slots
         states = StateSlotPool(num_state_slots, num_host_state_slots) if num_state_slots else None
         self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks, states)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.lora = (LoRAManager(config.lora, model_class(mc.hf_config).packed_modules_mapping)
+                     if config.lora is not None else None)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.lora)
         # Speculative decoding (--speculative-config): drafts proposed before each schedule.
         self.speculator = Speculator(config.speculative, mc.max_model_len) if config.speculative else None
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
@@ -121,7 +124,8 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, processed: ProcessedRequest, delta: bool = False) -> Request:
+    def add_request(self, request_id: str, processed: ProcessedRequest, delta: bool = False,
+                    lora_request=None) -> Request:
         """Admits a request that the input processor made (`input_processor.process(prompt, params)`).
         `delta`: each output carries only what is new since the one before (OutputProcessor.delta_output),
         as a streaming client takes it; otherwise outputs are cumulative."""
@@ -133,7 +137,15 @@ class LLMEngine:
                 "Structured outputs are not supported together with speculative decoding yet: send the request "
                 "without a grammar / response_format, or serve without --speculative-config.",
                 "structured_outputs")
+        if lora_request is not None:  # read (once) and checked before anything is queued
+            if self.lora is None:
+                raise InvalidParameterError("This engine serves no LoRA adapters: start it with enable_lora=True "
+                                            "(--enable-lora) to use a lora_request.", "lora_request")
+            if isinstance(params, PoolingParams):
+                raise InvalidParameterError("LoRA adapters serve generation requests only.", "lora_request")
+            self.lora.register(lora_request)
         request = Request(request_id, processed.prompt, token_ids, params)
+        request.lora_request = lora_request
         request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n
         if isinstance(params, PoolingParams):
             seq = Sequence(next(self._seq_ids), request, list(token_ids), 0)

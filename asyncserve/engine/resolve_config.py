@@ -96,7 +96,8 @@ def resolve_config(args: EngineConfig) -> Config:
         disable_log_stats=args.disable_log_stats, structured_outputs_backend=args.structured_outputs_backend,
         structured_outputs_cache_mb=args.structured_outputs_cache_mb,
         structured_outputs_max_bytes=args.structured_outputs_max_bytes,
-        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout, speculative=speculative)
+        structured_outputs_compile_timeout=args.structured_outputs_compile_timeout, speculative=speculative,
+        lora=_lora_config(args))
 
 def _note_what_does_little(args: EngineConfig, model: ModelConfig, quantization) -> None:
     """One start-up line for each setting that does less, or other, than a user may think."""
@@ -123,3 +124,10 @@ def _token_budget(args: EngineConfig, max_len: int, device: torch.device) -> int
         return budget
     default = 8192 if device.type == "cuda" else 2048
     return default if args.enable_chunked_prefill else max(default, max_len)
+
+
+def _lora_config(args: EngineConfig):
+    if not args.enable_lora:
+        return None
+    from asyncserve.config.lora import check_lora_config
+    return check_lora_config(args.max_loras, args.max_lora_rank, args.max_cpu_loras)

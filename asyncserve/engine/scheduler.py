@@ -13,9 +13,10 @@ from asyncserve.runner.step import NewSequence, ScheduledSequence, StepMessage
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora=None):
         self.config = config
         self.kv = kv
+        self.lora = lora  # LoRAManager (engine/lora_manager.py): adapters' GPU slots; None without LoRA
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
@@ -71,7 +72,8 @@ class Scheduler:
         # Swapped-out sequences come back before new work is admitted, oldest first.
         while self.swapped and budget > 0 and not preempted:
             seq = self.swapped[0]
-            if len(self.running) + 1 > self.config.max_num_seqs or not self.kv.swap_in(seq):
+            if (len(self.running) + 1 > self.config.max_num_seqs or not self._lora_slot_free(seq)
+                    or not self.kv.swap_in(seq)):
                 break
             num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
             if not self.kv.allocate_slots(seq, num_new):
@@ -80,6 +82,7 @@ class Scheduler:
                 self.swapped.popleft()
                 break
             self.swapped.popleft()
+            self._take_lora_slot(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
@@ -90,7 +93,7 @@ class Scheduler:
             if seq.num_in_flight:  # preempted while its token was on its way: wait for it
                 break
             num_forks = seq.request.num_forks_pending if seq.index == 0 else 0
-            if len(self.running) + 1 + num_forks > self.config.max_num_seqs:
+            if len(self.running) + 1 + num_forks > self.config.max_num_seqs or not self._lora_slot_free(seq):
                 break
             cached = self.kv.find_cached_prefix(seq)
             num_new = seq.num_tokens - seq.num_computed_tokens - len(cached) * self.kv.block_size
@@ -101,6 +104,7 @@ class Scheduler:
             if not self.kv.allocate_slots(seq, num_new, cached):
                 break
             self.waiting.popleft()
+            self._take_lora_slot(seq)
             if seq.num_preemptions == 0 and seq.index == 0 and not seq.num_output_tokens:
                 seq.request.num_cached_tokens = len(cached) * self.kv.block_size
             seq.status = SequenceStatus.RUNNING
@@ -113,7 +117,8 @@ class Scheduler:
         message = StepMessage(described, new_seqs=self._take_announced(), finished_seq_ids=self._finished_seq_ids,
                               block_copies=copies, swap_out=swap_out, swap_in=swap_in,
                               state_swap_out=state_swap_out, state_swap_in=state_swap_in,
-                              state_fork_copies=state_fork_copies)
+                              state_fork_copies=state_fork_copies,
+                              lora_loads=self.lora.take_loads() if self.lora is not None else [])
         self._finished_seq_ids = []
         return message, scheduled
 
@@ -152,12 +157,13 @@ class Scheduler:
             seq_id=seq.seq_id, start_position=start, num_new_tokens=num_new, new_block_ids=new_block_ids,
             replace_block_table=replace, num_samples=num_samples,
             prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None,
-            state_slot=seq.state_slot, draft_token_ids=list(drafts) if drafts else ())
+            state_slot=seq.state_slot, lora_slot=seq.lora_slot, draft_token_ids=list(drafts) if drafts else ())
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's device blocks: its KV goes to host memory (swap) or is dropped."""
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        self._give_back_lora_slot(seq)
         seq.draft_token_ids = []
         if self.config.preemption_mode == "swap" and self.kv.swap_out(seq):
             seq.status = SequenceStatus.SWAPPED
@@ -189,12 +195,14 @@ class Scheduler:
         """The sequence grows past `recompute_kv_at`: its KV is dropped and recomputed whole (with
         LongRoPE's long factors), as transformers' Phi-3 generate() does."""
         self.running.remove(seq)
+        self._give_back_lora_slot(seq)
         self.kv.free(seq)
         self._requeue_for_recompute(seq)
 
     def admit_forks(self, children: list[Sequence]) -> None:
         for child in children:
             self._set_kv_regime(child)
+            self._take_lora_slot(child)  # the parent holds the adapter's slot: no load
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
             self._announced.append(child)
@@ -207,9 +215,23 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SequenceStatus.SWAPPED:
             self.swapped.remove(seq)
+        self._give_back_lora_slot(seq)
         self.kv.free(seq, finished=True)
         seq.status = SequenceStatus.FINISHED
         self._finished_seq_ids.append(seq.seq_id)
+
+    def _lora_slot_free(self, seq: Sequence) -> bool:
+        """A sequence of an adapter with no GPU slot waits until a slot is idle (max_loras per step)."""
+        return self.lora is None or self.lora.can_acquire(seq.lora_int_id)
+
+    def _take_lora_slot(self, seq: Sequence) -> None:
+        if self.lora is not None and seq.lora_slot < 0:
+            seq.lora_slot = self.lora.acquire(seq.lora_int_id)
+
+    def _give_back_lora_slot(self, seq: Sequence) -> None:
+        if self.lora is not None and seq.lora_slot >= 0:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     @property
     def num_waiting(self) -> int:

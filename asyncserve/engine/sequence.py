@@ -56,6 +56,10 @@ class Sequence:
         # Chained into the first block's hash: KV computed differently for the same tokens (LongRoPE's
         # long factor set) is never shared with the other kind.
         self.cache_salt = 0
+        # LoRA: the request's adapter (0: the base model), chained into the prefix cache's hashes so two
+        # adapters never share KV, and the GPU slot it holds while running (-1: none).
+        self.lora_int_id = request.lora_request.lora_int_id if request.lora_request is not None else 0
+        self.lora_slot = -1
         self.recompute_kv_at: int | None = None  # see SchedulerConfig.recompute_kv_at
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -129,6 +133,7 @@ class Request:
     embedding: Any = None  # an embedding model's result ([D] float32 CPU tensor) once the prompt ran
     grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
     delta: bool = False  # outputs carry only what is new since the last one (a streaming sink's request)
+    lora_request: Any = None  # the LoRARequest it runs with (None: the base model)
 
     @property
     def is_finished(self) -> bool:

@@ -93,13 +93,14 @@ class LoRALinearMethod:
             b_stack[slot, :, :rank].copy_(b)
 
 
-def enable_lora(model: nn.Module, slots: LoRASlots, target_modules: set[str]) -> list[str]:
+def enable_lora(model: nn.Module, slots: LoRASlots, target_modules: set[str] | None = None) -> list[str]:
     """Wraps the linear methods of the layers whose last name is in `target_modules` (our fused names:
-    qkv_proj, o_proj, gate_up_proj, down_proj); returns the wrapped layers' names."""
+    qkv_proj, o_proj, gate_up_proj, down_proj; None: every linear layer of the model, the LM head being
+    no such layer); returns the wrapped layers' names."""
     from asyncserve.layers.linear import LinearBase
     slots.checkpoint_prefix = getattr(model, "checkpoint_prefix", "")
     for name, module in model.named_modules():
-        if isinstance(module, LinearBase) and name.rpartition(".")[2] in target_modules:
+        if isinstance(module, LinearBase) and (target_modules is None or name.rpartition(".")[2] in target_modules):
             if module.communicates:
                 raise LoRAAdapterError("LoRA with tensor parallelism is not supported yet: use one GPU.")
             module.quant_method = LoRALinearMethod(module.quant_method, module, slots)

@@ -98,6 +98,8 @@ class CudaModelRunner(ModelRunner):
             return self.launch_eager(batch, sampling)
         graphs = self.decode_graphs
         graphs.load_inputs(batch, padded)
+        if self.lora_slots is not None:  # one row per sequence; the padding rows run the base model
+            self.set_lora_rows(_lora_rows(batch, self.device))
         self.feed_unread_inputs(graphs.input_ids, batch, batch.unread_inputs)
         graphs.replay(padded)
         self.num_graph_steps += 1
@@ -115,3 +117,10 @@ class CudaModelRunner(ModelRunner):
     def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
         with torch.cuda.stream(self.stream):
             super().sample(pending, bitmask, rows)
+
+
+def _lora_rows(batch: ScheduledBatch, device: torch.device) -> torch.Tensor | None:
+    slots = [seq.lora_slot for seq in batch.seqs]
+    if max(slots) < 0:
+        return None
+    return torch.tensor(slots, dtype=torch.int32).to(device, non_blocking=True)

@@ -20,7 +20,7 @@ class SequenceState:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
                  "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs",
-                 "constraints", "bad_word_match", "state_slot", "draft_token_ids")
+                 "constraints", "bad_word_match", "state_slot", "draft_token_ids", "lora_slot")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
                  generators: list, constraints: DeviceConstraints | None = None):
@@ -42,6 +42,7 @@ class SequenceState:
             constraints.new_match(num_prompt_tokens) if constraints is not None else None)
         self.state_slot: int | None = None  # hybrid models: its slot of the state pool
         self.draft_token_ids: list[int] | tuple = ()  # this step's proposed tokens (speculative decoding)
+        self.lora_slot = -1  # LoRA: its adapter's GPU slot this step (-1: the base model)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -112,6 +113,7 @@ class InputBatch:
             state.num_samples = entry.num_samples
             state.prompt_logprobs = entry.prompt_logprobs
             state.state_slot = entry.state_slot
+            state.lora_slot = entry.lora_slot
             if entry.state_slot is not None and start == 0:
                 state_resets.append(entry.state_slot)
             seqs.append(state)

@@ -24,6 +24,7 @@ class ModelInputs:
     prompt_targets: torch.Tensor | None
     prompt_row_counts: list[int]   # per scheduled sequence
     unread_rows: list[int]         # rows of input_ids that the runner fills on the device
+    lora_token_slots: torch.Tensor | None = None  # [T] LoRA: each row's adapter slot; None: no adapter this step
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -66,6 +67,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
     max_blocks = _round_up(max((len(seq.block_table) for seq in step.seqs), default=1))
     block_tables: list[list[int]] = []
     state_slots: list[int] = []
+    lora_slots: list[int] = []
+    with_lora = any(seq.lora_slot >= 0 for seq in step.seqs)
     for seq in step.seqs:
         start, count = seq.start_position, len(seq.new_token_ids)
         row0 = len(input_ids)
@@ -79,6 +82,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         block_tables.append(table + [0] * (max_blocks - len(table)))
         if seq.state_slot is not None:
             state_slots.append(seq.state_slot)
+        if with_lora:
+            lora_slots.extend([seq.lora_slot] * count)
         num_drafts = len(seq.draft_token_ids)
         if num_drafts:  # speculative decoding: the last input token's row and each draft's
             logits_indices.extend(range(row0 + count - 1 - num_drafts, row0 + count))
@@ -95,9 +100,9 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
     # Two host-to-device copies per step, whatever the batch: one per dtype.
     max_query_len = max(len(seq.new_token_ids) for seq in step.seqs)
     state_starts = query_start_loc if state_slots and max_query_len > 1 else []
-    ids, pos, slots, logits_rows, rows, targets, states, state_starts_device = _pack(
+    ids, pos, slots, logits_rows, rows, targets, states, state_starts_device, loras = _pack(
         [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets, state_slots,
-         state_starts], torch.int64, device)
+         state_starts, lora_slots], torch.int64, device)
     num_decodes = 0
     if max_query_len > 1:  # a mixed step: its leading decodes go to the decode kernel
         while len(step.seqs[num_decodes].new_token_ids) == 1:
@@ -126,7 +131,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
     return ModelInputs(input_ids=ids, positions=pos, meta=meta, logits_indices=logits_rows,
                        prompt_rows=rows if prompt_rows else None,
                        prompt_targets=targets if prompt_rows else None,
-                       prompt_row_counts=prompt_row_counts, unread_rows=unread_rows)
+                       prompt_row_counts=prompt_row_counts, unread_rows=unread_rows,
+                       lora_token_slots=loras if with_lora else None)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.layers.lora import LoRASlots, enable_lora
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (
@@ -58,6 +59,13 @@ class ModelRunner:
         self.pooling = PoolingRunner(pooler, self.device) if pooler is not None else None  # embedding models
         for layer in model.state_layers():  # before the memory profile sizes the state pool
             layer.ssm_state_dtype = config.ssm_state_torch_dtype
+        self.lora_slots: LoRASlots | None = None  # LoRA: adapters' GPU slots, wrapped into the linear layers
+        self._lora_rows_set = False  # whether token_slots holds any adapter row (else all -1)
+        if config.lora is not None:  # before the memory profile: the stacked adapter weights count
+            scheduler = config.scheduler
+            self.lora_slots = LoRASlots(config.lora.max_loras, config.lora.max_lora_rank,
+                                        max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs), self.device)
+            enable_lora(model, self.lora_slots)
         # Before the memory profile: the timing briefly holds extra weight copies.
         model.tune_single_row()
 
@@ -124,6 +132,7 @@ class ModelRunner:
         """An embedding model's step: the forward, then the pooled vectors of the prompts that ended."""
         self.pooling.forget(finished_seq_ids)
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        self.set_lora_rows(inputs.lora_token_slots)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         return self.pooling.pool(hidden, batch)
 
@@ -134,6 +143,8 @@ class ModelRunner:
                                "masks (executor.sample).")
         self._fold_read_steps()
         batch = self.input_batch.apply(message)
+        for slot, weights, scaling in message.lora_loads:  # adapters entering GPU slots, before any forward
+            self.lora_slots.load(slot, weights, scaling)
         if batch.unread_inputs and (needs_output_token_values(batch)
                                     or any(pending.is_verify for pending in self._in_flight)):
             for pending in self._in_flight:  # the sampler needs those tokens' values on the host
@@ -146,6 +157,7 @@ class ModelRunner:
     def launch_eager(self, batch: ScheduledBatch, sampling: SamplingTensors | None) -> PendingStep:
         """The step without graphs: any mix of prefill chunks and decodes."""
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        self.set_lora_rows(inputs.lora_token_slots)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if batch.state_fork_copies:  # the prompt's final state, before a later step advances the parent's
@@ -167,6 +179,7 @@ class ModelRunner:
         sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
         layout = build_verify_layout(batch, self.device)
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        self.set_lora_rows(inputs.lora_token_slots)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if batch.state_fork_copies:
@@ -239,6 +252,16 @@ class ModelRunner:
                 self.input_batch.fold_runs(*pending.own_runs())
             else:
                 self.input_batch.fold(*pending.own_tokens())
+
+    def set_lora_rows(self, token_slots: torch.Tensor | None) -> None:
+        """Each row's adapter slot for the next forward (None: every row runs the base model)."""
+        if self.lora_slots is None or (token_slots is None and not self._lora_rows_set):
+            return
+        if token_slots is None:
+            self.lora_slots.token_slots.fill_(-1)
+        else:
+            self.lora_slots.set_token_slots(token_slots)
+        self._lora_rows_set = token_slots is not None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

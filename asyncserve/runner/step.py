@@ -40,6 +40,7 @@ class ScheduledSequence:
     # Speculative decoding: tokens proposed after the sequence's last one, scored in this step (counted in
     # num_new_tokens); the step returns the ones the target kept and one more token.
     draft_token_ids: list[int] | tuple = ()
+    lora_slot: int = -1  # LoRA: the GPU slot of its adapter (-1: the base model)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class StepMessage:
     state_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device slot, host slot)
     state_swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host slot, device slot)
     state_fork_copies: list[tuple[int, int]] = field(default_factory=list)  # (parent's slot, fork's slot)
+    # LoRA: adapters to copy into GPU slots before this step's forward: (slot, weights by module, scaling).
+    lora_loads: list[tuple[int, dict, float]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,94 @@
+"""Which LoRA adapter sits in which GPU slot, and which adapters stay loaded in host memory.
+
+Pure Python beside the scheduler: a sequence of an adapter takes that adapter's slot when it is admitted
+(loading it into a free slot if needed, the least recently used idle slot first) and gives it back when it
+is preempted or finishes; a sequence whose adapter has no slot and finds none idle waits, so at most
+`max_loras` adapters run in one step. A slot load travels to the runner with the next step message. Adapters
+read from disk (PEFT's files) stay in host memory, the `max_cpu_loras` most recently used of them.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from asyncserve.checkpoints.peft_adapter import LoRAAdapter, load_peft_adapter
+from asyncserve.config.lora import LoRAConfig
+from asyncserve.errors import LoRAAdapterError
+from asyncserve.lora_request import LoRARequest
+
+NO_LORA = -1  # the runner's slot of a row without an adapter
+
+
+class LoRAManager:
+    def __init__(self, config: LoRAConfig, packed_modules_mapping: dict[str, tuple[str, ...]]):
+        self.config = config
+        self.packed_modules_mapping = packed_modules_mapping
+        self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_int_id -> adapter, LRU order
+        self.requests: dict[int, LoRARequest] = {}
+        self.slot_of: dict[int, int] = {}          # lora_int_id -> GPU slot
+        self.users = [0] * config.max_loras        # running sequences per slot
+        self.occupant: list[int | None] = [None] * config.max_loras
+        self.idle_order: OrderedDict[int, None] = OrderedDict((slot, None) for slot in range(config.max_loras))
+        self.pending_loads: list[tuple[int, dict, float]] = []  # (slot, weights, scaling) for the runner
+        self.num_slot_loads = 0
+
+    def register(self, request: LoRARequest) -> LoRAAdapter:
+        """Checks and loads a request's adapter once (from disk, into host memory); later calls reuse it."""
+        known = self.requests.get(request.lora_int_id)
+        if known is not None and (known.lora_path, known.lora_name) != (request.lora_path, request.lora_name):
+            raise LoRAAdapterError(f"lora_int_id {request.lora_int_id} is already adapter {known.lora_name!r} "
+                                   f"({known.lora_path}); give {request.lora_name!r} another id.")
+        adapter = self.host.get(request.lora_int_id)
+        if adapter is None:
+            adapter = load_peft_adapter(request.lora_name, request.lora_path, self.packed_modules_mapping)
+            if adapter.rank > self.config.max_lora_rank:
+                raise LoRAAdapterError(f"Adapter {request.lora_name!r} has rank {adapter.rank}, over max_lora_rank="
+                                       f"{self.config.max_lora_rank}: raise max_lora_rank (--max-lora-rank).")
+            self.host[request.lora_int_id] = adapter
+            self._trim_host()
+        self.host.move_to_end(request.lora_int_id)
+        self.requests[request.lora_int_id] = request
+        return adapter
+
+    def _trim_host(self) -> None:
+        while len(self.host) > self.config.num_cpu_loras:
+            for lora_id in self.host:  # the least recently used one that no slot needs reloaded from
+                if lora_id not in self.slot_of:
+                    del self.host[lora_id]
+                    break
+            else:
+                return
+
+    def can_acquire(self, lora_id: int) -> bool:
+        return not lora_id or lora_id in self.slot_of or bool(self.idle_order)
+
+    def acquire(self, lora_id: int) -> int:
+        """The adapter's slot for one more running sequence (loading it into an idle slot if it has none)."""
+        if not lora_id:
+            return NO_LORA
+        slot = self.slot_of.get(lora_id)
+        if slot is None:
+            slot, _ = self.idle_order.popitem(last=False)
+            previous = self.occupant[slot]
+            if previous is not None:
+                del self.slot_of[previous]
+            self.occupant[slot], self.slot_of[lora_id] = lora_id, slot
+            adapter = self.host.get(lora_id)
+            if adapter is None:  # dropped from host memory since it was registered: read it again
+                adapter = self.register(self.requests[lora_id])
+            self.pending_loads.append((slot, adapter.weights, adapter.scaling))
+            self.num_slot_loads += 1
+        elif self.users[slot] == 0:
+            del self.idle_order[slot]
+        self.users[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot == NO_LORA:
+            return
+        self.users[slot] -= 1
+        if self.users[slot] == 0:
+            self.idle_order[slot] = None  # stays loaded: the next sequence of this adapter needs no copy
+
+    def take_loads(self) -> list[tuple[int, dict, float]]:
+        loads, self.pending_loads = self.pending_loads, []
+        return loads

@@ -18,7 +18,7 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from asyncserve.kernels import MOE_CONFIGS, fused_moe_ref, fused_moe_triton, select_experts
-from asyncserve.kernels.moe import moe_config
+from asyncserve.kernels.moe_tiles import moe_config
 from bench_common import measure_bandwidth, measure_matmul_rate
 
 # name -> (hidden, expert intermediate, experts, top_k, renormalize)

@@ -302,13 +302,16 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_ids_ptr,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=entry_mask[:, None] & n_mask[None, :])
 
 
-def moe_gemm(a, b, bias, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, tiles):
+def moe_gemm(a, b, bias, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, tiles,
+             compile_only=False):
     """One grouped GEMM of `fused_moe_triton` (w13 or w2) over the aligned entries, with `tiles` as given:
-    out[entry] = (a[entry // top_k] @ b[expert]^T + bias[expert]) (* weights[entry] if mul_weight)."""
+    out[entry] = (a[entry // top_k] @ b[expert]^T + bias[expert]) (* weights[entry] if mul_weight).
+    `compile_only`: Triton's warmup (compiles, launches nothing; meta tensors do), for the tuner."""
     block_m, block_n, block_k, group_m, num_warps, num_stages = tiles
     n, k = b.shape[1], b.shape[2]
     grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, block_n),)
-    _moe_gemm_kernel[grid](
+    kernel = functools.partial(_moe_gemm_kernel.warmup, grid=grid) if compile_only else _moe_gemm_kernel[grid]
+    kernel(
         a, b, out, weights, out if bias is None else bias, sorted_ids, expert_ids, num_post, n, k,
         sorted_ids.numel(), out.shape[0], a.stride(0), b.stride(0), b.stride(1), out.stride(0),
         0 if bias is None else bias.stride(0), TOP_K=top_k, MUL_WEIGHT=mul_weight, HAS_BIAS=bias is not None,

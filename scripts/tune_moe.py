@@ -1,0 +1,367 @@
+"""Tunes the fused MoE kernel's tiles per token count on this GPU and writes them where the kernel looks for
+them (kernels/moe_configs/, one file per experts / intermediate size / GPU, named as vLLM names its configs).
+
+    python scripts/tune_moe.py --model qwen3-30b-a3b                        # about 2 min on one H100
+    python scripts/tune_moe.py --model qwen3-30b-a3b gpt-oss-20b --space small
+    python scripts/tune_moe.py --experts 128 --hidden 2048 --intermediate 768 --top-k 8 --tokens 1 2 4
+
+Per token count: random routing (the softmax top-k of random logits, through the kernel's own routing and
+align step), then each grouped GEMM (w13 gate|up, w2 down) timed alone, as fused_moe_triton launches it,
+for every candidate tiles of the search space (do_bench clears the L2 before each run, as a layer meets its
+experts' weights). The two GEMMs share BLOCK_M (one align step pads for both) but are chosen apart otherwise,
+since their N and K differ ([2I x H] and [H x I]). The fastest pair is run whole against the torch reference
+before it is kept; a wrong one is reported and the next fastest is checked. Entries of an existing file for
+other token counts are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from asyncserve.kernels.moe import (fused_moe_ref, fused_moe_triton, moe_align_block_size_triton, moe_gemm,
+                                    select_experts_triton)
+from asyncserve.kernels.moe_tiles import GemmTiles, MoeTiles, moe_config, table_tiles
+from asyncserve.kernels.moe_tuned import (CONFIG_DIR, config_file_name, read_tuned_configs,
+                                          write_tuned_configs)
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
+BLOCK_MS = (16, 32, 64, 128)
+# Tile options per search-space size, before pruning; "small" is the default (see --space).
+SPACES = {
+    "tiny": dict(block_n=(64, 128), block_k=(64, 128), group_m=(1,), num_warps=(4,), num_stages=(3, 4)),
+    "small": dict(block_n=(32, 64, 128, 256), block_k=(64, 128), group_m=(1, 16), num_warps=(4, 8),
+                  num_stages=(3, 4)),
+    "medium": dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), group_m=(1, 16), num_warps=(4, 8),
+                   num_stages=(2, 3, 4)),
+    "large": dict(block_n=(32, 64, 128, 256), block_k=(32, 64, 128, 256), group_m=(1, 8, 32), num_warps=(4, 8),
+                  num_stages=(2, 3, 4, 5)),
+}
+RIVALS = 3  # per GEMM and BLOCK_M, the fastest this many enter the pairs checked against the reference
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """One rank's MoE layer: E experts of intermediate size I (already divided by tensor parallelism)."""
+
+    name: str
+    num_experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+
+
+def shape_from_config(name, config, tp=1):
+    """A model config's MoE layer (a multimodal config's text_config), its intermediate split over `tp`."""
+    config = config.get("text_config") or config
+    experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
+    if not experts:
+        raise SystemExit(f"{name}: no experts in its config (num_experts / num_local_experts)")
+    intermediate = config.get("moe_intermediate_size") or config["intermediate_size"]
+    if intermediate % tp:
+        raise SystemExit(f"{name}: intermediate size {intermediate} does not split over {tp} ranks")
+    return MoeShape(name, experts, config["hidden_size"], intermediate // tp, config["num_experts_per_tok"])
+
+
+def rows_per_expert(num_tokens, top_k, num_experts):
+    entries = num_tokens * top_k
+    return entries / min(entries, num_experts)
+
+
+def block_m_options(rows):
+    """BLOCK_M worth timing for `rows` per used expert: none much taller than the rows (padding rows cost
+    reads of A and registers), none so short that an expert's weights stream through many row blocks."""
+    fitting = 1 << math.ceil(math.log2(rows))
+    return [b for b in BLOCK_MS if min(64, fitting // 4) <= b <= max(BLOCK_MS[0], fitting)]
+
+
+def fits(tiles, element_bytes, shared_memory):
+    """Whether the pipeline's A and B tiles fit the shared memory and the fp32 accumulator the registers."""
+    stage_bytes = (tiles.block_m + tiles.block_n) * tiles.block_k * element_bytes
+    accumulator_per_thread = tiles.block_m * tiles.block_n / (32 * tiles.num_warps)
+    return tiles.num_stages * stage_bytes <= shared_memory and accumulator_per_thread <= 128
+
+
+def gemm_space(block_m, rows, n, k, element_bytes, shared_memory, size="small"):
+    """The candidate tiles of one GEMM (N outputs, K inputs) at one BLOCK_M, pruned: tiles no wider than
+    the matrix, shared memory and registers, GROUP_M > 1 only where an expert has several row blocks (its
+    weight tile is then reused from L2), 8 warps only for tiles of 64 x 64 or more."""
+    options = SPACES[size]
+    widest_n, deepest_k = max(16, 1 << (n - 1).bit_length()), max(16, 1 << (k - 1).bit_length())
+    group_ms = options["group_m"] if rows > block_m else (1,)
+    space = []
+    for block_n, block_k, group_m, num_warps, num_stages in itertools.product(
+            options["block_n"], options["block_k"], group_ms, options["num_warps"], options["num_stages"]):
+        tiles = GemmTiles(block_m, min(block_n, widest_n), min(block_k, deepest_k), group_m, num_warps, num_stages)
+        if num_warps > 4 and block_m * tiles.block_n < 64 * 64:
+            continue
+        if tiles not in space and fits(tiles, element_bytes, shared_memory):
+            space.append(tiles)
+    return space
+
+
+@dataclass
+class Layer:
+    """Random weights of one shape, and their float32 copies for the reference."""
+
+    shape: MoeShape
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_ref: torch.Tensor
+    w2_ref: torch.Tensor
+
+    @classmethod
+    def random(cls, shape, dtype, device, seed=0):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        e, h, i = shape.num_experts, shape.hidden, shape.intermediate
+        w13 = (torch.randn(e, 2 * i, h, generator=gen, device=device) * h ** -0.5).to(dtype)
+        w2 = (torch.randn(e, h, i, generator=gen, device=device) * i ** -0.5).to(dtype)
+        return cls(shape, w13, w2, w13.float(), w2.float())
+
+
+def is_correct(moe_fn, layer, x, logits, tiles):
+    """The whole MoE with `tiles` against the float32 torch reference, by the GPU tests' tolerances."""
+    out = moe_fn(x, layer.w13, layer.w2, logits, layer.shape.top_k, True, tiles).float()
+    expected = fused_moe_ref(x.float(), layer.w13_ref, layer.w2_ref, logits, layer.shape.top_k, True)
+    if not torch.isfinite(out).all():
+        return False
+    tolerance = 1e-4 if x.dtype == torch.float32 else 3e-2
+    relative = (out - expected).norm() / expected.norm().clamp_min(1e-30)
+    return bool(relative < tolerance / 3 and (out - expected).abs().max() <= tolerance * expected.abs().max())
+
+
+def time_candidates(layer, num_tokens, candidates, time_fn, log, seed):
+    """{gemm: [(seconds, tiles), ...]} for each gemm's candidate tiles; tiles that fail to launch are
+    left out (with a line)."""
+    shape = layer.shape
+    device, dtype = layer.w13.device, layer.w13.dtype
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(num_tokens, shape.hidden, generator=gen, device=device).to(dtype)
+    logits = torch.randn(num_tokens, shape.num_experts, generator=gen, device=device).to(dtype)
+    weights, ids = select_experts_triton(logits, shape.top_k, True)
+    entries = num_tokens * shape.top_k
+    gate_up = torch.empty(entries, 2 * shape.intermediate, dtype=dtype, device=device)
+    activated = torch.randn(entries, shape.intermediate, generator=gen, device=device).to(dtype)
+    down = torch.empty(entries, shape.hidden, dtype=dtype, device=device)
+    operands = {"w13": (x, layer.w13, gate_up, shape.top_k, False), "w2": (activated, layer.w2, down, 1, True)}
+    aligned = {}
+    timings = {"w13": [], "w2": []}
+    for gemm, tiles_list in candidates.items():
+        a, b, out, top_k, mul_weight = operands[gemm]
+        for tiles in tiles_list:
+            if tiles.block_m not in aligned:
+                aligned[tiles.block_m] = moe_align_block_size_triton(ids, shape.num_experts, tiles.block_m)
+
+            def launch(tiles=tiles, a=a, b=b, out=out, top_k=top_k, mul_weight=mul_weight):
+                moe_gemm(a, b, None, out, weights, *aligned[tiles.block_m], top_k, mul_weight, tiles)
+
+            try:
+                seconds = time_fn(launch, gemm=gemm, tiles=tiles, num_tokens=num_tokens)
+            except Exception as error:  # e.g. Triton's OutOfResources for a tile the pruning let through
+                log(f"    {gemm} {tuple(tiles)} skipped: {type(error).__name__}: {str(error)[:120]}")
+                continue
+            timings[gemm].append((seconds, tiles))
+    return x, logits, timings
+
+
+def ranked_pairs(timings):
+    """(w13 seconds + w2 seconds, MoeTiles) of the same BLOCK_M, fastest first: each GEMM's RIVALS
+    fastest per BLOCK_M, paired."""
+    pairs = []
+    for block_m in sorted({tiles.block_m for _, tiles in timings["w13"]}):
+        fastest = {gemm: sorted((t for t in timings[gemm] if t[1].block_m == block_m), key=lambda t: t[0])[:RIVALS]
+                   for gemm in ("w13", "w2")}
+        for (t13, tiles13), (t2, tiles2) in itertools.product(fastest["w13"], fastest["w2"]):
+            pairs.append((t13 + t2, MoeTiles(tiles13, tiles2)))
+    return sorted(pairs, key=lambda pair: pair[0])
+
+
+def candidate_tiles(shape, num_tokens, dtype, shared_memory, space):
+    """{gemm: [tiles, ...]} to time at `num_tokens`: the search space at each BLOCK_M worth trying, and the
+    MOE_CONFIGS row's tiles (first: the baseline the tuned entry is compared with)."""
+    rows = rows_per_expert(num_tokens, shape.top_k, shape.num_experts)
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    table = table_tiles(moe_config(num_tokens, shape.top_k, shape.num_experts), num_tokens, shape.top_k,
+                        shape.num_experts, 2 * shape.intermediate, shape.hidden, dtype)
+    dims = {"w13": (2 * shape.intermediate, shape.hidden), "w2": (shape.hidden, shape.intermediate)}
+    candidates = {"w13": [table.w13], "w2": [table.w2]}
+    for block_m in block_m_options(rows):
+        for gemm, (n, k) in dims.items():
+            candidates[gemm] += [t for t in gemm_space(block_m, rows, n, k, element_bytes, shared_memory, space)
+                                 if t not in candidates[gemm]]
+    return candidates
+
+
+def tune_token_count(layer, num_tokens, *, space, shared_memory, time_fn, moe_fn=fused_moe_triton, log=print,
+                     seed=0):
+    """The fastest MoeTiles for `num_tokens` that the reference confirms, or None if none does."""
+    shape = layer.shape
+    candidates = candidate_tiles(shape, num_tokens, layer.w13.dtype, shared_memory, space)
+    table = MoeTiles(candidates["w13"][0], candidates["w2"][0])
+    x, logits, timings = time_candidates(layer, num_tokens, candidates, time_fn, log, seed + num_tokens)
+    table_seconds = sum(next((s for s, t in timings[gemm] if t == getattr(table, gemm)), math.nan)
+                        for gemm in timings)
+    rows = rows_per_expert(num_tokens, shape.top_k, shape.num_experts)
+    for seconds, tiles in ranked_pairs(timings):
+        if not is_correct(moe_fn, layer, x, logits, tiles):
+            log(f"  {num_tokens:5d} tokens: REJECTED {_label(tiles)}: differs from the reference")
+            continue
+        best = {gemm: next(s for s, t in timings[gemm] if t == getattr(tiles, gemm)) for gemm in timings}
+        log(f"  {num_tokens:5d} tokens ({rows:6.1f} rows/expert, {len(candidates['w13'])}+"
+            f"{len(candidates['w2'])} tiles): w13 {best['w13'] * 1e6:8.1f} us + w2 {best['w2'] * 1e6:8.1f} us;  "
+            f"table {table_seconds * 1e6:8.1f} us -> {seconds * 1e6:8.1f} us ({table_seconds / seconds:4.2f}x)  "
+            f"{_label(tiles)}")
+        return tiles
+    log(f"  {num_tokens:5d} tokens: no tiles matched the reference; left out of the file")
+    return None
+
+
+def _label(tiles):
+    return f"w13 {tuple(tiles.w13)} w2 {tuple(tiles.w2)}"
+
+
+def tune_shape(shape, token_counts, *, dtype, device, space, shared_memory, time_fn, moe_fn=fused_moe_triton,
+               log=print, compile_jobs=0):
+    """{token count: MoeTiles} for one layer shape, each confirmed against the reference; `compile_jobs`
+    processes compile every candidate first (CUDA only)."""
+    if compile_jobs:
+        every = {"w13": set(), "w2": set()}
+        for num_tokens in token_counts:
+            for gemm, tiles_list in candidate_tiles(shape, num_tokens, dtype, shared_memory, space).items():
+                every[gemm].update(tiles_list)
+        precompile(shape, dtype, every, compile_jobs, log)
+    layer = Layer.random(shape, dtype, device)
+    tuned = {}
+    for num_tokens in token_counts:
+        tiles = tune_token_count(layer, num_tokens, space=space, shared_memory=shared_memory, time_fn=time_fn,
+                                 moe_fn=moe_fn, log=log)
+        if tiles is not None:
+            tuned[num_tokens] = tiles
+    return tuned
+
+
+def _compile_chunk(shape, dtype, gemm, tiles_list):
+    """In a worker process: compiles one GEMM's kernel for each of `tiles_list` from meta tensors of the
+    real strides (Triton's disk cache keeps the binaries for the timing process); returns the failures."""
+    entries, meta = 64, {"device": "meta"}
+    h, i = shape.hidden, shape.intermediate
+    k, n, top_k, mul_weight = (h, 2 * i, shape.top_k, False) if gemm == "w13" else (i, h, 1, True)
+    a = torch.empty(entries, k, dtype=dtype, **meta)
+    b = torch.empty(shape.num_experts, n, k, dtype=dtype, **meta)
+    out = torch.empty(entries, n, dtype=dtype, **meta)
+    weights = torch.empty(entries, dtype=torch.float32, **meta)
+    failures = []
+    for tiles in tiles_list:
+        sorted_ids = torch.empty(entries * tiles.block_m, dtype=torch.int32, **meta)
+        expert_ids = torch.empty(entries, dtype=torch.int32, **meta)
+        num_post = torch.empty(1, dtype=torch.int32, **meta)
+        try:
+            moe_gemm(a, b, None, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, tiles,
+                     compile_only=True)
+        except Exception as error:
+            failures.append(f"{gemm} {tuple(tiles)}: {type(error).__name__}: {str(error)[:200]}")
+    return failures
+
+
+def precompile(shape, dtype, tiles_by_gemm, jobs, log, timeout_s=900):
+    """Compiles every candidate in `jobs` processes, so the timing loop loads binaries instead of compiling
+    one at a time (compiling is most of a tuning's time); whatever fails here compiles in the loop."""
+    import concurrent.futures
+    import multiprocessing
+
+    start = time.perf_counter()
+    chunks = [(gemm, tiles_list[i:i + 4]) for gemm, tiles in tiles_by_gemm.items()
+              for tiles_list in [sorted(tiles)] for i in range(0, len(tiles_list), 4)]
+    count = sum(len(tiles) for tiles in tiles_by_gemm.values())
+    log(f"  compiling {count} kernels in {jobs} processes ...")
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(_compile_chunk, shape, dtype, gemm, tiles) for gemm, tiles in chunks]
+        done, pending = concurrent.futures.wait(futures, timeout=timeout_s)
+        failures = [line for future in done if future.exception() is None for line in future.result()]
+        errors = [future.exception() for future in done if future.exception() is not None]
+        log(f"  compiled in {time.perf_counter() - start:.0f} s: {len(failures)} tiles failed, "
+            f"{len(errors)} chunks crashed, {len(pending)} timed out" + (f"; first: {failures[0]}" if failures else "")
+            + (f"; first crash: {errors[0]!r}" if errors else ""))
+    except Exception as error:  # the loop compiles what is missing
+        log(f"  precompile failed ({type(error).__name__}: {error}); compiling in the timing loop")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def write_merged(path, tuned):
+    """Writes `tuned` into the file at `path`, keeping its entries for other token counts."""
+    merged = read_tuned_configs(path) if os.path.exists(path) else {}
+    merged.update(tuned)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_tuned_configs(path, merged)
+
+
+def gpu_timer(warmup_ms, rep_ms):
+    """Median seconds of a launch by triton's do_bench (which clears the L2 before every run)."""
+    from triton.testing import do_bench
+
+    def time_fn(launch, **_):
+        return do_bench(launch, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
+    return time_fn
+
+
+def shared_memory_of(device):
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 227 * 1024)
+
+
+def shapes_from_args(args):
+    if args.experts:
+        return [MoeShape("explicit", args.experts, args.hidden, args.intermediate // args.tp, args.top_k)]
+    from bench_models import load_config  # scripts/ is on sys.path when this runs as a script
+    return [shape_from_config(name, load_config(name), args.tp) for name in args.model]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="*", default=["qwen3-30b-a3b"],
+                        help="names under scripts/model_configs, or config.json paths")
+    parser.add_argument("--experts", type=int, help="an explicit shape instead of --model: E")
+    parser.add_argument("--hidden", type=int, help="H")
+    parser.add_argument("--intermediate", type=int, help="one expert's intermediate size I (before --tp)")
+    parser.add_argument("--top-k", type=int, help="experts per token")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: tunes I / tp")
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKEN_COUNTS))
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--space", choices=sorted(SPACES), default="small",
+                        help="search-space size: tiny (~1 min a model), small (~2-3), large (~15+)")
+    parser.add_argument("--warmup-ms", type=float, default=2.0)
+    parser.add_argument("--rep-ms", type=float, default=10.0, help="do_bench's time per candidate")
+    parser.add_argument("--compile-jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile the candidates first (0: compile while timing)")
+    parser.add_argument("--out-dir", default=CONFIG_DIR, help="where the files go (default: the package's)")
+    args = parser.parse_args()
+    if args.experts and not (args.hidden and args.intermediate and args.top_k):
+        parser.error("--experts needs --hidden, --intermediate and --top-k")
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype)
+    device_name = torch.cuda.get_device_name(device).replace(" ", "_")
+    shared_memory = shared_memory_of(device)
+    time_fn = gpu_timer(args.warmup_ms, args.rep_ms)
+    for shape in shapes_from_args(args):
+        start = time.perf_counter()
+        print(f"{shape.name}: E={shape.num_experts} H={shape.hidden} I={shape.intermediate} top-{shape.top_k}, "
+              f"{args.dtype}, {device_name}, space {args.space}, {shared_memory // 1024} KiB shared memory",
+              flush=True)
+        tuned = tune_shape(shape, args.tokens, dtype=dtype, device=device, space=args.space,
+                           shared_memory=shared_memory, time_fn=time_fn,
+                           log=lambda line: print(line, flush=True), compile_jobs=args.compile_jobs)
+        path = os.path.join(args.out_dir, config_file_name(shape.num_experts, shape.intermediate, device_name, dtype))
+        write_merged(path, tuned)
+        print(f"{shape.name}: {len(tuned)} token counts in {time.perf_counter() - start:.0f} s -> {path}", flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

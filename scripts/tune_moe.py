@@ -226,9 +226,10 @@ def _label(tiles):
 
 
 def tune_shape(shape, token_counts, *, dtype, device, space, shared_memory, time_fn, moe_fn=fused_moe_triton,
-               log=print, compile_jobs=0):
+               log=print, compile_jobs=0, save=None):
     """{token count: MoeTiles} for one layer shape, each confirmed against the reference; `compile_jobs`
-    processes compile every candidate first (CUDA only)."""
+    processes compile every candidate first (CUDA only); `save` gets the entries so far after each count
+    (a run cut short keeps what it tuned)."""
     if compile_jobs:
         every = {"w13": set(), "w2": set()}
         for num_tokens in token_counts:
@@ -242,6 +243,8 @@ def tune_shape(shape, token_counts, *, dtype, device, space, shared_memory, time
                                  moe_fn=moe_fn, log=log)
         if tiles is not None:
             tuned[num_tokens] = tiles
+            if save is not None:
+                save(tuned)
     return tuned
 
 
@@ -354,11 +357,11 @@ def main():
         print(f"{shape.name}: E={shape.num_experts} H={shape.hidden} I={shape.intermediate} top-{shape.top_k}, "
               f"{args.dtype}, {device_name}, space {args.space}, {shared_memory // 1024} KiB shared memory",
               flush=True)
+        path = os.path.join(args.out_dir, config_file_name(shape.num_experts, shape.intermediate, device_name, dtype))
         tuned = tune_shape(shape, args.tokens, dtype=dtype, device=device, space=args.space,
                            shared_memory=shared_memory, time_fn=time_fn,
-                           log=lambda line: print(line, flush=True), compile_jobs=args.compile_jobs)
-        path = os.path.join(args.out_dir, config_file_name(shape.num_experts, shape.intermediate, device_name, dtype))
-        write_merged(path, tuned)
+                           log=lambda line: print(line, flush=True), compile_jobs=args.compile_jobs,
+                           save=lambda tuned, path=path: write_merged(path, tuned))
         print(f"{shape.name}: {len(tuned)} token counts in {time.perf_counter() - start:.0f} s -> {path}", flush=True)
         torch.cuda.empty_cache()
 

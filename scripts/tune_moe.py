@@ -24,11 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncserve.kernels.moe import (fused_moe_ref, fused_moe_triton, moe_align_block_size_triton, moe_gemm,
-                                    select_experts_triton)
+from asyncserve.kernels.moe import (
+    fused_moe_ref,
+    fused_moe_triton,
+    moe_align_block_size_triton,
+    moe_gemm,
+    select_experts_triton,
+)
 from asyncserve.kernels.moe_tiles import GemmTiles, MoeTiles, moe_config, table_tiles
-from asyncserve.kernels.moe_tuned import (CONFIG_DIR, config_file_name, read_tuned_configs,
-                                          write_tuned_configs)
+from asyncserve.kernels.moe_tuned import (
+    CONFIG_DIR,
+    config_file_name,
+    read_tuned_configs,
+    write_tuned_configs,
+)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
 BLOCK_MS = (16, 32, 64, 128)
@@ -322,7 +331,9 @@ def shared_memory_of(device):
 def shapes_from_args(args):
     if args.experts:
         return [MoeShape("explicit", args.experts, args.hidden, args.intermediate // args.tp, args.top_k)]
-    from bench_models import load_config  # scripts/ is on sys.path when this runs as a script
+    from bench_models import (
+        load_config,  # scripts/ is on sys.path when this runs as a script
+    )
     return [shape_from_config(name, load_config(name), args.tp) for name in args.model]
 
 

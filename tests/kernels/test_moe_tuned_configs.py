@@ -10,11 +10,21 @@ import sys
 import pytest
 import torch
 
-from asyncserve.kernels import GemmTiles, MoeTiles, fused_moe_ref, fused_moe_triton
-from asyncserve.kernels import moe, moe_tuned
+from asyncserve.kernels import (
+    GemmTiles,
+    MoeTiles,
+    fused_moe_ref,
+    fused_moe_triton,
+    moe,
+    moe_tuned,
+)
 from asyncserve.kernels.moe_tiles import moe_config, table_tiles
-from asyncserve.kernels.moe_tuned import (config_file_name, read_tuned_configs, tuned_tiles,
-                                          write_tuned_configs)
+from asyncserve.kernels.moe_tuned import (
+    config_file_name,
+    read_tuned_configs,
+    tuned_tiles,
+    write_tuned_configs,
+)
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
 GPU = "Fake_GPU_80GB"
@@ -259,3 +269,13 @@ def test_tuner_keeps_the_fastest_confirmed_tiles_per_token_count(tmp_path, trito
     tune.write_merged(path, {4096: HUGE})
     tune.write_merged(path, tuned)
     assert read_tuned_configs(path) == {**tuned, 4096: HUGE}  # other token counts kept
+
+
+def test_shipped_files_read_and_ship_in_the_wheel():
+    """Every committed tuned file parses (both GEMMs one BLOCK_M, vLLM's name) and pyproject packages them."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((SCRIPTS.parent / "pyproject.toml").read_text())
+    assert "moe_configs/*.json" in pyproject["tool"]["setuptools"]["package-data"]["asyncserve.kernels"]
+    for path in pathlib.Path(moe_tuned.CONFIG_DIR).glob("*.json"):
+        assert path.name.startswith("E=") and ",N=" in path.name and ",device_name=" in path.name
+        assert read_tuned_configs(path)

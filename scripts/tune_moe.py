@@ -52,6 +52,9 @@ SPACES = {
                   num_stages=(2, 3, 4, 5)),
 }
 RIVALS = 3  # per GEMM and BLOCK_M, the fastest this many enter the pairs checked against the reference
+# The previous token count's tiles are kept where they are this close to the fastest: fewer distinct kernels
+# for the server to compile at start-up (each is a Triton compile) for a difference within timing noise.
+REUSE_SLACK = 0.03
 
 
 @dataclass(frozen=True)
@@ -206,9 +209,24 @@ def candidate_tiles(shape, num_tokens, dtype, shared_memory, space):
     return candidates
 
 
+def with_reuse(pairs, timings, previous, slack=REUSE_SLACK):
+    """`pairs` with `previous` (the last token count's tiles) first if both its GEMMs were timed here and
+    their sum is within `slack` of the fastest pair's."""
+    if previous is None or not pairs:
+        return pairs
+    seconds = {gemm: dict((tiles, t) for t, tiles in timings[gemm]) for gemm in timings}
+    if previous.w13 not in seconds["w13"] or previous.w2 not in seconds["w2"]:
+        return pairs
+    total = seconds["w13"][previous.w13] + seconds["w2"][previous.w2]
+    if total > pairs[0][0] * (1 + slack):
+        return pairs
+    return [(total, previous)] + [pair for pair in pairs if pair[1] != previous]
+
+
 def tune_token_count(layer, num_tokens, *, space, shared_memory, time_fn, moe_fn=fused_moe_triton, log=print,
-                     seed=0):
-    """The fastest MoeTiles for `num_tokens` that the reference confirms, or None if none does."""
+                     seed=0, previous=None):
+    """The fastest MoeTiles for `num_tokens` that the reference confirms (`previous` where it is within
+    REUSE_SLACK of the fastest), or None if none is confirmed."""
     shape = layer.shape
     candidates = candidate_tiles(shape, num_tokens, layer.w13.dtype, shared_memory, space)
     table = MoeTiles(candidates["w13"][0], candidates["w2"][0])
@@ -216,7 +234,7 @@ def tune_token_count(layer, num_tokens, *, space, shared_memory, time_fn, moe_fn
     table_seconds = sum(next((s for s, t in timings[gemm] if t == getattr(table, gemm)), math.nan)
                         for gemm in timings)
     rows = rows_per_expert(num_tokens, shape.top_k, shape.num_experts)
-    for seconds, tiles in ranked_pairs(timings):
+    for seconds, tiles in with_reuse(ranked_pairs(timings), timings, previous):
         if not is_correct(moe_fn, layer, x, logits, tiles):
             log(f"  {num_tokens:5d} tokens: REJECTED {_label(tiles)}: differs from the reference")
             continue
@@ -246,10 +264,11 @@ def tune_shape(shape, token_counts, *, dtype, device, space, shared_memory, time
                 every[gemm].update(tiles_list)
         precompile(shape, dtype, every, compile_jobs, log)
     layer = Layer.random(shape, dtype, device)
-    tuned = {}
+    tuned, previous = {}, None
     for num_tokens in token_counts:
         tiles = tune_token_count(layer, num_tokens, space=space, shared_memory=shared_memory, time_fn=time_fn,
-                                 moe_fn=moe_fn, log=log)
+                                 moe_fn=moe_fn, log=log, previous=previous)
+        previous = tiles or previous
         if tiles is not None:
             tuned[num_tokens] = tiles
             if save is not None:
@@ -349,7 +368,8 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKEN_COUNTS))
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--space", choices=sorted(SPACES), default="small",
-                        help="search-space size: tiny (~1 min a model), small (~2-3), large (~15+)")
+                        help="search-space size (estimates for one H100, compiling in parallel): tiny ~1 min a "
+                        "model, small ~2, medium ~3-4, large ~6 (without --compile-jobs: tiny ~1, small ~6)")
     parser.add_argument("--warmup-ms", type=float, default=2.0)
     parser.add_argument("--rep-ms", type=float, default=10.0, help="do_bench's time per candidate")
     parser.add_argument("--compile-jobs", type=int, default=min(16, os.cpu_count() or 1),

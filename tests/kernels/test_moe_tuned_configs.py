@@ -279,3 +279,15 @@ def test_shipped_files_read_and_ship_in_the_wheel():
     for path in pathlib.Path(moe_tuned.CONFIG_DIR).glob("*.json"):
         assert path.name.startswith("E=") and ",N=" in path.name and ",device_name=" in path.name
         assert read_tuned_configs(path)
+
+
+def test_tuner_keeps_the_last_token_counts_tiles_within_the_slack():
+    """Fewer distinct kernels for the server to compile, for a difference within timing noise."""
+    tune = _load_script("tune_moe")
+    timings = {"w13": [(1.00, SMALL.w13), (1.02, MIDDLE.w13), (1.10, LARGE.w13)],
+               "w2": [(1.00, SMALL.w2), (1.00, MIDDLE.w2), (1.10, LARGE.w2)]}
+    pairs = tune.ranked_pairs(timings)
+    assert pairs[0] == (2.0, SMALL)
+    assert [tiles for _, tiles in tune.with_reuse(pairs, timings, MIDDLE)][:2] == [MIDDLE, SMALL]
+    assert tune.with_reuse(pairs, timings, LARGE) == pairs  # 10% slower: not kept
+    assert tune.with_reuse(pairs, timings, HUGE) == pairs   # not timed at this token count

@@ -11,7 +11,8 @@ for every candidate tiles of the search space (do_bench clears the L2 before eac
 experts' weights). The two GEMMs share BLOCK_M (one align step pads for both) but are chosen apart otherwise,
 since their N and K differ ([2I x H] and [H x I]). The fastest pair is run whole against the torch reference
 before it is kept; a wrong one is reported and the next fastest is checked. Entries of an existing file for
-other token counts are kept.
+other token counts are kept. The candidates come from moe_tile_space.py; moe_precompile.py compiles them in
+worker processes first.
 """
 from __future__ import annotations
 
@@ -31,90 +32,22 @@ from asyncserve.kernels.moe import (
     moe_gemm,
     select_experts_triton,
 )
-from asyncserve.kernels.moe_tiles import GemmTiles, MoeTiles, moe_config, table_tiles
+from asyncserve.kernels.moe_tiles import MoeTiles
 from asyncserve.kernels.moe_tuned import (
     CONFIG_DIR,
     config_file_name,
+    cuda_device_name,
     read_tuned_configs,
     write_tuned_configs,
 )
+from moe_precompile import precompile  # scripts/ beside this file, as bench_moe.py imports bench_common
+from moe_tile_space import SPACES, MoeShape, candidate_tiles, rows_per_expert, shape_from_config
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
-BLOCK_MS = (16, 32, 64, 128)
-# Tile options per search-space size, before pruning; "small" is the default (see --space).
-SPACES = {
-    "tiny": dict(block_n=(64, 128), block_k=(64, 128), group_m=(1,), num_warps=(4,), num_stages=(3, 4)),
-    "small": dict(block_n=(32, 64, 128, 256), block_k=(64, 128), group_m=(1, 16), num_warps=(4, 8),
-                  num_stages=(3, 4)),
-    "medium": dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), group_m=(1, 16), num_warps=(4, 8),
-                   num_stages=(2, 3, 4)),
-    "large": dict(block_n=(32, 64, 128, 256), block_k=(32, 64, 128, 256), group_m=(1, 8, 32), num_warps=(4, 8),
-                  num_stages=(2, 3, 4, 5)),
-}
 RIVALS = 3  # per GEMM and BLOCK_M, the fastest this many enter the pairs checked against the reference
 # The previous token count's tiles are kept where they are this close to the fastest: fewer distinct kernels
 # for the server to compile at start-up (each is a Triton compile) for a difference within timing noise.
 REUSE_SLACK = 0.03
-
-
-@dataclass(frozen=True)
-class MoeShape:
-    """One rank's MoE layer: E experts of intermediate size I (already divided by tensor parallelism)."""
-
-    name: str
-    num_experts: int
-    hidden: int
-    intermediate: int
-    top_k: int
-
-
-def shape_from_config(name, config, tp=1):
-    """A model config's MoE layer (a multimodal config's text_config), its intermediate split over `tp`."""
-    config = config.get("text_config") or config
-    experts = config.get("num_experts") or config.get("num_local_experts") or config.get("n_routed_experts")
-    if not experts:
-        raise SystemExit(f"{name}: no experts in its config (num_experts / num_local_experts)")
-    intermediate = config.get("moe_intermediate_size") or config["intermediate_size"]
-    if intermediate % tp:
-        raise SystemExit(f"{name}: intermediate size {intermediate} does not split over {tp} ranks")
-    return MoeShape(name, experts, config["hidden_size"], intermediate // tp, config["num_experts_per_tok"])
-
-
-def rows_per_expert(num_tokens, top_k, num_experts):
-    entries = num_tokens * top_k
-    return entries / min(entries, num_experts)
-
-
-def block_m_options(rows):
-    """BLOCK_M worth timing for `rows` per used expert: none much taller than the rows (padding rows cost
-    reads of A and registers), none so short that an expert's weights stream through many row blocks."""
-    fitting = 1 << math.ceil(math.log2(rows))
-    return [b for b in BLOCK_MS if min(64, fitting // 4) <= b <= max(BLOCK_MS[0], fitting)]
-
-
-def fits(tiles, element_bytes, shared_memory):
-    """Whether the pipeline's A and B tiles fit the shared memory and the fp32 accumulator the registers."""
-    stage_bytes = (tiles.block_m + tiles.block_n) * tiles.block_k * element_bytes
-    accumulator_per_thread = tiles.block_m * tiles.block_n / (32 * tiles.num_warps)
-    return tiles.num_stages * stage_bytes <= shared_memory and accumulator_per_thread <= 128
-
-
-def gemm_space(block_m, rows, n, k, element_bytes, shared_memory, size="small"):
-    """The candidate tiles of one GEMM (N outputs, K inputs) at one BLOCK_M, pruned: tiles no wider than
-    the matrix, shared memory and registers, GROUP_M > 1 only where an expert has several row blocks (its
-    weight tile is then reused from L2), 8 warps only for tiles of 64 x 64 or more."""
-    options = SPACES[size]
-    widest_n, deepest_k = max(16, 1 << (n - 1).bit_length()), max(16, 1 << (k - 1).bit_length())
-    group_ms = options["group_m"] if rows > block_m else (1,)
-    space = []
-    for block_n, block_k, group_m, num_warps, num_stages in itertools.product(
-            options["block_n"], options["block_k"], group_ms, options["num_warps"], options["num_stages"]):
-        tiles = GemmTiles(block_m, min(block_n, widest_n), min(block_k, deepest_k), group_m, num_warps, num_stages)
-        if num_warps > 4 and block_m * tiles.block_n < 64 * 64:
-            continue
-        if tiles not in space and fits(tiles, element_bytes, shared_memory):
-            space.append(tiles)
-    return space
 
 
 @dataclass
@@ -193,22 +126,6 @@ def ranked_pairs(timings):
     return sorted(pairs, key=lambda pair: pair[0])
 
 
-def candidate_tiles(shape, num_tokens, dtype, shared_memory, space):
-    """{gemm: [tiles, ...]} to time at `num_tokens`: the search space at each BLOCK_M worth trying, and the
-    MOE_CONFIGS row's tiles (first: the baseline the tuned entry is compared with)."""
-    rows = rows_per_expert(num_tokens, shape.top_k, shape.num_experts)
-    element_bytes = torch.empty((), dtype=dtype).element_size()
-    table = table_tiles(moe_config(num_tokens, shape.top_k, shape.num_experts), num_tokens, shape.top_k,
-                        shape.num_experts, 2 * shape.intermediate, shape.hidden, dtype)
-    dims = {"w13": (2 * shape.intermediate, shape.hidden), "w2": (shape.hidden, shape.intermediate)}
-    candidates = {"w13": [table.w13], "w2": [table.w2]}
-    for block_m in block_m_options(rows):
-        for gemm, (n, k) in dims.items():
-            candidates[gemm] += [t for t in gemm_space(block_m, rows, n, k, element_bytes, shared_memory, space)
-                                 if t not in candidates[gemm]]
-    return candidates
-
-
 def with_reuse(pairs, timings, previous, slack=REUSE_SLACK):
     """`pairs` with `previous` (the last token count's tiles) first if both its GEMMs were timed here and
     their sum is within `slack` of the fastest pair's."""
@@ -276,55 +193,6 @@ def tune_shape(shape, token_counts, *, dtype, device, space, shared_memory, time
     return tuned
 
 
-def _compile_chunk(shape, dtype, gemm, tiles_list):
-    """In a worker process: compiles one GEMM's kernel for each of `tiles_list` from meta tensors of the
-    real strides (Triton's disk cache keeps the binaries for the timing process); returns the failures."""
-    entries, meta = 64, {"device": "meta"}
-    h, i = shape.hidden, shape.intermediate
-    k, n, top_k, mul_weight = (h, 2 * i, shape.top_k, False) if gemm == "w13" else (i, h, 1, True)
-    a = torch.empty(entries, k, dtype=dtype, **meta)
-    b = torch.empty(shape.num_experts, n, k, dtype=dtype, **meta)
-    out = torch.empty(entries, n, dtype=dtype, **meta)
-    weights = torch.empty(entries, dtype=torch.float32, **meta)
-    failures = []
-    for tiles in tiles_list:
-        sorted_ids = torch.empty(entries * tiles.block_m, dtype=torch.int32, **meta)
-        expert_ids = torch.empty(entries, dtype=torch.int32, **meta)
-        num_post = torch.empty(1, dtype=torch.int32, **meta)
-        try:
-            moe_gemm(a, b, None, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, tiles,
-                     compile_only=True)
-        except Exception as error:
-            failures.append(f"{gemm} {tuple(tiles)}: {type(error).__name__}: {str(error)[:200]}")
-    return failures
-
-
-def precompile(shape, dtype, tiles_by_gemm, jobs, log, timeout_s=900):
-    """Compiles every candidate in `jobs` processes, so the timing loop loads binaries instead of compiling
-    one at a time (compiling is most of a tuning's time); whatever fails here compiles in the loop."""
-    import concurrent.futures
-    import multiprocessing
-
-    start = time.perf_counter()
-    chunks = [(gemm, tiles_list[i:i + 4]) for gemm, tiles in tiles_by_gemm.items()
-              for tiles_list in [sorted(tiles)] for i in range(0, len(tiles_list), 4)]
-    count = sum(len(tiles) for tiles in tiles_by_gemm.values())
-    log(f"  compiling {count} kernels in {jobs} processes ...")
-    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = [pool.submit(_compile_chunk, shape, dtype, gemm, tiles) for gemm, tiles in chunks]
-        done, pending = concurrent.futures.wait(futures, timeout=timeout_s)
-        failures = [line for future in done if future.exception() is None for line in future.result()]
-        errors = [future.exception() for future in done if future.exception() is not None]
-        log(f"  compiled in {time.perf_counter() - start:.0f} s: {len(failures)} tiles failed, "
-            f"{len(errors)} chunks crashed, {len(pending)} timed out" + (f"; first: {failures[0]}" if failures else "")
-            + (f"; first crash: {errors[0]!r}" if errors else ""))
-    except Exception as error:  # the loop compiles what is missing
-        log(f"  precompile failed ({type(error).__name__}: {error}); compiling in the timing loop")
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
 def write_merged(path, tuned):
     """Writes `tuned` into the file at `path`, keeping its entries for other token counts."""
     merged = read_tuned_configs(path) if os.path.exists(path) else {}
@@ -350,9 +218,7 @@ def shared_memory_of(device):
 def shapes_from_args(args):
     if args.experts:
         return [MoeShape("explicit", args.experts, args.hidden, args.intermediate // args.tp, args.top_k)]
-    from bench_models import (
-        load_config,  # scripts/ is on sys.path when this runs as a script
-    )
+    from bench_models import load_config  # noqa: I001 (scripts/ is on sys.path when this runs as a script)
     return [shape_from_config(name, load_config(name), args.tp) for name in args.model]
 
 
@@ -380,7 +246,7 @@ def main():
         parser.error("--experts needs --hidden, --intermediate and --top-k")
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, args.dtype)
-    device_name = torch.cuda.get_device_name(device).replace(" ", "_")
+    device_name = cuda_device_name(device)
     shared_memory = shared_memory_of(device)
     time_fn = gpu_timer(args.warmup_ms, args.rep_ms)
     for shape in shapes_from_args(args):

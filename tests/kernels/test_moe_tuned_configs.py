@@ -59,6 +59,10 @@ def _write(folder, table, experts=8, intermediate=24, dtype=torch.bfloat16):
 
 
 def _load_script(name):
+    """A module of scripts/ by file (tune_moe.py's neighbours first: it imports them by name)."""
+    if name == "tune_moe":
+        _load_script("moe_tile_space")
+        _load_script("moe_precompile")
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -190,53 +194,53 @@ def test_tuned_tiles_match_the_reference(tiles, num_tokens, hidden, inter, exper
     torch.testing.assert_close(out.cpu(), fused_moe_ref(x, w13, w2, logits, top_k, True), rtol=1e-4, atol=1e-4)
 
 
-# The tuner (scripts/tune_moe.py)
+# The tuner (scripts/tune_moe.py, its search space in scripts/moe_tile_space.py)
 
 def test_block_m_follows_the_rows_each_expert_sees():
-    tune = _load_script("tune_moe")
-    assert tune.block_m_options(1.0) == [16]       # decode: one row per expert
-    assert tune.block_m_options(12.0) == [16]
-    assert tune.block_m_options(20.0) == [16, 32]
-    assert tune.block_m_options(100.0) == [32, 64, 128]
-    assert tune.block_m_options(4096.0) == [64, 128]
+    space = _load_script("moe_tile_space")
+    assert space.block_m_options(1.0) == [16]       # decode: one row per expert
+    assert space.block_m_options(12.0) == [16]
+    assert space.block_m_options(20.0) == [16, 32]
+    assert space.block_m_options(100.0) == [32, 64, 128]
+    assert space.block_m_options(4096.0) == [64, 128]
 
 
 def test_search_space_is_pruned_by_shared_memory_registers_and_rows():
-    tune = _load_script("tune_moe")
-    space = tune.gemm_space(64, 10_000, 1536, 2048, 2, 100 * 1024, "large")
-    assert space and all(tune.fits(t, 2, 100 * 1024) for t in space)
-    assert all(t.num_stages * (64 + t.block_n) * t.block_k * 2 <= 100 * 1024 for t in space)
-    assert GemmTiles(64, 256, 128, 8, 8, 3) not in space  # 3 x 80 KiB stages
-    tallest = tune.gemm_space(128, 10_000, 1536, 2048, 2, 100 * 1024, "large")
+    space = _load_script("moe_tile_space")
+    wide = space.gemm_space(64, 10_000, 1536, 2048, 2, 100 * 1024, "large")
+    assert wide and all(space.fits(t, 2, 100 * 1024) for t in wide)
+    assert all(t.num_stages * (64 + t.block_n) * t.block_k * 2 <= 100 * 1024 for t in wide)
+    assert GemmTiles(64, 256, 128, 8, 8, 3) not in wide  # 3 x 80 KiB stages
+    tallest = space.gemm_space(128, 10_000, 1536, 2048, 2, 100 * 1024, "large")
     assert GemmTiles(128, 256, 32, 8, 8, 3) in tallest
     assert GemmTiles(128, 256, 32, 8, 4, 3) not in tallest  # 128 accumulators a thread at most
-    assert {t.group_m for t in space} == {1, 8, 32}       # an expert holds many row blocks
-    assert {t.group_m for t in tune.gemm_space(16, 1.0, 1536, 2048, 2, 100 * 1024, "large")} == {1}
-    assert all(t.num_warps == 4 for t in tune.gemm_space(16, 1.0, 1536, 2048, 2, 100 * 1024, "large")
+    assert {t.group_m for t in wide} == {1, 8, 32}        # an expert holds many row blocks
+    assert {t.group_m for t in space.gemm_space(16, 1.0, 1536, 2048, 2, 100 * 1024, "large")} == {1}
+    assert all(t.num_warps == 4 for t in space.gemm_space(16, 1.0, 1536, 2048, 2, 100 * 1024, "large")
                if t.block_n < 256)
-    narrow = tune.gemm_space(16, 1.0, 24, 40, 4, 232448, "small")  # tiles clamp to the matrix, no repeats
+    narrow = space.gemm_space(16, 1.0, 24, 40, 4, 232448, "small")  # tiles clamp to the matrix, no repeats
     assert {(t.block_n, t.block_k) for t in narrow} == {(32, 64)} and len(narrow) == len(set(narrow))
 
 
 def test_shapes_come_from_model_configs():
-    tune = _load_script("tune_moe")
+    space = _load_script("moe_tile_space")
     qwen = {"hidden_size": 2048, "moe_intermediate_size": 768, "intermediate_size": 6144, "num_experts": 128,
             "num_experts_per_tok": 8}
-    assert tune.shape_from_config("q", qwen) == tune.MoeShape("q", 128, 2048, 768, 8)
-    assert tune.shape_from_config("q", {"text_config": qwen}, tp=2) == tune.MoeShape("q", 128, 2048, 384, 8)
+    assert space.shape_from_config("q", qwen) == space.MoeShape("q", 128, 2048, 768, 8)
+    assert space.shape_from_config("q", {"text_config": qwen}, tp=2) == space.MoeShape("q", 128, 2048, 384, 8)
     mixtral = {"hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2}
-    assert tune.shape_from_config("m", mixtral) == tune.MoeShape("m", 8, 4096, 14336, 2)
+    assert space.shape_from_config("m", mixtral) == space.MoeShape("m", 8, 4096, 14336, 2)
 
 
 def test_tuner_keeps_the_fastest_confirmed_tiles_per_token_count(tmp_path, triton_device):
     """A fake timer ranks the candidates; at 1 token the fastest pair is made wrong, so the runner-up is
     written; at 40 tokens (20 rows per expert) the fastest is a BLOCK_M 32 pair."""
-    tune = _load_script("tune_moe")
-    shape = tune.MoeShape("tiny", num_experts=4, hidden=32, intermediate=16, top_k=2)
+    tune, space = _load_script("tune_moe"), _load_script("moe_tile_space")
+    shape = space.MoeShape("tiny", num_experts=4, hidden=32, intermediate=16, top_k=2)
     memory = 232448
 
     def spaces(num_tokens):
-        return tune.candidate_tiles(shape, num_tokens, torch.float32, memory, "small")
+        return space.candidate_tiles(shape, num_tokens, torch.float32, memory, "small")
 
     one, forty = spaces(1), spaces(40)
     favourite = {1: (one["w13"][-1], one["w2"][-1]), 40: (forty["w13"][-1], forty["w2"][-1])}

@@ -52,7 +52,8 @@ fi
 if [ "$what" = tune-moe ]; then  # issue 22: MoE tiles tuned per token count for this GPU, then the models measured
   # MODELS picks (default qwen3-30b-a3b); SPACE the tuner's --space (tiny|small|medium|large); BASELINE=1 measures
   # batch-1 decode on the table's tiles first; NO_TUNE=1 measures the committed files; NO_BENCH=1 only tunes.
-  # The files come back under $OUT/moe_configs/: copy them into kernels/moe_configs/ and commit.
+  # The files come back as $OUT/moe_configs.tgz (their names hold "=" and ","; also copied to $OUT/moe_configs/):
+  # tar -xzf moe_configs.tgz -C kernels/moe_configs, then commit.
   models=${MODELS:-qwen3-30b-a3b}
   cd "$ROOT/scripts"
   if [ -n "${BASELINE:-}" ]; then
@@ -63,7 +64,8 @@ if [ "$what" = tune-moe ]; then  # issue 22: MoE tiles tuned per token count for
   cd "$ROOT"
   if [ -z "${NO_TUNE:-}" ]; then
     timeout 540 python3 scripts/tune_moe.py --model $models --space ${SPACE:-small} 2>&1 | tee "$OUT/tune_moe.log" | grep -v Warn
-    mkdir -p "$OUT/moe_configs" && cp kernels/moe_configs/*.json "$OUT/moe_configs/"
+    mkdir -p "$OUT/moe_configs" && cp kernels/moe_configs/*.json "$OUT/moe_configs/" \
+      && tar -C kernels/moe_configs -czf "$OUT/moe_configs.tgz" --exclude README.md . && ls kernels/moe_configs
   fi
   python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_moe_gpu.py 2>&1 | tee "$OUT/moe_tests.log" | tail -4
   cd "$ROOT/scripts"

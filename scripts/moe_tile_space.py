@@ -12,16 +12,20 @@ import torch
 from asyncserve.kernels.moe_tiles import GemmTiles, moe_config, table_tiles
 
 BLOCK_MS = (16, 32, 64, 128)
-# Tile options per search-space size, before pruning; "small" is tune_moe.py's default (see its --space).
+# Tile options per search-space size, before pruning; "small" is tune_moe.py's default (see its --space). It
+# holds what vLLM's H100 file for Qwen3-30B-A3B's experts chose (a kernel of the same design): narrow, deep-
+# pipelined tiles at decode, BLOCK_N 256 with 8 warps from ~4 rows an expert, 128 x 256 x 64 for prefill.
 SPACES = {
     "tiny": dict(block_n=(64, 128), block_k=(64, 128), group_m=(1,), num_warps=(4,), num_stages=(3, 4)),
-    "small": dict(block_n=(32, 64, 128, 256), block_k=(64, 128), group_m=(1, 16), num_warps=(4, 8),
-                  num_stages=(3, 4)),
-    "medium": dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), group_m=(1, 16), num_warps=(4, 8),
-                   num_stages=(2, 3, 4)),
-    "large": dict(block_n=(32, 64, 128, 256), block_k=(32, 64, 128, 256), group_m=(1, 8, 32), num_warps=(4, 8),
-                  num_stages=(2, 3, 4, 5)),
+    "small": dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), group_m=(1, 16), num_warps=(4, 8),
+                  num_stages=(3, 4, 5)),
+    "medium": dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), group_m=(1, 8, 32), num_warps=(4, 8),
+                   num_stages=(2, 3, 4, 5)),
+    "large": dict(block_n=(16, 32, 64, 128, 256), block_k=(32, 64, 128, 256), group_m=(1, 8, 32),
+                  num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
 }
+
+
 @dataclass(frozen=True)
 class MoeShape:
     """One rank's MoE layer: E experts of intermediate size I (already divided by tensor parallelism)."""
@@ -51,10 +55,10 @@ def rows_per_expert(num_tokens, top_k, num_experts):
 
 
 def block_m_options(rows):
-    """BLOCK_M worth timing for `rows` per used expert: none much taller than the rows (padding rows cost
-    reads of A and registers), none so short that an expert's weights stream through many row blocks."""
+    """BLOCK_M worth timing for `rows` per used expert: none over twice the rows (padding rows cost reads of
+    A and registers), none so short that an expert's weights stream through many row blocks."""
     fitting = 1 << math.ceil(math.log2(rows))
-    return [b for b in BLOCK_MS if min(64, fitting // 4) <= b <= max(BLOCK_MS[0], fitting)]
+    return [b for b in BLOCK_MS if min(64, fitting // 4) <= b <= max(BLOCK_MS[0], 2 * fitting)]
 
 
 def fits(tiles, element_bytes, shared_memory):
@@ -66,16 +70,18 @@ def fits(tiles, element_bytes, shared_memory):
 
 def gemm_space(block_m, rows, n, k, element_bytes, shared_memory, size="small"):
     """The candidate tiles of one GEMM (N outputs, K inputs) at one BLOCK_M, pruned: tiles no wider than
-    the matrix, shared memory and registers, GROUP_M > 1 only where an expert has several row blocks (its
-    weight tile is then reused from L2), 8 warps only for tiles of 64 x 64 or more."""
+    the matrix, no more pipeline stages than K steps (+1), shared memory and registers, GROUP_M > 1 only where an
+    expert has several row blocks (its weight tile is then reused from L2), 8 warps only for tiles of
+    64 x 64 or more."""
     options = SPACES[size]
     widest_n, deepest_k = max(16, 1 << (n - 1).bit_length()), max(16, 1 << (k - 1).bit_length())
     group_ms = options["group_m"] if rows > block_m else (1,)
     space = []
     for block_n, block_k, group_m, num_warps, num_stages in itertools.product(
             options["block_n"], options["block_k"], group_ms, options["num_warps"], options["num_stages"]):
-        tiles = GemmTiles(block_m, min(block_n, widest_n), min(block_k, deepest_k), group_m, num_warps, num_stages)
-        if num_warps > 4 and block_m * tiles.block_n < 64 * 64:
+        block_n, block_k = min(block_n, widest_n), min(block_k, deepest_k)
+        tiles = GemmTiles(block_m, block_n, block_k, group_m, num_warps, min(num_stages, -(-k // block_k) + 1))
+        if num_warps > 4 and block_m * block_n < 64 * 64:
             continue
         if tiles not in space and fits(tiles, element_bytes, shared_memory):
             space.append(tiles)

@@ -234,10 +234,11 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="*", default=list(TOKEN_COUNTS))
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--space", choices=sorted(SPACES), default="small",
-                        help="search-space size (estimates for one H100, compiling in parallel): tiny ~1 min a "
-                        "model, small ~2, medium ~3-4, large ~6 (without --compile-jobs: tiny ~1, small ~6)")
-    parser.add_argument("--warmup-ms", type=float, default=2.0)
-    parser.add_argument("--rep-ms", type=float, default=10.0, help="do_bench's time per candidate")
+                        help="search-space size; estimates for one H100 and a model, compiling in parallel "
+                        "(kernels; timings): tiny ~1 min (70; 500), small ~2 (560; 3,100), medium ~4 (1,200; "
+                        "6,000), large ~8 (2,200; 11,000); without --compile-jobs add ~1 s a kernel")
+    parser.add_argument("--warmup-ms", type=float, default=1.0)
+    parser.add_argument("--rep-ms", type=float, default=6.0, help="do_bench's time per candidate")
     parser.add_argument("--compile-jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the candidates first (0: compile while timing)")
     parser.add_argument("--out-dir", default=CONFIG_DIR, help="where the files go (default: the package's)")

@@ -199,10 +199,11 @@ def test_tuned_tiles_match_the_reference(tiles, num_tokens, hidden, inter, exper
 def test_block_m_follows_the_rows_each_expert_sees():
     space = _load_script("moe_tile_space")
     assert space.block_m_options(1.0) == [16]       # decode: one row per expert
-    assert space.block_m_options(12.0) == [16]
-    assert space.block_m_options(20.0) == [16, 32]
+    assert space.block_m_options(7.0) == [16]
+    assert space.block_m_options(12.0) == [16, 32]   # up to twice the rows
+    assert space.block_m_options(20.0) == [16, 32, 64]
     assert space.block_m_options(100.0) == [32, 64, 128]
-    assert space.block_m_options(4096.0) == [64, 128]
+    assert space.block_m_options(4096.0) == [64, 128]  # no shorter than 64 for long runs
 
 
 def test_search_space_is_pruned_by_shared_memory_registers_and_rows():
@@ -218,8 +219,8 @@ def test_search_space_is_pruned_by_shared_memory_registers_and_rows():
     assert {t.group_m for t in space.gemm_space(16, 1.0, 1536, 2048, 2, 100 * 1024, "large")} == {1}
     assert all(t.num_warps == 4 for t in space.gemm_space(16, 1.0, 1536, 2048, 2, 100 * 1024, "large")
                if t.block_n < 256)
-    narrow = space.gemm_space(16, 1.0, 24, 40, 4, 232448, "small")  # tiles clamp to the matrix, no repeats
-    assert {(t.block_n, t.block_k) for t in narrow} == {(32, 64)} and len(narrow) == len(set(narrow))
+    narrow = space.gemm_space(16, 1.0, 24, 40, 4, 232448, "small")  # tiles and stages clamp to the matrix
+    assert {(t.block_n, t.block_k, t.num_stages) for t in narrow} == {(32, 64, 2)} and len(narrow) == 1
 
 
 def test_shapes_come_from_model_configs():
@@ -234,7 +235,7 @@ def test_shapes_come_from_model_configs():
 
 def test_tuner_keeps_the_fastest_confirmed_tiles_per_token_count(tmp_path, triton_device):
     """A fake timer ranks the candidates; at 1 token the fastest pair is made wrong, so the runner-up is
-    written; at 40 tokens (20 rows per expert) the fastest is a BLOCK_M 32 pair."""
+    written; at 40 tokens (20 rows per expert) the fastest is a BLOCK_M 64 pair."""
     tune, space = _load_script("tune_moe"), _load_script("moe_tile_space")
     shape = space.MoeShape("tiny", num_experts=4, hidden=32, intermediate=16, top_k=2)
     memory = 232448
@@ -245,7 +246,7 @@ def test_tuner_keeps_the_fastest_confirmed_tiles_per_token_count(tmp_path, trito
     one, forty = spaces(1), spaces(40)
     favourite = {1: (one["w13"][-1], one["w2"][-1]), 40: (forty["w13"][-1], forty["w2"][-1])}
     runner_up = one["w13"][-2]
-    assert favourite[40][0].block_m == 32 and runner_up.block_m == favourite[1][0].block_m == 16
+    assert favourite[40][0].block_m == 64 and runner_up.block_m == favourite[1][0].block_m == 16
     launched = []
 
     def fake_timer(launch, *, gemm, tiles, num_tokens):
@@ -255,7 +256,7 @@ def test_tuner_keeps_the_fastest_confirmed_tiles_per_token_count(tmp_path, trito
         w13, w2 = favourite[num_tokens]
         if tiles == (w13 if gemm == "w13" else w2):
             return 1e-6
-        return 2e-6 if (num_tokens, tiles) == (1, runner_up) else 9e-6
+        return 2e-6 if (num_tokens, gemm, tiles) == (1, "w13", runner_up) else 9e-6
 
     wrong = MoeTiles(*favourite[1])
 

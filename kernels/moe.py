@@ -15,6 +15,8 @@ a size fixed by M, top_k and E (padding bounded by min(M * top_k, E) * (BLOCK_M 
 says where the real blocks end: no host sync, so CUDA graphs capture decode steps.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,23 +27,11 @@ from .activation import (
     swiglu_oai_and_mul_ref,
     swiglu_oai_and_mul_triton,
 )
+from .moe_tiles import MoeTiles, cdiv, max_padded_entries, moe_config, table_tiles
+from .moe_tuned import cuda_device_name, tuned_tiles
 
 MOE_ACTIVATIONS = ("silu", "swigluoai")
 
-# Tiles by the rows each used expert sees on average, (M * top_k) / min(M * top_k, E); the first row
-# whose bound is >= it: (max_rows, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
-# Few rows per expert is a memory-bound stream of the used experts' weights (narrow tiles for more
-# programs, deep K); many rows is an H100 tensor-core GEMM per expert (wide tiles, GROUP_M for L2 reuse
-# of a weight tile across an expert's row blocks). Shared memory stays under 160 KiB in every row
-# (float32 halves BLOCK_K).
-MOE_CONFIGS = (
-    (4, 16, 64, 128, 1, 4, 4),
-    (16, 16, 128, 128, 1, 4, 3),
-    (48, 32, 128, 128, 8, 8, 3),
-    (160, 64, 128, 64, 8, 8, 4),
-    (None, 128, 256, 64, 8, 8, 3),
-)
-_MIN_PROGRAMS = 512  # narrower N tiles until the real blocks give this many programs (132 SMs)
 _ALIGN_BLOCK = 1024
 
 
@@ -132,15 +122,6 @@ def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize, *, w13_bia
     return out.to(hidden.dtype)
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def max_padded_entries(num_entries, num_experts, block_m):
-    """Upper bound on the aligned length: at most min(entries, E) experts pad a partial block."""
-    return num_entries + min(num_entries, num_experts) * (block_m - 1)
-
-
 def moe_align_block_size_ref(topk_ids, num_experts, block_m):
     """topk_ids [M, top_k] -> (sorted_token_ids int32 [P], expert_ids int32 [P // block_m],
     num_tokens_post_padded int32 [1]), P = max_padded_entries rounded up to block_m.
@@ -150,7 +131,7 @@ def moe_align_block_size_ref(topk_ids, num_experts, block_m):
     from num_tokens_post_padded on are unused. Stable sort: entries keep their order within an expert."""
     flat = topk_ids.flatten().long()
     num_entries = flat.numel()
-    num_blocks = _cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
+    num_blocks = cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     counts.index_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -252,7 +233,7 @@ def moe_align_block_size_triton(topk_ids, num_experts, block_m):
     atomics (any order gives the same products)."""
     flat = topk_ids.reshape(-1)
     num_entries = flat.numel()
-    num_blocks = _cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
+    num_blocks = cdiv(max_padded_entries(num_entries, num_experts, block_m), block_m)
     device = flat.device
     e_pow2 = next_power_of_2(num_experts)
     if num_entries <= _SMALL_ALIGN_ENTRIES and num_experts <= _SMALL_ALIGN_EXPERTS:
@@ -278,7 +259,8 @@ def moe_align_block_size_triton(topk_ids, num_experts, block_m):
     return sorted_ids, expert_ids, num_post
 
 
-@triton.jit
+# The entry counts change with the batch: not specialized (on == 1 or % 16), so one binary serves them all.
+@triton.jit(do_not_specialize=["num_padded", "num_entries"])
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
                      N, K, num_padded, num_entries, stride_am, stride_be, stride_bn, stride_cm, stride_bias_e,
                      TOP_K: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -320,22 +302,16 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_ids_ptr,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=entry_mask[:, None] & n_mask[None, :])
 
 
-def moe_config(num_tokens, top_k, num_experts):
-    """The MOE_CONFIGS row for a batch of `num_tokens`."""
-    entries = num_tokens * top_k
-    rows_per_expert = entries / max(1, min(entries, num_experts))
-    return next(c for c in MOE_CONFIGS if c[0] is None or rows_per_expert <= c[0])
-
-
-def _moe_gemm(a, b, bias, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, config, used_blocks):
-    _, block_m, block_n, block_k, group_m, num_warps, num_stages = config
-    num_experts, n, k = b.shape
-    while block_n > 32 and used_blocks * triton.cdiv(n, block_n) < _MIN_PROGRAMS:
-        block_n //= 2
-    if a.dtype == torch.float32:  # exact float32 (no tf32) in tiles of the same shared memory
-        block_k = max(16, block_k // 2)
+def moe_gemm(a, b, bias, out, weights, sorted_ids, expert_ids, num_post, top_k, mul_weight, tiles,
+             compile_only=False):
+    """One grouped GEMM of `fused_moe_triton` (w13 or w2) over the aligned entries, with `tiles` as given:
+    out[entry] = (a[entry // top_k] @ b[expert]^T + bias[expert]) (* weights[entry] if mul_weight).
+    `compile_only`: Triton's warmup (compiles, launches nothing; meta tensors do), for the tuner."""
+    block_m, block_n, block_k, group_m, num_warps, num_stages = tiles
+    n, k = b.shape[1], b.shape[2]
     grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, block_n),)
-    _moe_gemm_kernel[grid](
+    kernel = functools.partial(_moe_gemm_kernel.warmup, grid=grid) if compile_only else _moe_gemm_kernel[grid]
+    kernel(
         a, b, out, weights, out if bias is None else bias, sorted_ids, expert_ids, num_post, n, k,
         sorted_ids.numel(), out.shape[0], a.stride(0), b.stride(0), b.stride(1), out.stride(0),
         0 if bias is None else bias.stride(0), TOP_K=top_k, MUL_WEIGHT=mul_weight, HAS_BIAS=bias is not None,
@@ -344,9 +320,22 @@ def _moe_gemm(a, b, bias, out, weights, sorted_ids, expert_ids, num_post, top_k,
         num_stages=num_stages)
 
 
+@functools.cache
+def moe_tiles(num_tokens, top_k, num_experts, intermediate, hidden_size, dtype, device):
+    """A batch's tiles: on CUDA the tuned file's for this GPU and shape (`moe_tuned.py`) if there is one,
+    else the MOE_CONFIGS row made concrete. Cached: a step pays one dict lookup, no file or table work."""
+    if device.type == "cuda":
+        tuned = tuned_tiles(num_tokens, num_experts, intermediate, cuda_device_name(device), dtype)
+        if tuned is not None:
+            return tuned
+    return table_tiles(moe_config(num_tokens, top_k, num_experts), num_tokens, top_k, num_experts,
+                       2 * intermediate, hidden_size, dtype)
+
+
 def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=None, *, w13_bias=None,
                      w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
-    """Triton version of `fused_moe_ref`; `config` is one of MOE_CONFIGS (chosen by M if None)."""
+    """Triton version of `fused_moe_ref`. `config`: None (`moe_tiles` chooses), `MoeTiles` (used as given)
+    or a MOE_CONFIGS row (made concrete for this batch as the table's rows are)."""
     _check_activation(activation)
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
@@ -357,22 +346,22 @@ def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=
         weights, ids = select_experts_triton(router_logits, top_k, renormalize)
     else:
         weights, ids = select_experts(router_logits, top_k, renormalize)
-    config = config or moe_config(num_tokens, top_k, num_experts)
-    block_m = config[1]
-    sorted_ids, expert_ids, num_post = moe_align_block_size_triton(ids, num_experts, block_m)
+    if config is None:
+        tiles = moe_tiles(num_tokens, top_k, num_experts, w2.shape[2], hidden_size, hidden.dtype, hidden.device)
+    elif isinstance(config, MoeTiles):
+        tiles = config
+    else:
+        tiles = table_tiles(config, num_tokens, top_k, num_experts, two_inter, hidden_size, hidden.dtype)
+    sorted_ids, expert_ids, num_post = moe_align_block_size_triton(ids, num_experts, tiles.w13.block_m)
     entries = num_tokens * top_k
-    # Blocks that hold entries, at most: what the program count is sized by (the rest exit at once).
-    used_blocks = min(expert_ids.numel(), _cdiv(entries, block_m) + min(entries, num_experts))
     gate_up = torch.empty(entries, two_inter, dtype=hidden.dtype, device=hidden.device)
-    _moe_gemm(hidden, w13, w13_bias, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, config,
-              used_blocks)
+    moe_gemm(hidden, w13, w13_bias, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, tiles.w13)
     if activation == "swigluoai":
         activated = swiglu_oai_and_mul_triton(gate_up, swiglu_alpha, swiglu_limit)
     else:
         activated = silu_and_mul_triton(gate_up)
     down = torch.empty(entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    _moe_gemm(activated, w2, w2_bias, down, weights, sorted_ids, expert_ids, num_post, 1, True,
-              config, used_blocks)
+    moe_gemm(activated, w2, w2_bias, down, weights, sorted_ids, expert_ids, num_post, 1, True, tiles.w2)
     return down.view(num_tokens, top_k, hidden_size).sum(dim=1)
 
 

@@ -8,7 +8,8 @@ floor = max(bytes read / measured copy bandwidth, FLOPs / measured bf16 matmul r
 are the weights of the experts the batch actually routes to (counted from its routing) plus the
 activations. The kernel is timed as CUDA-graph replays (as decode runs it) over several routings in
 turn, so the experts read change from call to call as they do from layer to layer; the torch loop,
-which syncs with the host, eagerly.
+which syncs with the host, eagerly. Where a tuned file for this GPU (kernels/moe_configs/, written by
+scripts/tune_moe.py) chose the tiles, the table's tiles are timed on the next line.
 """
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ import torch
 from triton.testing import do_bench, do_bench_cudagraph
 
 from asyncserve.kernels import MOE_CONFIGS, fused_moe_ref, fused_moe_triton, select_experts
-from asyncserve.kernels.moe import moe_config
+from asyncserve.kernels.moe import moe_tiles
+from asyncserve.kernels.moe_tiles import moe_config, table_tiles
 from bench_common import measure_bandwidth, measure_matmul_rate
 
 # name -> (hidden, expert intermediate, experts, top_k, renormalize)
 SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2, True), "qwen3-30b-a3b": (2048, 768, 128, 8, True)}
 ROUTINGS = 4
 DTYPE = torch.bfloat16
+
+
+def _tiles_label(source, tiles):
+    return f"{source} w13 {tuple(tiles.w13)} w2 {tuple(tiles.w2)}"
 
 
 def _bench_shape(name, token_counts, bandwidth, matmul, sweep, no_torch):
@@ -42,13 +48,19 @@ def _bench_shape(name, token_counts, bandwidth, matmul, sweep, no_torch):
         used = sum(select_experts(l, top_k, renormalize)[1].unique().numel() for l in logits) / ROUTINGS
         read = used * expert_bytes + 2 * m * hidden * w13.element_size()
         floor = max(read / bandwidth, 6 * m * top_k * hidden * inter / matmul)
-        configs = [None] + (list(MOE_CONFIGS) if sweep else [])
+        # The dispatcher's tiles; where a tuned file (kernels/moe_configs/) chose them, the table's row after.
+        chosen = moe_tiles(m, top_k, experts, inter, hidden, DTYPE, w13.device)
+        table = table_tiles(moe_config(m, top_k, experts), m, top_k, experts, 2 * inter, hidden, DTYPE)
+        labels = {None: _tiles_label("tuned" if chosen != table else "table", chosen)}
+        if chosen != table:
+            labels[table] = _tiles_label("table", table)
+        configs = list(labels) + (list(MOE_CONFIGS) if sweep else [])
         for config in configs:
             def run(config=config):
                 for x, l in zip(xs, logits):
                     fused_moe_triton(x, w13, w2, l, top_k, renormalize, config)
             ours = do_bench_cudagraph(run) / ROUTINGS * 1e-3
-            label = "default " + str(moe_config(m, top_k, experts)[1:]) if config is None else str(config[1:])
+            label = labels.get(config) or str(config[1:])
             loop = f"{'':14} {'':9}"
             if config is None and not no_torch:
                 ref = do_bench(lambda: fused_moe_ref(xs[0], w13, w2, logits[0], top_k, renormalize)) * 1e-3
@@ -61,7 +73,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), nargs="*", default=sorted(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 512, 4096])
-    parser.add_argument("--sweep", action="store_true", help="also time every row of MOE_CONFIGS")
+    parser.add_argument("--sweep", action="store_true", help="also time every row of MOE_CONFIGS (made concrete "
+                        "per batch as the table's rows are)")
     parser.add_argument("--no-torch", action="store_true", help="skip the per-expert torch loop")
     args = parser.parse_args()
     bandwidth, matmul = measure_bandwidth(), measure_matmul_rate()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|quant|families|families23|structured|vllm|vllm-offline|spec|
-#        compare DIR|none]
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|
+#        vllm-offline|spec|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -48,6 +48,38 @@ if [ "$what" = moe ]; then  # issue 13's MoE: kernel tests at real shapes, the k
   timeout 200 python3 bench_latency.py --model mixtral-8x7b-2layer --no-hf 2>&1 | tee "$OUT/latency_mixtral2l.log" | tail -3
   timeout 300 python3 bench_latency.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/latency_qwen3moe.log" | tail -3
   timeout 400 python3 bench_throughput.py --model qwen3-30b-a3b --no-hf 2>&1 | tee "$OUT/throughput_qwen3moe.log" | tail -3
+fi
+if [ "$what" = tune-moe ]; then  # issue 22: MoE tiles tuned per token count for this GPU, then the models measured
+  # MODELS picks (default qwen3-30b-a3b); SPACE the tuner's --space (tiny|small|medium|large); BASELINE=1 measures
+  # batch-1 decode on the table's tiles first; NO_TUNE=1 measures the committed files; NO_BENCH=1 only tunes.
+  # The files come back as $OUT/moe_configs.tgz (their names hold "=" and ","; also copied to $OUT/moe_configs/):
+  # tar -xzf moe_configs.tgz -C kernels/moe_configs, then commit.
+  models=${MODELS:-qwen3-30b-a3b}
+  cd "$ROOT/scripts"
+  if [ -n "${BASELINE:-}" ]; then
+    for m in $models; do
+      timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_${m}_table.log" | grep -E "floor|^asyncserve:"
+    done
+  fi
+  cd "$ROOT"
+  if [ -z "${NO_TUNE:-}" ]; then
+    timeout 540 python3 scripts/tune_moe.py --model $models --space ${SPACE:-small} 2>&1 | tee "$OUT/tune_moe.log" | grep -v Warn
+    mkdir -p "$OUT/moe_configs" && cp kernels/moe_configs/*.json "$OUT/moe_configs/" \
+      && tar -C kernels/moe_configs -czf "$OUT/moe_configs.tgz" --exclude README.md . && ls kernels/moe_configs
+  fi
+  python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_moe_gpu.py 2>&1 | tee "$OUT/moe_tests.log" | tail -4
+  cd "$ROOT/scripts"
+  if [ -z "${NO_BENCH:-}" ]; then
+    for m in $models; do
+      case $m in  # the kernel alone, tuned tiles next to the table's (bench_moe.py knows these two shapes)
+        qwen3-30b-a3b) shape=qwen3-30b-a3b ;; mixtral-8x7b*) shape=mixtral-8x7b ;; *) shape="" ;;
+      esac
+      [ -n "$shape" ] && timeout 150 python3 bench_moe.py --shape $shape --no-torch --tokens 1 2 4 8 16 32 64 256 1024 4096 2>&1 \
+        | tee "$OUT/bench_moe_$m.log" | grep -v Warn
+      timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|^asyncserve:"
+      timeout 400 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|^asyncserve:"
+    done
+  fi
 fi
 if [ "$what" = quant ]; then  # issue 12: FP8 KV cache next to bf16 KV; start-up of a GPTQ 8B from disk
   cd "$ROOT/scripts"

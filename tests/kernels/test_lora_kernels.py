@@ -54,3 +54,23 @@ def test_triton_kernels_match_the_reference(triton_device, dtype):
     torch.testing.assert_close(out, expected, **tolerance)
     base_rows = [row for row, slot in enumerate(SLOTS) if slot < 0]
     assert torch.equal(out[base_rows], base[base_rows])  # the base model's rows are untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rank", [8, 64])
+def test_real_shapes_on_the_gpu(rank):
+    """Llama-3.1-8B's fused QKV (4096 -> 4096 | 1024 | 1024) in bf16, four adapter slots, 37 rows."""
+    global SLOTS
+    saved, SLOTS = SLOTS, [(3 * i) % 5 - 1 for i in range(37)]
+    try:
+        x, a_slices, b_slices, scales, slots, offsets, base = _case("cuda", torch.bfloat16, k=4096, rank=rank,
+                                                                     widths=(4096, 1024, 1024), num_adapters=4)
+        scales = torch.tensor([0.5, 2.0, 1.25, 1.0], device="cuda")
+        y = lora_shrink_triton(x, a_slices, slots)
+        torch.testing.assert_close(y, lora_shrink_ref(x, a_slices, slots), atol=0.5, rtol=2e-2)
+        out = lora_expand_triton(y, b_slices, slots, scales, base.clone(), offsets)
+        expected = lora_expand_ref(y, b_slices, slots, scales, base.clone(), offsets)
+        torch.testing.assert_close(out, expected, atol=1.0, rtol=2e-2)
+    finally:
+        SLOTS = saved

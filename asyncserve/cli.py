@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
                             "(n-gram prompt lookup; \"disable_by_batch_size\": N turns it off for steps with more "
                             "than N running sequences, default 16).")
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=d["enable_lora"],
+                      help="Serve LoRA adapters (PEFT's files) on the base model; a request names one in `model`.")
+    lora.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                      help="Adapters served by name: name=path, or vLLM's JSON "
+                           "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'. More load at runtime with "
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (POST /v1/load_lora_adapter).")
+    lora.add_argument("--max-loras", type=int, default=d["max_loras"],
+                      help="Adapters in one batch (GPU slots) (default: %(default)s).")
+    lora.add_argument("--max-lora-rank", type=int, default=d["max_lora_rank"],
+                      help="The largest adapter rank a slot holds (default: %(default)s).")
+    lora.add_argument("--max-cpu-loras", type=int, default=d["max_cpu_loras"],
+                      help="Adapters kept loaded in host memory (default: --max-loras).")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 
@@ -262,7 +275,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         structured_outputs_cache_mb=args.structured_outputs_cache_mb,
         structured_outputs_max_bytes=args.structured_outputs_max_bytes,
         structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
-        speculative_config=args.speculative_config)
+        speculative_config=args.speculative_config, enable_lora=args.enable_lora, max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -355,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s", line)
         api_key, api_key_line = resolve_api_key(args.api_key)
         logger.info("%s", api_key_line)
+        from asyncserve.server.lora_adapters import parse_lora_modules
+        lora_modules = parse_lora_modules(args.lora_modules)
+        if lora_modules and not args.enable_lora:
+            raise ConfigError("--lora-modules needs --enable-lora.")
         from asyncserve.engine.async_engine import AsyncEngine
         engine = AsyncEngine(config)
     except (ConfigError, UnsupportedModelError) as exc:
@@ -369,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
                      drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,
                      request_body_timeout=args.request_body_timeout, tool_call_parser=args.tool_call_parser,
-                     enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser)
+                     enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser,
+                     lora_modules=lora_modules)
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:

@@ -10,7 +10,7 @@ What happens to a flag:
   receives nor what the server promises: logging, API docs, uvicorn/h11 settings, CUDA-graph and
   compilation knobs, scheduler tuning asyncserve has no counterpart for;
 - accepted with a note whatever its kind when its value asks for what asyncserve does anyway (vLLM's
-  default: `--pipeline-parallel-size 1`, `--no-enable-lora`, `--tokenizer-mode auto`, ...).
+  default: `--pipeline-parallel-size 1`, `--tokenizer-mode auto`, ...).
 Standard library only: the CLI reads this before anything heavy is imported.
 """
 from __future__ import annotations
@@ -74,10 +74,7 @@ FLAGS: tuple[VllmFlag, ...] = (
     # model and weights
     _flag("--speculative-model --num-speculative-tokens --ngram-prompt-lookup-max --ngram-prompt-lookup-min",
           _SPEC, NOT_BUILT, 1, "use --speculative-config '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}'"),
-    _flag("--enable-lora", _LORA, NOT_BUILT, 0, "serve a checkpoint with the adapter merged into it"),
-    _flag("--lora-modules", _LORA, NOT_BUILT, "+", "serve a checkpoint with the adapter merged into it"),
-    _flag("--max-loras --max-lora-rank --max-cpu-loras --lora-dtype --lora-extra-vocab-size --default-mm-loras",
-          _LORA, NOT_BUILT),
+    _flag("--lora-dtype --lora-extra-vocab-size --default-mm-loras", _LORA, NOT_BUILT),
     _flag("--fully-sharded-loras --enable-lora-bias", _LORA, NOT_BUILT, 0),
     _flag("--download-dir", "the folder weights download to", NOT_BUILT, 1,
           "set HF_HUB_CACHE=DIR (the Hugging Face cache) instead"),
@@ -233,7 +230,6 @@ ROUTES: tuple[VllmRoute, ...] = (
     *_route("/inference/v1/generate", "the token-in, token-out generate API",
             hint="use /v1/completions with a prompt of token ids"),
     *_route("/invocations /ping", "SageMaker's routes", hint="use /v1/... and /health"),
-    *_route("/v1/load_lora_adapter /v1/unload_lora_adapter", "LoRA adapters"),
     *_route("/start_profile /stop_profile", "the torch profiler"),
     *_route("/sleep /wake_up /is_sleeping", "sleep mode"),
     *_route("/pause /resume /is_paused", "pausing generation"),

@@ -182,8 +182,17 @@ class AsyncEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
+    async def prepare_lora(self, lora_request) -> None:
+        """Reads a LoRA adapter's files off the loop the first time a request names it (then kept in host
+        memory); raises LoRAAdapterError / InvalidParameterError as add_request would."""
+        manager = self.llm_engine.lora
+        if lora_request is None or manager is None or manager.is_loaded(lora_request):
+            return
+        adapter = await asyncio.get_running_loop().run_in_executor(self._preparer, manager.read, lora_request)
+        manager.register(lora_request, adapter)
+
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
-                    sink: OutputSink | None = None):
+                    sink: OutputSink | None = None, lora_request=None):
         """Validates and queues a request; raises InvalidParameterError / QueueFullError before anything runs.
         Its outputs go to `sink`, called on the loop as each step is processed (a new RequestStream, to be
         awaited, without one)."""
@@ -205,14 +214,15 @@ class AsyncEngine:
         # token lists off the loop, and the server checks a big prompt off the loop first.
         processed = self.llm_engine.input_processor.process(prompt, params)
         request = self.llm_engine.add_request(request_id, processed,
-                                              delta=sink is not None and getattr(sink, "delta", False))
+                                              delta=sink is not None and getattr(sink, "delta", False),
+                                              lora_request=lora_request)
         stream = sink if sink is not None else RequestStream()
         self._streams[request_id] = stream
         self._wakeup.set()
         return request, stream
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
         # A copy: what is prepared for this request is kept on it, not on the caller's object.
         sampling_params = (sampling_params or self.default_sampling_params()).clone()
@@ -220,7 +230,8 @@ class AsyncEngine:
         if grammar is not None:  # found by add_request without compiling on the loop, cached or not
             self.llm_engine.structured.hand_over(sampling_params.structured_outputs, grammar)
         await self.prepare_token_constraints(sampling_params)
-        request, stream = self.add_request(prompt, sampling_params, request_id)
+        await self.prepare_lora(lora_request)
+        request, stream = self.add_request(prompt, sampling_params, request_id, lora_request=lora_request)
         finished = False
         try:
             while not finished:

@@ -31,28 +31,45 @@ class LoRAManager:
         self.pending_loads: list[tuple[int, dict, float]] = []  # (slot, weights, scaling) for the runner
         self.num_slot_loads = 0
 
-    def register(self, request: LoRARequest) -> LoRAAdapter:
-        """Checks and loads a request's adapter once (from disk, into host memory); later calls reuse it."""
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """The adapter's files read and checked, touching nothing shared: the server calls it off the loop."""
+        adapter = load_peft_adapter(request.lora_name, request.lora_path, self.packed_modules_mapping)
+        if adapter.rank > self.config.max_lora_rank:
+            raise LoRAAdapterError(f"Adapter {request.lora_name!r} has rank {adapter.rank}, over max_lora_rank="
+                                   f"{self.config.max_lora_rank}: raise max_lora_rank (--max-lora-rank).")
+        return adapter
+
+    def is_loaded(self, request: LoRARequest) -> bool:
+        return request.lora_int_id in self.host
+
+    def forget(self, lora_id: int) -> None:
+        """An unloaded adapter: dropped from host memory; a GPU slot holding it is reused when idle."""
+        self.requests.pop(lora_id, None)
+        if lora_id not in self.slot_of:
+            self.host.pop(lora_id, None)
+
+    def register(self, request: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+        """Checks and loads a request's adapter once (from disk, into host memory; or `adapter`, read
+        already); later calls reuse it."""
         known = self.requests.get(request.lora_int_id)
         if known is not None and (known.lora_path, known.lora_name) != (request.lora_path, request.lora_name):
             raise LoRAAdapterError(f"lora_int_id {request.lora_int_id} is already adapter {known.lora_name!r} "
                                    f"({known.lora_path}); give {request.lora_name!r} another id.")
-        adapter = self.host.get(request.lora_int_id)
         if adapter is None:
-            adapter = load_peft_adapter(request.lora_name, request.lora_path, self.packed_modules_mapping)
-            if adapter.rank > self.config.max_lora_rank:
-                raise LoRAAdapterError(f"Adapter {request.lora_name!r} has rank {adapter.rank}, over max_lora_rank="
-                                       f"{self.config.max_lora_rank}: raise max_lora_rank (--max-lora-rank).")
+            adapter = self.host.get(request.lora_int_id)
+        if adapter is None:
+            adapter = self.read(request)
+        if request.lora_int_id not in self.host:
             self.host[request.lora_int_id] = adapter
-            self._trim_host()
+            self._trim_host(keep=request.lora_int_id)
         self.host.move_to_end(request.lora_int_id)
         self.requests[request.lora_int_id] = request
         return adapter
 
-    def _trim_host(self) -> None:
+    def _trim_host(self, keep: int) -> None:
         while len(self.host) > self.config.num_cpu_loras:
             for lora_id in self.host:  # the least recently used one that no slot needs reloaded from
-                if lora_id not in self.slot_of:
+                if lora_id not in self.slot_of and lora_id != keep:
                     del self.host[lora_id]
                     break
             else:

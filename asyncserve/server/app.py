@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from asyncserve.errors import ConfigError
 from asyncserve.server.chat import create_chat_completion, load_chat_template
 from asyncserve.server.parsers_config import check_parsers
 from asyncserve.server.connection import quiet_malformed_request_logs, send_and_close, set_server_header
@@ -19,6 +20,8 @@ from asyncserve.server.page import chat_page
 from asyncserve.server.serving import client_closed
 from asyncserve.server.state import SERVER_STATE, ServerState
 from asyncserve.server.stall_stacks import StallSampler
+from asyncserve.server.lora_adapters import (LoRAAdapters, load_lora_adapter, runtime_updating_allowed,
+                                             unload_lora_adapter)
 
 logger = logging.getLogger("asyncserve.server")
 
@@ -126,7 +129,9 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, drain_timeout: float = 5.0,
                freeze_gc: bool = True, cors: CorsConfig | None = None, stream_write_timeout: float = 30.0,
                request_body_timeout: float = 60.0, tool_call_parser: str | None = None,
-               enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None) -> web.Application:
+               enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
+               lora_modules: list[dict] | None = None,
+               allow_runtime_lora_updating: bool | None = None) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -138,6 +143,9 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     A client that reads nothing of its response for `stream_write_timeout` seconds is disconnected and its
     request aborted; a body that has not arrived after `request_body_timeout` seconds is answered 408.
     `tool_call_parser`, `enable_auto_tool_choice` and `reasoning_parser` are vLLM's flags of the same names.
+    `lora_modules` (the engine built with enable_lora): adapters served by name, [{"name", "path"}, ...] as
+    vLLM's --lora-modules; `allow_runtime_lora_updating` (default: vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+    opens /v1/load_lora_adapter and /v1/unload_lora_adapter.
     """
     check_parsers(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
     names = served_model_name or engine.served_model_names
@@ -146,7 +154,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                         log_requests=log_requests, drain_timeout=drain_timeout, max_body_bytes=max_body_bytes,
                         freeze_gc=freeze_gc, stream_write_timeout=stream_write_timeout,
                         request_body_timeout=request_body_timeout, tool_call_parser=tool_call_parser,
-                        enable_auto_tool_choice=enable_auto_tool_choice, reasoning_parser=reasoning_parser)
+                        enable_auto_tool_choice=enable_auto_tool_choice, reasoning_parser=reasoning_parser,
+                        lora=_lora_adapters(engine, lora_modules, allow_runtime_lora_updating))
     middlewares = [error_middleware, auth_middleware, draining_middleware]
     if cors is not None:
         middlewares.insert(0, cors_middleware)
@@ -169,5 +178,16 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     app.router.add_get("/version", version, name="version")
     app.router.add_get("/metrics", metrics, name="metrics")
     app.router.add_get("/", chat_page, name="chat_page")
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter, name="load_lora_adapter")
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter, name="unload_lora_adapter")
     return app
+
+
+def _lora_adapters(engine, modules: list[dict] | None, allow_runtime_updating: bool | None):
+    if engine.llm_engine.lora is None:
+        if modules:
+            raise ConfigError("--lora-modules needs the engine built with --enable-lora (enable_lora=True).")
+        return None
+    allowed = runtime_updating_allowed() if allow_runtime_updating is None else allow_runtime_updating
+    return LoRAAdapters(modules, allowed)
 

@@ -49,7 +49,8 @@ def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str,
 class Generation:
     """The engine requests behind one HTTP request; `outputs()` must be closed (aclosing) to abort leftovers."""
 
-    def __init__(self, engine, base_id: str, prompts: list[Prompt], params: SamplingParams, sink=None):
+    def __init__(self, engine, base_id: str, prompts: list[Prompt], params: SamplingParams, sink=None,
+                 lora_request=None):
         """`sink` (a server.stream_sink.StreamSink): the outputs go there, step by step, instead of to
         `outputs()`."""
         self.engine = engine
@@ -63,7 +64,8 @@ class Generation:
                 request_id = f"{base_id}-{index}"
                 _, stream = engine.add_request({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids},
                                                params, request_id,
-                                               sink.for_prompt(index) if sink is not None else None)
+                                               sink.for_prompt(index) if sink is not None else None,
+                                               lora_request=lora_request)
                 self.request_ids.append(request_id)
                 self._streams.append(stream)
         except BaseException:

@@ -8,6 +8,7 @@ from typing import Callable, Protocol
 
 from aiohttp import web
 
+from asyncserve.errors import LoRAAdapterError
 from asyncserve.outputs import RequestOutput
 from asyncserve.server.beam import (
     BeamGeneration,
@@ -15,6 +16,7 @@ from asyncserve.server.beam import (
     check_beam_request,
 )
 from asyncserve.server.embeddings import refuse_on_embedding_model
+from asyncserve.server.errors import ApiError, bad_request
 from asyncserve.server.generation import Generation, Prompt
 from asyncserve.server.serving import (
     OFFLOAD_RESPONSE_ENTRIES,
@@ -63,6 +65,14 @@ async def handle_generation(request: web.Request,
     prepared = await read_and_prepare(request, state, prepare, always_offload=True)
     engine, parsed = state.engine, prepared.parsed
     response_id, created = state.new_id(prepared.id_prefix), int(time.time())
+    lora = state.lora_request(prepared.model)  # a served adapter's name: its LoRARequest
+    if lora is not None:
+        if parsed.use_beam_search:
+            raise bad_request("Beam search with a LoRA adapter is not supported yet.", "use_beam_search")
+        try:
+            await engine.prepare_lora(lora)  # its files read off the loop, once
+        except LoRAAdapterError as exc:
+            raise ApiError(400, str(exc), param="model", code="lora_adapter_unavailable") from None
     if parsed.use_beam_search:
         check_beam_request(parsed.params, parsed.stream, parsed.structured_field, engine.max_logprobs)
         latest = await beam_search_outputs(engine, prepared.prompts, parsed.params, parsed.length_penalty)
@@ -74,10 +84,10 @@ async def handle_generation(request: web.Request,
         encoder = ChunkEncoder(response_id, prepared.chunk_object, created, prepared.model,
                                parsed.include_usage, chat=prepared.chat)
         sink = stream_sink(state, prepared.stream_writer(state, encoder))
-        generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink)
+        generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink, lora)
         log_request(state, response_id, prepared.kind, generation, parsed.stream)
         return await stream(request, state, generation, sink, parsed.include_usage)
-    generation = Generation(engine, response_id, prepared.prompts, parsed.params)
+    generation = Generation(engine, response_id, prepared.prompts, parsed.params, lora_request=lora)
     log_request(state, response_id, prepared.kind, generation, parsed.stream)
     latest = await collect(request, state, generation)
     if latest is None:

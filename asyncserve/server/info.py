@@ -18,14 +18,26 @@ def _model_card(state: ServerState, name: str) -> dict:
             "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len}
 
 
+def _adapter_card(state: ServerState, lora) -> dict:
+    """A LoRA adapter as vLLM lists it: its own id, the base model as parent, its folder as root."""
+    return {"id": lora.lora_name, "object": "model", "created": state.created, "owned_by": "asyncserve",
+            "root": lora.lora_path, "parent": lora.base_model_name or state.model_names[0],
+            "max_model_len": state.engine.max_model_len}
+
+
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[SERVER_STATE]
-    return json_response({"object": "list", "data": [_model_card(state, name) for name in state.model_names]})
+    cards = [_model_card(state, name) for name in state.model_names]
+    if state.lora is not None:
+        cards += [_adapter_card(state, lora) for lora in state.lora.by_name.values()]
+    return json_response({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     state = request.app[SERVER_STATE]
-    return json_response(_model_card(state, state.resolve_model(request.match_info["model"])))
+    name = state.resolve_model(request.match_info["model"])
+    lora = state.lora_request(name)
+    return json_response(_adapter_card(state, lora) if lora is not None else _model_card(state, name))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -6,7 +6,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ class ServerState:
     tool_call_parser: str | None = None  # --tool-call-parser: how tool calls look in the model's text
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is served
     reasoning_parser: str | None = None  # --reasoning-parser: thinking text apart from the answer
+    lora: Any = None  # LoRAAdapters (server/lora_adapters.py): adapters served by name; None without LoRA
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -74,10 +75,15 @@ class ServerState:
         """The served name a request asked for; the first served name when it named none."""
         if name is None:
             return self.model_names[0]
-        if name in self.model_names:
+        if name in self.model_names or (self.lora is not None and name in self.lora.by_name):
             return name
+        served = self.model_names + (list(self.lora.by_name) if self.lora is not None else [])
         raise ApiError(404, f"The model '{name}' does not exist. This server serves: "
-                       f"{', '.join(self.model_names)}.", param="model", code="model_not_found")
+                       f"{', '.join(served)}.", param="model", code="model_not_found")
+
+    def lora_request(self, model: str):
+        """The LoRARequest of a served adapter's name (None: the base model)."""
+        return self.lora.get(model) if self.lora is not None else None
 
     @staticmethod
     def new_id(prefix: str) -> str:

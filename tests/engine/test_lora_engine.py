@@ -11,8 +11,9 @@ from asyncserve import SamplingParams
 from asyncserve.errors import InvalidParameterError, LoRAAdapterError
 from asyncserve.lora_request import LoRARequest
 from tests.conftest import PROMPTS, hf_greedy
+from tests.peft_adapters import save_peft_adapter
 
-peft = pytest.importorskip("peft")
+pytest.importorskip("peft")
 
 MAX_NEW = 12
 TARGETS = [["q_proj", "v_proj", "o_proj"], ["k_proj", "gate_proj", "up_proj", "down_proj"]]
@@ -20,21 +21,15 @@ TARGETS = [["q_proj", "v_proj", "o_proj"], ["k_proj", "gate_proj", "up_proj", "d
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
-    """Two PEFT LoRA adapters of the tiny Llama (different targets, ranks and alpha; one rsLoRA), with
-    nonzero B so they change the output, saved as PEFT saves them; and transformers' merged models."""
-    from transformers import AutoModelForCausalLM
+    """Two PEFT LoRA adapters of the tiny Llama (different targets, ranks and alpha; one rsLoRA), saved as
+    PEFT saves them; and transformers' merged models."""
     base_dir = tiny_model_dir("llama")
     saved = []
     for index, targets in enumerate(TARGETS):
-        model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
-        config = peft.LoraConfig(r=4 * (index + 1), lora_alpha=8 + 8 * index, target_modules=targets,
-                                 use_rslora=index == 1, init_lora_weights=False)
-        torch.manual_seed(index)
-        wrapped = peft.get_peft_model(model, config)
-        path = tmp_path_factory.mktemp(f"adapter{index}")
-        wrapped.save_pretrained(str(path))
-        merged = wrapped.merge_and_unload().eval()
-        saved.append((str(path), merged))
+        path = str(tmp_path_factory.mktemp(f"adapter{index}"))
+        merged = save_peft_adapter(base_dir, path, targets, rank=4 * (index + 1), alpha=8 + 8 * index,
+                                   use_rslora=index == 1, seed=index)
+        saved.append((path, merged))
     return base_dir, saved
 
 

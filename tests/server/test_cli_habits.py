@@ -135,11 +135,8 @@ def test_cors_is_off_unless_origins_are_given():
     (["--num-speculative-tokens", "4"],
      ['--num-speculative-tokens (vLLM: speculative decoding) is not built in asyncserve yet: use '
       '--speculative-config \'{"method": "ngram", "num_speculative_tokens": 4}\'.']),
-    (["--enable-lora", "--lora-modules", "sql=/adapters/sql", "chat=/adapters/chat"],
-     ["--enable-lora (vLLM: LoRA adapters) is not built in asyncserve yet: serve a checkpoint with the adapter "
-      "merged into it.",
-      "--lora-modules (vLLM: LoRA adapters) is not built in asyncserve yet: serve a checkpoint with the "
-      "adapter merged into it."]),
+    (["--enable-lora", "--fully-sharded-loras"],
+     ["--fully-sharded-loras (vLLM: LoRA adapters) is not built in asyncserve yet."]),
     (["--pipeline-parallel-size", "2"],
      ["--pipeline-parallel-size (vLLM: pipeline parallelism) is not built in asyncserve yet: use "
       "--tensor-parallel-size."]),
@@ -188,8 +185,8 @@ def test_harmless_vllm_flags_and_neutral_values_are_accepted_with_a_note_consumi
         "decode steps per batch size and mixed steps per token count (--max-cudagraph-capture-size; "
         "--enforce-eager skips both); ignored.",
         "--pipeline-parallel-size 1 (vLLM: pipeline parallelism) asks for nothing asyncserve does not already do; "
-        "ignored.",
-        "--no-enable-lora (vLLM: LoRA adapters) asks for nothing asyncserve does not already do; ignored."]
+        "ignored."]
+    assert args.enable_lora is False  # --no-enable-lora is asyncserve's own flag now
 
 
 def test_max_cudagraph_capture_size_is_vllms_flag_and_reaches_the_model_config(tiny_model_dir):

@@ -1,0 +1,92 @@
+"""LoRA adapters through the server as vLLM serves them: --lora-modules names, `model` choosing one with the
+official openai client (the same tokens as offline with that LoRARequest), /v1/models listing them with the
+base model as parent, unknown names 404, and runtime loading behind VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from asyncserve import LLM, LoRARequest, SamplingParams
+from tests.peft_adapters import save_peft_adapter
+from tests.server.conftest import MODEL_NAME, live_server
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytest.importorskip("peft")
+
+PROMPT = "The capital of France is"
+LORA = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(model_path, tmp_path_factory):
+    paths = []
+    for index, targets in enumerate([["q_proj", "v_proj"], ["gate_proj", "down_proj"]]):
+        path = str(tmp_path_factory.mktemp(f"server-adapter{index}"))
+        save_peft_adapter(model_path, path, targets, rank=4, alpha=16, seed=10 + index)
+        paths.append(path)
+    return paths
+
+
+def _offline_tokens(model_path, lora):
+    llm = LLM(model_path, device="cpu", num_gpu_blocks_override=128, **LORA)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False,
+                       lora_request=lora)
+    return out[0].outputs[0].token_ids
+
+
+async def test_adapters_by_name_with_the_openai_client(model_path, adapter_dirs):
+    import openai
+    modules = [{"name": "sql", "path": adapter_dirs[0]}, {"name": "chat", "path": adapter_dirs[1]}]
+    async with live_server(model_path, {"lora_modules": modules}, **LORA) as live:
+        client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="x")
+        models = (await client.models.list()).data
+        assert [m.id for m in models] == [MODEL_NAME, "sql", "chat"]
+        assert [m.parent for m in models[1:]] == [MODEL_NAME, MODEL_NAME]
+        assert (await client.models.retrieve("sql")).root == adapter_dirs[0]
+        results = {}
+        for name in (MODEL_NAME, "sql", "chat"):
+            result = await client.completions.create(model=name, prompt=PROMPT, max_tokens=10, temperature=0,
+                                                     extra_body={"ignore_eos": True})
+            results[name] = result.choices[0].text
+        with pytest.raises(openai.NotFoundError, match="The model 'nope' does not exist"):
+            await client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+        await client.close()
+    tokenizer = live.engine.tokenizer
+    for name, lora in ((MODEL_NAME, None), ("sql", LoRARequest("sql", 1, adapter_dirs[0])),
+                       ("chat", LoRARequest("chat", 2, adapter_dirs[1]))):
+        assert results[name] == tokenizer.decode(_offline_tokens(model_path, lora), skip_special_tokens=True)
+    assert len(set(results.values())) == 3  # each adapter changed the output
+
+
+async def test_runtime_loading_is_behind_vllms_switch(model_path, adapter_dirs):
+    async with live_server(model_path, {"allow_runtime_lora_updating": False}, **LORA) as live, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{live.url}/v1/load_lora_adapter",
+                             json={"lora_name": "x", "lora_path": adapter_dirs[0]}) as response:
+            assert response.status == 403
+            assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in (await response.json())["error"]["message"]
+    async with live_server(model_path, {"allow_runtime_lora_updating": True}, **LORA) as live, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{live.url}/v1/load_lora_adapter",
+                             json={"lora_name": "sql", "lora_path": adapter_dirs[0]}) as response:
+            assert response.status == 200 and "added" in await response.text()
+        async with http.post(f"{live.url}/v1/load_lora_adapter",
+                             json={"lora_name": "bad", "lora_path": "/nonexistent"}) as response:
+            assert response.status == 400 and "adapter_config.json" in (await response.json())["error"]["message"]
+        async with http.post(f"{live.url}/v1/completions",
+                             json={"model": "sql", "prompt": PROMPT, "max_tokens": 3}) as response:
+            assert response.status == 200
+        async with http.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}) as response:
+            assert response.status == 200
+        async with http.post(f"{live.url}/v1/completions",
+                             json={"model": "sql", "prompt": PROMPT, "max_tokens": 3}) as response:
+            assert response.status == 404
+        async with http.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}) as response:
+            assert response.status == 404
+
+
+async def test_without_enable_lora_the_routes_say_how(server):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}/v1/load_lora_adapter",
+                             json={"lora_name": "x", "lora_path": "/x"}) as response:
+            assert response.status == 400 and "--enable-lora" in (await response.json())["error"]["message"]

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Adapters served by name: name=path, or vLLM's JSON "
                            "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'. More load at runtime with "
                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (POST /v1/load_lora_adapter).")
+    lora.add_argument("--lora-dir", default=None, metavar="DIR",
+                      help="A request whose model names a folder here holding a PEFT adapter is served with it "
+                           "(loaded on first use; default: vLLM's VLLM_LORA_RESOLVER_CACHE_DIR).")
     lora.add_argument("--max-loras", type=int, default=d["max_loras"],
                       help="Adapters in one batch (GPU slots) (default: %(default)s).")
     lora.add_argument("--max-lora-rank", type=int, default=d["max_lora_rank"],
@@ -371,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s", api_key_line)
         from asyncserve.server.lora_adapters import parse_lora_modules
         lora_modules = parse_lora_modules(args.lora_modules)
-        if lora_modules and not args.enable_lora:
-            raise ConfigError("--lora-modules needs --enable-lora.")
+        if (lora_modules or args.lora_dir) and not args.enable_lora:
+            raise ConfigError("--lora-modules and --lora-dir need --enable-lora.")
         from asyncserve.engine.async_engine import AsyncEngine
         engine = AsyncEngine(config)
     except (ConfigError, UnsupportedModelError) as exc:
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                      drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,
                      request_body_timeout=args.request_body_timeout, tool_call_parser=args.tool_call_parser,
                      enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser,
-                     lora_modules=lora_modules)
+                     lora_modules=lora_modules, lora_dir=args.lora_dir)
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:

@@ -58,7 +58,8 @@ class LLMEngine:
         num_state_slots = config.cache.num_state_slots
         states = StateSlotPool(num_state_slots, num_host_state_slots) if num_state_slots else None
         self.kv_manager = KVCacheManager(self.block_pool, block_size, num_host_blocks, states)
-        self.lora = (LoRAManager(config.lora, model_class(mc.hf_config).packed_modules_mapping)
+        self.lora = (LoRAManager(config.lora, model_class(mc.hf_config).packed_modules_mapping,
+                                 self.executor.lora_shapes())
                      if config.lora is not None else None)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.lora)
         # Speculative decoding (--speculative-config): drafts proposed before each schedule.

@@ -19,9 +19,11 @@ NO_LORA = -1  # the runner's slot of a row without an adapter
 
 
 class LoRAManager:
-    def __init__(self, config: LoRAConfig, packed_modules_mapping: dict[str, tuple[str, ...]]):
+    def __init__(self, config: LoRAConfig, packed_modules_mapping: dict[str, tuple[str, ...]],
+                 shapes: dict[str, tuple[int, list[int]]] | None = None):
         self.config = config
         self.packed_modules_mapping = packed_modules_mapping
+        self.shapes = shapes  # the model's adaptable layers (checkpoint names): (input size, output slices)
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # lora_int_id -> adapter, LRU order
         self.requests: dict[int, LoRARequest] = {}
         self.slot_of: dict[int, int] = {}          # lora_int_id -> GPU slot
@@ -37,7 +39,23 @@ class LoRAManager:
         if adapter.rank > self.config.max_lora_rank:
             raise LoRAAdapterError(f"Adapter {request.lora_name!r} has rank {adapter.rank}, over max_lora_rank="
                                    f"{self.config.max_lora_rank}: raise max_lora_rank (--max-lora-rank).")
+        if self.shapes is not None:
+            self._check_shapes(request, adapter)
         return adapter
+
+    def _check_shapes(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
+        """An adapter of another base model is refused here, before any of it reaches a GPU slot."""
+        for module, pairs in adapter.weights.items():
+            shape = self.shapes.get(module)
+            if shape is None:
+                raise LoRAAdapterError(f"Adapter {request.lora_name!r} adapts {module}, which this model does not "
+                                       "have (or does not adapt): was it trained on another base model?")
+            in_features, widths = shape
+            for pair, width in zip(pairs, widths):
+                if pair is not None and (pair[0].shape[1] != in_features or pair[1].shape[0] != width):
+                    raise LoRAAdapterError(
+                        f"Adapter {request.lora_name!r}'s {module} maps {pair[0].shape[1]} -> {pair[1].shape[0]}, "
+                        f"this model's {in_features} -> {width}: it was trained on another base model.")
 
     def is_loaded(self, request: LoRARequest) -> bool:
         return request.lora_int_id in self.host

@@ -35,6 +35,11 @@ class Executor(ABC):
         models are served by one process only, so only UniprocExecutor knows other values)."""
         return 0
 
+    def lora_shapes(self) -> dict[str, tuple[int, list[int]]]:
+        """The layers LoRA adapters may adapt, by checkpoint name: (input size, output slices). Served by
+        one process only (LoRA refuses tensor parallelism), so only UniprocExecutor knows them."""
+        return {}
+
     @abstractmethod
     def launch(self, message: StepMessage) -> PendingStep:
         """Queues one step and returns before its results are on the host; may run on a worker thread.

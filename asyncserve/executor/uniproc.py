@@ -39,6 +39,10 @@ class UniprocExecutor(Executor):
         from asyncserve.runner.state_pool import state_bytes_per_slot
         return state_bytes_per_slot(self.runner.model.state_layers())
 
+    def lora_shapes(self) -> dict[str, tuple[int, list[int]]]:
+        slots = self.runner.lora_slots
+        return slots.shapes() if slots is not None else {}
+
     def initialize_cache(self, num_blocks: int, num_host_blocks: int, num_host_state_slots: int = 0) -> None:
         self.runner.allocate_kv_pool(num_blocks)
         if num_host_blocks:

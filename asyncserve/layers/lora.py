@@ -18,8 +18,10 @@ from asyncserve.kernels.lora import lora_expand, lora_shrink
 
 
 class LoRASlots:
-    def __init__(self, max_loras: int, max_lora_rank: int, max_tokens: int, device: torch.device):
+    def __init__(self, max_loras: int, max_lora_rank: int, max_tokens: int, device: torch.device,
+                 dtype: torch.dtype | None = None):
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
+        self.dtype = dtype  # the adapters' element type (the model's); None: each layer's weight dtype
         self.token_slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.scales = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self.layers: dict[str, LoRALinearMethod] = {}
@@ -42,6 +44,11 @@ class LoRASlots:
             method.load_slot(slot, weights.get(adapter_names.get(name, "")))
         self.scales[slot] = scaling
 
+    def shapes(self) -> dict[str, tuple[int, list[int]]]:
+        """Each adapted layer's (input size, output slices), by the checkpoint's name (as PEFT names them)."""
+        return {self.checkpoint_prefix + name: (method.lora_a[0].shape[2], list(method.widths))
+                for name, method in self.layers.items()}
+
     def clear(self, slot: int) -> None:
         for method in self.layers.values():
             method.load_slot(slot, None)
@@ -56,8 +63,9 @@ class LoRALinearMethod:
         self.slots = slots
         self.widths = list(layer.output_sizes)
         self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
-        weight = layer.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16
+        # A quantized layer (GPTQ, AWQ, FP8) keeps its own weights; its adapters are in the model's dtype.
+        weight = next(iter(layer.parameters()))
+        dtype = slots.dtype or (weight.dtype if weight.dtype.is_floating_point else torch.bfloat16)
         rank, loras, device = slots.max_lora_rank, slots.max_loras, weight.device
         self.lora_a = [torch.zeros(loras, rank, layer.in_features, dtype=dtype, device=device) for _ in self.widths]
         self.lora_b = [torch.zeros(loras, width, rank, dtype=dtype, device=device) for width in self.widths]
@@ -69,6 +77,9 @@ class LoRALinearMethod:
         out = self.base.apply(layer, x, bias)
         slots = self.slots.token_slots[:x.shape[0]]
         y = lora_shrink(x.to(self.lora_a[0].dtype), self.lora_a, slots)
+        if out.dtype != self.lora_b[0].dtype:  # a quantized layer's output in another dtype: added after
+            delta = torch.zeros_like(out, dtype=self.lora_b[0].dtype)
+            return out + lora_expand(y, self.lora_b, slots, self.slots.scales, delta, self.offsets).to(out.dtype)
         return lora_expand(y, self.lora_b, slots, self.slots.scales, out, self.offsets)
 
     @torch.no_grad()

@@ -64,7 +64,8 @@ class ModelRunner:
         if config.lora is not None:  # before the memory profile: the stacked adapter weights count
             scheduler = config.scheduler
             self.lora_slots = LoRASlots(config.lora.max_loras, config.lora.max_lora_rank,
-                                        max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs), self.device)
+                                        max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs), self.device,
+                                        config.model.dtype)
             enable_lora(model, self.lora_slots)
         # Before the memory profile: the timing briefly holds extra weight copies.
         model.tune_single_row()

@@ -20,8 +20,8 @@ from asyncserve.server.page import chat_page
 from asyncserve.server.serving import client_closed
 from asyncserve.server.state import SERVER_STATE, ServerState
 from asyncserve.server.stall_stacks import StallSampler
-from asyncserve.server.lora_adapters import (LoRAAdapters, load_lora_adapter, runtime_updating_allowed,
-                                             unload_lora_adapter)
+from asyncserve.server.lora_adapters import (LoRAAdapters, load_lora_adapter, resolver_dir,
+                                             runtime_updating_allowed, unload_lora_adapter)
 
 logger = logging.getLogger("asyncserve.server")
 
@@ -130,8 +130,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                freeze_gc: bool = True, cors: CorsConfig | None = None, stream_write_timeout: float = 30.0,
                request_body_timeout: float = 60.0, tool_call_parser: str | None = None,
                enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
-               lora_modules: list[dict] | None = None,
-               allow_runtime_lora_updating: bool | None = None) -> web.Application:
+               lora_modules: list[dict] | None = None, allow_runtime_lora_updating: bool | None = None,
+               lora_dir: str | None = None) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -145,7 +145,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     `tool_call_parser`, `enable_auto_tool_choice` and `reasoning_parser` are vLLM's flags of the same names.
     `lora_modules` (the engine built with enable_lora): adapters served by name, [{"name", "path"}, ...] as
     vLLM's --lora-modules; `allow_runtime_lora_updating` (default: vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)
-    opens /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    opens /v1/load_lora_adapter and /v1/unload_lora_adapter; `lora_dir` (default: vLLM's
+    VLLM_LORA_RESOLVER_CACHE_DIR) serves a request whose model names an adapter folder there.
     """
     check_parsers(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
     names = served_model_name or engine.served_model_names
@@ -155,7 +156,7 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                         freeze_gc=freeze_gc, stream_write_timeout=stream_write_timeout,
                         request_body_timeout=request_body_timeout, tool_call_parser=tool_call_parser,
                         enable_auto_tool_choice=enable_auto_tool_choice, reasoning_parser=reasoning_parser,
-                        lora=_lora_adapters(engine, lora_modules, allow_runtime_lora_updating))
+                        lora=_lora_adapters(engine, lora_modules, allow_runtime_lora_updating, lora_dir))
     middlewares = [error_middleware, auth_middleware, draining_middleware]
     if cors is not None:
         middlewares.insert(0, cors_middleware)
@@ -183,11 +184,12 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     return app
 
 
-def _lora_adapters(engine, modules: list[dict] | None, allow_runtime_updating: bool | None):
+def _lora_adapters(engine, modules: list[dict] | None, allow_runtime_updating: bool | None, lora_dir: str | None):
     if engine.llm_engine.lora is None:
-        if modules:
-            raise ConfigError("--lora-modules needs the engine built with --enable-lora (enable_lora=True).")
+        if modules or lora_dir:
+            raise ConfigError("--lora-modules and --lora-dir need the engine built with --enable-lora "
+                              "(enable_lora=True).")
         return None
     allowed = runtime_updating_allowed() if allow_runtime_updating is None else allow_runtime_updating
-    return LoRAAdapters(modules, allowed)
+    return LoRAAdapters(modules, allowed, resolver_dir(lora_dir))
 

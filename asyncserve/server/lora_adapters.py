@@ -19,6 +19,7 @@ from asyncserve.server.serving import read_and_prepare
 from asyncserve.server.state import SERVER_STATE
 
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+RESOLVER_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"  # vLLM's filesystem resolver's folder: --lora-dir's default
 
 
 def parse_lora_modules(values: list[str] | None) -> list[dict]:
@@ -41,6 +42,10 @@ def parse_lora_modules(values: list[str] | None) -> list[dict]:
     return modules
 
 
+def resolver_dir(flag_value: str | None, environ=os.environ) -> str | None:
+    return flag_value or environ.get(RESOLVER_DIR_ENV) or None
+
+
 def runtime_updating_allowed(environ=os.environ) -> bool:
     return environ.get(RUNTIME_UPDATING_ENV, "").strip().lower() in ("1", "true")
 
@@ -48,9 +53,11 @@ def runtime_updating_allowed(environ=os.environ) -> bool:
 class LoRAAdapters:
     """The server's adapters by name; each gets an id (>= 1) that the engine's slots and prefix cache key on."""
 
-    def __init__(self, modules: list[dict] | None = None, allow_runtime_updating: bool = False):
+    def __init__(self, modules: list[dict] | None = None, allow_runtime_updating: bool = False,
+                 lora_dir: str | None = None):
         self.by_name: dict[str, LoRARequest] = {}
         self.allow_runtime_updating = allow_runtime_updating
+        self.lora_dir = lora_dir  # a name that is an adapter's folder here is served on first use
         self._ids = itertools.count(1)
         for spec in modules or []:
             self.add(spec["name"], spec["path"], spec.get("base_model_name"))
@@ -62,6 +69,18 @@ class LoRAAdapters:
 
     def get(self, name: str | None) -> LoRARequest | None:
         return self.by_name.get(name) if name is not None else None
+
+    def resolve(self, name: str) -> LoRARequest | None:
+        """A served adapter's name, or a folder of --lora-dir holding an adapter (then served from now on);
+        a name with a path separator or a leading dot is never looked up."""
+        known = self.by_name.get(name)
+        if known is not None or self.lora_dir is None or not name or name.startswith(".") or "/" in name \
+                or os.sep in name:
+            return known
+        path = os.path.join(self.lora_dir, name)
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return None
+        return self.add(name, path)
 
 
 async def load_lora_adapter(request: web.Request) -> web.Response:

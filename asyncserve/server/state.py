@@ -75,7 +75,7 @@ class ServerState:
         """The served name a request asked for; the first served name when it named none."""
         if name is None:
             return self.model_names[0]
-        if name in self.model_names or (self.lora is not None and name in self.lora.by_name):
+        if name in self.model_names or (self.lora is not None and self.lora.resolve(name) is not None):
             return name
         served = self.model_names + (list(self.lora.by_name) if self.lora is not None else [])
         raise ApiError(404, f"The model '{name}' does not exist. This server serves: "

@@ -96,3 +96,34 @@ def test_lora_requests_are_checked_before_anything_runs(adapters, make_llm, tmp_
     with pytest.raises(LoRAAdapterError, match="lora_int_id 1 is already adapter 'a'"):
         llm.generate("hi", SamplingParams(max_tokens=2), lora_request=LoRARequest("z", 1, saved[1][0]))
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_adapters_on_a_quantized_base_match_peft_on_its_dequantized_weights(fmt, tiny_model_dir, tmp_path, make_llm):
+    """A GPTQ / AWQ base keeps its int4 weights; the adapter (fp32 here, the model's dtype) adds beside them."""
+    from tests.quantized_checkpoints import build_quantized
+    quantized, dequantized = build_quantized(tiny_model_dir("llama"), tmp_path / fmt, fmt=fmt)
+    merged = save_peft_adapter(dequantized, str(tmp_path / "adapter"), ["q_proj", "o_proj", "up_proj"], rank=4,
+                               alpha=8, seed=3)
+    from asyncserve import LLM
+    llm = LLM(quantized, device="cpu", dtype="float32", num_gpu_blocks_override=256, enable_lora=True, max_loras=1,
+              max_lora_rank=4)
+    tokenizer = llm.get_tokenizer()
+    outputs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False,
+                           lora_request=LoRARequest("q", 1, str(tmp_path / "adapter")))
+    assert [o.outputs[0].token_ids for o in outputs] == _expected(merged, tokenizer, PROMPTS[:2])
+
+
+def test_an_adapter_of_another_base_model_is_refused_and_the_engine_goes_on(tmp_path, make_llm):
+    import json
+
+    from safetensors.torch import save_file
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 4096), f"{prefix}.lora_B.weight": torch.zeros(4096, 4)},
+              str(tmp_path / "other/adapter_model.safetensors"))  # an 8B's q_proj, not the tiny model's
+    llm = make_llm("llama", dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=4)
+    with pytest.raises(LoRAAdapterError, match="trained on another base model"):
+        llm.generate("hi", SamplingParams(max_tokens=2), lora_request=LoRARequest("other", 1, str(tmp_path / "other")))
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids

@@ -90,3 +90,19 @@ async def test_without_enable_lora_the_routes_say_how(server):
         async with http.post(f"{server.url}/v1/load_lora_adapter",
                              json={"lora_name": "x", "lora_path": "/x"}) as response:
             assert response.status == 400 and "--enable-lora" in (await response.json())["error"]["message"]
+
+
+async def test_a_folder_of_lora_dir_is_served_on_first_use(model_path, adapter_dirs, tmp_path):
+    import shutil
+    shutil.copytree(adapter_dirs[0], tmp_path / "mine")
+    (tmp_path / "empty").mkdir()
+    async with live_server(model_path, {"lora_dir": str(tmp_path)}, **LORA) as live, \
+            aiohttp.ClientSession() as http:
+        async with http.get(f"{live.url}/v1/models") as response:
+            assert [m["id"] for m in (await response.json())["data"]] == [MODEL_NAME]
+        for name, status in (("mine", 200), ("empty", 404), ("../mine", 404), (".hidden", 404)):
+            async with http.post(f"{live.url}/v1/completions",
+                                 json={"model": name, "prompt": PROMPT, "max_tokens": 3}) as response:
+                assert response.status == status, name
+        async with http.get(f"{live.url}/v1/models") as response:
+            assert [m["id"] for m in (await response.json())["data"]] == [MODEL_NAME, "mine"]

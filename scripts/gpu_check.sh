@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
 # Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|
-#        vllm-offline|spec|compare DIR|none]
+#        vllm-offline|spec|lora|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -167,6 +167,12 @@ if [ "$what" = spec ]; then  # issue 24: n-gram speculation on the real default 
     | grep -E "batch|failed|Error"
   [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_spec_decode.py \
     --model /tmp/smollm2 --engine vllm ${SPEC_ARGS:-} 2>&1 | tee "$OUT/spec_vllm.log" | grep -E "batch|failed|Error"
+fi
+if [ "$what" = lora ]; then  # issue 25: 8 rank-16 adapters on every projection of the 8B shape, ours then vLLM's
+  python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
+  timeout 280 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee "$OUT/lora_ours.log" | grep -E "batch|failed|Error"
+  [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_lora.py \
+    --model-dir /tmp/llama8b --engine vllm 2>&1 | tee "$OUT/lora_vllm.log" | grep -E "batch|failed|Error"
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine
   base=$(realpath "${2:?compare needs the folder of the other checkout}")

@@ -26,6 +26,9 @@ class LoRASlots:
         self.scales = torch.zeros(max_loras, dtype=torch.float32, device=device)
         self.layers: dict[str, LoRALinearMethod] = {}
         self.checkpoint_prefix = ""  # the checkpoint's decoder prefix, absent from our module names
+        # False while no row of the step has an adapter: eager forwards skip the two launches per layer.
+        # CUDA graphs are captured with it True, so a replay serves any mix (base rows return at once).
+        self.active = True
 
     def set_token_slots(self, slots: torch.Tensor) -> None:
         """Each row's slot for the next forward (rows past it keep -1: graph padding runs the base)."""
@@ -75,6 +78,8 @@ class LoRALinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = self.base.apply(layer, x, bias)
+        if not self.slots.active:
+            return out
         slots = self.slots.token_slots[:x.shape[0]]
         y = lora_shrink(x.to(self.lora_a[0].dtype), self.lora_a, slots)
         if out.dtype != self.lora_b[0].dtype:  # a quantized layer's output in another dtype: added after

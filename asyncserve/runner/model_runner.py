@@ -256,7 +256,10 @@ class ModelRunner:
 
     def set_lora_rows(self, token_slots: torch.Tensor | None) -> None:
         """Each row's adapter slot for the next forward (None: every row runs the base model)."""
-        if self.lora_slots is None or (token_slots is None and not self._lora_rows_set):
+        if self.lora_slots is None:
+            return
+        self.lora_slots.active = token_slots is not None  # eager steps of the base model alone skip LoRA
+        if token_slots is None and not self._lora_rows_set:
             return
         if token_slots is None:
             self.lora_slots.token_slots.fill_(-1)

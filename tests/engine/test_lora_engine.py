@@ -127,3 +127,18 @@ def test_an_adapter_of_another_base_model_is_refused_and_the_engine_goes_on(tmp_
     with pytest.raises(LoRAAdapterError, match="trained on another base model"):
         llm.generate("hi", SamplingParams(max_tokens=2), lora_request=LoRARequest("other", 1, str(tmp_path / "other")))
     assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_steps_without_adapter_rows_skip_the_lora_kernels(adapters, make_llm, monkeypatch):
+    from asyncserve.layers import lora as lora_layers
+    calls = []
+    original = lora_layers.lora_shrink
+    monkeypatch.setattr(lora_layers, "lora_shrink", lambda *args: calls.append(1) or original(*args))
+    base_dir, saved = adapters
+    llm = make_llm("llama", dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8)
+    calls.clear()  # the memory profile's forward ran them
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert not calls
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3), use_tqdm=False,
+                 lora_request=LoRARequest("a", 1, saved[0][0]))
+    assert calls

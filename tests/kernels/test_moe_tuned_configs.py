@@ -2,14 +2,11 @@
 the fallback to MOE_CONFIGS, the kernel with tuned-looking tiles against the reference, and the tuner's
 search space and loop (with a fake timer) on the CPU."""
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import pytest
 import torch
-
 from asyncserve.kernels import (
     GemmTiles,
     MoeTiles,
@@ -25,6 +22,8 @@ from asyncserve.kernels.moe_tuned import (
     tuned_tiles,
     write_tuned_configs,
 )
+
+from tests.server.test_bench_serving import load_script
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
 GPU = "Fake_GPU_80GB"
@@ -63,12 +62,7 @@ def _load_script(name):
     if name == "tune_moe":
         _load_script("moe_tile_space")
         _load_script("moe_precompile")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(name)
 
 
 def test_file_names_follow_vllm_with_float32_apart():

@@ -62,10 +62,10 @@ class Generation:
         try:
             for index, prompt in enumerate(prompts):
                 request_id = f"{base_id}-{index}"
+                adapter = {"lora_request": lora_request} if lora_request is not None else {}
                 _, stream = engine.add_request({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids},
                                                params, request_id,
-                                               sink.for_prompt(index) if sink is not None else None,
-                                               lora_request=lora_request)
+                                               sink.for_prompt(index) if sink is not None else None, **adapter)
                 self.request_ids.append(request_id)
                 self._streams.append(stream)
         except BaseException:

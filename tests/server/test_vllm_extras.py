@@ -297,8 +297,7 @@ async def test_continuous_usage_stats_need_include_usage_as_in_vllm_and_a_boolea
     ("POST", "/v1/audio/transcriptions", "POST /v1/audio/transcriptions (vLLM: speech-to-text models) is not "
                                          "built in asyncserve yet."),
     ("POST", "/v2/rerank", "POST /v2/rerank (vLLM: reranking) is not built in asyncserve yet."),
-    ("POST", "/v1/load_lora_adapter", "POST /v1/load_lora_adapter (vLLM: LoRA adapters) is not built in "
-                                      "asyncserve yet."),
+    ("POST", "/sleep", "POST /sleep (vLLM: sleep mode) is not built in asyncserve yet."),
     ("POST", "/scale_elastic_ep", "POST /scale_elastic_ep (vLLM: elastic expert parallelism) has no meaning in "
                                   "asyncserve."),
 ])

@@ -15,6 +15,7 @@ from torch import nn
 
 from asyncserve.errors import LoRAAdapterError
 from asyncserve.kernels.lora import lora_expand, lora_shrink
+from asyncserve.kernels.lora_segments import lora_expand_chunks, lora_shrink_chunks
 
 
 class LoRASlots:
@@ -29,6 +30,9 @@ class LoRASlots:
         # False while no row of the step has an adapter: eager forwards skip the two launches per layer.
         # CUDA graphs are captured with it True, so a replay serves any mix (base rows return at once).
         self.active = True
+        # Eager steps with prompt chunks: [chunks, 3] (first row, rows, slot) for the tiled kernels of
+        # kernels/lora_segments.py (each adapter tile read once per chunk); None: the per-row kernels.
+        self.chunks: torch.Tensor | None = None
 
     def set_token_slots(self, slots: torch.Tensor) -> None:
         """Each row's slot for the next forward (rows past it keep -1: graph padding runs the base)."""
@@ -81,11 +85,20 @@ class LoRALinearMethod:
         if not self.slots.active:
             return out
         slots = self.slots.token_slots[:x.shape[0]]
+        chunks = self.slots.chunks
+        if chunks is not None and x.is_cuda:
+            return self._apply_chunks(x, out, chunks)
         y = lora_shrink(x.to(self.lora_a[0].dtype), self.lora_a, slots)
         if out.dtype != self.lora_b[0].dtype:  # a quantized layer's output in another dtype: added after
             delta = torch.zeros_like(out, dtype=self.lora_b[0].dtype)
             return out + lora_expand(y, self.lora_b, slots, self.slots.scales, delta, self.offsets).to(out.dtype)
         return lora_expand(y, self.lora_b, slots, self.slots.scales, out, self.offsets)
+
+    def _apply_chunks(self, x: torch.Tensor, out: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        y = lora_shrink_chunks(x.to(self.lora_a[0].dtype), self.lora_a, chunks)
+        target = out if out.dtype == self.lora_b[0].dtype else torch.zeros_like(out, dtype=self.lora_b[0].dtype)
+        lora_expand_chunks(y, self.lora_b, chunks, self.slots.scales, target, self.offsets)
+        return out if target is out else out + target.to(out.dtype)
 
     @torch.no_grad()
     def load_slot(self, slot: int, pairs: list | None) -> None:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncserve.kernels.lora_segments import lora_chunks
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.sample.rejection_sampler import VerifyLayout
 from asyncserve.sample.sampler import SamplingTensors
@@ -25,6 +26,7 @@ class ModelInputs:
     prompt_row_counts: list[int]   # per scheduled sequence
     unread_rows: list[int]         # rows of input_ids that the runner fills on the device
     lora_token_slots: torch.Tensor | None = None  # [T] LoRA: each row's adapter slot; None: no adapter this step
+    lora_chunks: torch.Tensor | None = None  # [C, 3] LoRA: prompt rows' chunks (kernels/lora_segments.py)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -68,6 +70,7 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
     block_tables: list[list[int]] = []
     state_slots: list[int] = []
     lora_slots: list[int] = []
+    lora_segments: list[tuple[int, int, int]] = []
     with_lora = any(seq.lora_slot >= 0 for seq in step.seqs)
     for seq in step.seqs:
         start, count = seq.start_position, len(seq.new_token_ids)
@@ -84,6 +87,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
             state_slots.append(seq.state_slot)
         if with_lora:
             lora_slots.extend([seq.lora_slot] * count)
+            if seq.lora_slot >= 0:
+                lora_segments.append((row0, count, seq.lora_slot))
         num_drafts = len(seq.draft_token_ids)
         if num_drafts:  # speculative decoding: the last input token's row and each draft's
             logits_indices.extend(range(row0 + count - 1 - num_drafts, row0 + count))
@@ -100,9 +105,10 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
     # Two host-to-device copies per step, whatever the batch: one per dtype.
     max_query_len = max(len(seq.new_token_ids) for seq in step.seqs)
     state_starts = query_start_loc if state_slots and max_query_len > 1 else []
-    ids, pos, slots, logits_rows, rows, targets, states, state_starts_device, loras = _pack(
+    chunk_table = lora_chunks(lora_segments) if with_lora and max_query_len > 1 else []
+    ids, pos, slots, logits_rows, rows, targets, states, state_starts_device, loras, chunks = _pack(
         [input_ids, positions, slot_mapping, logits_indices, prompt_rows, prompt_targets, state_slots,
-         state_starts, lora_slots], torch.int64, device)
+         state_starts, lora_slots, chunk_table], torch.int64, device)
     num_decodes = 0
     if max_query_len > 1:  # a mixed step: its leading decodes go to the decode kernel
         while len(step.seqs[num_decodes].new_token_ids) == 1:
@@ -132,7 +138,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
                        prompt_rows=rows if prompt_rows else None,
                        prompt_targets=targets if prompt_rows else None,
                        prompt_row_counts=prompt_row_counts, unread_rows=unread_rows,
-                       lora_token_slots=loras if with_lora else None)
+                       lora_token_slots=loras if with_lora else None,
+                       lora_chunks=chunks.view(-1, 3) if chunk_table else None)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:

@@ -133,7 +133,7 @@ class ModelRunner:
         """An embedding model's step: the forward, then the pooled vectors of the prompts that ended."""
         self.pooling.forget(finished_seq_ids)
         inputs = build_model_inputs(batch, self.block_size, self.device)
-        self.set_lora_rows(inputs.lora_token_slots)
+        self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         return self.pooling.pool(hidden, batch)
 
@@ -158,7 +158,7 @@ class ModelRunner:
     def launch_eager(self, batch: ScheduledBatch, sampling: SamplingTensors | None) -> PendingStep:
         """The step without graphs: any mix of prefill chunks and decodes."""
         inputs = build_model_inputs(batch, self.block_size, self.device)
-        self.set_lora_rows(inputs.lora_token_slots)
+        self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if batch.state_fork_copies:  # the prompt's final state, before a later step advances the parent's
@@ -180,7 +180,7 @@ class ModelRunner:
         sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
         layout = build_verify_layout(batch, self.device)
         inputs = build_model_inputs(batch, self.block_size, self.device)
-        self.set_lora_rows(inputs.lora_token_slots)
+        self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
         if batch.state_fork_copies:
@@ -254,11 +254,13 @@ class ModelRunner:
             else:
                 self.input_batch.fold(*pending.own_tokens())
 
-    def set_lora_rows(self, token_slots: torch.Tensor | None) -> None:
-        """Each row's adapter slot for the next forward (None: every row runs the base model)."""
+    def set_lora_rows(self, token_slots: torch.Tensor | None, chunks: torch.Tensor | None = None) -> None:
+        """Each row's adapter slot for the next forward (None: every row runs the base model), and the
+        prompt rows' chunks for the tiled kernels (None: the per-row ones)."""
         if self.lora_slots is None:
             return
         self.lora_slots.active = token_slots is not None  # eager steps of the base model alone skip LoRA
+        self.lora_slots.chunks = chunks
         if token_slots is None and not self._lora_rows_set:
             return
         if token_slots is None:

@@ -30,3 +30,17 @@ def test_graphs_with_adapters_agree_with_eager_and_with_peft(make_cuda_llm, tiny
     for output, request in zip(graphs, requests):
         by_adapter.setdefault(request.lora_int_id if request else 0, []).append(output.outputs[0].token_ids)
     assert by_adapter[0] != by_adapter[1] != by_adapter[2]  # each adapter changed the output
+
+
+def test_prompt_chunks_take_the_tiled_kernels_and_agree_with_the_per_row_ones(make_cuda_llm, tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    from asyncserve.runner import inputs
+    save_peft_adapter(tiny_model_dir("llama"), str(tmp_path / "a"), ["q_proj", "up_proj", "down_proj"], rank=8,
+                      alpha=16, seed=3)
+    request = LoRARequest("a", 1, str(tmp_path / "a"))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    kwargs = {"dtype": "float32", "enable_lora": True, "max_loras": 1, "max_lora_rank": 8, "enforce_eager": True}
+    tiled = make_cuda_llm("llama", **kwargs).generate(PROMPTS[:4], params, use_tqdm=False, lora_request=request)
+    monkeypatch.setattr(inputs, "lora_chunks", lambda segments: [])  # every step on the per-row kernels
+    per_row = make_cuda_llm("llama", **kwargs).generate(PROMPTS[:4], params, use_tqdm=False, lora_request=request)
+    assert [o.outputs[0].token_ids for o in tiled] == [o.outputs[0].token_ids for o in per_row]

@@ -74,3 +74,27 @@ def test_real_shapes_on_the_gpu(rank):
         torch.testing.assert_close(out, expected, atol=1.0, rtol=2e-2)
     finally:
         SLOTS = saved
+
+
+def test_chunk_kernels_match_the_reference_over_prompt_segments(triton_device):
+    """Prompt rows in segments of one adapter each (one longer than a chunk), base rows between them."""
+    from asyncserve.kernels.lora_segments import CHUNK_ROWS, lora_chunks, lora_expand_chunks, lora_shrink_chunks
+    segments = [(0, 3, 1), (3, 5, -1), (8, CHUNK_ROWS + 7, 0), (CHUNK_ROWS + 15, 2, 2)]  # (first, rows, slot)
+    row_slots = [slot for _, count, slot in segments for _ in range(count)]
+    global SLOTS
+    saved, SLOTS = SLOTS, row_slots
+    try:
+        x, a_slices, b_slices, scales, slots, offsets, base = _case(triton_device, torch.float32)
+    finally:
+        SLOTS = saved
+    table = lora_chunks([segment for segment in segments if segment[2] >= 0])
+    assert len(table) == 3 * 4  # the long segment takes two chunks
+    chunks = torch.tensor(table, dtype=torch.int64, device=triton_device).view(-1, 3)
+    y = lora_shrink_chunks(x, a_slices, chunks)
+    expected_y = lora_shrink_ref(x, a_slices, slots)
+    used = slots >= 0
+    torch.testing.assert_close(y[:, used], expected_y[:, used], atol=1e-4, rtol=1e-4)
+    out = lora_expand_chunks(expected_y, b_slices, chunks, scales, base.clone(), offsets)
+    expected = lora_expand_ref(expected_y, b_slices, slots, scales, base.clone(), offsets)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[~used], base[~used])

@@ -48,6 +48,13 @@ async def test_adapters_by_name_with_the_openai_client(model_path, adapter_dirs)
             result = await client.completions.create(model=name, prompt=PROMPT, max_tokens=10, temperature=0,
                                                      extra_body={"ignore_eos": True})
             results[name] = result.choices[0].text
+        stream = await client.completions.create(model="sql", prompt=PROMPT, max_tokens=10, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        streamed = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+        assert streamed == results["sql"]  # the stream runs the same adapter
+        chat = await client.chat.completions.create(model="chat", max_tokens=4,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+        assert chat.model == "chat" and chat.choices[0].message.content is not None
         with pytest.raises(openai.NotFoundError, match="The model 'nope' does not exist"):
             await client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
         await client.close()

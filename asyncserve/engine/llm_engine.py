@@ -312,9 +312,7 @@ class LLMEngine:
         (before any block of the sequence is offered to the prefix cache)."""
         num_accepted = len(result.token_ids) - 1
         self.speculator.observe(result.num_draft_tokens, num_accepted)
-        seq.num_computed_tokens -= result.num_draft_tokens - num_accepted
-        seq.draft_token_ids = []
-        self.kv_manager.free_blocks_past(seq, seq.num_computed_tokens + 1)
+        self.scheduler.reject_drafts(seq, result.num_draft_tokens - num_accepted)
 
     def _append_runs(self, runs: list[tuple[Sequence, list[int], list | None]]) -> None:
         """The tokens after the first of each verified run, one position at a time across the runs (one

@@ -258,6 +258,7 @@ class LLMEngine:
         appended: list[tuple[Sequence, int, bool]] = []  # this step's tokens, in order: whether decoded
         to_decode = []  # the detokenizers of those whose text is decoded, in the same order
         continuations: list[tuple[Sequence, list[int], list | None]] = []  # verified runs past their first token
+        verified = False
         for (seq, num_new), result in zip(scheduled, output.results):
             request = seq.request
             if result.token_ids:
@@ -265,6 +266,7 @@ class LLMEngine:
             if seq.is_finished:  # aborted (or finished by the step before) while the step ran
                 continue
             if result.num_draft_tokens:
+                verified = True
                 self._roll_back_rejected(seq, result)
                 if len(result.token_ids) > 1:
                     continuations.append((seq, result.token_ids, result.logprobs))
@@ -297,6 +299,8 @@ class LLMEngine:
                 self.scheduler.finish(target)
         if continuations:
             self._append_runs(continuations)
+        if verified:
+            self.speculator.stats.observe_step()
         outputs = []
         for request in touched.values():
             if self.stream_outputs or request.is_finished:

@@ -38,6 +38,7 @@ def test_always_right_drafts_are_all_accepted(family, make_llm):
     assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"]
     # Each verify of 4 drafts emits 5 tokens: 1 (prompt) + 5 + 5 + 5 + 5 + 3 (capped by max_tokens).
     assert stats["spec_decode_num_drafts"] == 2 * 5 * len(PROMPTS)  # two generate() calls
+    assert stats["spec_decode_num_verify_steps"] == 2 * 5  # the prompts decode together
 
 
 def test_always_wrong_drafts_are_all_rejected(make_llm):

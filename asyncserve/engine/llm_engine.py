@@ -271,6 +271,7 @@ class LLMEngine:
         appended: list[tuple[Sequence, int, bool]] = []  # this step's tokens, in order: whether decoded
         to_decode = []  # the detokenizers of those whose text is decoded, in the same order
         continuations: list[tuple[Sequence, list[int], list | None]] = []  # verified runs past their first token
+        verified = False
         for (seq, num_new), result in zip(scheduled, output.results):
             request = seq.request
             if result.token_ids:
@@ -278,6 +279,7 @@ class LLMEngine:
             if seq.is_finished:  # aborted (or finished by the step before) while the step ran
                 continue
             if result.num_draft_tokens:
+                verified = True
                 self._roll_back_rejected(seq, result)
                 if len(result.token_ids) > 1:
                     continuations.append((seq, result.token_ids, result.logprobs))
@@ -310,6 +312,8 @@ class LLMEngine:
                 self.scheduler.finish(target)
         if continuations:
             self._append_runs(continuations)
+        if verified:
+            self.speculator.stats.observe_step()
         outputs = []
         for request in touched.values():
             if self.stream_outputs or request.is_finished:
@@ -325,9 +329,7 @@ class LLMEngine:
         (before any block of the sequence is offered to the prefix cache)."""
         num_accepted = len(result.token_ids) - 1
         self.speculator.observe(result.num_draft_tokens, num_accepted)
-        seq.num_computed_tokens -= result.num_draft_tokens - num_accepted
-        seq.draft_token_ids = []
-        self.kv_manager.free_blocks_past(seq, seq.num_computed_tokens + 1)
+        self.scheduler.reject_drafts(seq, result.num_draft_tokens - num_accepted)
 
     def _append_runs(self, runs: list[tuple[Sequence, list[int], list | None]]) -> None:
         """The tokens after the first of each verified run, one position at a time across the runs (one

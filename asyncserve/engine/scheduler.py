@@ -159,6 +159,13 @@ class Scheduler:
             prompt_logprobs=seq.params.prompt_logprobs if wants_prompt_logprobs else None,
             state_slot=seq.state_slot, lora_slot=seq.lora_slot, draft_token_ids=list(drafts) if drafts else ())
 
+    def reject_drafts(self, seq: Sequence, num_rejected: int) -> None:
+        """Speculative decoding: the last `num_rejected` scheduled drafts were not kept, so their KV is not
+        the sequence's; its computed count steps back and their blocks go back to the pool."""
+        seq.num_computed_tokens -= num_rejected
+        seq.draft_token_ids = []
+        self.kv.free_blocks_past(seq, seq.num_computed_tokens + 1)
+
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's device blocks: its KV goes to host memory (swap) or is dropped."""
         seq.num_preemptions += 1

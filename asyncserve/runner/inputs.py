@@ -234,7 +234,8 @@ def build_verify_layout(step: ScheduledBatch, device: torch.device) -> VerifyLay
                 row_drafts.append(-1)
     drafts_tensor, starts_tensor, counts_tensor = _pack([row_drafts, starts, counts], torch.int64, device)
     rows_with_drafts = frozenset(row for row, draft in enumerate(row_drafts) if draft >= 0)
-    return VerifyLayout(drafts_tensor, starts_tensor, counts_tensor, max(counts, default=0), rows_with_drafts)
+    return VerifyLayout(drafts_tensor, starts_tensor, counts_tensor, max(counts, default=0), rows_with_drafts,
+                        tuple(starts))
 
 
 def constraint_bias(rows: list[SequenceState], vocab_size: int, device: torch.device) -> torch.Tensor | None:

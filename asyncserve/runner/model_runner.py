@@ -187,18 +187,14 @@ class ModelRunner:
             self.state_pool.copy(batch.state_fork_copies)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         verified = self.rejection_sampler(logits, sampling, layout)
-        group_starts, sampled_rows = [], {}
-        row = 0
+        sampled_rows = {}  # seq_id -> its own group
+        group = 0
         for seq in batch.seqs:
-            if not seq.num_samples:
-                continue
-            sampled_rows[seq.seq_id] = len(group_starts)
-            seq.num_unread += 1
-            num_groups = 1 if seq.draft_token_ids else seq.num_samples
-            for _ in range(num_groups):
-                group_starts.append(row)
-                row += len(seq.draft_token_ids) + 1
-        pending = VerifiedStep(batch.seqs, verified.token_ids, group_starts, sampled_rows,
+            if seq.num_samples:
+                sampled_rows[seq.seq_id] = group
+                seq.num_unread += 1
+                group += 1 if seq.draft_token_ids else seq.num_samples
+        pending = VerifiedStep(batch.seqs, verified.token_ids, list(layout.first_rows), sampled_rows,
                                _logprob_tensors(verified.logprobs), self._prompt_logprobs(hidden, inputs, batch),
                                inputs.prompt_row_counts)
         self._in_flight.append(pending)

@@ -28,6 +28,7 @@ class VerifyLayout:
     num_drafts: torch.Tensor        # [G] int64
     max_num_drafts: int             # host int: the grid is max_num_drafts + 1 wide
     rows_with_drafts: frozenset[int] = frozenset()  # host: the rows that check a draft
+    first_rows: tuple[int, ...] = ()  # host: group_starts, for reading the results back
 
 
 @dataclass

@@ -38,6 +38,7 @@ def test_always_right_drafts_are_all_accepted(family, make_llm):
     assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"]
     # Each verify of 4 drafts emits 5 tokens: 1 (prompt) + 5 + 5 + 5 + 5 + 3 (capped by max_tokens).
     assert stats["spec_decode_num_drafts"] == 2 * 5 * len(PROMPTS)  # two generate() calls
+    assert stats["spec_decode_num_verify_steps"] == 2 * 5  # the prompts decode together
 
 
 def test_always_wrong_drafts_are_all_rejected(make_llm):
@@ -173,3 +174,40 @@ def test_blocks_of_rejected_drafts_go_back_at_once(make_llm):
     assert held_past_tokens == 0
     assert counters(engine)["spec_decode_num_draft_tokens"] > 50
     assert counters(engine)["spec_decode_num_accepted_tokens"] == 0
+
+
+def test_prompt_logprobs_of_a_prompt_computed_beside_verifying_sequences(make_llm):
+    """A prompt (with prompt_logprobs) joins while others verify drafts: the step mixes a prefill chunk and
+    verify runs, and the prompt's logprobs are plain decoding's."""
+    scored = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=2)
+    plain = make_llm(FAMILY).generate(PROMPTS[1:2], scored, use_tqdm=False)[0].prompt_logprobs
+    expected = full_sequences(make_llm(FAMILY), PROMPTS[:2], GREEDY)
+    llm = _spec_llm(make_llm, OracleProposer, expected)
+    engine = llm.llm_engine
+    engine.add_request("verifying", engine.input_processor.process(PROMPTS[0], GREEDY))
+    outputs, mixed = {}, 0
+    for step in range(40):
+        if step == 2:
+            engine.add_request("scored", engine.input_processor.process(PROMPTS[1], scored))
+        message, scheduled = engine.schedule()
+        if not scheduled:
+            break
+        mixed += any(entry.draft_token_ids for entry in message.seqs) and any(
+            entry.prompt_logprobs for entry in message.seqs)
+        outputs.update((o.request_id, o) for o in engine.process(scheduled, engine.executor.execute(message)))
+    assert mixed
+    mine = outputs["scored"].prompt_logprobs
+    assert len(mine) == len(plain) and mine[0] is None
+    for position_mine, position_plain in zip(mine[1:], plain[1:]):
+        assert position_mine.keys() == position_plain.keys()
+        for token_id, entry in position_plain.items():
+            assert position_mine[token_id].logprob == pytest.approx(entry.logprob, abs=1e-4)
+
+
+def test_beam_search_runs_beside_speculation(make_llm):
+    from asyncserve.sampling_params import BeamSearchParams
+    params = BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
+    plain = make_llm(FAMILY).beam_search(PROMPTS[:2], params)
+    speculative = make_llm(FAMILY, speculative_config=NGRAM).beam_search(PROMPTS[:2], params)
+    assert [[beam.tokens for beam in out.sequences] for out in speculative] == \
+        [[beam.tokens for beam in out.sequences] for out in plain]

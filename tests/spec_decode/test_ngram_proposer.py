@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from asyncserve.engine.spec_decode.ngram_proposer import NgramProposer, TokenHistory, find_continuation
 
@@ -56,3 +58,23 @@ def test_proposer_caps_the_number_of_drafts():
     assert proposer.propose(TokenHistory(), tokens, max_tokens=10) == [3, 4]
     assert proposer.propose(TokenHistory(), tokens, max_tokens=1) == [3]
     assert proposer.propose(TokenHistory(), tokens, max_tokens=0) == []
+
+
+def _reference(tokens: list[int], lookup_min: int, lookup_max: int, max_tokens: int) -> list[int]:
+    """The rule, spelled out with loops."""
+    length = len(tokens)
+    for n in range(min(lookup_max, length - 1), lookup_min - 1, -1):
+        starts = [s for s in range(length - n) if tokens[s:s + n] == tokens[length - n:]]
+        if starts:
+            whole = [s for s in starts if s + n + max_tokens <= length]
+            start = (whole or starts)[-1] + n
+            return tokens[start:start + max_tokens]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=40), st.integers(1, 4), st.integers(0, 3), st.integers(1, 5))
+def test_matches_the_rule_spelled_out(tokens, lookup_min, extra, max_tokens):
+    lookup_max = lookup_min + extra
+    assert _find(tokens, lookup_min, lookup_max, max_tokens) == _reference(tokens, lookup_min, lookup_max,
+                                                                          max_tokens)

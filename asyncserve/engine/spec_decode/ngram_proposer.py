@@ -1,7 +1,7 @@
 """n-gram (prompt lookup) proposals: what followed the latest earlier occurrence of a sequence's last n tokens.
 
-Vectorized over the sequence's token array: n elementwise comparisons per n tried, no Python loop over the
-history. Each sequence keeps its tokens in a growing numpy buffer (`TokenHistory`), so a step copies only
+Vectorized over the sequence's token array: one elementwise comparison per n up to prompt_lookup_max, no
+Python loop over the history. Each sequence keeps its tokens in a growing numpy buffer (`TokenHistory`), so a step copies only
 the tokens added since the last one.
 """
 from __future__ import annotations
@@ -33,24 +33,30 @@ class TokenHistory:
 
 def find_continuation(tokens: np.ndarray, lookup_min: int, lookup_max: int, max_tokens: int) -> np.ndarray:
     """Up to `max_tokens` tokens that followed the most recent earlier occurrence of the last n tokens
-    (preferring one with `max_tokens` after it), trying the longest n first (from `lookup_max` down to
-    `lookup_min`); empty if none occurs."""
+    (preferring one with `max_tokens` after it), for the longest n from `lookup_min` to `lookup_max` that
+    occurs; empty if none does. One comparison over the history per n: the occurrences of the last n
+    tokens are those of the last n - 1 preceded by the right token."""
     length = tokens.shape[0]
-    for n in range(min(lookup_max, length - 1), lookup_min - 1, -1):
-        suffix = tokens[length - n:]
-        # Candidate starts 0 .. length - n - 1: the occurrence ends before the last token, so at least
-        # one token follows it.
-        matches = tokens[:length - n] == suffix[0]
-        for offset in range(1, n):
-            matches &= tokens[offset:length - n + offset] == suffix[offset]
-        hits = np.flatnonzero(matches)
-        if hits.size:
-            # The latest occurrence followed by max_tokens tokens (in a repeating run the latest one
-            # overlaps the suffix and has fewer after it), else the latest.
-            whole = hits[hits <= length - n - max_tokens]
-            start = int(whole[-1] if whole.size else hits[-1]) + n
-            return tokens[start:start + max_tokens]
-    return tokens[:0]
+    # matches[s]: an occurrence of the last n tokens starts at s (s <= length - n - 1, so at least one
+    # token follows it and it is not the suffix itself).
+    matches = tokens[:length - 1] == tokens[length - 1] if length > 1 else np.zeros(0, dtype=bool)
+    found, found_n = None, 0
+    for n in range(1, min(lookup_max, length - 1) + 1):
+        if n > 1:
+            matches = (tokens[:length - n] == tokens[length - n]) & matches[1:]
+        if n >= lookup_min:
+            hits = np.flatnonzero(matches)
+            if not hits.size:
+                break  # no longer suffix occurs either
+            found, found_n = hits, n
+        elif not matches.any():
+            break
+    if found is None:
+        return tokens[:0]
+    # In a repeating run the latest occurrence overlaps the suffix and has fewer tokens after it.
+    whole = found[found <= length - found_n - max_tokens]
+    start = int(whole[-1] if whole.size else found[-1]) + found_n
+    return tokens[start:start + max_tokens]
 
 
 class NgramProposer:

@@ -75,3 +75,18 @@ def test_cli_flag_reaches_the_engine_config():
     assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max,
             config.prompt_lookup_min) == ("ngram", 3, 2, 2)
     assert engine_config(parse_args(build_parser(), [])).speculative_config is None
+
+
+def test_hybrid_models_decode_without_speculation_and_say_why(make_llm, caplog):
+    """A linear-attention state cannot step back over rejected drafts: speculation is off, with a line."""
+    with caplog.at_level("INFO", logger="asyncserve"):
+        llm = make_llm("qwen3_next", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    assert llm.llm_engine.speculator is None and llm.llm_engine.config.speculative is None
+    assert any("speculative decoding is off: this hybrid model's linear-attention state cannot be rolled back"
+               in record.getMessage() for record in caplog.records)
+
+
+def test_offline_llm_takes_the_config(make_llm):
+    llm = make_llm("qwen3", speculative_config='{"model": "[ngram]", "num_speculative_tokens": 3}')
+    speculator = llm.llm_engine.speculator
+    assert speculator is not None and speculator.config.num_speculative_tokens == 3

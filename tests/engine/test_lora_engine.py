@@ -142,3 +142,18 @@ def test_steps_without_adapter_rows_skip_the_lora_kernels(adapters, make_llm, mo
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=3), use_tqdm=False,
                  lora_request=LoRARequest("a", 1, saved[0][0]))
     assert calls
+
+
+def test_speculation_keeps_an_adapters_greedy_tokens(adapters, make_llm):
+    """n-gram drafts verified through the adapter: the same tokens as the adapter without speculation."""
+    base_dir, saved = adapters
+    request = LoRARequest("a", 1, saved[0][0])
+    params = SamplingParams(temperature=0.0, max_tokens=24, frequency_penalty=-2.0)  # loops: drafts come true
+    kwargs = {"dtype": "float32", "enable_lora": True, "max_loras": 1, "max_lora_rank": 8}
+    plain = make_llm("llama", **kwargs).generate(PROMPTS[:3], params, use_tqdm=False, lora_request=request)
+    llm = make_llm("llama", speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                "prompt_lookup_max": 3, "prompt_lookup_min": 1}, **kwargs)
+    spec = llm.generate(PROMPTS[:3], params, use_tqdm=False, lora_request=request)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    stats = llm.llm_engine.speculator.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors, logprobs_of
+from asyncserve.sample.sampler import Sampler, SamplerOutput, SamplingTensors, exponential_noise, logprobs_of
 
 
 @dataclass
@@ -53,17 +53,6 @@ def _uniform(num_rows: int, generators: list, rows_with_drafts: frozenset[int],
     return uniform
 
 
-def _exponential(like: torch.Tensor, generators: list) -> torch.Tensor:
-    """Exp(1) noise of `like`'s shape, seeded rows from their own generator."""
-    noise = torch.empty_like(like)
-    seeded = [i for i, g in enumerate(generators) if g is not None]
-    if len(seeded) < len(generators):
-        noise.exponential_()
-    for row in seeded:
-        noise[row].exponential_(generator=generators[row])
-    return noise
-
-
 class RejectionSampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, t: SamplingTensors, layout: VerifyLayout) -> VerifyOutput:
         """logits [R, V] and sampling settings of R rows (a group's rows share its settings and generator)."""
@@ -83,7 +72,7 @@ class RejectionSampler(torch.nn.Module):
             # exponential race argmax(w / E) draws proportionally to w.
             kept = torch.where(has_draft, torch.zeros_like(draft_probs), draft_probs)
             residual = probs.scatter(1, safe_drafts[:, None], kept[:, None])
-            sampled = (residual / _exponential(residual, t.generators)).argmax(dim=-1)
+            sampled = (residual / exponential_noise(residual, t.generators)).argmax(dim=-1)
             accepted = torch.where(processed.is_greedy, greedy_accepted, sampled_accepted)
             recovered = torch.where(processed.is_greedy, processed.greedy, sampled)
         width = layout.max_num_drafts + 1

@@ -84,15 +84,20 @@ def _apply_top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def _random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p, one draw per row."""
-    noise = torch.empty_like(probs)
+def exponential_noise(like: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Exp(1) noise of `like`'s shape: seeded rows from their own generator, the rest in one call."""
+    noise = torch.empty_like(like)
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if len(seeded) < len(generators):
         noise.exponential_()
     for row in seeded:
         noise[row].exponential_(generator=generators[row])
-    return (probs / noise).argmax(dim=-1)
+    return noise
+
+
+def _random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Exponential race: argmax(p / E) with E ~ Exp(1) draws exactly from p, one draw per row."""
+    return (probs / exponential_noise(probs, generators)).argmax(dim=-1)
 
 
 @dataclass

@@ -387,6 +387,7 @@ class AsyncEngine:
             "num_preemptions_total": scheduler.num_preemptions,
             "prefix_cache_queries_total": pool.num_cache_queries,
             "prefix_cache_hits_total": pool.num_cache_hits,
+            "iteration_tokens_total": self.llm_engine.iteration_tokens,
             **self.step_profile.stats(),
             **self._spec_decode_stats(),
         }

@@ -8,6 +8,7 @@ import time
 
 from asyncserve.config import Config, EngineConfig
 from asyncserve.engine.block_pool import BlockPool
+from asyncserve.engine.bucket_counts import ITERATION_TOKEN_BUCKETS, BucketCounts
 from asyncserve.engine.generation_defaults import log_sampling_defaults, sampling_defaults
 from asyncserve.engine.kv_cache_manager import KVCacheManager
 from asyncserve.engine.lora_manager import LoRAManager
@@ -81,6 +82,7 @@ class LLMEngine:
         self.startup_seconds = time.perf_counter() - started
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.finished_timings: dict[str, dict] = {}
+        self.iteration_tokens = BucketCounts(ITERATION_TOKEN_BUCKETS)  # tokens per step (vLLM's metric)
         # Streaming callers get every request's output each step; offline ones only finished outputs.
         self.stream_outputs = True
         kv_tokens = num_blocks * block_size
@@ -205,6 +207,8 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         step = self.scheduler.schedule()
+        if step[1]:
+            self.iteration_tokens.observe(step[0].num_tokens)
         if self._to_release:
             # Only now: the step message just announced their last forks, reading `seq.request`.
             for request in self._to_release:
@@ -378,6 +382,7 @@ class LLMEngine:
         self.finished_timings[request.request_id] = {
             "arrival_time": request.arrival_time,
             "first_token_time": request.first_token_time,
+            "scheduled_time": request.scheduled_time,
             "finished_time": time.monotonic(),
             "num_generation_tokens": num_generated,
         }

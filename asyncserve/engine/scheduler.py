@@ -4,6 +4,7 @@ Pure Python: it decides which tokens of which sequences are computed; it never t
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from asyncserve.config.scheduler import SchedulerConfig
@@ -105,6 +106,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._take_lora_slot(seq)
+            if seq.request.scheduled_time is None:
+                seq.request.scheduled_time = time.monotonic()
             if seq.num_preemptions == 0 and seq.index == 0 and not seq.num_output_tokens:
                 seq.request.num_cached_tokens = len(cached) * self.kv.block_size
             seq.status = SequenceStatus.RUNNING

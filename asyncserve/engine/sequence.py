@@ -126,6 +126,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list | None = None
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # when its first sequence was first admitted (vLLM's queue time ends)
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_forks_pending: int = 0  # best_of - 1 sequences to fork once the prompt is computed

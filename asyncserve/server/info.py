@@ -62,8 +62,18 @@ async def metrics(request: web.Request) -> web.Response:
          int(state.engine.is_running)),
     ]
     text = state.metrics.render(state.engine.stats(), extra, {"model_name": state.model_names[0]},
-                                [state.lag.histogram])
+                                [state.lag.histogram], _cache_info(state.engine))
     return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _cache_info(engine) -> dict:
+    """vLLM's `vllm:cache_config_info` labels, from the resolved config."""
+    config = engine.config
+    cache = config.cache
+    return {"block_size": cache.block_size, "cache_dtype": cache.kv_cache_dtype,
+            "enable_prefix_caching": cache.enable_prefix_caching,
+            "gpu_memory_utilization": cache.gpu_memory_utilization,
+            "num_gpu_blocks": engine.llm_engine.block_pool.num_blocks, "swap_space": cache.swap_space}
 
 
 def _tokenize(state: ServerState, data) -> dict:

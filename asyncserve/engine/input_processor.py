@@ -28,6 +28,7 @@ class ProcessedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams | PoolingParams
     grammar: Any = None
+    cache_salt: str | None = None  # the prompt dict's "cache_salt" (vLLM's): prefix caching per salt
 
 
 class InputProcessor:
@@ -50,15 +51,18 @@ class InputProcessor:
         if len(truncated) < len(token_ids):
             text, token_ids = None, truncated
         self.validate(token_ids, params)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise InvalidParameterError("cache_salt must be a non-empty string.", "cache_salt")
         if isinstance(params, PoolingParams):
-            return ProcessedRequest(text, token_ids, params)
+            return ProcessedRequest(text, token_ids, params, cache_salt=salt)
         room = self.model_config.max_model_len - len(token_ids)  # the context ends generation anyway
         params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         params.extra_eos_token_ids = [] if params.ignore_eos else list(self.eos_token_ids)
         grammar = None
         if params.structured_outputs is not None:  # compiled here unless a caller did it off the loop
             grammar = self.structured.compile(params.structured_outputs)
-        return ProcessedRequest(text, token_ids, params, grammar)
+        return ProcessedRequest(text, token_ids, params, grammar, salt)
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -36,8 +36,9 @@ class KVCacheManager:
         hashes = seq.block_hashes
         while len(hashes) < num_full:
             start = len(hashes) * self.block_size
-            # The first block chains on the KV regime's salt (0 or 1) and the LoRA adapter (0: none).
-            parent = hashes[-1] if hashes else seq.cache_salt + 2 * seq.lora_int_id
+            # The first block chains on the KV regime's salt (0 or 1), the LoRA adapter and the request's
+            # cache_salt (Sequence.prefix_key; 0: neither).
+            parent = hashes[-1] if hashes else seq.cache_salt + 2 * seq.prefix_key
             hashes.append(hash_block(parent, seq.token_ids[start:start + self.block_size]))
 
     def find_cached_prefix(self, seq: Sequence) -> list[KVCacheBlock]:

@@ -149,6 +149,7 @@ class LLMEngine:
             self.lora.register(lora_request)
         request = Request(request_id, processed.prompt, token_ids, params)
         request.lora_request = lora_request
+        request.cache_salt = processed.cache_salt
         request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n
         if isinstance(params, PoolingParams):
             seq = Sequence(next(self._seq_ids), request, list(token_ids), 0)

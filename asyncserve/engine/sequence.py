@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,12 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+
+
+def _salt_key(lora_int_id: int, salt: str) -> int:
+    """A non-negative 64-bit key of (adapter, cache_salt), odd so it never equals a bare adapter id's."""
+    digest = hashlib.blake2b(f"{lora_int_id}\0{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1 << 63
 
 
 class Sequence:
@@ -59,6 +66,10 @@ class Sequence:
         # LoRA: the request's adapter (0: the base model), chained into the prefix cache's hashes so two
         # adapters never share KV, and the GPU slot it holds while running (-1: none).
         self.lora_int_id = request.lora_request.lora_int_id if request.lora_request is not None else 0
+        # What the first block's hash chains on besides the KV regime's salt: the adapter, and the request's
+        # cache_salt when it has one (0: neither, so the plain base model's hashes stay as they were).
+        self.prefix_key = (self.lora_int_id if request.cache_salt is None
+                           else _salt_key(self.lora_int_id, request.cache_salt))
         self.lora_slot = -1
         self.recompute_kv_at: int | None = None  # see SchedulerConfig.recompute_kv_at
         self.status = SequenceStatus.WAITING
@@ -135,6 +146,7 @@ class Request:
     grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
     delta: bool = False  # outputs carry only what is new since the last one (a streaming sink's request)
     lora_request: Any = None  # the LoRARequest it runs with (None: the base model)
+    cache_salt: str | None = None  # vLLM's per-request salt: its prefix-cache blocks are its salt's alone
 
     @property
     def is_finished(self) -> bool:

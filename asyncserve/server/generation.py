@@ -50,7 +50,7 @@ class Generation:
     """The engine requests behind one HTTP request; `outputs()` must be closed (aclosing) to abort leftovers."""
 
     def __init__(self, engine, base_id: str, prompts: list[Prompt], params: SamplingParams, sink=None,
-                 lora_request=None):
+                 lora_request=None, cache_salt: str | None = None):
         """`sink` (a server.stream_sink.StreamSink): the outputs go there, step by step, instead of to
         `outputs()`."""
         self.engine = engine
@@ -63,8 +63,10 @@ class Generation:
             for index, prompt in enumerate(prompts):
                 request_id = f"{base_id}-{index}"
                 adapter = {"lora_request": lora_request} if lora_request is not None else {}
-                _, stream = engine.add_request({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids},
-                                               params, request_id,
+                engine_prompt = {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}
+                if cache_salt is not None:
+                    engine_prompt["cache_salt"] = cache_salt
+                _, stream = engine.add_request(engine_prompt, params, request_id,
                                                sink.for_prompt(index) if sink is not None else None, **adapter)
                 self.request_ids.append(request_id)
                 self._streams.append(stream)

@@ -84,10 +84,12 @@ async def handle_generation(request: web.Request,
         encoder = ChunkEncoder(response_id, prepared.chunk_object, created, prepared.model,
                                parsed.include_usage, chat=prepared.chat)
         sink = stream_sink(state, prepared.stream_writer(state, encoder))
-        generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink, lora)
+        generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink, lora,
+                                parsed.cache_salt)
         log_request(state, response_id, prepared.kind, generation, parsed.stream)
         return await stream(request, state, generation, sink, parsed.include_usage)
-    generation = Generation(engine, response_id, prepared.prompts, parsed.params, lora_request=lora)
+    generation = Generation(engine, response_id, prepared.prompts, parsed.params, lora_request=lora,
+                            cache_salt=parsed.cache_salt)
     log_request(state, response_id, prepared.kind, generation, parsed.stream)
     latest = await collect(request, state, generation)
     if latest is None:

@@ -95,6 +95,7 @@ class GenerationRequest:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     structured_field: str | None = None  # the request field that set params.structured_outputs
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only among requests of one salt
 
 
 @dataclass
@@ -293,7 +294,14 @@ def parse_completion(data, *, vocab_size: int,
                              prompts=prompts, echo=echo,
                              use_beam_search=fields.boolean("use_beam_search", False),
                              length_penalty=fields.number("length_penalty", 1.0),
-                             structured_field=structured_field(fields.data))
+                             structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields))
+
+
+def _cache_salt(fields: Fields) -> str | None:
+    salt = fields.string("cache_salt")
+    if salt is not None and not salt:
+        raise bad_request("cache_salt must be a non-empty string (or absent).", "cache_salt")
+    return salt
 
 
 def _message(message, index: int) -> dict:
@@ -376,7 +384,7 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
                        continuous_usage=continuous_usage, return_prompt_logprobs=prompt_logprobs is not None,
                        use_beam_search=fields.boolean("use_beam_search", False),
                        length_penalty=fields.number("length_penalty", 1.0),
-                       structured_field=structured_field(fields.data),
+                       structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
                        messages=messages, add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,

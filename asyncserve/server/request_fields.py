@@ -63,7 +63,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _false),
     "return_token_ids": ("return_token_ids", _false),
     "prompt_embeds": ("prompt embeddings", _none),
-    "cache_salt": ("cache_salt (per-tenant prefix caches)", _none),
     "kv_transfer_params": ("KV transfer (disaggregated serving)", _none),
     "vllm_xargs": ("vllm_xargs", _empty),
     "mm_processor_kwargs": ("multimodal inputs", _empty),

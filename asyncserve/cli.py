@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "its request aborted (default: %(default)s).")
     server.add_argument("--request-body-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="A request body not received within this is answered 408 (default: %(default)s).")
+    server.add_argument("--health-stall-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="/health answers 503 once the engine has had work but finished no step for this "
+                             "long (a hung device or kernel; vLLM's /health stays 200 then) (default: %(default)s).")
     server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="On SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
                              "aborted (default: %(default)s).")
@@ -391,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                      drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,
                      request_body_timeout=args.request_body_timeout, tool_call_parser=args.tool_call_parser,
                      enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser,
-                     lora_modules=lora_modules, lora_dir=args.lora_dir)
+                     lora_modules=lora_modules, lora_dir=args.lora_dir,
+                     health_stall_timeout=args.health_stall_timeout)
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:

@@ -77,6 +77,7 @@ class AsyncEngine:
         self._touched: list[OutputSink] = []  # sinks given outputs during the current step
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-step")
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-wait")
+        self._last_progress = time.monotonic()  # when the loop last finished a step (or found work)
         self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncserve-token-lists")
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -109,6 +110,13 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done() and self._dead is None
+
+    def seconds_without_progress(self) -> float:
+        """How long the engine has had work without finishing a step (0 while idle or moving): a device
+        hang or a step stuck in a kernel shows here while the loop itself still answers."""
+        if not self.llm_engine.has_unfinished_requests():
+            return 0.0
+        return time.monotonic() - self._last_progress
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -284,6 +292,7 @@ class AsyncEngine:
                 if in_flight is None and not engine.has_unfinished_requests():
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                    self._last_progress = time.monotonic()  # work arrived: the clock starts now
                     continue
                 profile = self.step_profile
                 profile.start()
@@ -305,6 +314,7 @@ class AsyncEngine:
                     await loop.run_in_executor(self._executor, engine.sample_under_grammars, *in_flight)
                     profile.mark("grammar")
                 profile.end_step(scheduled, engine.scheduler.num_waiting)
+                self._last_progress = time.monotonic()
                 if in_flight is None and scheduled == [] and engine.has_unfinished_requests():
                     await asyncio.sleep(0.001)  # everything waits on blocks held by finishing requests
                 self._log_stats()

@@ -42,10 +42,15 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """200 while the engine runs; 503 once it died or stopped (a load balancer takes the replica out)."""
-    engine = request.app[SERVER_STATE].engine
+    state = request.app[SERVER_STATE]
+    engine = state.engine
     engine.check_health()
     if not engine.is_running:
         raise ApiError(503, "The engine is not running.", code="engine_not_running")
+    stalled = engine.seconds_without_progress()
+    if stalled > state.health_stall_timeout:  # vLLM's /health stays 200 while its engine hangs
+        raise ApiError(503, f"The engine has had work but finished no step for {stalled:.0f} s.",
+                       code="engine_stalled")
     return web.Response(status=200)
 
 

@@ -39,6 +39,7 @@ class ServerState:
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is served
     reasoning_parser: str | None = None  # --reasoning-parser: thinking text apart from the answer
     lora: Any = None  # LoRAAdapters (server/lora_adapters.py): adapters served by name; None without LoRA
+    health_stall_timeout: float = 120.0  # /health turns 503 after this long with work and no finished step
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))

@@ -64,7 +64,11 @@ async def handle_generation(request: web.Request,
     # would otherwise parse, render and tokenize them all on it, one after another.
     prepared = await read_and_prepare(request, state, prepare, always_offload=True)
     engine, parsed = state.engine, prepared.parsed
-    response_id, created = state.new_id(prepared.id_prefix), int(time.time())
+    response_id = (f"{prepared.id_prefix}-{parsed.request_id}" if parsed.request_id is not None
+                   else state.new_id(prepared.id_prefix))
+    if parsed.request_id is not None and engine.llm_engine.requests.keys() & {f"{response_id}-0"}:
+        raise bad_request(f"request_id {parsed.request_id!r} is in use by a request still running.", "request_id")
+    created = int(time.time())
     lora = state.lora_request(prepared.model)  # a served adapter's name: its LoRARequest
     if lora is not None:
         if parsed.use_beam_search:

@@ -96,6 +96,7 @@ class GenerationRequest:
     length_penalty: float = 1.0
     structured_field: str | None = None  # the request field that set params.structured_outputs
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only among requests of one salt
+    request_id: str | None = None  # vLLM's: the caller's id, in the response id ("cmpl-<request_id>")
 
 
 @dataclass
@@ -294,7 +295,8 @@ def parse_completion(data, *, vocab_size: int,
                              prompts=prompts, echo=echo,
                              use_beam_search=fields.boolean("use_beam_search", False),
                              length_penalty=fields.number("length_penalty", 1.0),
-                             structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields))
+                             structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
+                             request_id=_request_id(fields))
 
 
 def _cache_salt(fields: Fields) -> str | None:
@@ -302,6 +304,13 @@ def _cache_salt(fields: Fields) -> str | None:
     if salt is not None and not salt:
         raise bad_request("cache_salt must be a non-empty string (or absent).", "cache_salt")
     return salt
+
+
+def _request_id(fields: Fields) -> str | None:
+    request_id = fields.string("request_id")
+    if request_id is not None and not 0 < len(request_id) <= 256:
+        raise bad_request("request_id must be a string of 1 to 256 characters.", "request_id")
+    return request_id
 
 
 def _message(message, index: int) -> dict:
@@ -385,7 +394,7 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
                        use_beam_search=fields.boolean("use_beam_search", False),
                        length_penalty=fields.number("length_penalty", 1.0),
                        structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
-                       messages=messages, add_generation_prompt=add_generation_prompt,
+                       request_id=_request_id(fields), messages=messages, add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,
                        tool_choice=parse_tool_choice(fields.data, auto_enabled=auto_tools))

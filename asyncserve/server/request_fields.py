@@ -69,7 +69,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "documents": ("documents in the chat template", _empty),
     "chat_template": ("a per-request chat_template (start the server with --chat-template)", _none),
     "priority": ("priority scheduling", _one_of(0)),
-    "request_id": ("client-chosen request ids", _none),
 }
 # Refused where they would change the output, by endpoint.
 _REFUSED_COMPLETION = {**_REFUSED, "add_special_tokens": ("add_special_tokens=false", _one_of(True)),

@@ -161,8 +161,11 @@ def _choices(state: ServerState, parsed: ChatRequest, latest: dict[int, RequestO
             parser = make()
             body = message(parser, completion.text)
             finish_reason = parser.finish_reason(finish_reason)
-        yield {"index": completion.index, "message": body, "logprobs": logprobs, "finish_reason": finish_reason,
-               "stop_reason": completion.stop_reason}
+        choice = {"index": completion.index, "message": body, "logprobs": logprobs, "finish_reason": finish_reason,
+                  "stop_reason": completion.stop_reason}
+        if parsed.return_token_ids:
+            choice["token_ids"] = list(completion.token_ids)
+        yield choice
 
 
 def _head(state: ServerState, parsed: ChatRequest, response_id: str, created: int, model: str, generation,
@@ -171,6 +174,8 @@ def _head(state: ServerState, parsed: ChatRequest, response_id: str, created: in
             "system_fingerprint": None}
     if parsed.return_prompt_logprobs:  # vLLM's place for them: beside the choices
         head["prompt_logprobs"] = state.logprobs.prompt(latest[0].prompt_logprobs or [])
+    if parsed.return_token_ids:  # vLLM's place: the prompt's ids beside the choices, each choice's its own
+        head["prompt_token_ids"] = list(latest[0].prompt_token_ids)
     return {**head, "usage": usage(generation, latest)}
 
 

@@ -76,6 +76,8 @@ class CompletionStreamWriter:
         self.prompt_logprobs = _PromptLogprobs(state, parsed)
         self.prompt_lengths = [len(prompt.token_ids) for prompt in prompts] if parsed.continuous_usage else None
         self.cursors: dict[int, Cursor] = {}
+        self.return_token_ids = parsed.return_token_ids
+        self.prompt_token_ids = [prompt.token_ids for prompt in prompts] if parsed.return_token_ids else None
         self.echoed: set[int] = set()
         self.started: set[int] = set()
 
@@ -92,7 +94,8 @@ class CompletionStreamWriter:
             return None
         text, finish_reason = completion.text, completion.finish_reason
         echo_now = self.echo.enabled and index not in self.echoed
-        if not text and finish_reason is None and self.num_top is None and not echo_now:
+        if not text and finish_reason is None and self.num_top is None and not echo_now \
+                and not self.return_token_ids:
             return None  # tokens that do not make a whole character yet
         logprobs = None
         if self.num_top is not None:
@@ -107,6 +110,10 @@ class CompletionStreamWriter:
                   "stop_reason": completion.stop_reason if finish_reason else None}
         if self.prompt_logprobs.enabled and index not in self.started:
             choice["prompt_logprobs"] = self.prompt_logprobs.of(prompt_index, output)
+        if self.return_token_ids:  # vLLM's: the prompt's ids in a choice's first chunk, each chunk's new ids
+            if index not in self.started:
+                choice["prompt_token_ids"] = self.prompt_token_ids[prompt_index]
+            choice["token_ids"] = list(completion.token_ids)
         self.started.add(index)
         return choice
 
@@ -148,6 +155,9 @@ def _choices(state: ServerState, parsed: CompletionRequest, generation: Generati
                       "stop_reason": completion.stop_reason}
             if prompt_logprobs.enabled:
                 choice["prompt_logprobs"] = prompt_logprobs.of(prompt_index, output)
+            if parsed.return_token_ids:
+                choice["prompt_token_ids"] = generation.prompts[prompt_index].token_ids
+                choice["token_ids"] = list(completion.token_ids)
             yield choice
 
 

@@ -97,6 +97,7 @@ class GenerationRequest:
     structured_field: str | None = None  # the request field that set params.structured_outputs
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only among requests of one salt
     request_id: str | None = None  # vLLM's: the caller's id, in the response id ("cmpl-<request_id>")
+    return_token_ids: bool = False  # vLLM's: prompt and output token ids beside the text (RL frameworks)
 
 
 @dataclass
@@ -296,7 +297,8 @@ def parse_completion(data, *, vocab_size: int,
                              use_beam_search=fields.boolean("use_beam_search", False),
                              length_penalty=fields.number("length_penalty", 1.0),
                              structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
-                             request_id=_request_id(fields))
+                             request_id=_request_id(fields),
+                             return_token_ids=fields.boolean("return_token_ids", False))
 
 
 def _cache_salt(fields: Fields) -> str | None:
@@ -304,6 +306,14 @@ def _cache_salt(fields: Fields) -> str | None:
     if salt is not None and not salt:
         raise bad_request("cache_salt must be a non-empty string (or absent).", "cache_salt")
     return salt
+
+
+def _chat_return_token_ids(fields: Fields, stream: bool) -> bool:
+    wanted = fields.boolean("return_token_ids", False)
+    if wanted and stream:
+        raise bad_request("return_token_ids with stream is served on /v1/completions; on chat completions, "
+                          "ask without stream for now.", "return_token_ids")
+    return wanted
 
 
 def _request_id(fields: Fields) -> str | None:
@@ -394,7 +404,8 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
                        use_beam_search=fields.boolean("use_beam_search", False),
                        length_penalty=fields.number("length_penalty", 1.0),
                        structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
-                       request_id=_request_id(fields), messages=messages, add_generation_prompt=add_generation_prompt,
+                       request_id=_request_id(fields), messages=messages,
+                       return_token_ids=_chat_return_token_ids(fields, stream), add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,
                        tool_choice=parse_tool_choice(fields.data, auto_enabled=auto_tools))

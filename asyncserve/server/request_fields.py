@@ -61,7 +61,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "web_search_options": ("web search", _none),
     "logits_processors": ("custom logits processors", _empty),
     "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _false),
-    "return_token_ids": ("return_token_ids", _false),
     "prompt_embeds": ("prompt embeddings", _none),
     "kv_transfer_params": ("KV transfer (disaggregated serving)", _none),
     "vllm_xargs": ("vllm_xargs", _empty),

@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                            default=d["enable_chunked_prefill"],
                            help="Split long prompts across steps, next to running decodes (default: on).")
+    scheduler.add_argument("--scheduling-policy", default=d["scheduling_policy"], choices=("fcfs", "priority"),
+                           help="fcfs, or priority: a request's `priority` (lower first) orders the queue and may "
+                                "preempt running work of a worse priority (default: %(default)s).")
     scheduler.add_argument("--preemption-mode", default=d["preemption_mode"], choices=("recompute", "swap"),
                            help="What happens to a sequence that loses its KV blocks (default: %(default)s).")
 
@@ -281,7 +284,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         structured_outputs_cache_mb=args.structured_outputs_cache_mb,
         structured_outputs_max_bytes=args.structured_outputs_max_bytes,
         structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
-        speculative_config=args.speculative_config, enable_lora=args.enable_lora, max_loras=args.max_loras,
+        speculative_config=args.speculative_config, scheduling_policy=args.scheduling_policy,
+        enable_lora=args.enable_lora, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
 
 

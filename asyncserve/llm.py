@@ -36,13 +36,15 @@ class LLM:
 
     def generate(self, prompts: PromptType | SequenceType[PromptType],
                  sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
         """`lora_request`: one LoRARequest for every prompt, or one per prompt (None: the base model), as
-        vLLM's; the engine needs enable_lora=True."""
+        vLLM's; the engine needs enable_lora=True. `priority`: one per prompt, lower first, with
+        scheduling_policy="priority" (vLLM's)."""
         prompts = self._prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        return self._submit(prompts, sampling_params, SamplingParams, use_tqdm, lora_request)
+        return self._submit(prompts, sampling_params, SamplingParams, use_tqdm, lora_request, priority)
 
     def embed(self, prompts: PromptType | SequenceType[PromptType],
               pooling_params: PoolingParams | SequenceType[PoolingParams] | None = None, *,
@@ -64,7 +66,8 @@ class LLM:
             return [prompts]
         return list(prompts)
 
-    def _submit(self, prompts: list, params, params_type: type, use_tqdm: bool, lora_request=None) -> list:
+    def _submit(self, prompts: list, params, params_type: type, use_tqdm: bool, lora_request=None,
+                priority: list[int] | None = None) -> list:
         """Queues one request per prompt (one params for all, or one each) and runs them to the end."""
         if isinstance(params, params_type):
             params_list = [params] * len(prompts)
@@ -81,12 +84,16 @@ class LLM:
             loras = list(lora_request)
         else:
             loras = [lora_request] * len(prompts)
+        if priority is not None and len(priority) != len(prompts):
+            raise InvalidParameterError(f"Got {len(priority)} priorities for {len(prompts)} prompts: pass one per "
+                                        "prompt.", "priority")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
         request_ids = []
         try:
-            for prompt, one, lora in zip(prompts, params_list, loras):
+            for prompt, one, lora, rank in zip(prompts, params_list, loras, priorities):
                 request_id = str(next(self._request_counter))
                 self.llm_engine.add_request(request_id, self.llm_engine.input_processor.process(prompt, one),
-                                            lora_request=lora)
+                                            lora_request=lora, priority=rank)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:

@@ -75,6 +75,7 @@ class EngineConfig:
     # (config/speculative.py); parsed here into a SpeculativeConfig, None: no speculation.
     speculative_config: dict | str | None = None
     # LoRA adapters (vLLM's names): requests name one with a LoRARequest; max_loras of them run in one batch.
+    scheduling_policy: str = "fcfs"  # vLLM's: "fcfs", or "priority" (requests' `priority`, lower first)
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -130,6 +131,8 @@ class EngineConfig:
         self.pooler_config = parse_pooler_config(
             self.pooler_config if self.pooler_config is not None else self.override_pooler_config)
         self.override_pooler_config = None
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
         if self.enable_lora:
             from asyncserve.config.lora import check_lora_config
             check_lora_config(self.max_loras, self.max_lora_rank, self.max_cpu_loras)

@@ -146,7 +146,6 @@ FLAGS: tuple[VllmFlag, ...] = (
           "--kv-cache-dtype fp8 takes the checkpoint's scales, else 1.0"),
     _ignored("--prefix-caching-hash-algo", "prefix-cache hash algorithms", NO_MEANING),
     _flag("--kv-transfer-config --kv-events-config", "KV-cache transfer and events", NOT_BUILT),
-    _flag("--scheduling-policy", "priority scheduling", NOT_BUILT, 1, neutral="fcfs"),
     _flag("--scheduler-cls", "custom schedulers", NO_MEANING),
     _ignored("--max-num-partial-prefills --max-long-partial-prefills --long-prefill-token-threshold "
              "--num-lookahead-slots --num-scheduler-steps", "scheduler tuning", NO_MEANING, 1, _SCHED),

@@ -200,7 +200,7 @@ class AsyncEngine:
         manager.register(lora_request, adapter)
 
     def add_request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
-                    sink: OutputSink | None = None, lora_request=None):
+                    sink: OutputSink | None = None, lora_request=None, priority: int = 0):
         """Validates and queues a request; raises InvalidParameterError / QueueFullError before anything runs.
         Its outputs go to `sink`, called on the loop as each step is processed (a new RequestStream, to be
         awaited, without one)."""
@@ -223,14 +223,15 @@ class AsyncEngine:
         processed = self.llm_engine.input_processor.process(prompt, params)
         request = self.llm_engine.add_request(request_id, processed,
                                               delta=sink is not None and getattr(sink, "delta", False),
-                                              lora_request=lora_request)
+                                              lora_request=lora_request, priority=priority)
         stream = sink if sink is not None else RequestStream()
         self._streams[request_id] = stream
         self._wakeup.set()
         return request, stream
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request=None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes; leaving early aborts it."""
         # A copy: what is prepared for this request is kept on it, not on the caller's object.
         sampling_params = (sampling_params or self.default_sampling_params()).clone()
@@ -239,7 +240,8 @@ class AsyncEngine:
             self.llm_engine.structured.hand_over(sampling_params.structured_outputs, grammar)
         await self.prepare_token_constraints(sampling_params)
         await self.prepare_lora(lora_request)
-        request, stream = self.add_request(prompt, sampling_params, request_id, lora_request=lora_request)
+        request, stream = self.add_request(prompt, sampling_params, request_id, lora_request=lora_request,
+                                           priority=priority)
         finished = False
         try:
             while not finished:

@@ -128,7 +128,7 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, processed: ProcessedRequest, delta: bool = False,
-                    lora_request=None) -> Request:
+                    lora_request=None, priority: int = 0) -> Request:
         """Admits a request that the input processor made (`input_processor.process(prompt, params)`).
         `delta`: each output carries only what is new since the one before (OutputProcessor.delta_output),
         as a streaming client takes it; otherwise outputs are cumulative."""
@@ -147,7 +147,14 @@ class LLMEngine:
             if isinstance(params, PoolingParams):
                 raise InvalidParameterError("LoRA adapters serve generation requests only.", "lora_request")
             self.lora.register(lora_request)
+        if priority != 0 and self.config.scheduler.scheduling_policy != "priority":
+            raise InvalidParameterError(f"priority={priority} needs the priority scheduling policy: start the "
+                                        "engine with scheduling_policy='priority' (--scheduling-policy priority).",
+                                        "priority")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidParameterError(f"priority must be an integer, got {priority!r}.", "priority")
         request = Request(request_id, processed.prompt, token_ids, params)
+        request.priority = priority
         request.lora_request = lora_request
         request.cache_salt = processed.cache_salt
         request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n

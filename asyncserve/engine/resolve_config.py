@@ -90,6 +90,7 @@ def resolve_config(args: EngineConfig) -> Config:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=_token_budget(args, model.max_model_len, model.device),
             enable_chunked_prefill=args.enable_chunked_prefill, preemption_mode=args.preemption_mode,
+            scheduling_policy=args.scheduling_policy,
             max_num_waiting=args.max_num_waiting, recompute_kv_at=recompute_kv_at),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size),
         quantization=quantization,

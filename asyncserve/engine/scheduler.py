@@ -16,6 +16,7 @@ from asyncserve.runner.step import NewSequence, ScheduledSequence, StepMessage
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora=None):
         self.config = config
+        self.priority_policy = config.scheduling_policy == "priority"
         self.kv = kv
         self.lora = lora  # LoRAManager (engine/lora_manager.py): adapters' GPU slots; None without LoRA
         self.waiting: deque[Sequence] = deque()
@@ -28,7 +29,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self._set_kv_regime(seq)
-        self.waiting.append(seq)
+        self._enqueue(seq, front=False)
         self._announced.append(seq)
 
     def has_work(self) -> bool:
@@ -38,6 +39,8 @@ class Scheduler:
         """Chooses this step's work: [(sequence, number of new tokens)] and its description for the runner."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
+        if self.priority_policy:
+            self._preempt_for_priority()  # the better-priority waiting head is then admitted below
         preempted = False
         index = 0
         while index < len(self.running) and budget > 0:
@@ -59,7 +62,7 @@ class Scheduler:
                     continue
                 seq.draft_token_ids = []
             while not self.kv.allocate_slots(seq, num_new):
-                victim = self.running.pop()  # the most recently admitted goes first
+                victim = self._victim(index)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -192,7 +195,7 @@ class Scheduler:
             seq.cache_salt = 1
             seq.block_hashes = []
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, front=True)
 
     def _set_kv_regime(self, seq: Sequence) -> None:
         limit = self.config.recompute_kv_at
@@ -229,6 +232,43 @@ class Scheduler:
         self.kv.free(seq, finished=True)
         seq.status = SequenceStatus.FINISHED
         self._finished_seq_ids.append(seq.seq_id)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """fcfs: new work at the back, preempted work at the front. priority: by (priority, arrival), so a
+        preempted sequence goes back to its place (a linear scan from the back: arrivals mostly land there)."""
+        if not self.priority_policy:
+            (self.waiting.appendleft if front else self.waiting.append)(seq)
+            return
+        position = len(self.waiting)
+        while position and self.waiting[position - 1].priority_key > seq.priority_key:
+            position -= 1
+        self.waiting.insert(position, seq)
+
+    def _victim(self, index: int) -> Sequence:
+        """Whom a running sequence that lacks blocks preempts: the most recently admitted (fcfs), or the
+        worst-priority one not scheduled yet this step (running[index:], itself included)."""
+        if not self.priority_policy:
+            victim = self.running.pop()
+        else:
+            victim = max(self.running[index:], key=lambda seq: seq.priority_key)
+            self.running.remove(victim)
+        return victim
+
+    def _preempt_for_priority(self) -> None:
+        """A waiting sequence of better priority than running ones, with no seat or no blocks left for its
+        prompt, preempts the worst of them (before this step schedules anything), as vLLM's priority policy."""
+        while self.waiting and self.running:
+            head = self.waiting[0]
+            worst = max(self.running, key=lambda seq: seq.priority_key)
+            if worst.priority_key[0] <= head.priority_key[0]:
+                break
+            needs_seat = len(self.running) >= self.config.max_num_seqs
+            wanted = min(head.num_tokens - head.num_computed_tokens, self.config.max_num_batched_tokens)
+            needs_blocks = self.kv.pool.num_free_blocks * self.kv.block_size < wanted
+            if not (needs_seat or needs_blocks):
+                break
+            self.running.remove(worst)
+            self._preempt(worst)
 
     def _lora_slot_free(self, seq: Sequence) -> bool:
         """A sequence of an adapter with no GPU slot waits until a slot is idle (max_loras per step)."""

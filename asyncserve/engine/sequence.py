@@ -66,6 +66,7 @@ class Sequence:
         # LoRA: the request's adapter (0: the base model), chained into the prefix cache's hashes so two
         # adapters never share KV, and the GPU slot it holds while running (-1: none).
         self.lora_int_id = request.lora_request.lora_int_id if request.lora_request is not None else 0
+        self.priority_key = (request.priority, seq_id)  # the scheduler's order under the priority policy
         # What the first block's hash chains on besides the KV regime's salt: the adapter, and the request's
         # cache_salt when it has one (0: neither, so the plain base model's hashes stay as they were).
         self.prefix_key = (self.lora_int_id if request.cache_salt is None
@@ -147,6 +148,7 @@ class Request:
     delta: bool = False  # outputs carry only what is new since the last one (a streaming sink's request)
     lora_request: Any = None  # the LoRARequest it runs with (None: the base model)
     cache_salt: str | None = None  # vLLM's per-request salt: its prefix-cache blocks are its salt's alone
+    priority: int = 0  # with scheduling_policy "priority": lower runs first (vLLM's meaning)
 
     @property
     def is_finished(self) -> bool:

@@ -50,7 +50,7 @@ class Generation:
     """The engine requests behind one HTTP request; `outputs()` must be closed (aclosing) to abort leftovers."""
 
     def __init__(self, engine, base_id: str, prompts: list[Prompt], params: SamplingParams, sink=None,
-                 lora_request=None, cache_salt: str | None = None):
+                 lora_request=None, cache_salt: str | None = None, priority: int = 0):
         """`sink` (a server.stream_sink.StreamSink): the outputs go there, step by step, instead of to
         `outputs()`."""
         self.engine = engine
@@ -63,6 +63,8 @@ class Generation:
             for index, prompt in enumerate(prompts):
                 request_id = f"{base_id}-{index}"
                 adapter = {"lora_request": lora_request} if lora_request is not None else {}
+                if priority:
+                    adapter["priority"] = priority
                 engine_prompt = {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}
                 if cache_salt is not None:
                     engine_prompt["cache_salt"] = cache_salt

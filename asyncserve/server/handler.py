@@ -89,11 +89,11 @@ async def handle_generation(request: web.Request,
                                parsed.include_usage, chat=prepared.chat)
         sink = stream_sink(state, prepared.stream_writer(state, encoder))
         generation = Generation(engine, response_id, prepared.prompts, parsed.params, sink, lora,
-                                parsed.cache_salt)
+                                parsed.cache_salt, parsed.priority)
         log_request(state, response_id, prepared.kind, generation, parsed.stream)
         return await stream(request, state, generation, sink, parsed.include_usage)
     generation = Generation(engine, response_id, prepared.prompts, parsed.params, lora_request=lora,
-                            cache_salt=parsed.cache_salt)
+                            cache_salt=parsed.cache_salt, priority=parsed.priority)
     log_request(state, response_id, prepared.kind, generation, parsed.stream)
     latest = await collect(request, state, generation)
     if latest is None:

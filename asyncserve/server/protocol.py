@@ -98,6 +98,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only among requests of one salt
     request_id: str | None = None  # vLLM's: the caller's id, in the response id ("cmpl-<request_id>")
     return_token_ids: bool = False  # vLLM's: prompt and output token ids beside the text (RL frameworks)
+    priority: int = 0  # vLLM's: lower runs first under --scheduling-policy priority
 
 
 @dataclass
@@ -298,7 +299,8 @@ def parse_completion(data, *, vocab_size: int,
                              length_penalty=fields.number("length_penalty", 1.0),
                              structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
                              request_id=_request_id(fields),
-                             return_token_ids=fields.boolean("return_token_ids", False))
+                             return_token_ids=fields.boolean("return_token_ids", False),
+                             priority=fields.integer("priority", 0))
 
 
 def _cache_salt(fields: Fields) -> str | None:
@@ -405,7 +407,8 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
                        length_penalty=fields.number("length_penalty", 1.0),
                        structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
                        request_id=_request_id(fields), messages=messages,
-                       return_token_ids=_chat_return_token_ids(fields, stream), add_generation_prompt=add_generation_prompt,
+                       return_token_ids=_chat_return_token_ids(fields, stream),
+                       priority=fields.integer("priority", 0), add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,
                        tool_choice=parse_tool_choice(fields.data, auto_enabled=auto_tools))

@@ -24,6 +24,7 @@ _SAMPLING = frozenset({
     "max_tokens", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
     "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs", "stream", "stream_options",
     "user", "use_beam_search", "length_penalty",
+    "cache_salt", "request_id", "return_token_ids", "priority",  # vLLM's request-level fields
 }) | STRUCTURED_FIELDS
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "suffix"}
 CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
@@ -67,7 +68,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "mm_processor_kwargs": ("multimodal inputs", _empty),
     "documents": ("documents in the chat template", _empty),
     "chat_template": ("a per-request chat_template (start the server with --chat-template)", _none),
-    "priority": ("priority scheduling", _one_of(0)),
 }
 # Refused where they would change the output, by endpoint.
 _REFUSED_COMPLETION = {**_REFUSED, "add_special_tokens": ("add_special_tokens=false", _one_of(True)),

@@ -34,7 +34,7 @@ async def _engine_text(server, prompt, **params) -> str:
 REFUSED = [
     ("guided_whitespace_pattern", "[ ]?"), ("structural_tag", '{"structures": []}'),
     ("functions", [{"name": "f"}]), ("logits_processors", ["my.proc"]),
-    ("priority", 5), ("prompt_embeds", "AAAA"),
+    ("prompt_embeds", "AAAA"),
 ]
 
 

@@ -81,6 +81,8 @@ class ChatStreamWriter:
         self.num_top = parsed.top_logprobs
         self.encoder = encoder
         self.cursors = [Cursor() for _ in range(self.n)]
+        # vLLM's return_token_ids: the prompt's ids in the first chunk, each chunk's new ids in its choice.
+        self.prompt_token_ids = list(prompt.token_ids) if parsed.return_token_ids else None
         make = choice_parsers(state, parsed)
         self.parsers = None if make is None else [make() for _ in range(self.n)]
 
@@ -92,6 +94,8 @@ class ChatStreamWriter:
     def first_frame(self) -> bytes:
         choices = [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for index in range(self.n)]
+        if self.prompt_token_ids is not None:
+            return self.encoder.head_frame(choices, prompt_token_ids=self.prompt_token_ids)
         return self.encoder.frame(choices, self._usages(choices, [0] * self.n))
 
     def step_frame(self, batch: list[tuple[int, RequestOutput]]) -> bytes:
@@ -106,14 +110,19 @@ class ChatStreamWriter:
                 if self.num_top is not None:
                     logprobs = {"content": self.state.logprobs.chat(completion.token_ids, completion.logprobs,
                                                                     self.num_top)}
-                elif not text and finish_reason is None:
+                elif not text and finish_reason is None and self.prompt_token_ids is None:
                     continue  # tokens that do not make a whole character yet
                 if self.parsers is not None:
-                    choices += _parsed_chunks(self.parsers[completion.index], completion.index, text, logprobs,
-                                              finish_reason)
-                    continue
-                choices.append({"index": completion.index, "delta": {"content": text} if text else {},
-                                "logprobs": logprobs, "finish_reason": finish_reason})
+                    chunks = _parsed_chunks(self.parsers[completion.index], completion.index, text, logprobs,
+                                            finish_reason)
+                else:
+                    chunks = [{"index": completion.index, "delta": {"content": text} if text else {},
+                               "logprobs": logprobs, "finish_reason": finish_reason}]
+                if self.prompt_token_ids is not None:
+                    if not chunks:  # the parser held the text back: the ids still go out
+                        chunks = [{"index": completion.index, "delta": {}, "logprobs": None, "finish_reason": None}]
+                    chunks[0]["token_ids"] = list(completion.token_ids)
+                choices += chunks
         if not choices:
             return b""
         return self.encoder.frame(choices, self._usages(choices, [cursor.num_tokens for cursor in self.cursors]))

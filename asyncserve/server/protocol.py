@@ -310,14 +310,6 @@ def _cache_salt(fields: Fields) -> str | None:
     return salt
 
 
-def _chat_return_token_ids(fields: Fields, stream: bool) -> bool:
-    wanted = fields.boolean("return_token_ids", False)
-    if wanted and stream:
-        raise bad_request("return_token_ids with stream is served on /v1/completions; on chat completions, "
-                          "ask without stream for now.", "return_token_ids")
-    return wanted
-
-
 def _request_id(fields: Fields) -> str | None:
     request_id = fields.string("request_id")
     if request_id is not None and not 0 < len(request_id) <= 256:
@@ -407,7 +399,7 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
                        length_penalty=fields.number("length_penalty", 1.0),
                        structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
                        request_id=_request_id(fields), messages=messages,
-                       return_token_ids=_chat_return_token_ids(fields, stream),
+                       return_token_ids=fields.boolean("return_token_ids", False),
                        priority=fields.integer("priority", 0), add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,

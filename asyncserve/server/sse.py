@@ -32,6 +32,10 @@ class ChunkEncoder:
         return b"".join(prefix + orjson.dumps(choice) + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
                         for choice, usage in zip(choices, usages))
 
+    def head_frame(self, choices: list[dict], **fields) -> bytes:
+        """One chunk with fields beside the shared ones (vLLM's `prompt_token_ids` in a stream's first)."""
+        return event({**self._head, **fields, "choices": choices})
+
     def usage_frame(self, usage: dict) -> bytes:
         return event({**self._head, "choices": [], "usage": usage})
 

@@ -1,5 +1,5 @@
 """vLLM's `return_token_ids`: the prompt's and the output's token ids beside the text (what RL frameworks read),
-equal to what the tokenizer and the engine hold; streamed on completions as each chunk's new ids."""
+equal to what the tokenizer and the engine hold; streamed as each chunk's new ids (the prompt's in the first)."""
 from __future__ import annotations
 
 import pytest
@@ -29,14 +29,16 @@ async def test_completions_return_the_prompt_and_output_ids(client, server):
 
 
 async def test_chat_returns_them_beside_the_message(client, server):
-    import openai
     result = await client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
-                                                  max_tokens=6, extra_body={"return_token_ids": True,
-                                                                            "ignore_eos": True})
+                                                  max_tokens=6, temperature=0,
+                                                  extra_body={"return_token_ids": True, "ignore_eos": True})
     body = result.model_dump()
     assert body["prompt_token_ids"] and body["prompt_token_ids"][-1] >= 0
     assert len(body["choices"][0]["token_ids"]) == 6
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
-                                             max_tokens=2, stream=True, extra_body={"return_token_ids": True})
-    assert caught.value.body["param"] == "return_token_ids"
+    stream = await client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=6, stream=True, temperature=0,
+                                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    chunks = [chunk.model_dump() async for chunk in stream]
+    assert chunks[0]["prompt_token_ids"] == body["prompt_token_ids"]
+    streamed = [t for chunk in chunks[1:] for choice in chunk["choices"] for t in (choice.get("token_ids") or [])]
+    assert streamed == body["choices"][0]["token_ids"]  # greedy: the same six tokens, chunk by chunk

@@ -216,7 +216,7 @@ class LLMEngine:
             self.speculator.propose(self.scheduler.running)
         step = self.scheduler.schedule()
         if step[1]:
-            self.iteration_tokens.observe(step[0].num_tokens)
+            self.iteration_tokens.observe(self.scheduler.num_scheduled_tokens)
         if self._to_release:
             # Only now: the step message just announced their last forks, reading `seq.request`.
             for request in self._to_release:

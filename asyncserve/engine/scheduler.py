@@ -23,6 +23,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_scheduled_tokens = 0  # the last step's tokens (vLLM's iteration_tokens metric)
         # What the runner has not heard of yet: sequences created, sequences gone.
         self._announced: list[Sequence] = []
         self._finished_seq_ids: list[int] = []
@@ -117,6 +118,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
+        self.num_scheduled_tokens = self.config.max_num_batched_tokens - budget  # what the budget paid
         described = [self._describe(seq, num_new) for seq, num_new in scheduled]
         swap_out, swap_in, copies = self.kv.take_block_moves()
         state_swap_out, state_swap_in, state_fork_copies = self.kv.take_state_moves()

@@ -5,6 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 
+def norm_in(norm, hidden, residual):
+    """A layer's first norm: the previous layer's residual add fused into it (the first layer has none)."""
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)
+
+
 class PreNormBlock(nn.Module):
     """A family's layer sets `input_layernorm`, `post_attention_layernorm` and `mlp`, and either `self_attn`
     (called as `self_attn(positions, hidden, meta)`) or its own `mix` (a hybrid layer's linear attention)."""
@@ -13,11 +20,7 @@ class PreNormBlock(nn.Module):
         return self.self_attn(positions, hidden, meta)
 
     def forward(self, positions, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_in(self.input_layernorm, hidden, residual)
         hidden = self.mix(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual

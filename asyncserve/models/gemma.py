@@ -12,6 +12,7 @@ from asyncserve.layers.activation import GeluTanhAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, qkv_linear
 from asyncserve.layers.norm import GemmaRMSNorm
+from asyncserve.layers.pre_norm_block import norm_in
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding, rope_parameters
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -94,11 +95,7 @@ class GemmaDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = GemmaRMSNorm(hf_config.hidden_size, eps)
 
     def forward(self, positions, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_in(self.input_layernorm, hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, meta))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual

@@ -12,6 +12,7 @@ from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.longrope import PhiRotaryEmbedding
 from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.pre_norm_block import norm_in
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import rope_parameters
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -77,11 +78,7 @@ class Phi3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, rotary, rows, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = norm_in(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(rotary, rows, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual

@@ -15,6 +15,7 @@ from asyncserve.layers.activation import SiluAndMul
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.norm import RMSNorm
+from asyncserve.layers.pre_norm_block import norm_in
 from asyncserve.layers.quantization import QuantizationConfig
 from asyncserve.layers.rotary import RotaryEmbedding
 from asyncserve.layers.vocab_parallel import VocabParallelEmbedding
@@ -69,11 +70,7 @@ class QWenBlock(nn.Module):
         self.mlp = QWenMLP(hf_config, quant_config, f"{prefix}.mlp")
 
     def forward(self, positions, hidden, residual, meta):
-        if residual is None:
-            residual = hidden
-            hidden = self.ln_1(hidden)
-        else:
-            hidden, residual = self.ln_1(hidden, residual)
+        hidden, residual = norm_in(self.ln_1, hidden, residual)
         hidden = self.attn(positions, hidden, meta)
         hidden, residual = self.ln_2(hidden, residual)
         return self.mlp(hidden), residual

@@ -140,13 +140,14 @@ class LLMEngine:
                 "Structured outputs are not supported together with speculative decoding yet: send the request "
                 "without a grammar / response_format, or serve without --speculative-config.",
                 "structured_outputs")
+        adapter = None
         if lora_request is not None:  # read (once) and checked before anything is queued
             if self.lora is None:
                 raise InvalidParameterError("This engine serves no LoRA adapters: start it with enable_lora=True "
                                             "(--enable-lora) to use a lora_request.", "lora_request")
             if isinstance(params, PoolingParams):
                 raise InvalidParameterError("LoRA adapters serve generation requests only.", "lora_request")
-            self.lora.register(lora_request)
+            adapter = self.lora.register(lora_request)
         if priority != 0 and self.config.scheduler.scheduling_policy != "priority":
             raise InvalidParameterError(f"priority={priority} needs the priority scheduling policy: start the "
                                         "engine with scheduling_policy='priority' (--scheduling-policy priority).",
@@ -156,6 +157,7 @@ class LLMEngine:
         request = Request(request_id, processed.prompt, token_ids, params)
         request.priority = priority
         request.lora_request = lora_request
+        request.lora_adapter = adapter  # its weights, held until it finishes
         request.cache_salt = processed.cache_salt
         request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n
         if isinstance(params, PoolingParams):

@@ -96,8 +96,9 @@ class LoRAManager:
     def can_acquire(self, lora_id: int) -> bool:
         return not lora_id or lora_id in self.slot_of or bool(self.idle_order)
 
-    def acquire(self, lora_id: int) -> int:
-        """The adapter's slot for one more running sequence (loading it into an idle slot if it has none)."""
+    def acquire(self, lora_id: int, adapter: LoRAAdapter | None = None) -> int:
+        """The adapter's slot for one more running sequence (loading it into an idle slot if it has none);
+        `adapter`: the weights its request holds, so a slot load never reads files on the scheduler's path."""
         if not lora_id:
             return NO_LORA
         slot = self.slot_of.get(lora_id)
@@ -107,8 +108,8 @@ class LoRAManager:
             if previous is not None:
                 del self.slot_of[previous]
             self.occupant[slot], self.slot_of[lora_id] = lora_id, slot
-            adapter = self.host.get(lora_id)
-            if adapter is None:  # dropped from host memory since it was registered: read it again
+            adapter = adapter or self.host.get(lora_id)
+            if adapter is None:  # neither held nor kept in host memory: read it again
                 adapter = self.register(self.requests[lora_id])
             self.pending_loads.append((slot, adapter.weights, adapter.scaling))
             self.num_slot_loads += 1

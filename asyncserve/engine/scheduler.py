@@ -278,7 +278,7 @@ class Scheduler:
 
     def _take_lora_slot(self, seq: Sequence) -> None:
         if self.lora is not None and seq.lora_slot < 0:
-            seq.lora_slot = self.lora.acquire(seq.lora_int_id)
+            seq.lora_slot = self.lora.acquire(seq.lora_int_id, seq.request.lora_adapter)
 
     def _give_back_lora_slot(self, seq: Sequence) -> None:
         if self.lora is not None and seq.lora_slot >= 0:

@@ -147,6 +147,7 @@ class Request:
     grammar: Any = None  # the compiled grammar of params.structured_outputs, shared by its sequences
     delta: bool = False  # outputs carry only what is new since the last one (a streaming sink's request)
     lora_request: Any = None  # the LoRARequest it runs with (None: the base model)
+    lora_adapter: Any = None  # its adapter's weights in host memory, whatever the host cache evicts
     cache_salt: str | None = None  # vLLM's per-request salt: its prefix-cache blocks are its salt's alone
     priority: int = 0  # with scheduling_policy "priority": lower runs first (vLLM's meaning)
 

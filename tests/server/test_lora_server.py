@@ -77,6 +77,11 @@ async def test_runtime_loading_is_behind_vllms_switch(model_path, adapter_dirs):
         async with http.post(f"{live.url}/v1/load_lora_adapter",
                              json={"lora_name": "sql", "lora_path": adapter_dirs[0]}) as response:
             assert response.status == 200 and "added" in await response.text()
+        async with http.post(f"{live.url}/v1/load_lora_adapter", json={"lora_name": "half"}) as response:
+            assert response.status == 400 and (await response.json())["error"]["param"] == "lora_path"
+        async with http.post(f"{live.url}/v1/load_lora_adapter",
+                             json={"lora_name": "sql", "lora_path": adapter_dirs[1]}) as response:
+            assert response.status == 400  # the name is taken
         async with http.post(f"{live.url}/v1/load_lora_adapter",
                              json={"lora_name": "bad", "lora_path": "/nonexistent"}) as response:
             assert response.status == 400 and "adapter_config.json" in (await response.json())["error"]["message"]

@@ -252,7 +252,7 @@ class _Prepared:
                                 prompt_top=params.prompt_logprobs if self.parsed.return_prompt_logprobs else None)
 
 
-def _prepare(state: ServerState, data) -> _Prepared:
+def prepare_chat(state: ServerState, data) -> _Prepared:
     """Everything before queueing: parse, render, tokenize, check (in the worker thread for big bodies)."""
     model = state.resolve_model(Fields(data).string("model"))
     engine = state.engine
@@ -266,4 +266,4 @@ def _prepare(state: ServerState, data) -> _Prepared:
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    return await handle_generation(request, _prepare)
+    return await handle_generation(request, prepare_chat)

@@ -112,11 +112,17 @@ def stream_sink(state: ServerState, writer: StreamWriter) -> StreamSink:
     return StreamSink(writer, lambda batch: _record_finished(state, batch))
 
 
+def openai_error_event(error: ApiError) -> bytes:
+    return event(error_payload(error.status, error.message, error.param, error.code))
+
+
 async def stream(request: web.Request, state: ServerState, generation: Generation, sink: StreamSink,
-                 include_usage: bool) -> web.StreamResponse:
+                 include_usage: bool, end: bytes = DONE,
+                 error_event: Callable[[ApiError], bytes] = openai_error_event) -> web.StreamResponse:
     """One SSE frame per engine step, written by the step itself (server/stream_sink.py); this coroutine
     writes the first frame, a slow client's backlog and the end. A client that goes away aborts its requests
-    (their KV is freed)."""
+    (their KV is freed). `end` closes the stream (OpenAI's `[DONE]`), `error_event` frames a failure after
+    the headers went out: Anthropic's stream has other shapes for both."""
     writer = sink.writer
     response = None
     write_timeout = state.stream_write_timeout
@@ -136,16 +142,15 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
         prompt_tokens = sum(len(prompt.token_ids) for prompt in generation.prompts)
         tail = writer.usage_frame(token_usage(prompt_tokens, writer.completion_tokens())) if include_usage \
             else b""
-        await write_within(request, response, tail + DONE, write_timeout)
+        if tail + end:
+            await write_within(request, response, tail + end, write_timeout)
         await write_within(request, response, None, write_timeout)
     except ConnectionResetError:
         logger.debug("client left %s; its requests were aborted", generation.request_ids)
     except AsyncServeError as exc:  # the engine died mid-stream: the status is sent, say so in-band
         error = api_error_from(exc)
         with contextlib.suppress(ConnectionResetError):
-            await write_within(request, response,
-                               event(error_payload(error.status, error.message, error.param, error.code)) + DONE,
-                               write_timeout)
+            await write_within(request, response, error_event(error) + end, write_timeout)
             await write_within(request, response, None, write_timeout)
     finally:
         sink.detach()

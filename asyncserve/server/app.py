@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from asyncserve.errors import ConfigError
+from asyncserve.server import anthropic
 from asyncserve.server.chat import create_chat_completion, load_chat_template
 from asyncserve.server.parsers_config import check_parsers
 from asyncserve.server.connection import quiet_malformed_request_logs, send_and_close, set_server_header
@@ -34,7 +35,8 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Every failure leaves as an OpenAI error body; only a bug becomes a 500, and it is logged at ERROR."""
+    """Every failure leaves as an OpenAI error body (Anthropic's on its Messages routes); only a bug becomes a
+    500, and it is logged at ERROR."""
     try:
         return await handler(request)
     except ConnectionResetError:  # the client left while we read or wrote
@@ -51,11 +53,12 @@ async def error_middleware(request: web.Request, handler):
             request.app[SERVER_STATE].metrics.num_internal_errors += 1
             logger.exception("unexpected error answering %s %s", request.method, request.path)
             error = ApiError(500, f"Internal server error ({type(exc).__name__}); the server log has details.")
+    respond = anthropic.error_response if anthropic.is_messages_request(request) else error_response
     if request.content.is_eof():
-        return error_response(error)
+        return respond(error)
     # The body was not read to its end (too large, too slow, undecodable): answer, then close, so that
     # aiohttp does not go on reading (and inflating) the rest.
-    return await send_and_close(request, error_response(error))
+    return await send_and_close(request, respond(error))
 
 
 def _bearer_token_matches(header: str, api_key: bytes) -> bool:
@@ -65,10 +68,18 @@ def _bearer_token_matches(header: str, api_key: bytes) -> bool:
                                                               api_key)
 
 
+def _x_api_key_matches(request: web.Request, api_key: bytes) -> bool:
+    """Anthropic's clients send the key as `x-api-key`: accepted on the Messages routes."""
+    header = request.headers.get("x-api-key")
+    return header is not None and anthropic.is_messages_request(request) and \
+        hmac.compare_digest(header.strip().encode("utf-8", "surrogateescape"), api_key)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    """With an API key set, every route but the open ones needs `Authorization: Bearer <key>`; a wrong
-    method on an API route is answered 401 before 405, so that nothing about it leaks without the key."""
+    """With an API key set, every route but the open ones needs `Authorization: Bearer <key>` (or, on the
+    Messages routes, `x-api-key: <key>`); a wrong method on an API route is answered 401 before 405, so that
+    nothing about it leaks without the key."""
     api_key = request.app[SERVER_STATE].api_key
     match_info = request.match_info
     if api_key is None:
@@ -78,9 +89,11 @@ async def auth_middleware(request: web.Request, handler):
         is_open = exception.status != 405 or request.path.endswith(OPEN_PATHS)
     else:
         is_open = match_info.route.name in OPEN_ROUTES
-    if not is_open and not _bearer_token_matches(request.headers.get("Authorization", ""),
-                                                 api_key.encode("utf-8", "surrogateescape")):
-        raise ApiError(401, "Missing or incorrect API key: send the header 'Authorization: Bearer <key>'.",
+    key = api_key.encode("utf-8", "surrogateescape")
+    if not is_open and not _bearer_token_matches(request.headers.get("Authorization", ""), key) and \
+            not _x_api_key_matches(request, key):
+        also = "'x-api-key: <key>' or " if anthropic.is_messages_request(request) else ""
+        raise ApiError(401, f"Missing or incorrect API key: send the header {also}'Authorization: Bearer <key>'.",
                        headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
@@ -173,6 +186,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     app.router.add_post("/v1/completions", create_completion, name="completions")
     app.router.add_post("/v1/chat/completions", create_chat_completion, name="chat_completions")
     app.router.add_post("/v1/embeddings", create_embedding, name="embeddings")
+    app.router.add_post("/v1/messages", anthropic.create_message, name="messages")
+    app.router.add_post("/v1/messages/count_tokens", anthropic.count_tokens, name="messages_count_tokens")
     app.router.add_get("/v1/models", list_models, name="models")
     app.router.add_get("/v1/models/{model:.+}", retrieve_model, name="model")
     app.router.add_post("/tokenize", tokenize, name="tokenize")

@@ -113,10 +113,10 @@ def stream_sink(state: ServerState, writer: StreamWriter) -> StreamSink:
 
 
 async def stream(request: web.Request, state: ServerState, generation: Generation, sink: StreamSink,
-                 include_usage: bool) -> web.StreamResponse:
+                 include_usage: bool, end: bytes = DONE) -> web.StreamResponse:
     """One SSE frame per engine step, written by the step itself (server/stream_sink.py); this coroutine
-    writes the first frame, a slow client's backlog and the end. A client that goes away aborts its requests
-    (their KV is freed)."""
+    writes the first frame, a slow client's backlog and the end (`end`: OpenAI's `[DONE]`, which the
+    Responses API does not send). A client that goes away aborts its requests (their KV is freed)."""
     writer = sink.writer
     response = None
     write_timeout = state.stream_write_timeout
@@ -136,7 +136,7 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
         prompt_tokens = sum(len(prompt.token_ids) for prompt in generation.prompts)
         tail = writer.usage_frame(token_usage(prompt_tokens, writer.completion_tokens())) if include_usage \
             else b""
-        await write_within(request, response, tail + DONE, write_timeout)
+        await write_within(request, response, tail + end, write_timeout)
         await write_within(request, response, None, write_timeout)
     except ConnectionResetError:
         logger.debug("client left %s; its requests were aborted", generation.request_ids)
@@ -144,7 +144,7 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
         error = api_error_from(exc)
         with contextlib.suppress(ConnectionResetError):
             await write_within(request, response,
-                               event(error_payload(error.status, error.message, error.param, error.code)) + DONE,
+                               event(error_payload(error.status, error.message, error.param, error.code)) + end,
                                write_timeout)
             await write_within(request, response, None, write_timeout)
     finally:
@@ -154,9 +154,11 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
     return response if response is not None else client_closed()
 
 
-async def collect(request: web.Request, state: ServerState,
-                  generation: Generation) -> dict[int, RequestOutput] | None:
-    """Final outputs by prompt index; None when the client left (its requests are aborted)."""
+async def collect(request: web.Request, state: ServerState, generation: Generation,
+                  abort_is_shutdown: bool = True) -> dict[int, RequestOutput] | None:
+    """Final outputs by prompt index; None when the client left (its requests are aborted). An aborted
+    output is a 503 (the server is shutting down) unless the caller tells aborts apart itself
+    (`abort_is_shutdown` false: a cancelled response)."""
     latest: dict[int, RequestOutput] = {}
     state.track(generation)
     try:
@@ -169,7 +171,8 @@ async def collect(request: web.Request, state: ServerState,
     finally:
         generation.abort()
         state.untrack(generation)
-    if any(choice.finish_reason == "abort" for output in latest.values() for choice in output.outputs):
+    if abort_is_shutdown and any(choice.finish_reason == "abort" for output in latest.values()
+                                 for choice in output.outputs):
         raise ApiError(503, "The request was aborted: the server is shutting down.", code="shutting_down")
     return latest
 

@@ -235,6 +235,14 @@ async def test_text_format_json_schema_constrains_the_output(client):
     assert "completed" in statuses
 
 
+async def test_text_format_json_object_asks_the_grammar_for_any_object(server, client):
+    seen = []
+    with scripted_output(server.engine, ['{"ok": true}'], seen_params=seen):
+        response = await client.responses.create(model=MODEL_NAME, input=ASK, text={"format": {"type": "json_object"}})
+    assert seen[0].structured_outputs.json_object is True and response.output_text == '{"ok": true}'
+    assert response.text.format.type == "json_object"
+
+
 async def test_a_bad_text_format_schema_is_a_400_on_text_format(client):
     with pytest.raises(openai.BadRequestError) as caught:
         await client.responses.create(model=MODEL_NAME, input=ASK, text={"format": {
@@ -319,6 +327,23 @@ async def test_cancel_stops_a_running_response_and_refuses_a_finished_one(client
     assert "already cancelled" in caught.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         await client.responses.cancel("resp_unknown")
+
+
+async def test_a_whole_response_cancelled_while_running_ends_cancelled_with_its_text_so_far(server, client):
+    running = asyncio.ensure_future(client.responses.create(model=MODEL_NAME, input=ASK, max_output_tokens=400,
+                                                            temperature=1.0, extra_body={"seed": 1}))
+    store = _store(server)
+    while not store.running_ids():
+        await asyncio.sleep(0.005)
+    [response_id] = store.running_ids()
+    in_progress = await client.responses.retrieve(response_id)
+    assert in_progress.status == "in_progress" and in_progress.output == []
+    await asyncio.sleep(0.05)
+    cancelled = await client.responses.cancel(response_id)
+    response = await running
+    assert response.status == cancelled.status == "cancelled" and response.id == response_id
+    assert 0 < response.usage.output_tokens < 400 and response.output[0].status == "incomplete"
+    assert cancelled.output_text == response.output_text
 
 
 # ---- refusals --------------------------------------------------------------------------------------

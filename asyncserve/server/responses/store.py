@@ -89,3 +89,6 @@ class ResponseStore:
 
     def running(self, response_id: str) -> Running | None:
         return self._running.get(response_id)
+
+    def running_ids(self) -> list[str]:
+        return list(self._running)

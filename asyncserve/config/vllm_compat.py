@@ -218,7 +218,6 @@ def _route(paths: str, feature: str, status: str = NOT_BUILT, hint: str = "") ->
 
 
 ROUTES: tuple[VllmRoute, ...] = (
-    *_route("/v1/responses", "the Responses API", hint="use /v1/chat/completions"),
     *_route("/v1/audio/transcriptions /v1/audio/translations", "speech-to-text models"),
     *_route("/v1/realtime", "the Realtime API"),
     *_route("/score /v1/score", "scoring with cross-encoder models"),

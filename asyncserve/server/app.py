@@ -18,6 +18,7 @@ from asyncserve.server.cors import CorsConfig, cors_middleware, enable_cors
 from asyncserve.server.errors import ApiError, api_error_from, error_response, vllm_route_error
 from asyncserve.server.info import detokenize, health, list_models, metrics, retrieve_model, tokenize, version
 from asyncserve.server.page import chat_page
+from asyncserve.server.responses import add_responses_routes
 from asyncserve.server.serving import client_closed
 from asyncserve.server.state import SERVER_STATE, ServerState
 from asyncserve.server.stall_stacks import StallSampler
@@ -198,6 +199,7 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     app.router.add_get("/", chat_page, name="chat_page")
     app.router.add_post("/v1/load_lora_adapter", load_lora_adapter, name="load_lora_adapter")
     app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter, name="unload_lora_adapter")
+    add_responses_routes(app)
     return app
 
 

@@ -159,9 +159,11 @@ async def stream(request: web.Request, state: ServerState, generation: Generatio
     return response if response is not None else client_closed()
 
 
-async def collect(request: web.Request, state: ServerState,
-                  generation: Generation) -> dict[int, RequestOutput] | None:
-    """Final outputs by prompt index; None when the client left (its requests are aborted)."""
+async def collect(request: web.Request, state: ServerState, generation: Generation,
+                  abort_is_shutdown: bool = True) -> dict[int, RequestOutput] | None:
+    """Final outputs by prompt index; None when the client left (its requests are aborted). An aborted
+    output is a 503 (the server is shutting down) unless the caller tells aborts apart itself
+    (`abort_is_shutdown` false: a cancelled response)."""
     latest: dict[int, RequestOutput] = {}
     state.track(generation)
     try:
@@ -174,7 +176,8 @@ async def collect(request: web.Request, state: ServerState,
     finally:
         generation.abort()
         state.untrack(generation)
-    if any(choice.finish_reason == "abort" for output in latest.values() for choice in output.outputs):
+    if abort_is_shutdown and any(choice.finish_reason == "abort" for output in latest.values()
+                                 for choice in output.outputs):
         raise ApiError(503, "The request was aborted: the server is shutting down.", code="shutting_down")
     return latest
 

@@ -290,10 +290,10 @@ async def test_continuous_usage_stats_need_include_usage_as_in_vllm_and_a_boolea
 
 
 @pytest.mark.parametrize("method,path,message", [
-    ("POST", "/v1/responses", "POST /v1/responses (vLLM: the Responses API) is not built in asyncserve yet: use "
-                              "/v1/chat/completions."),
-    ("GET", "/v1/responses/resp_1", "GET /v1/responses/resp_1 (vLLM: the Responses API) is not built in "
-                                    "asyncserve yet: use /v1/chat/completions."),
+    ("POST", "/pooling", "POST /pooling (vLLM: the pooling API) is not built in asyncserve yet: use "
+                         "/v1/embeddings."),
+    ("GET", "/v1/realtime/sessions", "GET /v1/realtime/sessions (vLLM: the Realtime API) is not built in "
+                                     "asyncserve yet."),
     ("POST", "/v1/audio/transcriptions", "POST /v1/audio/transcriptions (vLLM: speech-to-text models) is not "
                                          "built in asyncserve yet."),
     ("POST", "/v2/rerank", "POST /v2/rerank (vLLM: reranking) is not built in asyncserve yet."),
@@ -308,11 +308,12 @@ async def test_known_vllm_routes_answer_a_404_naming_the_unbuilt_feature(server,
                                                    "param": None, "code": "not_implemented"}}
 
 
-async def test_the_openai_client_hears_why_the_responses_api_is_missing_and_other_paths_stay_plain_404s(
+async def test_the_openai_client_hears_why_a_vllm_route_is_missing_and_other_paths_stay_plain_404s(
         server, client, http):
     import openai
     with pytest.raises(openai.NotFoundError) as caught:
-        await client.responses.create(model=MODEL_NAME, input="Hello")
-    assert caught.value.body["message"].startswith("POST /v1/responses (vLLM: the Responses API) is not built")
-    async with http.post(server.url + "/v1/responsesX", json={}) as response:
+        await client.post("/audio/transcriptions", body={"model": MODEL_NAME}, cast_to=object)
+    assert caught.value.body["message"].startswith("POST /v1/audio/transcriptions (vLLM: speech-to-text models) "
+                                                   "is not built")
+    async with http.post(server.url + "/v1/audio/transcriptionsX", json={}) as response:
         assert (await response.json())["error"]["message"] == "Not found: no route matches this path."

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="On SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
                              "aborted (default: %(default)s).")
+    server.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="Logprobs name each token \"token_id:<id>\" instead of its text (a request's "
+                             "return_tokens_as_token_ids field overrides it), as vLLM's flag.")
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Do not log each request (nor the access log).")
     server.add_argument("--disable-log-stats", action="store_true", help="Do not log engine statistics.")
@@ -399,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                      request_body_timeout=args.request_body_timeout, tool_call_parser=args.tool_call_parser,
                      enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser,
                      lora_modules=lora_modules, lora_dir=args.lora_dir,
-                     health_stall_timeout=args.health_stall_timeout)
+                     health_stall_timeout=args.health_stall_timeout,
+                     return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:

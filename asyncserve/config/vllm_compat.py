@@ -189,7 +189,6 @@ FLAGS: tuple[VllmFlag, ...] = (
           "ask for it per request with stream_options.include_usage"),
     _flag("--enable-server-load-tracking", "the /load route", NOT_BUILT, 0),
     _flag("--enable-tokenizer-info-endpoint", "the /tokenizer_info route", NOT_BUILT, 0),
-    _flag("--return-tokens-as-token-ids", "tokens written as token_id:N", NOT_BUILT, 0),
     _flag("--response-role", "another role name in chat responses", NOT_BUILT, 1, neutral="assistant"),
     _flag("--chat-template-content-format", "message content as a list of parts in chat templates", NOT_BUILT, 1,
           "asyncserve renders content as one string", neutral="auto string"),

@@ -78,7 +78,6 @@ FLAGS: tuple[VllmFlag, ...] = (
     _flag("--fully-sharded-loras --enable-lora-bias", _LORA, NOT_BUILT, 0),
     _flag("--download-dir", "the folder weights download to", NOT_BUILT, 1,
           "set HF_HUB_CACHE=DIR (the Hugging Face cache) instead"),
-    _flag("--config", "flags read from a YAML file", NOT_BUILT, 1, "pass the flags on the command line"),
     _flag("--hf-token", "a Hugging Face token", NOT_BUILT, "?", "set HF_TOKEN instead"),
     _flag("--hf-overrides", "config.json overrides", NOT_BUILT, 1, "edit a copy of the checkpoint's config.json"),
     _flag("--rope-scaling --rope-theta", "rotary overrides", NOT_BUILT, 1,

@@ -504,8 +504,8 @@ def run_batch_main(argv: list[str]) -> int:
     from asyncserve.server.batch import MIN_IN_FLIGHT
     from asyncserve.server.batch_files import close_batch_files, run_batch_file
     app = openai_app(engine, log_requests=False, **_app_options(args, names, lora_modules))
-    logger.info("run-batch: %s requests from %s to %s, served by %s", "the" if total is None else total,
-                args.input_file, args.output_file, ", ".join(names))
+    logger.info("run-batch: %d requests from %s to %s, served by %s", total, args.input_file, args.output_file,
+                ", ".join(names))
     loop = new_event_loop()
     try:
         summary = loop.run_until_complete(run_batch_file(

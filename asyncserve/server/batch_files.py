@@ -20,11 +20,12 @@ from asyncserve.server.batch import (
 STDIO = "-"
 
 
-def open_batch_files(input_path: str, output_path: str) -> tuple[BinaryIO, int | None, BinaryIO]:
-    """(the input, how many of its lines hold a request (None for stdin), the output), opened before the model
-    loads so that a wrong path fails at once."""
+def open_batch_files(input_path: str, output_path: str) -> tuple[Iterable[bytes], int, BinaryIO]:
+    """(the input's lines, how many of them hold a request, the output), opened before the model loads so that
+    a wrong path fails at once. Stdin is read to its end here: a read on the event loop would stall the batch."""
     if input_path == STDIO:
-        lines, total = sys.stdin.buffer, None
+        lines = sys.stdin.buffer.readlines()
+        total = sum(1 for line in lines if line.strip())
     else:
         try:
             lines = open(input_path, "rb")  # noqa: SIM115 - closed by close_batch_files, after the run
@@ -41,16 +42,17 @@ def open_batch_files(input_path: str, output_path: str) -> tuple[BinaryIO, int |
         raise ConfigError(f"run-batch cannot write -o {output_path}: {exc.strerror or exc}.") from None
 
 
-def close_batch_files(*streams: BinaryIO) -> None:
-    """Closes the files; stdin and stdout stay open (stdout flushed)."""
-    for stream in streams:
-        if stream is sys.stdout.buffer:
-            stream.flush()
-        elif stream is not sys.stdin.buffer:
-            stream.close()
+def close_batch_files(lines: Iterable[bytes], output: BinaryIO) -> None:
+    """Closes the files; stdout stays open, flushed."""
+    if hasattr(lines, "close"):
+        lines.close()
+    if output is sys.stdout.buffer:
+        output.flush()
+    else:
+        output.close()
 
 
-async def run_batch_file(app: web.Application, lines: Iterable[bytes], output: BinaryIO, *, total: int | None,
+async def run_batch_file(app: web.Application, lines: Iterable[bytes], output: BinaryIO, *, total: int,
                          max_in_flight: int = MIN_IN_FLIGHT) -> BatchSummary:
     """`run_batch` over the app started here, records written to `output` as JSON lines, with a progress bar
     (on stderr; log lines print above it)."""

@@ -1,4 +1,5 @@
-"""`asyncserve serve MODEL` / `asyncserve --model MODEL`: the OpenAI-compatible server, with vLLM's flags.
+"""`asyncserve serve MODEL` / `asyncserve --model MODEL`: the OpenAI-compatible server, with vLLM's flags;
+`asyncserve run-batch -i IN -o OUT`: a batch file answered through the same app, as `vllm run-batch`.
 
 Only the standard library and asyncserve.config load before the arguments are parsed: `--help` answers at
 once, and torch, transformers and aiohttp are imported only once there is a model to serve.
@@ -19,7 +20,8 @@ import sys
 from asyncserve.config.device import DTYPE_NAMES
 
 from asyncserve.config import EngineConfig
-from asyncserve.errors import ConfigError, UnsupportedModelError
+from asyncserve.errors import ConfigError, ConfigFileError, UnsupportedModelError
+from asyncserve.config.flags_file import apply_flags_file, split_config_flag
 from asyncserve.config.vllm_compat import add_vllm_flags, flag_lines
 
 logger = logging.getLogger("asyncserve")
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="The model, as `vllm serve MODEL` takes it (same as --model).")
+    parser.add_argument("--config", metavar="FILE",
+                        help="Flags read from a YAML file, as vLLM's: keys are flag names without the dashes "
+                             "(max-model-len: 4096, model: ..., enable-prefix-caching: false, served-model-name: "
+                             "[a, b]); flags on the command line win over the file's.")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default=None,
                        help="Hugging Face hub id, local checkpoint directory, or a .gguf file (llama, qwen2, "
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="On SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
                              "aborted (default: %(default)s).")
+    server.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="Logprobs name each token \"token_id:<id>\" instead of its text (a request's "
+                             "return_tokens_as_token_ids field overrides it), as vLLM's flag.")
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Do not log each request (nor the access log).")
     server.add_argument("--disable-log-stats", action="store_true", help="Do not log engine statistics.")
@@ -294,11 +303,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         argv = argv[1:]
+    try:
+        config_file, argv = split_config_flag(argv)
+        from_file = apply_flags_file(parser, config_file) if config_file is not None else None
+    except ConfigFileError as exc:
+        parser.exit(2, f"asyncserve: error: {exc}\n")
     args = parser.parse_args(argv)
     refused, _ = flag_lines(args.vllm_flags)
     if refused:
         parser.exit(2, "".join(f"asyncserve: error: {line}\n" for line in refused))
     if args.model_tag is not None:
+        if from_file is not None and args.model == from_file.model:
+            args.model = None  # the command line's MODEL wins over the file's `model`
         if args.model is not None and args.model != args.model_tag:
             parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
         args.model = args.model_tag
@@ -352,17 +368,53 @@ def _listen_or_exit(parser: argparse.ArgumentParser, host: str, port: int) -> so
         parser.exit(1, f"asyncserve: error: cannot listen on {host}:{port}: {exc.strerror or exc}.\n")
 
 
+def _check_before_loading(args: argparse.Namespace) -> EngineConfig:
+    """The engine's config, the chat template and the parsers checked: a bad value fails now, not after the
+    model loads."""
+    config = engine_config(args)
+    from asyncserve.server.chat import load_chat_template
+    load_chat_template(args.chat_template)
+    from asyncserve.server.parsers_config import check_parsers
+    check_parsers(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
+    return config
+
+
+def _log_start_up_notes(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.trust_remote_code:
+        logger.info("--trust-remote-code has no effect: asyncserve runs its own code for the architectures "
+                    "it supports and never a checkpoint's")
+    for line in flag_lines(args.vllm_flags)[1]:
+        logger.info("%s", line)
+
+
+def _lora_modules(args: argparse.Namespace) -> list[dict]:
+    from asyncserve.server.lora_adapters import parse_lora_modules
+    lora_modules = parse_lora_modules(args.lora_modules)
+    if (lora_modules or args.lora_dir) and not args.enable_lora:
+        raise ConfigError("--lora-modules and --lora-dir need --enable-lora.")
+    return lora_modules
+
+
+def _app_options(args: argparse.Namespace, names: list[str], lora_modules: list[dict]) -> dict:
+    """What `serve` and `run-batch` give openai_app alike: a batch line is answered as the server would."""
+    return {"served_model_name": names, "chat_template": args.chat_template,
+            "max_body_bytes": int(args.max_request_body_mb * 1024 * 1024), "tool_call_parser": args.tool_call_parser,
+            "enable_auto_tool_choice": args.enable_auto_tool_choice, "reasoning_parser": args.reasoning_parser,
+            "lora_modules": lora_modules, "lora_dir": args.lora_dir,
+            "return_tokens_as_token_ids": args.return_tokens_as_token_ids}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run-batch"]:
+        return run_batch_main(argv[1:])
     parser = build_parser()
     args = parse_args(parser, argv)
     sock = None
     try:
-        config = engine_config(args)
+        config = _check_before_loading(args)
         names = config.model_names  # before loading: the default is named by its hub id, not its cache path
-        from asyncserve.server.chat import load_chat_template
-        load_chat_template(args.chat_template)  # a bad value fails now, not after the model loads
-        from asyncserve.server.parsers_config import check_parsers
-        check_parsers(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
         from asyncserve.server.cors import CorsConfig
         from asyncserve.server.listener import ConnectionLimits, raise_open_file_limit
         cors = None if args.allowed_origins is None else CorsConfig(
@@ -371,18 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         limits = ConnectionLimits(keepalive_timeout=args.timeout_keep_alive, max_connections=args.max_connections)
         raise_open_file_limit()
         sock = _listen_or_exit(parser, args.host, args.port)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if args.trust_remote_code:
-            logger.info("--trust-remote-code has no effect: asyncserve runs its own code for the architectures "
-                        "it supports and never a checkpoint's")
-        for line in flag_lines(args.vllm_flags)[1]:
-            logger.info("%s", line)
+        _log_start_up_notes(args)
         api_key, api_key_line = resolve_api_key(args.api_key)
         logger.info("%s", api_key_line)
-        from asyncserve.server.lora_adapters import parse_lora_modules
-        lora_modules = parse_lora_modules(args.lora_modules)
-        if (lora_modules or args.lora_dir) and not args.enable_lora:
-            raise ConfigError("--lora-modules and --lora-dir need --enable-lora.")
+        lora_modules = _lora_modules(args)
         from asyncserve.engine.async_engine import AsyncEngine
         engine = AsyncEngine(config)
     except (ConfigError, UnsupportedModelError) as exc:
@@ -392,14 +436,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from asyncserve.server import openai_app
     from asyncserve.server.run import serve
-    app = openai_app(engine, served_model_name=names, api_key=api_key, chat_template=args.chat_template,
-                     log_requests=not args.disable_log_requests,
-                     max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
+    app = openai_app(engine, api_key=api_key, log_requests=not args.disable_log_requests,
                      drain_timeout=args.shutdown_timeout, cors=cors, stream_write_timeout=args.stream_write_timeout,
-                     request_body_timeout=args.request_body_timeout, tool_call_parser=args.tool_call_parser,
-                     enable_auto_tool_choice=args.enable_auto_tool_choice, reasoning_parser=args.reasoning_parser,
-                     lora_modules=lora_modules, lora_dir=args.lora_dir,
-                     health_stall_timeout=args.health_stall_timeout)
+                     request_body_timeout=args.request_body_timeout, health_stall_timeout=args.health_stall_timeout,
+                     **_app_options(args, names, lora_modules))
     port = sock.getsockname()[1]
 
     def announce(_addresses: list) -> None:
@@ -416,6 +456,67 @@ def main(argv: list[str] | None = None) -> int:
         loop.close()
         engine.shutdown()  # tensor-parallel workers end with the server
     logger.info("asyncserve stopped")
+    return 0
+
+
+def build_batch_parser() -> argparse.ArgumentParser:
+    """`asyncserve run-batch`: serve's flags (engine, chat template, parsers, --config) and the two files."""
+    parser = build_parser()
+    parser.prog = "asyncserve run-batch"
+    parser.usage = "asyncserve run-batch -i INPUT.jsonl -o OUTPUT.jsonl [MODEL] [options]"
+    parser.description = (
+        "Answer a batch file, as `vllm run-batch`: each line of INPUT is a request in OpenAI's batch format "
+        "({\"custom_id\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\" | \"/v1/completions\" | "
+        "\"/v1/embeddings\", \"body\"}); each line of OUTPUT is its answer ({\"id\", \"custom_id\", \"response\": "
+        "{\"status_code\", \"request_id\", \"body\"}, \"error\"}), in input order, one per request: a line the "
+        "server refuses, or that breaks the format, gets its error there. The requests run concurrently through "
+        "the server's own request handling, so each body is what `asyncserve serve` answers.")
+    parser.epilog = ("The HTTP server's own flags (--port, --api-key, CORS, timeouts) are accepted and do nothing "
+                     "here. Example: asyncserve run-batch -i requests.jsonl -o results.jsonl --model "
+                     "Qwen/Qwen2.5-0.5B-Instruct")
+    files = parser.add_argument_group("batch files")
+    files.add_argument("-i", "--input-file", metavar="FILE",
+                       help="The requests, one JSON object a line (blank lines are skipped); - reads stdin.")
+    files.add_argument("-o", "--output-file", metavar="FILE",
+                       help="Where the answers go, one JSON object a line; - writes stdout.")
+    return parser
+
+
+def run_batch_main(argv: list[str]) -> int:
+    """`asyncserve run-batch -i INPUT -o OUTPUT ...`: the engine and app of `serve`, fed from a file."""
+    parser = build_batch_parser()
+    args = parse_args(parser, argv)
+    if args.input_file is None or args.output_file is None:
+        parser.error("run-batch needs -i INPUT (a JSONL file, or - for stdin) and -o OUTPUT (or - for stdout).")
+    try:
+        config = _check_before_loading(args)
+        names = config.model_names
+        from asyncserve.server.batch_files import open_batch_files
+        lines, total, output = open_batch_files(args.input_file, args.output_file)
+        _log_start_up_notes(args)
+        lora_modules = _lora_modules(args)
+        from asyncserve.engine.async_engine import AsyncEngine
+        engine = AsyncEngine(config)
+    except (ConfigError, UnsupportedModelError) as exc:
+        parser.exit(2, f"asyncserve: error: {exc}\n")
+
+    from asyncserve.server import openai_app
+    from asyncserve.server.batch import MIN_IN_FLIGHT
+    from asyncserve.server.batch_files import close_batch_files, run_batch_file
+    app = openai_app(engine, log_requests=False, **_app_options(args, names, lora_modules))
+    logger.info("run-batch: %d requests from %s to %s, served by %s", total, args.input_file, args.output_file,
+                ", ".join(names))
+    loop = new_event_loop()
+    try:
+        summary = loop.run_until_complete(run_batch_file(
+            app, lines, output, total=total, max_in_flight=max(MIN_IN_FLIGHT, 2 * args.max_num_seqs)))
+    finally:
+        close_batch_files(lines, output)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        engine.shutdown()
+    logger.info("run-batch: %d requests in %.1f s: %d answered 200, %d errors", summary.lines, summary.seconds,
+                summary.succeeded, summary.failed)
     return 0
 
 

@@ -29,6 +29,10 @@ class ConfigError(AsyncServeError, ValueError):
     """An engine setting is invalid or names a feature that is not available."""
 
 
+class ConfigFileError(ConfigError):
+    """A --config file cannot be read, is not YAML, or holds a key that is no flag (or a bad value)."""
+
+
 class EngineDeadError(AsyncServeError, RuntimeError):
     """The engine loop stopped on an internal error; no new requests are accepted."""
 

@@ -145,7 +145,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                request_body_timeout: float = 60.0, tool_call_parser: str | None = None,
                enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
                lora_modules: list[dict] | None = None, allow_runtime_lora_updating: bool | None = None,
-               lora_dir: str | None = None, health_stall_timeout: float = 120.0) -> web.Application:
+               lora_dir: str | None = None, health_stall_timeout: float = 120.0,
+               return_tokens_as_token_ids: bool = False) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -162,6 +163,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     opens /v1/load_lora_adapter and /v1/unload_lora_adapter; `lora_dir` (default: vLLM's
     VLLM_LORA_RESOLVER_CACHE_DIR) serves a request whose model names an adapter folder there.
     `/health` answers 503 once the engine has had work but finished no step for `health_stall_timeout` s.
+    `return_tokens_as_token_ids` (vLLM's --return-tokens-as-token-ids): logprobs name tokens "token_id:<id>"
+    unless a request's field of that name says otherwise.
     """
     check_parsers(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
     names = served_model_name or engine.served_model_names
@@ -172,7 +175,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                         request_body_timeout=request_body_timeout, tool_call_parser=tool_call_parser,
                         enable_auto_tool_choice=enable_auto_tool_choice, reasoning_parser=reasoning_parser,
                         lora=_lora_adapters(engine, lora_modules, allow_runtime_lora_updating, lora_dir),
-                        health_stall_timeout=health_stall_timeout)
+                        health_stall_timeout=health_stall_timeout,
+                        return_tokens_as_token_ids=return_tokens_as_token_ids)
     middlewares = [error_middleware, auth_middleware, draining_middleware]
     if cors is not None:
         middlewares.insert(0, cors_middleware)

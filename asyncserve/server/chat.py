@@ -79,6 +79,7 @@ class ChatStreamWriter:
         self.prompt_tokens = len(prompt.token_ids) if parsed.continuous_usage else None
         self.n = parsed.params.n
         self.num_top = parsed.top_logprobs
+        self.as_token_ids = parsed.return_tokens_as_token_ids
         self.encoder = encoder
         self.cursors = [Cursor() for _ in range(self.n)]
         # vLLM's return_token_ids: the prompt's ids in the first chunk, each chunk's new ids in its choice.
@@ -109,7 +110,7 @@ class ChatStreamWriter:
                 logprobs = None
                 if self.num_top is not None:
                     logprobs = {"content": self.state.logprobs.chat(completion.token_ids, completion.logprobs,
-                                                                    self.num_top)}
+                                                                    self.num_top, self.as_token_ids)}
                 elif not text and finish_reason is None and self.prompt_token_ids is None:
                     continue  # tokens that do not make a whole character yet
                 if self.parsers is not None:
@@ -162,7 +163,7 @@ def _choices(state: ServerState, parsed: ChatRequest, latest: dict[int, RequestO
         logprobs = None
         if parsed.top_logprobs is not None:
             logprobs = {"content": state.logprobs.chat(completion.token_ids, completion.logprobs,
-                                                       parsed.top_logprobs)}
+                                                       parsed.top_logprobs, parsed.return_tokens_as_token_ids)}
         finish_reason = completion.finish_reason
         if make is None:
             body = {"role": "assistant", "content": completion.text}

@@ -29,6 +29,7 @@ class _Echo:
         self.state = state
         self.texts = [p.text if p.text is not None else state.tokenizer.decode(p.token_ids) for p in prompts]
         self.prompts = prompts
+        self.as_token_ids = parsed.return_tokens_as_token_ids
 
     def text(self, prompt_index: int) -> str:
         return self.texts[prompt_index] if self.enabled else ""
@@ -37,7 +38,7 @@ class _Echo:
         if not self.enabled:
             return None
         return self.state.logprobs.completion(self.prompts[prompt_index].token_ids, output.prompt_logprobs or [],
-                                              num_top, 0)
+                                              num_top, 0, self.as_token_ids)
 
 
 class _PromptLogprobs:
@@ -71,6 +72,7 @@ class CompletionStreamWriter:
         self.state = state
         self.n = parsed.params.n
         self.num_top = parsed.params.logprobs
+        self.as_token_ids = parsed.return_tokens_as_token_ids
         self.encoder = encoder
         self.echo = echo
         self.prompt_logprobs = _PromptLogprobs(state, parsed)
@@ -100,7 +102,7 @@ class CompletionStreamWriter:
         logprobs = None
         if self.num_top is not None:
             logprobs = self.state.logprobs.completion(completion.token_ids, completion.logprobs, self.num_top,
-                                                      text_offset)
+                                                      text_offset, self.as_token_ids)
         if echo_now:
             self.echoed.add(index)
             text = self.echo.text(prompt_index) + text
@@ -149,7 +151,8 @@ def _choices(state: ServerState, parsed: CompletionRequest, generation: Generati
             if num_top is not None:
                 logprobs = _join_logprobs(
                     echo.logprobs(prompt_index, output, num_top),
-                    state.logprobs.completion(completion.token_ids, completion.logprobs, num_top, len(prefix)))
+                    state.logprobs.completion(completion.token_ids, completion.logprobs, num_top, len(prefix),
+                                              parsed.return_tokens_as_token_ids))
             choice = {"index": prompt_index * n + completion.index, "text": prefix + completion.text,
                       "logprobs": logprobs, "finish_reason": completion.finish_reason,
                       "stop_reason": completion.stop_reason}

@@ -1,4 +1,9 @@
-"""Engine logprobs in OpenAI's two shapes: completions' parallel arrays and chat's per-token objects."""
+"""Engine logprobs in OpenAI's two shapes: completions' parallel arrays and chat's per-token objects.
+
+With vLLM's `return_tokens_as_token_ids` (the request field, else the server's --return-tokens-as-token-ids)
+each token is named "token_id:<id>" instead of its text: a token that is no valid text on its own (a piece
+of a multi-byte character) stays identifiable.
+"""
 from __future__ import annotations
 
 import re
@@ -38,9 +43,15 @@ def _top(position: PositionLogprobs, count: int) -> list[tuple[int, Logprob]]:
     return sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)[:count]
 
 
+def token_id_name(token_id: int) -> str:
+    """vLLM's name of a token under return_tokens_as_token_ids."""
+    return f"token_id:{token_id}"
+
+
 class LogprobFormatter:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, tokens_as_token_ids: bool = False):
         self.tokenizer = tokenizer
+        self.tokens_as_token_ids = tokens_as_token_ids  # the server's default (--return-tokens-as-token-ids)
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_level = ("ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
                             or getattr(tokenizer, "byte_level_tokens", False))  # Qwen-1's tiktoken one
@@ -71,12 +82,19 @@ class LogprobFormatter:
             return entry.decoded_token
         return self.tokenizer.decode([token_id])
 
-    def completion_token(self, token_id: int, position: PositionLogprobs | None) -> tuple[str, int]:
+    def as_token_ids(self, requested: bool | None) -> bool:
+        """The request's return_tokens_as_token_ids, or the server's default when it sent none."""
+        return self.tokens_as_token_ids if requested is None else requested
+
+    def completion_token(self, token_id: int, position: PositionLogprobs | None,
+                         as_token_ids: bool = False) -> tuple[str, int]:
         """(the token as OpenAI's completions API names it, its length in the text).
 
         A piece of a multi-byte character has no text of its own; OpenAI writes it as "bytes:\\xe6\\x97".
         """
         text = self.token_text(token_id, position)
+        if as_token_ids:  # the offsets still count the text's characters
+            return token_id_name(token_id), len(text)
         if _REPLACEMENT in text:
             raw = bytes(self.token_bytes(token_id, text))
             try:
@@ -86,13 +104,14 @@ class LogprobFormatter:
         return text, len(text)
 
     def completion(self, token_ids: list[int], positions: list[PositionLogprobs | None], num_top: int,
-                   text_offset: int) -> dict:
+                   text_offset: int, as_token_ids: bool | None = None) -> dict:
         """`{tokens, token_logprobs, top_logprobs, text_offset}`; top_logprobs hold up to num_top + 1
         entries: the sampled token is always included, as in OpenAI's API."""
+        as_ids = self.as_token_ids(as_token_ids)
         tokens, values, tops, offsets = [], [], [], []
         for index, token_id in enumerate(token_ids):
             position = positions[index] if index < len(positions) else None
-            token, length = self.completion_token(token_id, position)
+            token, length = self.completion_token(token_id, position, as_ids)
             tokens.append(token)
             offsets.append(text_offset)
             text_offset += length
@@ -103,7 +122,7 @@ class LogprobFormatter:
             values.append(_value(position[token_id]))
             top = {token: _value(position[token_id])}
             for top_id, logprob in _top(position, num_top):
-                top.setdefault(self.completion_token(top_id, position)[0], _value(logprob))
+                top.setdefault(self.completion_token(top_id, position, as_ids)[0], _value(logprob))
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
@@ -116,16 +135,17 @@ class LogprobFormatter:
                  for token_id, entry in position.items()}
                 for position in positions]
 
-    def chat(self, token_ids: list[int], positions: list[PositionLogprobs], num_top: int) -> list[dict]:
+    def chat(self, token_ids: list[int], positions: list[PositionLogprobs], num_top: int,
+             as_token_ids: bool | None = None) -> list[dict]:
         """The entries of `logprobs.content`: one per generated token."""
-        content = []
-        for token_id, position in zip(token_ids, positions):
-            text = self.token_text(token_id, position)
-            content.append({
-                "token": text, "logprob": _value(position[token_id]), "bytes": self.token_bytes(token_id, text),
-                "top_logprobs": [
-                    {"token": (top_text := self.token_text(top_id, position)), "logprob": _value(logprob),
-                     "bytes": self.token_bytes(top_id, top_text)}
-                    for top_id, logprob in _top(position, num_top)],
-            })
-        return content
+        as_ids = self.as_token_ids(as_token_ids)
+        return [{**self._chat_token(token_id, position, as_ids),
+                 "top_logprobs": [self._chat_token(top_id, position, as_ids) for top_id, _ in _top(position, num_top)]}
+                for token_id, position in zip(token_ids, positions)]
+
+    def _chat_token(self, token_id: int, position: PositionLogprobs, as_ids: bool) -> dict:
+        """{token, logprob, bytes}. Named by id, a token's `bytes` stay its text's (vLLM writes the id's own
+        characters in top_logprobs' bytes: the text's are what a client can use)."""
+        text = self.token_text(token_id, position)
+        return {"token": token_id_name(token_id) if as_ids else text, "logprob": _value(position[token_id]),
+                "bytes": self.token_bytes(token_id, text)}

@@ -98,6 +98,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only among requests of one salt
     request_id: str | None = None  # vLLM's: the caller's id, in the response id ("cmpl-<request_id>")
     return_token_ids: bool = False  # vLLM's: prompt and output token ids beside the text (RL frameworks)
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:<id>"; None: server's
     priority: int = 0  # vLLM's: lower runs first under --scheduling-policy priority
 
 
@@ -300,6 +301,7 @@ def parse_completion(data, *, vocab_size: int,
                              structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
                              request_id=_request_id(fields),
                              return_token_ids=fields.boolean("return_token_ids", False),
+                             return_tokens_as_token_ids=fields.boolean("return_tokens_as_token_ids", None),
                              priority=fields.integer("priority", 0))
 
 
@@ -400,6 +402,7 @@ def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tool
                        structured_field=structured_field(fields.data), cache_salt=_cache_salt(fields),
                        request_id=_request_id(fields), messages=messages,
                        return_token_ids=fields.boolean("return_token_ids", False),
+                       return_tokens_as_token_ids=fields.boolean("return_tokens_as_token_ids", None),
                        priority=fields.integer("priority", 0), add_generation_prompt=add_generation_prompt,
                        continue_final_message=continue_final_message,
                        chat_template_kwargs=kwargs, top_logprobs=logprobs,

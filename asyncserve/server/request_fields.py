@@ -24,7 +24,7 @@ _SAMPLING = frozenset({
     "max_tokens", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias",
     "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs", "stream", "stream_options",
     "user", "use_beam_search", "length_penalty",
-    "cache_salt", "request_id", "return_token_ids", "priority",  # vLLM's request-level fields
+    "cache_salt", "request_id", "return_token_ids", "return_tokens_as_token_ids", "priority",  # vLLM's
 }) | STRUCTURED_FIELDS
 COMPLETION_FIELDS = _SAMPLING | {"prompt", "echo", "logprobs", "suffix"}
 CHAT_FIELDS = _SAMPLING | {"messages", "logprobs", "top_logprobs", "max_completion_tokens",
@@ -61,7 +61,6 @@ _REFUSED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "prediction": ("predicted outputs", _none),
     "web_search_options": ("web search", _none),
     "logits_processors": ("custom logits processors", _empty),
-    "return_tokens_as_token_ids": ("return_tokens_as_token_ids", _false),
     "prompt_embeds": ("prompt embeddings", _none),
     "kv_transfer_params": ("KV transfer (disaggregated serving)", _none),
     "vllm_xargs": ("vllm_xargs", _empty),

@@ -40,6 +40,7 @@ class ServerState:
     reasoning_parser: str | None = None  # --reasoning-parser: thinking text apart from the answer
     lora: Any = None  # LoRAAdapters (server/lora_adapters.py): adapters served by name; None without LoRA
     health_stall_timeout: float = 120.0  # /health turns 503 after this long with work and no finished step
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" unless a request says
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -49,7 +50,7 @@ class ServerState:
     _executor: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
-        self.logprobs = LogprobFormatter(self.engine.tokenizer)
+        self.logprobs = LogprobFormatter(self.engine.tokenizer, self.return_tokens_as_token_ids)
         tokenizer = self.engine.tokenizer
         self.prompt_encoder = PromptEncoder(tokenizer, self.engine.max_model_len) if tokenizer is not None else None
 

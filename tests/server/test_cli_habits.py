@@ -146,9 +146,6 @@ def test_cors_is_off_unless_origins_are_given():
     (["--download-dir=/data/hf"],
      ["--download-dir (vLLM: the folder weights download to) is not built in asyncserve yet: set "
       "HF_HUB_CACHE=DIR (the Hugging Face cache) instead."]),
-    (["--config", "serve.yaml"],
-     ["--config (vLLM: flags read from a YAML file) is not built in asyncserve yet: pass the flags on the "
-      "command line."]),
     (["--root-path", "/llm"],
      ["--root-path (vLLM: serving under a path prefix) is not built in asyncserve yet: have the proxy strip the "
       "prefix, or mount openai_app() in your aiohttp app with add_subapp."]),

@@ -62,7 +62,7 @@ class ImageProcessor:
         inputs: list[ImageInput] = []
         cursor = 0
         for index, (slot, image) in enumerate(zip(slots, images)):
-            name = f"{where}[{index}]"
+            name = f"{where} (image {index})"
             image = checked_image(image, name)
             try:
                 out = processor(images=[image], return_tensors="pt")

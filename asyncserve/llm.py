@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from asyncserve.config import EngineConfig
 from asyncserve.engine.llm_engine import LLMEngine, PromptType
 from asyncserve.errors import InvalidParameterError
+from asyncserve.multimodal.chat_parts import has_image_parts, split_image_parts
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.engine.beam_search import BeamSearchOutput, beam_search
@@ -137,8 +138,16 @@ class LLM:
                                         "True: pass add_generation_prompt=False.", "continue_final_message")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.llm_engine.tokenizer
-        prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(
-            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tools=tools,
-            continue_final_message=continue_final_message, tokenize=True, return_dict=False)}
-            for conversation in conversations]
+        prompts = []
+        for conversation in conversations:
+            images = []
+            if has_image_parts(conversation):  # image_url (data: / file:) and image_pil parts, as vLLM's
+                conversation, images = split_image_parts(
+                    conversation, self.llm_engine.config.model.allowed_local_media_path)
+            prompt = {"prompt_token_ids": tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tools=tools, continue_final_message=continue_final_message, tokenize=True, return_dict=False)}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -30,6 +30,14 @@ def text_part(config):
     for name in ("tie_word_embeddings", "dtype"):
         if getattr(text, name, None) in (None, False) and getattr(config, name, None) is not None:
             setattr(text, name, getattr(config, name))
-    logger.info("reading the text part of a multimodal checkpoint (%s): text prompts only, its vision "
-                "encoder is not loaded", ", ".join(text.architectures) or config.model_type)
+    # What a family that serves images reads besides the text part: its vision tower and special tokens.
+    for name in _VISION_FIELDS:
+        if getattr(config, name, None) is not None:
+            setattr(text, name, getattr(config, name))
+    logger.info("reading the text part of a multimodal checkpoint (%s); its vision encoder is loaded only "
+                "by families that serve images", ", ".join(text.architectures) or config.model_type)
     return text
+
+
+_VISION_FIELDS = ("vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+                  "vision_end_token_id")

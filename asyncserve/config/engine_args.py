@@ -80,6 +80,10 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Images (vLLM's names): how many a prompt may carry ('{"image": 2}'), and the folder file:// URLs may
+    # read (None: file:// refused).
+    limit_mm_per_prompt: dict | str | None = None
+    allowed_local_media_path: str | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,6 +143,9 @@ class EngineConfig:
             if self.tensor_parallel_size > 1:
                 raise ConfigError("enable_lora with tensor_parallel_size > 1 is not built in asyncserve yet: "
                                   "serve adapters with tensor_parallel_size=1.")
+        from asyncserve.config.multimodal import check_local_media_path, parse_limit_mm_per_prompt
+        self.limit_mm_per_prompt = parse_limit_mm_per_prompt(self.limit_mm_per_prompt)
+        self.allowed_local_media_path = check_local_media_path(self.allowed_local_media_path)
         from asyncserve.config.speculative import parse_speculative_config
         self.speculative_config = parse_speculative_config(self.speculative_config)
         if self.speculative_config is not None and self.tensor_parallel_size > 1:

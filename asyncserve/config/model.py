@@ -39,6 +39,9 @@ class ModelConfig:
     # a request may ask for; None: none (any 1..hidden_size when is_matryoshka without a list).
     is_matryoshka: bool = False
     matryoshka_dimensions: list[int] | None = None
+    # Images (config/multimodal.py): the most a prompt may carry, and where file:// URLs may point.
+    limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 16})
+    allowed_local_media_path: str | None = None
 
     @property
     def is_pooling(self) -> bool:
@@ -111,4 +114,6 @@ def load_model_config(args, path: str) -> ModelConfig:
                        max_cudagraph_capture_size=_capture_size(args.max_cudagraph_capture_size),
                        generation_config=args.generation_config, runner_type=runner_type, pooler=pooler,
                        is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False) or matryoshka),
-                       matryoshka_dimensions=list(matryoshka) if matryoshka else None)
+                       matryoshka_dimensions=list(matryoshka) if matryoshka else None,
+                       limit_mm_per_prompt=dict(args.limit_mm_per_prompt),
+                       allowed_local_media_path=args.allowed_local_media_path)

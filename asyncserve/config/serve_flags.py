@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="The largest adapter rank a slot holds (default: %(default)s).")
     lora.add_argument("--max-cpu-loras", type=int, default=d["max_cpu_loras"],
                       help="Adapters kept loaded in host memory (default: --max-loras).")
+    model.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                       help="Images a prompt may carry, as vLLM's JSON: '{\"image\": 2}' (default: 16).")
+    model.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="file:// image URLs may read images under DIR (default: file:// refused).")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 
@@ -283,7 +287,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
         speculative_config=args.speculative_config, scheduling_policy=args.scheduling_policy,
         enable_lora=args.enable_lora, max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras)
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        limit_mm_per_prompt=args.limit_mm_per_prompt, allowed_local_media_path=args.allowed_local_media_path)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -165,6 +165,20 @@ class AsyncEngine:
         """(text or None, token ids) for any prompt form `generate` takes."""
         return self.llm_engine.input_processor.tokenize(prompt)
 
+    @property
+    def supports_images(self) -> bool:
+        return self.llm_engine.input_processor.images is not None
+
+    @property
+    def allowed_local_media_path(self) -> str | None:
+        return self.config.model.allowed_local_media_path
+
+    def process_images(self, prompt_token_ids: list[int], images: list, where: str = "multi_modal_data.image"):
+        """(token ids with image placeholders expanded, MultiModalInputs): the model's image processor, for a
+        caller that prepares requests off the loop (the server's worker thread); raises InvalidParameterError
+        (InvalidImageError naming the image) for what cannot be used."""
+        return self.llm_engine.input_processor.images.process(prompt_token_ids, images, where)
+
     def validate(self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> None:
         """Every engine-side rule a request must meet, raised before anything is queued. The params' token
         lists are tokenized and made compact here, kept on `params` for `add_request` (so call this off the

@@ -12,6 +12,8 @@ from asyncserve.config.scheduler import SchedulerConfig
 from asyncserve.engine.pooling import check_pooling_request, validate_pooling_prompt
 from asyncserve.engine.structured import StructuredOutputManager
 from asyncserve.errors import InvalidParameterError, PromptTooLongError
+from asyncserve.multimodal.inputs import MultiModalInputs
+from asyncserve.multimodal.processor import make_image_processor
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.sample.token_constraints import TokenConstraints, build_token_constraints
 from asyncserve.sampling_params import SamplingParams
@@ -29,6 +31,7 @@ class ProcessedRequest:
     params: SamplingParams | PoolingParams
     grammar: Any = None
     cache_salt: str | None = None  # the prompt dict's "cache_salt" (vLLM's): prefix caching per salt
+    multimodal: MultiModalInputs | None = None  # the prompt's images, processed (multimodal/)
 
 
 class InputProcessor:
@@ -39,6 +42,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.structured = structured
         self.eos_token_ids = eos_token_ids
+        self.images = make_image_processor(model_config)  # None: the model takes no images
 
     def process(self, prompt: PromptType,
                 params: SamplingParams | PoolingParams | None = None) -> ProcessedRequest:
@@ -47,14 +51,20 @@ class InputProcessor:
             check_pooling_request(self.model_config, params)  # the wrong kind of request fails first
         params = (params or SamplingParams()).clone()
         text, token_ids = self.tokenize(prompt)
+        token_ids, multimodal = self.process_images(prompt, token_ids)
         truncated = params.truncate_prompt(token_ids, self.model_config.max_model_len)
         if len(truncated) < len(token_ids):
+            if multimodal is not None:
+                raise InvalidParameterError("truncate_prompt_tokens would cut a prompt with images; send it "
+                                            "without truncation.", "truncate_prompt_tokens")
             text, token_ids = None, truncated
         self.validate(token_ids, params)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise InvalidParameterError("cache_salt must be a non-empty string.", "cache_salt")
         if isinstance(params, PoolingParams):
+            if multimodal is not None:
+                raise InvalidParameterError("Embedding requests take no images.", "multi_modal_data")
             return ProcessedRequest(text, token_ids, params, cache_salt=salt)
         room = self.model_config.max_model_len - len(token_ids)  # the context ends generation anyway
         params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -62,7 +72,29 @@ class InputProcessor:
         grammar = None
         if params.structured_outputs is not None:  # compiled here unless a caller did it off the loop
             grammar = self.structured.compile(params.structured_outputs)
-        return ProcessedRequest(text, token_ids, params, grammar, salt)
+        return ProcessedRequest(text, token_ids, params, grammar, salt, multimodal)
+
+    def process_images(self, prompt: PromptType, token_ids: list[int]
+                       ) -> tuple[list[int], MultiModalInputs | None]:
+        """A prompt dict's images: `multi_modal_inputs` already processed (the server does it in its worker
+        thread), or vLLM's `multi_modal_data` {"image": PIL image or list}, processed here."""
+        if not isinstance(prompt, dict):
+            return token_ids, None
+        prepared = prompt.get("multi_modal_inputs")
+        if prepared is not None:
+            return token_ids, prepared
+        data = prompt.get("multi_modal_data")
+        if not data:
+            return token_ids, None
+        if self.images is None:
+            raise InvalidParameterError("This model takes no images: send text only, or serve a vision-language "
+                                        "model (Qwen2.5-VL).", "multi_modal_data")
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise InvalidParameterError("multi_modal_data must be {'image': a PIL image or a list of them}.",
+                                        "multi_modal_data")
+        images = data["image"]
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        return self.images.process(token_ids, images)
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

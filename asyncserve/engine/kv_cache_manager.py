@@ -10,10 +10,14 @@ from asyncserve.engine.sequence import Sequence
 from asyncserve.engine.state_slots import StateSlotPool
 
 
-def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
-    """Content hash of a full block, chained on its prefix so equal blocks at other offsets differ."""
+def hash_block(parent_hash: int | None, token_ids: list[int], extra_keys: tuple[int, ...] = ()) -> int:
+    """Content hash of a full block, chained on its prefix so equal blocks at other offsets differ;
+    `extra_keys` (the content hashes of the images whose placeholder tokens the block holds) keep blocks of
+    equal placeholder tokens apart when their images differ."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update((parent_hash or 0).to_bytes(16, "little"))
+    for key in extra_keys:
+        digest.update(key.to_bytes(8, "little"))
     digest.update(array("q", token_ids).tobytes())
     return int.from_bytes(digest.digest(), "little")
 
@@ -39,7 +43,10 @@ class KVCacheManager:
             # The first block chains on the KV regime's salt (0 or 1), the LoRA adapter and the request's
             # cache_salt (Sequence.prefix_key; 0: neither).
             parent = hashes[-1] if hashes else seq.cache_salt + 2 * seq.prefix_key
-            hashes.append(hash_block(parent, seq.token_ids[start:start + self.block_size]))
+            end = start + self.block_size
+            images = seq.request.multimodal if seq.request is not None else None
+            extra = images.block_keys(start, end) if images is not None else ()
+            hashes.append(hash_block(parent, seq.token_ids[start:end], extra))
 
     def find_cached_prefix(self, seq: Sequence) -> list[KVCacheBlock]:
         """Longest run of cached full blocks at the start of a sequence that holds none yet.

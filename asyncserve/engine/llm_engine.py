@@ -159,6 +159,7 @@ class LLMEngine:
         request.lora_request = lora_request
         request.lora_adapter = adapter  # its weights, held until it finishes
         request.cache_salt = processed.cache_salt
+        request.multimodal = processed.multimodal
         request.delta = delta and not isinstance(params, PoolingParams) and params.best_of == params.n
         if isinstance(params, PoolingParams):
             seq = Sequence(next(self._seq_ids), request, list(token_ids), 0)

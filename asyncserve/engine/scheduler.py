@@ -135,7 +135,7 @@ class Scheduler:
         for seq in self._announced:
             fork_parent = seq.request.seqs[0].seq_id if seq.index else None
             new_seqs.append(NewSequence(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, seq.params,
-                                        seq.index, fork_parent))
+                                        seq.index, fork_parent, seq.request.multimodal))
         self._announced = []
         return new_seqs
 

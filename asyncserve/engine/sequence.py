@@ -150,6 +150,7 @@ class Request:
     lora_adapter: Any = None  # its adapter's weights in host memory, whatever the host cache evicts
     cache_salt: str | None = None  # vLLM's per-request salt: its prefix-cache blocks are its salt's alone
     priority: int = 0  # with scheduling_policy "priority": lower runs first (vLLM's meaning)
+    multimodal: Any = None  # MultiModalInputs: the prompt's images (None: text only)
 
     @property
     def is_finished(self) -> bool:

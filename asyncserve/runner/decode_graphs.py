@@ -99,7 +99,7 @@ class _DecodeGraphs:
         positions = [seq.start_position for seq in seqs]
         longs = host.longs_np
         longs[0, :batch] = [seq.new_token_ids[0] for seq in seqs]
-        longs[1, :batch] = positions
+        longs[1, :batch] = [p + seq.rope_delta for seq, p in zip(seqs, positions)]  # M-RoPE's shift after images
         longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
                             for seq, p in zip(seqs, positions)]
         longs[2, batch:] = -1  # padding rows write nowhere

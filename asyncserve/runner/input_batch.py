@@ -20,10 +20,11 @@ class SequenceState:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
                  "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs",
-                 "constraints", "bad_word_match", "state_slot", "draft_token_ids", "lora_slot")
+                 "constraints", "bad_word_match", "state_slot", "draft_token_ids", "lora_slot",
+                 "multimodal", "rope_delta", "image_embeds")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
-                 generators: list, constraints: DeviceConstraints | None = None):
+                 generators: list, constraints: DeviceConstraints | None = None, multimodal=None):
         self.seq_id = seq_id
         self.token_ids = token_ids
         self.num_prompt_tokens = num_prompt_tokens
@@ -43,6 +44,11 @@ class SequenceState:
         self.state_slot: int | None = None  # hybrid models: its slot of the state pool
         self.draft_token_ids: list[int] | tuple = ()  # this step's proposed tokens (speculative decoding)
         self.lora_slot = -1  # LoRA: its adapter's GPU slot this step (-1: the base model)
+        # Images (multimodal/inputs.py): their inputs, the rotary shift of every token after the last one,
+        # and the encoder's output of each image whose tokens are still being prefilled (runner/images.py).
+        self.multimodal = multimodal
+        self.rope_delta = multimodal.rope_delta if multimodal is not None else 0
+        self.image_embeds: dict[int, object] = {}
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -86,7 +92,8 @@ class InputBatch:
         states = self.states
         for new in message.new_seqs:
             states[new.seq_id] = SequenceState(new.seq_id, list(new.token_ids), new.num_prompt_tokens,
-                                               new.params, self._generators(new), self._constraints(new))
+                                               new.params, self._generators(new), self._constraints(new),
+                                               new.multimodal)
         for seq_id in message.finished_seq_ids:  # after the new ones: a fork may draw on its parent
             states.pop(seq_id, None)
         seqs = []

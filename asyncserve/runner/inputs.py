@@ -76,7 +76,8 @@ def build_model_inputs(step: ScheduledBatch, block_size: int, device: torch.devi
         start, count = seq.start_position, len(seq.new_token_ids)
         row0 = len(input_ids)
         input_ids.extend(seq.new_token_ids)
-        positions.extend(range(start, start + count))
+        delta = seq.rope_delta  # M-RoPE: rows before the last image's end are rewritten (runner/images.py)
+        positions.extend(range(start + delta, start + count + delta))
         table = seq.block_table
         slot_mapping.extend(table[p // block_size] * block_size + p % block_size
                             for p in range(start, start + count))

@@ -10,6 +10,7 @@ from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.lora import LoRASlots, enable_lora
 from asyncserve.models.base import CausalLM
+from asyncserve.runner.images import image_step_inputs
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (
     ModelInputs,
@@ -134,7 +135,7 @@ class ModelRunner:
         self.pooling.forget(finished_seq_ids)
         inputs = build_model_inputs(batch, self.block_size, self.device)
         self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = self.forward_step(batch, inputs)
         return self.pooling.pool(hidden, batch)
 
     def begin(self, message: StepMessage) -> ScheduledBatch:
@@ -160,7 +161,7 @@ class ModelRunner:
         inputs = build_model_inputs(batch, self.block_size, self.device)
         self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = self.forward_step(batch, inputs)
         if batch.state_fork_copies:  # the prompt's final state, before a later step advances the parent's
             self.state_pool.copy(batch.state_fork_copies)
         sampled = deferred = None
@@ -182,7 +183,7 @@ class ModelRunner:
         inputs = build_model_inputs(batch, self.block_size, self.device)
         self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
-        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        hidden = self.forward_step(batch, inputs)
         if batch.state_fork_copies:
             self.state_pool.copy(batch.state_fork_copies)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -264,6 +265,15 @@ class ModelRunner:
         else:
             self.lora_slots.set_token_slots(token_slots)
         self._lora_rows_set = token_slots is not None
+
+    def forward_step(self, batch: ScheduledBatch, inputs: ModelInputs) -> torch.Tensor:
+        """The step's forward; a model that takes images gets its image rows and M-RoPE positions first
+        (runner/images.py), and such a step runs eagerly."""
+        if getattr(self.model, "supports_images", False):
+            positions, image_embeds = image_step_inputs(batch, self.model, inputs.positions, self.device)
+            if image_embeds is not None or positions.dim() > 1:
+                return self.model(inputs.input_ids, positions, inputs.meta, image_embeds=image_embeds)
+        return self.forward(inputs.input_ids, inputs.positions, inputs.meta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -23,6 +23,7 @@ class NewSequence:
     # A fork continues the seeded random stream of sample `index` of its parent's request.
     index: int = 0
     fork_parent: int | None = None
+    multimodal: Any = None        # MultiModalInputs: the request's images and M-RoPE positions (None: text)
 
 
 @dataclass(slots=True)

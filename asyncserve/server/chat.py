@@ -9,6 +9,7 @@ import jinja2
 from aiohttp import web
 
 from asyncserve.errors import ConfigError
+from asyncserve.multimodal.chat_parts import first_image_part, has_image_parts, split_image_parts
 from asyncserve.outputs import RequestOutput
 from asyncserve.sampling_params import StructuredOutputsParams
 from asyncserve.server.chat_output import ChoiceParser, message, parser_factory
@@ -60,15 +61,25 @@ def render(state: ServerState, parsed: ChatRequest) -> Prompt:
     if clash:
         raise bad_request(f"'chat_template_kwargs' may not set {sorted(clash)}.", "chat_template_kwargs")
     tools = parsed.tool_choice.tools if parsed.tool_choice is not None else None
+    messages, images = parsed.messages, []
+    if has_image_parts(messages):
+        if not state.engine.supports_images:
+            raise bad_request("This model takes no images: send text parts only, or serve a vision-language model "
+                              "(Qwen2.5-VL).", first_image_part(messages))
+        messages, images = split_image_parts(messages, state.engine.allowed_local_media_path)  # decoded here
     try:
-        text = tokenizer.apply_chat_template(parsed.messages, chat_template=template, tokenize=False, tools=tools,
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools,
                                              add_generation_prompt=parsed.add_generation_prompt,
                                              continue_final_message=parsed.continue_final_message,
                                              **parsed.chat_template_kwargs)
     except (jinja2.TemplateError, ValueError) as exc:
         raise bad_request(f"The chat template cannot render these messages: {exc}", "messages") from None
     # The template writes BOS itself where the model wants one, so no special tokens are added here.
-    return Prompt(text, state.prompt_encoder.encode(text, False, "messages"))
+    token_ids = state.prompt_encoder.encode(text, False, "messages")
+    if not images:
+        return Prompt(text, token_ids)
+    token_ids, multimodal = state.engine.process_images(token_ids, images, "messages")
+    return Prompt(text, token_ids, multimodal)
 
 
 class ChatStreamWriter:
@@ -262,6 +273,8 @@ def prepare_chat(state: ServerState, data) -> _Prepared:
     apply_tool_choice(parsed, state.tool_call_parser)
     apply_reasoning_parser(parsed, state.reasoning_parser)
     prompt = truncate(engine, render(state, parsed), parsed.params)
+    if prompt.multimodal is not None and parsed.use_beam_search:
+        raise bad_request("Beam search with images is not supported yet.", "use_beam_search")
     check_prompt(engine, prompt, parsed.params, "messages", logprobs_field="top_logprobs")
     return _Prepared(model, parsed, prompt)
 

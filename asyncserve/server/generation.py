@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from asyncserve.errors import InvalidParameterError, PromptTooLongError
 from asyncserve.outputs import RequestOutput
@@ -17,12 +17,18 @@ from asyncserve.server.prompt_encoder import too_long
 class Prompt:
     text: str | None
     token_ids: list[int]
+    multimodal: Any = None  # MultiModalInputs of its images (placeholders expanded in token_ids)
 
 
 def truncate(engine, prompt: Prompt, params: SamplingParams) -> Prompt:
     """`truncate_prompt_tokens`: only the prompt's last tokens go on (an echo decodes them back to text)."""
     token_ids = params.truncate_prompt(prompt.token_ids, engine.max_model_len)
-    return prompt if len(token_ids) == len(prompt.token_ids) else Prompt(None, token_ids)
+    if len(token_ids) == len(prompt.token_ids):
+        return prompt
+    if prompt.multimodal is not None:
+        raise bad_request("truncate_prompt_tokens would cut a prompt with images; send it without truncation.",
+                          "truncate_prompt_tokens")
+    return Prompt(None, token_ids)
 
 
 def check_prompt(engine, prompt: Prompt, params: SamplingParams, param: str,
@@ -66,6 +72,8 @@ class Generation:
                 if priority:
                     adapter["priority"] = priority
                 engine_prompt = {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}
+                if prompt.multimodal is not None:  # processed in the worker thread (server/chat.py)
+                    engine_prompt["multi_modal_inputs"] = prompt.multimodal
                 if cache_salt is not None:
                     engine_prompt["cache_salt"] = cache_salt
                 _, stream = engine.add_request(engine_prompt, params, request_id,

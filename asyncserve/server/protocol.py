@@ -330,13 +330,20 @@ def _message(message, index: int) -> dict:
                           f"{where}.role")
     content = message.get("content")
     if isinstance(content, list):
-        texts = []
-        for part in content:
+        texts, parts = [], []
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                parts.append(_image_part(part, f"{where}.content[{j}]"))
+                continue
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"'{where}.content' parts must be {{\"type\": \"text\", \"text\": ...}}: "
-                                  "only text input is supported.", f"{where}.content")
+                raise bad_request(f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": "
+                                  "...} or an image part {\"type\": \"image_url\", \"image_url\": {\"url\": ...}}.",
+                                  f"{where}.content[{j}]")
             texts.append(part["text"])
-        content = "\n".join(texts)
+            parts.append({"type": "text", "text": part["text"]})
+        # Text alone is joined into one string (every template takes that); with images the parts stay, for
+        # the model's template to place its image tokens (multimodal/chat_parts.py).
+        content = parts if len(parts) > len(texts) else "\n".join(texts)
     elif content is None:
         if role != "assistant":
             raise bad_request(f"'{where}.content' is required for role {role!r}.", f"{where}.content")
@@ -352,6 +359,25 @@ def _message(message, index: int) -> dict:
         parsed["name"] = name
     parsed.update(message_tool_fields(message, role, where))
     return parsed
+
+
+_IMAGE_DETAILS = ("auto", "low", "high")
+
+
+def _image_part(part: dict, where: str) -> dict:
+    """OpenAI's image part, checked for shape (decoded later, off the loop): {"type": "image_url",
+    "image_url": {"url": ..., "detail": "auto" | "low" | "high"}} (a bare URL string accepted, as vLLM)."""
+    image_url = part.get("image_url")
+    if isinstance(image_url, str):
+        image_url = {"url": image_url}
+    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str) or not image_url["url"]:
+        raise bad_request(f"'{where}.image_url' must be an object with a 'url' string.", f"{where}.image_url")
+    detail = image_url.get("detail")
+    if detail is not None and detail not in _IMAGE_DETAILS:
+        raise bad_request(f"'{where}.image_url.detail' must be one of {', '.join(_IMAGE_DETAILS)}; got {detail!r}.",
+                          f"{where}.image_url.detail")
+    # detail is accepted and does not change the tokens: the model's processor sizes every image.
+    return {"type": "image_url", "image_url": {"url": image_url["url"]}}
 
 
 def parse_chat(data, *, vocab_size: int, defaults: dict | None = None, auto_tools: bool = False) -> ChatRequest:

@@ -90,7 +90,7 @@ CASES = [
      "messages[0].content"),
     ("chat-image-part", "POST", CHAT,
      chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
-     "messages[0].content"),
+     "messages[0].content[0]"),
     ("chat-top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
     ("chat-top-logprobs-over-max", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
     ("chat-logprobs-not-boolean", "POST", CHAT, chat(logprobs=3), 400, "logprobs"),

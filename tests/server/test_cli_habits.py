@@ -152,8 +152,8 @@ def test_cors_is_off_unless_origins_are_given():
     (["--middleware", "my.module.auth"],
      ["--middleware (vLLM: ASGI middleware) has no meaning in asyncserve: it is an aiohttp app: mount "
       "openai_app() in your own aiohttp app with its middlewares."]),
-    (["--limit-mm-per-prompt", '{"image": 2}'],
-     ["--limit-mm-per-prompt (vLLM: multimodal inputs) is not built in asyncserve yet."]),
+    (["--mm-processor-kwargs", '{"max_pixels": 1000}'],
+     ["--mm-processor-kwargs (vLLM: multimodal inputs) is not built in asyncserve yet."]),
 ])
 def test_unbuilt_vllm_flags_are_refused_with_one_line_each_and_exit_2(argv, lines, capsys):
     with pytest.raises(SystemExit) as caught:

@@ -10,7 +10,6 @@ largest adapter's), so a step's work is two launches per projection, whatever th
 shapes stay fixed for CUDA graphs. A slot of -1 is a row of the base model: untouched.
 """
 
-import functools
 
 import torch
 
@@ -85,15 +84,35 @@ def _expand_kernel(y_ptr, b_ptr, n_ptr, offset_ptr, slots_ptr, scales_ptr, out_p
     tl.store(out_cols, (current + delta).to(out_ptr.dtype.element_ty), mask=offs_n < n)
 
 
-@functools.lru_cache(maxsize=256)
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
 def _device_ints(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Adapter slots are allocated once: their pointers, widths and offsets go to the device once too (a
-    host-to-device copy per call would also break CUDA graph capture)."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    """Adapter stacks are allocated once and never move: their pointers, widths and offsets go to the device
+    once. A copy per call would cost one per layer and step, and cannot run inside CUDA graph capture, so
+    `prepare_lora_tables` fills this before any capture; unbounded, as a model has four tables per adapted
+    layer and no more (a bounded cache evicted them on an 8B model and copied again during capture)."""
+    key = (values, dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a LoRA table was first asked for during CUDA graph capture: call "
+                               "prepare_lora_tables(...) when the adapter stacks are allocated")
+        table = _TABLES[key] = torch.tensor(values, dtype=dtype, device=device)
+    return table
 
 
 def _pointers(tensors, device):
     return _device_ints(tuple(t.data_ptr() for t in tensors), torch.int64, device)
+
+
+def prepare_lora_tables(a_slices, b_slices, offsets) -> None:
+    """The device tables the Triton kernels read for these stacks, made now (outside any graph capture)."""
+    device = a_slices[0].device
+    _pointers(a_slices, device)
+    _pointers(b_slices, device)
+    _device_ints(tuple(b.shape[1] for b in b_slices), torch.int32, device)
+    _device_ints(tuple(offsets), torch.int32, device)
 
 
 def lora_shrink_triton(x, a_slices, slots):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from asyncserve.errors import LoRAAdapterError
-from asyncserve.kernels.lora import lora_expand, lora_shrink
+from asyncserve.kernels.lora import lora_expand, lora_shrink, prepare_lora_tables
 from asyncserve.kernels.lora_segments import lora_expand_chunks, lora_shrink_chunks
 
 
@@ -76,6 +76,7 @@ class LoRALinearMethod:
         rank, loras, device = slots.max_lora_rank, slots.max_loras, weight.device
         self.lora_a = [torch.zeros(loras, rank, layer.in_features, dtype=dtype, device=device) for _ in self.widths]
         self.lora_b = [torch.zeros(loras, width, rank, dtype=dtype, device=device) for width in self.widths]
+        prepare_lora_tables(self.lora_a, self.lora_b, self.offsets)  # before any CUDA graph capture
 
     def __getattr__(self, name):  # everything else (create_weights, tune_single_row, ...) is the base's
         return getattr(self.base, name)
@@ -128,7 +129,12 @@ def enable_lora(model: nn.Module, slots: LoRASlots, target_modules: set[str] | N
     no such layer); returns the wrapped layers' names."""
     from asyncserve.layers.linear import LinearBase
     slots.checkpoint_prefix = getattr(model, "checkpoint_prefix", "")
+    # Never the LM head (an untied one is a linear layer too): its input holds the sampled rows only, not the
+    # step's rows that the slot table and prompt chunks index (adapters naming it are refused at load).
+    lm_head = getattr(model, "lm_head", None)
     for name, module in model.named_modules():
+        if module is lm_head:
+            continue
         if isinstance(module, LinearBase) and (target_modules is None or name.rpartition(".")[2] in target_modules):
             if module.communicates:
                 raise LoRAAdapterError("LoRA with tensor parallelism is not supported yet: use one GPU.")

@@ -98,3 +98,17 @@ def test_chunk_kernels_match_the_reference_over_prompt_segments(triton_device):
     expected = lora_expand_ref(expected_y, b_slices, slots, scales, base.clone(), offsets)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(out[~used], base[~used])
+
+
+def test_slice_tables_are_made_once_and_kept_for_every_layer():
+    """The kernels' pointer/width/offset tables are made when a layer's stacks are allocated and found again
+    on every call: an 8B model has hundreds of them, and a table made anew inside CUDA graph capture fails
+    (a bounded cache of 256 evicted them there)."""
+    from asyncserve.kernels.lora import _device_ints, _pointers, prepare_lora_tables
+    layers = [([torch.zeros(2, 4, 8)], [torch.zeros(2, 6, 4)], [0]) for _ in range(300)]
+    for a, b, offsets in layers:
+        prepare_lora_tables(a, b, offsets)
+    first = [(_pointers(a, a[0].device), _pointers(b, b[0].device)) for a, b, _ in layers]
+    again = [(_pointers(a, a[0].device), _pointers(b, b[0].device)) for a, b, _ in layers]
+    assert all(x[0] is y[0] and x[1] is y[1] for x, y in zip(first, again))
+    assert _device_ints((6,), torch.int32, torch.device("cpu")).tolist() == [6]

@@ -102,3 +102,17 @@ def test_adapters_the_layers_cannot_take_are_refused(make_llm):
         slots.load(0, {"model." + name: _random_pairs(layer, 4, 0)}, 1.0)
     with pytest.raises(LoRAAdapterError, match="does not have or does not adapt: model.layers.0.mlp.lm"):
         slots.load(0, {"model.layers.0.mlp.lm": [None]}, 1.0)
+
+
+
+def test_the_lm_head_is_never_wrapped(make_llm):
+    """The LM head is a linear layer (tied or not), but its input holds the sampled rows only: wrapped, the
+    step's slot table and prompt chunks indexed past its rows (an illegal memory access on the GPU at the 8B
+    shape, where every prompt step takes the chunk kernels)."""
+    from asyncserve.layers.linear import LinearBase
+    model = make_llm("llama", dtype="float32").llm_engine.executor.runner.model
+    assert isinstance(model.lm_head, LinearBase)
+    slots = LoRASlots(max_loras=1, max_lora_rank=2, max_tokens=8, device=torch.device("cpu"))
+    wrapped = enable_lora(model, slots)  # no target list: every linear layer the adapters may name
+    assert wrapped and not any(name.endswith("lm_head") for name in wrapped)
+    assert not isinstance(model.lm_head.quant_method, LoRALinearMethod)

@@ -140,9 +140,6 @@ class EngineConfig:
         if self.enable_lora:
             from asyncserve.config.lora import check_lora_config
             check_lora_config(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
-            if self.tensor_parallel_size > 1:
-                raise ConfigError("enable_lora with tensor_parallel_size > 1 is not built in asyncserve yet: "
-                                  "serve adapters with tensor_parallel_size=1.")
         from asyncserve.config.multimodal import check_local_media_path, parse_limit_mm_per_prompt
         self.limit_mm_per_prompt = parse_limit_mm_per_prompt(self.limit_mm_per_prompt)
         self.allowed_local_media_path = check_local_media_path(self.allowed_local_media_path)

@@ -5,6 +5,10 @@ Pure Python beside the scheduler: a sequence of an adapter takes that adapter's 
 is preempted or finishes; a sequence whose adapter has no slot and finds none idle waits, so at most
 `max_loras` adapters run in one step. A slot load travels to the runner with the next step message. Adapters
 read from disk (PEFT's files) stay in host memory, the `max_cpu_loras` most recently used of them.
+
+The runner (every tensor-parallel rank's) keeps the weights of the last `max_cpu_loras` adapters it was sent,
+so a slot load carries an adapter's weights only the first time: afterwards, its id. This manager decides
+what the runners keep (they only follow the message), so the two never disagree.
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ class LoRAManager:
         self.users = [0] * config.max_loras        # running sequences per slot
         self.occupant: list[int | None] = [None] * config.max_loras
         self.idle_order: OrderedDict[int, None] = OrderedDict((slot, None) for slot in range(config.max_loras))
-        self.pending_loads: list[tuple[int, dict, float]] = []  # (slot, weights, scaling) for the runner
+        # (slot, lora id, weights or None where the runner keeps them, scaling) for the runner
+        self.pending_loads: list[tuple[int, int, dict | None, float]] = []
+        self.runner_keeps: OrderedDict[int, None] = OrderedDict()  # adapters whose weights runners hold, LRU
+        self.pending_forgets: set[int] = set()  # adapters the runners drop (after the step's loads)
         self.num_slot_loads = 0
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
@@ -65,6 +72,7 @@ class LoRAManager:
         self.requests.pop(lora_id, None)
         if lora_id not in self.slot_of:
             self.host.pop(lora_id, None)
+        self._runner_forgets(lora_id)  # its id may come back with other weights
 
     def register(self, request: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
         """Checks and loads a request's adapter once (from disk, into host memory; or `adapter`, read
@@ -111,7 +119,7 @@ class LoRAManager:
             adapter = adapter or self.host.get(lora_id)
             if adapter is None:  # neither held nor kept in host memory: read it again
                 adapter = self.register(self.requests[lora_id])
-            self.pending_loads.append((slot, adapter.weights, adapter.scaling))
+            self.pending_loads.append((slot, lora_id, self._ship(lora_id, adapter.weights), adapter.scaling))
             self.num_slot_loads += 1
         elif self.users[slot] == 0:
             del self.idle_order[slot]
@@ -125,6 +133,24 @@ class LoRAManager:
         if self.users[slot] == 0:
             self.idle_order[slot] = None  # stays loaded: the next sequence of this adapter needs no copy
 
-    def take_loads(self) -> list[tuple[int, dict, float]]:
-        loads, self.pending_loads = self.pending_loads, []
-        return loads
+    def _ship(self, lora_id: int, weights: dict) -> dict | None:
+        """The weights a slot load carries: None where the runners keep them already."""
+        if lora_id in self.runner_keeps:
+            self.runner_keeps.move_to_end(lora_id)
+            return None
+        self.runner_keeps[lora_id] = None
+        self.pending_forgets.discard(lora_id)
+        while len(self.runner_keeps) > self.config.num_cpu_loras:
+            self._runner_forgets(next(iter(self.runner_keeps)))
+        return weights
+
+    def _runner_forgets(self, lora_id: int) -> None:
+        if lora_id in self.runner_keeps:
+            del self.runner_keeps[lora_id]
+            self.pending_forgets.add(lora_id)
+
+    def take_loads(self) -> tuple[list[tuple[int, int, dict | None, float]], list[int]]:
+        """The next step message's slot loads, and the adapters the runners drop after them."""
+        loads, forgets = self.pending_loads, sorted(self.pending_forgets)
+        self.pending_loads, self.pending_forgets = [], set()
+        return loads, forgets

@@ -122,11 +122,12 @@ class Scheduler:
         described = [self._describe(seq, num_new) for seq, num_new in scheduled]
         swap_out, swap_in, copies = self.kv.take_block_moves()
         state_swap_out, state_swap_in, state_fork_copies = self.kv.take_state_moves()
+        lora_loads, lora_forgets = self.lora.take_loads() if self.lora is not None else ([], [])
         message = StepMessage(described, new_seqs=self._take_announced(), finished_seq_ids=self._finished_seq_ids,
                               block_copies=copies, swap_out=swap_out, swap_in=swap_in,
                               state_swap_out=state_swap_out, state_swap_in=state_swap_in,
                               state_fork_copies=state_fork_copies,
-                              lora_loads=self.lora.take_loads() if self.lora is not None else [])
+                              lora_loads=lora_loads, lora_forgets=lora_forgets)
         self._finished_seq_ids = []
         return message, scheduled
 

@@ -36,8 +36,8 @@ class Executor(ABC):
         return 0
 
     def lora_shapes(self) -> dict[str, tuple[int, list[int]]]:
-        """The layers LoRA adapters may adapt, by checkpoint name: (input size, output slices). Served by
-        one process only (LoRA refuses tensor parallelism), so only UniprocExecutor knows them."""
+        """The layers LoRA adapters may adapt, by checkpoint name: their whole (input size, output slices),
+        what an adapter saved by PEFT must fit (empty without LoRA)."""
         return {}
 
     @abstractmethod

@@ -200,6 +200,9 @@ class MultiprocExecutor(Executor):
     def bytes_per_block(self) -> int:
         return self._call("bytes_per_block")
 
+    def lora_shapes(self) -> dict[str, tuple[int, list[int]]]:
+        return self._call("lora_shapes")  # whole shapes: every rank's are the same
+
     def initialize_cache(self, num_blocks: int, num_host_blocks: int, num_host_state_slots: int = 0) -> None:
         self._call("initialize_cache", num_blocks, num_host_blocks, num_host_state_slots)
 

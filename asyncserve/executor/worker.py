@@ -103,6 +103,8 @@ def _serve(config: Config, rank: int, conn, cpu_group) -> None:
                 blocks = torch.tensor([executor.determine_num_blocks()])
                 dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=cpu_group)
                 reply = int(blocks)
+            elif method == "lora_shapes":
+                reply = executor.lora_shapes()
             elif method == "bytes_per_block":
                 reply = executor.bytes_per_block()
             elif method == "initialize_cache":

@@ -6,7 +6,8 @@ persistent [max_tokens] buffer holding each row's slot for the step (-1: the bas
 fills before the forward; the wrapped layers read its first T entries, so CUDA graphs capture them like any
 other static input. A layer's adapter weights live in stacked [slots, r, in] / [slots, out_slice, r] tensors,
 one pair per slice of a fused projection (Q, K, V; gate, up), zero where an adapter leaves a slice alone, the
-rank padded with zeros to `max_lora_rank` (zero rows and columns add nothing).
+rank padded with zeros to `max_lora_rank` (zero rows and columns add nothing). Under tensor parallelism each
+rank's stacks hold its part of every adapter, cut as the layer's weight is (layers/lora_split.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from asyncserve.errors import LoRAAdapterError
 from asyncserve.kernels.lora import lora_expand, lora_shrink, prepare_lora_tables
 from asyncserve.kernels.lora_segments import lora_expand_chunks, lora_shrink_chunks
+from asyncserve.layers.lora_split import LoRASplit
 
 
 class LoRASlots:
@@ -52,8 +54,9 @@ class LoRASlots:
         self.scales[slot] = scaling
 
     def shapes(self) -> dict[str, tuple[int, list[int]]]:
-        """Each adapted layer's (input size, output slices), by the checkpoint's name (as PEFT names them)."""
-        return {self.checkpoint_prefix + name: (method.lora_a[0].shape[2], list(method.widths))
+        """Each adapted layer's whole (input size, output slices), by the checkpoint's name (as PEFT names them
+        and saves them: the same on every tensor-parallel rank)."""
+        return {self.checkpoint_prefix + name: (method.split.whole_in_features, list(method.split.whole_widths))
                 for name, method in self.layers.items()}
 
     def clear(self, slot: int) -> None:
@@ -63,12 +66,14 @@ class LoRASlots:
 
 
 class LoRALinearMethod:
-    """The base method's product, then each row's `scale * x @ A.T @ B.T` added in place (two launches)."""
+    """The base method's product, then each row's `scale * x @ A.T @ B.T` added in place (two launches); a
+    row-parallel layer's partial product gets this rank's partial delta, summed by the layer's all-reduce."""
 
     def __init__(self, base, layer: nn.Module, slots: LoRASlots):
         self.base = base
         self.slots = slots
-        self.widths = list(layer.output_sizes)
+        self.split = LoRASplit.of(layer)
+        self.widths = list(layer.output_sizes)  # this rank's part of each slice
         self.offsets = [sum(self.widths[:i]) for i in range(len(self.widths))]
         # A quantized layer (GPTQ, AWQ, FP8) keeps its own weights; its adapters are in the model's dtype.
         weight = next(iter(layer.parameters()))
@@ -106,7 +111,7 @@ class LoRALinearMethod:
         pairs = pairs or [None] * len(self.widths)
         if len(pairs) != len(self.widths):
             raise LoRAAdapterError(f"{len(pairs)} slices given for a projection of {len(self.widths)}.")
-        for a_stack, b_stack, pair, width in zip(self.lora_a, self.lora_b, pairs, self.widths):
+        for index, (a_stack, b_stack, pair) in enumerate(zip(self.lora_a, self.lora_b, pairs)):
             a_stack[slot].zero_()
             b_stack[slot].zero_()
             if pair is None:
@@ -116,28 +121,25 @@ class LoRALinearMethod:
             if rank > self.slots.max_lora_rank:
                 raise LoRAAdapterError(f"The adapter's rank {rank} is over max_lora_rank="
                                        f"{self.slots.max_lora_rank}: raise --max-lora-rank.")
-            if a.shape[1] != a_stack.shape[2] or b.shape[0] != width:
-                raise LoRAAdapterError(f"An adapter slice of shape A{tuple(a.shape)} B{tuple(b.shape)} does not "
-                                       f"fit a projection of {a_stack.shape[2]} -> {width}.")
+            self.split.check(a, b, index)
+            a, b = self.split.rank_part(a, b, index)
             a_stack[slot, :rank].copy_(a)
             b_stack[slot, :, :rank].copy_(b)
 
 
 def enable_lora(model: nn.Module, slots: LoRASlots, target_modules: set[str] | None = None) -> list[str]:
     """Wraps the linear methods of the layers whose last name is in `target_modules` (our fused names:
-    qkv_proj, o_proj, gate_up_proj, down_proj; None: every linear layer of the model, the LM head being
-    no such layer); returns the wrapped layers' names."""
+    qkv_proj, o_proj, gate_up_proj, down_proj; None: every linear layer of the model but the LM head, which
+    adapters may not target); returns the wrapped layers' names."""
     from asyncserve.layers.linear import LinearBase
     slots.checkpoint_prefix = getattr(model, "checkpoint_prefix", "")
-    # Never the LM head (an untied one is a linear layer too): its input holds the sampled rows only, not the
-    # step's rows that the slot table and prompt chunks index (adapters naming it are refused at load).
+    # Never the LM head: its input holds the sampled rows only, not the step's rows that the slot table and
+    # prompt chunks index (wrapped, the chunk kernels read past it on the GPU).
     lm_head = getattr(model, "lm_head", None)
     for name, module in model.named_modules():
-        if module is lm_head:
+        if module is lm_head or not isinstance(module, LinearBase):
             continue
-        if isinstance(module, LinearBase) and (target_modules is None or name.rpartition(".")[2] in target_modules):
-            if module.communicates:
-                raise LoRAAdapterError("LoRA with tensor parallelism is not supported yet: use one GPU.")
+        if target_modules is None or name.rpartition(".")[2] in target_modules:
             module.quant_method = LoRALinearMethod(module.quant_method, module, slots)
             slots.layers[name] = module.quant_method
     return list(slots.layers)

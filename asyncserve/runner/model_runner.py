@@ -62,6 +62,7 @@ class ModelRunner:
             layer.ssm_state_dtype = config.ssm_state_torch_dtype
         self.lora_slots: LoRASlots | None = None  # LoRA: adapters' GPU slots, wrapped into the linear layers
         self._lora_rows_set = False  # whether token_slots holds any adapter row (else all -1)
+        self.lora_weights: dict[int, dict] = {}  # adapters' host weights, kept as the engine's LoRAManager says
         if config.lora is not None:  # before the memory profile: the stacked adapter weights count
             scheduler = config.scheduler
             self.lora_slots = LoRASlots(config.lora.max_loras, config.lora.max_lora_rank,
@@ -145,8 +146,7 @@ class ModelRunner:
                                "masks (executor.sample).")
         self._fold_read_steps()
         batch = self.input_batch.apply(message)
-        for slot, weights, scaling in message.lora_loads:  # adapters entering GPU slots, before any forward
-            self.lora_slots.load(slot, weights, scaling)
+        self._load_lora_slots(message)
         if batch.unread_inputs and (needs_output_token_values(batch)
                                     or any(pending.is_verify for pending in self._in_flight)):
             for pending in self._in_flight:  # the sampler needs those tokens' values on the host
@@ -250,6 +250,18 @@ class ModelRunner:
                 self.input_batch.fold_runs(*pending.own_runs())
             else:
                 self.input_batch.fold(*pending.own_tokens())
+
+    def _load_lora_slots(self, message: StepMessage) -> None:
+        """Adapters entering GPU slots, before any forward; the weights come once (to every tensor-parallel
+        rank with the message) and are kept until the engine says to drop them."""
+        for slot, lora_id, weights, scaling in message.lora_loads:
+            if weights is None:
+                weights = self.lora_weights[lora_id]
+            else:
+                self.lora_weights[lora_id] = weights
+            self.lora_slots.load(slot, weights, scaling)
+        for lora_id in message.lora_forgets:
+            self.lora_weights.pop(lora_id, None)
 
     def set_lora_rows(self, token_slots: torch.Tensor | None, chunks: torch.Tensor | None = None) -> None:
         """Each row's adapter slot for the next forward (None: every row runs the base model), and the

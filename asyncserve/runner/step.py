@@ -56,8 +56,10 @@ class StepMessage:
     state_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device slot, host slot)
     state_swap_in: list[tuple[int, int]] = field(default_factory=list)   # (host slot, device slot)
     state_fork_copies: list[tuple[int, int]] = field(default_factory=list)  # (parent's slot, fork's slot)
-    # LoRA: adapters to copy into GPU slots before this step's forward: (slot, weights by module, scaling).
-    lora_loads: list[tuple[int, dict, float]] = field(default_factory=list)
+    # LoRA: adapters to copy into GPU slots before this step's forward: (slot, lora id, weights by module, or
+    # None: the runner keeps them from an earlier load, scaling); then the adapters whose weights it drops.
+    lora_loads: list[tuple[int, int, dict | None, float]] = field(default_factory=list)
+    lora_forgets: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -1,6 +1,8 @@
 """LoRA on the linear layers: a model whose projections carry adapters in slots gives, for rows of each
 adapter, what the same model gives with that adapter merged into its weights (W + scale * B @ A), and for
-base rows what the plain model gives; adapters the model cannot take are refused by name."""
+base rows what the plain model gives; adapters the model cannot take are refused by name; over tensor-parallel
+ranks each rank's part of an adapter gives its part of the whole layer's output (column-parallel) or a partial
+sum that adds up to it (row-parallel)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from asyncserve.errors import LoRAAdapterError
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.layers.linear import qkv_linear
+from asyncserve.layers.linear import Linear, MergedLinear, qkv_linear
 from asyncserve.layers.lora import LoRALinearMethod, LoRASlots, enable_lora
 
 TARGETS = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
@@ -116,3 +118,56 @@ def test_the_lm_head_is_never_wrapped(make_llm):
     wrapped = enable_lora(model, slots)  # no target list: every linear layer the adapters may name
     assert wrapped and not any(name.endswith("lm_head") for name in wrapped)
     assert not isinstance(model.lm_head.quant_method, LoRALinearMethod)
+
+
+SPLIT_LAYERS = {  # layer kind -> a whole layer of 32 inputs, built at the current tensor-parallel rank
+    "qkv, one KV head replicated over two ranks": lambda: qkv_linear(32, num_heads=4, num_kv_heads=1, head_dim=8),
+    "gate|up": lambda: MergedLinear(32, {"gate_proj": 48, "up_proj": 48}),
+    "row-parallel": lambda: Linear(32, 24, parallel="row"),
+    "column-parallel, gathered and padded": lambda: Linear(32, 31, parallel="column", gather_output=True),
+}
+
+
+def _adapted_layer(kind, rank, size, weight, pairs, scaling):
+    """The layer as tensor-parallel rank `rank` of `size` builds and loads it, with the whole adapter in slot 0."""
+    from asyncserve.layers.parallel_state import set_tensor_parallel
+    set_tensor_parallel(rank, size)
+    try:
+        layer = SPLIT_LAYERS[kind]().double()
+    finally:
+        set_tensor_parallel(0, 1)
+    layer.weight.weight_loader(layer.weight, weight)
+    slots = LoRASlots(max_loras=1, max_lora_rank=8, max_tokens=8, device=torch.device("cpu"))
+    layer.quant_method = LoRALinearMethod(layer.quant_method, layer, slots)
+    slots.layers["proj"] = layer.quant_method
+    slots.load(0, {"proj": pairs}, scaling)
+    slots.set_token_slots(torch.tensor([0, -1, 0], dtype=torch.int32))
+    return layer
+
+
+@pytest.mark.parametrize("kind", list(SPLIT_LAYERS))
+def test_each_ranks_part_of_an_adapter_gives_its_part_of_the_whole_layers_output(kind):
+    whole = SPLIT_LAYERS[kind]().double()
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(whole.weight.shape, generator=gen, dtype=torch.float64)
+    pairs = [(torch.randn(6, 32, generator=gen, dtype=torch.float64), torch.randn(width, 6, generator=gen,
+                                                                                 dtype=torch.float64))
+             for width in whole.output_sizes]
+    x = torch.randn(3, 32, generator=gen, dtype=torch.float64)
+    one = _adapted_layer(kind, 0, 1, weight, pairs, 0.5)
+    expected = one.quant_method.apply(one, x, None)
+    assert (expected[0] != one.quant_method.base.apply(one, x, None)[0]).all()
+    ranks = [_adapted_layer(kind, rank, 2, weight, pairs, 0.5) for rank in range(2)]
+    if ranks[0].input_parallel:  # partial products over each rank's inputs, summed by the layer's all-reduce
+        parts = [layer.quant_method.apply(layer, x[:, layer.input_start:layer.input_start + layer.in_features], None)
+                 for layer in ranks]
+        torch.testing.assert_close(sum(parts), expected)
+        return
+    for layer in ranks:  # each slice's rows of this rank (a KV head kept by both ranks, a padded tail zero)
+        out = layer.quant_method.apply(layer, x, None)
+        local = whole_start = 0
+        for (start, size), whole_size in zip(layer.output_parts, layer.whole_output_sizes):
+            present = max(0, min(size, whole_size - start))
+            torch.testing.assert_close(out[:, local:local + present],
+                                       expected[:, whole_start + start:whole_start + start + present])
+            local, whole_start = local + size, whole_start + whole_size

@@ -1,6 +1,6 @@
 """LoRA adapters through the server as vLLM serves them: --lora-modules names, `model` choosing one with the
 official openai client (the same tokens as offline with that LoRARequest), /v1/models listing them with the
-base model as parent, unknown names 404, and runtime loading behind VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
+base model as parent, unknown names 404, and runtime loading behind VLLM_ALLOW_RUNTIME_LORA_UPDATING, over two tensor-parallel ranks too."""
 from __future__ import annotations
 
 import aiohttp
@@ -95,6 +95,40 @@ async def test_runtime_loading_is_behind_vllms_switch(model_path, adapter_dirs):
             assert response.status == 404
         async with http.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}) as response:
             assert response.status == 404
+
+
+async def test_runtime_loading_and_unloading_over_two_tensor_parallel_ranks(model_path, adapter_dirs):
+    """Adapters loaded while serving reach both ranks (with the step that first runs them): each gives one
+    process's tokens; an unloaded one is a 404 and loads again into a slot."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    names = {"sql": adapter_dirs[0], "chat": adapter_dirs[1]}
+    one = LLM(model_path, device="cpu", num_gpu_blocks_override=128, **LORA)
+    expected = {name: one.llm_engine.tokenizer.decode(
+        one.generate(PROMPT, params, use_tqdm=False, lora_request=LoRARequest(name, index + 1, path))[0]
+        .outputs[0].token_ids, skip_special_tokens=True) for index, (name, path) in enumerate(names.items())}
+
+    async def complete(http, url, name):
+        body = {"model": name, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        async with http.post(f"{url}/v1/completions", json=body) as response:
+            return response.status, (await response.json()).get("choices", [{}])[0].get("text")
+
+    async with live_server(model_path, {"allow_runtime_lora_updating": True}, tensor_parallel_size=2,
+                           num_gpu_blocks_override=64, **LORA) as live, aiohttp.ClientSession() as http:
+        try:
+            for name, path in names.items():
+                async with http.post(f"{live.url}/v1/load_lora_adapter",
+                                     json={"lora_name": name, "lora_path": path}) as response:
+                    assert response.status == 200
+            assert [await complete(http, live.url, name) for name in names] == [(200, expected[n]) for n in names]
+            async with http.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}) as response:
+                assert response.status == 200
+            assert (await complete(http, live.url, "sql"))[0] == 404
+            async with http.post(f"{live.url}/v1/load_lora_adapter",
+                                 json={"lora_name": "sql", "lora_path": names["sql"]}) as response:
+                assert response.status == 200
+            assert await complete(http, live.url, "sql") == (200, expected["sql"])
+        finally:
+            live.engine.shutdown()
 
 
 async def test_without_enable_lora_the_routes_say_how(server):

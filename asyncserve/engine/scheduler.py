@@ -52,11 +52,12 @@ class Scheduler:
             if seq.recompute_kv_at is not None and seq.num_computed_tokens >= seq.recompute_kv_at:
                 self._recompute_past_threshold(seq)
                 continue
-            num_new = _fit_images(seq, seq.num_computed_tokens,
-                                  min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget))
-            if num_new == 0:  # the rest of an image it has begun does not fit what is left of the budget
+            num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
+            fitted = _fit_images(seq, seq.num_computed_tokens, num_new)
+            if num_new and not fitted:  # the rest of an image it has begun does not fit the budget left
                 index += 1
                 continue
+            num_new = fitted
             if seq.draft_token_ids:  # speculative decoding: its drafts are scored too, if budget and pool allow
                 num_drafts = 0 if seq.num_in_flight else min(len(seq.draft_token_ids), budget - num_new)
                 if num_drafts and self.kv.allocate_slots(seq, num_new + num_drafts):
@@ -81,11 +82,12 @@ class Scheduler:
         # Swapped-out sequences come back before new work is admitted, oldest first.
         while self.swapped and budget > 0 and not preempted:
             seq = self.swapped[0]
-            num_new = _fit_images(seq, seq.num_computed_tokens,
-                                  min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget))
-            if (num_new == 0 or len(self.running) + 1 > self.config.max_num_seqs
+            num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
+            fitted = _fit_images(seq, seq.num_computed_tokens, num_new)
+            if ((num_new and not fitted) or len(self.running) + 1 > self.config.max_num_seqs
                     or not self._lora_slot_free(seq) or not self.kv.swap_in(seq)):
                 break
+            num_new = fitted
             if not self.kv.allocate_slots(seq, num_new):
                 self.kv.free(seq)  # the blocks just swapped in are dropped: recompute it later
                 self._requeue_for_recompute(seq)

@@ -1,6 +1,6 @@
 """Entry points of paged attention: pick the decode or prefill kernel, or the torch reference.
 Every entry point takes the keywords `sliding_window` and `softcap` (see attention_ref), and `k_scale`,
-`v_scale` for an fp8 pool."""
+`v_scale` for an fp8 pool; the prefill ones take `key_ends` (spans attended both ways) in the reference only."""
 
 from ._triton import use_triton
 from .attention_cpu import paged_decode_attention_cpu
@@ -27,16 +27,18 @@ def paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, quer
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                     max_query_len, max_seq_len, scale, **options):
-    """Triton on CUDA, torch reference elsewhere."""
-    attend = paged_attention_triton if use_triton(query) else paged_attention_ref
+    """Triton on CUDA, torch reference elsewhere (and for `key_ends`, which the kernels lack)."""
+    triton = use_triton(query) and options.get("key_ends") is None
+    attend = paged_attention_triton if triton else paged_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                   max_query_len, max_seq_len, scale, **options)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                             max_query_len, max_seq_len, scale, **options):
-    """Triton on CUDA, torch reference elsewhere."""
-    attend = paged_prefill_attention_triton if use_triton(query) else paged_prefill_attention_ref
+    """Triton on CUDA, torch reference elsewhere (and for `key_ends`, which the kernels lack)."""
+    triton = use_triton(query) and options.get("key_ends") is None
+    attend = paged_prefill_attention_triton if triton else paged_prefill_attention_ref
     return attend(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                   max_query_len, max_seq_len, scale, **options)
 

@@ -12,6 +12,11 @@ Options of every entry point (keywords, off by default):
 - `sinks` [H]: a learned logit per query head that joins each softmax's denominator and nothing else
   (GPT-OSS's attention sinks): weights become exp(s_i) / (exp(sink) + sum_j exp(s_j)), so a head may
   attend to less than all of its keys. A query that sees no key (an empty sequence) still gives zeros.
+- `key_ends` [T] (prefill only): each query row sees keys at positions below its entry instead of up to
+  itself, so a span of tokens may attend both ways (Gemma 3's image tokens: each one's entry is its image's
+  end; every other row's is its position + 1). The keys must be in the pool, so the span's end lies in the
+  step. A sliding window still counts back from the query's own position. The Triton kernels lack it:
+  `paged_attention` takes this reference for a step that passes it, on any device.
 """
 
 import torch
@@ -46,7 +51,7 @@ def _softmax(scores, sink=None):
 
 def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                         max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0, *,
-                        sliding_window=None, softcap=None, sinks=None):
+                        sliding_window=None, softcap=None, sinks=None, key_ends=None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; causal over the paged pool."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -71,7 +76,10 @@ def paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, query_s
                 _soft_cap(scores, softcap)
             query_positions = context_len + torch.arange(
                 chunk_start - q_start, chunk_end - q_start, device=query.device)
-            hidden = key_positions[None, :] > query_positions[:, None]  # [t, L]
+            if key_ends is None:
+                hidden = key_positions[None, :] > query_positions[:, None]  # [t, L]
+            else:
+                hidden = key_positions[None, :] >= key_ends[chunk_start:chunk_end, None].to(key_positions.device)
             if sliding_window:
                 hidden |= key_positions[None, :] <= query_positions[:, None] - sliding_window
             scores.masked_fill_(hidden, float("-inf"))

@@ -40,4 +40,4 @@ def text_part(config):
 
 
 _VISION_FIELDS = ("vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
-                  "vision_end_token_id")
+                  "vision_end_token_id", "mm_tokens_per_image", "boi_token_id", "eoi_token_id")

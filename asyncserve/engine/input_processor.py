@@ -42,7 +42,7 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.structured = structured
         self.eos_token_ids = eos_token_ids
-        self.images = make_image_processor(model_config)  # None: the model takes no images
+        self.images = make_image_processor(model_config, tokenizer)  # None: the model takes no images
 
     def process(self, prompt: PromptType,
                 params: SamplingParams | PoolingParams | None = None) -> ProcessedRequest:

@@ -71,6 +71,13 @@ def resolve_config(args: EngineConfig) -> Config:
         logger.info("prefix caching is off: %s pooling reads every prompt token's hidden state",
                     model.pooler.pooling_type)
         prefix_caching = False
+    budget = _token_budget(args, model.max_model_len, model.device)
+    whole_image = model_class(model.hf_config).whole_image_tokens(model.hf_config)
+    if whole_image is not None and budget < whole_image:
+        # An image's tokens attend to each other both ways, so one prefill chunk computes all of them.
+        raise ConfigError(f"max_num_batched_tokens={budget} is smaller than the {whole_image} tokens of one "
+                          "image of this model, which one step must compute together: raise it to at least "
+                          f"{whole_image}.")
     speculative = args.speculative_config
     if speculative is not None and (hybrid or model.pooler is not None):
         # A recurrent state cannot step back over rejected drafts; an embedding model never decodes.
@@ -88,7 +95,7 @@ def resolve_config(args: EngineConfig) -> Config:
             mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=_token_budget(args, model.max_model_len, model.device),
+            max_num_batched_tokens=budget,
             enable_chunked_prefill=args.enable_chunked_prefill, preemption_mode=args.preemption_mode,
             scheduling_policy=args.scheduling_policy,
             max_num_waiting=args.max_num_waiting, recompute_kv_at=recompute_kv_at),

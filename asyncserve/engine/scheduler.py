@@ -53,6 +53,11 @@ class Scheduler:
                 self._recompute_past_threshold(seq)
                 continue
             num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
+            fitted = _fit_images(seq, seq.num_computed_tokens, num_new)
+            if num_new and not fitted:  # the rest of an image it has begun does not fit the budget left
+                index += 1
+                continue
+            num_new = fitted
             if seq.draft_token_ids:  # speculative decoding: its drafts are scored too, if budget and pool allow
                 num_drafts = 0 if seq.num_in_flight else min(len(seq.draft_token_ids), budget - num_new)
                 if num_drafts and self.kv.allocate_slots(seq, num_new + num_drafts):
@@ -77,10 +82,12 @@ class Scheduler:
         # Swapped-out sequences come back before new work is admitted, oldest first.
         while self.swapped and budget > 0 and not preempted:
             seq = self.swapped[0]
-            if (len(self.running) + 1 > self.config.max_num_seqs or not self._lora_slot_free(seq)
-                    or not self.kv.swap_in(seq)):
-                break
             num_new = min(seq.num_tokens + seq.num_in_flight - seq.num_computed_tokens, budget)
+            fitted = _fit_images(seq, seq.num_computed_tokens, num_new)
+            if ((num_new and not fitted) or len(self.running) + 1 > self.config.max_num_seqs
+                    or not self._lora_slot_free(seq) or not self.kv.swap_in(seq)):
+                break
+            num_new = fitted
             if not self.kv.allocate_slots(seq, num_new):
                 self.kv.free(seq)  # the blocks just swapped in are dropped: recompute it later
                 self._requeue_for_recompute(seq)
@@ -105,7 +112,9 @@ class Scheduler:
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
-                num_new = budget
+                num_new = _fit_images(seq, seq.num_tokens - num_new, budget)
+                if num_new == 0:
+                    break
             if not self.kv.allocate_slots(seq, num_new, cached):
                 break
             self.waiting.popleft()
@@ -293,3 +302,10 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+
+def _fit_images(seq: Sequence, start: int, count: int) -> int:
+    """The chunk's length, shortened so that it ends inside no image of a family whose image tokens attend
+    both ways (multimodal/inputs.py); 0 when it cannot finish the image it starts in."""
+    images = seq.request.multimodal if seq.request is not None else None
+    return count if images is None else images.chunk_length(start, count)

@@ -95,6 +95,12 @@ class CausalLM(nn.Module, ABC):
         differently beyond it: Phi-3's LongRoPE), or None; read into `SchedulerConfig.recompute_kv_at`."""
         return None
 
+    @classmethod
+    def whole_image_tokens(cls, hf_config) -> int | None:
+        """The most tokens one image takes when a prefill chunk must hold all of them (its tokens attend
+        both ways: Gemma 3), which the step's token budget must cover; None where chunks may cut images."""
+        return None
+
     def drop_lm_head(self) -> None:
         """An embedding model reads final hidden states only: no LM head to load or to hold in memory."""
         self.lm_head = None

@@ -131,8 +131,13 @@ class Gemma2ForCausalLM(CausalLM):
         self.build_lm_head(hf_config, quant_config, tied_by_default=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        return self.run_layers(self.embed(input_ids), positions, meta)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                         # [T, E]
-        hidden = hidden * self.embed_scale.to(hidden.dtype)
+        return hidden * self.embed_scale.to(hidden.dtype)
+
+    def run_layers(self, hidden: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)

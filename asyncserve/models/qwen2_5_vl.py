@@ -66,7 +66,24 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
 
     @classmethod
     def image_token_id(cls, hf_config) -> int:
+        """The token of an image's rows (the encoder's output replaces their embeddings)."""
         return hf_config.image_token_id
+
+    @classmethod
+    def image_placeholder_id(cls, hf_config) -> int:
+        """The token a prompt holds once per image (the chat template's <|image_pad|>)."""
+        return hf_config.image_token_id
+
+    @classmethod
+    def image_wrapping(cls, hf_config) -> tuple[str, list[int], list[int], str]:
+        """(text, tokens) before and (tokens, text) after an image's rows in the expanded prompt: none here,
+        the prompt's own <|vision_start|> and <|vision_end|> stay around the placeholder."""
+        return "", [], [], ""
+
+    @classmethod
+    def image_grid(cls, hf_config, processed) -> tuple[int, int, int]:
+        """(frames, rows, columns) of patches of one image from the image processor's output."""
+        return tuple(int(v) for v in processed["image_grid_thw"][0].tolist())
 
     @classmethod
     def image_num_tokens(cls, hf_config, grid: tuple[int, int, int]) -> int:

@@ -29,6 +29,9 @@ class MultiModalInputs:
     images: list[ImageInput]
     rope_positions: torch.Tensor | None = None  # [3, P] int64, P = the last image's end
     rope_delta: int = 0                          # added to the position of every token from P on
+    # An image's tokens attend to each other both ways (Gemma 3), so the chunk that computes any of them
+    # must hold the rest of them too: the scheduler never ends a prefill chunk inside an image.
+    whole_images: bool = False
     num_image_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -38,6 +41,18 @@ class MultiModalInputs:
         """(index, image) of the images with a placeholder token in [start, end)."""
         return [(index, image) for index, image in enumerate(self.images)
                 if image.offset < end and image.end > start]
+
+    def chunk_length(self, start: int, count: int) -> int:
+        """`count`, or shorter so that the chunk [start, start + count) does not end inside an image when
+        images are whole: it stops before the image, or is 0 when it starts inside or at one it cannot
+        finish (the caller waits for a step with budget for all of it)."""
+        if not self.whole_images:
+            return count
+        end = start + count
+        for image in self.images:
+            if image.offset < end < image.end:
+                return max(image.offset - start, 0)
+        return count
 
     def block_keys(self, start: int, end: int) -> tuple[int, ...]:
         """The content hashes of the images whose tokens fall in [start, end): joined to a KV block's hash,

@@ -2,6 +2,7 @@
 tensors, forward over the paged pool, sampling."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -282,9 +283,10 @@ class ModelRunner:
         """The step's forward; a model that takes images gets its image rows and M-RoPE positions first
         (runner/images.py), and such a step runs eagerly."""
         if getattr(self.model, "supports_images", False):
-            positions, image_embeds = image_step_inputs(batch, self.model, inputs.positions, self.device)
+            positions, image_embeds, key_ends = image_step_inputs(batch, self.model, inputs.positions, self.device)
             if image_embeds is not None or positions.dim() > 1:
-                return self.model(inputs.input_ids, positions, inputs.meta, image_embeds=image_embeds)
+                meta = inputs.meta if key_ends is None else dataclasses.replace(inputs.meta, key_ends=key_ends)
+                return self.model(inputs.input_ids, positions, meta, image_embeds=image_embeds)
         return self.forward(inputs.input_ids, inputs.positions, inputs.meta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Tiny vision-language checkpoints (Qwen2.5-VL) with random weights, the real image processor settings and
+"""Tiny vision-language checkpoints (Qwen2.5-VL; Gemma 3 in tiny_gemma3_vision.py) with random weights, the real image processor settings and
 a chat template that renders image parts as the real one does, built offline for tests.
 
 Apart from tiny_model.py because such a checkpoint has more parts: a vision tower, the processor's
@@ -17,7 +17,7 @@ from asyncserve.testing.tiny_model import (
     build_tokenizer,
 )
 
-VISION_FAMILIES = ("qwen2_5_vl",)
+VISION_FAMILIES = ("qwen2_5_vl", "gemma3")
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 # Qwen2-VL's chat template, shortened: an image part (type "image" or "image_url", or a key "image")
@@ -97,6 +97,10 @@ def build_tiny_vision_checkpoint(path, family: str = "qwen2_5_vl", *, seed: int 
     parent, name = os.path.split(path)
     with scratch_dir(parent, name) as staging:
         os.chmod(staging, 0o755)
-        _write_checkpoint(staging, seed, text_overrides)
+        if family == "gemma3":
+            from asyncserve.testing.tiny_gemma3_vision import write_gemma3_checkpoint
+            write_gemma3_checkpoint(staging, seed, text_overrides)
+        else:
+            _write_checkpoint(staging, seed, text_overrides)
         os.rename(staging, path)
     return path

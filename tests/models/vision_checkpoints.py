@@ -1,4 +1,5 @@
-"""The tiny Qwen2.5-VL checkpoint, its transformers reference and images, shared by the vision tests."""
+"""The tiny Qwen2.5-VL and Gemma 3 checkpoints' transformers references, prompts and images, shared by the
+vision tests."""
 from __future__ import annotations
 
 import io
@@ -55,3 +56,47 @@ class Reference:
         out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
         prompt_ids = inputs["input_ids"][0].tolist()
         return prompt_ids, out[0, len(prompt_ids):].tolist()
+
+
+GEMMA_ONE = "<bos><start_of_turn>user\n<start_of_image>describe the quick brown fox<end_of_turn>\n<start_of_turn>model\n"
+GEMMA_TWO = ("<bos><start_of_turn>user\nfirst <start_of_image> then<start_of_image>compare<end_of_turn>\n"
+             "<start_of_turn>model\n")
+GEMMA_TEXT = "<bos><start_of_turn>user\nthe quick brown fox jumps<end_of_turn>\n<start_of_turn>model\n"
+
+
+class GemmaReference:
+    """transformers' Gemma3ForConditionalGeneration on the same checkpoint, its inputs from transformers'
+    own Gemma3Processor (the image sequence and token_type_ids, which turn on the bidirectional mask over
+    each image's tokens in the prefill)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoImageProcessor, AutoTokenizer, Gemma3ForConditionalGeneration, Gemma3Processor
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.processor = Gemma3Processor(image_processor=AutoImageProcessor.from_pretrained(path),
+                                         tokenizer=self.tokenizer,
+                                         image_seq_length=self.model.config.mm_tokens_per_image)
+        self.image_token_id = self.model.config.image_token_id
+
+    def inputs(self, prompt: str, images: list) -> dict:
+        if not images:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return dict(self.processor(text=prompt, images=images, return_tensors="pt"))
+
+    @torch.no_grad()
+    def greedy(self, prompt: str, images: list, max_tokens: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, generated ids)."""
+        inputs = self.inputs(prompt, images)
+        out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        return prompt_ids, out[0, len(prompt_ids):].tolist()
+
+    @torch.no_grad()
+    def next_logprobs(self, prompt: str, images: list, bidirectional: bool = True) -> torch.Tensor:
+        """[V] log-probabilities of the first generated token; `bidirectional=False` drops token_type_ids,
+        so transformers attends causally over the image's tokens too."""
+        inputs = self.inputs(prompt, images)
+        if not bidirectional:
+            inputs.pop("token_type_ids", None)
+        return self.model(**inputs).logits[0, -1].float().log_softmax(-1)

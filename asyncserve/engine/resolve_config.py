@@ -81,6 +81,11 @@ def resolve_config(args: EngineConfig) -> Config:
     if speculative is not None and speculative.method == "draft_model":
         from asyncserve.engine.resolve_draft import resolve_draft_model
         draft_model, draft_quantization = resolve_draft_model(speculative.model, model)
+        draft_config = draft_model.hf_config
+        logger.info("speculative decoding: the draft model %s (%s, %s layers) proposes up to %d tokens per "
+                    "sequence and step", speculative.model, (getattr(draft_config, "architectures", None) or
+                                                             ["?"])[0],
+                    getattr(draft_config, "num_hidden_layers", "?"), speculative.num_speculative_tokens)
     return Config(
         model=model,
         cache=CacheConfig(

@@ -82,9 +82,9 @@ def resolve_config(args: EngineConfig) -> Config:
         from asyncserve.engine.resolve_draft import resolve_draft_model
         draft_model, draft_quantization = resolve_draft_model(speculative.model, model)
         draft_config = draft_model.hf_config
+        architecture = (getattr(draft_config, "architectures", None) or ["?"])[0]
         logger.info("speculative decoding: the draft model %s (%s, %s layers) proposes up to %d tokens per "
-                    "sequence and step", speculative.model, (getattr(draft_config, "architectures", None) or
-                                                             ["?"])[0],
+                    "sequence and step", speculative.model, architecture,
                     getattr(draft_config, "num_hidden_layers", "?"), speculative.num_speculative_tokens)
     return Config(
         model=model,

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from asyncserve import SamplingParams
+from asyncserve.runner import draft_model
+from asyncserve.runner.draft_inputs import DraftSpan, pack_spans
 from asyncserve.testing.tiny_model import build_tiny_checkpoint
 from tests.conftest import PROMPTS, generate_joining_mid_flight
 from tests.spec_decode.helpers import counters, draft_model_config, generate_ids, two_sample_chi_square
@@ -115,15 +117,27 @@ def test_preemption_is_token_exact_and_keeps_the_drafts_kv(preemption_mode, make
     _assert_all_accepted(engine)
 
 
-def test_the_draft_catches_up_after_steps_that_did_not_speculate(make_llm, tiny_model_dir):
+@pytest.mark.parametrize("budget", [None, 8])
+def test_the_draft_catches_up_after_steps_that_did_not_speculate(budget, make_llm, tiny_model_dir, monkeypatch):
     """Above disable_by_batch_size nothing speculates and the draft skips those decodes; once fewer run, its
-    first forward computes the tokens it missed, so the target as its own draft again accepts everything."""
-    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 4 + \
-        [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)] * 2
+    first forward computes the tokens it missed (in several forwards when they pass the step's token budget),
+    so the target as its own draft again accepts everything."""
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * 2 + \
+        [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)] * 4
     expected = generate_ids(make_llm(FAMILY), REPEATING, params)
-    llm = _spec_llm(make_llm, tiny_model_dir, extra={"disable_by_batch_size": 2})
-    assert generate_ids(llm, REPEATING, params) == expected
+    llm = _spec_llm(make_llm, tiny_model_dir, extra={"disable_by_batch_size": 2},
+                    **({"max_num_batched_tokens": budget} if budget else {}))
     engine = llm.llm_engine
+    forwards_per_step = []
+
+    def recording(spans, max_tokens):
+        forwards = pack_spans(spans, max_tokens)
+        forwards_per_step.append(len(forwards))
+        return forwards
+
+    monkeypatch.setattr(draft_model, "pack_spans", recording)
+    assert generate_ids(llm, REPEATING, params) == expected
+    assert (max(forwards_per_step) > 1) == (budget is not None)
     assert engine.executor.runner.num_device_fed_steps > 0  # plain steps pipelined meanwhile
     _assert_all_accepted(engine)
 
@@ -195,3 +209,12 @@ def test_sampled_tokens_keep_the_targets_distribution(make_llm, tiny_model_dir):
     always_accepted = [(t[0], *greedy[1:]) for t in plain if t[0] == greedy[0]]
     kept = [t for t in plain if t[0] == greedy[0]]
     assert two_sample_chi_square(kept, always_accepted)[0] > 100
+
+
+def test_spans_longer_than_the_budget_are_split_with_the_proposal_row_last():
+    first, second = object(), object()
+    forwards = pack_spans([DraftSpan(first, 0, 5, False), DraftSpan(second, 3, 12, True)], max_tokens=4)
+    assert [[(span.seq is first, span.begin, span.end, span.proposes) for span in forward]
+            for forward in forwards] == [
+        [(True, 0, 4, False)], [(True, 4, 5, False), (False, 3, 6, False)], [(False, 6, 10, False)],
+        [(False, 10, 12, True)]]

@@ -33,7 +33,7 @@ class DraftSpan:
 class DraftRow:
     """A span as `build_model_inputs` reads a sequence: no drafts, images, adapter, state or prompt logprobs."""
 
-    __slots__ = ("seq_id", "token_ids", "start_position", "new_token_ids", "block_table", "num_samples")
+    __slots__ = ("block_table", "new_token_ids", "num_samples", "seq_id", "start_position", "token_ids")
     rope_delta = 0
     state_slot = None
     lora_slot = -1

@@ -17,7 +17,12 @@ import torch
 from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.models.base import CausalLM
-from asyncserve.runner.draft_inputs import DraftRow, draft_spans, pack_spans, proposal_rows
+from asyncserve.runner.draft_inputs import (
+    DraftRow,
+    draft_spans,
+    pack_spans,
+    proposal_rows,
+)
 from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_model_inputs
 from asyncserve.runner.kv_pool import KVPool, model_block_bytes

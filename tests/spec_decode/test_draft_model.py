@@ -13,8 +13,17 @@ from asyncserve.runner import draft_model
 from asyncserve.runner.draft_inputs import DraftSpan, pack_spans
 from asyncserve.testing.tiny_model import build_tiny_checkpoint
 from tests.conftest import PROMPTS, generate_joining_mid_flight
-from tests.spec_decode.helpers import counters, draft_model_config, generate_ids, two_sample_chi_square
-from tests.spec_decode.test_spec_greedy_exact import CASES, REPEATING, assert_blocks_consistent
+from tests.spec_decode.helpers import (
+    counters,
+    draft_model_config,
+    generate_ids,
+    two_sample_chi_square,
+)
+from tests.spec_decode.test_spec_greedy_exact import (
+    CASES,
+    REPEATING,
+    assert_blocks_consistent,
+)
 
 FAMILY = "qwen3"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

@@ -20,7 +20,8 @@ PROMPT = "The capital of France is"
 async def _texts(server) -> tuple[str, str]:
     import openai
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x")
-    request = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    request = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 30, "temperature": 0,
+               "extra_body": {"ignore_eos": True}}
     whole = (await client.completions.create(**request)).choices[0].text
     stream = await client.completions.create(stream=True, **request)
     streamed = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])

@@ -7,6 +7,16 @@ same model, prompts and config, so the two runs print comparable JSON lines.
     ... --speculative-config '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
         "prompt_lookup_min": 2}' --batch-sizes 1 8 64
 
+A draft model instead of n-gram: `--draft-model DIR` (vLLM's {"method": "draft_model", "model": DIR,
+"num_speculative_tokens": K}, K from `--num-speculative-tokens`). For the 8B shape without a trained draft,
+`--draft-layers N` writes a layer-truncated copy of the target's config (and tokenizer files) and uses it as
+the draft; with `--load-format dummy` both get random weights, which makes acceptance meaningless (near 0:
+the figure is the cost of drafting), so also run `--draft-model` equal to `--model` for the all-accepted
+ceiling (the same dummy weights, drafts always right):
+
+    python scripts/bench_spec_decode.py --model /ckpt/llama-8b --load-format dummy --draft-layers 4
+    python scripts/bench_spec_decode.py --model /ckpt/llama-8b --load-format dummy --draft-model /ckpt/llama-8b
+
 Greedy, so both runs of an engine produce the same tokens (checked: speculation must not change them); each
 figure is output tokens per second over the whole batch (prefill included, as a user sees it), the median of
 `--repeats` runs after a warm-up. Acceptance is what the engine's own counters say (vLLM's metric names).
@@ -15,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,9 +95,38 @@ def counters(llm, engine: str) -> dict[str, float]:
     return found
 
 
+def truncated_draft(model: str, num_layers: int) -> str:
+    """A folder beside the target's with its config cut to `num_layers` layers and its tokenizer files: a
+    draft of the same vocabulary, for `--load-format dummy` runs (it holds no weights)."""
+    out = os.path.join("/tmp", f"{os.path.basename(os.path.normpath(model))}-draft-{num_layers}-layers")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(model, "config.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = num_layers
+    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists of some families follow the count
+        if isinstance(config.get(key), list):
+            config[key] = config[key][:num_layers]
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in os.listdir(model):
+        if name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
+            shutil.copy(os.path.join(model, name), out)
+    return out
+
+
+def speculative_config_of(args) -> dict:
+    if args.draft_layers is not None:
+        args.draft_model = truncated_draft(args.model, args.draft_layers)
+    if args.draft_model is not None:
+        return {"method": "draft_model", "model": args.draft_model,
+                "num_speculative_tokens": args.num_speculative_tokens}
+    return json.loads(args.speculative_config)
+
+
 def build(args, speculative_config):
     kwargs = dict(model=args.model, dtype="bfloat16", max_model_len=args.max_model_len, seed=0,
-                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
+                  enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+                  load_format=args.load_format)
     if speculative_config is not None:
         kwargs["speculative_config"] = speculative_config
     if args.engine == "vllm":
@@ -132,6 +173,12 @@ def main() -> None:
     parser.add_argument("--engine", choices=("asyncserve", "vllm"), default="asyncserve")
     parser.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}')
+    parser.add_argument("--draft-model", default=None,
+                        help="a draft model's folder: method draft_model instead of --speculative-config")
+    parser.add_argument("--draft-layers", type=int, default=None,
+                        help="draft = the target's config cut to this many layers (with --load-format dummy)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="with a draft model")
+    parser.add_argument("--load-format", default="auto", help="'dummy': random weights, target and draft")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -142,7 +189,7 @@ def main() -> None:
                              "the second engine gets the memory the first one held)")
     args = parser.parse_args()
     if args.only is not None:
-        config = json.loads(args.speculative_config) if args.only == "speculative" else None
+        config = speculative_config_of(args) if args.only == "speculative" else None
         for row in run(args, config):
             print("ROW " + json.dumps(row), flush=True)
         return

@@ -1,5 +1,6 @@
-"""`--speculative-config`: vLLM's JSON (current `method` spelling and the older `"model": "[ngram]"`),
-checked once into a `SpeculativeConfig`. Standard library only: the CLI reads it before torch loads."""
+"""`--speculative-config`: vLLM's JSON (current `method` spelling, the older `"model": "[ngram]"`, and a
+`model` alone meaning a draft model), checked once into a `SpeculativeConfig`. Standard library only: the CLI
+reads it before torch loads."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 
 from asyncserve.errors import ConfigError
 
-SUPPORTED_METHODS = ("ngram",)
+SUPPORTED_METHODS = ("ngram", "draft_model")
+_NEEDS_MODEL = ("draft_model",)
 # vLLM's other methods: known names, refused with a line saying what runs instead.
-_NOT_BUILT_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "deepseek_mtp", "mtp",
+_NOT_BUILT_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "deepseek_mtp", "mtp",
                       "suffix", "ernie_mtp", "qwen3_next_mtp")
 _OLD_NGRAM_MODEL = "[ngram]"
 # Speculation pays while decode is bound by reading the weights: at larger batches the verify step's
@@ -18,7 +20,8 @@ _OLD_NGRAM_MODEL = "[ngram]"
 DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 
 _KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-         "disable_by_batch_size")
+         "disable_by_batch_size", "draft_tensor_parallel_size")
+_NGRAM_ONLY_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 # vLLM's older flag names, accepted inside the JSON as the keys they became.
 _ALIASES = {"ngram_prompt_lookup_max": "prompt_lookup_max", "ngram_prompt_lookup_min": "prompt_lookup_min",
             "speculative_disable_by_batch_size": "disable_by_batch_size",
@@ -27,16 +30,18 @@ _ALIASES = {"ngram_prompt_lookup_max": "prompt_lookup_max", "ngram_prompt_lookup
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """n-gram (prompt lookup) speculation: up to `num_speculative_tokens` drafts per sequence and step,
-    copied from what followed the latest earlier occurrence of the sequence's last n tokens, n from
-    `prompt_lookup_max` down to `prompt_lookup_min`. Steps with more than `disable_by_batch_size` running
+    """Up to `num_speculative_tokens` drafts per sequence and step. "ngram" (prompt lookup) copies what
+    followed the latest earlier occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down
+    to `prompt_lookup_min`; "draft_model" has the smaller causal LM `model` (a folder or hub id, the
+    target's vocabulary) propose them greedily. Steps with more than `disable_by_batch_size` running
     sequences do not speculate."""
 
     num_speculative_tokens: int
-    prompt_lookup_max: int
-    prompt_lookup_min: int
+    prompt_lookup_max: int = 0  # ngram only
+    prompt_lookup_min: int = 0  # ngram only
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
     method: str = "ngram"
+    model: str | None = None  # draft_model: the draft checkpoint, as the user named it
 
 
 def _positive_int(raw: dict, key: str) -> int | None:
@@ -59,6 +64,12 @@ def _method(raw: dict) -> str:
         method = "draft_model"  # vLLM's older spelling: a model alone means a draft model
     if method == _OLD_NGRAM_MODEL:
         method = "ngram"
+    if method in _NEEDS_MODEL:
+        if not isinstance(model, str) or not model or model == _OLD_NGRAM_MODEL:
+            raise ConfigError(f"speculative_config: method {method!r} needs the draft model's folder or hub id, "
+                              f'e.g. {{"method": "{method}", "model": "Qwen/Qwen3-0.6B", '
+                              f'"num_speculative_tokens": 4}}; got model={model!r}.')
+        return method
     if method in SUPPORTED_METHODS:
         if model not in (None, _OLD_NGRAM_MODEL):
             raise ConfigError(f"speculative_config: method {method!r} takes no model, got model={model!r}.")
@@ -91,10 +102,25 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
             raise ConfigError(f"speculative_config: {canonical!r} is given twice (once as {key!r}).")
         raw[canonical] = item
     method = _method(raw)
+    draft_tp = raw.get("draft_tensor_parallel_size")
+    if draft_tp is not None and (method != "draft_model" or draft_tp != 1 or isinstance(draft_tp, bool)):
+        raise ConfigError(f"speculative_config: draft_tensor_parallel_size={draft_tp!r} is not built in "
+                          "asyncserve: the draft model runs unsharded beside the target (give 1, or leave it "
+                          "out)" + ("" if method == "draft_model" else f"; method {method!r} has no draft model")
+                          + ".")
     num_tokens = _positive_int(raw, "num_speculative_tokens")
     if num_tokens is None:
         raise ConfigError("speculative_config needs num_speculative_tokens (how many tokens to propose per "
                           'step), e.g. {"method": "ngram", "num_speculative_tokens": 4}.')
+    disable = _positive_int(raw, "disable_by_batch_size")
+    disable = disable if disable is not None else DEFAULT_DISABLE_BY_BATCH_SIZE
+    if method == "draft_model":
+        for key in _NGRAM_ONLY_KEYS:
+            if key in raw:
+                raise ConfigError(f"speculative_config: {key} applies to method 'ngram' only; a draft model "
+                                  "proposes from its own forward passes (leave it out).")
+        return SpeculativeConfig(num_speculative_tokens=num_tokens, method=method, model=raw["model"],
+                                 disable_by_batch_size=disable)
     lookup_max, lookup_min = _positive_int(raw, "prompt_lookup_max"), _positive_int(raw, "prompt_lookup_min")
     if lookup_max is None and lookup_min is None:
         lookup_max = lookup_min = 5  # vLLM's defaults
@@ -103,7 +129,5 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
     if lookup_min > lookup_max:
         raise ConfigError(f"speculative_config: prompt_lookup_min ({lookup_min}) is larger than "
                           f"prompt_lookup_max ({lookup_max}).")
-    disable = _positive_int(raw, "disable_by_batch_size")
     return SpeculativeConfig(num_speculative_tokens=num_tokens, prompt_lookup_max=lookup_max,
-                             prompt_lookup_min=lookup_min, method=method,
-                             disable_by_batch_size=disable if disable is not None else DEFAULT_DISABLE_BY_BATCH_SIZE)
+                             prompt_lookup_min=lookup_min, method=method, disable_by_batch_size=disable)

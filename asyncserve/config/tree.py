@@ -2,7 +2,7 @@
 its fields where they live and keeps no copy."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from asyncserve.config.cache import KV_CACHE_DTYPE_NAMES, CacheConfig
@@ -31,6 +31,15 @@ class Config:
     structured_outputs_compile_timeout: float = 10.0
     speculative: object | None = None  # SpeculativeConfig (config/speculative.py); None: no speculation
     lora: object | None = None  # LoRAConfig (config/lora.py); None: LoRA off
+    # Speculative decoding with a draft model: its checkpoint resolved as the target's (same dtype, device,
+    # max_model_len, load format; engine/resolve_draft.py) and its own quantization. None: no draft model.
+    draft_model: "ModelConfig | None" = None
+    draft_quantization: object | None = None
+
+    def draft_tree(self) -> "Config":
+        """The tree the draft model is built and loaded from: the target's, with the draft's model part."""
+        return replace(self, model=self.draft_model, quantization=self.draft_quantization, lora=None,
+                       speculative=None, draft_model=None, draft_quantization=None)
 
     @property
     def ssm_state_torch_dtype(self) -> "torch.dtype":

@@ -84,6 +84,15 @@ def resolve_config(args: EngineConfig) -> Config:
         logger.info("speculative decoding is off: %s", "this hybrid model's linear-attention state cannot be "
                     "rolled back past rejected drafts" if hybrid else "an embedding model does not decode")
         speculative = None
+    draft_model = draft_quantization = None
+    if speculative is not None and speculative.method == "draft_model":
+        from asyncserve.engine.resolve_draft import resolve_draft_model
+        draft_model, draft_quantization = resolve_draft_model(speculative.model, model)
+        draft_config = draft_model.hf_config
+        architecture = (getattr(draft_config, "architectures", None) or ["?"])[0]
+        logger.info("speculative decoding: the draft model %s (%s, %s layers) proposes up to %d tokens per "
+                    "sequence and step", speculative.model, architecture,
+                    getattr(draft_config, "num_hidden_layers", "?"), speculative.num_speculative_tokens)
     return Config(
         model=model,
         cache=CacheConfig(
@@ -105,7 +114,7 @@ def resolve_config(args: EngineConfig) -> Config:
         structured_outputs_cache_mb=args.structured_outputs_cache_mb,
         structured_outputs_max_bytes=args.structured_outputs_max_bytes,
         structured_outputs_compile_timeout=args.structured_outputs_compile_timeout, speculative=speculative,
-        lora=_lora_config(args))
+        lora=_lora_config(args), draft_model=draft_model, draft_quantization=draft_quantization)
 
 def _note_what_does_little(args: EngineConfig, model: ModelConfig, quantization) -> None:
     """One start-up line for each setting that does less, or other, than a user may think."""

@@ -19,7 +19,9 @@ class UniprocExecutor(Executor):
         model_config = config.model
         torch.manual_seed(model_config.seed)
         model = load_model(config)
-        self.runner = _make_runner(model, config)
+        # Speculative decoding's draft model, beside the target: same dtype and device, its own checkpoint.
+        draft = load_model(config.draft_tree()) if config.draft_model is not None else None
+        self.runner = _make_runner(model, config, draft)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -30,10 +32,7 @@ class UniprocExecutor(Executor):
         return num_kv_blocks(self.runner, self.config)
 
     def bytes_per_block(self) -> int:
-        from asyncserve.runner.kv_pool import bytes_per_block
-        attention = self.runner.model.attention_layers()
-        return bytes_per_block(len(attention), self.config.cache.block_size, attention[0].num_kv_heads,
-                               attention[0].head_dim, self.config.kv_cache_torch_dtype)
+        return self.runner.kv_bytes_per_block()
 
     def state_slot_bytes(self) -> int:
         from asyncserve.runner.state_pool import state_bytes_per_slot
@@ -47,6 +46,8 @@ class UniprocExecutor(Executor):
         self.runner.allocate_kv_pool(num_blocks)
         if num_host_blocks:
             self.runner.kv_pool.allocate_swap_space(num_host_blocks)
+            if self.runner.drafter is not None:
+                self.runner.drafter.kv_pool.allocate_swap_space(num_host_blocks)
         if num_host_state_slots:
             self.runner.state_pool.allocate_swap_space(num_host_state_slots)
         self.runner.prepare()
@@ -58,9 +59,9 @@ class UniprocExecutor(Executor):
         self.runner.sample(pending, bitmask, rows)
 
 
-def _make_runner(model: CausalLM, config: Config):
+def _make_runner(model: CausalLM, config: Config, draft_model: CausalLM | None = None):
     if config.model.device.type == "cuda":
         from asyncserve.runner.cuda_runner import CudaModelRunner
-        return CudaModelRunner(model, config)
+        return CudaModelRunner(model, config, draft_model)
     from asyncserve.runner.model_runner import ModelRunner
-    return ModelRunner(model, config)
+    return ModelRunner(model, config, draft_model)

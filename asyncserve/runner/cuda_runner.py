@@ -30,8 +30,8 @@ logger = logging.getLogger("asyncserve")
 
 
 class CudaModelRunner(ModelRunner):
-    def __init__(self, model: CausalLM, config: Config):
-        super().__init__(model, config)
+    def __init__(self, model: CausalLM, config: Config, draft_model: CausalLM | None = None):
+        super().__init__(model, config, draft_model)
         self.stream = torch.cuda.Stream(device=self.device)
         self.decode_graphs: _DecodeGraphs | None = None
         self.capture_seconds = 0.0

@@ -15,13 +15,16 @@ from asyncserve.runner.constraint_rows import BadWordMatch, DeviceConstraints
 from asyncserve.runner.step import NewSequence, StepMessage
 
 
+_UNBOUNDED = 1 << 62
+
+
 class SequenceState:
     """What the runner knows of one sequence, plus this step's part of it (set by `InputBatch.apply`)."""
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "block_table", "generators",
                  "num_unread", "start_position", "new_token_ids", "num_samples", "prompt_logprobs",
                  "constraints", "bad_word_match", "state_slot", "draft_token_ids", "lora_slot",
-                 "multimodal", "rope_delta", "image_embeds")
+                 "multimodal", "rope_delta", "image_embeds", "draft_num_computed")
 
     def __init__(self, seq_id: int, token_ids: list[int], num_prompt_tokens: int, params,
                  generators: list, constraints: DeviceConstraints | None = None, multimodal=None):
@@ -49,6 +52,10 @@ class SequenceState:
         self.multimodal = multimodal
         self.rope_delta = multimodal.rope_delta if multimodal is not None else 0
         self.image_embeds: dict[int, object] = {}
+        # Speculative decoding with a draft model: the draft's KV of this sequence is valid below
+        # min(draft_num_computed, start_position). Unbounded at first: blocks the target found in the
+        # prefix cache (or shares with a fork's parent) were computed by the draft beside it.
+        self.draft_num_computed = _UNBOUNDED
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -81,6 +88,8 @@ class ScheduledBatch:
     state_swap_in: list[tuple[int, int]] = field(default_factory=list)
     state_fork_copies: list[tuple[int, int]] = field(default_factory=list)
     has_drafts: bool = False  # some sequence verifies proposed tokens (speculative decoding)
+    # A draft model's proposals for this step's drafts, flat in batch order, on the device (runner/draft_model.py).
+    proposals: torch.Tensor | None = None
 
 
 class InputBatch:

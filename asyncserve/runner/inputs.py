@@ -219,6 +219,7 @@ def build_verify_layout(step: ScheduledBatch, device: torch.device) -> VerifyLay
     row_drafts: list[int] = []
     starts: list[int] = []
     counts: list[int] = []
+    rows_with_drafts: list[int] = []
     for seq in step.seqs:
         if not seq.num_samples:
             continue
@@ -226,7 +227,8 @@ def build_verify_layout(step: ScheduledBatch, device: torch.device) -> VerifyLay
         if drafts:
             starts.append(len(row_drafts))
             counts.append(len(drafts))
-            row_drafts.extend(drafts)
+            rows_with_drafts.extend(range(len(row_drafts), len(row_drafts) + len(drafts)))
+            row_drafts.extend(drafts)  # a draft model's placeholders are replaced on the device
             row_drafts.append(-1)
         else:
             for _ in range(seq.num_samples):
@@ -234,9 +236,8 @@ def build_verify_layout(step: ScheduledBatch, device: torch.device) -> VerifyLay
                 counts.append(0)
                 row_drafts.append(-1)
     drafts_tensor, starts_tensor, counts_tensor = _pack([row_drafts, starts, counts], torch.int64, device)
-    rows_with_drafts = frozenset(row for row, draft in enumerate(row_drafts) if draft >= 0)
-    return VerifyLayout(drafts_tensor, starts_tensor, counts_tensor, max(counts, default=0), rows_with_drafts,
-                        tuple(starts))
+    return VerifyLayout(drafts_tensor, starts_tensor, counts_tensor, max(counts, default=0),
+                        frozenset(rows_with_drafts), tuple(starts))
 
 
 def constraint_bias(rows: list[SequenceState], vocab_size: int, device: torch.device) -> torch.Tensor | None:

@@ -11,6 +11,12 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
 
 
+def model_block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
+    """One block's bytes for the attention layers of `model`."""
+    attention = model.attention_layers()
+    return bytes_per_block(len(attention), block_size, attention[0].num_kv_heads, attention[0].head_dim, dtype)
+
+
 class KVPool:
     """One K and one V tensor per layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
 
@@ -22,6 +28,17 @@ class KVPool:
         # Zeroed, not empty: kernels may load whole blocks, and 0 * NaN garbage would be NaN.
         self.storage = torch.zeros(shape, dtype=dtype, device=device)
         self.host_storage: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device) -> "KVPool":
+        """A pool for `model`'s attention layers, each layer bound to its part."""
+        attention = model.attention_layers()
+        pool = cls(len(attention), num_blocks, block_size, attention[0].num_kv_heads, attention[0].head_dim,
+                   dtype, device)
+        for layer, cache in zip(attention, pool.layer_caches()):
+            layer.kv_cache = cache
+        return pool
 
     def allocate_swap_space(self, num_blocks: int) -> None:
         """Host memory for preempted sequences' blocks (pinned, so copies overlap with compute)."""

@@ -7,7 +7,6 @@ import torch
 
 from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.runner.kv_pool import bytes_per_block
 from asyncserve.runner.state_pool import state_bytes_per_slot
 from asyncserve.sample.sampler import SamplingTensors
 
@@ -19,9 +18,7 @@ _GIB = 1 << 30
 def num_kv_blocks(runner, config: Config) -> int:
     """`config` is the whole tree: cache settings, the scheduler's budget, the model's device."""
     model_config, cache = config.model, config.cache
-    attention = runner.model.attention_layers()
-    block_bytes = bytes_per_block(len(attention), cache.block_size, attention[0].num_kv_heads,
-                                  attention[0].head_dim, config.kv_cache_torch_dtype)
+    block_bytes = runner.kv_bytes_per_block()  # a draft model's KV shares the block ids
     if cache.num_gpu_blocks_override is not None:
         return cache.num_gpu_blocks_override
     # Hybrid models: the state pool (one slot per max_num_seqs, and the graphs' padding slot) comes first.
@@ -36,6 +33,10 @@ def num_kv_blocks(runner, config: Config) -> int:
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
                                config.scheduler.max_num_seqs, model_config.max_model_len,
                                config.kv_cache_torch_dtype)
+    if runner.drafter is not None:  # the draft's forward runs apart from the target's: the larger peak counts
+        peak = max(peak, profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
+                                             config.scheduler.max_num_seqs, model_config.max_model_len,
+                                             config.kv_cache_torch_dtype, model=runner.drafter.model))
     total = torch.cuda.get_device_properties(model_config.device).total_memory
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
@@ -80,17 +81,20 @@ def _fit_state_slots(runner, config: Config, share: float) -> int:
 
 @torch.inference_mode()
 def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_len: int,
-                        kv_cache_dtype: torch.dtype) -> int:
-    """Peak bytes of a forward over the largest prefill batch plus the sampler over max_num_seqs rows."""
+                        kv_cache_dtype: torch.dtype, model=None) -> int:
+    """Peak bytes of a forward over the largest prefill batch plus the sampler over max_num_seqs rows
+    (`model`: a draft model's forward and logits instead of the target's)."""
     device = runner.device
-    attention = runner.model.attention_layers()
+    target = model is None
+    model = runner.model if target else model
+    attention = model.attention_layers()
     layer = attention[0]
     scratch = torch.zeros(1, runner.block_size, layer.num_kv_heads, layer.head_dim,
                           dtype=kv_cache_dtype, device=device)
     for attn in attention:
         attn.kv_cache = (scratch, scratch)
     num_seqs = max(1, min(max_num_seqs, -(-num_tokens // max_model_len)))
-    state_layers = runner.model.state_layers()
+    state_layers = model.state_layers()
     for layer in state_layers:  # a scratch slot per profiled sequence
         layer.state_cache = tuple(torch.zeros((num_seqs, *shape), dtype=dtype, device=device)
                                   for shape, dtype in layer.state_shapes())
@@ -110,17 +114,17 @@ def profile_peak_memory(runner, num_tokens: int, max_num_seqs: int, max_model_le
     torch.cuda.reset_peak_memory_stats(device)
     input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(length, device=device) for length in lens])
-    hidden = runner.model(input_ids, positions, meta)
+    hidden = model(input_ids, positions, meta)
     logits = None
-    if runner.model.lm_head is not None:  # an embedding model samples nothing
+    if model.lm_head is not None:  # an embedding model samples nothing
         rows = hidden[:1].expand(max_num_seqs, -1)
-        logits = runner.model.compute_logits(rows)
-        sampling = SamplingTensors(
-            temperature=torch.ones(max_num_seqs, device=device),
-            top_p=torch.full((max_num_seqs,), 0.9, device=device),
-            top_k=torch.full((max_num_seqs,), 50, dtype=torch.int64, device=device), min_p=None,
-            generators=[None] * max_num_seqs, all_greedy=False, max_num_logprobs=20)
-        runner.sampler(logits, sampling)
+        logits = model.compute_logits(rows)
+        if target:  # a draft model takes its argmax only
+            runner.sampler(logits, SamplingTensors(
+                temperature=torch.ones(max_num_seqs, device=device),
+                top_p=torch.full((max_num_seqs,), 0.9, device=device),
+                top_k=torch.full((max_num_seqs,), 50, dtype=torch.int64, device=device), min_p=None,
+                generators=[None] * max_num_seqs, all_greedy=False, max_num_logprobs=20))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     for attn in attention:

@@ -11,6 +11,8 @@ from asyncserve.config.tree import Config
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.layers.lora import LoRASlots, enable_lora
 from asyncserve.models.base import CausalLM
+from asyncserve.runner.draft_inputs import place_proposals
+from asyncserve.runner.draft_model import DraftModel
 from asyncserve.runner.images import image_step_inputs
 from asyncserve.runner.input_batch import InputBatch, ScheduledBatch
 from asyncserve.runner.inputs import (
@@ -21,7 +23,7 @@ from asyncserve.runner.inputs import (
     needs_grammar_masks,
     needs_output_token_values,
 )
-from asyncserve.runner.kv_pool import KVPool
+from asyncserve.runner.kv_pool import KVPool, model_block_bytes
 from asyncserve.runner.mixed_graphs import MixedStepGraphs
 from asyncserve.runner.pending import PendingStep, VerifiedStep
 from asyncserve.runner.pooling import PoolingRunner
@@ -45,9 +47,11 @@ def _to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, config: Config):
+    def __init__(self, model: CausalLM, config: Config, draft_model: CausalLM | None = None):
         self.model = model
         self.config = config
+        # Speculative decoding with a draft model: it proposes the drafts a step verifies, at its start.
+        self.drafter = DraftModel(draft_model, config) if draft_model is not None else None
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler()  # speculative decoding's verify steps
         self.kv_pool: KVPool | None = None
@@ -72,6 +76,8 @@ class ModelRunner:
             enable_lora(model, self.lora_slots)
         # Before the memory profile: the timing briefly holds extra weight copies.
         model.tune_single_row()
+        if draft_model is not None:
+            draft_model.tune_single_row()
 
     @property
     def device(self) -> torch.device:
@@ -104,14 +110,19 @@ class ModelRunner:
             self.kv_pool.swap_in(batch.swap_in)
         if batch.block_copies:
             self.kv_pool.copy_blocks(batch.block_copies)
+        if self.drafter is not None:
+            self.drafter.apply_block_moves(batch)
+
+    def kv_bytes_per_block(self) -> int:
+        """Device bytes of one block id: the target's KV and, with a draft model, the draft's at the same id."""
+        block_bytes = model_block_bytes(self.model, self.block_size, self.config.kv_cache_torch_dtype)
+        return block_bytes + (self.drafter.bytes_per_block() if self.drafter is not None else 0)
 
     def allocate_kv_pool(self, num_blocks: int) -> None:
-        attention_layers = self.model.attention_layers()
-        first = attention_layers[0]
-        self.kv_pool = KVPool(len(attention_layers), num_blocks, self.block_size, first.num_kv_heads,
-                              first.head_dim, self.config.kv_cache_torch_dtype, self.device)
-        for layer, cache in zip(attention_layers, self.kv_pool.layer_caches()):
-            layer.kv_cache = cache
+        self.kv_pool = KVPool.for_model(self.model, num_blocks, self.block_size, self.config.kv_cache_torch_dtype,
+                                        self.device)
+        if self.drafter is not None:
+            self.drafter.allocate_kv_pool(num_blocks)
         state_layers = self.model.state_layers()
         if state_layers:
             self.state_pool = StatePool(state_layers, self.config.cache.num_state_slots, self.device)
@@ -141,7 +152,8 @@ class ModelRunner:
         return self.pooling.pool(hidden, batch)
 
     def begin(self, message: StepMessage) -> ScheduledBatch:
-        """The message applied to the input batch; block moves queued before anything reads the pool."""
+        """The message applied to the input batch; block moves queued before anything reads the pool; a
+        draft model's part of the step run (runner/draft_model.py)."""
         if self._in_flight and self._in_flight[-1].needs_grammar_masks:
             raise RuntimeError("A step was launched before the previous one was sampled under its grammar "
                                "masks (executor.sample).")
@@ -155,6 +167,8 @@ class ModelRunner:
             self._fold_read_steps()
             self.input_batch.refresh_inputs(batch)
         self.apply_block_moves(batch)
+        if self.drafter is not None:  # before the target's forward, which verifies the draft's proposals
+            batch.proposals = self.drafter.run(batch)
         return batch
 
     def launch_eager(self, batch: ScheduledBatch, sampling: SamplingTensors | None) -> PendingStep:
@@ -182,6 +196,8 @@ class ModelRunner:
         sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
         layout = build_verify_layout(batch, self.device)
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        if batch.proposals is not None:
+            place_proposals(batch, batch.proposals, inputs, layout, sampling)
         self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward_step(batch, inputs)

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# A draft position whose token the runner's draft model proposes at the start of the step (speculative
+# decoding with method draft_model): the engine schedules the drafts' count, the runner fills in their values.
+PROPOSED_BY_RUNNER = -1
+
+
 @dataclass(slots=True)
 class NewSequence:
     """Sent once, the first time a sequence is scheduled."""
@@ -39,7 +44,8 @@ class ScheduledSequence:
     prompt_logprobs: int | None = None  # set on prompt chunks of requests that want them
     state_slot: int | None = None  # hybrid models: its slot of recurrent state (zeroed when start_position is 0)
     # Speculative decoding: tokens proposed after the sequence's last one, scored in this step (counted in
-    # num_new_tokens); the step returns the ones the target kept and one more token.
+    # num_new_tokens); the step returns the ones the target kept and one more token. PROPOSED_BY_RUNNER
+    # entries are proposed by the runner's draft model.
     draft_token_ids: list[int] | tuple = ()
     lora_slot: int = -1  # LoRA: the GPU slot of its adapter (-1: the base model)
 

@@ -46,3 +46,17 @@ def full_sequences(llm, prompts, params) -> list[list[int]]:
     """prompt + output token ids of each prompt, from `llm` (without speculation)."""
     return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
             for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def draft_model_config(path: str, num_tokens: int = 4, **extra) -> dict:
+    """vLLM's draft-model spelling, the draft at `path`."""
+    return {"method": "draft_model", "model": path, "num_speculative_tokens": num_tokens, **extra}
+
+
+def two_sample_chi_square(first: list, second: list) -> tuple[float, int]:
+    """(statistic, degrees of freedom) of the test that two equally large samples share one distribution."""
+    from collections import Counter
+    assert len(first) == len(second)
+    a, b = Counter(first), Counter(second)
+    keys = set(a) | set(b)
+    return sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in keys), len(keys) - 1

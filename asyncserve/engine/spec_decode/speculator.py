@@ -5,6 +5,7 @@ from asyncserve.config.speculative import SpeculativeConfig
 from asyncserve.engine.sequence import Sequence
 from asyncserve.engine.spec_decode.metrics import SpecDecodeStats
 from asyncserve.engine.spec_decode.ngram_proposer import NgramProposer, TokenHistory
+from asyncserve.runner.step import PROPOSED_BY_RUNNER
 
 
 def can_speculate(seq: Sequence) -> bool:
@@ -24,12 +25,26 @@ def can_speculate(seq: Sequence) -> bool:
     return True
 
 
+class DraftModelSlots:
+    """method draft_model: the runner's draft model proposes the tokens at the start of the step that
+    verifies them (it needs the device); the engine decides only how many, which the scheduler reserves."""
+
+    def __init__(self, num_speculative_tokens: int):
+        self.num_speculative_tokens = num_speculative_tokens
+
+    def propose(self, history, token_ids: list[int], max_tokens: int) -> list[int]:
+        return [PROPOSED_BY_RUNNER] * max(0, min(self.num_speculative_tokens, max_tokens))
+
+
 class Speculator:
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                      config.prompt_lookup_max)
+        if config.method == "draft_model":
+            self.proposer = DraftModelSlots(config.num_speculative_tokens)
+        else:
+            self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
+                                          config.prompt_lookup_max)
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
 
     def is_active(self, num_running: int) -> bool:
@@ -53,7 +68,7 @@ class Speculator:
             max_tokens = seq.params.max_tokens
             if max_tokens is not None:
                 room = min(room, max_tokens - seq.num_output_tokens - 1)
-            if seq.token_history is None:
+            if seq.token_history is None and self.config.method == "ngram":
                 seq.token_history = TokenHistory()
             seq.draft_token_ids = self.proposer.propose(seq.token_history, seq.token_ids, room)
 

@@ -1,0 +1,122 @@
+"""Speculative decoding's draft model on the runner: a second, smaller causal LM beside the target, with its
+own KV pool at the target's block ids, proposing each speculating sequence's drafts at the start of the step
+that verifies them.
+
+Per step: one forward over the draft's spans (prompt chunks, the tokens it missed, each speculating
+sequence's last token: runner/draft_inputs.py), whose last rows give the first proposals; then one decode
+forward per further draft position over the speculating sequences, fed its own argmax on the device. The
+proposals are greedy (the draft's argmax): a deterministic proposal is a point-mass q, so the rejection
+sampler's rule for n-gram drafts (accept x with probability p(x), else draw from p without x) keeps the
+target's distribution exactly for sampled requests too. The draft's KV of rejected drafts is overwritten
+when those positions are computed again, as the target's is.
+"""
+from __future__ import annotations
+
+import torch
+
+from asyncserve.config.tree import Config
+from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.models.base import CausalLM
+from asyncserve.runner.draft_inputs import (
+    DraftRow,
+    draft_spans,
+    pack_spans,
+    proposal_rows,
+)
+from asyncserve.runner.input_batch import ScheduledBatch
+from asyncserve.runner.inputs import build_model_inputs
+from asyncserve.runner.kv_pool import KVPool, model_block_bytes
+
+
+class DraftModel:
+    def __init__(self, model: CausalLM, config: Config):
+        self.model = model
+        self.config = config  # the target's tree: block size, token budget, KV dtype, device
+        self.kv_pool: KVPool | None = None
+        self.num_forwards = 0  # draft forward passes run (tests read it)
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.model.device
+
+    def bytes_per_block(self) -> int:
+        return model_block_bytes(self.model, self.config.cache.block_size, self.config.kv_cache_torch_dtype)
+
+    def allocate_kv_pool(self, num_blocks: int) -> None:
+        """As many blocks as the target's pool: the draft writes at the same block ids."""
+        self.kv_pool = KVPool.for_model(self.model, num_blocks, self.config.cache.block_size,
+                                        self.config.kv_cache_torch_dtype, self.device)
+
+    def apply_block_moves(self, batch: ScheduledBatch) -> None:
+        """The target's swaps and copy-on-write copies, on the draft's pool too."""
+        if batch.swap_out:
+            self.kv_pool.swap_out(batch.swap_out)
+        if batch.swap_in:
+            self.kv_pool.swap_in(batch.swap_in)
+        if batch.block_copies:
+            self.kv_pool.copy_blocks(batch.block_copies)
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """The draft's part of a step: its spans computed, then the drafts of every sequence that verifies
+        some, flat in batch order on the device (None: nobody speculates this step)."""
+        spans = draft_spans(batch)
+        if not spans:
+            return None
+        first = [self._forward_spans(forward) for forward in
+                 pack_spans(spans, self.config.scheduler.max_num_batched_tokens)]
+        first = [tokens for tokens in first if tokens is not None]
+        for span in spans:
+            span.seq.draft_num_computed = span.end
+        if not first:
+            return None
+        last_positions, num_drafts, block_tables = proposal_rows(batch)
+        tokens = self._propose(torch.cat(first), last_positions, num_drafts, block_tables)  # [D, max drafts]
+        for seq in batch.seqs:
+            if seq.draft_token_ids:  # the draft fed itself drafts 1 .. d - 1 (the last one is never fed)
+                seq.draft_num_computed += len(seq.draft_token_ids) - 1
+        width = tokens.shape[1]
+        flat = [row * width + column for row, count in enumerate(num_drafts) for column in range(count)]
+        return tokens.flatten()[torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)]
+
+    def _forward_spans(self, spans) -> torch.Tensor | None:
+        """One forward over spans; the argmax at each proposing span's last row (None: no such span)."""
+        step = ScheduledBatch([DraftRow(span) for span in spans], [], [], [])
+        inputs = build_model_inputs(step, self.config.cache.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        self.num_forwards += 1
+        if not any(span.proposes for span in spans):
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices]).argmax(dim=-1)
+
+    def _propose(self, first: torch.Tensor, last_positions: list[int], num_drafts: list[int],
+                 block_tables: list[list[int]]) -> torch.Tensor:
+        """[D, max(num_drafts)] greedy drafts: column 0 is `first`; column j comes from a decode forward
+        that feeds column j - 1 at position last + j. A sequence with fewer drafts rides along without
+        writing KV past its own slots (slot -1), its extra columns ignored. The metadata of every forward
+        is derived on the device from one copy of the host's lists."""
+        width, count = max(num_drafts), len(num_drafts)
+        tokens = torch.empty(count, width, dtype=torch.int64, device=self.device)
+        tokens[:, 0] = first
+        if width == 1:
+            return tokens
+        block_size = self.config.cache.block_size
+        max_blocks = max(len(table) for table in block_tables)
+        padded = [block for table in block_tables for block in table + [0] * (max_blocks - len(table))]
+        packed = torch.tensor(last_positions + num_drafts + padded, dtype=torch.int64).to(
+            self.device, non_blocking=True)
+        last, drafts, tables = packed[:count], packed[count:2 * count], packed[2 * count:].view(count, max_blocks)
+        tables32 = tables.to(torch.int32)
+        query_start_loc = torch.arange(count + 1, dtype=torch.int32, device=self.device)
+        for column in range(1, width):
+            # A row past its own drafts stays at its last draft's position, writing nothing.
+            positions = last + torch.clamp(drafts - 1, max=column)
+            block = tables.gather(1, (positions // block_size)[:, None])[:, 0]
+            slots = torch.where(column < drafts, block * block_size + positions % block_size, -1)
+            seq_lens = (positions + 1).to(torch.int32)
+            meta = AttentionMetadata(slot_mapping=slots, block_tables=tables32, seq_lens=seq_lens,
+                                     query_start_loc=query_start_loc, max_query_len=1,
+                                     max_seq_len=max(last_positions) + column + 1, context_lens=seq_lens)
+            hidden = self.model(tokens[:, column - 1], positions, meta)
+            self.num_forwards += 1
+            tokens[:, column] = self.model.compute_logits(hidden).argmax(dim=-1)
+        return tokens

@@ -389,13 +389,15 @@ class LLMEngine:
         return outputs
 
     def _record_timings(self, request: Request) -> None:
-        num_generated = sum(seq.num_output_tokens for seq in request.seqs)
+        seq_generation_tokens = [seq.num_output_tokens for seq in request.seqs]
         self.finished_timings[request.request_id] = {
             "arrival_time": request.arrival_time,
             "first_token_time": request.first_token_time,
             "scheduled_time": request.scheduled_time,
             "finished_time": time.monotonic(),
-            "num_generation_tokens": num_generated,
+            "num_generation_tokens": sum(seq_generation_tokens),
+            "seq_generation_tokens": seq_generation_tokens,  # per sequence, for vLLM's per-request histograms
+            "num_prompt_tokens": len(request.prompt_token_ids),
         }
         if len(self.finished_timings) > 10000:  # nobody is collecting them (offline use)
             self.finished_timings.clear()

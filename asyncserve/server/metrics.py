@@ -24,6 +24,19 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
                  2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+def one_two_five_buckets(largest: int) -> tuple[float, ...]:
+    """vLLM's token-count buckets: 1, 2, 5, 10, 20, 50, ... up to `largest` (its max_model_len); floats, so
+    that `le` reads "1.0" as vLLM's does."""
+    buckets: list[float] = []
+    scale = 1.0
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > largest:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Engine stats (AsyncEngine.stats()) -> help text; keys ending in _total are counters, the rest gauges.
@@ -95,7 +108,7 @@ def sample(name: str, kind: str, help_text: str, value: float, labels: dict[str,
 class ServerMetrics:
     """Per-request latency histograms and HTTP counters; engine gauges are read when scraped."""
 
-    def __init__(self):
+    def __init__(self, max_model_len: int = 8192):
         self.time_to_first_token = Histogram(
             "time_to_first_token_seconds", "Time from arrival to the first generated token.", _TTFT_BUCKETS)
         self.time_per_output_token = Histogram(
@@ -113,6 +126,15 @@ class ServerMetrics:
             "request_prefill_time_seconds", "Time from first scheduled to the first token.", _QUEUE_BUCKETS)
         self.decode_time = Histogram(
             "request_decode_time_seconds", "Time from the first token to the last.", _QUEUE_BUCKETS)
+        # vLLM's per-request token counts, under vLLM's names only (ours have no counterpart).
+        token_buckets = one_two_five_buckets(max_model_len)
+        self.prompt_tokens = Histogram("request_prompt_tokens", "Number of prefill tokens processed.",
+                                       token_buckets)
+        self.generation_tokens = Histogram("request_generation_tokens", "Number of generation tokens processed.",
+                                           token_buckets)
+        self.max_generation_tokens = Histogram(
+            "request_max_num_generation_tokens", "The most tokens one sequence of a request generated.",
+            token_buckets)
         self.finished_by_reason: dict[str, int] = {}
         self.num_internal_errors = 0
 
@@ -121,6 +143,12 @@ class ServerMetrics:
             reason = choice.finish_reason or "unknown"
             self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         timings = output.metrics
+        seq_tokens = timings.get("seq_generation_tokens")
+        if seq_tokens:  # as vLLM, which runs each of n sequences as a request: the max once per request
+            self.prompt_tokens.observe(timings["num_prompt_tokens"], times=len(seq_tokens))
+            for num_tokens in seq_tokens:
+                self.generation_tokens.observe(num_tokens)
+            self.max_generation_tokens.observe(max(seq_tokens))
         arrival, first, finished = (timings.get("arrival_time"), timings.get("first_token_time"),
                                     timings.get("finished_time"))
         if arrival is None or finished is None:
@@ -156,11 +184,11 @@ class ServerMetrics:
                       f"{name}{labels_text({k: str(v) for k, v in cache_info.items()})} 1.0"]
         for name, kind, help_text, value in extra:
             lines += sample(name, kind, help_text, value, labels)
-        success = PREFIX + "request_success_total"
-        lines += [f"# HELP {success} Finished sequences, by finish reason.", f"# TYPE {success} counter"]
-        for reason in sorted(set(self.finished_by_reason) | {"stop", "length", "abort"}):
-            count = self.finished_by_reason.get(reason, 0)
-            lines.append(f"{success}{labels_text({**labels, 'finished_reason': reason})} {count}")
+        reasons = sorted(set(self.finished_by_reason) | {"stop", "length", "abort"})
+        for success in (PREFIX + "request_success_total", VLLM_PREFIX + "request_success_total"):
+            lines += [f"# HELP {success} Finished sequences, by finish reason.", f"# TYPE {success} counter"]
+            lines += [f"{success}{labels_text({**labels, 'finished_reason': reason})} "
+                      f"{self.finished_by_reason.get(reason, 0)}" for reason in reasons]
         lines += sample("http_internal_errors_total", "counter",
                         "Requests answered 500 because of an unexpected exception (a bug).",
                         self.num_internal_errors, labels)
@@ -170,7 +198,8 @@ class ServerMetrics:
         for histogram in (self.inter_token_latency, self.queue_time, self.prefill_time, self.decode_time):
             lines += histogram.render(labels)
         for histogram in (self.time_to_first_token, self.e2e_latency, self.inter_token_latency, self.queue_time,
-                          self.prefill_time, self.decode_time):  # the same counts under vLLM's names
+                          self.prefill_time, self.decode_time, self.prompt_tokens, self.generation_tokens,
+                          self.max_generation_tokens):  # the same counts under vLLM's names
             lines += histogram.render(labels, VLLM_PREFIX + histogram.name.removeprefix(PREFIX))
         return "\n".join(lines) + "\n"
 

@@ -41,7 +41,7 @@ class ServerState:
     lora: Any = None  # LoRAAdapters (server/lora_adapters.py): adapters served by name; None without LoRA
     health_stall_timeout: float = 120.0  # /health turns 503 after this long with work and no finished step
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>" unless a request says
-    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    metrics: ServerMetrics = field(init=False)  # its token histograms' buckets follow max_model_len
     lag: LagMonitor = field(default_factory=LagMonitor)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
@@ -50,6 +50,7 @@ class ServerState:
     _executor: ThreadPoolExecutor | None = None
 
     def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.engine.max_model_len)
         self.logprobs = LogprobFormatter(self.engine.tokenizer, self.return_tokens_as_token_ids)
         tokenizer = self.engine.tokenizer
         self.prompt_encoder = PromptEncoder(tokenizer, self.engine.max_model_len) if tokenizer is not None else None

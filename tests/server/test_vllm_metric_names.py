@@ -17,7 +17,9 @@ VLLM_FAMILIES = {
     "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
     "vllm:request_prefill_time_seconds": "histogram", "vllm:request_decode_time_seconds": "histogram",
-    "vllm:iteration_tokens_total": "histogram", "vllm:cache_config_info": "gauge"}
+    "vllm:iteration_tokens_total": "histogram", "vllm:cache_config_info": "gauge",
+    "vllm:request_success": "counter", "vllm:request_prompt_tokens": "histogram",
+    "vllm:request_generation_tokens": "histogram", "vllm:request_max_num_generation_tokens": "histogram"}
 
 
 async def _scrape(url: str) -> dict:
@@ -50,5 +52,12 @@ async def test_vllms_names_are_served_and_count_what_ours_count(server, client):
         before, "vllm:inter_token_latency_seconds", "_count") == 5
     assert value(families, "vllm:iteration_tokens_total", "_count") > value(before, "vllm:iteration_tokens_total",
                                                                           "_count")
+    for name in ("vllm:request_prompt_tokens", "vllm:request_generation_tokens",
+                 "vllm:request_max_num_generation_tokens"):
+        assert value(families, name, "_count") == value(before, name, "_count") + 1, name
+    assert value(families, "vllm:request_generation_tokens", "_sum") - value(
+        before, "vllm:request_generation_tokens", "_sum") == 6
+    assert [(s.labels["finished_reason"], s.value) for s in families["vllm:request_success"].samples] == [
+        (s.labels["finished_reason"], s.value) for s in families["asyncserve:request_success"].samples]
     info = families["vllm:cache_config_info"].samples[0].labels
     assert info["block_size"] == "16" and int(info["num_gpu_blocks"]) > 0

@@ -3,20 +3,18 @@
 sampling, limits) applies unchanged."""
 from __future__ import annotations
 
-import logging
-
 from asyncserve.server.errors import bad_request
 from asyncserve.server.protocol import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, Fields
 
-logger = logging.getLogger("asyncserve.server")
-
-# Fields read here; `metadata`, `service_tier` and `cache_control` are accepted and mean nothing to one
-# local server (its prefix cache needs no breakpoints).
+# Fields read here; `metadata`, `service_tier`, `cache_control`, `speed` and `inference_geo` are accepted and
+# mean nothing to one local server (its prefix cache needs no breakpoints). Any other field is refused, as
+# Anthropic's API refuses a field it does not know.
 _COUNT_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config",
-                           "cache_control"})
+                           "cache_control", "speed"})
 _CREATE_FIELDS = _COUNT_FIELDS | {"max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
-                                  "metadata", "service_tier"}
-# Anthropic features this server does not build: refused by name when asked for.
+                                  "metadata", "service_tier", "inference_geo"}
+_MAX_NAME_CHARS = 64  # an unknown field's name, as the error quotes it
+# Anthropic features this server does not build: refused by name when asked for (null or empty passes).
 _REFUSED = {"mcp_servers": "MCP servers", "container": "code-execution containers",
             "context_management": "context management",
             "output_format": "output_format (the structured-outputs beta; send output_config.format)"}
@@ -63,7 +61,6 @@ def chat_body(data, *, auto_tools: bool, counting: bool = False) -> dict:
 
 
 def _check_fields(data: dict, known: frozenset[str]) -> None:
-    ignored = []
     for name, value in data.items():
         if name in known:
             continue
@@ -71,9 +68,9 @@ def _check_fields(data: dict, known: frozenset[str]) -> None:
             if value not in (None, [], {}):
                 raise bad_request(f"'{name}': {_REFUSED[name]} are not supported by this server.", name)
             continue
-        ignored.append(name)
-    if ignored:
-        logger.warning("The following fields were present in the request but ignored: %s", sorted(ignored)[:10])
+        shown = name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS] + "..."
+        raise bad_request(f"{shown}: Extra inputs are not permitted (not a Messages API field this server "
+                          "knows).", shown)
 
 
 def _system(system) -> list[dict]:

@@ -9,7 +9,6 @@ without windows, every block attends over the whole image."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from asyncserve.models.qwen2_5_vl_vision import VisionAttention, patch_positions

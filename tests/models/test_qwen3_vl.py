@@ -102,3 +102,12 @@ def test_a_second_turn_with_the_same_image_hits_the_cache_and_another_image_does
     changed = llm.generate({"prompt": follow_up, "multi_modal_data": {"image": other}}, GREEDY, use_tqdm=False)[0]
     assert changed.num_cached_tokens <= changed.prompt_token_ids.index(reference.image_token_id)
     assert changed.outputs[0].token_ids == reference.greedy(follow_up, [other], MAX_TOKENS)[1]
+
+
+def test_the_moe_variant_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from asyncserve.errors import UnsupportedModelError
+    from asyncserve.models.registry import model_class
+    with pytest.raises(UnsupportedModelError, match="Qwen3-VL-MoE is not served"):
+        model_class(SimpleNamespace(architectures=["Qwen3VLMoeForConditionalGeneration"]))

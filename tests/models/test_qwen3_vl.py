@@ -111,3 +111,20 @@ def test_the_moe_variant_is_refused_by_name():
     from asyncserve.models.registry import model_class
     with pytest.raises(UnsupportedModelError, match="Qwen3-VL-MoE is not served"):
         model_class(SimpleNamespace(architectures=["Qwen3VLMoeForConditionalGeneration"]))
+
+
+def test_the_flat_checkpoint_layout_loads_the_same_weights(vl3_path, llm, tmp_path):
+    """The Hub's older layout (`model.layers.`, `visual.`) as well as transformers 5's nested one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    flat = tmp_path / "flat"
+    shutil.copytree(vl3_path, flat)
+    tensors = load_file(str(flat / "model.safetensors"))
+    renamed = {name.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tensor
+               for name, tensor in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(flat / "model.safetensors"), metadata={"format": "pt"})
+    prompt = {"prompt": PROMPT_ONE, "multi_modal_data": {"image": image(120, 90, 8)}}
+    expected = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert _llm(str(flat)).generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected

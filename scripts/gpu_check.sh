@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
 # Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|
-#        vllm-offline|spec|lora|compare DIR|none]
+#        vllm-offline|spec|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -173,6 +173,12 @@ if [ "$what" = lora ]; then  # issue 25: 8 rank-16 adapters on every projection 
   timeout 280 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee "$OUT/lora_ours.log" | grep -E "batch|failed|Error"
   [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_lora.py \
     --model-dir /tmp/llama8b --engine vllm 2>&1 | tee "$OUT/lora_vllm.log" | grep -E "batch|failed|Error"
+fi
+if [ "$what" = vision ]; then  # issue 27: Qwen2.5-VL-7B shape, TTFT of one 1024x768 image + 64 tokens and 64
+  # concurrent image requests, ours then vLLM's (NO_VLLM=1 skips it; VISION_ARGS reach both, e.g. --repeats 5)
+  timeout 400 python3 scripts/bench_vision.py ${VISION_ARGS:-} 2>&1 | tee "$OUT/vision_ours.log" | grep -E "^\{|Error|Traceback"
+  [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 500 python3 scripts/bench_vision.py --engine vllm \
+    ${VISION_ARGS:-} 2>&1 | tee "$OUT/vision_vllm.log" | grep -E "^\{|Error|Traceback"
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine
   base=$(realpath "${2:?compare needs the folder of the other checkout}")

@@ -1,5 +1,7 @@
 """Qwen's multimodal rotary (M-RoPE): each token has three positions (time, row, column), and the head's
-frequencies are split in three sections, each rotated by one of them.
+frequencies are split in three sections, each rotated by one of them: in three runs (Qwen2.5-VL), or
+interleaved (Qwen3-VL's `mrope_interleaved`: columns cycle time, row, column until the row and column
+sections are used up, the rest rotate by time, as transformers' `recomposition_frequencies`).
 
 A text token's three positions are equal, and then M-RoPE is plain rotary: so the runner passes [T]
 positions (shifted by the request's rope delta after its images) for any step without image rows, and
@@ -15,13 +17,18 @@ from asyncserve.layers.rotary import RotaryEmbedding
 
 class MRotaryEmbedding(RotaryEmbedding):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict,
-                 mrope_section: list[int]):
+                 mrope_section: list[int], interleaved: bool = False):
         super().__init__(head_dim, max_position, theta, scaling)
         half = head_dim // 2
         if sum(mrope_section) != half:
             raise ValueError(f"mrope_section {mrope_section} must add up to half the head dim ({half}).")
         # Which of the three positions rotates each column of the cos|sin table.
-        sections = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
+        if interleaved:
+            sections = torch.zeros(half, dtype=torch.int64)
+            for axis in (1, 2):
+                sections[axis:mrope_section[axis] * 3:3] = axis
+        else:
+            sections = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section))
         self.register_buffer("column_section", torch.cat([sections, sections]), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):

@@ -24,18 +24,22 @@ _NESTED = (("model.language_model.", "model."), ("model.visual.", "visual."))
 class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     supports_images = True
     other_architectures = ()
+    vision_tower = Qwen2_5_VisionTransformer
+    mrope_interleaved = False  # M-RoPE's layout when the config's rope parameters leave it unsaid
 
     def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__(hf_config, quant_config)
         theta, scaling = rope_parameters(hf_config)
         section = scaling.get("mrope_section")
         if section is None:
-            raise ValueError("Qwen2.5-VL's config has no rope mrope_section: is this a Qwen2.5-VL checkpoint?")
+            raise ValueError(f"{type(self).__name__}'s config has no rope mrope_section: is this checkpoint "
+                             "of that family?")
+        interleaved = bool(scaling.get("mrope_interleaved", self.mrope_interleaved))
         for layer in self.layers:
             attention = layer.self_attn
             attention.rotary = MRotaryEmbedding(attention.head_dim, hf_config.max_position_embeddings, theta,
-                                                scaling, list(section))
-        self.visual = Qwen2_5_VisionTransformer(hf_config.vision_config)
+                                                scaling, list(section), interleaved)
+        self.visual = self.vision_tower(hf_config.vision_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None):

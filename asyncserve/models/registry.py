@@ -11,6 +11,12 @@ from asyncserve.errors import UnsupportedModelError
 from asyncserve.models.base import CausalLM
 
 _registered: dict[str, type[CausalLM]] = {}
+# Architectures refused by name, with why (a plain "not supported" would leave a user guessing).
+_REFUSED = {
+    "Qwen3VLMoeForConditionalGeneration": (
+        "Qwen3-VL-MoE is not served: its checkpoints stack each layer's experts into fused 3D tensors, which "
+        "our Qwen3-MoE layers do not load; the dense Qwen3VLForConditionalGeneration is served."),
+}
 _found: dict[str, type[CausalLM]] | None = None
 
 
@@ -46,6 +52,9 @@ def model_class(hf_config) -> type[CausalLM]:
     for name in names:
         if name in families:
             return families[name]
+    for name in names:
+        if name in _REFUSED:
+            raise UnsupportedModelError(_REFUSED[name])
     raise UnsupportedModelError(
         f"Model architecture {names or '(none in config.json)'} is not supported. "
         f"Supported architectures: {', '.join(supported_architectures())}.")

@@ -1,4 +1,4 @@
-"""The tiny Qwen2.5-VL and Gemma 3 checkpoints' transformers references, prompts and images, shared by the
+"""The tiny Qwen2.5-VL, Qwen3-VL and Gemma 3 checkpoints' transformers references, prompts and images, shared by the
 vision tests."""
 from __future__ import annotations
 
@@ -26,14 +26,17 @@ def png_bytes(img) -> bytes:
 
 
 class Reference:
-    """transformers' Qwen2_5_VLForConditionalGeneration on the same checkpoint, its inputs built as its
-    processor builds them: each <|image_pad|> of the text repeated grid.prod() / merge^2 times, then tokenized."""
+    """transformers' Qwen2_5_VLForConditionalGeneration (or the checkpoint's Qwen3VLForConditionalGeneration) on
+    the same checkpoint, its inputs built as its processor builds them: each <|image_pad|> of the text repeated
+    grid.prod() / merge^2 times, then tokenized."""
 
     def __init__(self, path: str):
-        from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        import transformers
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        architecture = AutoConfig.from_pretrained(path).architectures[0]
+        self.model = getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32).eval()
         self.image_token_id = self.model.config.image_token_id
 
     def inputs(self, prompt: str, images: list) -> dict:

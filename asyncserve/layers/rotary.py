@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -85,6 +86,27 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Ten
     raise NotImplementedError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3, yarn are).")
 
 
+# One cos|sin table per distinct rotary (and device), shared by every layer that uses it: a table spans
+# max_position_embeddings rows in fp32 (Llama-3.1-8B: 64 MiB), and one per layer was 2 GiB of an 8B model's
+# memory that the KV cache could hold. Weak values: the table goes with the last model that holds it.
+_TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def cos_sin_table(head_dim: int, max_position: int, theta: float, scaling: dict) -> torch.Tensor:
+    """[P, D]: cos of each frequency, then sin (times YaRN's attention factor), fp32 for every model dtype,
+    on the default device (the one a model is built on)."""
+    key = (head_dim, max_position, theta, repr(sorted(scaling.items())), str(torch.get_default_device()))
+    table = _TABLES.get(key)
+    if table is None:
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :].to(positions.device)  # [P, D/2]
+        factor = rope_attention_factor(scaling)
+        table = torch.cat([freqs.cos() * factor, freqs.sin() * factor], dim=-1)
+        _TABLES[key] = table
+    return table
+
+
 class RotaryEmbedding(nn.Module):
     """Applies rotary embeddings to flattened q [T, H*D] and k [T, Hkv*D] at given positions."""
 
@@ -93,12 +115,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.is_neox_style = is_neox_style
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]            # [P, D/2]
-        # [P, D]: cos of each frequency, then sin (times YaRN's attention factor); fp32 for every model dtype.
-        factor = rope_attention_factor(scaling)
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos() * factor, freqs.sin() * factor], dim=-1),
+        self.register_buffer("cos_sin_cache", cos_sin_table(head_dim, max_position, theta, scaling),
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):

@@ -24,6 +24,7 @@ _NESTED = (("model.language_model.", "model."), ("model.visual.", "visual."))
 class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     supports_images = True
     other_architectures = ()
+    supports_aux_hidden_states = False  # its own forward (image embeddings) collects none
 
     def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__(hf_config, quant_config)

@@ -17,6 +17,14 @@ ceiling (the same dummy weights, drafts always right):
     python scripts/bench_spec_decode.py --model /ckpt/llama-8b --load-format dummy --draft-layers 4
     python scripts/bench_spec_decode.py --model /ckpt/llama-8b --load-format dummy --draft-model /ckpt/llama-8b
 
+An EAGLE-3 head: `--eagle3-head DIR` (vLLM's {"method": "eagle3", "model": DIR, ...}, e.g. the public
+yuhuili/EAGLE3-LLaMA3.1-Instruct-8B beside Llama-3.1-8B-Instruct); `--dummy-eagle3-head` writes a head of the
+target's shape with random weights in the public layout (for timing only: acceptance is near 0, the figure
+is the cost of drafting), which both engines load:
+
+    python scripts/bench_spec_decode.py --model /ckpt/llama-8b --eagle3-head /ckpt/eagle3-llama-8b
+    python scripts/bench_spec_decode.py --model /ckpt/llama-8b --load-format dummy --dummy-eagle3-head
+
 Greedy, so both runs of an engine produce the same tokens (checked: speculation must not change them); each
 figure is output tokens per second over the whole batch (prefill included, as a user sees it), the median of
 `--repeats` runs after a warm-up. Acceptance is what the engine's own counters say (vLLM's metric names).
@@ -114,7 +122,25 @@ def truncated_draft(model: str, num_layers: int) -> str:
     return out
 
 
+def dummy_eagle3_head(model: str) -> str:
+    """A random EAGLE-3 head of the target's shape in the public layout, bf16 (the 8B shape: ~0.85 GB),
+    written once to /tmp."""
+    import torch
+
+    from asyncserve.testing.eagle3_head import build_eagle3_head
+    out = os.path.join("/tmp", f"{os.path.basename(os.path.normpath(model))}-dummy-eagle3")
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        with open(os.path.join(model, "config.json")) as f:
+            vocab_size = json.load(f)["vocab_size"]
+        build_eagle3_head(out, model, draft_vocab_size=min(32000, vocab_size), std=0.02, dtype=torch.bfloat16)
+    return out
+
+
 def speculative_config_of(args) -> dict:
+    if args.dummy_eagle3_head:
+        args.eagle3_head = dummy_eagle3_head(args.model)
+    if args.eagle3_head is not None:
+        return {"method": "eagle3", "model": args.eagle3_head, "num_speculative_tokens": args.num_speculative_tokens}
     if args.draft_layers is not None:
         args.draft_model = truncated_draft(args.model, args.draft_layers)
     if args.draft_model is not None:
@@ -177,7 +203,11 @@ def main() -> None:
                         help="a draft model's folder: method draft_model instead of --speculative-config")
     parser.add_argument("--draft-layers", type=int, default=None,
                         help="draft = the target's config cut to this many layers (with --load-format dummy)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="with a draft model")
+    parser.add_argument("--eagle3-head", default=None,
+                        help="an EAGLE-3 head's folder: method eagle3 instead of --speculative-config")
+    parser.add_argument("--dummy-eagle3-head", action="store_true",
+                        help="an EAGLE-3 head of the target's shape with random weights (timing only)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="with a draft model or head")
     parser.add_argument("--load-format", default="auto", help="'dummy': random weights, target and draft")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--max-tokens", type=int, default=256)

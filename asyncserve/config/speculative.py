@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from asyncserve.errors import ConfigError
 
-SUPPORTED_METHODS = ("ngram", "draft_model")
-_NEEDS_MODEL = ("draft_model",)
+SUPPORTED_METHODS = ("ngram", "draft_model", "eagle3")
+_NEEDS_MODEL = ("draft_model", "eagle3")
 # vLLM's other methods: known names, refused with a line saying what runs instead.
-_NOT_BUILT_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "deepseek_mtp", "mtp",
+_NOT_BUILT_METHODS = ("eagle", "medusa", "mlp_speculator", "deepseek_mtp", "mtp",
                       "suffix", "ernie_mtp", "qwen3_next_mtp")
 _OLD_NGRAM_MODEL = "[ngram]"
 # Speculation pays while decode is bound by reading the weights: at larger batches the verify step's
@@ -33,7 +33,8 @@ class SpeculativeConfig:
     """Up to `num_speculative_tokens` drafts per sequence and step. "ngram" (prompt lookup) copies what
     followed the latest earlier occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down
     to `prompt_lookup_min`; "draft_model" has the smaller causal LM `model` (a folder or hub id, the
-    target's vocabulary) propose them greedily. Steps with more than `disable_by_batch_size` running
+    target's vocabulary) propose them greedily; "eagle3" the EAGLE-3 head `model` (the public checkpoint
+    layout) over the target's hidden states. Steps with more than `disable_by_batch_size` running
     sequences do not speculate."""
 
     num_speculative_tokens: int
@@ -41,7 +42,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 0  # ngram only
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
     method: str = "ngram"
-    model: str | None = None  # draft_model: the draft checkpoint, as the user named it
+    model: str | None = None  # draft_model, eagle3: the draft checkpoint, as the user named it
 
 
 def _positive_int(raw: dict, key: str) -> int | None:
@@ -103,10 +104,10 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
         raw[canonical] = item
     method = _method(raw)
     draft_tp = raw.get("draft_tensor_parallel_size")
-    if draft_tp is not None and (method != "draft_model" or draft_tp != 1 or isinstance(draft_tp, bool)):
+    if draft_tp is not None and (method not in _NEEDS_MODEL or draft_tp != 1 or isinstance(draft_tp, bool)):
         raise ConfigError(f"speculative_config: draft_tensor_parallel_size={draft_tp!r} is not built in "
                           "asyncserve: the draft model runs unsharded beside the target (give 1, or leave it "
-                          "out)" + ("" if method == "draft_model" else f"; method {method!r} has no draft model")
+                          "out)" + ("" if method in _NEEDS_MODEL else f"; method {method!r} has no draft model")
                           + ".")
     num_tokens = _positive_int(raw, "num_speculative_tokens")
     if num_tokens is None:
@@ -114,11 +115,11 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
                           'step), e.g. {"method": "ngram", "num_speculative_tokens": 4}.')
     disable = _positive_int(raw, "disable_by_batch_size")
     disable = disable if disable is not None else DEFAULT_DISABLE_BY_BATCH_SIZE
-    if method == "draft_model":
+    if method in _NEEDS_MODEL:
         for key in _NGRAM_ONLY_KEYS:
             if key in raw:
-                raise ConfigError(f"speculative_config: {key} applies to method 'ngram' only; a draft model "
-                                  "proposes from its own forward passes (leave it out).")
+                raise ConfigError(f"speculative_config: {key} applies to method 'ngram' only; method "
+                                  f"{method!r} proposes from its own forward passes (leave it out).")
         return SpeculativeConfig(num_speculative_tokens=num_tokens, method=method, model=raw["model"],
                                  disable_by_batch_size=disable)
     lookup_max, lookup_min = _positive_int(raw, "prompt_lookup_max"), _positive_int(raw, "prompt_lookup_min")

@@ -93,6 +93,19 @@ def resolve_config(args: EngineConfig) -> Config:
         logger.info("speculative decoding: the draft model %s (%s, %s layers) proposes up to %d tokens per "
                     "sequence and step", speculative.model, architecture,
                     getattr(draft_config, "num_hidden_layers", "?"), speculative.num_speculative_tokens)
+    if speculative is not None and speculative.method == "eagle3":
+        from asyncserve.engine.resolve_draft import resolve_eagle3_head
+        from asyncserve.models.eagle3 import aux_layer_ids
+        if args.tensor_parallel_size != 1:
+            raise ConfigError("speculative_config: method 'eagle3' runs with tensor_parallel_size 1 only in "
+                              f"asyncserve (got {args.tensor_parallel_size}).")
+        draft_model = resolve_eagle3_head(speculative.model, model)
+        head_config = draft_model.hf_config
+        logger.info("speculative decoding: the EAGLE-3 head %s (draft vocabulary %s, the target's layers %s) "
+                    "proposes up to %d tokens per sequence and step", speculative.model,
+                    getattr(head_config, "draft_vocab_size", None) or head_config.vocab_size,
+                    list(aux_layer_ids(head_config, model.hf_config.num_hidden_layers)),
+                    speculative.num_speculative_tokens)
     return Config(
         model=model,
         cache=CacheConfig(

@@ -19,8 +19,14 @@ class UniprocExecutor(Executor):
         model_config = config.model
         torch.manual_seed(model_config.seed)
         model = load_model(config)
-        # Speculative decoding's draft model, beside the target: same dtype and device, its own checkpoint.
-        draft = load_model(config.draft_tree()) if config.draft_model is not None else None
+        # Speculative decoding's draft model (or EAGLE-3 head, which shares the target's embedding when its
+        # checkpoint has none), beside the target: same dtype and device, its own checkpoint.
+        draft = None
+        if config.draft_model is not None and config.speculative.method == "eagle3":
+            from asyncserve.models.eagle3 import load_eagle3_head
+            draft = load_eagle3_head(config.draft_tree(), model)
+        elif config.draft_model is not None:
+            draft = load_model(config.draft_tree())
         self.runner = _make_runner(model, config, draft)
 
     @property
@@ -47,7 +53,7 @@ class UniprocExecutor(Executor):
         if num_host_blocks:
             self.runner.kv_pool.allocate_swap_space(num_host_blocks)
             if self.runner.drafter is not None:
-                self.runner.drafter.kv_pool.allocate_swap_space(num_host_blocks)
+                self.runner.drafter.allocate_swap_space(num_host_blocks)
         if num_host_state_slots:
             self.runner.state_pool.allocate_swap_space(num_host_state_slots)
         self.runner.prepare()

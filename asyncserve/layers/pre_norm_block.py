@@ -26,10 +26,17 @@ class PreNormBlock(nn.Module):
         return self.mlp(hidden), residual
 
 
-def run_pre_norm_layers(layers, final_norm, hidden, positions, meta):
-    """A stack of PreNormBlocks over the embedded tokens; the last residual add fuses into the final norm."""
+def run_pre_norm_layers(layers, final_norm, hidden, positions, meta, aux_layer_ids=()):
+    """A stack of PreNormBlocks over the embedded tokens; the last residual add fuses into the final norm.
+    With `aux_layer_ids` (EAGLE-3), also the residual stream entering each of those layers (an id equal
+    to the number of layers: leaving the last one): returns (hidden, [[T, E] per id])."""
     residual = None
-    for layer in layers:
+    aux = []
+    for index, layer in enumerate(layers):
+        if index in aux_layer_ids:
+            aux.append(hidden if residual is None else hidden + residual)
         hidden, residual = layer(positions, hidden, residual, meta)
+    if len(layers) in aux_layer_ids:
+        aux.append(hidden + residual)
     hidden, _ = final_norm(hidden, residual)
-    return hidden
+    return (hidden, aux) if aux_layer_ids else hidden

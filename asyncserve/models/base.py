@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from asyncserve.errors import ConfigError
 from asyncserve.layers.attention import AttentionMetadata, PagedAttention
 from asyncserve.layers.linear import LinearBase, tune_single_row_products
 from asyncserve.layers.recurrent_state import RecurrentStateLayer
@@ -47,6 +48,27 @@ class CausalLM(nn.Module, ABC):
     lm_head: LinearBase | None  # [E] -> [V]; shares embed_tokens.weight when tie_word_embeddings;
                                 # None in an embedding model (drop_lm_head)
     tie_word_embeddings: bool   # the checkpoint has no lm_head of its own
+
+    # EAGLE-3 speculative decoding: the runner asks for the residual stream entering given layers, handed
+    # at the end of every forward to `sink(aux: list of [T, E], meta)` (None: off, the default). Only a
+    # family whose forward collects them sets `supports_aux_hidden_states`.
+    supports_aux_hidden_states: ClassVar[bool] = False
+    aux_hidden_layer_ids: tuple[int, ...] = ()
+    aux_hidden_sink = None
+
+    def expose_aux_hidden_states(self, layer_ids: tuple[int, ...], sink) -> None:
+        """Every later forward also hands the hidden states entering `layer_ids` to `sink(aux, meta)`,
+        inside the forward (so CUDA graphs capture it too)."""
+        if not self.supports_aux_hidden_states:
+            raise ConfigError(f"EAGLE-3 reads the target's hidden states after given layers; "
+                              f"{type(self).__name__} does not expose them in asyncserve (the Llama family "
+                              "does: Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE).")
+        num_layers = self.hf_config.num_hidden_layers
+        if not layer_ids or any(not 0 <= i <= num_layers for i in layer_ids):
+            raise ConfigError(f"EAGLE-3 asks for the hidden states of layers {list(layer_ids)}; the target "
+                              f"has {num_layers} layers (ids 0 .. {num_layers}).")
+        self.aux_hidden_layer_ids = tuple(layer_ids)
+        self.aux_hidden_sink = sink
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

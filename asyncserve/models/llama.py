@@ -94,6 +94,7 @@ class LlamaForCausalLM(CausalLM):
     other_architectures = ("LlamaModel",)
     packed_modules_mapping = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                               "gate_up_proj": ("gate_proj", "up_proj")}
+    supports_aux_hidden_states = True
 
     def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__()
@@ -112,7 +113,12 @@ class LlamaForCausalLM(CausalLM):
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        return run_pre_norm_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
+        if self.aux_hidden_sink is None:
+            return run_pre_norm_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta)
+        hidden, aux = run_pre_norm_layers(self.layers, self.norm, self.embed_tokens(input_ids), positions, meta,
+                                          self.aux_hidden_layer_ids)
+        self.aux_hidden_sink(aux, meta)  # EAGLE-3: [T, E] per requested layer
+        return hidden
 
     def checkpoint_name(self, name: str) -> str | None:
         if "rotary_emb.inv_freq" in name:  # recomputed, never loaded

@@ -26,6 +26,7 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     other_architectures = ()
     vision_tower = Qwen2_5_VisionTransformer
     mrope_interleaved = False  # M-RoPE's layout when the config's rope parameters leave it unsaid
+    supports_aux_hidden_states = False  # its own forward (image embeddings) collects none
 
     def __init__(self, hf_config, quant_config: QuantizationConfig | None = None):
         super().__init__(hf_config, quant_config)

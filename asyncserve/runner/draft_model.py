@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from asyncserve.config.tree import Config
-from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.draft_inputs import (
     DraftRow,
+    decode_columns,
     draft_spans,
+    flat_proposals,
     pack_spans,
     proposal_rows,
 )
@@ -29,6 +30,8 @@ from asyncserve.runner.kv_pool import KVPool, model_block_bytes
 
 
 class DraftModel:
+    profiles_own_forward = True  # the memory profile measures the draft's forward too
+
     def __init__(self, model: CausalLM, config: Config):
         self.model = model
         self.config = config  # the target's tree: block size, token budget, KV dtype, device
@@ -46,6 +49,9 @@ class DraftModel:
         """As many blocks as the target's pool: the draft writes at the same block ids."""
         self.kv_pool = KVPool.for_model(self.model, num_blocks, self.config.cache.block_size,
                                         self.config.kv_cache_torch_dtype, self.device)
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        self.kv_pool.allocate_swap_space(num_blocks)
 
     def apply_block_moves(self, batch: ScheduledBatch) -> None:
         """The target's swaps and copy-on-write copies, on the draft's pool too."""
@@ -74,9 +80,7 @@ class DraftModel:
         for seq in batch.seqs:
             if seq.draft_token_ids:  # the draft fed itself drafts 1 .. d - 1 (the last one is never fed)
                 seq.draft_num_computed += len(seq.draft_token_ids) - 1
-        width = tokens.shape[1]
-        flat = [row * width + column for row, count in enumerate(num_drafts) for column in range(count)]
-        return tokens.flatten()[torch.tensor(flat, dtype=torch.int64).to(self.device, non_blocking=True)]
+        return flat_proposals(tokens, num_drafts)
 
     def _forward_spans(self, spans) -> torch.Tensor | None:
         """One forward over spans; the argmax at each proposing span's last row (None: no such span)."""
@@ -94,28 +98,12 @@ class DraftModel:
         that feeds column j - 1 at position last + j. A sequence with fewer drafts rides along without
         writing KV past its own slots (slot -1), its extra columns ignored. The metadata of every forward
         is derived on the device from one copy of the host's lists."""
-        width, count = max(num_drafts), len(num_drafts)
-        tokens = torch.empty(count, width, dtype=torch.int64, device=self.device)
+        tokens = torch.empty(len(num_drafts), max(num_drafts), dtype=torch.int64, device=self.device)
         tokens[:, 0] = first
-        if width == 1:
+        if tokens.shape[1] == 1:
             return tokens
-        block_size = self.config.cache.block_size
-        max_blocks = max(len(table) for table in block_tables)
-        padded = [block for table in block_tables for block in table + [0] * (max_blocks - len(table))]
-        packed = torch.tensor(last_positions + num_drafts + padded, dtype=torch.int64).to(
-            self.device, non_blocking=True)
-        last, drafts, tables = packed[:count], packed[count:2 * count], packed[2 * count:].view(count, max_blocks)
-        tables32 = tables.to(torch.int32)
-        query_start_loc = torch.arange(count + 1, dtype=torch.int32, device=self.device)
-        for column in range(1, width):
-            # A row past its own drafts stays at its last draft's position, writing nothing.
-            positions = last + torch.clamp(drafts - 1, max=column)
-            block = tables.gather(1, (positions // block_size)[:, None])[:, 0]
-            slots = torch.where(column < drafts, block * block_size + positions % block_size, -1)
-            seq_lens = (positions + 1).to(torch.int32)
-            meta = AttentionMetadata(slot_mapping=slots, block_tables=tables32, seq_lens=seq_lens,
-                                     query_start_loc=query_start_loc, max_query_len=1,
-                                     max_seq_len=max(last_positions) + column + 1, context_lens=seq_lens)
+        for column, positions, meta in decode_columns(last_positions, num_drafts, block_tables,
+                                                      self.config.cache.block_size, self.device):
             hidden = self.model(tokens[:, column - 1], positions, meta)
             self.num_forwards += 1
             tokens[:, column] = self.model.compute_logits(hidden).argmax(dim=-1)

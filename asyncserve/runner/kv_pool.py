@@ -66,3 +66,22 @@ class KVPool:
         src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=device)
         dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=device)
         self.storage[:, :, dst] = self.storage[:, :, src]
+
+
+class HiddenStatePool(KVPool):
+    """One [E] row per KV slot at the target's block ids (EAGLE-3: the target's fused hidden states), so
+    swaps and copy-on-write move it with the KV. `rows` [num_blocks * block_size + 1, E] is the flat view
+    that slots index; its last row takes the writes of slot -1 (padding rows)."""
+
+    def __init__(self, num_blocks: int, block_size: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.rows = torch.zeros(num_blocks * block_size + 1, hidden_size, dtype=dtype, device=device)
+        self.storage = self.rows[:-1].view(1, 1, num_blocks, block_size, hidden_size)
+        self.host_storage: torch.Tensor | None = None
+
+    def write(self, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+        """values [T, E] at slot_mapping [T] (-1: nowhere), without a host sync (CUDA graphs capture it)."""
+        padding = self.rows.shape[0] - 1
+        self.rows[torch.where(slot_mapping < 0, padding, slot_mapping)] = values.to(self.rows.dtype)

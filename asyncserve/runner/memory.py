@@ -33,7 +33,8 @@ def num_kv_blocks(runner, config: Config) -> int:
     peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
                                config.scheduler.max_num_seqs, model_config.max_model_len,
                                config.kv_cache_torch_dtype)
-    if runner.drafter is not None:  # the draft's forward runs apart from the target's: the larger peak counts
+    if runner.drafter is not None and runner.drafter.profiles_own_forward:
+        # the draft's forward runs apart from the target's: the larger peak counts
         peak = max(peak, profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
                                              config.scheduler.max_num_seqs, model_config.max_model_len,
                                              config.kv_cache_torch_dtype, model=runner.drafter.model))

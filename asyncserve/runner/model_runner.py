@@ -46,12 +46,20 @@ def _to_device(rows: list[list[int]], device: torch.device) -> list[torch.Tensor
     return list(packed.to(device, non_blocking=True))
 
 
+def _make_drafter(model: CausalLM, draft_model, config: Config):
+    if config.speculative is not None and config.speculative.method == "eagle3":
+        from asyncserve.runner.eagle3_drafter import Eagle3Drafter
+        return Eagle3Drafter(draft_model, model, config)
+    return DraftModel(draft_model, config)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, config: Config, draft_model: CausalLM | None = None):
         self.model = model
         self.config = config
-        # Speculative decoding with a draft model: it proposes the drafts a step verifies, at its start.
-        self.drafter = DraftModel(draft_model, config) if draft_model is not None else None
+        # Speculative decoding with a draft model or an EAGLE-3 head: it proposes the drafts a step
+        # verifies, at its start.
+        self.drafter = _make_drafter(model, draft_model, config) if draft_model is not None else None
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler()  # speculative decoding's verify steps
         self.kv_pool: KVPool | None = None
@@ -114,7 +122,8 @@ class ModelRunner:
             self.drafter.apply_block_moves(batch)
 
     def kv_bytes_per_block(self) -> int:
-        """Device bytes of one block id: the target's KV and, with a draft model, the draft's at the same id."""
+        """Device bytes of one block id: the target's KV and, with a draft model (an EAGLE-3 head), the draft's
+        at the same id (the head's KV and the kept hidden states)."""
         block_bytes = model_block_bytes(self.model, self.block_size, self.config.kv_cache_torch_dtype)
         return block_bytes + (self.drafter.bytes_per_block() if self.drafter is not None else 0)
 

@@ -26,7 +26,7 @@ def can_speculate(seq: Sequence) -> bool:
 
 
 class DraftModelSlots:
-    """method draft_model: the runner's draft model proposes the tokens at the start of the step that
+    """methods draft_model and eagle3: the runner's draft model (or head) proposes the tokens at the start of the step that
     verifies them (it needs the device); the engine decides only how many, which the scheduler reserves."""
 
     def __init__(self, num_speculative_tokens: int):
@@ -40,7 +40,7 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config = config
         self.max_model_len = max_model_len
-        if config.method == "draft_model":
+        if config.method in ("draft_model", "eagle3"):
             self.proposer = DraftModelSlots(config.num_speculative_tokens)
         else:
             self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,

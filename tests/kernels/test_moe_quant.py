@@ -2,6 +2,8 @@
 dequantizes its B tiles against the reference that dequantizes each routed expert, at awkward sizes
 (Triton in its CPU interpreter when there is no GPU)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -122,3 +124,27 @@ def test_experts_no_token_chose_are_never_read(fmt, triton_device):
 def test_dispatcher_takes_the_reference_on_the_cpu():
     x, w13, w2, logits = _inputs(4, 64, 32, 4, "int4", seed=5)
     assert torch.equal(fused_moe(x, w13, w2, logits, 2, False), fused_moe_ref(x, w13, w2, logits, 2, False))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "fp8"])
+def test_loaded_experts_run_in_the_fused_kernel(fmt, tiny_model_dir, tmp_path, triton_device):
+    """A checkpoint's experts, loaded and repacked, in the layout the fused GEMM reads: its output equals
+    the layer's reference on the CPU."""
+    from asyncserve.config import EngineConfig
+    from asyncserve.engine.resolve_config import resolve_config
+    from asyncserve.layers.moe import FusedMoE
+    from asyncserve.models.loader import load_model
+    from tests.quantized_checkpoints import build_fp8, build_quantized
+
+    source = tiny_model_dir("qwen3_moe")
+    build = build_fp8 if fmt == "fp8" else functools.partial(build_quantized, fmt=fmt)
+    path, _ = build(source, tmp_path / fmt)
+    model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="float32")))
+    layer = next(m for m in model.modules() if isinstance(m, FusedMoE))
+    gen = torch.Generator().manual_seed(6)
+    x, logits = torch.randn(7, layer.hidden_size, generator=gen), torch.randn(7, layer.num_experts, generator=gen)
+    expected = layer(x, logits)
+    w13, w2 = (QuantExperts(*(t.to(triton_device) if isinstance(t, torch.Tensor) else t for t in experts))
+               for experts in layer.quant_method.experts(layer))
+    out = fused_moe_triton(x.to(triton_device), w13, w2, logits.to(triton_device), layer.top_k, layer.renormalize)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)

@@ -78,3 +78,22 @@ def test_act_order_gptq_experts_are_refused_by_name(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"desc_act=true \(act-order\) is not supported for MoE experts "
                                           r"\(layers\.1\.mlp\.experts\)"):
         LLM(path, device="cpu", dtype="float32", num_gpu_blocks_override=256)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "fp8"])
+def test_bfloat16_models_keep_int_scales_in_bfloat16_and_fp8_scales_in_float32(fmt, tiny_model_dir, tmp_path):
+    from asyncserve.config import EngineConfig
+    from asyncserve.engine.resolve_config import resolve_config
+    from asyncserve.models.loader import load_model
+    source = tiny_model_dir("qwen3_moe")
+    path, _ = (build_fp8(source, tmp_path / fmt) if fmt == "fp8"
+               else build_quantized(source, tmp_path / fmt, fmt=fmt))
+    model = load_model(resolve_config(EngineConfig(path, device="cpu", dtype="bfloat16")))
+    layer = next(m for m in model.modules() if isinstance(m, FusedMoE))
+    w13, w2 = layer.quant_method.experts(layer)
+    for experts in (w13, w2):
+        if fmt == "fp8":
+            assert experts.weight.dtype == torch.float8_e4m3fn and experts.scales.dtype == torch.float32
+        else:
+            assert experts.weight.dtype == torch.int32
+            assert experts.scales.dtype == experts.zeros.dtype == torch.bfloat16

@@ -108,9 +108,9 @@ class FP8ExpertsMethod(ExpertsMethodBase):
         if not self.serialized:
             return
         scale_loader = _expert_scale_loader(layer)
-        expert_param(layer, "w13_weight_scale", torch.zeros(num_experts, 2 * intermediate_size), 0,
-                     loader=scale_loader)
-        expert_param(layer, "w2_weight_scale", torch.zeros(num_experts, hidden_size), None, loader=scale_loader)
+        scales = lambda rows: torch.zeros(num_experts, rows, dtype=torch.float32)  # noqa: E731
+        expert_param(layer, "w13_weight_scale", scales(2 * intermediate_size), 0, loader=scale_loader)
+        expert_param(layer, "w2_weight_scale", scales(hidden_size), None, loader=scale_loader)
         for name in ("w13_input_scale", "w2_input_scale"):
             expert_param(layer, name, torch.zeros(num_experts, 0), None, loader=_unused_input_scale, optional=True)
 

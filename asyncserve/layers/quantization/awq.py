@@ -69,7 +69,7 @@ class AWQExpertsMethod(PackedIntExpertsMethod):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         self.check_expert_shapes(layer, hidden_size, intermediate_size, 8)
         group = self.group_size
-        ints = lambda *shape: torch.zeros(num_experts, *shape, dtype=torch.int32)  # noqa: E731
+        ints = lambda *shape: torch.zeros(num_experts, *shape, dtype=torch.int32)
         expert_param(layer, "w13_qweight", ints(hidden_size, 2 * intermediate_size // 8), 1, 8)
         expert_param(layer, "w13_qzeros", ints(hidden_size // group, 2 * intermediate_size // 8), 1, 8)
         expert_param(layer, "w13_scales", torch.zeros(num_experts, hidden_size // group, 2 * intermediate_size,

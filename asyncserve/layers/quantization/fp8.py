@@ -108,7 +108,7 @@ class FP8ExpertsMethod(ExpertsMethodBase):
         if not self.serialized:
             return
         scale_loader = _expert_scale_loader(layer)
-        scales = lambda rows: torch.zeros(num_experts, rows, dtype=torch.float32)  # noqa: E731
+        scales = lambda rows: torch.zeros(num_experts, rows, dtype=torch.float32)
         expert_param(layer, "w13_weight_scale", scales(2 * intermediate_size), 0, loader=scale_loader)
         expert_param(layer, "w2_weight_scale", scales(hidden_size), None, loader=scale_loader)
         for name in ("w13_input_scale", "w2_input_scale"):

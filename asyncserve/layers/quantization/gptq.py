@@ -107,8 +107,8 @@ class GPTQExpertsMethod(PackedIntExpertsMethod):
         self.check_expert_shapes(layer, hidden_size, intermediate_size, pack)
         group_13, group_2 = self.group_sizes(hidden_size, intermediate_size)
         groups_2_dim = None if self.group_size == -1 else 0  # one group over I: every rank's whole
-        ints = lambda *shape: torch.zeros(num_experts, *shape, dtype=torch.int32)  # noqa: E731
-        floats = lambda *shape: torch.zeros(num_experts, *shape, dtype=scale_dtype())  # noqa: E731
+        ints = lambda *shape: torch.zeros(num_experts, *shape, dtype=torch.int32)
+        floats = lambda *shape: torch.zeros(num_experts, *shape, dtype=scale_dtype())
         expert_param(layer, "w13_qweight", ints(hidden_size // pack, 2 * intermediate_size), 1)
         expert_param(layer, "w13_qzeros", ints(hidden_size // group_13, 2 * intermediate_size // pack), 1, pack)
         expert_param(layer, "w13_scales", floats(hidden_size // group_13, 2 * intermediate_size), 1)

@@ -73,6 +73,7 @@ else:
         select_experts_triton,
         select_experts,
     )
+    from .moe_quant import QuantExperts
     from .moe_tiles import MOE_CONFIGS, GemmTiles, MoeTiles, max_padded_entries
     from .norm import (
         fused_add_rms_norm,
@@ -113,7 +114,7 @@ else:
         "dequantize_int_rows", "dequantize_triton", "pack_int_rows", "reserve_dequant_scratch",
         "unpack_int_rows",
         "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
-        "GemmTiles", "MOE_CONFIGS", "MoeTiles", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
+        "GemmTiles", "MOE_CONFIGS", "MoeTiles", "QuantExperts", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
         "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts", "select_experts_triton",
         "rms_norm", "rms_norm_ref", "rms_norm_triton",
         "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",

@@ -27,6 +27,7 @@ from .activation import (
     swiglu_oai_and_mul_ref,
     swiglu_oai_and_mul_triton,
 )
+from .moe_quant import QuantExperts, moe_quant_gemm, quant_moe_tiles
 from .moe_tiles import MoeTiles, cdiv, max_padded_entries, moe_config, table_tiles
 from .moe_tuned import cuda_device_name, tuned_tiles
 
@@ -98,12 +99,18 @@ def _activate_ref(gate_up, activation, swiglu_alpha, swiglu_limit):
     return silu_and_mul_ref(gate_up)
 
 
+def _expert_weight(weights, expert, dtype):
+    """One expert's [N, K] matrix: a slice of a float stack, or dequantized from `QuantExperts`."""
+    return weights.dequantize(expert, dtype) if isinstance(weights, QuantExperts) else weights[expert]
+
+
 def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize, *, w13_bias=None, w2_bias=None,
                   activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
     """hidden [M, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], router_logits [M, E]
     -> [M, H] = sum over each token's top-k experts of weight * (w2 @ act(gate, up) + w2_bias).
     One pass per used expert over the tokens routed to it, as transformers does (biases added after
-    each product, as its experts do)."""
+    each product, as its experts do). w13 / w2 may be `QuantExperts`: each routed expert's weights are
+    dequantized (in float32, then to hidden's dtype) for its pass."""
     _check_activation(activation)
     weights, ids = select_experts(router_logits, top_k, renormalize)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -111,11 +118,11 @@ def fused_moe_ref(hidden, w13, w2, router_logits, top_k, renormalize, *, w13_bia
         rows, slots = torch.where(ids == expert)
         if rows.numel() == 0:
             continue
-        gate_up = F.linear(hidden[rows], w13[expert])                     # [t, 2I]
+        gate_up = F.linear(hidden[rows], _expert_weight(w13, expert, hidden.dtype))  # [t, 2I]
         if w13_bias is not None:
             gate_up = gate_up + w13_bias[expert]
         x = _activate_ref(gate_up, activation, swiglu_alpha, swiglu_limit)  # [t, I]
-        y = F.linear(x, w2[expert])                                       # [t, H]
+        y = F.linear(x, _expert_weight(w2, expert, hidden.dtype))           # [t, H]
         if w2_bias is not None:
             y = y + w2_bias[expert]
         out.index_add_(0, rows, y.float() * weights[rows, slots, None])
@@ -334,19 +341,25 @@ def moe_tiles(num_tokens, top_k, num_experts, intermediate, hidden_size, dtype, 
 
 def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=None, *, w13_bias=None,
                      w2_bias=None, activation="silu", swiglu_alpha=1.702, swiglu_limit=7.0):
-    """Triton version of `fused_moe_ref`. `config`: None (`moe_tiles` chooses), `MoeTiles` (used as given)
-    or a MOE_CONFIGS row (made concrete for this batch as the table's rows are)."""
+    """Triton version of `fused_moe_ref`. `config`: None (`moe_tiles` chooses; `quant_moe_tiles` for
+    quantized experts), `MoeTiles` (used as given) or a MOE_CONFIGS row (made concrete for this batch as
+    the table's rows are). w13 / w2 as tensors or both `QuantExperts` (dequantized inside the GEMMs)."""
     _check_activation(activation)
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
-    assert hidden.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
+    quantized = isinstance(w13, QuantExperts)
+    assert quantized == isinstance(w2, QuantExperts), "both experts' GEMMs quantized, or neither"
+    assert hidden.stride(1) == 1 and (quantized or (w13.stride(2) == 1 and w2.stride(2) == 1))
+    gemm = moe_quant_gemm if quantized else moe_gemm
     if num_tokens == 0:
         return torch.empty_like(hidden)
     if num_experts <= _MAX_ROUTED_EXPERTS:
         weights, ids = select_experts_triton(router_logits, top_k, renormalize)
     else:
         weights, ids = select_experts(router_logits, top_k, renormalize)
-    if config is None:
+    if config is None and quantized:  # the tuned files time the float kernel: the table's rows here
+        tiles = quant_moe_tiles(num_tokens, top_k, num_experts, two_inter, hidden_size)
+    elif config is None:
         tiles = moe_tiles(num_tokens, top_k, num_experts, w2.shape[2], hidden_size, hidden.dtype, hidden.device)
     elif isinstance(config, MoeTiles):
         tiles = config
@@ -355,13 +368,13 @@ def fused_moe_triton(hidden, w13, w2, router_logits, top_k, renormalize, config=
     sorted_ids, expert_ids, num_post = moe_align_block_size_triton(ids, num_experts, tiles.w13.block_m)
     entries = num_tokens * top_k
     gate_up = torch.empty(entries, two_inter, dtype=hidden.dtype, device=hidden.device)
-    moe_gemm(hidden, w13, w13_bias, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, tiles.w13)
+    gemm(hidden, w13, w13_bias, gate_up, weights, sorted_ids, expert_ids, num_post, top_k, False, tiles.w13)
     if activation == "swigluoai":
         activated = swiglu_oai_and_mul_triton(gate_up, swiglu_alpha, swiglu_limit)
     else:
         activated = silu_and_mul_triton(gate_up)
     down = torch.empty(entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
-    moe_gemm(activated, w2, w2_bias, down, weights, sorted_ids, expert_ids, num_post, 1, True, tiles.w2)
+    gemm(activated, w2, w2_bias, down, weights, sorted_ids, expert_ids, num_post, 1, True, tiles.w2)
     return down.view(num_tokens, top_k, hidden_size).sum(dim=1)
 
 

@@ -55,9 +55,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def num_params(model: torch.nn.Module) -> int:
     """Parameters the model multiplies by: a quantized linear counts in x out, not its packed words."""
+    from asyncserve.layers.moe import FusedMoE
     total = 0
     for module in model.modules():
-        if hasattr(module, "quant_method") and hasattr(module, "in_features"):
+        if isinstance(module, FusedMoE):  # quantized experts count as their weights too
+            total += _expert_weights(module) + sum(p.numel() for p in (module.w13_bias, module.w2_bias)
+                                                   if p is not None)
+        elif hasattr(module, "quant_method") and hasattr(module, "in_features"):
             bias = getattr(module, "bias", None)
             total += module.in_features * module.out_features + (bias.numel() if bias is not None else 0)
         else:
@@ -68,6 +72,17 @@ def num_params(model: torch.nn.Module) -> int:
 def _moe_layers(model: torch.nn.Module):
     from asyncserve.layers.moe import FusedMoE
     return [m for m in model.modules() if isinstance(m, FusedMoE)]
+
+
+def _expert_weights(moe) -> int:
+    """A MoE layer's expert weights (this rank's slice), not its packed words: E x 3 x H x I."""
+    return moe.num_experts * 3 * moe.hidden_size * moe.intermediate_size
+
+
+def _expert_bytes(moe) -> int:
+    """Bytes of every expert tensor of a MoE layer, in whatever form its quantization stores them."""
+    return sum(p.numel() * p.element_size() for name, p in moe.named_parameters(recurse=False)
+               if name.startswith(("w13_", "w2_")))
 
 
 def expected_experts_read(num_experts: int, top_k: int, batch_size: int) -> float:
@@ -81,7 +96,7 @@ def decode_bytes_per_step(model: torch.nn.Module, batch_size: int = 1) -> int:
     MoE layer only the experts the batch routes to (`expected_experts_read`; at batch 1, the top-k)."""
     total = weight_bytes(model)
     for moe in _moe_layers(model):
-        expert_bytes = sum(p.numel() * p.element_size() for p in (moe.w13_weight, moe.w2_weight)) / moe.num_experts
+        expert_bytes = _expert_bytes(moe) / moe.num_experts
         unread = moe.num_experts - expected_experts_read(moe.num_experts, moe.top_k, batch_size)
         total -= int(unread * expert_bytes)
     return total
@@ -91,7 +106,7 @@ def active_params(model: torch.nn.Module) -> int:
     """Parameters each token multiplies by: all of them, but top_k of an MoE layer's experts."""
     total = num_params(model)
     for moe in _moe_layers(model):
-        expert_params = moe.w13_weight.numel() + moe.w2_weight.numel()
+        expert_params = _expert_weights(moe)
         total -= expert_params * (moe.num_experts - moe.top_k) // moe.num_experts
     return total
 

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from tests.checkpoint_edits import copy_checkpoint
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Mixtral's experts are w1 (gate), w3 (up), w2 (down); its router `gate` stays in float, as the Qwen ones.
+MIXTRAL_MODULES = LINEAR_MODULES[:4] + ("w1", "w2", "w3")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ writes output column AWQ_ORDER[i] of 8 at nibble i
 
 
@@ -150,11 +152,12 @@ def fp8_quantize(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor,
 
 
 def build_fp8(source: str, target, per_channel_modules=("gate_proj", "up_proj", "down_proj"),
-              static: bool = True, compressed_tensors: bool = False) -> tuple[str, str]:
+              static: bool = True, compressed_tensors: bool = False,
+              linear_modules: tuple[str, ...] = LINEAR_MODULES) -> tuple[str, str]:
     """(FP8 checkpoint with quant_method 'fp8', float32 checkpoint of its dequantized weights): per-tensor
     scales elsewhere (so q/k/v shards each bring their own), a static input_scale per layer if asked.
     `compressed_tensors`: llm-compressor's config_groups and [1]-shaped scalars instead (one strategy:
-    per_channel_modules all or none)."""
+    per_channel_modules all or none). `linear_modules`: the layers to quantize, by their checkpoint names."""
     weights = {}
     for name in sorted(f for f in os.listdir(source) if f.endswith(".safetensors")):
         weights.update(load_file(os.path.join(source, name)))
@@ -162,7 +165,7 @@ def build_fp8(source: str, target, per_channel_modules=("gate_proj", "up_proj", 
     for name, tensor in weights.items():
         module = name.rpartition(".")[0]
         leaf = module.rpartition(".")[2]
-        if not name.endswith(".weight") or leaf not in LINEAR_MODULES:
+        if not name.endswith(".weight") or leaf not in linear_modules:
             quantized[name] = dequantized[name] = tensor
             continue
         q, scale = fp8_quantize(tensor, leaf in per_channel_modules)

@@ -67,8 +67,13 @@ class GptOssMoE(nn.Module):
         super().__init__()
         num_experts = hf_config.num_local_experts
         self.router = Linear(hf_config.hidden_size, num_experts, bias=True, prefix=f"{prefix}.router")  # never quantized
-        # MXFP4 experts arrive dequantized (checkpoint_tensors); any other method is the fused layer's to refuse.
-        experts_quant = None if isinstance(quant_config, Mxfp4Config) else quant_config
+        # MXFP4 experts arrive dequantized (checkpoint_tensors); other methods' experts (with GPT-OSS's
+        # biases and fused gate_up checkpoint tensors) are not served.
+        if quant_config is not None and quant_config.name is not None and not isinstance(quant_config, Mxfp4Config):
+            raise ConfigError(f"{prefix}: quantized MoE experts ({quant_config.name}) are not supported for "
+                              "GPT-OSS (only its MXFP4 checkpoints, served dequantized); serve the published "
+                              "checkpoint without --quantization")
+        experts_quant = None
         self.experts = FusedMoE(num_experts, hf_config.num_experts_per_tok, hf_config.hidden_size,
                                 hf_config.intermediate_size, renormalize=True, quant_config=experts_quant,
                                 prefix=f"{prefix}.experts", has_bias=True, activation="swigluoai",

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from asyncserve.config.tree import Config
 from asyncserve.errors import ConfigError
 from asyncserve.layers.linear import LinearBase, default_weight_loader
-from asyncserve.layers.moe import EXPERT_BIAS_SHARDS, EXPERT_SHARDS
+from asyncserve.layers.moe import FusedMoE, expert_param_name
 from asyncserve.layers.quantization import QuantizationConfig, get_quantization_config
 from asyncserve.models.base import CausalLM
 from asyncserve.models.registry import model_class
@@ -98,12 +98,12 @@ def _packed_shards(model: CausalLM) -> dict[str, tuple[str, str]]:
 
 def _expert_shard(model: CausalLM, parts: list[str]) -> tuple[list[str], tuple[str, int]] | None:
     """'...experts.3.w1.weight' -> ('...experts.w13_weight' parts, ('gate', 3)) through the family's
-    `expert_modules_mapping` ('.bias' -> w13_bias / w2_bias); None for any other name."""
+    `expert_modules_mapping` (any tensor of the projection: '.qweight' -> w13_qweight, '.bias' -> w13_bias);
+    None for any other name."""
     for i in range(len(parts) - 3):
         shard = model.expert_modules_mapping.get(parts[i + 2])
-        if parts[i] == "experts" and parts[i + 1].isdigit() and shard and parts[i + 3] in ("weight", "bias"):
-            params = EXPERT_SHARDS if parts[i + 3] == "weight" else EXPERT_BIAS_SHARDS
-            return parts[:i + 1] + [params[shard]], (shard, int(parts[i + 1]))
+        if parts[i] == "experts" and parts[i + 1].isdigit() and shard and i + 4 == len(parts):
+            return parts[:i + 1] + [expert_param_name(shard, parts[i + 3])], (shard, int(parts[i + 1]))
     return None
 
 
@@ -165,6 +165,8 @@ def _process_weights_after_loading(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.quant_method.process_weights_after_loading(module)
+        elif isinstance(module, FusedMoE):
+            module.process_weights_after_loading()
 
 
 # Older layouts keep the quantization config beside config.json: file -> the method it implies.

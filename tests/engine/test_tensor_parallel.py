@@ -90,14 +90,15 @@ PHI3_LINEAR_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # quantized format (GPTQ's packed rows and groups, act-order gathering its inputs, AWQ's packed columns,
 # FP8 checkpoints and FP8 quantized at load over a row's slices).
 SPLIT_CASES = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma2", "gemma3", "opt-postln", "gpt2", "phi3", "qwen1",
-               "gptq", "gptq-act-order-phi3", "awq", "fp8", "fp8-at-load"]
+               "gptq", "gptq-act-order-phi3", "awq", "fp8", "fp8-at-load",
+               "gptq-mixtral-experts", "awq-mixtral-experts", "fp8-mixtral-experts", "fp8-at-load-qwen3_moe"]
 
 
 @pytest.fixture(scope="module")
 def split_case(tmp_path_factory, tiny_model_dir, qwen1_checkpoint):
     """case -> (checkpoint, LLM keyword arguments)."""
     from tests.models.tiny_families import VARIANTS, build_variant
-    from tests.quantized_checkpoints import build_fp8
+    from tests.quantized_checkpoints import MIXTRAL_MODULES, build_fp8
     root = tmp_path_factory.mktemp("tp-cases")
 
     def get(case: str) -> tuple[str, dict]:
@@ -115,6 +116,14 @@ def split_case(tmp_path_factory, tiny_model_dir, qwen1_checkpoint):
             return build_fp8(tiny_model_dir("llama"), root / case)[0], {}
         if case == "fp8-at-load":
             return tiny_model_dir("llama"), {"quantization": "fp8"}
+        if case in ("gptq-mixtral-experts", "awq-mixtral-experts"):  # each rank: 64 of 128 expert channels
+            return build_quantized(tiny_model_dir("mixtral"), root / case, fmt=case[:4],
+                                   linear_modules=MIXTRAL_MODULES)[0], {}
+        if case == "fp8-mixtral-experts":  # per-channel gate (w1), per-tensor up and down
+            return build_fp8(tiny_model_dir("mixtral"), root / case, per_channel_modules=("w1",),
+                             linear_modules=MIXTRAL_MODULES)[0], {}
+        if case == "fp8-at-load-qwen3_moe":
+            return tiny_model_dir("qwen3_moe"), {"quantization": "fp8"}
         return tiny_model_dir(case), {}
 
     return get

@@ -73,6 +73,8 @@ def test_an_expert_beyond_the_layers_count_is_refused(tiny_model_dir, tmp_path):
         _ours(path)
 
 
-def test_quantized_experts_are_refused_with_a_reason(tiny_model_dir):
-    with pytest.raises(ConfigError, match="quantized MoE experts"):
-        _ours(tiny_model_dir("qwen2_moe"), quantization="fp8")
+def test_experts_of_a_scheme_without_an_experts_method_are_refused_with_a_reason(tiny_model_dir, tmp_path):
+    path = copy_checkpoint(tiny_model_dir("qwen3_moe"), tmp_path / "mxfp4",
+                           {"quantization_config": {"quant_method": "mxfp4"}})
+    with pytest.raises(ConfigError, match=r"quantized MoE experts \(mxfp4\) are not supported \(supported: gptq"):
+        _ours(path)

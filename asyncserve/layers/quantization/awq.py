@@ -4,7 +4,8 @@ input channels.
 Stored: qweight int32 [in, out / 8] and qzeros int32 [groups, out / 8], both packing 8 consecutive
 output columns per int32 in AWQ's interleaved order (the value of column j of a word sits at nibble
 `AWQ_REVERSE_ORDER[j]`; packing writes column `AWQ_ORDER[i]` at nibble i), scales [groups, out].
-At load they become the kernel's canonical layout (input rows packed, float zeros).
+At load they become the kernel's canonical layout (input rows packed, float zeros); MoE experts the
+same, per expert, stacked per layer.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
-from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, set_split_dims
+from asyncserve.kernels.quant_gemm import pack_int_rows
+from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, expert_param, set_split_dims
 from asyncserve.layers.quantization.packed_int import (
+    PackedIntExpertsMethod,
     PackedIntLinearMethod,
     check_shapes,
     int_param,
@@ -21,7 +24,7 @@ from asyncserve.layers.quantization.packed_int import (
     output_dim_loader,
     scale_dtype,
 )
-from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
+from asyncserve.layers.quantization.unquantized import UnquantizedExpertsMethod, UnquantizedLinearMethod
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)          # nibble i holds column AWQ_ORDER[i]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column j sits at nibble AWQ_REVERSE_ORDER[j]
@@ -55,6 +58,34 @@ class AWQLinearMethod(PackedIntLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.to_canonical(layer, unpack_awq_columns(layer.qweight.data), unpack_awq_columns(layer.qzeros.data),
                           perm=None)
+
+
+class AWQExpertsMethod(PackedIntExpertsMethod):
+    """Every expert's AWQ tensors stacked per layer as stored (w13: gate then up along the outputs),
+    turned into the kernel's canonical layout one expert at a time."""
+
+    method = "AWQ"
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        self.check_expert_shapes(layer, hidden_size, intermediate_size, 8)
+        group = self.group_size
+        ints = lambda *shape: torch.zeros(num_experts, *shape, dtype=torch.int32)
+        expert_param(layer, "w13_qweight", ints(hidden_size, 2 * intermediate_size // 8), 1, 8)
+        expert_param(layer, "w13_qzeros", ints(hidden_size // group, 2 * intermediate_size // 8), 1, 8)
+        expert_param(layer, "w13_scales", torch.zeros(num_experts, hidden_size // group, 2 * intermediate_size,
+                                                      dtype=scale_dtype()), 1)
+        expert_param(layer, "w2_qweight", ints(intermediate_size, hidden_size // 8), 0)
+        expert_param(layer, "w2_qzeros", ints(intermediate_size // group, hidden_size // 8), 0, group)
+        expert_param(layer, "w2_scales", torch.zeros(num_experts, intermediate_size // group, hidden_size,
+                                                     dtype=scale_dtype()), 0, group)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        for name in ("w13", "w2"):
+            qweight, qzeros = getattr(layer, f"{name}_qweight").data, getattr(layer, f"{name}_qzeros").data
+            experts = range(qweight.shape[0])  # one at a time: the unpacked codes of a layer are large
+            self.set_canonical(layer, name, torch.stack([pack_int_rows(unpack_awq_columns(qweight[e]), 4)
+                                                         for e in experts]),
+                               torch.stack([unpack_awq_columns(qzeros[e]) for e in experts]))
 
 
 class AWQConfig(QuantizationConfig):
@@ -92,3 +123,8 @@ class AWQConfig(QuantizationConfig):
         if prefix == "lm_head" or is_skipped(layer, prefix, self.modules_to_not_convert, "AWQ"):
             return UnquantizedLinearMethod()  # AWQ checkpoints keep the LM head in float
         return AWQLinearMethod(self.bits, self.group_size)
+
+    def get_experts_method(self, layer: nn.Module, prefix: str):
+        if is_skipped(layer, prefix, self.modules_to_not_convert, "AWQ"):
+            return UnquantizedExpertsMethod()
+        return AWQExpertsMethod(self.bits, self.group_size)

@@ -49,6 +49,39 @@ class LinearMethodBase(ABC):
         return None
 
 
+class ExpertsMethodBase(ABC):
+    """How a `FusedMoE` layer stores its experts: the checkpoint's per-expert tensors stacked per layer
+    (`w13_<name>`, gate then up along the outputs; `w2_<name>`), each loaded by (shard, expert) through
+    the layer's loader, then what `kernels.fused_moe` multiplies by."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        """Registers the stacked parameters for this rank's `intermediate_size` (`expert_param`)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turns the loaded tensors into the kernel's layout (once, after loading); nothing by default."""
+
+    @abstractmethod
+    def experts(self, layer: nn.Module) -> tuple:
+        """(w13, w2) for `fused_moe`: float stacks [E, 2I, H] and [E, H, I], or `QuantExperts`."""
+
+
+def expert_param(layer: nn.Module, name: str, tensor: torch.Tensor, split_dim: int | None, split_pack: int = 1,
+                 loader: WeightLoader | None = None, optional: bool = False) -> nn.Parameter:
+    """Registers `name` ('w13_...' or 'w2_...', [E, ...]) on the MoE layer. `split_dim`: the dim of one
+    expert's checkpoint tensor that runs along the intermediate size (gate / up outputs, down inputs),
+    with `split_pack` channels per element, which the layer's loader cuts to this rank's part and where
+    gate and up sit side by side (None: whole on every rank). `optional`: read if present, else unused."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    param.expert_dim, param.expert_pack = split_dim, split_pack
+    param.weight_loader = loader or layer.weight_loader
+    shards = ("gate", "up") if name.startswith("w13_") else ("down",)
+    param.shard_ids = [(shard, e) for shard in shards for e in range(tensor.shape[0])]
+    param.checkpoint_optional = optional
+    layer.register_parameter(name, param)
+    return param
+
+
 class QuantizationConfig(ABC):
     """A checkpoint's quantization scheme (config.json's `quantization_config` or `--quantization`)."""
 
@@ -62,3 +95,8 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> LinearMethodBase:
         """The method of the linear layer named `prefix` (e.g. 'layers.0.self_attn.qkv_proj')."""
+
+    def get_experts_method(self, layer: nn.Module, prefix: str) -> ExpertsMethodBase | None:
+        """The method of the MoE layer named `prefix` ('layers.1.mlp.experts'); None: this scheme's experts
+        are not supported (the layer refuses them by name)."""
+        return None

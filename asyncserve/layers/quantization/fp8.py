@@ -5,6 +5,8 @@ at load from a bf16/fp16 checkpoint with `--quantization fp8` (per-channel: amax
 W[n, k] = weight_fp8[n, k] * weight_scale[n], multiplied by `kernels.fp8_linear`: a Triton GEMV for one
 row, FP8 tensor cores (`torch._scaled_mm`, each activation row quantized with its own scale) for more,
 and elsewhere the weight dequantized to the activations' dtype (exact against float weights).
+MoE experts: the same per expert, stacked per layer (`w13_weight` [E, 2I, H] e4m3 with `w13_weight_scale`
+[E, 2I], `w2_*` likewise), multiplied weight-only by the fused MoE's dequantizing GEMM.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
+from asyncserve.kernels import QuantExperts
 from asyncserve.kernels.fp8_linear import fp8_linear
 from asyncserve.layers.parallel_state import all_reduce_max
-from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader, set_split_dims
+from asyncserve.layers.quantization.base import (ExpertsMethodBase, LinearMethodBase, QuantizationConfig,
+                                                 WeightLoader, expert_param, set_split_dims)
 from asyncserve.layers.quantization.packed_int import is_skipped
-from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
+from asyncserve.layers.quantization.unquantized import UnquantizedExpertsMethod, UnquantizedLinearMethod
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -89,6 +93,64 @@ def _max_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None 
     param.data.fill_(max(float(param.data), float(loaded.reshape(()))))
 
 
+class FP8ExpertsMethod(ExpertsMethodBase):
+    """e4m3 experts with a float32 scale per output row (a per-tensor scale fills its shard's rows), or
+    (`serialized` False) float experts quantized per row at load. Input scales are read and unused: the
+    activations stay in the model's dtype (weight-only)."""
+
+    def __init__(self, serialized: bool):
+        self.serialized = serialized
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        dtype = FP8 if self.serialized else torch.get_default_dtype()
+        expert_param(layer, "w13_weight", torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), 0)
+        expert_param(layer, "w2_weight", torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), 1)
+        if not self.serialized:
+            return
+        scale_loader = _expert_scale_loader(layer)
+        scales = lambda rows: torch.zeros(num_experts, rows, dtype=torch.float32)
+        expert_param(layer, "w13_weight_scale", scales(2 * intermediate_size), 0, loader=scale_loader)
+        expert_param(layer, "w2_weight_scale", scales(hidden_size), None, loader=scale_loader)
+        for name in ("w13_input_scale", "w2_input_scale"):
+            expert_param(layer, name, torch.zeros(num_experts, 0), None, loader=_unused_input_scale, optional=True)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.serialized:
+            return
+        for name, across_ranks in (("w13", False), ("w2", layer.tp_size > 1)):  # down: a slice of each row
+            weight = getattr(layer, f"{name}_weight").data
+            num_experts, rows, _ = weight.shape
+            quantized, scale = quantize_per_channel(weight.reshape(num_experts * rows, -1), across_ranks)
+            delattr(layer, f"{name}_weight")
+            layer.register_parameter(f"{name}_weight", nn.Parameter(quantized.view(weight.shape), requires_grad=False))
+            layer.register_parameter(f"{name}_weight_scale",
+                                     nn.Parameter(scale.view(num_experts, rows), requires_grad=False))
+
+    def experts(self, layer: nn.Module) -> tuple:
+        return (QuantExperts(layer.w13_weight, layer.w13_weight_scale, None),
+                QuantExperts(layer.w2_weight, layer.w2_weight_scale, None))
+
+
+def _expert_scale_loader(layer: nn.Module):
+    """One expert's weight_scale: one number (per tensor) fills the shard's rows, a per-channel one ([rows]
+    or [rows, 1]) is placed as they are (gate / up: this rank's slice)."""
+
+    @torch.no_grad()
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[str, int]) -> None:
+        rows = layer.hidden_size if shard_id[0] == "down" else layer.whole_intermediate_size
+        if loaded.numel() not in (1, rows):
+            raise ValueError(f"weight_scale of shape {tuple(loaded.shape)}: expected one number (per tensor) or "
+                             f"{rows} (per output channel)")
+        layer.weight_loader(param, loaded.float().reshape(-1).expand(rows), shard_id)
+
+    return load
+
+
+def _unused_input_scale(param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[str, int]) -> None:
+    if loaded.numel() != 1:
+        raise ValueError(f"input_scale of shape {tuple(loaded.shape)}: expected one number")
+
+
 class FP8Config(QuantizationConfig):
     """config.json's `quantization_config` with quant_method 'fp8', or `--quantization fp8` alone."""
 
@@ -115,3 +177,8 @@ class FP8Config(QuantizationConfig):
         if prefix == "lm_head" or is_skipped(layer, prefix, self.ignored_layers, "FP8"):
             return UnquantizedLinearMethod()  # the LM head stays in the model's dtype, as vLLM keeps it
         return FP8LinearMethod(self.serialized, self.activation_scheme == "static")
+
+    def get_experts_method(self, layer: nn.Module, prefix: str):
+        if is_skipped(layer, prefix, self.ignored_layers, "FP8"):
+            return UnquantizedExpertsMethod()
+        return FP8ExpertsMethod(self.serialized)

@@ -5,6 +5,7 @@ Stored: qweight int32 [in / pack, out] (`pack = 32 // bits` consecutive input ro
 bits first), qzeros int32 [groups, out / pack] (packed along the output; format v1 stores zero - 1),
 scales [groups, out], g_idx int32 [in] (the group of each input channel). At load they become the
 kernel's canonical layout; act-order rows are sorted by group once so the product never gathers.
+MoE experts: the same tensors per expert, stacked per layer (act-order refused there).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels.quant_gemm import unpack_int_rows
-from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, set_split_dims
+from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, expert_param, set_split_dims
 from asyncserve.layers.quantization.packed_int import (
+    PackedIntExpertsMethod,
     PackedIntLinearMethod,
     check_shapes,
     int_param,
@@ -22,7 +24,7 @@ from asyncserve.layers.quantization.packed_int import (
     output_dim_loader,
     scale_dtype,
 )
-from asyncserve.layers.quantization.unquantized import UnquantizedLinearMethod
+from asyncserve.layers.quantization.unquantized import UnquantizedExpertsMethod, UnquantizedLinearMethod
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
@@ -89,6 +91,53 @@ class GPTQLinearMethod(PackedIntLinearMethod):
         self.to_canonical(layer, q, zeros, perm)
 
 
+class GPTQExpertsMethod(PackedIntExpertsMethod):
+    """Every expert's GPTQ tensors stacked per layer as stored (w13: gate then up along the outputs);
+    qweight already has the kernel's layout, the zeros are unpacked once. g_idx is read to check that
+    the groups run in order (act-order experts are refused at start)."""
+
+    method = "GPTQ"
+
+    def __init__(self, config: GPTQConfig):
+        super().__init__(config.bits, config.group_size)
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        pack = 32 // self.bits
+        self.check_expert_shapes(layer, hidden_size, intermediate_size, pack)
+        group_13, group_2 = self.group_sizes(hidden_size, intermediate_size)
+        groups_2_dim = None if self.group_size == -1 else 0  # one group over I: every rank's whole
+        ints = lambda *shape: torch.zeros(num_experts, *shape, dtype=torch.int32)
+        floats = lambda *shape: torch.zeros(num_experts, *shape, dtype=scale_dtype())
+        expert_param(layer, "w13_qweight", ints(hidden_size // pack, 2 * intermediate_size), 1)
+        expert_param(layer, "w13_qzeros", ints(hidden_size // group_13, 2 * intermediate_size // pack), 1, pack)
+        expert_param(layer, "w13_scales", floats(hidden_size // group_13, 2 * intermediate_size), 1)
+        expert_param(layer, "w2_qweight", ints(intermediate_size // pack, hidden_size), 0, pack)
+        expert_param(layer, "w2_qzeros", ints(intermediate_size // group_2, hidden_size // pack), groups_2_dim,
+                     group_2)
+        expert_param(layer, "w2_scales", floats(intermediate_size // group_2, hidden_size), groups_2_dim, group_2)
+        for name in ("w13_g_idx", "w2_g_idx"):
+            expert_param(layer, name, ints(0), None, loader=self._g_idx_check, optional=True)
+
+    def _g_idx_check(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[str, int]) -> None:
+        inputs = loaded.numel()
+        group_size = inputs if self.group_size == -1 else self.group_size
+        in_order = torch.arange(inputs, device=loaded.device) // group_size
+        if loaded.dim() != 1 or not torch.equal(loaded.long(), in_order):
+            raise ValueError(f"g_idx puts expert {shard_id[1]}'s {shard_id[0]} inputs out of group order "
+                             "(act-order); GPTQ MoE experts are served with desc_act=false only")
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        for name in ("w13", "w2"):
+            qzeros = getattr(layer, f"{name}_qzeros").data                       # [E, G, N / pack]
+            n = qzeros.shape[2] * 32 // self.bits
+            zeros = torch.stack([unpack_int_rows(qzeros[e].t().contiguous(), self.bits, n).t()
+                                 for e in range(qzeros.shape[0])])              # [E, G, N]
+            if self.config.checkpoint_format == "gptq":
+                zeros = zeros + 1
+            self.set_canonical(layer, name, getattr(layer, f"{name}_qweight").data, zeros)
+
+
 class GPTQConfig(QuantizationConfig):
     """config.json's `quantization_config` (or quantize_config.json) with quant_method 'gptq'."""
 
@@ -122,3 +171,12 @@ class GPTQConfig(QuantizationConfig):
         if prefix == "lm_head" or is_skipped(layer, prefix, self.modules_to_not_convert, "GPTQ"):
             return UnquantizedLinearMethod()  # GPTQ checkpoints keep the LM head in float
         return GPTQLinearMethod(self)
+
+    def get_experts_method(self, layer: nn.Module, prefix: str):
+        if is_skipped(layer, prefix, self.modules_to_not_convert, "GPTQ"):
+            return UnquantizedExpertsMethod()
+        if self.desc_act:
+            raise ConfigError(f"GPTQ with desc_act=true (act-order) is not supported for MoE experts ({prefix}): "
+                              "each expert would need its own input permutation inside the grouped GEMM; "
+                              "serve a desc_act=false checkpoint of this model.")
+        return GPTQExpertsMethod(self)

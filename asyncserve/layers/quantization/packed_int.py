@@ -1,6 +1,7 @@
 """What GPTQ and AWQ share once loaded: integer weights in the kernel's canonical layout (K-rows packed
-into int32, float zeros and scales per group) multiplied by `quant_gemm`; and the checkpoint side's
-loaders that place a fused layer's shards along the output dimension of packed tensors."""
+into int32, float zeros and scales per group) multiplied by `quant_gemm` (linear layers) or the fused
+MoE (experts, per expert); and the checkpoint side's loaders that place a fused layer's shards along the
+output dimension of packed tensors."""
 from __future__ import annotations
 
 import re
@@ -9,8 +10,9 @@ import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
+from asyncserve.kernels import QuantExperts
 from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch
-from asyncserve.layers.quantization.base import LinearMethodBase, set_split_dims
+from asyncserve.layers.quantization.base import ExpertsMethodBase, LinearMethodBase, set_split_dims
 
 
 def scale_dtype() -> torch.dtype:
@@ -121,3 +123,48 @@ class PackedIntLinearMethod(LinearMethodBase):
             x = x[:, self.perm]
         out = quant_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, self.bits)
         return out if bias is None else out + bias
+
+
+class PackedIntExpertsMethod(ExpertsMethodBase):
+    """GPTQ's and AWQ's experts once loaded: `QuantExperts` in the kernel's canonical layout per expert
+    (`w13_qweight` / `w2_qweight` int32 [E, K * bits // 32, N], `*_scales` and `*_zeros` [E, G, N] in
+    the activations' dtype), dequantized tile by tile inside the fused MoE GEMMs."""
+
+    method = ""  # the format's name in messages
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size = bits, group_size  # group_size -1: one group over all inputs
+        self.dtype = torch.get_default_dtype()
+
+    def group_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
+        """The inputs per group of gate|up (over H) and of down (over this rank's I)."""
+        if self.group_size == -1:
+            return hidden_size, intermediate_size
+        return self.group_size, self.group_size
+
+    def check_expert_shapes(self, layer: nn.Module, hidden_size: int, intermediate_size: int, pack: int) -> None:
+        """Fails at start, naming the layer, when H or this rank's I cannot be packed or grouped."""
+        ranks = getattr(layer, "tp_size", 1)
+        part = f" on each of tensor_parallel_size={ranks} ranks" if ranks > 1 else ""
+        group_13, group_2 = self.group_sizes(hidden_size, intermediate_size)
+        if hidden_size % group_13 or hidden_size % pack:
+            raise ConfigError(f"{self.method}: MoE layer {layer.prefix!r} has hidden size {hidden_size}, not a "
+                              f"multiple of the group size {group_13} (and of {pack} values per int32).")
+        if intermediate_size % group_2 or intermediate_size % pack:
+            raise ConfigError(f"{self.method}: MoE layer {layer.prefix!r} has expert intermediate size "
+                              f"{intermediate_size}{part}, not a multiple of the group size {group_2} (and of "
+                              f"{pack} values per int32).")
+
+    def set_canonical(self, layer: nn.Module, name: str, qweight: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Replaces `<name>_qweight` / `_qzeros` / `_scales` by the kernel's tensors (zeros as floats)."""
+        scales = getattr(layer, f"{name}_scales").data.to(self.dtype)
+        for tensor in ("qweight", "qzeros", "scales"):
+            delattr(layer, f"{name}_{tensor}")
+        for tensor, value in (("qweight", qweight), ("scales", scales), ("zeros", zeros.to(self.dtype))):
+            layer.register_parameter(f"{name}_{tensor}", nn.Parameter(value, requires_grad=False))
+
+    def experts(self, layer: nn.Module) -> tuple:
+        hidden_size, intermediate_size = layer.hidden_size, layer.intermediate_size
+        group_13, group_2 = self.group_sizes(hidden_size, intermediate_size)
+        return (QuantExperts(layer.w13_qweight, layer.w13_scales, layer.w13_zeros, group_13, self.bits),
+                QuantExperts(layer.w2_qweight, layer.w2_scales, layer.w2_zeros, group_2, self.bits))

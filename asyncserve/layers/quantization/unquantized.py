@@ -7,7 +7,8 @@ from torch.nn import functional as F
 
 from asyncserve.layers.cpu_layout import (MIN_TIMED_BYTES, OneRowTimer, column_major, is_column_major,
                                           prefers_column_major)
-from asyncserve.layers.quantization.base import LinearMethodBase, QuantizationConfig, WeightLoader, set_split_dims
+from asyncserve.layers.quantization.base import (ExpertsMethodBase, LinearMethodBase, QuantizationConfig,
+                                                 WeightLoader, expert_param, set_split_dims)
 from asyncserve.layers.single_row import SingleRowKernel, fastest_single_row_kernel, linear
 
 
@@ -62,6 +63,17 @@ class UnquantizedLinearMethod(LinearMethodBase):
         return f"{key[0][0]}x{key[0][1]}: column-major {column_ms * 1e3:.0f} us (row-major {row_ms * 1e3:.0f} us)"
 
 
+class UnquantizedExpertsMethod(ExpertsMethodBase):
+    """Every expert's gate|up in `w13_weight` [E, 2I, H] and down in `w2_weight` [E, H, I]."""
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        expert_param(layer, "w13_weight", torch.empty(num_experts, 2 * intermediate_size, hidden_size), 0)
+        expert_param(layer, "w2_weight", torch.empty(num_experts, hidden_size, intermediate_size), 1)
+
+    def experts(self, layer: nn.Module) -> tuple:
+        return layer.w13_weight, layer.w2_weight
+
+
 class UnquantizedConfig(QuantizationConfig):
     """No quantization: every linear layer gets its own `UnquantizedLinearMethod`."""
 
@@ -69,3 +81,6 @@ class UnquantizedConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> UnquantizedLinearMethod:
         return UnquantizedLinearMethod()
+
+    def get_experts_method(self, layer: nn.Module, prefix: str) -> UnquantizedExpertsMethod:
+        return UnquantizedExpertsMethod()

@@ -133,12 +133,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
         self.merger = PatchMerger(config.out_hidden_size, dim, self.merge)
 
     def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        outputs, start = [], 0
-        for grid in grids:
-            num_patches = grid[0] * grid[1] * grid[2]
-            outputs.append(self.encode_one(pixel_values[start:start + num_patches], grid))
-            start += num_patches
-        return outputs
+        return encode_each(self.encode_one, pixel_values, grids)
 
     def encode_one(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         grid_t, grid_h, grid_w = grid
@@ -162,3 +157,14 @@ class Qwen2_5_VisionTransformer(nn.Module):
             x = block(x, cos, sin, None if index in self.full_attention_blocks else window_mask)
         merged = self.merger(x)
         return merged[torch.argsort(order)]
+
+
+def encode_each(encode_one, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """The step's images, concatenated patch rows, encoded one by one (each image's own attention window):
+    `encode_one(patches, grid)` per image, in order."""
+    outputs, start = [], 0
+    for grid in grids:
+        num_patches = grid[0] * grid[1] * grid[2]
+        outputs.append(encode_one(pixel_values[start:start + num_patches], grid))
+        start += num_patches
+    return outputs

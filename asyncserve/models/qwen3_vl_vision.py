@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncserve.models.qwen2_5_vl_vision import VisionAttention, patch_positions
+from asyncserve.models.qwen2_5_vl_vision import VisionAttention, encode_each, patch_positions
 
 
 def _axis_taps(index: torch.Tensor, size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,12 +110,7 @@ class Qwen3VisionTransformer(nn.Module):
                                                    for _ in self.deepstack_blocks)
 
     def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        outputs, start = [], 0
-        for grid in grids:
-            num_patches = grid[0] * grid[1] * grid[2]
-            outputs.append(self.encode_one(pixel_values[start:start + num_patches], grid))
-            start += num_patches
-        return outputs
+        return encode_each(self.encode_one, pixel_values, grids)
 
     def encode_one(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         grid_t, grid_h, grid_w = grid

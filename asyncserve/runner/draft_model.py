@@ -55,12 +55,7 @@ class DraftModel:
 
     def apply_block_moves(self, batch: ScheduledBatch) -> None:
         """The target's swaps and copy-on-write copies, on the draft's pool too."""
-        if batch.swap_out:
-            self.kv_pool.swap_out(batch.swap_out)
-        if batch.swap_in:
-            self.kv_pool.swap_in(batch.swap_in)
-        if batch.block_copies:
-            self.kv_pool.copy_blocks(batch.block_copies)
+        self.kv_pool.apply_block_moves(batch)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """The draft's part of a step: its spans computed, then the drafts of every sequence that verifies

@@ -76,13 +76,8 @@ class Eagle3Drafter:
 
     def apply_block_moves(self, batch: ScheduledBatch) -> None:
         """The target's swaps and copy-on-write copies, on the head's pools too."""
-        for pool in (self.kv_pool, self.hidden_pool):
-            if batch.swap_out:
-                pool.swap_out(batch.swap_out)
-            if batch.swap_in:
-                pool.swap_in(batch.swap_in)
-            if batch.block_copies:
-                pool.copy_blocks(batch.block_copies)
+        self.kv_pool.apply_block_moves(batch)
+        self.hidden_pool.apply_block_moves(batch)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """The head's part of a step: its spans computed, then the drafts of every sequence that verifies

@@ -60,6 +60,16 @@ class KVPool:
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.storage[0, layer], self.storage[1, layer]) for layer in range(self.storage.shape[1])]
 
+    def apply_block_moves(self, batch) -> None:
+        """A step's swaps and copy-on-write copies (the scheduler's, for every pool kept at its block ids),
+        before the step's forward can overwrite the blocks they read."""
+        if batch.swap_out:
+            self.swap_out(batch.swap_out)
+        if batch.swap_in:
+            self.swap_in(batch.swap_in)
+        if batch.block_copies:
+            self.copy_blocks(batch.block_copies)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of shared partial blocks, for every layer at once."""
         device = self.storage.device

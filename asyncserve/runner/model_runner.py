@@ -112,12 +112,7 @@ class ModelRunner:
             self.state_pool.swap_in(batch.state_swap_in)
         if batch.state_resets:
             self.state_pool.reset(batch.state_resets)
-        if batch.swap_out:
-            self.kv_pool.swap_out(batch.swap_out)
-        if batch.swap_in:
-            self.kv_pool.swap_in(batch.swap_in)
-        if batch.block_copies:
-            self.kv_pool.copy_blocks(batch.block_copies)
+        self.kv_pool.apply_block_moves(batch)
         if self.drafter is not None:
             self.drafter.apply_block_moves(batch)
 

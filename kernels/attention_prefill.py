@@ -10,7 +10,9 @@ tile's first query position need no mask; only the diagonal tiles apply the caus
 An fp8 pool is read as stored * scale: k_scale folds into the scores, v_scale into the output.
 With a sliding window, tiles wholly before every row's window are skipped and the tiles
 across the window's start are masked too. Attention sinks (HAS_SINKS) start each row's running
-max at its head's sink and its sum at 1: one more key of value zero, read on the device.
+max at its head's sink and its sum at 1: one more key of value zero, read on the device. Key ends
+(HAS_KEY_ENDS, Gemma 3's images) replace each row's causal limit by its entry: the tile reads keys up to
+its rows' furthest end and masks from the nearest, while the window still counts back from the query.
 """
 
 import os
@@ -35,13 +37,14 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(
     out_ptr, query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sinks_ptr, sliding_window, softcap_log2e,
+    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sinks_ptr, key_ends_ptr, sliding_window,
+    softcap_log2e,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_KEY_ENDS: tl.constexpr,
 ):
     query_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -78,6 +81,11 @@ def _prefill_kernel(
     # cross the diagonal (masked).
     unmasked_end = (first_query_position // BLOCK_N) * BLOCK_N
     kv_end = tl.minimum(first_query_position + BLOCK_M, seq_len)
+    key_ends = query_positions  # read only with HAS_KEY_ENDS
+    if HAS_KEY_ENDS:  # rows may see past themselves: read to the furthest key end, mask from the nearest
+        key_ends = tl.load(key_ends_ptr + q_start + rows, mask=row_mask, other=seq_len).to(tl.int32)
+        kv_end = tl.minimum(tl.max(key_ends, axis=0), seq_len)
+        unmasked_end = (tl.minimum(first_query_position, tl.min(key_ends, axis=0)) // BLOCK_N) * BLOCK_N
     lo = (first_key(first_query_position, sliding_window) // BLOCK_N) * BLOCK_N
     window_end = tl.minimum(tl.cdiv(first_key(first_query_position + BLOCK_M - 1, sliding_window),
                                     BLOCK_N) * BLOCK_N, unmasked_end)
@@ -85,21 +93,21 @@ def _prefill_kernel(
     for tile_start in range(lo, window_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            query_positions, window_starts, key_ends, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP, HAS_KEY_ENDS)
     for tile_start in range(window_end, unmasked_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            query_positions, window_starts, key_ends, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP, HAS_KEY_ENDS)
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            query_positions, window_starts, key_ends, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP, HAS_KEY_ENDS)
 
     if HAS_SCALES:
         acc = acc * tl.load(v_scale_ptr)
@@ -123,23 +131,23 @@ def _tile_config(max_query_len: int, head_dim_pad: int, element_size: int = 2):
 def paged_prefill_attention_triton(query, k_cache, v_cache, block_tables, seq_lens,
                                    query_start_loc, max_query_len, max_seq_len, scale,
                                    k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None,
-                                   sinks=None):
+                                   sinks=None, key_ends=None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D] by the kernel PREFILL_KERNEL names."""
     args = (query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
             max_seq_len, scale, k_scale, v_scale)
     options = {"sliding_window": sliding_window, "softcap": softcap, "sinks": sinks}
     if PREFILL_KERNEL == "v1":
-        return paged_prefill_attention_v1(*args, **options)
-    if PREFILL_KERNEL == "sdpa" and sdpa_prefill_applies(query, k_cache, query_start_loc, max_query_len,
-                                                         k_scale, v_scale, **options):
-        return paged_prefill_attention_sdpa(*args, **options)
-    return paged_prefill_attention_gqa(*args, **options)
+        return paged_prefill_attention_v1(*args, **options, key_ends=key_ends)
+    if PREFILL_KERNEL == "sdpa" and key_ends is None and sdpa_prefill_applies(
+            query, k_cache, query_start_loc, max_query_len, k_scale, v_scale, **options):
+        return paged_prefill_attention_sdpa(*args, **options)  # causal only: key ends take v2
+    return paged_prefill_attention_gqa(*args, **options, key_ends=key_ends)
 
 
 def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
                                query_start_loc, max_query_len, max_seq_len, scale,
                                k_scale=1.0, v_scale=1.0, *, sliding_window=None, softcap=None,
-                               sinks=None):
+                               sinks=None, key_ends=None):
     """The per-head kernel: query [T, H, D] -> out [T, H, D]; see attention_ref for semantics."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -154,7 +162,7 @@ def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
     k_scale, v_scale, has_scales = scale_operands(k_scale, v_scale, query)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-        k_scale, v_scale, query if sinks is None else sinks,
+        k_scale, v_scale, query if sinks is None else sinks, query if key_ends is None else key_ends,
         sliding_window or 0, (softcap or 0.0) * _LOG2E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -163,6 +171,6 @@ def paged_prefill_attention_v1(query, k_cache, v_cache, block_tables, seq_lens,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", HAS_SCALES=has_scales,
         USE_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_KEY_ENDS=key_ends is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

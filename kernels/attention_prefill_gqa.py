@@ -5,7 +5,8 @@ QUERIES_PER_KV query heads that share the KV head (token-major, heads padded to 
 K/V tile is read once for all of them instead of once per query head (4x fewer reads for 32/8 GQA), and
 its products are QUERIES_PER_KV times taller. Query tiles run heaviest first (the last tokens of a
 causal prompt see the most keys), so the tail of the grid is short. Masks, sliding window, softcap,
-fp8 scales and attention sinks are those of attention_prefill's per-head kernel, which stays the reference.
+fp8 scales, attention sinks and key ends are those of attention_prefill's per-head kernel, which stays the
+reference.
 """
 
 from dataclasses import dataclass
@@ -80,13 +81,14 @@ def _smaller(tile: PrefillTile) -> PrefillTile | None:
 @triton.jit
 def _packed_prefill_kernel(
     out_ptr, query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sinks_ptr, sliding_window, softcap_log2e,
+    query_start_loc_ptr, scale_log2e, k_scale_ptr, v_scale_ptr, sinks_ptr, key_ends_ptr, sliding_window,
+    softcap_log2e,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_table,
     QUERIES_PER_KV: tl.constexpr, QUERIES_PER_KV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SCALES: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_KEY_ENDS: tl.constexpr,
 ):
     query_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first
     seq = tl.program_id(1)
@@ -125,6 +127,11 @@ def _packed_prefill_kernel(
     # cross the diagonal (masked). Tiles wholly after the tile's last token are never read.
     unmasked_end = (first_query_position // BLOCK_N) * BLOCK_N
     kv_end = tl.minimum(first_query_position + BLOCK_Q, seq_len)
+    key_ends = query_positions  # read only with HAS_KEY_ENDS
+    if HAS_KEY_ENDS:  # rows may see past themselves: read to the furthest key end, mask from the nearest
+        key_ends = tl.load(key_ends_ptr + q_start + tokens, mask=tokens < q_len, other=seq_len).to(tl.int32)
+        kv_end = tl.minimum(tl.max(key_ends, axis=0), seq_len)
+        unmasked_end = (tl.minimum(first_query_position, tl.min(key_ends, axis=0)) // BLOCK_N) * BLOCK_N
     lo = (first_key(first_query_position, sliding_window) // BLOCK_N) * BLOCK_N
     window_end = tl.minimum(tl.cdiv(first_key(first_query_position + BLOCK_Q - 1, sliding_window),
                                     BLOCK_N) * BLOCK_N, unmasked_end)
@@ -132,21 +139,21 @@ def _packed_prefill_kernel(
     for tile_start in range(lo, window_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            query_positions, window_starts, key_ends, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP, HAS_KEY_ENDS)
     for tile_start in range(window_end, unmasked_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            query_positions, window_starts, key_ends, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, False, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP, HAS_KEY_ENDS)
     for tile_start in range(unmasked_end, kv_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, tile_start, kv_end,
-            query_positions, window_starts, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            query_positions, window_starts, key_ends, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, scale_log2e, softcap_log2e, True, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-            BLOCK_N, DOT_PRECISION, USE_SOFTCAP)
+            BLOCK_N, DOT_PRECISION, USE_SOFTCAP, HAS_KEY_ENDS)
 
     if HAS_SCALES:
         acc = acc * tl.load(v_scale_ptr)
@@ -166,7 +173,8 @@ def packed_rows(tile: PrefillTile, queries_per_kv_pad: int, max_query_len: int) 
 
 def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                 max_query_len, max_seq_len, scale, k_scale=1.0, v_scale=1.0, *,
-                                sliding_window=None, softcap=None, sinks=None, tile: PrefillTile | None = None):
+                                sliding_window=None, softcap=None, sinks=None, key_ends=None,
+                                tile: PrefillTile | None = None):
     """query [T, H, D] (flattened new tokens) -> out [T, H, D]; see attention_ref for semantics.
     `tile` overrides PREFILL_TILES (the benchmark's sweep)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -188,7 +196,8 @@ def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens,
         try:
             _packed_prefill_kernel[grid](
                 out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * _LOG2E,
-                k_scale, v_scale, query if sinks is None else sinks, sliding_window or 0,
+                k_scale, v_scale, query if sinks is None else sinks, query if key_ends is None else key_ends,
+                sliding_window or 0,
                 (softcap or 0.0) * _LOG2E,
                 query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -198,7 +207,7 @@ def paged_prefill_attention_gqa(query, k_cache, v_cache, block_tables, seq_lens,
                 BLOCK_M=block_m, BLOCK_N=tile.block_n,
                 DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 HAS_SCALES=has_scales, USE_SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
-                num_warps=tile.num_warps, num_stages=tile.num_stages,
+                HAS_KEY_ENDS=key_ends is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
             )
             return out
         except _OUT_OF_RESOURCES:

@@ -7,13 +7,14 @@ from .attention_window import soft_cap
 
 @triton.jit
 def attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
-                tile_start, kv_end, query_positions, window_starts,
+                tile_start, kv_end, query_positions, window_starts, key_ends,
                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, scale_log2e,
                 softcap_log2e, CAUSAL_MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, USE_SOFTCAP: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, USE_SOFTCAP: tl.constexpr, HAS_KEY_ENDS: tl.constexpr):
     """Rows of q [M, D] at `query_positions` [M] over keys [tile_start, tile_start + BLOCK_N);
-    scores in log2 units (scale_log2e folds 1/sqrt(D), log2(e) and an fp8 k_scale)."""
+    scores in log2 units (scale_log2e folds 1/sqrt(D), log2(e) and an fp8 k_scale).
+    With HAS_KEY_ENDS each row sees keys below its `key_ends` [M] instead of up to its position."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM_PAD)
     token_mask = tokens < kv_end
@@ -35,8 +36,12 @@ def attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head,
     if USE_SOFTCAP:
         scores = soft_cap(scores, softcap_log2e)
     if CAUSAL_MASK:  # also the sliding window's start: each row sees [window_starts, itself]
-        visible = ((tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
-                   & (tokens[None, :] >= window_starts[:, None]))
+        if HAS_KEY_ENDS:  # ... or [window_starts, its key end)
+            visible = ((tokens[None, :] < key_ends[:, None]) & token_mask[None, :]
+                       & (tokens[None, :] >= window_starts[:, None]))
+        else:
+            visible = ((tokens[None, :] <= query_positions[:, None]) & token_mask[None, :]
+                       & (tokens[None, :] >= window_starts[:, None]))
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)

@@ -15,8 +15,8 @@ Options of every entry point (keywords, off by default):
 - `key_ends` [T] (prefill only): each query row sees keys at positions below its entry instead of up to
   itself, so a span of tokens may attend both ways (Gemma 3's image tokens: each one's entry is its image's
   end; every other row's is its position + 1). The keys must be in the pool, so the span's end lies in the
-  step. A sliding window still counts back from the query's own position. The Triton kernels lack it:
-  `paged_attention` takes this reference for a step that passes it, on any device.
+  step. A sliding window still counts back from the query's own position. The Triton prefill kernels take
+  it too (HAS_KEY_ENDS); a step of lone new tokens drops it (each one's end is its position + 1).
 """
 
 import torch

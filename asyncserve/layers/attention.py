@@ -48,7 +48,8 @@ class AttentionMetadata:
     state_query_start_loc_host: torch.Tensor | None = None
     # [T] int64, eager steps with image tokens of a family whose images attend both ways (Gemma 3): each
     # row sees keys below its entry (an image token's image end, any other row's position + 1), so an
-    # image's tokens see each other (runner/images.py). None: causal. Prefill rows only (the reference).
+    # image's tokens see each other (runner/images.py). None: causal. Read by the prefill kernels and the
+    # reference; the decode kernels never take it (a lone new token's end is its position + 1).
     key_ends: torch.Tensor | None = None
 
     @property
@@ -126,21 +127,16 @@ class PagedAttention(nn.Module):
             result[decodes:] = paged_attention(
                 query[decodes:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_seq_lens,
                 meta.prefill_query_start_loc, meta.max_query_len, meta.prefill_max_seq_len, self.scale,
-                **options, **_key_ends(key_ends))
+                **options, key_ends=key_ends)
             return result
         else:
             result = paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, meta.max_query_len, meta.max_seq_len, self.scale,
-                                     **options, **_key_ends(meta.key_ends))
+                                     **options, key_ends=meta.key_ends)
         if out is None:
             return result
         out.copy_(result)
         return out
-
-
-def _key_ends(key_ends: torch.Tensor | None) -> dict:
-    # Passed only when set, so the Triton kernels (which lack it) never see the keyword.
-    return {} if key_ends is None else {"key_ends": key_ends}
 
 
 def _sinks_parameter(num_heads: int) -> nn.Parameter:

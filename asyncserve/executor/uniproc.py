@@ -6,6 +6,7 @@ import torch
 
 from asyncserve.config.tree import Config
 from asyncserve.executor.base import Executor
+from asyncserve.models.base import CausalLM
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
 

@@ -13,6 +13,7 @@ import time
 import torch
 
 from asyncserve.config.tree import Config
+from asyncserve.models.base import CausalLM
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
 from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_sampling_tensors, needs_grammar_masks

@@ -127,6 +127,13 @@ class LLM:
             prompts = [prompts]
         return beam_search(self.llm_engine, list(prompts), params)
 
+    def _fetched(self, conversation: list[dict]) -> list[dict]:
+        """The conversation with its http(s) image URLs downloaded here, under the server's bounds."""
+        from asyncserve.multimodal.fetch import FetchLimits, fetch_messages_sync  # aiohttp only when needed
+        model = self.llm_engine.config.model
+        return fetch_messages_sync(conversation, FetchLimits.from_env(model.allowed_media_domains),
+                                   model.limit_mm_per_prompt.get("image", 0))
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -141,9 +148,9 @@ class LLM:
         prompts = []
         for conversation in conversations:
             images = []
-            if has_image_parts(conversation):  # image_url (data: / file:) and image_pil parts, as vLLM's
-                conversation, images = split_image_parts(
-                    conversation, self.llm_engine.config.model.allowed_local_media_path)
+            if has_image_parts(conversation):  # image_url (data: / file: / http(s)) and image_pil parts, as vLLM's
+                conversation, images = split_image_parts(self._fetched(conversation),
+                                                         self.llm_engine.config.model.allowed_local_media_path)
             prompt = {"prompt_token_ids": tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 tools=tools, continue_final_message=continue_final_message, tokenize=True, return_dict=False)}

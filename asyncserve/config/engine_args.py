@@ -80,10 +80,11 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
-    # Images (vLLM's names): how many a prompt may carry ('{"image": 2}'), and the folder file:// URLs may
-    # read (None: file:// refused).
+    # Images (vLLM's names): how many a prompt may carry ('{"image": 2}'), the folder file:// URLs may
+    # read (None: file:// refused), and the hosts http(s) URLs may name (None: any).
     limit_mm_per_prompt: dict | str | None = None
     allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,9 +141,11 @@ class EngineConfig:
         if self.enable_lora:
             from asyncserve.config.lora import check_lora_config
             check_lora_config(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
-        from asyncserve.config.multimodal import check_local_media_path, parse_limit_mm_per_prompt
+        from asyncserve.config.multimodal import (check_local_media_path, check_media_domains,
+                                                  parse_limit_mm_per_prompt)
         self.limit_mm_per_prompt = parse_limit_mm_per_prompt(self.limit_mm_per_prompt)
         self.allowed_local_media_path = check_local_media_path(self.allowed_local_media_path)
+        self.allowed_media_domains = check_media_domains(self.allowed_media_domains)
         from asyncserve.config.speculative import parse_speculative_config
         self.speculative_config = parse_speculative_config(self.speculative_config)
         if self.speculative_config is not None and self.tensor_parallel_size > 1:

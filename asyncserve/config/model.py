@@ -39,9 +39,11 @@ class ModelConfig:
     # a request may ask for; None: none (any 1..hidden_size when is_matryoshka without a list).
     is_matryoshka: bool = False
     matryoshka_dimensions: list[int] | None = None
-    # Images (config/multimodal.py): the most a prompt may carry, and where file:// URLs may point.
+    # Images (config/multimodal.py): the most a prompt may carry, where file:// URLs may point, and the
+    # hosts http(s) URLs may name (None: any).
     limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 16})
     allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
 
     @property
     def is_pooling(self) -> bool:
@@ -116,4 +118,5 @@ def load_model_config(args, path: str) -> ModelConfig:
                        is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False) or matryoshka),
                        matryoshka_dimensions=list(matryoshka) if matryoshka else None,
                        limit_mm_per_prompt=dict(args.limit_mm_per_prompt),
-                       allowed_local_media_path=args.allowed_local_media_path)
+                       allowed_local_media_path=args.allowed_local_media_path,
+                       allowed_media_domains=args.allowed_media_domains)

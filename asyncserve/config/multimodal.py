@@ -1,5 +1,5 @@
-"""What a user sets about images (vLLM's flags): how many a prompt may carry, and where the server may read
-file:// images from (nowhere by default)."""
+"""What a user sets about images (vLLM's flags): how many a prompt may carry, where the server may read
+file:// images from (nowhere by default), and which hosts http(s) image URLs may name (any by default)."""
 from __future__ import annotations
 
 import json
@@ -42,3 +42,15 @@ def check_local_media_path(path: str | None) -> str | None:
     if not os.path.isdir(path):
         raise ConfigError(f"allowed_local_media_path={path!r} is not a folder.")
     return os.path.realpath(path)
+
+
+def check_media_domains(domains: list[str] | str | None) -> list[str] | None:
+    """--allowed-media-domains: host names (exact, as vLLM compares them), lower-cased; None or [] for any."""
+    if domains is None:
+        return None
+    if isinstance(domains, str):
+        domains = [domains]
+    if not isinstance(domains, (list, tuple)) or not all(isinstance(domain, str) and domain.strip()
+                                                         for domain in domains):
+        raise ConfigError(f"allowed_media_domains must be a list of host names, got {domains!r}.")
+    return [domain.strip().lower() for domain in domains] or None

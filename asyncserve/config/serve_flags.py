@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Images a prompt may carry, as vLLM's JSON: '{\"image\": 2}' (default: 16).")
     model.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                        help="file:// image URLs may read images under DIR (default: file:// refused).")
+    model.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                       help="http(s) image URLs may only name these hosts, on every redirect too (default: any "
+                            "host). The server fetches each image within VLLM_IMAGE_FETCH_TIMEOUT seconds (default "
+                            "5) and 20 MiB, following redirects unless VLLM_MEDIA_URL_ALLOW_REDIRECTS=0, as vLLM.")
     model.add_argument("--device", default=d["device"], help="'auto', 'cuda', 'cuda:N' or 'cpu' "
                                                              "(default: %(default)s).")
 
@@ -288,7 +292,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         speculative_config=args.speculative_config, scheduling_policy=args.scheduling_policy,
         enable_lora=args.enable_lora, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-        limit_mm_per_prompt=args.limit_mm_per_prompt, allowed_local_media_path=args.allowed_local_media_path)
+        limit_mm_per_prompt=args.limit_mm_per_prompt, allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=args.allowed_media_domains)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -110,7 +110,6 @@ FLAGS: tuple[VllmFlag, ...] = (
              "weight-loading tuning", NO_MEANING, 1),
     # multimodal
     _flag("--mm-processor-kwargs --mm-processor-cache-gb --media-io-kwargs --mm-encoder-tp-mode", _MM, NOT_BUILT),
-    _flag("--allowed-media-domains", _MM, NOT_BUILT, "+"),
     _flag("--enable-mm-embeds --interleave-mm-strings", _MM, NOT_BUILT, 0),
     _ignored("--disable-mm-preprocessor-cache --skip-mm-profiling --disable-chunked-mm-input", _MM, NOT_BUILT, 0),
     # parallelism and processes

@@ -1,9 +1,9 @@
 """An image from a request, decoded with Pillow under limits: a broken, huge or hostile image is an
 `InvalidImageError` naming the part it came in, never a stall, a memory blow-up or a 500.
 
-Limits: the encoded bytes (a data URL or a file), the pixel count read from the header before anything is
-decoded (a decompression bomb fails there), and a fully decoded result (a truncated file fails here, not
-later inside the processor)."""
+Limits: the encoded bytes (a data URL, a file or a download), the pixel count read from the header before
+anything is decoded (a decompression bomb fails there), and a fully decoded result (a truncated file fails
+here, not later inside the processor)."""
 from __future__ import annotations
 
 import base64
@@ -21,6 +21,18 @@ MAX_IMAGE_PIXELS = 40_000_000        # decoded: about 160 MB of RGBA; Qwen's pro
 
 class InvalidImageError(InvalidParameterError):
     """An image part cannot be used: the message says which part and why (HTTP 400)."""
+
+
+class FetchedImage(str):
+    """An http(s) image URL already downloaded (multimodal/fetch.py), carrying its bytes. A str, so that the
+    part passes every check a URL does; JSON never makes one, so a client cannot forge it."""
+
+    data: bytes
+
+    def __new__(cls, url: str, data: bytes) -> FetchedImage:
+        fetched = super().__new__(cls, url)
+        fetched.data = data
+        return fetched
 
 
 def _pil():
@@ -64,8 +76,10 @@ def decode_image_bytes(data: bytes, where: str):
 
 
 def load_image_url(url: str, where: str, allowed_local_media_path: str | None):
-    """An image part's URL: `data:image/...;base64,...`, or `file://` under --allowed-local-media-path.
-    http(s) URLs are refused by name: the server does not fetch from the network yet."""
+    """An image part's URL: `data:image/...;base64,...`, `file://` under --allowed-local-media-path, or an
+    http(s) URL downloaded beforehand (a FetchedImage: the server and `LLM.chat` fetch before decoding)."""
+    if isinstance(url, FetchedImage):
+        return decode_image_bytes(url.data, where)
     if not isinstance(url, str) or not url:
         raise InvalidImageError(f"{where} must be a non-empty URL string.", where)
     if url.startswith("data:"):
@@ -83,9 +97,10 @@ def load_image_url(url: str, where: str, allowed_local_media_path: str | None):
     if scheme == "file":
         return decode_image_bytes(_read_local(url, where, allowed_local_media_path), where)
     if scheme in ("http", "https"):
-        raise InvalidImageError(f"{where}: http(s) image URLs are not fetched by this server yet; send the image "
-                                "inline as a base64 data URL (data:image/png;base64,...).", where)
-    raise InvalidImageError(f"{where} has an unsupported URL scheme {scheme!r}: send a base64 data URL.", where)
+        raise InvalidImageError(f"{where}: http(s) image URLs are not fetched on this path; send the image inline "
+                                "as a base64 data URL (data:image/png;base64,...).", where)
+    raise InvalidImageError(f"{where} has an unsupported URL scheme {scheme!r}: send a base64 data URL or an "
+                            "http(s) URL.", where)
 
 
 def _read_local(url: str, where: str, allowed: str | None) -> bytes:

@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from asyncserve.errors import ConfigError
+from asyncserve.multimodal.fetch import FetchLimits
 from asyncserve.server import anthropic
 from asyncserve.server.chat import create_chat_completion, load_chat_template
 from asyncserve.server.parsers_config import check_parsers
@@ -16,6 +17,7 @@ from asyncserve.server.completions import create_completion
 from asyncserve.server.embeddings import create_embedding
 from asyncserve.server.cors import CorsConfig, cors_middleware, enable_cors
 from asyncserve.server.errors import ApiError, api_error_from, error_response, vllm_route_error
+from asyncserve.server.image_urls import IMAGE_FETCHER, ImageFetcher, image_fetcher_lifetime
 from asyncserve.server.info import detokenize, health, list_models, metrics, retrieve_model, tokenize, version
 from asyncserve.server.page import chat_page
 from asyncserve.server.responses import add_responses_routes
@@ -146,7 +148,7 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
                enable_auto_tool_choice: bool = False, reasoning_parser: str | None = None,
                lora_modules: list[dict] | None = None, allow_runtime_lora_updating: bool | None = None,
                lora_dir: str | None = None, health_stall_timeout: float = 120.0,
-               return_tokens_as_token_ids: bool = False) -> web.Application:
+               return_tokens_as_token_ids: bool = False, image_fetch: FetchLimits | None = None) -> web.Application:
     """An aiohttp app serving `engine` with OpenAI's API; mount it anywhere with `add_subapp`.
 
     The engine starts and stops with the app. On shutdown, in-flight requests get `drain_timeout`
@@ -165,6 +167,8 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
     `/health` answers 503 once the engine has had work but finished no step for `health_stall_timeout` s.
     `return_tokens_as_token_ids` (vLLM's --return-tokens-as-token-ids): logprobs name tokens "token_id:<id>"
     unless a request's field of that name says otherwise.
+    `image_fetch`: the bounds on downloading http(s) image URLs (default: vLLM's VLLM_IMAGE_FETCH_TIMEOUT and
+    VLLM_MEDIA_URL_ALLOW_REDIRECTS from the environment, the engine's allowed_media_domains).
     """
     check_parsers(tool_call_parser, enable_auto_tool_choice, reasoning_parser)
     names = served_model_name or engine.served_model_names
@@ -182,11 +186,14 @@ def openai_app(engine, *, served_model_name: str | list[str] | None = None, api_
         middlewares.insert(0, cors_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[SERVER_STATE] = state
+    limits = image_fetch or FetchLimits.from_env(engine.config.model.allowed_media_domains)
+    app[IMAGE_FETCHER] = ImageFetcher(limits)
     if cors is not None:
         enable_cors(app, cors)
     app.on_response_prepare.append(set_server_header)
     quiet_malformed_request_logs()
     app.cleanup_ctx.append(_engine_lifetime)
+    app.cleanup_ctx.append(image_fetcher_lifetime)
     app.on_shutdown.append(_drain)
     app.router.add_post("/v1/completions", create_completion, name="completions")
     app.router.add_post("/v1/chat/completions", create_chat_completion, name="chat_completions")

@@ -280,4 +280,4 @@ def prepare_chat(state: ServerState, data) -> _Prepared:
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    return await handle_generation(request, prepare_chat)
+    return await handle_generation(request, prepare_chat, image_urls=True)  # http(s) images downloaded first

@@ -55,14 +55,15 @@ class PreparedRequest(Protocol):
 
 
 async def handle_generation(request: web.Request,
-                            prepare: Callable[[ServerState, dict], PreparedRequest]) -> web.StreamResponse:
+                            prepare: Callable[[ServerState, dict], PreparedRequest],
+                            image_urls: bool = False) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     state.check_accepting()
     refuse_on_embedding_model(state, "Chat Completions" if request.path.endswith("/chat/completions")
                               else "Completions")
     # Off the loop whatever the size: a burst of hundreds of arrivals (a benchmark's start, a retry storm)
     # would otherwise parse, render and tokenize them all on it, one after another.
-    prepared = await read_and_prepare(request, state, prepare, always_offload=True)
+    prepared = await read_and_prepare(request, state, prepare, always_offload=True, image_urls=image_urls)
     engine, parsed = state.engine, prepared.parsed
     response_id = (f"{prepared.id_prefix}-{parsed.request_id}" if parsed.request_id is not None
                    else state.new_id(prepared.id_prefix))

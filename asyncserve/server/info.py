@@ -105,7 +105,7 @@ async def tokenize(request: web.Request) -> web.Response:
     As in vLLM, a prompt of max_model_len tokens or more is refused (400): no request could use it.
     """
     state = request.app[SERVER_STATE]
-    return json_response(await read_and_prepare(request, state, _tokenize))
+    return json_response(await read_and_prepare(request, state, _tokenize, image_urls=True))
 
 
 def _detokenize(state: ServerState, data) -> dict:

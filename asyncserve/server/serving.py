@@ -13,6 +13,7 @@ from asyncserve.outputs import CompletionOutput, RequestOutput
 from asyncserve.server.connection import drain_within, read_body, write_within
 from asyncserve.server.errors import ApiError, api_error_from, error_payload
 from asyncserve.server.generation import Generation
+from asyncserve.server.image_urls import PendingImages, download_images, find_image_urls
 from asyncserve.server.sse import DONE, event, open_stream
 from asyncserve.server.state import ServerState
 from asyncserve.server.stream_sink import StreamSink
@@ -32,17 +33,29 @@ OFFLOAD_RESPONSE_ENTRIES = 20_000
 
 
 async def read_and_prepare(request: web.Request, state: ServerState, prepare: Callable[[ServerState, object], T],
-                           always_offload: bool = False) -> T:
+                           always_offload: bool = False, image_urls: bool = False) -> T:
     """Reads the body, then `prepare(state, parsed JSON)`: in the worker thread for a big body (or for
     every body with `always_offload`), so that neither parsing, tokenizing nor freeing millions of token ids
-    holds the loop."""
+    holds the loop. With `image_urls` (chat messages), http(s) image URLs are downloaded on the loop between
+    parsing and preparing (server/image_urls.py); the body then always goes to the worker thread, whose
+    image decoding it needs."""
     body = await read_body(request, state.max_body_bytes, state.request_body_timeout)
-    return await state.run(always_offload or len(body) >= OFFLOAD_BYTES, _parse_and_prepare, prepare, state, body)
+    prepared = await state.run(always_offload or len(body) >= OFFLOAD_BYTES, _parse_and_prepare, prepare, state,
+                               body, image_urls)
+    if isinstance(prepared, PendingImages):
+        data = await download_images(request, prepared)
+        prepared = await state.run(True, prepare, state, data)
+    return prepared
 
 
-def _parse_and_prepare(prepare, state: ServerState, body: bytes):
+def _parse_and_prepare(prepare, state: ServerState, body: bytes, image_urls: bool = False):
     from asyncserve.server.protocol import parse_json
-    return prepare(state, parse_json(body))
+    data = parse_json(body)
+    if image_urls:
+        pending = find_image_urls(state, data)
+        if pending is not None:
+            return pending
+    return prepare(state, data)
 
 
 class Cursor:

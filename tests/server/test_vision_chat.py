@@ -1,5 +1,6 @@
 """The official openai client sends a data-URL image to a Qwen2.5-VL server and gets the offline greedy
-answer; broken images and image parts to a text-only model are 400s naming the part."""
+answer; broken images and image parts to a text-only model are 400s naming the part (http(s) URLs:
+test_image_urls.py)."""
 from __future__ import annotations
 
 import base64
@@ -57,7 +58,7 @@ async def test_a_data_url_image_gets_the_offline_greedy_answer(vl_path, vl_clien
     (_data_url(png_bytes(PICTURE)[:200]), "cannot be decoded"),                 # truncated
     (_data_url(b"not an image at all"), "not an image"),                         # wrong type
     ("data:image/png;base64,@@@", "not valid base64"),
-    ("https://example.com/cat.png", "not fetched"),
+    ("ftp://example.com/cat.png", "unsupported URL scheme 'ftp'"),
     ("file:///etc/passwd", "file:// URLs are off"),
 ])
 async def test_bad_images_are_400s_naming_the_part(vl_client, url, message):

@@ -73,7 +73,7 @@ else:
         select_experts_triton,
         select_experts,
     )
-    from .moe_quant import QuantExperts
+    from .quant_experts import QuantExperts
     from .moe_tiles import MOE_CONFIGS, GemmTiles, MoeTiles, max_padded_entries
     from .norm import (
         fused_add_rms_norm,

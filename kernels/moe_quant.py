@@ -10,45 +10,14 @@ no dense copy of an expert is ever written.
 Logically each is the float kernel's B [E, N, K]; `QuantExperts.dequantize` gives one expert's [N, K].
 """
 
-from typing import NamedTuple
-
 import torch
 
 from ._triton import tl, triton
 from .moe_tiles import moe_config, table_tiles
-from .quant_gemm import _codes_to_float, _kernel_group_size, dequantize_int_rows
+from .quant_experts import QuantExperts
+from .quant_gemm import _codes_to_float, _kernel_group_size
 
 FP8_DTYPE = torch.float8_e4m3fn
-
-
-class QuantExperts(NamedTuple):
-    """One grouped GEMM's experts, quantized (see the module docstring for the two layouts)."""
-
-    weight: torch.Tensor             # int32 [E, K * bits // 32, N] or e4m3 [E, N, K]
-    scales: torch.Tensor             # [E, G, N] (int) or float32 [E, N] (fp8)
-    zeros: torch.Tensor | None       # [E, G, N] (int); None for fp8
-    group_size: int = 0              # int: inputs per group (K for one group)
-    bits: int = 8
-
-    @property
-    def is_fp8(self) -> bool:
-        return self.zeros is None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(E, N, K): the float B this stands for."""
-        if self.is_fp8:
-            return tuple(self.weight.shape)
-        num_experts, packed_rows, n = self.weight.shape
-        return num_experts, n, packed_rows * 32 // self.bits
-
-    def dequantize(self, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Expert `expert`'s float weight [N, K], computed in float32."""
-        if self.is_fp8:
-            return (self.weight[expert].float() * self.scales[expert].float()[:, None]).to(dtype)
-        k = self.shape[2]
-        return dequantize_int_rows(self.weight[expert], self.scales[expert], self.zeros[expert], self.group_size,
-                                   self.bits, k).t().contiguous().to(dtype)
 
 
 def quant_moe_tiles(num_tokens, top_k, num_experts, w13_rows, hidden_size):

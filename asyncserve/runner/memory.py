@@ -25,8 +25,8 @@ def num_kv_blocks(runner, config: Config) -> int:
     state_bytes = state_bytes_per_slot(runner.model.state_layers()) * (cache.num_state_slots + 1)
     if model_config.device.type != "cuda":
         available = cache.cpu_kv_cache_space * _GIB
-        if state_bytes > available / 2:
-            state_bytes = _fit_state_slots(runner, config, available / 2)
+        if state_bytes > state_share(runner, config, available):
+            state_bytes = _fit_state_slots(runner, config, state_share(runner, config, available), available)
         return max(1, int(available - state_bytes) // block_bytes)
     logger.info("profiling memory: one forward pass over %d tokens to size the KV cache",
                 config.scheduler.max_num_batched_tokens)
@@ -42,8 +42,23 @@ def num_kv_blocks(runner, config: Config) -> int:
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
     available = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
-    if state_bytes > available / 2:
-        state_bytes = _fit_state_slots(runner, config, available / 2)
+    if state_bytes > state_share(runner, config, available):
+        # The peak counted the sampler over max_num_seqs rows (with a 248k vocabulary, gigabytes), and fewer
+        # will run: measure again at about that many, then fit the slots to what it frees.
+        fewer = int(state_share(runner, config, available) // state_bytes_per_slot(runner.model.state_layers()))
+        peak = profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
+                                   max(1, min(config.scheduler.max_num_seqs, fewer)), model_config.max_model_len,
+                                   config.kv_cache_torch_dtype)
+        available = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
+        if state_bytes > state_share(runner, config, available):
+            state_bytes = _fit_state_slots(runner, config, state_share(runner, config, available), available)
+        if config.scheduler.max_num_seqs > fewer:  # more fit than were measured: their sampler rows counted too
+            peak = max(peak, profile_peak_memory(runner, config.scheduler.max_num_batched_tokens,
+                                                 config.scheduler.max_num_seqs, model_config.max_model_len,
+                                                 config.kv_cache_torch_dtype))
+            available = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
+            if state_bytes > state_share(runner, config, available):
+                state_bytes = _fit_state_slots(runner, config, state_share(runner, config, available), available)
     budget = available - state_bytes
     num_blocks = int(budget // block_bytes)
     logger.info("memory profile: weights %.2f GiB, peak activations %.2f GiB, other processes %.2f GiB, "
@@ -60,22 +75,37 @@ def num_kv_blocks(runner, config: Config) -> int:
     return num_blocks
 
 
-def _fit_state_slots(runner, config: Config, share: float) -> int:
-    """max_num_seqs sequences' recurrent states would take more than half of the memory left after weights
-    and activations: run fewer sequences at once rather than refuse to start (vLLM refuses), and say so.
-    Hybrid models run in one process (tensor parallelism is refused for them), so the tree changed here is
-    the one the engine reads next. Returns the state pool's new size in bytes."""
+def state_share(runner, config: Config, available: float) -> float:
+    """The bytes the state pool may take of `available`: half, or more where a sequence's state outweighs
+    the KV it can hold (max_model_len tokens), in proportion, so that the slots and the KV pool run out
+    together: with short contexts (Qwen3.5-27B at 909 tokens: a 76 MiB state beside 57 MiB of KV) the
+    half split left KV blocks no sequence could use."""
     per_slot = state_bytes_per_slot(runner.model.state_layers())
-    slots = int(share // per_slot) - 1  # one more slot: the decode graphs' padding rows
+    if not per_slot:
+        return available
+    blocks_per_seq = -(-config.model.max_model_len // config.cache.block_size)
+    kv_per_seq = blocks_per_seq * runner.kv_bytes_per_block()
+    return available * max(0.5, per_slot / (per_slot + kv_per_seq))
+
+
+def _fit_state_slots(runner, config: Config, share: float, available: float) -> int:
+    """max_num_seqs sequences' recurrent states would take more than their share of the memory left after
+    weights and activations (`state_share`): run fewer sequences at once rather than refuse to start (vLLM
+    refuses), and say so. Hybrid models run in one process (tensor parallelism is refused for them), so the
+    tree changed here is the one the engine reads next. Returns the state pool's new size in bytes."""
+    per_slot = state_bytes_per_slot(runner.model.state_layers())
+    slots = min(config.scheduler.max_num_seqs, int(share // per_slot) - 1)  # one more: the graphs' padding rows
     if slots < 1:
         raise MemoryError(f"One sequence's recurrent state takes {per_slot / _GIB:.2f} GiB and the memory left "
                           f"after loading the model holds none: raise gpu_memory_utilization, set "
                           f"--mamba-ssm-cache-dtype bfloat16, or use a smaller model.")
-    logger.warning("max_num_seqs lowered from %d to %d: each sequence holds a %.0f MiB recurrent state "
-                   "(--mamba-ssm-cache-dtype %s), and the state pool may take at most half of the %.2f GiB "
-                   "left for caches; set max_num_seqs to choose, or a smaller state dtype to fit more",
-                   config.scheduler.max_num_seqs, slots, per_slot / (1 << 20), config.cache.mamba_ssm_cache_dtype,
-                   2 * share / _GIB)
+    if slots < config.scheduler.max_num_seqs:
+        logger.warning("max_num_seqs lowered from %d to %d: each sequence holds a %.0f MiB recurrent state "
+                       "(--mamba-ssm-cache-dtype %s), and the state pool may take %.2f of the %.2f GiB left for "
+                       "caches (half, or more where states outweigh max_model_len tokens of KV); set "
+                       "max_num_seqs to choose, or a smaller state dtype to fit more",
+                       config.scheduler.max_num_seqs, slots, per_slot / (1 << 20),
+                       config.cache.mamba_ssm_cache_dtype, share / _GIB, available / _GIB)
     config.cache.num_state_slots = config.scheduler.max_num_seqs = slots
     return per_slot * (slots + 1)
 

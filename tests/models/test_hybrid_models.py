@@ -240,6 +240,28 @@ def test_max_num_seqs_is_lowered_to_the_states_that_fit_with_a_warning(tiny_mode
     _assert_states_free(llm)
 
 
+def test_states_may_take_more_than_half_where_they_outweigh_a_sequences_kv(tiny_model_dir, caplog):
+    """With a short max_model_len a sequence's state outweighs the KV it can ever hold: the state pool takes
+    its proportional share (state / (state + max_model_len tokens of KV)) instead of half, so more sequences
+    run and the KV pool still holds max_model_len tokens for each of them."""
+    from asyncserve.runner.state_pool import state_bytes_per_slot
+    space, max_model_len = 0.002, 16  # GiB, tokens
+    with caplog.at_level(logging.WARNING, logger="asyncserve"):
+        llm = LLM(tiny_model_dir("qwen3_next"), device="cpu", cpu_kv_cache_space=space, max_num_seqs=200,
+                  max_model_len=max_model_len, max_num_batched_tokens=64)
+    engine = llm.llm_engine
+    available = space * (1 << 30)
+    per_slot = state_bytes_per_slot(engine.executor.runner.model.state_layers())
+    kv_per_seq = -(-max_model_len // engine.config.cache.block_size) * engine.executor.bytes_per_block()
+    assert per_slot > kv_per_seq  # the case this rule is for
+    slots = engine.config.scheduler.max_num_seqs
+    assert slots == int(available * per_slot / (per_slot + kv_per_seq) // per_slot) - 1
+    assert slots > int(available / 2 // per_slot) - 1  # more than the half split ran
+    assert engine.block_pool.num_blocks * engine.config.cache.block_size >= slots * max_model_len
+    assert f"max_num_seqs lowered from 200 to {slots}" in caplog.text
+    _assert_states_free(llm)
+
+
 def test_mamba_ssm_cache_dtype_sets_the_recurrent_states_element_type(tiny_model_dir):
     """vLLM's --mamba-ssm-cache-dtype: 'auto' is the model's dtype (float32 here), bfloat16 halves the
     delta-rule state; the conv state keeps the model's dtype; an unknown name is refused by name."""

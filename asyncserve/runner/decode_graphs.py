@@ -40,6 +40,8 @@ class _DecodeGraphs:
         self.max_model_len = max_model_len
         self.max_batch = max_batch
         self.block_size = runner.block_size
+        # M-RoPE models: a row's rotary position is its sequence position shifted by its images (rope_delta).
+        self.shifts_positions = getattr(runner.model, "supports_images", False)
         max_blocks = -(-max_model_len // runner.block_size)
         # One int64 and one int32 buffer, so a step's inputs arrive in two copies.
         self.longs = torch.zeros(4 * max_batch, dtype=torch.int64, device=device)
@@ -99,7 +101,8 @@ class _DecodeGraphs:
         positions = [seq.start_position for seq in seqs]
         longs = host.longs_np
         longs[0, :batch] = [seq.new_token_ids[0] for seq in seqs]
-        longs[1, :batch] = [p + seq.rope_delta for seq, p in zip(seqs, positions)]  # M-RoPE's shift after images
+        longs[1, :batch] = ([p + seq.rope_delta for seq, p in zip(seqs, positions)] if self.shifts_positions
+                            else positions)
         longs[2, :batch] = [seq.block_table[p // block_size] * block_size + p % block_size
                             for seq, p in zip(seqs, positions)]
         longs[2, batch:] = -1  # padding rows write nowhere

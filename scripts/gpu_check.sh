@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|online|
 #        vllm-offline|spec|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -107,6 +107,25 @@ if [ "$what" = vllm ]; then  # issue 22: next to vLLM 0.26.0, staged into /tmp/v
   # Online: `vllm serve` then asyncserve, each loaded by `vllm bench serve` (8B shape, dummy weights).
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
   ASYNCSERVE_STALL_STACKS="$OUT/asyncserve_stalls.txt" ASYNCSERVE_STEP_TRACE="$OUT/asyncserve_steps.jsonl" RESULTS="$OUT/serve" MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048} timeout 560 bash .vllm/bin/serve_bench.sh /tmp/llama8b 512 128 "${GRID:-16:1 256:64 1024:256}"
+fi
+if [ "$what" = online ]; then  # issue 22: asyncserve alone under `vllm bench serve` (vLLM staged for its client),
+  # loop stalls sampled with the other threads' stacks, one JSON line per engine step; GRID as serve_bench.sh's
+  python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
+  M=/tmp/llama8b; mkdir -p "$OUT/serve"
+  ASYNCSERVE_STALL_STACKS="$OUT/asyncserve_stalls.txt" ASYNCSERVE_STEP_TRACE="$OUT/asyncserve_steps.jsonl" \
+    asyncserve --model $M --load-format dummy --dtype bfloat16 --max-model-len ${MAX_MODEL_LEN:-2048} --port 8000 \
+    --host 127.0.0.1 --disable-log-requests >"$OUT/serve/asyncserve_server.log" 2>&1 &
+  AP=$!; s=$(date +%s)
+  for i in $(seq 1 200); do curl -sf 127.0.0.1:8000/v1/models >/dev/null && break; sleep 1; done
+  echo "asyncserve up in $(( $(date +%s) - s )) s"
+  for spec in ${GRID:-1024:256}; do n=${spec%%:*}; c=${spec##*:}
+    PYTHONPATH=/tmp/vsite timeout 300 python3 -m vllm.entrypoints.cli.main bench serve --backend vllm \
+      --base-url http://127.0.0.1:8000 --model $M --tokenizer $M --dataset-name random --random-input-len 512 \
+      --random-output-len 128 --ignore-eos --num-prompts $n --max-concurrency $c --save-result \
+      --result-dir "$OUT/serve" --result-filename "asyncserve_c$c.json" 2>&1 \
+      | grep -E "throughput|Mean (TTFT|TPOT)|P99 TTFT|Failed" | tr -s ' ' | tr '\n' ';'; echo " <- asyncserve c=$c"
+  done
+  kill -INT $AP; wait $AP; grep -E "lag|stall" "$OUT/serve/asyncserve_server.log" | tail -8
 fi
 if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks among: 8b 05b ttft moe
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"

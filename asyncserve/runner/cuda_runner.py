@@ -15,6 +15,7 @@ import torch
 from asyncserve.config.tree import Config
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
+from asyncserve.runner.draft_decode import DraftDecodeGraphs, draft_graph_sizes
 from asyncserve.runner.input_batch import ScheduledBatch
 from asyncserve.runner.inputs import build_sampling_tensors, needs_grammar_masks
 from asyncserve.runner.mixed_graphs import (
@@ -47,16 +48,38 @@ class CudaModelRunner(ModelRunner):
         started = time.perf_counter()
         logger.info("capturing CUDA graphs of decode steps (--enforce-eager skips this)")
         max_num_seqs = self.config.scheduler.max_num_seqs
-        graphs = _DecodeGraphs(self, max_num_seqs, self.config.model.max_model_len)
+        padding_state_slot = self.state_pool.padding_slot if self.state_pool is not None else None
+        graphs = _DecodeGraphs(self.model, self.device, self.block_size, max_num_seqs,
+                               self.config.model.max_model_len, padding_state_slot)
         torch.cuda.synchronize(self.device)
         with torch.cuda.stream(self.stream):
-            graphs.capture(self, graph_batch_sizes(max_num_seqs))
+            graphs.capture(graph_batch_sizes(max_num_seqs), self.stream)
         torch.cuda.synchronize(self.device)
         self.decode_graphs = graphs
         logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", graphs.sizes,
                     time.perf_counter() - started)
+        self._capture_draft_steps()
         self._capture_mixed_steps()
         self.capture_seconds = time.perf_counter() - started
+
+    def _capture_draft_steps(self) -> None:
+        """A draft model's or EAGLE-3 head's per-position decode forwards, at start-up beside the target's
+        decode graphs and from the memory left after the KV pool, as theirs are."""
+        if self.drafter is None or self.config.speculative.num_speculative_tokens < 2:  # no such forwards
+            return
+        started = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.device)
+        sizes = draft_graph_sizes(self.config)
+        graphs = DraftDecodeGraphs(self.drafter, sizes[-1])
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.stream(self.stream):
+            graphs.capture(sizes, self.stream)
+        torch.cuda.synchronize(self.device)
+        self.drafter.decode_graphs = graphs
+        logger.info("captured CUDA graphs of the %s's decode forwards (drafts 2 .. %d) for batch sizes %s in "
+                    "%.1f s, %.0f MiB", self.drafter.name, self.config.speculative.num_speculative_tokens,
+                    graphs.sizes, time.perf_counter() - started,
+                    (torch.cuda.memory_reserved(self.device) - before) / (1 << 20))
 
     def _capture_mixed_steps(self) -> None:
         config = self.config
@@ -106,12 +129,13 @@ class CudaModelRunner(ModelRunner):
         self.num_graph_steps += 1
         num_seqs = len(batch.seqs)
         deferred = None
+        logits, greedy_tokens = graphs.outputs[padded]
         if sampling.plain_greedy:  # the argmax ran inside the graph
-            sampled = SamplerOutput(token_ids=graphs.greedy_tokens[padded][:num_seqs])
+            sampled = SamplerOutput(token_ids=greedy_tokens[:num_seqs])
         elif needs_grammar_masks(batch):  # sampled by sample() once the masks are known
-            sampled, deferred = None, (graphs.logits[padded][:num_seqs], sampling)
+            sampled, deferred = None, (logits[:num_seqs], sampling)
         else:
-            sampled = self.sampler(graphs.logits[padded][:num_seqs], sampling)
+            sampled = self.sampler(logits[:num_seqs], sampling)
         return self.pending(batch, sampled, None, [0] * num_seqs, deferred)
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
+from asyncserve.runner.capture_guard import no_host_copies
 from asyncserve.runner.input_batch import ScheduledBatch
 
 
@@ -24,30 +25,34 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class _HostInputs:
     """Pinned host mirrors of the graphs' input buffers, with numpy views to fill them."""
 
-    def __init__(self, max_batch: int, max_blocks: int):
-        self.longs = torch.zeros(4 * max_batch, dtype=torch.int64, pin_memory=True)
-        self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=True)
+    def __init__(self, max_batch: int, max_blocks: int, pin_memory: bool):
+        self.longs = torch.zeros(4 * max_batch, dtype=torch.int64, pin_memory=pin_memory)
+        self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, pin_memory=pin_memory)
         self.longs_np = self.longs.numpy().reshape(4, max_batch)
         self.seq_lens_np = self.ints.numpy()[:max_batch]
         self.tables_np = self.ints.numpy()[max_batch:].reshape(max_batch, max_blocks)
 
 
 class _DecodeGraphs:
-    """Static input buffers sized for the largest batch, and one captured graph per padded size."""
+    """Static input buffers sized for the largest batch, and one captured graph per padded size. The
+    target's decode steps fill them from the host (`load_inputs`); a drafter's decode forwards from the
+    device (runner/draft_decode.py)."""
 
-    def __init__(self, runner, max_batch: int, max_model_len: int):
-        device = runner.device
+    def __init__(self, model, device: torch.device, block_size: int, max_batch: int, max_model_len: int,
+                 padding_state_slot: int | None = None):
+        self.model = model
+        self.device = device
         self.max_model_len = max_model_len
         self.max_batch = max_batch
-        self.block_size = runner.block_size
+        self.block_size = block_size
         # M-RoPE models: a row's rotary position is its sequence position shifted by its images (rope_delta).
-        self.shifts_positions = getattr(runner.model, "supports_images", False)
-        max_blocks = -(-max_model_len // runner.block_size)
+        self.shifts_positions = getattr(model, "supports_images", False)
+        max_blocks = -(-max_model_len // block_size)
         # One int64 and one int32 buffer, so a step's inputs arrive in two copies.
         self.longs = torch.zeros(4 * max_batch, dtype=torch.int64, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.state_slots = self.longs.view(4, max_batch)
         # Hybrid models: each row's state slot; padding rows (and the captures) write to the spare slot.
-        self.padding_state_slot = runner.state_pool.padding_slot if runner.state_pool is not None else None
+        self.padding_state_slot = padding_state_slot
         if self.padding_state_slot is not None:
             self.state_slots.fill_(self.padding_state_slot)
         self.ints = torch.zeros(max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
@@ -56,12 +61,12 @@ class _DecodeGraphs:
         # Pinned mirrors, filled through numpy: the copies are truly asynchronous. Two of them, used in
         # turn: step N+1 is loaded while step N's copy may still wait on the GPU; by step N+2 the engine
         # has read step N's results, so its copy is done.
-        self.host_buffers = [_HostInputs(max_batch, max_blocks) for _ in range(2)]
+        self.host_buffers = [_HostInputs(max_batch, max_blocks, device.type == "cuda") for _ in range(2)]
         self.num_loads = 0
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.greedy_tokens: dict[int, torch.Tensor] = {}  # argmax inside the graph: greedy steps skip the sampler
+        # Per captured size, what its forward returned: the target's (logits, greedy argmax); a drafter's own.
+        self.outputs: dict[int, tuple] = {}
         self.sizes: list[int] = []
 
     def meta(self, batch: int) -> AttentionMetadata:
@@ -71,19 +76,28 @@ class _DecodeGraphs:
             max_query_len=1, max_seq_len=self.max_model_len,
             state_slots=self.state_slots[:batch] if self.padding_state_slot is not None else None)
 
-    def capture(self, runner, sizes: list[int]) -> None:
+    def target_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's decode step over the first `batch` rows: logits, and their argmax (greedy steps
+        skip the sampler)."""
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.meta(batch))
+        logits = self.model.compute_logits(hidden)
+        return logits, logits.argmax(dim=-1)
+
+    def capture(self, sizes: list[int], stream: torch.cuda.Stream, forward=None) -> None:
+        """One graph per size of `forward(batch)` (default: `target_forward`) over the static buffers, whose
+        outputs `outputs[batch]` keeps. Largest first, so the smaller ones reuse its memory; each size is
+        run twice before its capture, so Triton compiles and lazily built tables exist before the capture,
+        which may neither copy from the host nor build them (capture_guard.py says if it does)."""
+        forward = forward or self.target_forward
         pool = torch.cuda.graph_pool_handle()
-        model = runner.model
-        for batch in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its memory
-            meta = self.meta(batch)
-            for _ in range(2):  # warm-up: compiles the Triton kernels for this shape
-                model.compute_logits(model(self.input_ids[:batch], self.positions[:batch], meta))
-            torch.cuda.synchronize(runner.device)
+        for batch in sorted(sizes, reverse=True):
+            for _ in range(2):
+                forward(batch)
+            torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=runner.stream):
-                hidden = model(self.input_ids[:batch], self.positions[:batch], meta)
-                self.logits[batch] = model.compute_logits(hidden)
-                self.greedy_tokens[batch] = self.logits[batch].argmax(dim=-1)
+            with no_host_copies(f"capturing the decode graph of batch size {batch}"), \
+                    torch.cuda.graph(graph, pool=pool, stream=stream):
+                self.outputs[batch] = forward(batch)
             self.graphs[batch] = graph
         self.sizes = sorted(self.graphs)
 

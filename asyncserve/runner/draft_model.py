@@ -4,7 +4,8 @@ that verifies them.
 
 Per step: one forward over the draft's spans (prompt chunks, the tokens it missed, each speculating
 sequence's last token: runner/draft_inputs.py), whose last rows give the first proposals; then one decode
-forward per further draft position over the speculating sequences, fed its own argmax on the device. The
+forward per further draft position over the speculating sequences, fed its own argmax on the device
+(runner/draft_decode.py: replayed from CUDA graphs on the GPU). The
 proposals are greedy (the draft's argmax): a deterministic proposal is a point-mass q, so the rejection
 sampler's rule for n-gram drafts (accept x with probability p(x), else draw from p without x) keeps the
 target's distribution exactly for sampled requests too. The draft's KV of rejected drafts is overwritten
@@ -15,10 +16,11 @@ from __future__ import annotations
 import torch
 
 from asyncserve.config.tree import Config
+from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.models.base import CausalLM
+from asyncserve.runner.draft_decode import DraftDecodeGraphs, propose_columns
 from asyncserve.runner.draft_inputs import (
     DraftRow,
-    decode_columns,
     draft_spans,
     flat_proposals,
     pack_spans,
@@ -30,13 +32,16 @@ from asyncserve.runner.kv_pool import KVPool, model_block_bytes
 
 
 class DraftModel:
+    name = "draft model"
     profiles_own_forward = True  # the memory profile measures the draft's forward too
+    recurrent_hidden_size = None  # its decode forwards read tokens only
 
     def __init__(self, model: CausalLM, config: Config):
         self.model = model
         self.config = config  # the target's tree: block size, token budget, KV dtype, device
         self.kv_pool: KVPool | None = None
         self.num_forwards = 0  # draft forward passes run (tests read it)
+        self.decode_graphs: DraftDecodeGraphs | None = None  # captured by the GPU runner's prepare()
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +76,8 @@ class DraftModel:
         if not first:
             return None
         last_positions, num_drafts, block_tables = proposal_rows(batch)
-        tokens = self._propose(torch.cat(first), last_positions, num_drafts, block_tables)  # [D, max drafts]
+        tokens = propose_columns(self, torch.cat(first), None, last_positions, num_drafts,
+                                 block_tables)  # [D, max drafts]
         for seq in batch.seqs:
             if seq.draft_token_ids:  # the draft fed itself drafts 1 .. d - 1 (the last one is never fed)
                 seq.draft_num_computed += len(seq.draft_token_ids) - 1
@@ -87,19 +93,7 @@ class DraftModel:
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices]).argmax(dim=-1)
 
-    def _propose(self, first: torch.Tensor, last_positions: list[int], num_drafts: list[int],
-                 block_tables: list[list[int]]) -> torch.Tensor:
-        """[D, max(num_drafts)] greedy drafts: column 0 is `first`; column j comes from a decode forward
-        that feeds column j - 1 at position last + j. A sequence with fewer drafts rides along without
-        writing KV past its own slots (slot -1), its extra columns ignored. The metadata of every forward
-        is derived on the device from one copy of the host's lists."""
-        tokens = torch.empty(len(num_drafts), max(num_drafts), dtype=torch.int64, device=self.device)
-        tokens[:, 0] = first
-        if tokens.shape[1] == 1:
-            return tokens
-        for column, positions, meta in decode_columns(last_positions, num_drafts, block_tables,
-                                                      self.config.cache.block_size, self.device):
-            hidden = self.model(tokens[:, column - 1], positions, meta)
-            self.num_forwards += 1
-            tokens[:, column] = self.model.compute_logits(hidden).argmax(dim=-1)
-        return tokens
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                    hidden: None) -> tuple[torch.Tensor, None]:
+        """One decode forward of the proposing rows -> their greedy next tokens (what the graphs capture)."""
+        return self.model.compute_logits(self.model(input_ids, positions, meta)).argmax(dim=-1), None

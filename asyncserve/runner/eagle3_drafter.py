@@ -7,7 +7,7 @@ The head's row at position p reads token p + 1 and the target's fused hidden sta
 position behind the target (runner/draft_inputs.py `head_spans`). Per step: one forward over the head's
 spans, whose last row per speculating sequence (position last - 1, reading the last token) gives the first
 proposal; then k - 1 decode forwards, each reading the previous draft and the head's own pre-norm output
-(EAGLE-3's test-time recurrence). Those rows' KV is overwritten the next step, when the accepted positions
+(EAGLE-3's test-time recurrence; runner/draft_decode.py: replayed from CUDA graphs on the GPU). Those rows' KV is overwritten the next step, when the accepted positions
 are computed again from the target's hidden states. Proposals are the head's argmax over its draft
 vocabulary, mapped to target ids by `d2t`: a point mass, so the rejection sampler keeps the target's
 distribution exactly, as with a draft model.
@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 
 from asyncserve.config.tree import Config
+from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.models.base import CausalLM
 from asyncserve.models.eagle3 import Eagle3Head, aux_layer_ids
+from asyncserve.runner.draft_decode import DraftDecodeGraphs, propose_columns
 from asyncserve.runner.draft_inputs import (
     DraftRow,
-    decode_columns,
     flat_proposals,
     head_spans,
     pack_spans,
@@ -33,6 +34,7 @@ from asyncserve.runner.kv_pool import HiddenStatePool, KVPool, model_block_bytes
 
 
 class Eagle3Drafter:
+    name = "EAGLE-3 head"
     # The head's one layer over the step's token budget peaks below the target's forward over it: the
     # memory profile measures the target's only.
     profiles_own_forward = False
@@ -43,6 +45,8 @@ class Eagle3Drafter:
         self.kv_pool: KVPool | None = None
         self.hidden_pool: HiddenStatePool | None = None
         self.num_forwards = 0  # head forward passes run (tests read it)
+        self.decode_graphs: DraftDecodeGraphs | None = None  # captured by the GPU runner's prepare()
+        self.recurrent_hidden_size = head.hf_config.hidden_size  # each decode forward reads the one before's output
         target.expose_aux_hidden_states(aux_layer_ids(head.hf_config, target.hf_config.num_hidden_layers),
                                         self._keep_hidden_states)
 
@@ -93,9 +97,9 @@ class Eagle3Drafter:
         if not first:
             return None
         last_positions, num_drafts, block_tables = proposal_rows(batch)
-        tokens = self._propose(torch.cat([tokens for tokens, _ in first]),
-                               torch.cat([hidden for _, hidden in first]),
-                               [position - 1 for position in last_positions], num_drafts, block_tables)
+        tokens = propose_columns(self, torch.cat([tokens for tokens, _ in first]),
+                                 torch.cat([hidden for _, hidden in first]),
+                                 [position - 1 for position in last_positions], num_drafts, block_tables)
         return flat_proposals(tokens, num_drafts)
 
     def _forward_spans(self, spans) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -111,16 +115,9 @@ class Eagle3Drafter:
         rows = inputs.logits_indices
         return self.model.draft_tokens(normed[rows]), prenorm[rows]
 
-    def _propose(self, first: torch.Tensor, first_hidden: torch.Tensor, row_positions: list[int],
-                 num_drafts: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """[D, max(num_drafts)] greedy drafts: column 0 is `first`; column j comes from a decode forward
-        that reads column j - 1 and the previous forward's pre-norm output at position row + j."""
-        tokens = torch.empty(len(num_drafts), max(num_drafts), dtype=torch.int64, device=self.device)
-        tokens[:, 0] = first
-        hidden = first_hidden
-        for column, positions, meta in decode_columns(row_positions, num_drafts, block_tables,
-                                                      self.config.cache.block_size, self.device):
-            normed, hidden = self.model(tokens[:, column - 1], positions, hidden, meta)
-            self.num_forwards += 1
-            tokens[:, column] = self.model.draft_tokens(normed)
-        return tokens
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                    hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode forward of the proposing rows over the previous draft and the head's own hidden state
+        -> (their proposals, the pre-norm output the next position reads); what the graphs capture."""
+        normed, prenorm = self.model(input_ids, positions, hidden, meta)
+        return self.model.draft_tokens(normed), prenorm

@@ -48,6 +48,20 @@ def full_sequences(llm, prompts, params) -> list[list[int]]:
             for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+def record_proposals(drafter) -> list[list[int]]:
+    """Each step's proposals from now on, flat, as the drafter hands them to the verify step."""
+    steps, run = [], drafter.run
+
+    def recording_run(batch):
+        proposals = run(batch)
+        if proposals is not None:
+            steps.append(proposals.tolist())
+        return proposals
+
+    drafter.run = recording_run
+    return steps
+
+
 def draft_model_config(path: str, num_tokens: int = 4, **extra) -> dict:
     """vLLM's draft-model spelling, the draft at `path`."""
     return {"method": "draft_model", "model": path, "num_speculative_tokens": num_tokens, **extra}

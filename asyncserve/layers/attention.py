@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from asyncserve.kernels import paged_attention, paged_decode_attention, rotary_write_kv_cache, write_kv_cache
+from asyncserve.kernels.attention_decode import single_partition_max_len
 from asyncserve.kernels.kv_scale import is_fp8
 from asyncserve.layers.parallel_state import tp_rank
 
@@ -106,6 +107,11 @@ class PagedAttention(nn.Module):
         if meta.graph_split is not None:
             return meta.graph_split.cut(self, query)
         return self.attend(query, meta).reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def single_partition_len(self, num_seqs: int) -> int:
+        """The longest context for which a decode step of `num_seqs` sequences attends in one launch (one
+        partition, no merge) when its metadata's max_seq_len is that bound: decode graphs capture it."""
+        return single_partition_max_len(num_seqs, self.num_kv_heads)
 
     def _scales(self, k_cache: torch.Tensor) -> dict:
         # Checkpoint scales serve an fp8 pool only, as in vLLM; a model-dtype pool stores keys as they are.

@@ -1,8 +1,14 @@
-"""CUDA graphs of decode steps: static input buffers, one captured graph per padded batch size.
+"""CUDA graphs of decode steps: static input buffers, captured graphs per padded batch size.
 
 A decode step of a small model is a few hundred tiny kernels: launched one by one from Python they take
 longer than the GPU needs to run them. Captured once per padded batch size at start-up, a step becomes
 one graph launch.
+
+A graph keeps the launch shapes of its capture, the decode attention's partition count among them, which
+the kernel picks on the host from the metadata's max_seq_len: the graph is only right for steps whose
+sequences all fit that bound. So small batch sizes get two graphs: one for any context up to max_model_len,
+and one bounded by the longest context the attention covers in one partition (no reduce launch, one kernel
+per layer fewer), replayed while every sequence of the step fits it.
 """
 from __future__ import annotations
 
@@ -10,6 +16,20 @@ import torch
 
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.runner.input_batch import ScheduledBatch
+
+
+# Short-context graphs for padded batch sizes up to this: where launches, not bytes, bound a step. Each graph
+# keeps its own logits ([batch, vocab]), so doubling the large sizes would cost gigabytes of KV cache.
+SHORT_CONTEXT_MAX_BATCH = 32
+
+
+def context_bounds(model, batch: int, max_model_len: int) -> list[int]:
+    """The max_seq_len bounds to capture for a padded batch size, ascending: the longest context whose decode
+    attention takes one partition in every layer, where that is shorter than max_model_len, then max_model_len."""
+    short = min((layer.single_partition_len(batch) for layer in model.attention_layers()), default=max_model_len)
+    if batch > SHORT_CONTEXT_MAX_BATCH or short >= max_model_len:
+        return [max_model_len]
+    return [short, max_model_len]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -59,33 +79,42 @@ class _DecodeGraphs:
         self.host_buffers = [_HostInputs(max_batch, max_blocks) for _ in range(2)]
         self.num_loads = 0
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.greedy_tokens: dict[int, torch.Tensor] = {}  # argmax inside the graph: greedy steps skip the sampler
+        # Keyed by (padded batch size, context bound): see `load_inputs`.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        # argmax inside the graph: greedy steps skip the sampler
+        self.greedy_tokens: dict[tuple[int, int], torch.Tensor] = {}
+        self.bounds: dict[int, list[int]] = {}  # padded batch size -> its graphs' context bounds, ascending
         self.sizes: list[int] = []
 
-    def meta(self, batch: int) -> AttentionMetadata:
+    def meta(self, batch: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
             seq_lens=self.seq_lens[:batch], query_start_loc=self.query_start_loc[:batch + 1],
-            max_query_len=1, max_seq_len=self.max_model_len,
+            max_query_len=1, max_seq_len=max_seq_len,
             state_slots=self.state_slots[:batch] if self.padding_state_slot is not None else None)
 
     def capture(self, runner, sizes: list[int]) -> None:
         pool = torch.cuda.graph_pool_handle()
         model = runner.model
         for batch in sorted(sizes, reverse=True):  # largest first: smaller ones reuse its memory
-            meta = self.meta(batch)
-            for _ in range(2):  # warm-up: compiles the Triton kernels for this shape
-                model.compute_logits(model(self.input_ids[:batch], self.positions[:batch], meta))
-            torch.cuda.synchronize(runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=runner.stream):
-                hidden = model(self.input_ids[:batch], self.positions[:batch], meta)
-                self.logits[batch] = model.compute_logits(hidden)
-                self.greedy_tokens[batch] = self.logits[batch].argmax(dim=-1)
-            self.graphs[batch] = graph
-        self.sizes = sorted(self.graphs)
+            self.bounds[batch] = context_bounds(model, batch, self.max_model_len)
+            for bound in reversed(self.bounds[batch]):
+                self._capture_one(runner, pool, batch, bound)
+        self.sizes = sorted(self.bounds)
+
+    def _capture_one(self, runner, pool, batch: int, bound: int) -> None:
+        model, meta = runner.model, self.meta(batch, bound)
+        for _ in range(2):  # warm-up: compiles the Triton kernels for this shape
+            model.compute_logits(model(self.input_ids[:batch], self.positions[:batch], meta))
+        torch.cuda.synchronize(runner.device)
+        graph = torch.cuda.CUDAGraph()
+        key = batch, bound
+        with torch.cuda.graph(graph, pool=pool, stream=runner.stream):
+            hidden = model(self.input_ids[:batch], self.positions[:batch], meta)
+            self.logits[key] = model.compute_logits(hidden)
+            self.greedy_tokens[key] = self.logits[key].argmax(dim=-1)
+        self.graphs[key] = graph
 
     def padded_size(self, batch: int) -> int | None:
         for size in self.sizes:
@@ -93,8 +122,9 @@ class _DecodeGraphs:
                 return size
         return None
 
-    def load_inputs(self, step: ScheduledBatch, padded: int) -> None:
-        """Writes this step's inputs into the static buffers: two asynchronous copies."""
+    def load_inputs(self, step: ScheduledBatch, padded: int) -> tuple[int, int]:
+        """Writes this step's inputs into the static buffers (two asynchronous copies) and returns the key
+        of the graph to replay: the tightest context bound that holds every sequence of the step."""
         seqs, block_size, batch = step.seqs, self.block_size, len(step.seqs)
         host = self.host_buffers[self.num_loads % 2]
         self.num_loads += 1
@@ -117,6 +147,8 @@ class _DecodeGraphs:
         self.longs.copy_(host.longs, non_blocking=True)
         used = self.max_batch + padded * tables.shape[1]
         self.ints[:used].copy_(host.ints[:used], non_blocking=True)
+        longest = max(positions) + 1
+        return padded, next(bound for bound in self.bounds[padded] if bound >= longest)
 
-    def replay(self, padded: int) -> None:
-        self.graphs[padded].replay()
+    def replay(self, key: tuple[int, int]) -> None:
+        self.graphs[key].replay()

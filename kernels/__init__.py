@@ -100,6 +100,7 @@ else:
         unpack_int_rows,
     )
     from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
+    from .rotary_cache import rotary_write_kv_cache, rotary_write_kv_cache_ref, rotary_write_kv_cache_triton
 
     __all__ = [
         "HAS_TRITON", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
@@ -118,6 +119,7 @@ else:
         "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts", "select_experts_triton",
         "rms_norm", "rms_norm_ref", "rms_norm_triton",
         "rotary_embedding", "rotary_embedding_ref", "rotary_embedding_triton",
+        "rotary_write_kv_cache", "rotary_write_kv_cache_ref", "rotary_write_kv_cache_triton",
         "silu_and_mul", "silu_and_mul_ref", "silu_and_mul_triton",
         "swiglu_oai_and_mul", "swiglu_oai_and_mul_ref", "swiglu_oai_and_mul_triton",
         "write_kv_cache", "write_kv_cache_cpu", "write_kv_cache_ref", "write_kv_cache_triton",

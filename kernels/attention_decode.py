@@ -18,6 +18,10 @@ from .attention_window import first_key, soft_cap
 
 _LOG2E = 1.4426950408889634
 _MAX_PARTITIONS = 64
+# Up to this many keys one program reads alone, writing the normalized output, rather than split them in
+# two partitions plus a reduce launch: at a few programs per step (batch 1 of a small model) a launch
+# (1-2 µs in a CUDA graph) outweighs two more 64-key tiles. scripts/bench_attention_launches.py measures it.
+_SINGLE_PARTITION_MIN_LEN = 256
 
 
 @triton.jit
@@ -135,16 +139,27 @@ def _tile_config(head_dim_pad: int):
 
 def _partition_size(num_programs_per_partition: int, max_len: int) -> int:
     """Tokens per partition: small when few (seq, kv head) pairs must fill the GPU, larger
-    when the batch already does (fewer partials to merge); at most _MAX_PARTITIONS of them."""
+    when the batch already does (fewer partials to merge); at most _MAX_PARTITIONS of them.
+    A bound of at most single_partition_max_len keys takes one partition (no reduce launch)."""
     if num_programs_per_partition >= 256:
         size = 512
     elif num_programs_per_partition >= 64:
         size = 256
     else:
         size = 128
+    single = max(size, _SINGLE_PARTITION_MIN_LEN)
+    if max_len <= single:
+        return single
     while -(-max_len // size) > _MAX_PARTITIONS:
         size *= 2
     return size
+
+
+def single_partition_max_len(num_seqs: int, num_kv_heads: int) -> int:
+    """The largest max_seq_len for which the decode kernel covers each sequence with one partition and
+    writes the output itself, skipping the reduce launch. The choice is made on the host from the bound, so
+    a CUDA graph captured for a bound keeps it: decode graphs capture one more graph at this bound."""
+    return _partition_size(num_seqs * num_kv_heads, 1)
 
 
 def paged_decode_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, scale,

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from asyncserve.kernels import paged_attention, paged_decode_attention, write_kv_cache
+from asyncserve.kernels import paged_attention, paged_decode_attention, rotary_write_kv_cache, write_kv_cache
+from asyncserve.kernels.attention_decode import single_partition_max_len
 from asyncserve.kernels.kv_scale import is_fp8
 from asyncserve.layers.parallel_state import tp_rank
 
@@ -86,16 +87,31 @@ class PagedAttention(nn.Module):
         self.sinks = _sinks_parameter(num_heads) if sinks else None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, rotary: nn.Module | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Given `rotary` (a RotaryEmbedding) and `positions`, q and k are rotated here first: in one
+        launch with the cache write where the rotary offers its table (`fused_table`), else by it."""
         num_tokens = query.shape[0]
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = self.kv_cache
-        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, **self._scales(k_cache))
+        table = None if rotary is None else rotary.fused_table(positions)
+        if table is not None:
+            rotary_write_kv_cache(positions, query, key, value, k_cache, v_cache, meta.slot_mapping, table,
+                                  rotary.is_neox_style, **self._scales(k_cache))
+        else:
+            if rotary is not None:
+                rotary(positions, query, key)
+            write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping, **self._scales(k_cache))
         if meta.graph_split is not None:
             return meta.graph_split.cut(self, query)
         return self.attend(query, meta).reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def single_partition_len(self, num_seqs: int) -> int:
+        """The longest context for which a decode step of `num_seqs` sequences attends in one launch (one
+        partition, no merge) when its metadata's max_seq_len is that bound: decode graphs capture it."""
+        return single_partition_max_len(num_seqs, self.num_kv_heads)
 
     def _scales(self, k_cache: torch.Tensor) -> dict:
         # Checkpoint scales serve an fp8 pool only, as in vLLM; a model-dtype pool stores keys as they are.

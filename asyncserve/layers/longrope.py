@@ -67,8 +67,15 @@ class PhiRotaryEmbedding(nn.Module):
             long = meta.context_lens.repeat_interleave(counts, output_size=positions.shape[0]) > original
         return positions + long.to(positions.dtype) * self.max_position
 
+    is_neox_style = True
+
     def forward(self, rows: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         """q [T, H*D], k [T, Hkv*D] rotated in place at `cache_rows`."""
         num_tokens = query.shape[0]
         return rotary_embedding(rows, query.view(num_tokens, -1, self.head_dim),
                                 key.view(num_tokens, -1, self.head_dim), self.cos_sin_cache, True)
+
+    def fused_table(self, rows: torch.Tensor) -> torch.Tensor:
+        """PagedAttention rotates with this table in its cache-write launch: `rows` (from `cache_rows`) index
+        it as positions index a plain rotary's, the short or long set chosen already."""
+        return self.cos_sin_cache

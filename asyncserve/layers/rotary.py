@@ -120,3 +120,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         return rotary_embedding(positions, query, key, self.cos_sin_cache, self.is_neox_style)
+
+    def fused_table(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The cos|sin table that PagedAttention may rotate with in its cache-write launch, or None where
+        this rotary must run on its own (M-RoPE's [3, T] positions gather a table per step)."""
+        return self.cos_sin_cache if positions.dim() == 1 else None

@@ -66,8 +66,7 @@ class GemmaAttention(nn.Module):
         if self.q_norm is not None:  # Gemma 3 normalises each head before rotary
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.q_size)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.kv_size)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))                  # [T, H D] -> [T, E]
+        return self.o_proj(self.attn(q, k, v, meta, self.rotary, positions))  # [T, H D] -> [T, E]
 
 
 def gemma_mlp(hf_config, quant_config: QuantizationConfig | None, prefix: str) -> LlamaMLP:

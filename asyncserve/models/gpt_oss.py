@@ -55,8 +55,7 @@ class GptOssAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))                  # [T, H D] -> [T, E]
+        return self.o_proj(self.attn(q, k, v, meta, self.rotary, positions))  # [T, H D] -> [T, E]
 
 
 class GptOssMoE(nn.Module):

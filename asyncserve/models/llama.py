@@ -50,8 +50,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:  # Qwen3 normalises each head before rotary
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.q_size)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.kv_size)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)                                # [T, H D]
+        out = self.attn(q, k, v, meta, self.rotary, positions)        # rotates q, k: [T, H D]
         return self.o_proj(out)
 
 

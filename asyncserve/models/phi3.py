@@ -48,8 +48,7 @@ class Phi3Attention(nn.Module):
     def forward(self, rotary: PhiRotaryEmbedding, rows: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
-        rotary(rows, q, k)                                            # in place, on views of qkv
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, rotary, rows))    # q, k rotated at their cache rows
 
 
 class Phi3MLP(nn.Module):

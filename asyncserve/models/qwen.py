@@ -41,8 +41,7 @@ class QWenAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata):
         q, k, v = self.c_attn(hidden).split(self.size, dim=-1)      # [T, 3 H D] -> 3 x [T, H D]
-        q, k = self.rotary(positions, q, k)
-        return self.c_proj(self.attn(q, k, v, meta))                # [T, H D] -> [T, E]
+        return self.c_proj(self.attn(q, k, v, meta, self.rotary, positions))  # [T, H D] -> [T, E]
 
 
 class QWenMLP(nn.Module):

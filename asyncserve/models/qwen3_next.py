@@ -78,8 +78,7 @@ class GatedAttention(nn.Module):
         q, gate = q_gate.view(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, H, D] each
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)  # [T, H D]
+        out = self.attn(q, k, v, meta, self.rotary, positions)       # rotates the first rotary_dim: [T, H D]
         return self.o_proj(out * torch.sigmoid(gate.reshape(num_tokens, -1)))
 
 

@@ -121,15 +121,15 @@ class CudaModelRunner(ModelRunner):
         if padded is None:
             return self.launch_eager(batch, sampling)
         graphs = self.decode_graphs
-        graphs.load_inputs(batch, padded)
+        key = graphs.load_inputs(batch, padded)
         if self.lora_slots is not None:  # one row per sequence; the padding rows run the base model
             self.set_lora_rows(_lora_rows(batch, self.device))
         self.feed_unread_inputs(graphs.input_ids, batch, batch.unread_inputs)
-        graphs.replay(padded)
+        graphs.replay(key)
         self.num_graph_steps += 1
         num_seqs = len(batch.seqs)
         deferred = None
-        logits, greedy_tokens = graphs.outputs[padded]
+        logits, greedy_tokens = graphs.outputs[key]
         if sampling.plain_greedy:  # the argmax ran inside the graph
             sampled = SamplerOutput(token_ids=greedy_tokens[:num_seqs])
         elif needs_grammar_masks(batch):  # sampled by sample() once the masks are known

@@ -1,8 +1,14 @@
-"""CUDA graphs of decode steps: static input buffers, one captured graph per padded batch size.
+"""CUDA graphs of decode steps: static input buffers, captured graphs per padded batch size.
 
 A decode step of a small model is a few hundred tiny kernels: launched one by one from Python they take
 longer than the GPU needs to run them. Captured once per padded batch size at start-up, a step becomes
 one graph launch.
+
+A graph keeps the launch shapes of its capture, the decode attention's partition count among them, which
+the kernel picks on the host from the metadata's max_seq_len: the graph is only right for steps whose
+sequences all fit that bound. So small batch sizes get two graphs: one for any context up to max_model_len,
+and one bounded by the longest context the attention covers in one partition (no reduce launch, one kernel
+per layer fewer), replayed while every sequence of the step fits it.
 """
 from __future__ import annotations
 
@@ -11,6 +17,19 @@ import torch
 from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.runner.capture_guard import no_host_copies
 from asyncserve.runner.input_batch import ScheduledBatch
+
+# Short-context graphs for padded batch sizes up to this: where launches, not bytes, bound a step. Each graph
+# keeps its own logits ([batch, vocab]), so doubling the large sizes would cost gigabytes of KV cache.
+SHORT_CONTEXT_MAX_BATCH = 32
+
+
+def context_bounds(model, batch: int, max_model_len: int) -> list[int]:
+    """The max_seq_len bounds to capture for a padded batch size, ascending: the longest context whose decode
+    attention takes one partition in every layer, where that is shorter than max_model_len, then max_model_len."""
+    short = min((layer.single_partition_len(batch) for layer in model.attention_layers()), default=max_model_len)
+    if batch > SHORT_CONTEXT_MAX_BATCH or short >= max_model_len:
+        return [max_model_len]
+    return [short, max_model_len]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -64,42 +83,48 @@ class _DecodeGraphs:
         self.host_buffers = [_HostInputs(max_batch, max_blocks, device.type == "cuda") for _ in range(2)]
         self.num_loads = 0
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Per captured size, what its forward returned: the target's (logits, greedy argmax); a drafter's own.
-        self.outputs: dict[int, tuple] = {}
+        # Keyed by (padded batch size, context bound): see `load_inputs`.
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Per graph, what its forward returned: the target's (logits, greedy argmax); a drafter's own.
+        self.outputs: dict[tuple[int, int], tuple] = {}
+        self.bounds: dict[int, list[int]] = {}  # padded batch size -> its graphs' context bounds, ascending
         self.sizes: list[int] = []
 
-    def meta(self, batch: int) -> AttentionMetadata:
+    def meta(self, batch: int, max_seq_len: int | None = None) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
             seq_lens=self.seq_lens[:batch], query_start_loc=self.query_start_loc[:batch + 1],
-            max_query_len=1, max_seq_len=self.max_model_len,
+            max_query_len=1, max_seq_len=max_seq_len or self.max_model_len,
             state_slots=self.state_slots[:batch] if self.padding_state_slot is not None else None)
 
-    def target_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's decode step over the first `batch` rows: logits, and their argmax (greedy steps
-        skip the sampler)."""
-        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.meta(batch))
+    def target_forward(self, batch: int, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's decode step over the first `batch` rows, for contexts up to `bound`: logits, and their
+        argmax (greedy steps skip the sampler)."""
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.meta(batch, bound))
         logits = self.model.compute_logits(hidden)
         return logits, logits.argmax(dim=-1)
 
     def capture(self, sizes: list[int], stream: torch.cuda.Stream, forward=None) -> None:
-        """One graph per size of `forward(batch)` (default: `target_forward`) over the static buffers, whose
-        outputs `outputs[batch]` keeps. Largest first, so the smaller ones reuse its memory; each size is
-        run twice before its capture, so Triton compiles and lazily built tables exist before the capture,
-        which may neither copy from the host nor build them (capture_guard.py says if it does)."""
-        forward = forward or self.target_forward
+        """Graphs of `forward(batch)` (default: the target's step, with its small sizes also captured at the
+        one-partition context bound, `context_bounds`) over the static buffers; `outputs[batch, bound]` keeps
+        what each returned. Largest first, so the smaller ones reuse its memory; each is run twice before its
+        capture, so Triton compiles and lazily built tables exist before the capture, which may neither copy
+        from the host nor build them (capture_guard.py says if it does)."""
         pool = torch.cuda.graph_pool_handle()
         for batch in sorted(sizes, reverse=True):
-            for _ in range(2):
-                forward(batch)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with no_host_copies(f"capturing the decode graph of batch size {batch}"), \
-                    torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[batch] = forward(batch)
-            self.graphs[batch] = graph
-        self.sizes = sorted(self.graphs)
+            self.bounds[batch] = (context_bounds(self.model, batch, self.max_model_len) if forward is None
+                                  else [self.max_model_len])
+            for bound in reversed(self.bounds[batch]):
+                run = (lambda: self.target_forward(batch, bound)) if forward is None else (lambda: forward(batch))
+                for _ in range(2):
+                    run()
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with no_host_copies(f"capturing the decode graph of batch size {batch} (contexts up to {bound})"), \
+                        torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self.outputs[batch, bound] = run()
+                self.graphs[batch, bound] = graph
+        self.sizes = sorted(self.bounds)
 
     def padded_size(self, batch: int) -> int | None:
         for size in self.sizes:
@@ -107,8 +132,9 @@ class _DecodeGraphs:
                 return size
         return None
 
-    def load_inputs(self, step: ScheduledBatch, padded: int) -> None:
-        """Writes this step's inputs into the static buffers: two asynchronous copies."""
+    def load_inputs(self, step: ScheduledBatch, padded: int) -> tuple[int, int]:
+        """Writes this step's inputs into the static buffers (two asynchronous copies) and returns the key
+        of the graph to replay: the tightest context bound that holds every sequence of the step."""
         seqs, block_size, batch = step.seqs, self.block_size, len(step.seqs)
         host = self.host_buffers[self.num_loads % 2]
         self.num_loads += 1
@@ -131,6 +157,8 @@ class _DecodeGraphs:
         self.longs.copy_(host.longs, non_blocking=True)
         used = self.max_batch + padded * tables.shape[1]
         self.ints[:used].copy_(host.ints[:used], non_blocking=True)
+        longest = max(positions) + 1
+        return padded, next(bound for bound in self.bounds[padded] if bound >= longest)
 
-    def replay(self, padded: int) -> None:
-        self.graphs[padded].replay()
+    def replay(self, key: tuple[int, int]) -> None:
+        self.graphs[key].replay()

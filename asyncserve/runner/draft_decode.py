@@ -85,9 +85,10 @@ class DraftDecodeGraphs:
         count = input_ids.shape[0]
         self._load(input_ids, positions, meta, hidden, size)
         self.num_runs += 1
-        if size in self.inputs.graphs:
-            self.inputs.graphs[size].replay()
-            tokens, hidden_out = self.inputs.outputs[size]
+        key = size, self.inputs.max_model_len  # a drafter's graphs are captured at the full context bound
+        if key in self.inputs.graphs:
+            self.inputs.graphs[key].replay()
+            tokens, hidden_out = self.inputs.outputs[key]
         else:
             tokens, hidden_out = self._forward(size)
         return tokens[:count], None if hidden_out is None else hidden_out[:count]

@@ -4,6 +4,12 @@ gather by adapter slot, a small matmul per row), added onto the base projection'
     shrink:  x [T, K] -> y [S, T, r]       y[s, t] = x[t] @ A[s][slot[t]].T      (fp32)
     expand:  out[t, offset[s] : offset[s] + N[s]] += scale[slot[t]] * y[s, t] @ B[s][slot[t]].T
 
+On the GPU the shrink is split over K: a decode step has a handful of rows, and one program walking a row's
+whole K (4,096 to 14,336) one tile at a time is latency-bound (tens of microseconds per projection, half an
+8B model's decode speed lost at batch 1). Each program takes `_SHRINK_K_PER_PROGRAM` columns and writes its
+partial y [S, T, P, r]; the expand sums the P partials as it loads y, so the split costs no third launch and
+the sum's order is fixed (no atomics).
+
 `S` slices serve fused projections (Q, K, V of one QKV GEMM; gate and up of one gate/up GEMM), each slice with
 its own A and B. Adapters live in fixed GPU slots (A [L, r, K] and B [L, N, r] per slice, the rank padded to the
 largest adapter's), so a step's work is two launches per projection, whatever the mix of adapters, and the
@@ -32,6 +38,7 @@ def lora_expand_ref(y, b_slices, slots, scales, out, offsets):
     """y [S, T, r] fp32; b_slices: S tensors [L, N_s, r]; scales [L]; out [T, sum N_s] (added to in place);
     offsets: S ints, where each slice starts in out's columns."""
     dtype = _compute_dtype(y)
+    y = shrink_total(y)
     rows = slots.clamp(min=0).long()
     used = (slots >= 0).to(dtype)[:, None]
     for s, b in enumerate(b_slices):
@@ -41,20 +48,22 @@ def lora_expand_ref(y, b_slices, slots, scales, out, offsets):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, slots_ptr, y_ptr, num_tokens, k, rank, stride_xt, stride_al, stride_ar,
-                   stride_ys, stride_yt, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shrink_kernel(x_ptr, a_ptr, slots_ptr, y_ptr, k, rank, stride_xt, stride_al, stride_ar,
+                   stride_ys, stride_yt, stride_yp, K_PER_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     token = tl.program_id(0)
     slice_index = tl.program_id(1)
+    part = tl.program_id(2)
     slot = tl.load(slots_ptr + token)
     offs_r = tl.arange(0, BLOCK_R)
-    y_row = y_ptr + slice_index * stride_ys + token * stride_yt + offs_r
+    y_row = y_ptr + slice_index * stride_ys + token * stride_yt + part * stride_yp + offs_r
     if slot < 0:
         tl.store(y_row, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=offs_r < rank)
         return
     a_base = tl.load(a_ptr + slice_index).to(tl.pointer_type(x_ptr.dtype.element_ty))
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, K_PER_PROGRAM, BLOCK_K):
+        offs_k = part * K_PER_PROGRAM + k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + token * stride_xt + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
         a = tl.load(a_base + slot.to(tl.int64) * stride_al + offs_r[:, None] * stride_ar + offs_k[None, :],
                     mask=(offs_r[:, None] < rank) & (offs_k[None, :] < k), other=0.0).to(tl.float32)
@@ -63,8 +72,9 @@ def _shrink_kernel(x_ptr, a_ptr, slots_ptr, y_ptr, num_tokens, k, rank, stride_x
 
 
 @triton.jit
-def _expand_kernel(y_ptr, b_ptr, n_ptr, offset_ptr, slots_ptr, scales_ptr, out_ptr, rank, stride_ys, stride_yt,
-                   stride_ot, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _expand_kernel(y_ptr, b_ptr, n_ptr, offset_ptr, slots_ptr, scales_ptr, out_ptr, rank, num_parts, stride_ys,
+                   stride_yt, stride_yp, stride_ot, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     token = tl.program_id(0)
     slice_index = tl.program_id(1)
     block_n = tl.program_id(2)
@@ -75,7 +85,10 @@ def _expand_kernel(y_ptr, b_ptr, n_ptr, offset_ptr, slots_ptr, scales_ptr, out_p
         return
     b_base = tl.load(b_ptr + slice_index).to(tl.pointer_type(out_ptr.dtype.element_ty))
     offs_r = tl.arange(0, BLOCK_R)
-    y = tl.load(y_ptr + slice_index * stride_ys + token * stride_yt + offs_r, mask=offs_r < rank, other=0.0)
+    offs_p = tl.arange(0, BLOCK_P)  # the shrink's partial sums over K, added here in a fixed order
+    y = tl.sum(tl.load(y_ptr + slice_index * stride_ys + token * stride_yt + offs_p[:, None] * stride_yp
+                       + offs_r[None, :], mask=(offs_p[:, None] < num_parts) & (offs_r[None, :] < rank),
+                       other=0.0), axis=0)
     b = tl.load(b_base + slot.to(tl.int64) * n * rank + offs_n[:, None] * rank + offs_r[None, :],  # contiguous [L, N_s, r]
                 mask=(offs_n[:, None] < n) & (offs_r[None, :] < rank), other=0.0).to(tl.float32)
     delta = tl.sum(b * y[None, :], axis=1) * tl.load(scales_ptr + slot).to(tl.float32)
@@ -115,23 +128,37 @@ def prepare_lora_tables(a_slices, b_slices, offsets) -> None:
     _device_ints(tuple(offsets), torch.int32, device)
 
 
+_SHRINK_K_PER_PROGRAM = 256
+
+
 def lora_shrink_triton(x, a_slices, slots):
+    """y as partial sums over K: [S, T, P, r] fp32 (`lora_expand_triton` adds them up; `shrink_total` too)."""
     num_tokens, k = x.shape
     rank = a_slices[0].shape[1]
     assert all(a.shape[1:] == (rank, k) and a.stride() == a_slices[0].stride() and a.dtype == x.dtype
                for a in a_slices), "every slice's A must be [L, r, K] alike, in x's dtype"
-    y = torch.empty((len(a_slices), num_tokens, rank), dtype=torch.float32, device=x.device)
+    block_k = min(128, max(16, next_power_of_2(k)))
+    k_per_program = max(block_k, _SHRINK_K_PER_PROGRAM)
+    num_parts = triton.cdiv(k, k_per_program)
+    y = torch.empty((len(a_slices), num_tokens, num_parts, rank), dtype=torch.float32, device=x.device)
     if num_tokens:
         a0 = a_slices[0]
-        _shrink_kernel[(num_tokens, len(a_slices))](
-            x, _pointers(a_slices, x.device), slots, y, num_tokens, k, rank, x.stride(0), a0.stride(0),
-            a0.stride(1), y.stride(0), y.stride(1), BLOCK_R=max(16, next_power_of_2(rank)),
-            BLOCK_K=min(128, max(16, next_power_of_2(k))))
+        _shrink_kernel[(num_tokens, len(a_slices), num_parts)](
+            x, _pointers(a_slices, x.device), slots, y, k, rank, x.stride(0), a0.stride(0), a0.stride(1),
+            y.stride(0), y.stride(1), y.stride(2), K_PER_PROGRAM=k_per_program,
+            BLOCK_R=max(16, next_power_of_2(rank)), BLOCK_K=block_k)
     return y
 
 
+def shrink_total(y):
+    """y [S, T, r] from either shrink's result (the Triton one's partial sums added)."""
+    return y.sum(dim=2) if y.dim() == 4 else y
+
+
 def lora_expand_triton(y, b_slices, slots, scales, out, offsets):
-    num_slices, num_tokens, rank = y.shape
+    if y.dim() == 3:  # whole sums ([S, T, r]): one part each
+        y = y.unsqueeze(2)
+    num_slices, num_tokens, num_parts, rank = y.shape
     assert all(b.shape[2] == rank and b.is_contiguous() and b.dtype == out.dtype for b in b_slices), \
         "every slice's B must be a contiguous [L, N_s, r], in out's dtype"
     if num_tokens:
@@ -140,9 +167,9 @@ def lora_expand_triton(y, b_slices, slots, scales, out, offsets):
         grid = (num_tokens, num_slices, triton.cdiv(max(widths), block_n))
         _expand_kernel[grid](
             y, _pointers(b_slices, y.device), _device_ints(tuple(widths), torch.int32, y.device),
-            _device_ints(tuple(offsets), torch.int32, y.device), slots, scales, out, rank,
-            y.stride(0), y.stride(1), out.stride(0),
-            BLOCK_R=max(16, next_power_of_2(rank)), BLOCK_N=block_n)
+            _device_ints(tuple(offsets), torch.int32, y.device), slots, scales, out, rank, num_parts,
+            y.stride(0), y.stride(1), y.stride(2), out.stride(0),
+            BLOCK_R=max(16, next_power_of_2(rank)), BLOCK_P=max(2, next_power_of_2(num_parts)), BLOCK_N=block_n)
     return out
 
 

@@ -4,8 +4,11 @@ and a merger that folds each 2x2 patch group into one language-model token.
 
 Eager by design: it runs once per image, at the prefill chunk that first covers the image's tokens, and
 its shapes change with every image size, which CUDA graphs cannot replay. Attention is torch's SDPA
-over one image at a time with a boolean block mask (windows, or the whole image), so a batch of images
-never builds a mask over all of their patches together. Attention and merger are plain torch layers
+over one image at a time: the whole image in the full-attention blocks, and in the others its windows as
+a batch of short sequences (padded to the longest window, padding keys masked). A block mask over all of
+an image's patches instead kept SDPA off its fused kernels and cost O(patches^2) per block (3,888 patches
+for a 1024x768 image). The patch embedding is a 3D convolution whose stride equals its kernel: one matmul
+over the flattened patches, done as such (cuDNN's convolution is much slower at this shape). Attention and merger are plain torch layers
 (replicated under tensor parallelism: the tower is small beside the language model); the MLP's gate|up is
 fused as the language model's, since the loader maps those checkpoint names onto a fused layer."""
 from __future__ import annotations
@@ -22,6 +25,13 @@ from asyncserve.layers.norm import RMSNorm
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
+
+
+def embed_patches(proj: nn.Conv3d, patches: torch.Tensor) -> torch.Tensor:
+    """A convolution whose stride is its kernel, over patches already cut and flattened: one linear map."""
+    weight = proj.weight                                                                    # [E, C, T, p, p]
+    return F.linear(patches.to(weight.dtype).view(-1, weight[0].numel()), weight.view(weight.shape[0], -1),
+                    proj.bias)
 
 
 def patch_positions(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
@@ -48,6 +58,22 @@ def window_order(grid_t: int, grid_h: int, grid_w: int, merge: int, window: int)
     return padded[keep], window_ids[keep]
 
 
+class Windows:
+    """An image's attention windows as a padded batch: `gather` [W, L] picks each window's patches (they are
+    contiguous, window by window; padding repeats a window's last patch), `valid` [W, L] marks the real ones,
+    and `key_mask` [W, 1, 1, L] lets every query see its window's real keys only."""
+
+    def __init__(self, patch_windows: torch.Tensor):
+        counts = torch.bincount(patch_windows)
+        counts = counts[counts > 0]
+        starts = torch.cumsum(counts, 0) - counts
+        length = int(counts.max())
+        columns = torch.arange(length, device=patch_windows.device)
+        self.valid = columns[None, :] < counts[:, None]
+        self.gather = starts[:, None] + torch.minimum(columns[None, :], counts[:, None] - 1)
+        self.key_mask = self.valid[:, None, None, :]
+
+
 class VisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -55,15 +81,20 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, windows: Windows | None):
         num_patches = x.shape[0]
         q, k, v = self.qkv(x).view(num_patches, 3, self.num_heads, -1).unbind(1)   # [S, H, D] each
         dtype = q.dtype
         q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dtype)
         k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dtype)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask)                     # [H, S, D]
-        return self.proj(out.transpose(0, 1).reshape(num_patches, -1))
+        if windows is None:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                                 v.transpose(0, 1)).transpose(0, 1)   # [S, H, D]
+        else:
+            q, k, v = (t[windows.gather].transpose(1, 2) for t in (q, k, v))          # [W, H, L, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=windows.key_mask)
+            out = out.transpose(1, 2)[windows.valid]                                  # [S, H, D]
+        return self.proj(out.reshape(num_patches, -1))
 
 
 class VisionMLP(nn.Module):
@@ -89,8 +120,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config.hidden_size, config.num_heads)
         self.mlp = VisionMLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp")
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, windows):
+        x = x + self.attn(self.norm1(x), cos, sin, windows)
         return x + self.mlp(self.norm2(x))
 
 
@@ -138,9 +169,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
     def encode_one(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         grid_t, grid_h, grid_w = grid
         unit = self.merge * self.merge
-        weight = self.patch_embed.proj.weight
-        x = self.patch_embed.proj(patches.to(weight.dtype).view(
-            -1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)).flatten(1)
+        x = embed_patches(self.patch_embed.proj, patches)
         order, window_ids = window_order(grid_t, grid_h, grid_w, self.merge, self.window)
         device = x.device
         order, window_ids = order.to(device), window_ids.to(device)
@@ -151,10 +180,9 @@ class Qwen2_5_VisionTransformer(nn.Module):
         freqs = freqs.view(-1, unit, freqs.shape[-1])[order].flatten(0, 1)
         angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]                         # [S, 1, D]
         cos, sin = angles.cos(), angles.sin()
-        patch_windows = window_ids.repeat_interleave(unit)
-        window_mask = patch_windows[:, None] == patch_windows[None, :]
+        windows = Windows(window_ids.repeat_interleave(unit))
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if index in self.full_attention_blocks else window_mask)
+            x = block(x, cos, sin, None if index in self.full_attention_blocks else windows)
         merged = self.merger(x)
         return merged[torch.argsort(order)]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncserve.models.qwen2_5_vl_vision import VisionAttention, encode_each, patch_positions
+from asyncserve.models.qwen2_5_vl_vision import VisionAttention, embed_patches, encode_each, patch_positions
 
 
 def _axis_taps(index: torch.Tensor, size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +114,7 @@ class Qwen3VisionTransformer(nn.Module):
 
     def encode_one(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         grid_t, grid_h, grid_w = grid
-        weight = self.patch_embed.proj.weight
-        x = self.patch_embed.proj(patches.to(weight.dtype).view(
-            -1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)).flatten(1)
+        x = embed_patches(self.patch_embed.proj, patches)
         device = x.device
         indices, weights = position_taps(grid_h, grid_w, self.grid_side, self.merge)
         indices, weights = indices.repeat(grid_t, 1).to(device), weights.repeat(grid_t, 1).to(device)

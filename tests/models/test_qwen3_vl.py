@@ -63,10 +63,11 @@ def test_the_vision_tower_and_deepstack_features_match_transformers(llm, referen
         expected = reference.model.model.get_image_features(processed["pixel_values"], processed["image_grid_thw"])
     width = reference.model.config.text_config.hidden_size
     for index, output in enumerate(encoded):
-        torch.testing.assert_close(output[:, :width], expected.pooler_output[index], rtol=1e-5, atol=1e-5)
+        # the patch embedding is a matmul here, a convolution there: fp32 sums in another order
+        torch.testing.assert_close(output[:, :width], expected.pooler_output[index], rtol=1e-4, atol=5e-5)
         for layer, features in enumerate(expected.deepstack_features):
             torch.testing.assert_close(output[:, width * (1 + layer):width * (2 + layer)], features[index],
-                                       rtol=1e-5, atol=1e-5)
+                                       rtol=1e-4, atol=5e-5)
 
 
 def test_one_and_two_images_of_different_sizes_beside_text_match_transformers(llm, reference):

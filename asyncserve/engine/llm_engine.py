@@ -22,6 +22,7 @@ from asyncserve.engine.spec_decode import Speculator
 from asyncserve.engine.state_slots import StateSlotPool
 from asyncserve.engine.sequence import FinishReason, Request, Sequence
 from asyncserve.engine.structured import StructuredOutputManager
+from asyncserve.engine.warm_up import warm_up
 from asyncserve.errors import ConfigError, InvalidParameterError
 from asyncserve.config.model import ModelConfig
 from asyncserve.checkpoints.tokenizer import load_tokenizer
@@ -79,12 +80,13 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._in_flight: tuple[list, object] | None = None  # (scheduled, PendingStep) of step()
         self._to_release: list[Request] = []  # finished or aborted, released at the next schedule()
-        self.startup_seconds = time.perf_counter() - started
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0}
         self.finished_timings: dict[str, dict] = {}
         self.iteration_tokens = BucketCounts(ITERATION_TOKEN_BUCKETS)  # tokens per step (vLLM's metric)
         # Streaming callers get every request's output each step; offline ones only finished outputs.
         self.stream_outputs = True
+        warm_up(self)  # GPU engines: the first real request no longer pays for compiles
+        self.startup_seconds = time.perf_counter() - started
         kv_tokens = num_blocks * block_size
         concurrency = kv_tokens / mc.max_model_len
         state_pool = ""

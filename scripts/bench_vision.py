@@ -101,6 +101,36 @@ def throughput(llm, SamplingParams, args, rng: random.Random) -> dict:
                total_tok_per_s=round((out_tokens + prompt_tokens) / elapsed, 1))
 
 
+def breakdown(llm, args) -> dict:
+    """asyncserve only: where one image's time goes: the processor (resize, normalize, patches; the content
+    hash) on the host, the vision tower on the device, each the median of --repeats after a warm-up."""
+    import importlib.util
+    import torch
+    engine = llm.llm_engine
+    images, model = engine.input_processor.images, engine.executor.runner.model
+    placeholder = images.placeholder_id
+    host, tower = [], []
+    for repeat in range(args.repeats + 1):
+        picture = random_image(*args.image_size, seed=40_000 + repeat)
+        started = time.perf_counter()
+        _, inputs = images.process([placeholder], [picture])
+        processed = time.perf_counter()
+        image = inputs.images[0]
+        pixels = image.pixel_values.to(engine.config.model.device)
+        torch.cuda.synchronize()
+        encode_started = time.perf_counter()
+        with torch.inference_mode():
+            model.embed_images(pixels, [image.grid])
+        torch.cuda.synchronize()
+        if repeat:
+            host.append(processed - started)
+            tower.append(time.perf_counter() - encode_started)
+    return row(args, "breakdown", processor_ms=round(1000 * statistics.median(host), 1),
+               vision_tower_ms=round(1000 * statistics.median(tower), 1),
+               torchvision=importlib.util.find_spec("torchvision") is not None,
+               processor=type(images.hf_processor()).__name__)
+
+
 def model_dir(args) -> str:
     if args.tiny:
         path = os.path.join(args.work_dir, "tiny-qwen2.5-vl")
@@ -126,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--workload", choices=("ttft", "throughput", "both"), default="both")
+    parser.add_argument("--breakdown", action="store_true", help="asyncserve on a GPU: processor and vision "
+                        "tower times of one image, before the workloads")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU, a tiny random Qwen2.5-VL, small images and batches: only that the script runs")
     args = parser.parse_args(argv)
@@ -136,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     args.model_dir = args.model_dir or model_dir(args)
     llm, SamplingParams = engine(args)
     rng = random.Random(0)
+    if args.breakdown and args.engine == "asyncserve":
+        breakdown(llm, args)
     if args.workload in ("ttft", "both"):
         time_to_first_token(llm, SamplingParams, args, rng)
     if args.workload in ("throughput", "both"):

@@ -30,7 +30,7 @@ from asyncserve.models.registry import model_class
 from asyncserve.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncserve.pooling_params import PoolingParams
 from asyncserve.executor import Executor, make_executor
-from asyncserve.runner.step import SequenceResult, StepMessage, StepOutput
+from asyncserve.runner.step import PROPOSED_BY_RUNNER, SequenceResult, StepMessage, StepOutput
 
 logger = logging.getLogger("asyncserve")
 
@@ -64,8 +64,6 @@ class LLMEngine:
                                  self.executor.lora_shapes())
                      if config.lora is not None else None)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.lora)
-        # Speculative decoding (--speculative-config): drafts proposed before each schedule.
-        self.speculator = Speculator(config.speculative, mc.max_model_len) if config.speculative else None
         self.output_processor = OutputProcessor(self.tokenizer, mc.max_model_len)
         self._eos_token_ids = self._find_eos_token_ids()
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size, self._eos_token_ids,
@@ -74,6 +72,9 @@ class LLMEngine:
                                                   cache_mb=config.structured_outputs_cache_mb,
                                                   max_bytes=config.structured_outputs_max_bytes,
                                                   compile_timeout=config.structured_outputs_compile_timeout)
+        # Speculative decoding (--speculative-config): drafts proposed before each schedule.
+        self.speculator = (Speculator(config.speculative, mc.max_model_len, self.structured)
+                           if config.speculative else None)
         self.input_processor = InputProcessor(mc, config.scheduler, self.tokenizer, self.structured,
                                               self._eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -137,11 +138,6 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidParameterError(f"Request id {request_id!r} is already in use.", "request_id")
         params, token_ids = processed.params, processed.prompt_token_ids
-        if self.speculator is not None and processed.grammar is not None:
-            raise InvalidParameterError(
-                "Structured outputs are not supported together with speculative decoding yet: send the request "
-                "without a grammar / response_format, or serve without --speculative-config.",
-                "structured_outputs")
         adapter = None
         if lora_request is not None:  # read (once) and checked before anything is queued
             if self.lora is None:
@@ -254,22 +250,36 @@ class LLMEngine:
     def sample_under_grammars(self, scheduled: list[tuple[Sequence, int]], pending) -> None:
         """Has a launched step sampled once the grammar masks of its constrained rows are known: the
         sequences' matchers have accepted every earlier token (`process` of the step before ran), while
-        the device computed this step's forward pass. Unconstrained rows get no mask."""
-        matchers, rows, expand = [], [], []
-        seen: dict[int, int] = {}
-        row = 0
-        for (seq, _), num_samples in zip(scheduled, pending.num_samples):
+        the device computed this step's forward pass. Unconstrained rows get no mask. A sequence that
+        verifies d drafts has d + 1 rows, row j masked by its grammar after drafts [0, j)
+        (`bitmask_through_drafts`); a draft model's proposals are read back from the device for that."""
+        matchers, drafts, rows, expand = [], [], [], []  # expand: each masked sample row's row of the bitmask
+        row = offset = mask_rows = 0
+        proposals = None
+        for (seq, _), num_samples, num_drafts in zip(scheduled, pending.num_samples, pending.num_drafts):
+            num_rows = num_drafts + 1 if num_drafts else num_samples
             if num_samples and seq.matcher is not None and not seq.is_finished:
-                if id(seq.matcher) not in seen:
-                    seen[id(seq.matcher)] = len(matchers)
-                    matchers.append(seq.matcher)
-                for sample_row in range(row, row + num_samples):  # n > 1: the forks' rows share it
-                    rows.append(sample_row)
-                    expand.append(seen[id(seq.matcher)])
-            row += num_samples
-        bitmask = self.structured.bitmask(matchers) if matchers else None
-        if bitmask is not None and len(expand) > len(matchers):
-            bitmask = bitmask[expand]
+                tokens = seq.draft_token_ids
+                if num_drafts and tokens[0] == PROPOSED_BY_RUNNER:
+                    if proposals is None:  # waits for the drafter's forwards only, not the target's
+                        proposals = pending.proposals()
+                    tokens = proposals[offset:offset + num_drafts]
+                # A verifying sequence's rows each have their own mask; n > 1 samples share one.
+                expand.extend(range(mask_rows, mask_rows + num_rows) if num_drafts else [mask_rows] * num_rows)
+                rows.extend(range(row, row + num_rows))
+                matchers.append(seq.matcher)
+                drafts.append(list(tokens))
+                mask_rows += num_drafts + 1
+            row += num_rows
+            offset += num_drafts
+        bitmask = None
+        if matchers:
+            if mask_rows > len(matchers):
+                bitmask = self.structured.bitmask_through_drafts(matchers, drafts)
+            else:
+                bitmask = self.structured.bitmask(matchers)
+            if len(expand) > bitmask.shape[0]:
+                bitmask = bitmask[expand]
         self.executor.sample(pending, bitmask, rows)
 
     def drain(self) -> list[RequestOutput]:
@@ -350,8 +360,9 @@ class LLMEngine:
 
     def _append_runs(self, runs: list[tuple[Sequence, list[int], list | None]]) -> None:
         """The tokens after the first of each verified run, one position at a time across the runs (one
-        batched decode per position), so a stop token, stop string or length limit ends a run exactly
-        where plain decoding would have stopped; what follows it is dropped."""
+        batched decode per position), so a stop token, stop string, length limit or the grammar's end ends
+        a run exactly where plain decoding would have stopped; what follows it is dropped. Grammars
+        advance as in `process`."""
         processor = self.output_processor
         for position in range(1, max(len(tokens) for _, tokens, _ in runs)):
             runs = [run for run in runs if position < len(run[1]) and not run[0].is_finished]
@@ -365,7 +376,10 @@ class LLMEngine:
             to_decode = [seq.detokenizer for (seq, _, _), decode in zip(runs, decoded) if decode]
             deltas = iter(decode_step(to_decode) if to_decode else ())
             for (seq, tokens, _), decode in zip(runs, decoded):
-                if processor.check_stop(seq, tokens[position], next(deltas) if decode else ""):
+                finished = processor.check_stop(seq, tokens[position], next(deltas) if decode else "")
+                if seq.matcher is not None and not finished:
+                    finished = processor.advance_grammar(seq, tokens[position])
+                if finished:
                     self.scheduler.finish(seq)
 
     def _process_pooled(self, scheduled: list[tuple[Sequence, int]],

@@ -48,7 +48,8 @@ class Executor(ABC):
     @abstractmethod
     def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Samples a launched step that waits for grammar masks (`pending.needs_grammar_masks`): bitmask
-        row i (int32, host) masks sample row rows[i]. Must come before the next launch."""
+        row i (int32, host) masks sample row rows[i] (a verify step's rows: a sequence with d drafts,
+        `pending.num_drafts`, has d + 1). Must come before the next launch."""
 
     def execute(self, message: StepMessage) -> StepOutput:
         """Runs one step to the end."""

@@ -97,9 +97,10 @@ def _end(processes: list[subprocess.Popen], box: list) -> None:
 class _Done:
     """A step already run to the end by the workers (the multi-process PendingStep)."""
 
-    def __init__(self, output: StepOutput | None, num_samples: list[int]):
+    def __init__(self, output: StepOutput | None, num_samples: list[int], num_drafts: list[int]):
         self._output = output
         self.num_samples = num_samples
+        self.num_drafts = num_drafts
 
     @property
     def needs_grammar_masks(self) -> bool:
@@ -207,7 +208,8 @@ class MultiprocExecutor(Executor):
         self._call("initialize_cache", num_blocks, num_host_blocks, num_host_state_slots)
 
     def launch(self, message: StepMessage) -> _Done:
-        return _Done(self._call("launch", message), [seq.num_samples for seq in message.seqs])
+        return _Done(self._call("launch", message), [seq.num_samples for seq in message.seqs],
+                     [len(seq.draft_token_ids) for seq in message.seqs])
 
     def sample(self, pending: _Done, bitmask: torch.Tensor, rows: list[int]) -> None:
         pending._output = self._call("sample", bitmask, rows)

@@ -25,7 +25,7 @@ from asyncserve.runner.inputs import (
 )
 from asyncserve.runner.kv_pool import KVPool, model_block_bytes
 from asyncserve.runner.mixed_graphs import MixedStepGraphs
-from asyncserve.runner.pending import PendingStep, VerifiedStep
+from asyncserve.runner.pending import HostCopy, PendingStep, VerifiedStep
 from asyncserve.runner.pooling import PoolingRunner
 from asyncserve.runner.state_pool import StatePool
 from asyncserve.runner.step import StepMessage, StepOutput
@@ -196,19 +196,26 @@ class ModelRunner:
     def launch_verify(self, batch: ScheduledBatch) -> VerifiedStep:
         """A step where some sequences score proposed tokens (speculative decoding): each such sequence's
         last token and drafts run as a short chunk over the paged KV, like a prefill chunk, and the
-        rejection sampler keeps a prefix of the drafts plus one token. Eager, and never grammar-masked."""
+        rejection sampler keeps a prefix of the drafts plus one token. Eager. With grammar-constrained
+        rows it waits, as a plain step does, for the engine's masks (one per verify row): a draft model's
+        proposals are copied to the host before the target's forward is queued, so the engine can read
+        them (and fill the masks) while that forward runs."""
         sampling = build_sampling_tensors(batch, self.vocab_size, self.device)
         layout = build_verify_layout(batch, self.device)
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        masked = needs_grammar_masks(batch)
+        proposals = None
         if batch.proposals is not None:
             place_proposals(batch, batch.proposals, inputs, layout, sampling)
+            if masked:
+                proposals = HostCopy(batch.proposals)
         self.set_lora_rows(inputs.lora_token_slots, inputs.lora_chunks)
         self.feed_unread_inputs(inputs.input_ids, batch, inputs.unread_rows)
         hidden = self.forward_step(batch, inputs)
         if batch.state_fork_copies:
             self.state_pool.copy(batch.state_fork_copies)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        verified = self.rejection_sampler(logits, sampling, layout)
+        verified = None if masked else self.rejection_sampler(logits, sampling, layout)
         sampled_rows = {}  # seq_id -> its own group
         group = 0
         for seq in batch.seqs:
@@ -216,20 +223,27 @@ class ModelRunner:
                 sampled_rows[seq.seq_id] = group
                 seq.num_unread += 1
                 group += 1 if seq.draft_token_ids else seq.num_samples
-        pending = VerifiedStep(batch.seqs, verified.token_ids, list(layout.first_rows), sampled_rows,
-                               _logprob_tensors(verified.logprobs), self._prompt_logprobs(hidden, inputs, batch),
-                               inputs.prompt_row_counts)
+        pending = VerifiedStep(batch.seqs, verified.token_ids if verified is not None else None,
+                               list(layout.first_rows), sampled_rows,
+                               _logprob_tensors(verified.logprobs) if verified is not None else None,
+                               self._prompt_logprobs(hidden, inputs, batch), inputs.prompt_row_counts,
+                               (logits, sampling, layout) if masked else None, proposals)
         self._in_flight.append(pending)
         return pending
 
     @torch.inference_mode()
     def sample(self, pending: PendingStep, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Samples a launched step whose grammar-constrained rows waited for their masks: bitmask row i
-        (host, int32) masks sample row rows[i], all in one kernel; the other rows sample as usual."""
-        logits, sampling = pending.deferred
+        (host, int32) masks sample row rows[i], all in one kernel; the other rows sample as usual. A verify
+        step's rows are its rejection sampler's, whose rule then reads the masked distribution."""
+        logits, sampling = pending.deferred[:2]
         if rows:
             sampling.token_bitmask = bitmask.to(self.device, non_blocking=True)
             sampling.bitmask_rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        if pending.is_verify:
+            verified = self.rejection_sampler(logits, sampling, pending.deferred[2])
+            pending.sampled(verified.token_ids, _logprob_tensors(verified.logprobs))
+            return
         sampled = self.sampler(logits, sampling)
         pending.sampled(sampled.token_ids, _logprob_tensors(sampled))
 

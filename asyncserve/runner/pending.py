@@ -18,6 +18,23 @@ def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.to("cpu", non_blocking=True)
 
 
+class HostCopy:
+    """An asynchronous copy of a small device tensor to the host, readable as a list once it landed:
+    waiting for it waits for the work queued before it, not for what was queued after."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._host = to_host(tensor)
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def tolist(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 class PendingStep:
     is_verify = False  # a speculative decoding step (VerifiedStep)
 
@@ -27,6 +44,7 @@ class PendingStep:
         # What result() needs of each scheduled sequence, taken now: its state changes after this.
         self.seq_ids = [seq.seq_id for seq in seqs]
         self.num_samples = [seq.num_samples for seq in seqs]
+        self.num_drafts = [len(seq.draft_token_ids) for seq in seqs]  # speculative decoding: verified drafts
         self.num_logprobs = [seq.params.logprobs or 0 for seq in seqs]
         self.num_prompt_logprobs = [seq.prompt_logprobs or 0 for seq in seqs]
         self.sampled_rows = sampled_rows     # seq_id -> its own row in token_ids
@@ -106,17 +124,30 @@ class VerifiedStep(PendingStep):
 
     is_verify = True
 
-    def __init__(self, seqs: list, grid: torch.Tensor, group_starts: list[int], sampled_rows: dict[int, int],
-                 logprobs=None, prompt_logprobs=None, prompt_row_counts: list[int] | None = None):
-        self.num_drafts = [len(seq.draft_token_ids) for seq in seqs]
+    def __init__(self, seqs: list, grid: torch.Tensor | None, group_starts: list[int],
+                 sampled_rows: dict[int, int], logprobs=None, prompt_logprobs=None,
+                 prompt_row_counts: list[int] | None = None, deferred=None, proposals: HostCopy | None = None):
         self.group_starts = group_starts  # group -> its first row (of logprobs)
         self._runs: list[list[int]] | None = None
-        super().__init__(seqs, grid, sampled_rows, logprobs, prompt_logprobs, prompt_row_counts)
+        # A draft model's proposals on their way to the host: the grammar masks of a deferred step need them.
+        self._proposals = proposals
+        super().__init__(seqs, grid, sampled_rows, logprobs, prompt_logprobs, prompt_row_counts, deferred)
         self.device_token_ids = None  # nothing feeds a later step from the device: the engine reads it first
+
+    def sampled(self, token_ids: torch.Tensor | None, logprobs=None) -> None:
+        super().sampled(token_ids, logprobs)
+        self.device_token_ids = None
+
+    def proposals(self) -> list[int]:
+        """The draft model's proposals, flat in batch order (each verifying sequence's drafts in turn)."""
+        return self._proposals.tolist()
 
     def result(self) -> StepOutput:
         if self._output is not None:
             return self._output
+        if self.deferred is not None:
+            raise RuntimeError("This step verifies under grammar masks: the engine must hand them to "
+                               "executor.sample() before reading its result.")
         if self._event is not None:
             self._event.synchronize()
         grid = self._host_token_ids.tolist()

@@ -53,6 +53,10 @@ class _PickledResult:
     def num_samples(self):
         return self.pending.num_samples
 
+    @property
+    def num_drafts(self):
+        return self.pending.num_drafts
+
     def result(self):
         return pickle.loads(pickle.dumps(self.pending.result()))
 

@@ -1,12 +1,11 @@
 """Proposers whose drafts are known to be right or wrong: either way the output is the target's; stop
 conditions landing inside an accepted run cut it exactly where plain decoding stops; logprobs of accepted
-tokens; seeded sampling repeats; structured outputs are refused with speculation."""
+tokens; seeded sampling repeats."""
 from __future__ import annotations
 
 import pytest
 
 from asyncserve import SamplingParams
-from asyncserve.errors import InvalidParameterError
 from tests.conftest import PROMPTS
 from tests.spec_decode.helpers import NGRAM, OracleProposer, WrongProposer, counters, full_sequences
 
@@ -129,12 +128,6 @@ def test_seeded_sampling_repeats(make_llm):
     second = [list(o.token_ids) for o in _outputs(llm, PROMPTS, params)]
     assert first == second
     assert counters(llm.llm_engine)["spec_decode_num_accepted_tokens"] > 0
-
-
-def test_structured_outputs_are_refused_with_speculation(make_llm):
-    llm = make_llm(FAMILY, speculative_config=NGRAM)
-    with pytest.raises(InvalidParameterError, match="not supported together with speculative decoding"):
-        llm.generate(["x"], SamplingParams(structured_outputs={"choice": ["yes", "no"]}), use_tqdm=False)
 
 
 def test_samples_without_drafts_draw_as_plain_sampling(make_llm):

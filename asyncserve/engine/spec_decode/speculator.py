@@ -1,19 +1,25 @@
 """Before each schedule: draft tokens for the running sequences that can take them, within their limits."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from asyncserve.config.speculative import SpeculativeConfig
 from asyncserve.engine.sequence import Sequence
 from asyncserve.engine.spec_decode.metrics import SpecDecodeStats
 from asyncserve.engine.spec_decode.ngram_proposer import NgramProposer, TokenHistory
 from asyncserve.runner.step import PROPOSED_BY_RUNNER
 
+if TYPE_CHECKING:
+    from asyncserve.engine.structured import StructuredOutputManager
+
 
 def can_speculate(seq: Sequence) -> bool:
-    """A decoding sequence whose every token is known on the host, sampled by rules that do not change
-    between the positions of one step. Left out: prompts still computing, a token still in flight,
-    best_of/n > 1 (forks) and beam search, grammars (refused with speculation at admission), bad words
-    and min_tokens bans (their masks depend on each earlier token)."""
-    if seq.num_in_flight or seq.num_computed_tokens != seq.num_tokens - 1 or seq.matcher is not None:
+    """A decoding sequence whose every token is known on the host, sampled by rules the verify step can
+    apply at each position. Left out: prompts still computing, a token still in flight, best_of/n > 1
+    (forks) and beam search, bad words and min_tokens bans (their masks depend on each earlier token).
+    A grammar's masks do too, but the engine computes them per draft position (llm_engine.py
+    `sample_under_grammars`)."""
+    if seq.num_in_flight or seq.num_computed_tokens != seq.num_tokens - 1:
         return False
     params = seq.params
     if params.best_of != 1:
@@ -37,9 +43,11 @@ class DraftModelSlots:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int,
+                 structured: StructuredOutputManager | None = None):
         self.config = config
         self.max_model_len = max_model_len
+        self.structured = structured  # cuts a constrained sequence's drafts where its grammar rejects one
         if config.method in ("draft_model", "eagle3"):
             self.proposer = DraftModelSlots(config.num_speculative_tokens)
         else:
@@ -70,7 +78,12 @@ class Speculator:
                 room = min(room, max_tokens - seq.num_output_tokens - 1)
             if seq.token_history is None and self.config.method == "ngram":
                 seq.token_history = TokenHistory()
-            seq.draft_token_ids = self.proposer.propose(seq.token_history, seq.token_ids, room)
+            drafts = self.proposer.propose(seq.token_history, seq.token_ids, room)
+            if seq.matcher is not None and drafts and drafts[0] != PROPOSED_BY_RUNNER:
+                # Nothing after a token the grammar rejects can be kept: it is not scored. (A draft model's
+                # proposals exist only on the device; the verify step's masks reject them there.)
+                del drafts[self.structured.num_valid_drafts(seq.matcher, drafts):]
+            seq.draft_token_ids = drafts
 
     def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.stats.observe(num_draft_tokens, num_accepted)

@@ -45,3 +45,14 @@ class GrammarBackend(ABC):
     @abstractmethod
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         """Writes matcher i's allowed next tokens into row rows[i] of bitmask [R, ceil(V / 32)] int32 (CPU)."""
+
+    def accept_prefix(self, matcher: GrammarMatcher, token_ids: list[int]) -> int:
+        """Advances `matcher` through the longest prefix of `token_ids` its grammar accepts (nothing after a
+        stop token it accepts); returns that prefix's length. The matcher is left as it was on the first
+        token it rejects (xgrammar's `accept_token` does not move on a rejected token)."""
+        count = 0
+        for token_id in token_ids:
+            if matcher.is_terminated() or not matcher.accept_token(token_id):
+                break
+            count += 1
+        return count

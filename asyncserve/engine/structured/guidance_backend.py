@@ -89,6 +89,14 @@ class GuidanceBackend(GrammarBackend):
     def new_matcher(self, grammar) -> GuidanceMatcher:
         return GuidanceMatcher(llguidance.LLMatcher(self.tokenizer, grammar))
 
+    def accept_prefix(self, matcher: GuidanceMatcher, token_ids: list[int]) -> int:
+        # A token llguidance rejects puts its matcher in an error state that no rollback clears: the
+        # accepted prefix is found first, without moving (try_consume_tokens would not count a stop token).
+        count = matcher.matcher.validate_tokens(token_ids)
+        if count:
+            matcher.matcher.consume_tokens(token_ids[:count])
+        return count
+
     def fill_bitmask(self, matchers: list[GuidanceMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
         llguidance.torch.fill_next_token_bitmask_par(
             self.executor, [(m.matcher, row) for m, row in zip(matchers, rows)], bitmask)

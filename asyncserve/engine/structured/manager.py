@@ -133,11 +133,49 @@ class StructuredOutputManager:
 
     def bitmask(self, matchers: list[GrammarMatcher]) -> torch.Tensor:
         """[len(matchers), ceil(V / 32)] int32 on the host (pinned on a GPU engine): row i is matcher i's."""
-        rows = len(matchers)
+        bitmask = self._rows(len(matchers))
+        self.backend.fill_bitmask(matchers, bitmask, list(range(len(matchers))))
+        return bitmask
+
+    def num_valid_drafts(self, matcher: GrammarMatcher, draft_token_ids: list[int]) -> int:
+        """How many of the proposed tokens, from the first, the grammar accepts after what `matcher` has
+        accepted (a token after a stop token never is); the matcher ends where it began."""
+        count = self.backend.accept_prefix(matcher, draft_token_ids)
+        if count:
+            matcher.rollback(count)
+        return count
+
+    def bitmask_through_drafts(self, matchers: list[GrammarMatcher],
+                               drafts: list[list[int]]) -> torch.Tensor:
+        """Speculative decoding's verify masks: matcher i owns len(drafts[i]) + 1 consecutive rows of the
+        [R, ceil(V / 32)] int32 host bitmask, and its row j allows what may follow drafts[i][:j]. Rows past
+        the first draft the grammar rejects, or past a stop token it accepts, allow everything: the verify
+        rule never emits from them (that draft's own row masks it out, so it is rejected). Each matcher
+        is advanced through its valid drafts, then rolled back one token at a time, every position's rows
+        of all matchers filled in one batched call; it ends where it began."""
+        starts, total = [], 0
+        for tokens in drafts:
+            starts.append(total)
+            total += len(tokens) + 1
+        bitmask = self._rows(total)
+        bitmask.fill_(-1)
+        backend = self.backend
+        positions = [backend.accept_prefix(matcher, tokens) for matcher, tokens in zip(matchers, drafts)]
+        unfilled = list(range(len(matchers)))  # matcher i's rows 0 .. positions[i] are still to fill
+        while unfilled:
+            filled = [i for i in unfilled if not matchers[i].is_terminated()]
+            if filled:
+                backend.fill_bitmask([matchers[i] for i in filled], bitmask,
+                                     [starts[i] + positions[i] for i in filled])
+            unfilled = [i for i in unfilled if positions[i]]
+            for i in unfilled:
+                matchers[i].rollback(1)
+                positions[i] -= 1
+        return bitmask
+
+    def _rows(self, rows: int) -> torch.Tensor:
         width = -(-self.vocab_size // 32)
         if self._bitmask is None or self._bitmask.shape[0] < rows:
             # Reused: the step that read the last one has finished sampling before the next is filled.
             self._bitmask = torch.empty(max(rows, 64), width, dtype=torch.int32, pin_memory=self.pin_memory)
-        bitmask = self._bitmask[:rows]
-        self.backend.fill_bitmask(matchers, bitmask, list(range(rows)))
-        return bitmask
+        return self._bitmask[:rows]

@@ -1,6 +1,7 @@
 """Attention over the paged KV pool; the step's metadata is passed in, never read from globals."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,11 @@ from asyncserve.kernels import paged_attention, paged_decode_attention, rotary_w
 from asyncserve.kernels.attention_decode import single_partition_max_len
 from asyncserve.kernels.kv_scale import is_fp8
 from asyncserve.layers.parallel_state import tp_rank
+
+# Rotary and the cache write in one launch (kernels/rotary_cache.py) where the rotary offers its table. Built
+# and checked under Triton's interpreter only: off until a GPU run has checked it at real shapes
+# (tests/kernels/test_rotary_cache_gpu.py), since every attention model's GPU step would take it.
+FUSE_ROTARY_WITH_CACHE = os.environ.get("ASYNCSERVE_FUSED_ROTARY_CACHE") == "1"
 
 
 @dataclass
@@ -89,14 +95,14 @@ class PagedAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 meta: AttentionMetadata, rotary: nn.Module | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Given `rotary` (a RotaryEmbedding) and `positions`, q and k are rotated here first: in one
-        launch with the cache write where the rotary offers its table (`fused_table`), else by it."""
+        """Given `rotary` (a RotaryEmbedding) and `positions`, q and k are rotated here first: by it, or in
+        one launch with the cache write where it offers its table (`fused_table`) and the fusion is on."""
         num_tokens = query.shape[0]
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = self.kv_cache
-        table = None if rotary is None else rotary.fused_table(positions)
+        table = rotary.fused_table(positions) if rotary is not None and FUSE_ROTARY_WITH_CACHE else None
         if table is not None:
             rotary_write_kv_cache(positions, query, key, value, k_cache, v_cache, meta.slot_mapping, table,
                                   rotary.is_neox_style, **self._scales(k_cache))

@@ -2,8 +2,15 @@
 from the host. Such a copy is recorded with its host address and replays whatever that memory holds later;
 a table built lazily inside the capture (an lru_cache that missed) lives in the graph's pool, where later
 replays overwrite it. CUDA refuses only some of these (a synchronous copy); this names every one that
-passes through torch's dispatcher, with the op, before the capture ends."""
+passes through torch's dispatcher, with the op, before the capture ends.
+
+It runs where `ASYNCSERVE_CHECK_CAPTURES=1` (the GPU tests set it): a dispatch mode around every capture
+costs start-up time, and it was written without a GPU run, so a case it misjudges must not stop a server.
+"""
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,3 +51,8 @@ class no_host_copies(TorchDispatchMode):
                                     "on the device before capture (they would replay stale or overwritten "
                                     "values)")
         return func(*args, **kwargs)
+
+
+def capture_check(what: str):
+    """`no_host_copies(what)` where ASYNCSERVE_CHECK_CAPTURES=1, else nothing."""
+    return no_host_copies(what) if os.environ.get("ASYNCSERVE_CHECK_CAPTURES") == "1" else contextlib.nullcontext()

@@ -12,12 +12,17 @@ per layer fewer), replayed while every sequence of the step fits it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from asyncserve.layers.attention import AttentionMetadata
-from asyncserve.runner.capture_guard import no_host_copies
+from asyncserve.runner.capture_guard import capture_check
 from asyncserve.runner.input_batch import ScheduledBatch
 
+# The short-context graphs were built without a GPU run: off until one has checked them
+# (tests/gpu/test_decode_graph_bounds_cuda.py), since every model's decode steps would replay them.
+SHORT_CONTEXT_GRAPHS = os.environ.get("ASYNCSERVE_SHORT_CONTEXT_GRAPHS") == "1"
 # Short-context graphs for padded batch sizes up to this: where launches, not bytes, bound a step. Each graph
 # keeps its own logits ([batch, vocab]), so doubling the large sizes would cost gigabytes of KV cache.
 SHORT_CONTEXT_MAX_BATCH = 32
@@ -25,7 +30,10 @@ SHORT_CONTEXT_MAX_BATCH = 32
 
 def context_bounds(model, batch: int, max_model_len: int) -> list[int]:
     """The max_seq_len bounds to capture for a padded batch size, ascending: the longest context whose decode
-    attention takes one partition in every layer, where that is shorter than max_model_len, then max_model_len."""
+    attention takes one partition in every layer, where that is shorter than max_model_len and the short graphs
+    are on, then max_model_len."""
+    if not SHORT_CONTEXT_GRAPHS:
+        return [max_model_len]
     short = min((layer.single_partition_len(batch) for layer in model.attention_layers()), default=max_model_len)
     if batch > SHORT_CONTEXT_MAX_BATCH or short >= max_model_len:
         return [max_model_len]
@@ -120,7 +128,7 @@ class _DecodeGraphs:
                     run()
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with no_host_copies(f"capturing the decode graph of batch size {batch} (contexts up to {bound})"), \
+                with capture_check(f"capturing the decode graph of batch size {batch} (contexts up to {bound})"), \
                         torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.outputs[batch, bound] = run()
                 self.graphs[batch, bound] = graph

@@ -1,5 +1,10 @@
-"""GPU tests: engines on CUDA over the tiny checkpoints, checked for a clean block pool afterwards."""
+"""GPU tests: engines on CUDA over the tiny checkpoints, checked for a clean block pool afterwards, their CUDA
+graph captures checked for host copies (runner/capture_guard.py)."""
+import os
+
 import pytest
+
+os.environ.setdefault("ASYNCSERVE_CHECK_CAPTURES", "1")
 
 from tests.conftest import assert_pool_clean
 

@@ -11,6 +11,13 @@ from asyncserve import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
+
+@pytest.fixture(autouse=True)
+def short_graphs_on(monkeypatch):
+    """The switch this file exists to check before it is turned on by default (ASYNCSERVE_SHORT_CONTEXT_GRAPHS)."""
+    from asyncserve.runner import decode_graphs
+    monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", True)
+
 MAX_NEW = 40
 
 

@@ -61,10 +61,13 @@ def test_greedy_matches_transformers_with_requests_joining(variant, variant_dir)
     assert ours == _hf_greedy(path, prompts_ids, MAX_NEW)
 
 
-def test_longrope_switches_factor_sets_as_transformers_does(variant_dir):
+@pytest.mark.parametrize("fused", [False, True], ids=["rotary-then-write", "fused-rotary-write"])
+def test_longrope_switches_factor_sets_as_transformers_does(variant_dir, fused, monkeypatch):
     """Short prompts stay short, one grows past the threshold (its KV recomputed with the long set, as
     transformers' generate does), long prompts are long from their first chunk; prefix caching on, with a
     short prompt that is a prefix of a long one: their blocks must not be shared."""
+    from asyncserve.layers import attention
+    monkeypatch.setattr(attention, "FUSE_ROTARY_WITH_CACHE", fused)  # the table rows LongRoPE hands the fusion
     path = variant_dir("phi3-longrope")
     llm = LLM(path, device="cpu", num_gpu_blocks_override=256, max_num_batched_tokens=32, max_num_seqs=4,
               block_size=8)

@@ -1,10 +1,23 @@
 """Which context bounds the decode graphs capture for a padded batch size (runner/decode_graphs.py)."""
 from __future__ import annotations
 
+import pytest
 from torch import nn
+
+from asyncserve.runner import decode_graphs
 
 from asyncserve.layers.attention import PagedAttention
 from asyncserve.runner.decode_graphs import SHORT_CONTEXT_MAX_BATCH, context_bounds
+
+
+@pytest.fixture(autouse=True)
+def short_graphs_on(monkeypatch):
+    monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", True)
+
+
+def test_off_by_default_one_graph_per_size(monkeypatch):
+    monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", False)
+    assert context_bounds(_Model([2, 2]), 1, 32768) == [32768]
 
 
 class _Model(nn.Module):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from asyncserve import SamplingParams
-from asyncserve.runner.capture_guard import HostCopyInCapture, no_host_copies
+from asyncserve.runner.capture_guard import HostCopyInCapture, capture_check, no_host_copies
 from asyncserve.runner.draft_decode import DraftDecodeGraphs, draft_graph_sizes
 from asyncserve.runner.draft_inputs import decode_columns
 from tests.conftest import PROMPTS
@@ -172,6 +172,15 @@ def test_the_capture_guard_names_host_data_and_host_copies():
     with no_host_copies("capturing"):  # device work, host work and scalars pass
         (on_device + torch.tensor(2.0)).argmax()
         torch.arange(4).sum()
+
+
+def test_the_guard_runs_around_captures_only_where_switched_on(monkeypatch):
+    monkeypatch.delenv("ASYNCSERVE_CHECK_CAPTURES", raising=False)
+    with capture_check("capturing"):
+        torch.tensor([1, 2, 3])  # a server's start-up never pays for the check, nor stops on it
+    monkeypatch.setenv("ASYNCSERVE_CHECK_CAPTURES", "1")
+    with pytest.raises(HostCopyInCapture), capture_check("capturing"):
+        torch.tensor([1, 2, 3])
 
 
 @pytest.mark.parametrize("method", METHODS)

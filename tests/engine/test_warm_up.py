@@ -31,6 +31,12 @@ def test_warm_up_leaves_a_fresh_engine(make_llm):
     assert pool.num_cache_hits == 0  # the warm-up's prompt left nothing to hit
 
 
+def test_a_short_max_model_len_still_fits(make_llm):
+    engine = make_llm("llama", max_model_len=4).llm_engine
+    run_warm_up(engine)
+    assert_pool_clean(engine)
+
+
 def test_the_cpu_engine_skips_it(make_llm):
     engine = make_llm("llama").llm_engine
     calls = []

@@ -23,6 +23,7 @@ from tests.spec_decode.test_spec_greedy_exact import (
     CASES,
     REPEATING,
     assert_blocks_consistent,
+    run_checking_blocks,
 )
 
 FAMILY = "qwen3"
@@ -113,15 +114,7 @@ def test_preemption_is_token_exact_and_keeps_the_drafts_kv(preemption_mode, make
     llm = _spec_llm(make_llm, tiny_model_dir, block_size=8, num_gpu_blocks_override=24, max_model_len=96,
                     preemption_mode=preemption_mode, swap_space=0.01)
     engine = llm.llm_engine
-    for index, prompt in enumerate(REPEATING):
-        engine.add_request(str(index), engine.input_processor.process(prompt, params))
-    results = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                results[int(output.request_id)] = list(output.outputs[0].token_ids)
-        assert_blocks_consistent(engine)
-    assert [results[i] for i in range(len(REPEATING))] == expected
+    assert run_checking_blocks(engine, REPEATING, params) == expected
     assert engine.scheduler.num_preemptions > 0
     _assert_all_accepted(engine)
 

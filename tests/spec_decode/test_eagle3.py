@@ -14,7 +14,7 @@ from tests.checkpoint_edits import prefer_tokens
 from tests.conftest import PROMPTS, assert_pool_clean, generate_joining_mid_flight
 from tests.spec_decode.eagle3_heads import constant_head, eagle3_config, random_head
 from tests.spec_decode.helpers import counters, generate_ids, two_sample_chi_square
-from tests.spec_decode.test_spec_greedy_exact import REPEATING, assert_blocks_consistent
+from tests.spec_decode.test_spec_greedy_exact import REPEATING, assert_blocks_consistent, run_checking_blocks
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -77,15 +77,7 @@ def test_preemption_is_token_exact(preemption_mode, make_llm, random_heads):
     llm = _eagle_llm(make_llm, "llama", random_heads("llama"), block_size=8, num_gpu_blocks_override=24,
                      max_model_len=96, preemption_mode=preemption_mode, swap_space=0.01)
     engine = llm.llm_engine
-    for index, prompt in enumerate(REPEATING):
-        engine.add_request(str(index), engine.input_processor.process(prompt, params))
-    results = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                results[int(output.request_id)] = list(output.outputs[0].token_ids)
-        assert_blocks_consistent(engine)
-    assert [results[i] for i in range(len(REPEATING))] == expected
+    assert run_checking_blocks(engine, REPEATING, params) == expected
     assert engine.scheduler.num_preemptions > 0
 
 

@@ -40,6 +40,19 @@ def assert_blocks_consistent(engine) -> None:
                 assert seq.blocks[index].block_hash == parent
 
 
+def run_checking_blocks(engine, prompts, params) -> list[list[int]]:
+    """Each prompt's output ids, the engine stepped to the end with its blocks checked after every step."""
+    for index, prompt in enumerate(prompts):
+        engine.add_request(str(index), engine.input_processor.process(prompt, params))
+    results = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                results[int(output.request_id)] = list(output.outputs[0].token_ids)
+        assert_blocks_consistent(engine)
+    return [results[i] for i in range(len(prompts))]
+
+
 def _assert_speculated(engine, min_accepted: int) -> None:
     stats = counters(engine)
     assert stats["spec_decode_num_drafts"] > 0
@@ -90,15 +103,7 @@ def test_preemption_is_token_exact(preemption_mode, make_llm):
     spec = make_llm(family, speculative_config=NGRAM, block_size=8, num_gpu_blocks_override=24,
                     max_model_len=96, preemption_mode=preemption_mode, swap_space=0.01)
     engine = spec.llm_engine
-    for index, prompt in enumerate(REPEATING):
-        engine.add_request(str(index), engine.input_processor.process(prompt, params))
-    results = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                results[int(output.request_id)] = list(output.outputs[0].token_ids)
-        assert_blocks_consistent(engine)
-    assert [results[i] for i in range(len(REPEATING))] == expected
+    assert run_checking_blocks(engine, REPEATING, params) == expected
     assert engine.scheduler.num_preemptions > 0
     _assert_speculated(engine, min_accepted=10)
 

@@ -63,14 +63,15 @@ class Windows:
     contiguous, window by window; padding repeats a window's last patch), `valid` [W, L] marks the real ones,
     and `key_mask` [W, 1, 1, L] lets every query see its window's real keys only."""
 
-    def __init__(self, patch_windows: torch.Tensor):
+    def __init__(self, patch_windows: torch.Tensor, device: torch.device):
+        """`patch_windows` [S] on the host (its longest window sizes the batch: no device sync)."""
         counts = torch.bincount(patch_windows)
         counts = counts[counts > 0]
         starts = torch.cumsum(counts, 0) - counts
-        length = int(counts.max())
-        columns = torch.arange(length, device=patch_windows.device)
-        self.valid = columns[None, :] < counts[:, None]
-        self.gather = starts[:, None] + torch.minimum(columns[None, :], counts[:, None] - 1)
+        columns = torch.arange(int(counts.max()))
+        valid = columns[None, :] < counts[:, None]
+        self.gather = (starts[:, None] + torch.minimum(columns[None, :], counts[:, None] - 1)).to(device)
+        self.valid = valid.to(device)
         self.key_mask = self.valid[:, None, None, :]
 
 
@@ -172,7 +173,8 @@ class Qwen2_5_VisionTransformer(nn.Module):
         x = embed_patches(self.patch_embed.proj, patches)
         order, window_ids = window_order(grid_t, grid_h, grid_w, self.merge, self.window)
         device = x.device
-        order, window_ids = order.to(device), window_ids.to(device)
+        windows = Windows(window_ids.repeat_interleave(unit), device)
+        order = order.to(device)
         # Patches regrouped window by window (whole merge groups move together), rotary likewise.
         x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
         positions = patch_positions(grid_h, grid_w, self.merge).repeat(grid_t, 1).to(device)
@@ -180,7 +182,6 @@ class Qwen2_5_VisionTransformer(nn.Module):
         freqs = freqs.view(-1, unit, freqs.shape[-1])[order].flatten(0, 1)
         angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]                         # [S, 1, D]
         cos, sin = angles.cos(), angles.sin()
-        windows = Windows(window_ids.repeat_interleave(unit))
         for index, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if index in self.full_attention_blocks else windows)
         merged = self.merger(x)

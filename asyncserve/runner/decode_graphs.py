@@ -117,7 +117,7 @@ class _DecodeGraphs:
         one-partition context bound, `context_bounds`) over the static buffers; `outputs[batch, bound]` keeps
         what each returned. Largest first, so the smaller ones reuse its memory; each is run twice before its
         capture, so Triton compiles and lazily built tables exist before the capture, which may neither copy
-        from the host nor build them (capture_guard.py says if it does)."""
+        from the host nor build them (capture_guard.py says if it does, where ASYNCSERVE_CHECK_CAPTURES=1)."""
         pool = torch.cuda.graph_pool_handle()
         for batch in sorted(sizes, reverse=True):
             self.bounds[batch] = (context_bounds(self.model, batch, self.max_model_len) if forward is None

@@ -74,7 +74,14 @@ TASKS = [
 ]
 
 
-def prompts(tokenizer, count: int) -> list[list[int]]:
+def prompts(tokenizer, count: int, random_len: int = 0) -> list[list[int]]:
+    """The extractive chat prompts, or with `random_len` random ids of that length (a word-level benchmark
+    tokenizer maps the English text to one unknown id)."""
+    if random_len:
+        import random
+        rng = random.Random(0)
+        return [[rng.randrange(1000, tokenizer.vocab_size - 1000) for _ in range(random_len)]
+                for _ in range(count)]
     out = []
     for index in range(count):
         task = TASKS[index % len(TASKS)]
@@ -136,6 +143,14 @@ def dummy_eagle3_head(model: str) -> str:
     return out
 
 
+def speculative_configs_of(args) -> list[dict]:
+    """One config per draft model named (several: the same plain run is compared with each), else one."""
+    if args.draft_model and len(args.draft_model) > 1:
+        return [{"method": "draft_model", "model": path, "num_speculative_tokens": args.num_speculative_tokens}
+                for path in args.draft_model]
+    return [speculative_config_of(args)]
+
+
 def speculative_config_of(args) -> dict:
     if args.dummy_eagle3_head:
         args.eagle3_head = dummy_eagle3_head(args.model)
@@ -144,6 +159,8 @@ def speculative_config_of(args) -> dict:
     if args.draft_layers is not None:
         args.draft_model = truncated_draft(args.model, args.draft_layers)
     if args.draft_model is not None:
+        if isinstance(args.draft_model, list):
+            args.draft_model = args.draft_model[0]
         return {"method": "draft_model", "model": args.draft_model,
                 "num_speculative_tokens": args.num_speculative_tokens}
     return json.loads(args.speculative_config)
@@ -169,7 +186,7 @@ def run(args, speculative_config) -> list[dict]:
     params = sampling_params(temperature=0.0, max_tokens=args.max_tokens)
     rows = []
     for batch in args.batch_sizes:
-        inputs = [{"prompt_token_ids": ids} for ids in prompts(tokenizer, batch)]
+        inputs = [{"prompt_token_ids": ids} for ids in prompts(tokenizer, batch, args.random_prompt_len)]
         llm.generate(inputs, params, use_tqdm=False)  # warm-up: compiles, captures, fills caches
         before = counters(llm, args.engine)
         times, outputs = [], None
@@ -199,8 +216,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=("asyncserve", "vllm"), default="asyncserve")
     parser.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}')
-    parser.add_argument("--draft-model", default=None,
-                        help="a draft model's folder: method draft_model instead of --speculative-config")
+    parser.add_argument("--draft-model", default=None, nargs="+",
+                        help="a draft model's folder: method draft_model instead of --speculative-config; "
+                             "several: one plain run compared with each")
     parser.add_argument("--draft-layers", type=int, default=None,
                         help="draft = the target's config cut to this many layers (with --load-format dummy)")
     parser.add_argument("--eagle3-head", default=None,
@@ -213,25 +231,40 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--random-prompt-len", type=int, default=0,
+                        help="random prompt ids of this length instead of the extractive text (for a "
+                             "word-level benchmark tokenizer, with make_spec_pair.py's checkpoints)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    parser.add_argument("--spec-json", default=None, help=argparse.SUPPRESS)  # one config, for --only
     parser.add_argument("--only", choices=("plain", "speculative"), default=None,
                         help="one side, in this process (the default runs each side in its own process, so "
                              "the second engine gets the memory the first one held)")
     args = parser.parse_args()
     if args.only is not None:
-        config = speculative_config_of(args) if args.only == "speculative" else None
+        config = None
+        if args.only == "speculative":
+            config = json.loads(args.spec_json) if args.spec_json else speculative_config_of(args)
         for row in run(args, config):
             print("ROW " + json.dumps(row), flush=True)
         return
-    sides = []
-    for side in ("plain", "speculative"):
-        result = subprocess.run([sys.executable, *sys.argv, "--only", side], capture_output=True, text=True)
+
+    def side(extra: list[str]) -> list[dict]:
+        result = subprocess.run([sys.executable, *sys.argv, *extra], capture_output=True, text=True)
         if result.returncode:
-            sys.exit(f"the {side} run failed:\n{result.stderr[-4000:]}")
-        sides.append([json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith("ROW ")])
-    for base, fast in zip(*sides):
+            sys.exit(f"the run {extra} failed:\n{result.stderr[-4000:]}")
+        return [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith("ROW ")]
+
+    plain = side(["--only", "plain"])
+    for config in speculative_configs_of(args):
+        fast_rows = side(["--only", "speculative", "--spec-json", json.dumps(config)])
+        compare(args, config, plain, fast_rows)
+
+
+def compare(args, config: dict, plain: list[dict], fast_rows: list[dict]) -> None:
+    name = config.get("model") or config.get("method")
+    for base, fast in zip(plain, fast_rows):
         same = base["tokens"] == fast["tokens"]
-        print(f"{args.engine} batch {base['batch']}: {base['output_tok_per_s']:,.1f} -> "
+        print(f"{args.engine} [{name}] batch {base['batch']}: {base['output_tok_per_s']:,.1f} -> "
               f"{fast['output_tok_per_s']:,.1f} output tok/s ({fast['output_tok_per_s'] / base['output_tok_per_s']:.2f}x)"
               f"; acceptance {fast.get('acceptance', 'n/a')}, mean accepted length "
               f"{fast.get('mean_accepted_length', 'n/a')}; greedy tokens {'equal' if same else 'DIFFER'}")

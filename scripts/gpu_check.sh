@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
 # Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|online|verify|
-#        vllm-offline|spec|lora|vision|compare DIR|none]
+#        vllm-offline|spec|spec-draft|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -202,6 +202,22 @@ if [ "$what" = spec ]; then  # issue 24: n-gram speculation on the real default 
     | grep -E "batch|failed|Error"
   [ -z "${NO_VLLM:-}" ] && VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_spec_decode.py \
     --model /tmp/smollm2 --engine vllm ${SPEC_ARGS:-} 2>&1 | tee "$OUT/spec_vllm.log" | grep -E "batch|failed|Error"
+fi
+if [ "$what" = spec-draft ]; then  # issue 24: a draft model on the 8B shape, speed-up against acceptance, ours then
+  # vLLM's draft_model, same files (make_spec_pair.py: the drafts' agreement is set by noise; SIGMAS picks them;
+  # NO_OURS=1 / NO_VLLM=1 skip a side; BATCHES the batch sizes)
+  P=/tmp/spec8b; sigmas=${SIGMAS:-0 0.015 0.05}
+  if [ ! -f $P/target/layer-031.safetensors ]; then
+    python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
+    s=$(date +%s); python3 scripts/make_spec_pair.py /tmp/llama8b $P --draft-layers 4 --sigmas $sigmas 2>&1 | tail -4
+    echo "pair written in $(( $(date +%s) - s )) s"
+  fi
+  drafts=""; for x in $sigmas; do drafts="$drafts $P/draft-$x"; done
+  args="--model $P/target --draft-model $drafts --random-prompt-len 128 --max-tokens ${MAX_TOKENS:-128} --batch-sizes ${BATCHES:-1 8 64}"
+  [ -z "${NO_OURS:-}" ] && timeout 330 python3 scripts/bench_spec_decode.py $args 2>&1 | tee "$OUT/spec_draft_ours.log" \
+    | grep -E "batch|failed|Error"
+  [ -z "${NO_VLLM:-}" ] && VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 560 python3 scripts/bench_spec_decode.py \
+    $args --engine vllm 2>&1 | tee "$OUT/spec_draft_vllm.log" | grep -E "batch|failed|Error"
 fi
 if [ "$what" = lora ]; then  # issue 25: 8 rank-16 adapters on every projection of the 8B shape, ours then vLLM's
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null

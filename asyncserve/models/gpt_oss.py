@@ -35,6 +35,11 @@ from asyncserve.models.sliding_window import layer_sliding_window
 _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)(_blocks|_scales|_bias)?$")
 
 
+# The clamped SwiGLU's sigmoid slope: fixed in the published model (newer transformers configs carry it
+# as `swiglu_alpha`, older ones, like the GPU machine's 5.17, do not).
+SWIGLU_ALPHA = 1.702
+
+
 class GptOssAttention(nn.Module):
     def __init__(self, hf_config, layer_index: int, rotary: RotaryEmbedding,
                  quant_config: QuantizationConfig | None, prefix: str):
@@ -76,7 +81,8 @@ class GptOssMoE(nn.Module):
         self.experts = FusedMoE(num_experts, hf_config.num_experts_per_tok, hf_config.hidden_size,
                                 hf_config.intermediate_size, renormalize=True, quant_config=experts_quant,
                                 prefix=f"{prefix}.experts", has_bias=True, activation="swigluoai",
-                                swiglu_alpha=hf_config.swiglu_alpha, swiglu_limit=hf_config.swiglu_limit)
+                                swiglu_alpha=getattr(hf_config, "swiglu_alpha", SWIGLU_ALPHA),
+                                swiglu_limit=hf_config.swiglu_limit)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden, self.router(hidden))             # [T, E] logits -> [T, H]

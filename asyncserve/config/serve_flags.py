@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--speculative-config", dest="speculative_config", default=None, metavar="JSON",
                        help="Speculative decoding, in vLLM's spelling: e.g. '{\"method\": \"ngram\", "
                             "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' "
-                            "(n-gram prompt lookup; \"disable_by_batch_size\": N turns it off for steps with more "
-                            "than N running sequences, default 16).")
+                            "(n-gram prompt lookup). It switches itself off at batch sizes where it measures slower "
+                            "(\"disable_when_slower\": false keeps it on); \"disable_by_batch_size\": N turns it off "
+                            "above N running sequences.")
     lora = parser.add_argument_group("LoRA adapters")
     lora.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=d["enable_lora"],
                       help="Serve LoRA adapters (PEFT's files) on the base model; a request names one in `model`.")

@@ -14,13 +14,15 @@ _NEEDS_MODEL = ("draft_model", "eagle3")
 _NOT_BUILT_METHODS = ("eagle", "medusa", "mlp_speculator", "deepseek_mtp", "mtp",
                       "suffix", "ernie_mtp", "qwen3_next_mtp")
 _OLD_NGRAM_MODEL = "[ngram]"
-# Speculation pays while decode is bound by reading the weights: at larger batches the verify step's
-# extra tokens cost compute that rejected drafts waste, and the engine also gives up overlapping
-# host work with the device for the steps it speculates (it needs each step's tokens to propose).
-DEFAULT_DISABLE_BY_BATCH_SIZE = 16
+# Speculation pays while decode is bound by reading the weights and the drafts come true: at larger
+# batches the verify step's extra tokens cost compute that rejected drafts waste, and the engine gives up
+# overlapping host work with the device for the steps it speculates. Where that makes it a loss is
+# measured while serving (engine/spec_decode/governor.py), so by default no batch size is fixed.
+DEFAULT_DISABLE_BY_BATCH_SIZE = None
+DEFAULT_DISABLE_WHEN_SLOWER = True
 
 _KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-         "disable_by_batch_size", "draft_tensor_parallel_size")
+         "disable_by_batch_size", "draft_tensor_parallel_size", "disable_when_slower")
 _NGRAM_ONLY_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 # vLLM's older flag names, accepted inside the JSON as the keys they became.
 _ALIASES = {"ngram_prompt_lookup_max": "prompt_lookup_max", "ngram_prompt_lookup_min": "prompt_lookup_min",
@@ -35,14 +37,16 @@ class SpeculativeConfig:
     to `prompt_lookup_min`; "draft_model" has the smaller causal LM `model` (a folder or hub id, the
     target's vocabulary) propose them greedily; "eagle3" the EAGLE-3 head `model` (the public checkpoint
     layout) over the target's hidden states. Steps with more than `disable_by_batch_size` running
-    sequences do not speculate."""
+    sequences do not speculate; with `disable_when_slower` (ours, on by default) nor do steps at a batch size
+    where speculation measured slower than plain decoding."""
 
     num_speculative_tokens: int
     prompt_lookup_max: int = 0  # ngram only
     prompt_lookup_min: int = 0  # ngram only
-    disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE  # None: no fixed limit
     method: str = "ngram"
     model: str | None = None  # draft_model, eagle3: the draft checkpoint, as the user named it
+    disable_when_slower: bool = True
 
 
 def _positive_int(raw: dict, key: str) -> int | None:
@@ -115,13 +119,16 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
                           'step), e.g. {"method": "ngram", "num_speculative_tokens": 4}.')
     disable = _positive_int(raw, "disable_by_batch_size")
     disable = disable if disable is not None else DEFAULT_DISABLE_BY_BATCH_SIZE
+    when_slower = raw.get("disable_when_slower", DEFAULT_DISABLE_WHEN_SLOWER)
+    if not isinstance(when_slower, bool):
+        raise ConfigError(f"speculative_config: disable_when_slower must be true or false, got {when_slower!r}.")
     if method in _NEEDS_MODEL:
         for key in _NGRAM_ONLY_KEYS:
             if key in raw:
                 raise ConfigError(f"speculative_config: {key} applies to method 'ngram' only; method "
                                   f"{method!r} proposes from its own forward passes (leave it out).")
         return SpeculativeConfig(num_speculative_tokens=num_tokens, method=method, model=raw["model"],
-                                 disable_by_batch_size=disable)
+                                 disable_by_batch_size=disable, disable_when_slower=when_slower)
     lookup_max, lookup_min = _positive_int(raw, "prompt_lookup_max"), _positive_int(raw, "prompt_lookup_min")
     if lookup_max is None and lookup_min is None:
         lookup_max = lookup_min = 5  # vLLM's defaults
@@ -131,4 +138,5 @@ def parse_speculative_config(value: dict | str | SpeculativeConfig | None) -> Sp
         raise ConfigError(f"speculative_config: prompt_lookup_min ({lookup_min}) is larger than "
                           f"prompt_lookup_max ({lookup_max}).")
     return SpeculativeConfig(num_speculative_tokens=num_tokens, prompt_lookup_max=lookup_max,
-                             prompt_lookup_min=lookup_min, method=method, disable_by_batch_size=disable)
+                             prompt_lookup_min=lookup_min, method=method, disable_by_batch_size=disable,
+                             disable_when_slower=when_slower)

@@ -396,7 +396,10 @@ class AsyncEngine:
             100 * stats["prefix_cache_hits_total"] / queries if queries else 0.0)
         speculator = self.llm_engine.speculator
         if speculator is not None:
-            logger.info(speculator.stats.line(self._last_spec_stats))
+            line = speculator.stats.line(self._last_spec_stats)
+            if speculator.governor is not None and speculator.governor.rates():
+                line += f"; {speculator.governor.summary()}"
+            logger.info(line)
             self._last_spec_stats = speculator.stats.as_dict()
         logger.info("engine loop: %s", self.step_profile.line(self._last_profile))
         self._last_profile = self.step_profile.stats()

@@ -213,11 +213,12 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def schedule(self) -> tuple[StepMessage, list]:
-        if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+        speculating = self.speculator is not None and self.speculator.propose(self.scheduler.running)
         step = self.scheduler.schedule()
         if step[1]:
             self.iteration_tokens.observe(self.scheduler.num_scheduled_tokens)
+            if self.speculator is not None:
+                self.speculator.step_launched(speculating)
         if self._to_release:
             # Only now: the step message just announced their last forks, reading `seq.request`.
             for request in self._to_release:
@@ -299,8 +300,12 @@ class LLMEngine:
         to_decode = []  # the detokenizers of those whose text is decoded, in the same order
         continuations: list[tuple[Sequence, list[int], list | None]] = []  # verified runs past their first token
         verified = False
+        decode_only = True  # no prompt chunk in the step (the speculation governor times only those)
+        tokens_before = self.stats["generation_tokens"]
         for (seq, num_new), result in zip(scheduled, output.results):
             request = seq.request
+            if num_new != 1 + result.num_draft_tokens:
+                decode_only = False
             if result.token_ids:
                 seq.num_in_flight -= 1
             if seq.is_finished:  # aborted (or finished by the step before) while the step ran
@@ -341,6 +346,8 @@ class LLMEngine:
             self._append_runs(continuations)
         if verified:
             self.speculator.stats.observe_step()
+        if self.speculator is not None:
+            self.speculator.step_applied(len(scheduled), self.stats["generation_tokens"] - tokens_before, decode_only)
         outputs = []
         for request in touched.values():
             if self.stream_outputs or request.is_finished:

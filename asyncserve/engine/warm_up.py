@@ -56,3 +56,5 @@ def _forget(engine) -> None:
     engine.block_pool.reset_prefix_cache()
     if engine.speculator is not None:
         engine.speculator.stats = type(engine.speculator.stats)(engine.config.speculative.num_speculative_tokens)
+        if engine.speculator.governor is not None:  # its first steps ran while kernels compiled
+            engine.speculator.governor = type(engine.speculator.governor)()

@@ -24,7 +24,8 @@ from asyncserve.runner.draft_inputs import decode_columns
 def draft_graph_sizes(config: Config) -> list[int]:
     """The target's decode sizes up to the most sequences that may speculate in one step: more than
     `disable_by_batch_size` running turns speculation off."""
-    return graph_batch_sizes(min(config.scheduler.max_num_seqs, config.speculative.disable_by_batch_size))
+    limit = config.speculative.disable_by_batch_size
+    return graph_batch_sizes(config.scheduler.max_num_seqs if limit is None else min(config.scheduler.max_num_seqs, limit))
 
 
 class DraftDecodeGraphs:

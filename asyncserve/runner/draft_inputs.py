@@ -5,7 +5,7 @@ block tables of its own: a span of a sequence's tokens is computed into the same
 Which spans a step gives the draft (`draft_spans`): every prompt chunk (as the target computes it), and for
 a sequence that verifies drafts, the tokens it has not seen yet up to the sequence's last one (whose logits
 give the first proposal). Single-token decodes that do not speculate are left for a later catch-up, so that
-steps which do not speculate (above disable_by_batch_size) cost no draft forward.
+steps which do not speculate (above disable_by_batch_size, or where it measured slower) cost no draft forward.
 """
 from __future__ import annotations
 

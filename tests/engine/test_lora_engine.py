@@ -152,7 +152,8 @@ def test_speculation_keeps_an_adapters_greedy_tokens(adapters, make_llm):
     kwargs = {"dtype": "float32", "enable_lora": True, "max_loras": 1, "max_lora_rank": 8}
     plain = make_llm("llama", **kwargs).generate(PROMPTS[:3], params, use_tqdm=False, lora_request=request)
     llm = make_llm("llama", speculative_config={"method": "ngram", "num_speculative_tokens": 3,
-                                                "prompt_lookup_max": 3, "prompt_lookup_min": 1}, **kwargs)
+                                                "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+                                                "disable_when_slower": False}, **kwargs)  # speculate at every step
     spec = llm.generate(PROMPTS[:3], params, use_tqdm=False, lora_request=request)
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
     stats = llm.llm_engine.speculator.stats

@@ -18,6 +18,8 @@ from tests.spec_decode.helpers import (
     record_proposals,
 )
 
+from tests.spec_decode.conftest import speculate_at_every_step  # noqa: F401 (autouse: proposals compared step by step)
+
 pytestmark = pytest.mark.gpu
 
 # Sequences end one after another: 6, 5, ... 1 of them speculate, so batches of 3, 5 and 6 pad.

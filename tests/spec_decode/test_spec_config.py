@@ -9,11 +9,13 @@ from asyncserve.config.speculative import DEFAULT_DISABLE_BY_BATCH_SIZE, Specula
 from asyncserve.errors import ConfigError
 
 
-def test_current_spelling():
+def test_current_spelling(monkeypatch):
+    monkeypatch.undo()  # the shipped defaults, not this folder's (conftest.py)
     config = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
                                        "prompt_lookup_min": 2})
     assert config == SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=4, prompt_lookup_min=2,
-                                       disable_by_batch_size=DEFAULT_DISABLE_BY_BATCH_SIZE, method="ngram")
+                                       disable_by_batch_size=DEFAULT_DISABLE_BY_BATCH_SIZE, method="ngram",
+                                       disable_when_slower=True)
 
 
 def test_older_model_spelling_and_key_names():
@@ -43,6 +45,8 @@ def test_no_config_is_no_speculation():
      "prompt_lookup_min (4) is larger than prompt_lookup_max (2)"),
     ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": -1},
      "disable_by_batch_size must be a positive integer"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_when_slower": "yes"},
+     "disable_when_slower must be true or false"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown key 'lookahead'"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "ngram_prompt_lookup_max": 3},
      "'prompt_lookup_max' is given twice"),

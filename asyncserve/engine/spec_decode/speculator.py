@@ -1,10 +1,12 @@
 """Before each schedule: draft tokens for the running sequences that can take them, within their limits."""
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 from asyncserve.config.speculative import SpeculativeConfig
 from asyncserve.engine.sequence import Sequence
+from asyncserve.engine.spec_decode.governor import SpeculationGovernor
 from asyncserve.engine.spec_decode.metrics import SpecDecodeStats
 from asyncserve.engine.spec_decode.ngram_proposer import NgramProposer, TokenHistory
 from asyncserve.runner.step import PROPOSED_BY_RUNNER
@@ -54,19 +56,36 @@ class Speculator:
             self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
                                           config.prompt_lookup_max)
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
+        self.governor = SpeculationGovernor() if config.disable_when_slower else None
+        self._launched: deque[bool] = deque()  # whether each launched, not yet applied step speculated
 
     def is_active(self, num_running: int) -> bool:
         """Whether steps with this many running sequences speculate. Speculation trades compute (every
         draft is scored, kept or not) for fewer weight reads per token: a win while decode is bound by
-        reading the weights, a loss once a large batch makes it compute-bound. A speculating step also
-        runs without overlapping the host's work with the device's (its drafts need the last tokens),
-        so above `disable_by_batch_size` running sequences the engine pipelines plain steps instead."""
-        return num_running <= self.config.disable_by_batch_size
+        reading the weights and drafts come true, a loss once a large batch makes it compute-bound or the
+        drafts are mostly wrong. A speculating step also runs without overlapping the host's work with
+        the device's (its drafts need the last tokens). Above `disable_by_batch_size` running sequences,
+        or where the governor measured it slower, the engine pipelines plain steps instead."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and num_running > limit:
+            return False
+        return self.governor is None or self.governor.wants(num_running)
 
-    def propose(self, running: list[Sequence]) -> None:
-        """Sets each running sequence's `draft_token_ids` (empty when it does not speculate this step)."""
+    def step_launched(self, speculating: bool) -> None:
+        self._launched.append(speculating)
+
+    def step_applied(self, num_seqs: int, num_tokens: int, decode_only: bool) -> None:
+        """A launched step's results were applied: the governor times it as the kind it was launched as
+        (a speculating step that found no drafts still gave up the overlap)."""
+        speculating = self._launched.popleft() if self._launched else False
+        if self.governor is not None:
+            self.governor.record(speculating, num_seqs, num_tokens, decode_only)
+
+    def propose(self, running: list[Sequence]) -> bool:
+        """Sets each running sequence's `draft_token_ids` (empty when it does not speculate this step);
+        returns whether this step speculates."""
         if not self.is_active(len(running)):
-            return
+            return False
         for seq in running:
             if not can_speculate(seq):
                 seq.draft_token_ids = []
@@ -84,6 +103,7 @@ class Speculator:
                 # proposals exist only on the device; the verify step's masks reject them there.)
                 del drafts[self.structured.num_valid_drafts(seq.matcher, drafts):]
             seq.draft_token_ids = drafts
+        return True
 
     def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.stats.observe(num_draft_tokens, num_accepted)

@@ -10,6 +10,8 @@ Attention sinks (HAS_SINKS) start the first partition the merge reads with the s
 max and a sum of 1: one more key of weight exp(sink) and value zero, read on the device.
 """
 
+import os
+
 import torch
 
 from ._triton import tl, triton, next_power_of_2
@@ -22,6 +24,10 @@ _MAX_PARTITIONS = 64
 # two partitions plus a reduce launch: at a few programs per step (batch 1 of a small model) a launch
 # (1-2 µs in a CUDA graph) outweighs two more 64-key tiles. scripts/bench_attention_launches.py measures it.
 _SINGLE_PARTITION_MIN_LEN = 256
+# Only together with the short-context decode graphs (runner/decode_graphs.py), which capture a graph at that
+# bound. Without them a decode graph's bound is max_model_len, whose keys split into `size`-key partitions;
+# an eager step of a short context must split them the same way, or graphs and eager round differently.
+LONG_SINGLE_PARTITION = os.environ.get("ASYNCSERVE_SHORT_CONTEXT_GRAPHS") == "1"
 
 
 @triton.jit
@@ -147,7 +153,7 @@ def _partition_size(num_programs_per_partition: int, max_len: int) -> int:
         size = 256
     else:
         size = 128
-    single = max(size, _SINGLE_PARTITION_MIN_LEN)
+    single = max(size, _SINGLE_PARTITION_MIN_LEN) if LONG_SINGLE_PARTITION else size
     if max_len <= single:
         return single
     while -(-max_len // size) > _MAX_PARTITIONS:

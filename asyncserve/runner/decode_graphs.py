@@ -22,6 +22,7 @@ from asyncserve.runner.input_batch import ScheduledBatch
 
 # The short-context graphs were built without a GPU run: off until one has checked them
 # (tests/gpu/test_decode_graph_bounds_cuda.py), since every model's decode steps would replay them.
+# The decode kernel reads the same switch (LONG_SINGLE_PARTITION): one partition up to the short bound.
 SHORT_CONTEXT_GRAPHS = os.environ.get("ASYNCSERVE_SHORT_CONTEXT_GRAPHS") == "1"
 # Short-context graphs for padded batch sizes up to this: where launches, not bytes, bound a step. Each graph
 # keeps its own logits ([batch, vocab]), so doubling the large sizes would cost gigabytes of KV cache.

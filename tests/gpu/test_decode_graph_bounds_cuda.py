@@ -15,8 +15,10 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def short_graphs_on(monkeypatch):
     """The switch this file exists to check before it is turned on by default (ASYNCSERVE_SHORT_CONTEXT_GRAPHS)."""
+    from asyncserve.kernels import attention_decode
     from asyncserve.runner import decode_graphs
     monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", True)
+    monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", True)  # the kernel's side of the switch
 
 MAX_NEW = 40
 

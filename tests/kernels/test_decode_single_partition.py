@@ -11,6 +11,23 @@ from asyncserve.kernels.attention_decode import single_partition_max_len
 TOLERANCE = dict(atol=2e-5, rtol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def long_single_partition(monkeypatch):
+    """One partition up to the short-context bound: what the kernel does with the short-context graphs on."""
+    monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", True)
+
+
+@pytest.mark.parametrize("num_seqs,num_kv_heads", [(1, 1), (1, 2), (3, 7), (8, 8), (32, 8), (64, 8), (256, 2)])
+@pytest.mark.parametrize("short", [1, 17, 128, 300, 2048])
+def test_without_the_short_graphs_a_short_context_splits_as_the_graphs_bound_does(monkeypatch, num_seqs,
+                                                                                 num_kv_heads, short):
+    """Off, an eager step splits its keys where a graph captured at max_model_len splits them (the same
+    partition size), so both round alike: greedy tokens of graphs and eager agree in bf16."""
+    monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", False)
+    programs = num_seqs * num_kv_heads
+    assert attention_decode._partition_size(programs, short) == attention_decode._partition_size(programs, 4096)
+
+
 @pytest.mark.parametrize("num_seqs,num_kv_heads", [(1, 1), (1, 2), (3, 7), (8, 8), (32, 8), (64, 8), (256, 2)])
 def test_the_bound_is_the_longest_context_of_one_partition(num_seqs, num_kv_heads):
     bound = single_partition_max_len(num_seqs, num_kv_heads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from asyncserve.kernels import attention_decode
 from asyncserve.runner import decode_graphs
 
 from asyncserve.layers.attention import PagedAttention
@@ -13,10 +14,12 @@ from asyncserve.runner.decode_graphs import SHORT_CONTEXT_MAX_BATCH, context_bou
 @pytest.fixture(autouse=True)
 def short_graphs_on(monkeypatch):
     monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", True)
+    monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", True)  # the kernel's side of the switch
 
 
 def test_off_by_default_one_graph_per_size(monkeypatch):
     monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", False)
+    monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", False)
     assert context_bounds(_Model([2, 2]), 1, 32768) == [32768]
 
 

@@ -363,6 +363,12 @@ class LLMEngine:
         (before any block of the sequence is offered to the prefix cache)."""
         num_accepted = len(result.token_ids) - 1
         self.speculator.observe(result.num_draft_tokens, num_accepted)
+        counts = seq.request.spec_decode_counts
+        if counts is None:
+            counts = seq.request.spec_decode_counts = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += result.num_draft_tokens
+        counts[2] += num_accepted
         self.scheduler.reject_drafts(seq, result.num_draft_tokens - num_accepted)
 
     def _append_runs(self, runs: list[tuple[Sequence, list[int], list | None]]) -> None:

@@ -129,7 +129,8 @@ class OutputProcessor:
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, outputs=outputs, finished=finished,
-            prompt_logprobs=request.prompt_logprobs, num_cached_tokens=request.num_cached_tokens)
+            prompt_logprobs=request.prompt_logprobs, num_cached_tokens=request.num_cached_tokens,
+            metrics=request.metrics() if finished else {})
 
     def delta_output(self, request: Request) -> RequestOutput:
         """A streaming request's output of this step (vLLM's RequestOutputKind.DELTA): each choice's new text,
@@ -170,4 +171,5 @@ class OutputProcessor:
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, outputs=outputs, finished=finished,
-            prompt_logprobs=request.prompt_logprobs, num_cached_tokens=request.num_cached_tokens)
+            prompt_logprobs=request.prompt_logprobs, num_cached_tokens=request.num_cached_tokens,
+            metrics=request.metrics() if finished else {})

@@ -151,6 +151,19 @@ class Request:
     cache_salt: str | None = None  # vLLM's per-request salt: its prefix-cache blocks are its salt's alone
     priority: int = 0  # with scheduling_policy "priority": lower runs first (vLLM's meaning)
     multimodal: Any = None  # MultiModalInputs: the prompt's images (None: text only)
+    # Speculative decoding, this request's share of the engine's counters: [drafts, draft tokens, accepted]
+    # (None until a sequence of it verified drafts).
+    spec_decode_counts: list[int] | None = None
+
+    def metrics(self) -> dict:
+        """RequestOutput.metrics of a finished request: its speculative decoding counts under vLLM's names."""
+        if self.spec_decode_counts is None:
+            return {}
+        drafts, draft_tokens, accepted = self.spec_decode_counts
+        return {"spec_decode_num_drafts": drafts, "spec_decode_num_draft_tokens": draft_tokens,
+                "spec_decode_num_accepted_tokens": accepted,
+                "spec_decode_acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+                "spec_decode_mean_acceptance_length": 1.0 + accepted / drafts if drafts else 0.0}
 
     @property
     def is_finished(self) -> bool:

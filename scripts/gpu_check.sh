@@ -176,7 +176,9 @@ if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks 
 fi
 if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the GPU, then each family next to vLLM
   # (carry .whl with fla-core and einops; NO_VLLM=1 skips vLLM's columns, NO_OURS=1 ours, NO_TESTS=1 the tests;
-  # MODELS picks among the three; VLLM_ARGS reach bench_vllm.py, e.g. --gpu-memory-utilization 0.95)
+  # MODELS picks among the three; VLLM_ARGS reach bench_vllm.py, e.g. --gpu-memory-utilization 0.95, and
+  # OURS_ARGS our bench_latency.py and bench_throughput.py: Qwen3.5-35B-A3B's 64.6 GiB of bf16 weights fit an
+  # H100 with both at 0.95, leaving ~10 GiB for activations, KV and states)
   [ -z "${NO_TESTS:-}" ] && python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_gated_delta_net_gpu.py tests/gpu/test_hybrid_cuda.py \
     tests/kernels/test_attention_sinks_gpu.py --durations=12 2>&1 | tee "$OUT/families23_tests.log" | tail -22
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"
@@ -188,8 +190,8 @@ if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the
       | tee "$OUT/vllm_$m.log" | grep '^{'
     [ -n "${NO_OURS:-}" ] && continue
     cd "$ROOT/scripts"
-    timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|^asyncserve:"
-    timeout 400 python3 bench_throughput.py --model $m --no-hf 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|^asyncserve:"
+    timeout 300 python3 bench_latency.py --model $m --no-hf ${OURS_ARGS:-} 2>&1 | tee "$OUT/latency_$m.log" | grep -E "floor|^asyncserve:"
+    timeout 400 python3 bench_throughput.py --model $m --no-hf ${OURS_ARGS:-} 2>&1 | tee "$OUT/throughput_$m.log" | grep -E "floor|^asyncserve:"
   done
 fi
 if [ "$what" = spec ]; then  # issue 24: n-gram speculation on the real default model, ours then vLLM's, same prompts

@@ -133,6 +133,15 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
     tests/gpu/test_spec_decode_cuda.py tests/kernels/test_decode_single_partition.py --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
+  # LoRA with the rows grouped by adapter (ASYNCSERVE_LORA_GROUPED=1): its kernels at the 8B shapes, LoRA on CUDA,
+  # then the batch-64 and batch-1 figures beside the per-row kernels' (run `lora` for vLLM's in the same session)
+  ASYNCSERVE_LORA_GROUPED=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_lora_grouped.py \
+    tests/gpu/test_lora_cuda.py 2>&1 | tee "$OUT/lora_grouped_tests.log" | tail -4
+  python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
+  for switches in "" "ASYNCSERVE_LORA_GROUPED=1"; do
+    env $switches timeout 200 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | grep -E "batch|failed|Error" \
+      | sed "s/^/[${switches:-per-row}] /"
+  done
   timeout 200 python3 scripts/bench_vision.py --breakdown 2>&1 | tee "$OUT/vision_ours.log" | grep -E "^\{|Error|Traceback"
   cd "$ROOT/scripts"
   for switches in "" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1"; do

@@ -11,13 +11,21 @@ rank's stacks hold its part of every adapter, cut as the layer's weight is (laye
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from asyncserve.errors import LoRAAdapterError
 from asyncserve.kernels.lora import lora_expand, lora_shrink, prepare_lora_tables
+from asyncserve.kernels.lora_grouped import lora_expand_grouped, lora_shrink_grouped, lora_slot_groups
 from asyncserve.kernels.lora_segments import lora_expand_chunks, lora_shrink_chunks
 from asyncserve.layers.lora_split import LoRASplit
+
+
+# Decode steps group their rows by adapter (kernels/lora_grouped.py) instead of running each row alone. Built
+# without a GPU run: off until tests/gpu/test_lora_cuda.py and the batch-64 figure have run with it on.
+GROUPED_DECODE = os.environ.get("ASYNCSERVE_LORA_GROUPED") == "1"
 
 
 class LoRASlots:
@@ -35,11 +43,26 @@ class LoRASlots:
         # Eager steps with prompt chunks: [chunks, 3] (first row, rows, slot) for the tiled kernels of
         # kernels/lora_segments.py (each adapter tile read once per chunk); None: the per-row kernels.
         self.chunks: torch.Tensor | None = None
+        # The rows grouped by slot (kernels/lora_grouped.py), refilled with the slot table each step: buffers
+        # the captured decode graphs read. None: the per-row kernels.
+        self.groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if GROUPED_DECODE and torch.device(device).type == "cuda":
+            self.groups = (torch.zeros(max_tokens, dtype=torch.int32, device=device),
+                           torch.zeros(max_loras, dtype=torch.int32, device=device),
+                           torch.zeros(max_loras, dtype=torch.int32, device=device))
 
     def set_token_slots(self, slots: torch.Tensor) -> None:
         """Each row's slot for the next forward (rows past it keep -1: graph padding runs the base)."""
         self.token_slots[:slots.shape[0]].copy_(slots, non_blocking=True)
         self.token_slots[slots.shape[0]:].fill_(-1)
+        if self.groups is not None:
+            lora_slot_groups(self.token_slots, self.max_loras, *self.groups)
+
+    def clear_token_slots(self) -> None:
+        """Every row on the base model (a graph replayed for such a step adds nothing)."""
+        self.token_slots.fill_(-1)
+        if self.groups is not None:
+            self.groups[2].zero_()  # no rows in any slot's group
 
     def load(self, slot: int, weights: dict[str, list], scaling: float) -> None:
         """An adapter's per-module slices (checkpoints/peft_adapter.py's `LoRAAdapter.weights`) into `slot`;
@@ -94,6 +117,8 @@ class LoRALinearMethod:
         chunks = self.slots.chunks
         if chunks is not None and x.is_cuda:
             return self._apply_chunks(x, out, chunks)
+        if self.slots.groups is not None and x.is_cuda:
+            return self._apply_grouped(x, out, self.slots.groups)
         y = lora_shrink(x.to(self.lora_a[0].dtype), self.lora_a, slots)
         if out.dtype != self.lora_b[0].dtype:  # a quantized layer's output in another dtype: added after
             delta = torch.zeros_like(out, dtype=self.lora_b[0].dtype)
@@ -104,6 +129,12 @@ class LoRALinearMethod:
         y = lora_shrink_chunks(x.to(self.lora_a[0].dtype), self.lora_a, chunks)
         target = out if out.dtype == self.lora_b[0].dtype else torch.zeros_like(out, dtype=self.lora_b[0].dtype)
         lora_expand_chunks(y, self.lora_b, chunks, self.slots.scales, target, self.offsets)
+        return out if target is out else out + target.to(out.dtype)
+
+    def _apply_grouped(self, x: torch.Tensor, out: torch.Tensor, groups) -> torch.Tensor:
+        y = lora_shrink_grouped(x.to(self.lora_a[0].dtype), self.lora_a, *groups)
+        target = out if out.dtype == self.lora_b[0].dtype else torch.zeros_like(out, dtype=self.lora_b[0].dtype)
+        lora_expand_grouped(y, self.lora_b, *groups, self.slots.scales, target, self.offsets)
         return out if target is out else out + target.to(out.dtype)
 
     @torch.no_grad()

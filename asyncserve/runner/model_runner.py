@@ -308,7 +308,7 @@ class ModelRunner:
         if token_slots is None and not self._lora_rows_set:
             return
         if token_slots is None:
-            self.lora_slots.token_slots.fill_(-1)
+            self.lora_slots.clear_token_slots()
         else:
             self.lora_slots.set_token_slots(token_slots)
         self._lora_rows_set = token_slots is not None

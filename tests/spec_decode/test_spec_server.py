@@ -50,3 +50,19 @@ async def test_stream_carries_several_tokens_per_chunk_and_metrics_count_them(ti
     per_position = samples["asyncserve:spec_decode_num_accepted_tokens_per_pos_total"]
     assert [labels.split('position="')[1].rstrip('"') for labels, _ in per_position] == ["0", "1", "2", "3"]
     assert sum(count for _, count in per_position) == value("spec_decode_num_accepted_tokens_total")
+
+
+async def test_the_periodic_log_says_which_batch_sizes_speculate(tiny_model_dir, caplog):
+    """With the governor on (the shipped default), the server's speculation line adds what it measured."""
+    import logging
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    async with live_server(tiny_model_dir("qwen3"), speculative_config={**NGRAM, "disable_when_slower": True}) \
+            as server, aiohttp.ClientSession() as http:
+        async with http.post(server.api + "/completions", json=body) as response:
+            assert response.status == 200
+        await wait_until_idle(server.engine)
+        caplog.set_level(logging.INFO, logger="asyncserve")
+        server.engine._log_stats(interval=0.0)
+    line = next(record.getMessage() for record in caplog.records
+                if record.getMessage().startswith("speculative decoding:"))
+    assert "; speculation by batch size: 1 " in line

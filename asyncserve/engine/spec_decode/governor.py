@@ -99,7 +99,8 @@ class SpeculationGovernor:
             if bucket.plain.samples < MIN_SAMPLES or bucket.speculative.samples < MIN_SAMPLES:
                 parts.append(f"{sizes} measuring")
                 continue
-            ratio = bucket.speculative.tokens_per_seq_second / bucket.plain.tokens_per_seq_second
+            plain = bucket.plain.tokens_per_seq_second
+            ratio = bucket.speculative.tokens_per_seq_second / plain if plain > 0 else float("inf")
             parts.append(f"{sizes} {'on' if ratio >= 1 else 'off'} ({ratio:.2f}x)")
         return "speculation by batch size: " + ", ".join(parts)
 

@@ -171,3 +171,27 @@ def test_each_ranks_part_of_an_adapter_gives_its_part_of_the_whole_layers_output
             torch.testing.assert_close(out[:, local:local + present],
                                        expected[:, whole_start + start:whole_start + start + present])
             local, whole_start = local + size, whole_start + whole_size
+
+
+def test_rows_grouped_by_adapter_give_what_the_per_row_path_gives():
+    """The grouped kernels (ASYNCSERVE_LORA_GROUPED=1 on CUDA) through the layer's own wiring, on the CPU in
+    Triton's interpreter: the slot table's groups, then shrink and expand over them, equal the reference
+    per-row path for rows of two adapters, an empty slot and base rows."""
+    torch.manual_seed(0)
+    layer = qkv_linear(32, num_heads=4, num_kv_heads=2, head_dim=8).requires_grad_(False)
+    layer.weight.data.normal_()
+    slots = LoRASlots(max_loras=3, max_lora_rank=8, max_tokens=16, device=torch.device("cpu"))
+    slots.groups = (torch.zeros(16, dtype=torch.int32), torch.zeros(3, dtype=torch.int32),
+                    torch.zeros(3, dtype=torch.int32))
+    method = layer.quant_method = LoRALinearMethod(layer.quant_method, layer, slots)
+    slots.layers["qkv_proj"] = method
+    slots.load(0, {"qkv_proj": [tuple(t.float() for t in pair) if pair else None
+                                for pair in _random_pairs(layer, 4, 1, skip=(1,))]}, 0.5)
+    slots.load(2, {"qkv_proj": [tuple(t.float() for t in pair) for pair in _random_pairs(layer, 8, 2)]}, 2.0)
+    x = torch.randn(7, 32)
+    slots.set_token_slots(torch.tensor([2, -1, 0, 0, 2, -1, 2], dtype=torch.int32))
+    base_out = method.base.apply(layer, x, None)
+    grouped = method._apply_grouped(x, base_out.clone(), slots.groups)
+    per_row = method.apply(layer, x, None)  # a CPU tensor: the reference kernels
+    torch.testing.assert_close(grouped, per_row, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(per_row, base_out)

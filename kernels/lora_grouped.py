@@ -65,7 +65,8 @@ def _shrink_grouped_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, counts_ptr, y_pt
 @triton.jit
 def _expand_grouped_kernel(y_ptr, b_ptr, n_ptr, offset_ptr, order_ptr, starts_ptr, counts_ptr, scales_ptr, out_ptr,
                            rank, num_parts, stride_ys, stride_yt, stride_yp, stride_ot, BLOCK_T: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PARTS_PER_LOAD: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
     slot = tl.program_id(0)
     slice_index = tl.program_id(1)
     block_n = tl.program_id(2)
@@ -85,10 +86,16 @@ def _expand_grouped_kernel(y_ptr, b_ptr, n_ptr, offset_ptr, order_ptr, starts_pt
     for t0 in range(0, count, BLOCK_T):
         in_group = t0 + offs_t < count
         rows = tl.load(order_ptr + start + t0 + offs_t, mask=in_group, other=0).to(tl.int64)
+        # The shrink's partial sums over K, PARTS_PER_LOAD at a time (one dependent load per part would make
+        # the 56 parts of a 14,336-wide input a chain of loads), added in a fixed order.
         y = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for part in range(0, num_parts):  # the shrink's partial sums over K, added in a fixed order
-            y += tl.load(y_ptr + slice_index * stride_ys + rows[:, None] * stride_yt + part * stride_yp
-                         + offs_r[None, :], mask=in_group[:, None] & (offs_r[None, :] < rank), other=0.0)
+        offs_p = tl.arange(0, PARTS_PER_LOAD)
+        for p0 in range(0, num_parts, PARTS_PER_LOAD):
+            parts = p0 + offs_p
+            y += tl.sum(tl.load(y_ptr + slice_index * stride_ys + rows[:, None, None] * stride_yt
+                                + parts[None, :, None] * stride_yp + offs_r[None, None, :],
+                                mask=in_group[:, None, None] & (parts[None, :, None] < num_parts)
+                                & (offs_r[None, None, :] < rank), other=0.0), axis=1)
         delta = tl.dot(y, b, input_precision=DOT_PRECISION) * scale
         mask = in_group[:, None] & (offs_n[None, :] < n)
         out = out_ptr + rows[:, None] * stride_ot + first_column + offs_n[None, :]
@@ -128,11 +135,12 @@ def lora_expand_grouped(y, b_slices, order, starts, counts, scales, out, offsets
         "every slice's B must be a contiguous [L, N_s, r], in out's dtype"
     if num_tokens:
         widths = [b.shape[1] for b in b_slices]
-        block_n = min(64, max(16, next_power_of_2(max(widths))))
+        block_n = min(128, max(16, next_power_of_2(max(widths))))
         grid = (b_slices[0].shape[0], num_slices, triton.cdiv(max(widths), block_n))
         _expand_grouped_kernel[grid](
             y, _pointers(b_slices, y.device), _device_ints(tuple(widths), torch.int32, y.device),
             _device_ints(tuple(offsets), torch.int32, y.device), order, starts, counts, scales, out, rank,
             num_parts, y.stride(0), y.stride(1), y.stride(2), out.stride(0), BLOCK_T=BLOCK_ROWS,
-            BLOCK_R=max(16, next_power_of_2(rank)), BLOCK_N=block_n, DOT_PRECISION=_dot_precision(out.dtype))
+            BLOCK_R=max(16, next_power_of_2(rank)), BLOCK_N=block_n,
+            PARTS_PER_LOAD=min(8, max(2, next_power_of_2(num_parts))), DOT_PRECISION=_dot_precision(out.dtype))
     return out

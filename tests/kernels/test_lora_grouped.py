@@ -52,8 +52,9 @@ def _case(device, dtype, k, rank, widths, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("k", "rank", "widths"), [(40, 6, (24, 8, 8)), (600, 16, (70,)), (300, 3, (17, 90))],
-                         ids=["qkv-one-part", "split-k", "two-slices-odd"])
+@pytest.mark.parametrize(("k", "rank", "widths"), [(40, 6, (24, 8, 8)), (600, 16, (70,)), (300, 3, (17, 90)),
+                                              (2500, 5, (20,))],
+                         ids=["qkv-one-part", "split-k", "two-slices-odd", "ten-parts"])  # 10: two loads of 8
 def test_grouped_kernels_match_the_per_row_reference(triton_device, dtype, k, rank, widths):
     x, a_slices, b_slices, scales, slots, offsets, base = _case(triton_device, dtype, k, rank, widths)
     groups = _groups(slots)

@@ -24,8 +24,8 @@ from asyncserve.runner.input_batch import ScheduledBatch
 # (tests/gpu/test_decode_graph_bounds_cuda.py), since every model's decode steps would replay them.
 # The decode kernel reads the same switch (LONG_SINGLE_PARTITION): one partition up to the short bound.
 SHORT_CONTEXT_GRAPHS = os.environ.get("ASYNCSERVE_SHORT_CONTEXT_GRAPHS") == "1"
-# Short-context graphs for padded batch sizes up to this: where launches, not bytes, bound a step. Each graph
-# keeps its own logits ([batch, vocab]), so doubling the large sizes would cost gigabytes of KV cache.
+# Short-context graphs for padded batch sizes up to this: where launches, not bytes, bound a step (larger
+# batches read enough KV per step that one launch fewer per layer is lost in it, and each graph costs start-up).
 SHORT_CONTEXT_MAX_BATCH = 32
 
 
@@ -96,6 +96,12 @@ class _DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # Per graph, what its forward returned: the target's (logits, greedy argmax); a drafter's own.
         self.outputs: dict[tuple[int, int], tuple] = {}
+        # Every target graph's logits land in this one [max_batch, vocab] buffer (made by the first forward,
+        # before any capture): one graph per size each keeping its own [batch, vocab] would hold the sum over
+        # the sizes (1 .. 512 by 8: 16,640 rows, 4.3 GB for a 128k vocabulary in bf16, 8.3 GB for 248k),
+        # memory the KV cache does not get. One step's logits are read (sampled, or held for a grammar's masks
+        # until `sample`) before the engine launches the next step, so no replay overwrites them in use.
+        self.logits: torch.Tensor | None = None
         self.bounds: dict[int, list[int]] = {}  # padded batch size -> its graphs' context bounds, ascending
         self.sizes: list[int] = []
 
@@ -111,7 +117,11 @@ class _DecodeGraphs:
         argmax (greedy steps skip the sampler)."""
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], self.meta(batch, bound))
         logits = self.model.compute_logits(hidden)
-        return logits, logits.argmax(dim=-1)
+        if self.logits is None:  # a warm-up run, outside any capture
+            self.logits = torch.empty(self.max_batch, logits.shape[1], dtype=logits.dtype, device=logits.device)
+        shared = self.logits[:batch]
+        shared.copy_(logits)
+        return shared, shared.argmax(dim=-1)
 
     def capture(self, sizes: list[int], stream: torch.cuda.Stream, forward=None) -> None:
         """Graphs of `forward(batch)` (default: the target's step, with its small sizes also captured at the

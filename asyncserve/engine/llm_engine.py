@@ -245,8 +245,14 @@ class LLMEngine:
         """Whether the launched step `pending` must be processed before the next is scheduled: the next
         may speculate (n-gram drafts need every sequence's last token on the host), or `pending` verified
         drafts (its sequences' lengths are known only then). Never without speculative decoding."""
-        return self.speculator is not None and (
-            pending.is_verify or self.speculator.is_active(self.scheduler.num_running))
+        if self.speculator is None:
+            return False
+        if pending.is_verify:
+            return True
+        if self.speculator.is_active(self.scheduler.num_running):
+            self.speculator.cut_short()  # a pipelined step applied as soon as it is launched
+            return True
+        return False
 
     def sample_under_grammars(self, scheduled: list[tuple[Sequence, int]], pending) -> None:
         """Has a launched step sampled once the grammar masks of its constrained rows are known: the

@@ -5,8 +5,8 @@ verify step compute-bound, when the drafts are mostly wrong (a workload the n-gr
 draft model that disagrees), or both. Which case holds depends on the GPU, the models and the traffic, so no
 fixed batch size is right: on an H100 a draft model accepted 94% of the time was 1.36x faster at batch 64,
 one accepted 15% of the time 0.67x slower at batch 1 (docs/benchmarks.md). The governor times decode steps
-of each kind per batch-size bucket and keeps the faster, measuring the other again every EXPLORE_EVERY steps
-(a few steps of the slower kind: about 1% of the steps, at worst half as fast).
+of each kind per batch-size bucket and keeps the faster, measuring the other again after 16 to 200 steps (sooner
+the closer it came: a few steps of the slower kind, under 3% of the steps).
 """
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import time
 from dataclasses import dataclass
 
 MIN_SAMPLES = 3        # clean intervals of each kind before a bucket trusts its rates
-EXPLORE_EVERY = 200    # steps in a bucket after which the slower kind is measured again
+# Steps in a bucket after which the slower kind is measured again, by how close it came (its rate over the
+# faster's): a close call is checked again soon, since traffic changes it (n-gram lookup finds nothing while
+# a reply starts, then copies whole sentences); a clear loss rarely. Each re-measurement costs about
+# MIN_SAMPLES + 1 steps of the slower kind: under 3% of the steps at any of these rows.
+EXPLORE_AFTER = ((0.9, 16), (0.7, 64), (0.0, 200))
+EXPLORE_EVERY = EXPLORE_AFTER[-1][1]  # the longest wait
 SMOOTHING = 0.25       # weight of a new interval in the running rate
 MAX_INTERVAL_S = 1.0   # a longer gap between two steps is idle time, not a step
 
@@ -82,11 +87,12 @@ class SpeculationGovernor:
         if bucket.plain.samples < MIN_SAMPLES or bucket.speculative.samples < MIN_SAMPLES:
             return
         bucket.steps_since_measured += 1
-        if bucket.steps_since_measured >= EXPLORE_EVERY:
+        plain, speculative = bucket.plain.tokens_per_seq_second, bucket.speculative.tokens_per_seq_second
+        slower, faster = (bucket.plain, speculative) if speculative >= plain else (bucket.speculative, plain)
+        closeness = slower.tokens_per_seq_second / faster if faster > 0 else 1.0
+        if bucket.steps_since_measured >= next(steps for floor, steps in EXPLORE_AFTER if closeness >= floor):
             # The traffic may have changed (other prompts, other acceptance): forget the slower kind's rate,
             # so the next steps measure it afresh (MIN_SAMPLES intervals) before deciding again.
-            slower = bucket.plain if bucket.speculative.tokens_per_seq_second >= \
-                bucket.plain.tokens_per_seq_second else bucket.speculative
             slower.samples, slower.tokens_per_seq_second = 0, 0.0
             bucket.steps_since_measured = 0
 

@@ -58,6 +58,7 @@ class Speculator:
         self.stats = SpecDecodeStats(config.num_speculative_tokens)
         self.governor = SpeculationGovernor() if config.disable_when_slower else None
         self._launched: deque[bool] = deque()  # whether each launched, not yet applied step speculated
+        self._cut_short = False  # the next applied step is applied early: its interval is not a step's
 
     def is_active(self, num_running: int) -> bool:
         """Whether steps with this many running sequences speculate. Speculation trades compute (every
@@ -74,12 +75,18 @@ class Speculator:
     def step_launched(self, speculating: bool) -> None:
         self._launched.append(speculating)
 
+    def cut_short(self) -> None:
+        """The engine applies the plain step it just launched before scheduling the next (which may speculate):
+        the time since the step before was applied is not a step's, so the governor does not count it."""
+        self._cut_short = True
+
     def step_applied(self, num_seqs: int, num_tokens: int, decode_only: bool) -> None:
         """A launched step's results were applied: the governor times it as the kind it was launched as
         (a speculating step that found no drafts still gave up the overlap)."""
         speculating = self._launched.popleft() if self._launched else False
+        clean, self._cut_short = decode_only and not self._cut_short, False
         if self.governor is not None:
-            self.governor.record(speculating, num_seqs, num_tokens, decode_only)
+            self.governor.record(speculating, num_seqs, num_tokens, clean)
 
     def propose(self, running: list[Sequence]) -> bool:
         """Sets each running sequence's `draft_token_ids` (empty when it does not speculate this step);

@@ -48,8 +48,15 @@ def test_greedy_fp32_on_cuda_matches_transformers(family, enforce_eager, make_cu
     assert (runner.num_graph_steps > 0) != enforce_eager
 
 
+@pytest.mark.parametrize("short_graphs", [False, True], ids=["default", "short-context-graphs"])
 @pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma2"])
-def test_graphs_and_eager_agree_in_bf16(family, make_cuda_llm):
+def test_graphs_and_eager_agree_in_bf16(family, short_graphs, make_cuda_llm, monkeypatch):
+    """Bit-for-bit in bf16 too: graphs and eager steps split a context's keys into the same partitions,
+    with or without the short-context graphs (whose one-partition bound eager steps then share)."""
+    from asyncserve.kernels import attention_decode
+    from asyncserve.runner import decode_graphs
+    monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", short_graphs)
+    monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", short_graphs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     graphs = make_cuda_llm(family, dtype="bfloat16").generate(PROMPTS, params, use_tqdm=False)
     eager = make_cuda_llm(family, dtype="bfloat16", enforce_eager=True).generate(PROMPTS, params,

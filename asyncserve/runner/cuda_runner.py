@@ -13,6 +13,7 @@ import time
 import torch
 
 from asyncserve.config.tree import Config
+from asyncserve.layers.attention import AttentionMetadata
 from asyncserve.models.base import CausalLM
 from asyncserve.runner.decode_graphs import _DecodeGraphs, graph_batch_sizes
 from asyncserve.runner.draft_decode import DraftDecodeGraphs, draft_graph_sizes
@@ -26,6 +27,7 @@ from asyncserve.runner.mixed_graphs import (
 from asyncserve.runner.model_runner import ModelRunner
 from asyncserve.runner.pending import PendingStep
 from asyncserve.runner.step import StepMessage
+from asyncserve.runner.verify_graphs import VERIFY_GRAPHS, VerifyGraphs, verify_graph_sizes
 from asyncserve.sample.sampler import SamplerOutput
 
 logger = logging.getLogger("asyncserve")
@@ -36,6 +38,7 @@ class CudaModelRunner(ModelRunner):
         super().__init__(model, config, draft_model)
         self.stream = torch.cuda.Stream(device=self.device)
         self.decode_graphs: _DecodeGraphs | None = None
+        self.verify_graphs: VerifyGraphs | None = None
         self.capture_seconds = 0.0
         self.num_graph_steps = 0
 
@@ -60,6 +63,7 @@ class CudaModelRunner(ModelRunner):
                     time.perf_counter() - started)
         self._capture_draft_steps()
         self._capture_mixed_steps()
+        self._capture_verify_steps()
         self.capture_seconds = time.perf_counter() - started
 
     def _capture_draft_steps(self) -> None:
@@ -100,6 +104,35 @@ class CudaModelRunner(ModelRunner):
         logger.info("captured CUDA graphs of mixed prefill+decode steps for %d token counts up to %d "
                     "(%d pieces each) in %.1f s", len(sizes), sizes[-1], len(graphs.pieces[sizes[-1]]),
                     time.perf_counter() - started)
+
+    def _capture_verify_steps(self) -> None:
+        """Whole-step graphs of uniform verify steps (runner/verify_graphs.py), behind their switch."""
+        config = self.config
+        if not VERIFY_GRAPHS or config.speculative is None or config.speculative.method == "eagle3" \
+                or self.lora_slots is not None \
+                or config.parallel.tensor_parallel_size > 1 or not MixedStepGraphs.supports(self.model) \
+                or self.model.state_layers() or getattr(self.model, "supports_images", False):
+            return
+        started = time.perf_counter()
+        sizes = verify_graph_sizes(config.scheduler.max_num_seqs)
+        graphs = VerifyGraphs(self.model, self.device, config.speculative.num_speculative_tokens + 1,
+                              sizes[-1], config.model.max_model_len, self.block_size)
+        with torch.cuda.stream(self.stream):
+            graphs.capture(sizes, self.stream)
+        torch.cuda.synchronize(self.device)
+        self.verify_graphs = graphs
+        logger.info("captured CUDA graphs of verify steps (%d tokens per sequence) for batch sizes %s in %.1f s",
+                    graphs.query_len, graphs.sizes, time.perf_counter() - started)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """A uniform verify step replays its whole-step graph; any other step as the base runner runs it."""
+        graphs = self.verify_graphs
+        if graphs is not None:
+            padded = graphs.takes(input_ids, meta)
+            if padded is not None:
+                return graphs.run(input_ids, positions, meta, padded)
+        return super().forward(input_ids, positions, meta)
 
     @torch.inference_mode()
     def launch(self, message: StepMessage) -> PendingStep:

@@ -131,16 +131,26 @@ def prepare_lora_tables(a_slices, b_slices, offsets) -> None:
 _SHRINK_K_PER_PROGRAM = 256
 
 
-def lora_shrink_triton(x, a_slices, slots):
-    """y as partial sums over K: [S, T, P, r] fp32 (`lora_expand_triton` adds them up; `shrink_total` too)."""
+def shrink_partials(x, a_slices, max_block_k: int):
+    """The split over K that both shrinks (per row here, per adapter in lora_grouped.py) launch with:
+    (y [S, T, P, r] fp32 for the partial sums, BLOCK_K, columns per program)."""
     num_tokens, k = x.shape
     rank = a_slices[0].shape[1]
     assert all(a.shape[1:] == (rank, k) and a.stride() == a_slices[0].stride() and a.dtype == x.dtype
                for a in a_slices), "every slice's A must be [L, r, K] alike, in x's dtype"
-    block_k = min(128, max(16, next_power_of_2(k)))
+    block_k = min(max_block_k, max(16, next_power_of_2(k)))
     k_per_program = max(block_k, _SHRINK_K_PER_PROGRAM)
     num_parts = triton.cdiv(k, k_per_program)
     y = torch.empty((len(a_slices), num_tokens, num_parts, rank), dtype=torch.float32, device=x.device)
+    return y, block_k, k_per_program
+
+
+def lora_shrink_triton(x, a_slices, slots):
+    """y as partial sums over K: [S, T, P, r] fp32 (`lora_expand_triton` adds them up; `shrink_total` too)."""
+    num_tokens, k = x.shape
+    rank = a_slices[0].shape[1]
+    y, block_k, k_per_program = shrink_partials(x, a_slices, max_block_k=128)
+    num_parts = y.shape[2]
     if num_tokens:
         a0 = a_slices[0]
         _shrink_kernel[(num_tokens, len(a_slices), num_parts)](

@@ -16,7 +16,7 @@ Rows of the base model (slot -1) are neither read nor written.
 import torch
 
 from ._triton import next_power_of_2, tl, triton
-from .lora import _SHRINK_K_PER_PROGRAM, _device_ints, _pointers
+from .lora import _device_ints, _pointers, shrink_partials
 
 BLOCK_ROWS = 16  # rows per tile of a slot's group (tl.dot's smallest M)
 
@@ -113,12 +113,8 @@ def lora_shrink_grouped(x, a_slices, order, starts, counts):
     num_tokens, k = x.shape
     rank = a_slices[0].shape[1]
     num_slots = a_slices[0].shape[0]
-    assert all(a.shape == a_slices[0].shape and a.stride() == a_slices[0].stride() and a.dtype == x.dtype
-               for a in a_slices), "every slice's A must be [L, r, K] alike, in x's dtype"
-    block_k = min(64, max(16, next_power_of_2(k)))
-    k_per_program = max(block_k, _SHRINK_K_PER_PROGRAM)
-    num_parts = triton.cdiv(k, k_per_program)
-    y = torch.empty((len(a_slices), num_tokens, num_parts, rank), dtype=torch.float32, device=x.device)
+    y, block_k, k_per_program = shrink_partials(x, a_slices, max_block_k=64)  # tl.dot tiles of [16, 64] x [64, r]
+    num_parts = y.shape[2]
     if num_tokens:
         a0 = a_slices[0]
         _shrink_grouped_kernel[(num_slots, len(a_slices), num_parts)](

@@ -128,26 +128,18 @@ if [ "$what" = online ]; then  # issue 22: asyncserve alone under `vllm bench se
   kill -INT $AP; wait $AP; grep -E "lag|stall" "$OUT/serve/asyncserve_server.log" | tail -8
 fi
 if [ "$what" = verify ]; then  # what the sixth session changed after its GPU run, or did not get to: the tests it
-  # touched, the vision figures after the fifth session's fixes, and the 0.5B decode with the two off-by-default
-  # switches beside the default (the speculation governor: `spec-draft` and `spec`, which run it by default)
+  # touched, and the 0.5B decode (VERIFY_MODELS adds models) with the two off-by-default switches beside the
+  # default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
     tests/gpu/test_spec_decode_cuda.py tests/gpu/test_verify_graphs_cuda.py tests/kernels/test_decode_single_partition.py \
-    --durations=6 2>&1 \
+    tests/kernels/test_rotary_cache_gpu.py --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
-  # LoRA with the rows grouped by adapter (ASYNCSERVE_LORA_GROUPED=1): its kernels at the 8B shapes, LoRA on CUDA,
-  # then the batch-64 and batch-1 figures beside the per-row kernels' (run `lora` for vLLM's in the same session)
-  ASYNCSERVE_LORA_GROUPED=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_lora_grouped.py \
-    tests/gpu/test_lora_cuda.py 2>&1 | tee "$OUT/lora_grouped_tests.log" | tail -4
-  python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
-  for switches in "" "ASYNCSERVE_LORA_GROUPED=1"; do
-    env $switches timeout 200 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | grep -E "batch|failed|Error" \
-      | sed "s/^/[${switches:-per-row}] /"
-  done
-  timeout 200 python3 scripts/bench_vision.py --breakdown 2>&1 | tee "$OUT/vision_ours.log" | grep -E "^\{|Error|Traceback"
   cd "$ROOT/scripts"
   for switches in "" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1"; do
-    env $switches timeout 100 python3 bench_latency.py --model qwen2.5-0.5b --no-hf 2>&1 | grep -E "^asyncserve:" \
-      | sed "s/^/[${switches:-default}] /"
+    for m in qwen2.5-0.5b ${VERIFY_MODELS:-}; do
+      env $switches timeout 150 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/verify_latency_$m.log" \
+        | grep -E "^asyncserve:" | sed "s/^/[${switches:-default}] $m /"
+    done
     env $switches timeout 100 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | grep -E "kernels per step|graph replay" \
       | sed "s/^/[${switches:-default}] /"
   done
@@ -232,8 +224,16 @@ if [ "$what" = spec-draft ]; then  # issue 24: a draft model on the 8B shape, sp
     $args --engine vllm 2>&1 | tee "$OUT/spec_draft_vllm.log" | grep -E "batch|failed|Error"
 fi
 if [ "$what" = lora ]; then  # issue 25: 8 rank-16 adapters on every projection of the 8B shape, ours then vLLM's
+  # (LORA_SWITCHES: one run of ours per entry, e.g. "default ASYNCSERVE_LORA_GROUPED=1"; the grouped kernels'
+  # GPU tests run first when it names them)
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
-  timeout 280 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee "$OUT/lora_ours.log" | grep -E "batch|failed|Error"
+  case "${LORA_SWITCHES:-}" in *GROUPED*) ASYNCSERVE_LORA_GROUPED=1 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/kernels/test_lora_grouped.py tests/gpu/test_lora_cuda.py 2>&1 | tee "$OUT/lora_grouped_tests.log" | tail -4 ;; esac
+  for switches in ${LORA_SWITCHES:-default}; do
+    [ "$switches" = default ] && switches=""
+    env $switches timeout 280 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee -a "$OUT/lora_ours.log" \
+      | grep -E "batch|failed|Error" | sed "s/^/[${switches:-default}] /"
+  done
   [ -z "${NO_VLLM:-}" ] && VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 scripts/bench_lora.py \
     --model-dir /tmp/llama8b --engine vllm 2>&1 | tee "$OUT/lora_vllm.log" | grep -E "batch|failed|Error"
 fi

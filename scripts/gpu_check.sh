@@ -229,6 +229,8 @@ if [ "$what" = lora ]; then  # issue 25: 8 rank-16 adapters on every projection 
   python3 scripts/bench_models.py llama-3.1-8b --out /tmp/llama8b >/dev/null
   case "${LORA_SWITCHES:-}" in *GROUPED*) ASYNCSERVE_LORA_GROUPED=1 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/kernels/test_lora_grouped.py tests/gpu/test_lora_cuda.py 2>&1 | tee "$OUT/lora_grouped_tests.log" | tail -4 ;; esac
+  timeout 120 python3 scripts/bench_lora_kernels.py --json "$OUT/lora_kernels.json" 2>&1 | tee "$OUT/lora_kernels.log" \
+    | grep -E "rows|Error|Traceback"
   for switches in ${LORA_SWITCHES:-default}; do
     [ "$switches" = default ] && switches=""
     env $switches timeout 280 python3 scripts/bench_lora.py --model-dir /tmp/llama8b 2>&1 | tee -a "$OUT/lora_ours.log" \

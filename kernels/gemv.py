@@ -2,6 +2,12 @@
 
 cuBLAS picks split-K GEMM kernels for some of these shapes that read the weight at about half the
 memory bandwidth. This kernel streams W once, rows split over programs, K in pipelined tiles.
+
+With `activation` it takes the MLP's gate|up row [1, 2K] instead of x and applies the gated activation
+as it loads it (each program recomputes the K activations it needs, a few microseconds of ALU against
+a launch), so batch-1 decode's down projection and the activation before it are one kernel, not two or
+three (cuBLAS's split-K adds a reduce). The activation is rounded to x's dtype before the product, as
+the separate kernel stores it, so both paths compute the same numbers.
 """
 
 import torch
@@ -13,14 +19,23 @@ from ._triton import tl, triton
 GEMV_CONFIGS = ((8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 3))
 
 
-def gemv_ref(x, weight, bias=None):
-    """x [1, K], weight [N, K], bias [N] or None -> [1, N]."""
+# Gated activations the GEMV can apply to its input (the names of kernels/activation.py's).
+GEMV_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def gemv_ref(x, weight, bias=None, activation=None):
+    """x [1, K] (with `activation`: gate|up [1, 2K]), weight [N, K], bias [N] or None -> [1, N]."""
+    if activation is not None:
+        from .activation import gelu_tanh_and_mul_ref, silu_and_mul_ref
+        act = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}[activation]
+        x = act(x.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACTIVATION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -29,6 +44,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if ACTIVATION != "":  # x is the gate; the up half follows it
+            up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if ACTIVATION == "gelu_tanh":  # g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
+                inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+                x = x / (1.0 + tl.exp(-2.0 * inner)) * up
+            else:
+                x = x / (1.0 + tl.exp(-x)) * up
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:
@@ -36,14 +59,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv_triton(x, weight, bias=None, config=GEMV_CONFIGS[0]):
-    """Triton version of `gemv_ref`; `config` is one of GEMV_CONFIGS."""
+def gemv_triton(x, weight, bias=None, config=GEMV_CONFIGS[0], activation=None):
+    """Triton version of `gemv_ref`; `config` is one of GEMV_CONFIGS, `activation` one of GEMV_ACTIVATIONS."""
     block_n, block_k, num_warps, num_stages = config
     num_rows, k = weight.shape
-    assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1
+    assert x.shape == (1, k if activation is None else 2 * k) and x.is_contiguous() and weight.stride(1) == 1
+    assert activation is None or activation in GEMV_ACTIVATIONS, activation
     out = torch.empty(1, num_rows, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(num_rows, block_n),)](
         x, weight, bias if bias is not None else weight, out, num_rows, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, ACTIVATION=activation or "",
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -132,13 +132,15 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
   # default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
     tests/gpu/test_spec_decode_cuda.py tests/gpu/test_verify_graphs_cuda.py tests/kernels/test_decode_single_partition.py \
-    tests/kernels/test_rotary_cache_gpu.py --durations=6 2>&1 \
+    tests/kernels/test_rotary_cache_gpu.py tests/gpu/test_fused_gated_row_cuda.py --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -2  # the GEMVs on CUDA
   cd "$ROOT/scripts"
-  for switches in "" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1"; do
+  for switches in "" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1" \
+      "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1 ASYNCSERVE_FUSED_GATED_ROW=1"; do
     for m in qwen2.5-0.5b ${VERIFY_MODELS:-}; do
       env $switches timeout 150 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/verify_latency_$m.log" \
-        | grep -E "^asyncserve:" | sed "s/^/[${switches:-default}] $m /"
+        | grep -E "^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"
     done
     env $switches timeout 100 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | grep -E "kernels per step|graph replay" \
       | sed "s/^/[${switches:-default}] /"

@@ -12,12 +12,16 @@ from asyncserve.kernels import gelu_tanh_and_mul, silu_and_mul
 class SiluAndMul(nn.Module):
     """[T, 2I] (gate | up) -> [T, I]."""
 
+    gemv_activation = "silu"  # a one-row GEMV may apply it to its input (kernels/gemv.py)
+
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(gate_up)
 
 
 class GeluTanhAndMul(nn.Module):
     """[T, 2I] (gate | up) -> [T, I] with GELU's tanh approximation (Gemma's gelu_pytorch_tanh)."""
+
+    gemv_activation = "gelu_tanh"
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         return gelu_tanh_and_mul(gate_up)

@@ -149,6 +149,14 @@ class LinearBase(nn.Module):
         whole = sum(self.whole_output_sizes)
         return out if out.shape[-1] == whole else out[..., :whole]
 
+    def forward_activated(self, act: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(act(gate_up)); one row (batch-1 decode) may run both in the GEMV the method chose for it."""
+        if (gate_up.shape[0] != 1 or self.communicates
+                or getattr(self.quant_method, "gated_row", None) is None
+                or getattr(act, "gemv_activation", None) != self.quant_method.gated_activation):
+            return self(act(gate_up))
+        return self.quant_method.apply_gated(self, gate_up, self.bias)
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, *shard_id) -> None:
         raise NotImplementedError
 
@@ -265,6 +273,13 @@ def tune_single_row_products(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LinearBase):
             line = module.quant_method.tune_single_row(module, timings)
+            if line is not None:
+                report.append(line)
+    for module in model.modules():  # then the activations that may join a down projection's GEMV
+        activation = getattr(getattr(module, "act", None), "gemv_activation", None)
+        down = getattr(module, "down_proj", None)
+        if activation and isinstance(down, LinearBase) and hasattr(down.quant_method, "tune_gated_row"):
+            line = down.quant_method.tune_gated_row(down, activation, timings)
             if line is not None:
                 report.append(line)
     on_cpu = next(model.parameters()).device.type == "cpu"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from asyncserve.kernels import GEMV_CONFIGS, HAS_TRITON, gemv_triton
+from asyncserve.kernels import GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, gemv_triton, gelu_tanh_and_mul, silu_and_mul
 
 # How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
 # config (see asyncserve.kernels.GEMV_CONFIGS).
@@ -26,6 +26,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         out = torch.mv(weight, x[0])
         return (out if bias is None else out + bias)[None]
     return gemv_triton(x, weight, bias, single_row)
+
+
+def linear_gated(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple,
+                 activation: str) -> torch.Tensor:
+    """weight applied to activation(gate | up) of one row, in one Triton GEMV (`config`)."""
+    return gemv_triton(gate_up, weight, bias, config, activation=activation)
+
+
+_GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+assert set(_GATED_ACTIVATIONS) == set(GEMV_ACTIVATIONS)
 
 
 def _time(fn, repeats: int = 30) -> float:
@@ -66,3 +76,31 @@ def fastest_single_row_kernel(weight: torch.Tensor) -> tuple[SingleRowKernel, fl
         if elapsed < best_time:
             best, best_time = candidate, elapsed
     return best, baseline, best_time
+
+
+@torch.inference_mode()
+def fastest_gated_row_kernel(weight: torch.Tensor, activation: str,
+                             single_row: SingleRowKernel) -> tuple[tuple | None, float, float]:
+    """(config, separate ms, fused ms) for the down projection of a gated MLP at batch 1: the activation's
+    own kernel followed by `single_row`'s product, against the GEMV configs that apply the activation to
+    their input; a config only where it is faster."""
+    if not HAS_TRITON:
+        return None, 0.0, 0.0
+    gate_up = torch.randn(1, 2 * weight.shape[1], dtype=weight.dtype, device=weight.device)
+    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
+    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
+    act = _GATED_ACTIVATIONS[activation]
+
+    def timed(run_one) -> float:
+        def run():
+            for copy in copies:
+                run_one(copy)
+        return _time(run, repeats=5) / len(copies)
+
+    separate = timed(lambda w: linear(act(gate_up), w, None, single_row))
+    best, best_time = None, separate
+    for config in GEMV_CONFIGS:
+        elapsed = timed(lambda w, config=config: linear_gated(gate_up, w, None, config, activation))
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    return best, separate, best_time

@@ -69,7 +69,7 @@ class LlamaMLP(nn.Module):
                                 prefix=f"{prefix}.down_proj", parallel="row", reduce_results=reduce_results)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(hidden)))  # [T, 2I] -> [T, I] -> [T, E]
+        return self.down_proj.forward_activated(self.act, self.gate_up_proj(hidden))  # [T, 2I] -> [T, I] -> [T, E]
 
 
 class LlamaDecoderLayer(PreNormBlock):

@@ -1,6 +1,7 @@
 """The one-row product kernel against F.linear, on random inputs of awkward sizes."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from asyncserve.kernels import GEMV_CONFIGS, HAS_TRITON, gemv_ref, gemv_triton
 
@@ -16,3 +17,26 @@ def test_gemv_matches_linear(num_rows, k, bias, config):
     weight = torch.randn(num_rows, k, device=device)
     b = torch.randn(num_rows, device=device) if bias else None
     torch.testing.assert_close(gemv_triton(x, weight, b, config), gemv_ref(x, weight, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_rows,k,bias", [(37, 300, True), (9, 1030, False)])
+def test_gemv_applies_the_gated_activation_to_its_input(num_rows, k, bias, dtype, activation):
+    """gate|up [1, 2K] in, down(act(gate) * up) out: the MLP's activation and down projection as one kernel,
+    equal to the two kernels it replaces (the activation rounded to the dtype in between)."""
+    from asyncserve.kernels import gelu_tanh_and_mul_ref, silu_and_mul_ref
+    torch.manual_seed(num_rows + k)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gate_up = torch.randn(1, 2 * k, device=device).to(dtype)
+    weight = (torch.randn(num_rows, k, device=device) / k ** 0.5).to(dtype)
+    b = torch.randn(num_rows, device=device).to(dtype) if bias else None
+    act = {"silu": silu_and_mul_ref, "gelu_tanh": gelu_tanh_and_mul_ref}[activation]
+    two_kernels = F.linear(act(gate_up.float()).to(dtype).float(), weight.float(), None if b is None else b.float())
+    fused = gemv_triton(gate_up, weight, b, GEMV_CONFIGS[1], activation=activation)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(fused.float(), two_kernels, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(gemv_ref(gate_up, weight, b, activation).float(), two_kernels, rtol=tolerance,
+                               atol=tolerance)
+    with pytest.raises(AssertionError):  # the plain width is refused: x must be the whole gate|up row
+        gemv_triton(gate_up[:, :k].contiguous(), weight, b, GEMV_CONFIGS[1], activation=activation)

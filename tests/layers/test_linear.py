@@ -29,3 +29,32 @@ def test_merged_linear_refuses_a_shard_of_the_wrong_size():
     layer = MergedLinear(4, {"q": 2, "k": 3})
     with pytest.raises(ValueError, match="expected 3"):
         layer.weight.weight_loader(layer.weight, torch.zeros(2, 4), "k")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("act_name", ["silu", "gelu_tanh"])
+def test_gated_mlp_takes_the_fused_gemv_for_one_row_only(act_name):
+    """A down projection whose method chose the activation-fused GEMV computes down(act(gate_up)) for one
+    row in that kernel, and every other batch (or another activation) through the activation and the GEMM."""
+    from asyncserve.layers.activation import GeluTanhAndMul, SiluAndMul
+    from asyncserve.layers.linear import Linear
+    torch.manual_seed(1)
+    act = {"silu": SiluAndMul(), "gelu_tanh": GeluTanhAndMul()}[act_name]
+    other = {"silu": GeluTanhAndMul(), "gelu_tanh": SiluAndMul()}[act_name]
+    down = Linear(24, 11, bias=True)
+    with torch.no_grad():
+        down.weight.copy_(torch.randn(11, 24) / 5)
+        down.bias.copy_(torch.randn(11))
+    gate_up = torch.randn(1, 48)
+    calls = []
+    method = down.quant_method
+    method.gated_row, method.gated_activation = (8, 512, 4, 4), act_name
+    original = method.apply_gated
+    method.apply_gated = lambda *a: calls.append(1) or original(*a)
+    out = down.forward_activated(act, gate_up)
+    assert calls == [1]
+    torch.testing.assert_close(out, down(act(gate_up)), rtol=1e-5, atol=1e-5)
+    rows = torch.randn(3, 48)
+    assert torch.equal(down.forward_activated(act, rows), down(act(rows)))
+    assert torch.equal(down.forward_activated(other, gate_up), down(other(gate_up)))
+    assert calls == [1]

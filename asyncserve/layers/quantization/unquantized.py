@@ -1,6 +1,8 @@
 """Plain weights in the model's dtype, with a one-row kernel chosen per shape at start-up."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -9,7 +11,13 @@ from asyncserve.layers.cpu_layout import (MIN_TIMED_BYTES, OneRowTimer, column_m
                                           prefers_column_major)
 from asyncserve.layers.quantization.base import (ExpertsMethodBase, LinearMethodBase, QuantizationConfig,
                                                  WeightLoader, expert_param, set_split_dims)
-from asyncserve.layers.single_row import SingleRowKernel, fastest_single_row_kernel, linear
+from asyncserve.layers.single_row import (SingleRowKernel, fastest_gated_row_kernel, fastest_single_row_kernel,
+                                          linear, linear_gated)
+
+
+# A gated MLP's activation inside its down projection's one-row GEMV, where timed faster at start-up. Built
+# without a GPU run: on with ASYNCSERVE_FUSED_GATED_ROW=1 until the GPU tests and the 0.5B figure have run.
+FUSE_GATED_ROW = os.environ.get("ASYNCSERVE_FUSED_GATED_ROW") == "1"
 
 
 class UnquantizedLinearMethod(LinearMethodBase):
@@ -17,6 +25,10 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
     def __init__(self):
         self.single_row: SingleRowKernel = None  # None: cuBLAS GEMM, as for every other batch
+        # A gated MLP's down projection: the GEMV config that applies the activation to its one row, and the
+        # activation's name (None: the activation runs as its own kernel). `tune_gated_row` sets both.
+        self.gated_row: tuple | None = None
+        self.gated_activation: str | None = None
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        weight_loader: WeightLoader) -> None:
@@ -28,6 +40,25 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if self.single_row is None or x.shape[0] != 1:  # the common case: no further call
             return F.linear(x, layer.weight, bias)
         return linear(x, layer.weight, bias, self.single_row)
+
+    def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """layer(activation(gate_up)) for one row, in the GEMV `tune_gated_row` chose."""
+        return linear_gated(gate_up, layer.weight, bias, self.gated_row, self.gated_activation)
+
+    def tune_gated_row(self, layer: nn.Module, activation: str, timings: dict) -> str | None:
+        """Times the activation fused into this (down) projection's one-row GEMV against the two kernels."""
+        weight = layer.weight
+        if weight.device.type != "cuda" or not FUSE_GATED_ROW:
+            return None
+        key = ("gated", activation, tuple(weight.shape), weight.dtype)
+        if key not in timings:
+            timings[key] = fastest_gated_row_kernel(weight, activation, self.single_row)
+        self.gated_row, separate, fused = timings[key]
+        self.gated_activation = activation if self.gated_row is not None else None
+        if self.gated_row is None:
+            return None
+        return (f"{weight.shape[0]}x{weight.shape[1]} after {activation}: one GEMV {self.gated_row} {fused * 1e3:.1f} us "
+                f"(two kernels {separate * 1e3:.1f} us)")
 
     def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:
         weight = layer.weight

@@ -129,15 +129,17 @@ if [ "$what" = online ]; then  # issue 22: asyncserve alone under `vllm bench se
 fi
 if [ "$what" = verify ]; then  # what the sixth session changed after its GPU run, or did not get to: the tests it
   # touched, and the 0.5B decode (VERIFY_MODELS adds models) with the two off-by-default switches beside the
-  # default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`)
+  # default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`); VERIFY_QUICK=1: the default and all on only
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
     tests/gpu/test_spec_decode_cuda.py tests/gpu/test_verify_graphs_cuda.py tests/kernels/test_decode_single_partition.py \
     tests/kernels/test_rotary_cache_gpu.py tests/gpu/test_fused_gated_row_cuda.py --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -2  # the GEMVs on CUDA
   cd "$ROOT/scripts"
-  for switches in "" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1" \
-      "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1 ASYNCSERVE_FUSED_GATED_ROW=1"; do
+  all_on="ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1 ASYNCSERVE_FUSED_GATED_ROW=1"
+  variants=("" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1" "$all_on")
+  [ -n "${VERIFY_QUICK:-}" ] && variants=("" "$all_on")  # the default and every switch on
+  for switches in "${variants[@]}"; do
     for m in qwen2.5-0.5b ${VERIFY_MODELS:-}; do
       env $switches timeout 150 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/verify_latency_$m.log" \
         | grep -E "^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"

@@ -63,7 +63,7 @@ else:
     )
     from .bitmask import apply_token_bitmask, apply_token_bitmask_ref, apply_token_bitmask_triton
     from .cache import write_kv_cache, write_kv_cache_cpu, write_kv_cache_ref, write_kv_cache_triton
-    from .gemv import GEMV_ACTIVATIONS, GEMV_CONFIGS, gemv_ref, gemv_triton
+    from .gemv import GEMV_ACTIVATIONS, GEMV_CONFIGS, gemv_normed_ref, gemv_normed_triton, gemv_ref, gemv_triton
     from .moe import (
         fused_moe,
         fused_moe_ref,
@@ -104,7 +104,7 @@ else:
 
     __all__ = [
         "HAS_TRITON", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
-        "GEMV_ACTIVATIONS", "GEMV_CONFIGS", "gemv_ref", "gemv_triton",
+        "GEMV_ACTIVATIONS", "GEMV_CONFIGS", "gemv_normed_ref", "gemv_normed_triton", "gemv_ref", "gemv_triton",
         "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
         "gelu_tanh_and_mul", "gelu_tanh_and_mul_ref", "gelu_tanh_and_mul_triton",
         "paged_attention", "paged_attention_ref", "paged_attention_triton",

@@ -132,11 +132,11 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
   # default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`); VERIFY_QUICK=1: the default and all on only
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
     tests/gpu/test_spec_decode_cuda.py tests/gpu/test_verify_graphs_cuda.py tests/kernels/test_decode_single_partition.py \
-    tests/kernels/test_rotary_cache_gpu.py tests/gpu/test_fused_gated_row_cuda.py --durations=6 2>&1 \
+    tests/kernels/test_rotary_cache_gpu.py tests/gpu/test_one_row_fusions_cuda.py --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -2  # the GEMVs on CUDA
   cd "$ROOT/scripts"
-  all_on="ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1 ASYNCSERVE_FUSED_GATED_ROW=1"
+  all_on="ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1 ASYNCSERVE_FUSED_GATED_ROW=1 ASYNCSERVE_FUSED_NORM_ROW=1"
   variants=("" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1" "$all_on")
   [ -n "${VERIFY_QUICK:-}" ] && variants=("" "$all_on")  # the default and every switch on
   for switches in "${variants[@]}"; do

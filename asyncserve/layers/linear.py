@@ -157,6 +157,17 @@ class LinearBase(nn.Module):
             return self(act(gate_up))
         return self.quant_method.apply_gated(self, gate_up, self.bias)
 
+    def forward_normed(self, norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """(self(norm(hidden + residual)), hidden + residual): a pre-norm layer's norm and the projection after
+        it (residual None: the first layer's, norm(hidden) and hidden). One row (batch-1 decode) may run both
+        in the GEMV the method chose for it."""
+        if (hidden.shape[0] == 1 and not self.communicates and getattr(norm, "gemv_fusable", False)
+                and getattr(self.quant_method, "normed_row", None) is not None):
+            return self.quant_method.apply_normed(self, hidden.contiguous(),
+                                                  None if residual is None else residual.contiguous(), norm)
+        normed, residual = (norm(hidden), hidden) if residual is None else norm(hidden, residual)
+        return self(normed), residual
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, *shard_id) -> None:
         raise NotImplementedError
 
@@ -275,13 +286,9 @@ def tune_single_row_products(model: nn.Module) -> None:
             line = module.quant_method.tune_single_row(module, timings)
             if line is not None:
                 report.append(line)
-    for module in model.modules():  # then the activations that may join a down projection's GEMV
-        activation = getattr(getattr(module, "act", None), "gemv_activation", None)
-        down = getattr(module, "down_proj", None)
-        if activation and isinstance(down, LinearBase) and hasattr(down.quant_method, "tune_gated_row"):
-            line = down.quant_method.tune_gated_row(down, activation, timings)
-            if line is not None:
-                report.append(line)
+    for module in model.modules():  # then what a block may fuse into those kernels (norms, activations)
+        if hasattr(module, "tune_single_row_fusions"):
+            report.extend(module.tune_single_row_fusions(timings))
     on_cpu = next(model.parameters()).device.type == "cpu"
     logger.info("one-row products: %s", "; ".join(report) or (
         "weights as loaded (row-major) for every shape" if on_cpu else "cuBLAS GEMM for every shape"))

@@ -106,10 +106,14 @@ class LoRALinearMethod:
         self.lora_b = [torch.zeros(loras, width, rank, dtype=dtype, device=device) for width in self.widths]
         prepare_lora_tables(self.lora_a, self.lora_b, self.offsets)  # before any CUDA graph capture
 
-    # A down projection's activation never joins its GEMV here: the adapter's shrink reads the activation.
+    # Neither a norm nor an activation joins the GEMV here: the adapter's shrink reads the projection's input.
     gated_row = None
+    normed_row = None
 
     def tune_gated_row(self, layer: nn.Module, activation: str, timings: dict) -> None:
+        return None
+
+    def tune_normed_row(self, layer: nn.Module, timings: dict) -> None:
         return None
 
     def __getattr__(self, name):  # everything else (create_weights, tune_single_row, ...) is the base's

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from asyncserve.kernels import GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, gemv_triton, gelu_tanh_and_mul, silu_and_mul
+from asyncserve.kernels import (GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, fused_add_rms_norm, gelu_tanh_and_mul,
+                                gemv_normed_triton, gemv_triton, silu_and_mul)
 
 # How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
 # config (see asyncserve.kernels.GEMV_CONFIGS).
@@ -32,6 +33,12 @@ def linear_gated(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                  activation: str) -> torch.Tensor:
     """weight applied to activation(gate | up) of one row, in one Triton GEMV (`config`)."""
     return gemv_triton(gate_up, weight, bias, config, activation=activation)
+
+
+def linear_normed(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, bias: torch.Tensor | None, config: tuple):
+    """(weight applied to rms_norm(hidden + residual), hidden + residual) for one row, in one Triton GEMV."""
+    return gemv_normed_triton(hidden, residual, norm_weight, eps, weight, bias, config)
 
 
 _GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
@@ -101,6 +108,34 @@ def fastest_gated_row_kernel(weight: torch.Tensor, activation: str,
     best, best_time = None, separate
     for config in GEMV_CONFIGS:
         elapsed = timed(lambda w, config=config: linear_gated(gate_up, w, None, config, activation))
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    return best, separate, best_time
+
+
+@torch.inference_mode()
+def fastest_normed_row_kernel(weight: torch.Tensor, single_row: SingleRowKernel) -> tuple[tuple | None, float, float]:
+    """(config, separate ms, fused ms) for a projection behind a residual add and RMSNorm at batch 1: the
+    norm's own kernel followed by `single_row`'s product, against the GEMV configs that normalize their
+    input row; a config only where it is faster."""
+    if not HAS_TRITON:
+        return None, 0.0, 0.0
+    k = weight.shape[1]
+    hidden, residual = (torch.randn(1, k, dtype=weight.dtype, device=weight.device) for _ in range(2))
+    norm_weight = torch.ones(k, dtype=weight.dtype, device=weight.device)
+    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
+    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
+
+    def timed(run_one) -> float:
+        def run():
+            for copy in copies:
+                run_one(copy)
+        return _time(run, repeats=5) / len(copies)
+
+    separate = timed(lambda w: linear(fused_add_rms_norm(hidden, residual, norm_weight, 1e-6)[0], w, None, single_row))
+    best, best_time = None, separate
+    for config in GEMV_CONFIGS:
+        elapsed = timed(lambda w, config=config: linear_normed(hidden, residual, norm_weight, 1e-6, w, None, config))
         if elapsed < best_time:
             best, best_time = config, elapsed
     return best, separate, best_time

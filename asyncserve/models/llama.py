@@ -44,8 +44,11 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata):
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)                                   # [T, (H + 2 Hkv) D]
+        return self.attend(positions, self.qkv_proj(hidden), meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata):
+        """The layer past its qkv projection ([T, (H + 2 Hkv) D], which PreNormBlock may fuse with its norm)."""
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:  # Qwen3 normalises each head before rotary
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.q_size)
@@ -69,7 +72,17 @@ class LlamaMLP(nn.Module):
                                 prefix=f"{prefix}.down_proj", parallel="row", reduce_results=reduce_results)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward_activated(self.act, self.gate_up_proj(hidden))  # [T, 2I] -> [T, I] -> [T, E]
+        return self.from_gate_up(self.gate_up_proj(hidden))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] -> [T, I] -> [T, E]; one row may run the activation inside the down projection's GEMV."""
+        return self.down_proj.forward_activated(self.act, gate_up)
+
+    def tune_single_row_fusions(self, timings: dict) -> list[str]:
+        activation = getattr(self.act, "gemv_activation", None)
+        tune = getattr(self.down_proj.quant_method, "tune_gated_row", None)
+        line = tune(self.down_proj, activation, timings) if activation and tune else None
+        return [line] if line else []
 
 
 class LlamaDecoderLayer(PreNormBlock):

@@ -40,3 +40,27 @@ def test_gemv_applies_the_gated_activation_to_its_input(num_rows, k, bias, dtype
                                atol=tolerance)
     with pytest.raises(AssertionError):  # the plain width is refused: x must be the whole gate|up row
         gemv_triton(gate_up[:, :k].contiguous(), weight, b, GEMV_CONFIGS[1], activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("num_rows,k,bias,config", [(37, 300, True, GEMV_CONFIGS[1]), (9, 1030, False, GEMV_CONFIGS[0]),
+                                                    (20, 64, False, GEMV_CONFIGS[2])])
+def test_gemv_normalizes_its_input_row(num_rows, k, bias, config, dtype, with_residual):
+    """The layer's RMSNorm (and the residual add before it) inside the next projection's GEMV: the same
+    product and the same new residual as the norm kernel followed by the GEMM."""
+    from asyncserve.kernels import gemv_normed_ref, gemv_normed_triton
+    torch.manual_seed(num_rows * k)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden = torch.randn(1, k, device=device).to(dtype)
+    residual = torch.randn(1, k, device=device).to(dtype) if with_residual else None
+    norm_weight = (1 + 0.1 * torch.randn(k, device=device)).to(dtype)
+    weight = (torch.randn(num_rows, k, device=device) / k ** 0.5).to(dtype)
+    b = torch.randn(num_rows, device=device).to(dtype) if bias else None
+    out, new_residual = gemv_normed_triton(hidden, residual, norm_weight, 1e-6, weight, b, config)
+    expected, expected_residual = gemv_normed_ref(hidden, residual, norm_weight, 1e-6, weight, b)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(new_residual, expected_residual)
+    if not with_residual:
+        assert new_residual is hidden

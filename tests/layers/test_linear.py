@@ -58,3 +58,44 @@ def test_gated_mlp_takes_the_fused_gemv_for_one_row_only(act_name):
     assert torch.equal(down.forward_activated(act, rows), down(act(rows)))
     assert torch.equal(down.forward_activated(other, gate_up), down(other(gate_up)))
     assert calls == [1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_pre_norm_block_runs_its_norms_inside_the_gemvs_for_one_row(monkeypatch):
+    """A Llama layer whose qkv and gate|up projections chose norm-fused GEMVs computes the same row as the
+    norm kernels and GEMMs apart (first layer without a residual, later ones with), and more rows as before."""
+    from types import SimpleNamespace
+
+    from asyncserve.layers.quantization import unquantized
+    from asyncserve.models import llama
+    torch.manual_seed(2)
+    config = SimpleNamespace(hidden_size=48, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+                             rms_norm_eps=1e-6, max_position_embeddings=64, rope_theta=10000.0, mlp_bias=False)
+    layer = llama.LlamaDecoderLayer(config, qkv_bias=True, qk_norm=False, quant_config=None, prefix="layers.0")
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn_like(param) / 4)
+    layer.self_attn.attend = lambda positions, qkv, meta: qkv[:, :48] * 2  # attention itself is not under test
+    monkeypatch.setattr(unquantized, "FUSE_NORM_ROW", True)
+    for projection in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):  # tuning on a CPU chooses nothing
+        assert projection.quant_method.tune_normed_row(projection, {}) is None
+    assert layer.tune_single_row_fusions({}) == [] and not layer.fused_norm_rows
+    monkeypatch.setattr(unquantized.UnquantizedLinearMethod, "tune_normed_row",
+                        lambda self, layer_, timings: setattr(self, "normed_row", (8, 512, 4, 4)) or "chosen")
+    assert layer.tune_single_row_fusions({}) == ["chosen", "chosen"] and layer.fused_norm_rows
+    hidden, residual = torch.randn(1, 48), torch.randn(1, 48)
+    for res in (None, residual):
+        fused_out, fused_residual = layer(None, hidden, res, None)
+        layer.fused_norm_rows = False
+        plain_out, plain_residual = layer(None, hidden, res, None)
+        layer.fused_norm_rows = True
+        torch.testing.assert_close(fused_out, plain_out, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused_residual, plain_residual, rtol=1e-6, atol=1e-6)
+    rows = torch.randn(3, 48)
+    out, _ = layer(None, rows, rows, None)
+    layer.fused_norm_rows = False
+    assert torch.equal(out, layer(None, rows, rows, None)[0])
+    from asyncserve.layers.norm import GemmaRMSNorm
+    layer.fused_norm_rows = False
+    layer.post_attention_layernorm = GemmaRMSNorm(48)  # (1 + weight) scaling: not the GEMV's norm
+    assert layer.tune_single_row_fusions({}) == [] and not layer.fused_norm_rows

@@ -11,13 +11,16 @@ from asyncserve.layers.cpu_layout import (MIN_TIMED_BYTES, OneRowTimer, column_m
                                           prefers_column_major)
 from asyncserve.layers.quantization.base import (ExpertsMethodBase, LinearMethodBase, QuantizationConfig,
                                                  WeightLoader, expert_param, set_split_dims)
-from asyncserve.layers.single_row import (SingleRowKernel, fastest_gated_row_kernel, fastest_single_row_kernel,
-                                          linear, linear_gated)
+from asyncserve.layers.single_row import (SingleRowKernel, fastest_gated_row_kernel, fastest_normed_row_kernel,
+                                          fastest_single_row_kernel, linear, linear_gated, linear_normed)
 
 
-# A gated MLP's activation inside its down projection's one-row GEMV, where timed faster at start-up. Built
-# without a GPU run: on with ASYNCSERVE_FUSED_GATED_ROW=1 until the GPU tests and the 0.5B figure have run.
+# Batch-1 fusions into the one-row GEMV, each kept only where timed faster at start-up: a gated MLP's
+# activation into its down projection, a layer's residual add and RMSNorm into the qkv and gate|up
+# projections after them. Built without a GPU run: on with ASYNCSERVE_FUSED_GATED_ROW=1 /
+# ASYNCSERVE_FUSED_NORM_ROW=1 until the GPU tests and the 0.5B figure have run.
 FUSE_GATED_ROW = os.environ.get("ASYNCSERVE_FUSED_GATED_ROW") == "1"
+FUSE_NORM_ROW = os.environ.get("ASYNCSERVE_FUSED_NORM_ROW") == "1"
 
 
 class UnquantizedLinearMethod(LinearMethodBase):
@@ -29,6 +32,8 @@ class UnquantizedLinearMethod(LinearMethodBase):
         # activation's name (None: the activation runs as its own kernel). `tune_gated_row` sets both.
         self.gated_row: tuple | None = None
         self.gated_activation: str | None = None
+        # A projection behind a layer's RMSNorm: the GEMV config that applies the norm to its one row.
+        self.normed_row: tuple | None = None
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        weight_loader: WeightLoader) -> None:
@@ -58,6 +63,24 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if self.gated_row is None:
             return None
         return (f"{weight.shape[0]}x{weight.shape[1]} after {activation}: one GEMV {self.gated_row} {fused * 1e3:.1f} us "
+                f"(two kernels {separate * 1e3:.1f} us)")
+
+    def apply_normed(self, layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        """(layer(norm(hidden + residual)), hidden + residual) for one row, in the GEMV `tune_normed_row` chose."""
+        return linear_normed(hidden, residual, norm.weight, norm.eps, layer.weight, layer.bias, self.normed_row)
+
+    def tune_normed_row(self, layer: nn.Module, timings: dict) -> str | None:
+        """Times the RMSNorm before this projection fused into its one-row GEMV against the two kernels."""
+        weight = layer.weight
+        if weight.device.type != "cuda" or not FUSE_NORM_ROW:
+            return None
+        key = ("normed", tuple(weight.shape), weight.dtype)
+        if key not in timings:
+            timings[key] = fastest_normed_row_kernel(weight, self.single_row)
+        self.normed_row, separate, fused = timings[key]
+        if self.normed_row is None:
+            return None
+        return (f"{weight.shape[0]}x{weight.shape[1]} after its norm: one GEMV {self.normed_row} {fused * 1e3:.1f} us "
                 f"(two kernels {separate * 1e3:.1f} us)")
 
     def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from asyncserve.layers.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from asyncserve.layers.quantization import QuantizationConfig, UnquantizedConfig, UnquantizedLinearMethod
+from asyncserve.layers.norm import norm_in
 from asyncserve.layers.single_row import SingleRowKernel, linear
 from asyncserve.config.tp_shapes import divide, heads_per_rank
 
@@ -165,7 +166,7 @@ class LinearBase(nn.Module):
                 and getattr(self.quant_method, "normed_row", None) is not None):
             return self.quant_method.apply_normed(self, hidden.contiguous(),
                                                   None if residual is None else residual.contiguous(), norm)
-        normed, residual = (norm(hidden), hidden) if residual is None else norm(hidden, residual)
+        normed, residual = norm_in(norm, hidden, residual)
         return self(normed), residual
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, *shard_id) -> None:

@@ -36,3 +36,10 @@ class GemmaRMSNorm(RMSNorm):
         if residual is None:
             return rms_norm(x, self.weight, self.eps, unit_offset=True)
         return fused_add_rms_norm(x, residual, self.weight, self.eps, unit_offset=True)
+
+
+def norm_in(norm, hidden, residual):
+    """A layer's first norm: the previous layer's residual add fused into it (the first layer has none)."""
+    if residual is None:
+        return norm(hidden), hidden
+    return norm(hidden, residual)

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-
-def norm_in(norm, hidden, residual):
-    """A layer's first norm: the previous layer's residual add fused into it (the first layer has none)."""
-    if residual is None:
-        return norm(hidden), hidden
-    return norm(hidden, residual)
+from asyncserve.layers.norm import norm_in
 
 
 def _splits(module, second_half: str) -> bool:

@@ -62,24 +62,39 @@ def _time(fn, repeats: int = 30) -> float:
 _COLD_BYTES = 256 << 20
 
 
+def _cold_timer(weight: torch.Tensor):
+    """A function timing `run_one(w)` over copies of `weight` that the L2 cannot hold: ms per copy."""
+    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
+    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
+
+    def timed(run_one) -> float:
+        def run():
+            for copy in copies:
+                run_one(copy)
+        return _time(run, repeats=5) / len(copies)
+    return timed
+
+
+def _fastest_config(timed, separate: float, run_config) -> tuple[tuple | None, float, float]:
+    """(the GEMV config faster than `separate` ms, if any, separate ms, its ms)."""
+    best, best_time = None, separate
+    for config in GEMV_CONFIGS:
+        elapsed = timed(lambda w, config=config: run_config(w, config))
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    return best, separate, best_time
+
+
 @torch.inference_mode()
 def fastest_single_row_kernel(weight: torch.Tensor) -> tuple[SingleRowKernel, float, float]:
     """(kernel, cuBLAS GEMM ms, its ms): None (cuBLAS GEMM) unless another is at least 5% faster."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
-    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
-
-    def timed(kernel) -> float:
-        def run():
-            for copy in copies:
-                linear(x, copy, None, kernel)
-        return _time(run, repeats=5) / len(copies)
-
-    baseline = timed(None)
+    timed = _cold_timer(weight)
+    baseline = timed(lambda w: linear(x, w, None, None))
     candidates = ["mv"] + (list(GEMV_CONFIGS) if HAS_TRITON else [])
     best, best_time = None, 0.95 * baseline
     for candidate in candidates:
-        elapsed = timed(candidate)
+        elapsed = timed(lambda w, candidate=candidate: linear(x, w, None, candidate))
         if elapsed < best_time:
             best, best_time = candidate, elapsed
     return best, baseline, best_time
@@ -94,23 +109,10 @@ def fastest_gated_row_kernel(weight: torch.Tensor, activation: str,
     if not HAS_TRITON:
         return None, 0.0, 0.0
     gate_up = torch.randn(1, 2 * weight.shape[1], dtype=weight.dtype, device=weight.device)
-    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
-    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
     act = _GATED_ACTIVATIONS[activation]
-
-    def timed(run_one) -> float:
-        def run():
-            for copy in copies:
-                run_one(copy)
-        return _time(run, repeats=5) / len(copies)
-
+    timed = _cold_timer(weight)
     separate = timed(lambda w: linear(act(gate_up), w, None, single_row))
-    best, best_time = None, separate
-    for config in GEMV_CONFIGS:
-        elapsed = timed(lambda w, config=config: linear_gated(gate_up, w, None, config, activation))
-        if elapsed < best_time:
-            best, best_time = config, elapsed
-    return best, separate, best_time
+    return _fastest_config(timed, separate, lambda w, config: linear_gated(gate_up, w, None, config, activation))
 
 
 @torch.inference_mode()
@@ -123,19 +125,7 @@ def fastest_normed_row_kernel(weight: torch.Tensor, single_row: SingleRowKernel)
     k = weight.shape[1]
     hidden, residual = (torch.randn(1, k, dtype=weight.dtype, device=weight.device) for _ in range(2))
     norm_weight = torch.ones(k, dtype=weight.dtype, device=weight.device)
-    num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
-    copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
-
-    def timed(run_one) -> float:
-        def run():
-            for copy in copies:
-                run_one(copy)
-        return _time(run, repeats=5) / len(copies)
-
+    timed = _cold_timer(weight)
     separate = timed(lambda w: linear(fused_add_rms_norm(hidden, residual, norm_weight, 1e-6)[0], w, None, single_row))
-    best, best_time = None, separate
-    for config in GEMV_CONFIGS:
-        elapsed = timed(lambda w, config=config: linear_normed(hidden, residual, norm_weight, 1e-6, w, None, config))
-        if elapsed < best_time:
-            best, best_time = config, elapsed
-    return best, separate, best_time
+    return _fastest_config(timed, separate,
+                           lambda w, config: linear_normed(hidden, residual, norm_weight, 1e-6, w, None, config))

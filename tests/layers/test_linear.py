@@ -99,3 +99,33 @@ def test_pre_norm_block_runs_its_norms_inside_the_gemvs_for_one_row(monkeypatch)
     layer.fused_norm_rows = False
     layer.post_attention_layernorm = GemmaRMSNorm(48)  # (1 + weight) scaling: not the GEMV's norm
     assert layer.tune_single_row_fusions({}) == [] and not layer.fused_norm_rows
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("fusion", ["gated", "normed"])
+def test_start_up_timing_keeps_a_fused_gemv_only_where_faster(fusion, monkeypatch):
+    """The timing behind both fusions: every GEMV config is run (here under the interpreter, timed by a fake
+    clock) and one is kept only if it beats the separate kernels."""
+    from asyncserve.kernels import GEMV_CONFIGS
+    from asyncserve.layers import single_row
+    monkeypatch.setattr(single_row, "_COLD_BYTES", 0)  # one copy of the weight
+    weight = torch.randn(12, 40)
+    for fused_cost, expected in ((0.5, GEMV_CONFIGS[0]), (2.0, None)):
+        calls = []
+
+        def fake_time(fn, repeats=30, fused_cost=fused_cost):
+            before = len(calls)
+            fn()
+            return 1.0 if len(calls) == before else fused_cost  # the separate path records nothing
+        monkeypatch.setattr(single_row, "_time", fake_time)
+        for name in ("linear_gated", "linear_normed"):
+            original = getattr(single_row, name)
+            monkeypatch.setattr(single_row, name, lambda *a, _o=original: calls.append(1) or _o(*a))
+        if fusion == "gated":
+            chosen = single_row.fastest_gated_row_kernel(weight, "silu", None)
+        else:
+            chosen = single_row.fastest_normed_row_kernel(weight, None)
+        assert chosen == (expected, 1.0, min(1.0, fused_cost))
+        assert len(calls) == len(GEMV_CONFIGS)
+        monkeypatch.undo()
+        monkeypatch.setattr(single_row, "_COLD_BYTES", 0)

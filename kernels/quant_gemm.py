@@ -31,11 +31,20 @@ QUANT_GEMM_CONFIGS = (
     (128, 64, 128, 64, 8, 4, 2, False),
     (None, 128, 128, 64, 8, 8, 2, False),
 )
-# GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages). SPLIT_K > 1 adds an fp32
-# workspace, atomics and a cast: worth it only where N / BLOCK_N leaves SMs idle.
+# GEMV: (BLOCK_N, BLOCK_KP packed rows per step, SPLIT_K, warps, stages, REDUCE). SPLIT_K > 1 is worth it
+# only where N / BLOCK_N leaves SMs idle; its K-splits meet by fp32 atomics either in the output (REDUCE
+# False: a memset before and a cast after, two more kernels) or in a workspace reserved at load (REDUCE
+# True: the last split to arrive at a column tile stores it, one kernel in all).
 # BLOCK_KP * 32 // bits dividing the group size: one row of scales per step, not a gathered tile.
-QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3), (32, 64, 1, 4, 3), (32, 32, 1, 4, 4), (64, 32, 1, 4, 3),
-                      (32, 16, 1, 4, 4), (64, 16, 1, 4, 4), (16, 64, 2, 4, 3), (32, 64, 4, 4, 3))
+QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3, False), (32, 64, 1, 4, 3, False), (32, 32, 1, 4, 4, False),
+                      (64, 32, 1, 4, 3, False), (32, 16, 1, 4, 4, False), (64, 16, 1, 4, 4, False),
+                      (16, 64, 2, 4, 3, False), (32, 64, 4, 4, 3, False),
+                      (32, 64, 2, 4, 3, True), (32, 64, 4, 4, 3, True), (32, 32, 8, 4, 4, True),
+                      (16, 64, 4, 4, 3, True))
+# What start-up timing (`fastest_quant_gemv_config` in layers/single_row.py) tries per weight shape: the table's choices and the one-kernel
+# K-splits, each one Triton compile.
+QUANT_GEMV_TIMED = (QUANT_GEMV_CONFIGS[1], QUANT_GEMV_CONFIGS[7], QUANT_GEMV_CONFIGS[8], QUANT_GEMV_CONFIGS[9],
+                    QUANT_GEMV_CONFIGS[10])
 
 
 def _per_int32(bits: int) -> int:
@@ -173,12 +182,12 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, arrivals_ptr, M, N, K,
                        stride_xm, stride_qk, stride_sg, stride_om,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                        MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
-                       ONE_GROUP: tl.constexpr):
+                       ONE_GROUP: tl.constexpr, REDUCE: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -235,6 +244,21 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif REDUCE:
+        # The splits add into the zeroed fp32 workspace; the last to arrive at this column tile (one
+        # counter per tile, as CUTLASS's split-K semaphore: barrier, then a release by one thread) takes
+        # the sums out, zeroing them again for the next call, and stores them in the output's dtype.
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            # Read and zeroed in one atomic (at L2, where the other splits' adds landed), on the bits.
+            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                                  mask=out_mask, sem="relaxed")
+            tl.store(out_ptrs, bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0, sem="relaxed")
     else:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
@@ -263,6 +287,9 @@ def _dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, w_ptr, N, K, stride_qk, st
 
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# Per device: (fp32 workspace of GEMV_MAX_ROWS x N values, int32 arrival counters per column tile), all
+# zero between calls (each call's last split zeroes what it used).
+_gemv_workspace: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def reserve_dequant_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -271,6 +298,38 @@ def reserve_dequant_scratch(numel: int, dtype: torch.dtype, device: torch.device
     key = (torch.device(device), dtype)
     if key not in _scratch or _scratch[key].numel() < numel:
         _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+
+
+def reserve_gemv_workspace(n: int, device: torch.device) -> None:
+    """Grows the GEMV's split-K workspace to hold N = `n` outputs. Called at load time, so that CUDA-graph
+    capture never allocates it (a GEMV that finds it too small while capturing takes the memset + cast
+    path instead)."""
+    device = _indexed(device)
+    current = _gemv_workspace.get(device)
+    if current is None or current[0].numel() < GEMV_MAX_ROWS * n:
+        # Counters for the narrowest column tile of the table.
+        tiles = triton.cdiv(n, min(config[0] for config in QUANT_GEMV_CONFIGS))
+        _gemv_workspace[device] = (torch.zeros(GEMV_MAX_ROWS * n, dtype=torch.float32, device=device),
+                                   torch.zeros(tiles, dtype=torch.int32, device=device))
+
+
+def _indexed(device) -> torch.device:
+    """'cuda' as the tensors' own 'cuda:<current>', so both name one workspace."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _reserved_gemv_workspace(m: int, n: int, device: torch.device):
+    workspace = _gemv_workspace.get(device)
+    if workspace is None or workspace[0].numel() < m * n:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            return None
+        reserve_gemv_workspace(n, device)
+        workspace = _gemv_workspace[device]
+    return workspace
 
 
 def dequantize_triton(qweight, scales, zeros, group_size, bits, k, out):
@@ -296,7 +355,7 @@ def _gemm_config(m: int):
     return next(config[1:] for config in QUANT_GEMM_CONFIGS if config[0] is None or m <= config[0])
 
 
-def _gemv_config(n: int):
+def gemv_table_config(n: int):
     """32 columns per program; where N / 32 programs leave the H100's SMs idle (every 8B projection
     but the fused gate/up), four K-splits: the fastest in an H100 sweep, atomics and cast included."""
     return QUANT_GEMV_CONFIGS[1] if n >= 16384 else QUANT_GEMV_CONFIGS[7]
@@ -329,39 +388,41 @@ def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None):
 
 def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     """Triton version of `quant_gemm_ref` for M <= GEMV_MAX_ROWS: the packed weight streamed once;
-    `config` overrides the choice: (BLOCK_N, BLOCK_KP, SPLIT_K, num_warps, num_stages)."""
+    `config` overrides the choice: (BLOCK_N, BLOCK_KP, SPLIT_K, num_warps, num_stages, REDUCE)."""
     group_size = _check(x, qweight, scales, zeros, group_size, bits)
     m, k = x.shape
     if m > GEMV_MAX_ROWS:
         raise ValueError(f"the GEMV takes at most {GEMV_MAX_ROWS} rows, got {m}")
     n = qweight.shape[1]
-    block_n, block_kp, split_k, num_warps, num_stages = config or _gemv_config(n)
+    block_n, block_kp, split_k, num_warps, num_stages, reduce = config or gemv_table_config(n)
     x = x if x.stride(1) == 1 else x.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    out_dtype = x.dtype if split_k == 1 else torch.float32
-    allocate = torch.empty if split_k == 1 else torch.zeros
-    out = allocate(m, n, dtype=out_dtype, device=x.device)
+    workspace = _reserved_gemv_workspace(m, n, x.device) if split_k > 1 and reduce and m and n else None
+    in_output = split_k > 1 and workspace is None  # the splits add into an fp32 output, cast after
+    out = (torch.zeros if in_output else torch.empty)(m, n, dtype=torch.float32 if in_output else x.dtype,
+                                                      device=x.device)
     if m == 0 or n == 0:
         return out.to(x.dtype)
+    ws, arrivals = workspace if workspace is not None else (out, out)
     grid = (triton.cdiv(n, block_n), split_k)
     kernel_group_size = _kernel_group_size(group_size, k, block_kp * (32 // bits))
     _quant_gemv_kernel[grid](
-        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
+        x, qweight, scales, zeros, out, ws, arrivals, m, n, k, x.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=kernel_group_size, BITS=bits,
         PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_KP=block_kp, SPLIT_K=split_k,
-        ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0,
+        ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0, REDUCE=workspace is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out.to(x.dtype)
 
 
-def quant_gemm(x, qweight, scales, zeros, group_size, bits):
-    """CUDA fp16/bf16: Triton GEMV for M <= GEMV_MAX_ROWS, GEMM below DEQUANT_MIN_ROWS, else dequantize
-    into the scratch reserved at load and cuBLAS; elsewhere the reference."""
+def quant_gemm(x, qweight, scales, zeros, group_size, bits, gemv_config=None):
+    """CUDA fp16/bf16: Triton GEMV for M <= GEMV_MAX_ROWS (`gemv_config`, else the table's), GEMM below
+    DEQUANT_MIN_ROWS, else dequantize into the scratch reserved at load and cuBLAS; elsewhere the reference."""
     if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
         return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
     if x.shape[0] <= GEMV_MAX_ROWS:
-        return quant_gemv_triton(x, qweight, scales, zeros, group_size, bits)
+        return quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, gemv_config)
     k, n = x.shape[1], qweight.shape[1]
     scratch = _scratch.get((x.device, x.dtype))
     if x.shape[0] < DEQUANT_MIN_ROWS or scratch is None or scratch.numel() < k * n:

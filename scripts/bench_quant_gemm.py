@@ -2,6 +2,10 @@
 
     python scripts/bench_quant_gemm.py                    # W4 g128, M = 1 and 512, default tiles
     python scripts/bench_quant_gemm.py --sweep --bits 8   # also every config in the tables
+    python scripts/bench_quant_gemm.py --m 1 --timed      # the configs start-up timing tries, per shape
+
+Each GEMV line names its config (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages, REDUCE): REDUCE False splits K
+into an fp32 output with a memset before and a cast after; True meets in the workspace, one kernel.
 
 Each line: our kernel, torch's bf16 matmul on the same problem, and the floor: bytes read /
 measured copy bandwidth (memory-bound M) or FLOPs / measured bf16 matmul rate. Weights are
@@ -15,8 +19,9 @@ import argparse
 import torch
 from triton.testing import do_bench_cudagraph
 
-from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, GEMV_MAX_ROWS,
-                                pack_int_rows, quant_gemm, quant_gemm_triton, quant_gemv_triton)
+from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, QUANT_GEMV_TIMED, GEMV_MAX_ROWS,
+                                gemv_table_config, pack_int_rows, quant_gemm, quant_gemm_triton,
+                                quant_gemv_triton, reserve_gemv_workspace)
 from bench_common import measure_bandwidth, measure_matmul_rate
 
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
@@ -51,8 +56,10 @@ def _quantized(k, n, bits, group_size):
             torch.randint(0, 1 << bits, (num_groups, n), device="cuda").to(DTYPE))
 
 
-def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep):
+def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, timed):
+    """(our ms with the table's tiles, bf16 ms, our best ms of the start-up-timed configs or None)."""
     x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+    reserve_gemv_workspace(n, x.device)  # as the layers do at load: graph capture allocates nothing
     quant_bytes = k * n * bits // 8 + 2 * 2 * (-(-k // group_size)) * n
     weights = _copies(lambda: _quantized(k, n, bits, group_size), quant_bytes)
     dense = _copies(lambda: torch.randn(k, n, device="cuda", dtype=DTYPE), 2 * k * n)
@@ -64,15 +71,22 @@ def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep):
           f"({(quant_bytes + io_bytes) / ours_ms / 1e6:5.0f} GB/s, "
           f"{2 * m * k * n / ours_ms / 1e9:4.0f} TFLOP/s)  floor {floor_ms * 1e3:7.1f} us  "
           f"torch bf16 {bf16_ms * 1e3:8.1f} us", flush=True)
+    gemv = m <= GEMV_MAX_ROWS
+    best_timed = None
+    if timed and gemv:
+        table = gemv_table_config(n)
+        for config in QUANT_GEMV_TIMED:
+            ms = _time_cold(lambda w: quant_gemv_triton(x, *w, group_size, bits, config), weights)
+            best_timed = ms if best_timed is None else min(best_timed, ms)
+            print(f"    timed {config}{' (table)' if config == table else ''}: {ms * 1e3:8.1f} us", flush=True)
     if sweep:
-        gemv = m <= GEMV_MAX_ROWS
         configs = (QUANT_GEMV_CONFIGS if gemv else
                    [c[1:] for c in QUANT_GEMM_CONFIGS] + EXTRA_GEMM_CONFIGS)
         kernel = quant_gemv_triton if gemv else quant_gemm_triton
         for config in configs:
             ms = _time_cold(lambda w: kernel(x, *w, group_size, bits, config), weights)
             print(f"    {config}: {ms * 1e3:8.1f} us", flush=True)
-    return ours_ms, bf16_ms
+    return ours_ms, bf16_ms, best_timed
 
 
 def main():
@@ -81,19 +95,25 @@ def main():
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="time every config of the tables")
+    parser.add_argument("--timed", action="store_true",
+                        help="for M <= GEMV_MAX_ROWS, time the configs start-up timing tries "
+                             "(ASYNCSERVE_QUANT_GEMV_TUNE=1) and total the fastest per shape")
     args = parser.parse_args()
     copy_rate, matmul_rate = measure_bandwidth(), measure_matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_rate / 1e9:.0f} GB/s, "
           f"bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s", flush=True)
     for m in args.m:
-        ours_total = bf16_total = 0.0
+        ours_total = bf16_total = timed_total = 0.0
         for name, (k, n) in SHAPES.items():
-            ours, bf16 = bench_shape(name, k, n, m, args.bits, args.group_size, copy_rate,
-                                     matmul_rate, args.sweep)
+            ours, bf16, best_timed = bench_shape(name, k, n, m, args.bits, args.group_size, copy_rate,
+                                                 matmul_rate, args.sweep, args.timed)
             ours_total, bf16_total = ours_total + ours, bf16_total + bf16
+            timed_total += best_timed if best_timed is not None else ours
         # 32 layers of the four projections: the linear part of one 8B decode/prefill step.
         print(f"M={m}: 32 layers of projections {32 * ours_total:.2f} ms "
-              f"(torch bf16 {32 * bf16_total:.2f} ms)", flush=True)
+              f"(torch bf16 {32 * bf16_total:.2f} ms"
+              + (f"; the start-up-timed configs {32 * timed_total:.2f} ms" if args.timed and m <= GEMV_MAX_ROWS
+                 else "") + ")", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|families|families23|structured|vllm|online|verify|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|int4|families|families23|structured|vllm|online|verify|
 #        vllm-offline|spec|spec-draft|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -147,6 +147,22 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
     env $switches timeout 100 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | grep -E "kernels per step|graph replay" \
       | sed "s/^/[${switches:-default}] /"
   done
+fi
+if [ "$what" = int4 ]; then  # issue 28: the int4 GEMV's one-kernel K-splits and its start-up timing
+  # (ASYNCSERVE_QUANT_GEMV_TUNE=1) beside the table's tiles; the GPU tests first; vLLM's figure with the same
+  # config when vLLM is staged (NO_VLLM=1 skips it)
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_quant_gemm_gpu.py 2>&1 | tee "$OUT/quant_gemm_tests.log" | tail -4
+  cd "$ROOT/scripts"
+  timeout 150 python3 bench_quant_gemm.py --m 1 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
+  for switches in "" "ASYNCSERVE_QUANT_GEMV_TUNE=1"; do
+    for m in llama-3.1-8b-gptq-int4 ${INT4_MODELS:-}; do
+      env $switches timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
+        | grep -E "floor|^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"
+    done
+  done
+  cd "$ROOT"
+  [ -z "${NO_VLLM:-}" ] && [ -d /tmp/vsite/vllm ] && PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 200 python3 .vllm/bin/bench_vllm.py \
+    --workload latency --config scripts/model_configs/llama-3.1-8b-gptq-int4/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_gptq.jsonl"
 fi
 if [ "$what" = vllm-offline ]; then  # ours and vLLM's in one call; PARTS picks among: 8b 05b ttft moe
   V="env PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} python3 .vllm/bin/bench_vllm.py"

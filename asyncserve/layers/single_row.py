@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from asyncserve.kernels import (GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, fused_add_rms_norm, gelu_tanh_and_mul,
-                                gemv_normed_triton, gemv_triton, silu_and_mul)
+from asyncserve.kernels import (GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, QUANT_GEMV_TIMED, fused_add_rms_norm,
+                                gelu_tanh_and_mul, gemv_normed_triton, gemv_table_config, gemv_triton,
+                                quant_gemv_triton, silu_and_mul)
 
 # How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
 # config (see asyncserve.kernels.GEMV_CONFIGS).
@@ -129,3 +130,22 @@ def fastest_normed_row_kernel(weight: torch.Tensor, single_row: SingleRowKernel)
     separate = timed(lambda w: linear(fused_add_rms_norm(hidden, residual, norm_weight, 1e-6)[0], w, None, single_row))
     return _fastest_config(timed, separate,
                            lambda w, config: linear_normed(hidden, residual, norm_weight, 1e-6, w, None, config))
+
+
+@torch.inference_mode()
+def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                              bits: int) -> tuple[tuple, float, float]:
+    """(config, the table's ms, its ms) for a packed-integer weight's one-row GEMV: the table's own choice
+    unless another timed config is at least 5% faster."""
+    x = torch.randn(1, qweight.shape[0] * 32 // bits, dtype=scales.dtype, device=qweight.device)
+    timed = _cold_timer(qweight)
+    table = gemv_table_config(qweight.shape[1])
+    baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
+    best, best_time = table, 0.95 * baseline
+    for config in QUANT_GEMV_TIMED:
+        if config == table:
+            continue
+        elapsed = timed(lambda w, config=config: quant_gemv_triton(x, w, scales, zeros, group_size, bits, config))
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    return best, baseline, best_time if best != table else baseline

@@ -124,14 +124,20 @@ def test_triton_gemm_matches_reference(triton_device, m, k, n, group_size, bits,
     _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
 
 
-GEMV_CASES = [  # (m, k, n, group_size, bits, dtype, (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages))
-    (1, 96, 40, 32, 4, torch.float16, (16, 4, 1, 4, 1)),  # group spans one K tile
-    (1, 160, 40, 32, 4, torch.float16, (16, 8, 1, 4, 1)),  # one row, tiles of 2 groups
-    (1, 320, 72, 64, 4, torch.bfloat16, (32, 8, 2, 4, 1)),  # one row, split-K
-    (1, 320, 72, 64, 8, torch.bfloat16, (32, 8, 1, 4, 1)),  # groups of 2 tiles, partial last one
-    (3, 160, 40, 32, 4, torch.bfloat16, (16, 8, 1, 4, 1)),  # tiles of 2 groups (gathered scales)
-    (4, 320, 72, 320, 8, torch.float16, (32, 16, 3, 4, 1)),  # one group, split-K atomics
-    (2, 96, 40, 96, 4, torch.bfloat16, (16, 4, 2, 4, 1)),
+GEMV_CASES = [  # (m, k, n, group_size, bits, dtype, (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages, REDUCE))
+    (1, 96, 40, 32, 4, torch.float16, (16, 4, 1, 4, 1, False)),  # group spans one K tile
+    (1, 160, 40, 32, 4, torch.float16, (16, 8, 1, 4, 1, False)),  # one row, tiles of 2 groups
+    (1, 320, 72, 64, 4, torch.bfloat16, (32, 8, 2, 4, 1, False)),  # one row, split-K
+    (1, 320, 72, 64, 8, torch.bfloat16, (32, 8, 1, 4, 1, False)),  # groups of 2 tiles, partial last one
+    (3, 160, 40, 32, 4, torch.bfloat16, (16, 8, 1, 4, 1, False)),  # tiles of 2 groups (gathered scales)
+    (4, 320, 72, 320, 8, torch.float16, (32, 16, 3, 4, 1, False)),  # one group, split-K atomics
+    (2, 96, 40, 96, 4, torch.bfloat16, (16, 4, 2, 4, 1, False)),
+    # K-splits meeting in the workspace: a partial last column tile, splits that get no K rows (8 splits of
+    # 5 tiles), several rows, one group.
+    (1, 320, 72, 64, 4, torch.bfloat16, (32, 8, 2, 4, 1, True)),
+    (1, 160, 40, 32, 4, torch.float16, (16, 4, 8, 4, 1, True)),
+    (3, 320, 72, 320, 8, torch.float16, (32, 16, 3, 4, 1, True)),
+    (4, 96, 40, 96, 4, torch.bfloat16, (16, 4, 2, 4, 1, True)),
 ]
 
 
@@ -141,6 +147,61 @@ def test_triton_gemv_matches_reference(triton_device, m, k, n, group_size, bits,
     x = torch.randn(m, k, device=triton_device).to(dtype)
     out = quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config)
     _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
+
+
+@pytest.fixture
+def fresh_gemv_workspace(monkeypatch):
+    monkeypatch.setattr(quant_gemm_module, "_gemv_workspace", {})
+    return quant_gemm_module._gemv_workspace
+
+
+def test_one_kernel_split_k_leaves_its_workspace_zeroed(triton_device, fresh_gemv_workspace):
+    """The last split of each column tile zeroes the sums it took and its counter: call after call (other
+    shapes in between, as a model's layers) gives the reference, and the workspace is zero after each."""
+    device = torch.device(triton_device)
+    kernels.reserve_gemv_workspace(72, device)
+    workspace, arrivals = fresh_gemv_workspace[device]
+    config = (16, 4, 3, 4, 1, True)
+    layers = [random_quantized(k, n, 32, 4, torch.float16, triton_device, seed=seed)
+              for seed, (k, n) in enumerate([(192, 72), (96, 40), (192, 72)])]
+    for round_ in range(2):
+        for qweight, scales, zeros, _ in layers:
+            x = torch.randn(2, qweight.shape[0] * 8, device=triton_device).half()
+            out = quant_gemv_triton(x, qweight, scales, zeros, 32, 4, config)
+            _assert_close_to_reference(out, x, qweight, scales, zeros, 32, 4)
+            assert fresh_gemv_workspace[device][0] is workspace  # reserved big enough: never replaced
+            assert not workspace.any() and not arrivals.any()
+
+
+def test_gemv_workspace_only_grows_and_is_made_when_missing(fresh_gemv_workspace):
+    cpu = torch.device("cpu")
+    kernels.reserve_gemv_workspace(64, cpu)
+    first = fresh_gemv_workspace[cpu]
+    assert first[0].numel() == kernels.GEMV_MAX_ROWS * 64 and not first[0].any() and not first[1].any()
+    kernels.reserve_gemv_workspace(32, cpu)
+    assert fresh_gemv_workspace[cpu] is first
+    kernels.reserve_gemv_workspace(128, cpu)
+    assert fresh_gemv_workspace[cpu][0].numel() == kernels.GEMV_MAX_ROWS * 128
+    fresh_gemv_workspace.clear()  # not reserved (outside a CUDA-graph capture): made on first use
+    assert quant_gemm_module._reserved_gemv_workspace(2, 40, cpu)[0].numel() == kernels.GEMV_MAX_ROWS * 40
+
+
+def test_gemv_without_a_workspace_adds_into_the_output(triton_device, monkeypatch):
+    """While a CUDA graph is captured nothing may be allocated: a one-kernel config that finds no workspace
+    falls back to the splits adding into a zeroed fp32 output."""
+    monkeypatch.setattr(quant_gemm_module, "_reserved_gemv_workspace", lambda m, n, device: None)
+    qweight, scales, zeros, _ = random_quantized(320, 72, 64, 4, torch.bfloat16, triton_device)
+    x = torch.randn(1, 320, device=triton_device).bfloat16()
+    out = quant_gemv_triton(x, qweight, scales, zeros, 64, 4, (32, 8, 2, 4, 1, True))
+    assert out.dtype == torch.bfloat16
+    _assert_close_to_reference(out, x, qweight, scales, zeros, 64, 4)
+
+
+def test_timed_gemv_configs_are_in_the_table():
+    assert set(kernels.QUANT_GEMV_TIMED) <= set(kernels.QUANT_GEMV_CONFIGS)
+    assert all(len(config) == 6 for config in kernels.QUANT_GEMV_CONFIGS)
+    for n in (4096, 28672):
+        assert kernels.gemv_table_config(n) in kernels.QUANT_GEMV_TIMED
 
 
 def test_gemv_refuses_more_rows_than_it_handles():

@@ -96,3 +96,42 @@ def test_many_rows_dequantize_into_the_scratch_and_replay_in_a_graph(k, n):
     static_x.copy_(x[1000:1256])
     graph.replay()
     _assert_close(static_out, x[1000:1256], qweight, scales, zeros, 128, 4)
+
+
+@pytest.mark.parametrize("config", [c for c in QUANT_GEMV_CONFIGS if c[2] > 1 and c[5]])
+def test_one_kernel_split_k_replays_in_a_graph_and_leaves_the_workspace_zeroed(config):
+    """The K-splits meet in the workspace reserved at load: graph replays with new inputs, over the four
+    8B shapes in turn as a model's layers call them, give the reference each time, and the workspace and
+    its counters are zero after every replay (else the next call would add stale sums)."""
+    import importlib
+    module = importlib.import_module("asyncserve.kernels.quant_gemm")  # the package's quant_gemm is the function
+    from asyncserve.kernels import reserve_gemv_workspace
+    layers = [_quantized(k, n, 128, 4, torch.bfloat16, seed=i) for i, (k, n) in enumerate(LLAMA_8B_SHAPES)]
+    for _, qweight, _, _ in layers:
+        reserve_gemv_workspace(qweight.shape[1], torch.device("cuda"))
+    inputs = [x[:2].clone() for x, _, _, _ in layers]
+    for static_x, (x, qweight, scales, zeros) in zip(inputs, layers):  # compile outside the capture
+        quant_gemv_triton(static_x, qweight, scales, zeros, 128, 4, config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [quant_gemv_triton(static_x, qweight, scales, zeros, 128, 4, config)
+                for static_x, (x, qweight, scales, zeros) in zip(inputs, layers)]
+    workspace, arrivals = module._gemv_workspace[inputs[0].device]
+    assert workspace.numel() >= 4 * 28672  # reserved before the capture: the captured kernels use it
+    for start in (100, 2000, 5000):
+        for static_x, (x, _, _, _) in zip(inputs, layers):
+            static_x.copy_(x[start:start + 2])
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, (x, qweight, scales, zeros) in zip(outs, layers):
+            _assert_close(out, x[start:start + 2], qweight, scales, zeros, 128, 4)
+        assert not workspace.any() and not arrivals.any()
+
+
+def test_start_up_timing_picks_a_timed_config_that_matches_the_reference():
+    from asyncserve.kernels import QUANT_GEMV_TIMED
+    from asyncserve.layers.single_row import fastest_quant_gemv_config
+    x, qweight, scales, zeros = _quantized(4096, 6144, 128, 4, torch.bfloat16)
+    config, table_ms, best_ms = fastest_quant_gemv_config(qweight, scales, zeros, 128, 4)
+    assert config in QUANT_GEMV_TIMED and 0 < best_ms <= table_ms
+    _assert_close(quant_gemm(x[:1], qweight, scales, zeros, 128, 4, config), x[:1], qweight, scales, zeros, 128, 4)

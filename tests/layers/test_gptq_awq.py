@@ -273,3 +273,36 @@ def test_random_weights_in_the_checkpoints_format_run(fmt, tiny_model_dir, tmp_p
     out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)
     assert len(_quantized_layers(_model(llm))) == 8
+
+
+# --- the one-row GEMV's tiles, timed at start-up per weight shape -----------------------------------
+
+def test_start_up_timing_sets_each_layers_gemv_tiles_once_per_shape(monkeypatch):
+    """With ASYNCSERVE_QUANT_GEMV_TUNE on, each packed layer takes the tiles timed for its shape (timed once
+    per shape, logged once) and passes them to the product; on the CPU nothing is timed."""
+    from types import SimpleNamespace
+    from asyncserve.layers.quantization import packed_int
+    timed, products = [], []
+    monkeypatch.setattr(packed_int, "TUNE_QUANT_GEMV", True)
+    monkeypatch.setattr(packed_int, "HAS_TRITON", True)
+    monkeypatch.setattr(packed_int, "fastest_quant_gemv_config",
+                        lambda qweight, *args: timed.append(qweight.shape) or ((32, 64, 4, 4, 3, True), 0.05, 0.04))
+    monkeypatch.setattr(packed_int, "quant_gemm", lambda *args: products.append(args[-1]) or args[0])
+
+    def layer(shape, device="cuda"):
+        qweight = SimpleNamespace(shape=shape, device=torch.device(device))
+        return SimpleNamespace(qweight=qweight, scales=SimpleNamespace(dtype=torch.bfloat16), zeros=None,
+                               group_size=128)
+
+    timings = {}
+    methods = [GPTQLinearMethod(GPTQConfig(bits=4, group_size=128, desc_act=False, sym=True)) for _ in range(3)]
+    lines = [method.tune_single_row(layer(shape), timings)
+             for method, shape in zip(methods, [(512, 6144), (512, 6144), (512, 4096)])]
+    assert timed == [(512, 6144), (512, 4096)]
+    assert lines[0] == "int4 4096x6144: GEMV (32, 64, 4, 4, 3, True) 40.0 us (table 50.0 us)"
+    assert lines[1] is None and lines[2].startswith("int4 4096x4096")
+    assert all(method.gemv_config == (32, 64, 4, 4, 3, True) for method in methods)
+    methods[0].apply(layer((512, 6144)), torch.zeros(1, 4096), None)
+    assert products == [(32, 64, 4, 4, 3, True)]
+    cpu_method = GPTQLinearMethod(GPTQConfig(bits=4, group_size=128, desc_act=False, sym=True))
+    assert cpu_method.tune_single_row(layer((512, 6144), "cpu"), timings) is None and cpu_method.gemv_config is None

@@ -4,15 +4,22 @@ MoE (experts, per expert); and the checkpoint side's loaders that place a fused 
 output dimension of packed tensors."""
 from __future__ import annotations
 
+import os
 import re
 
 import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
-from asyncserve.kernels import QuantExperts
-from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch
+from asyncserve.kernels import HAS_TRITON, QuantExperts
+from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch, reserve_gemv_workspace
 from asyncserve.layers.quantization.base import ExpertsMethodBase, LinearMethodBase, set_split_dims
+from asyncserve.layers.single_row import fastest_quant_gemv_config
+
+# Start-up timing of each packed weight shape's one-row GEMV (the table's tiles against the one-kernel
+# K-splits). Built without a GPU run: on with ASYNCSERVE_QUANT_GEMV_TUNE=1 until the GPU tests and the
+# int4 batch-1 figure have run; the table's choice otherwise.
+TUNE_QUANT_GEMV = os.environ.get("ASYNCSERVE_QUANT_GEMV_TUNE") == "1"
 
 
 def scale_dtype() -> torch.dtype:
@@ -101,6 +108,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         self.group_size = group_size  # -1 resolved per layer at create_weights
         self.perm: torch.Tensor | None = None
         self.dtype = torch.get_default_dtype()  # the model's (activations') dtype, for scales and zeros
+        self.gemv_config: tuple | None = None  # the one-row GEMV's tiles, when start-up timing chose them
 
     def to_canonical(self, layer: nn.Module, q: torch.Tensor, zeros: torch.Tensor,
                      perm: torch.Tensor | None) -> None:
@@ -115,14 +123,29 @@ class PackedIntLinearMethod(LinearMethodBase):
         layer.qweight = nn.Parameter(pack_int_rows(q, self.bits), requires_grad=False)
         layer.scales = nn.Parameter(scales, requires_grad=False)
         layer.zeros = nn.Parameter(zeros.to(scales.dtype), requires_grad=False)
-        if q.is_cuda:  # many-row products dequantize into it (see quant_gemm)
+        if q.is_cuda:  # many-row products dequantize into it, few rows may split K into it (see quant_gemm)
             reserve_dequant_scratch(q.numel(), scales.dtype, q.device)
+            reserve_gemv_workspace(q.shape[1], q.device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        out = quant_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, self.bits)
+        out = quant_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, self.bits, self.gemv_config)
         return out if bias is None else out + bias
+
+    def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:
+        qweight = layer.qweight
+        if not TUNE_QUANT_GEMV or qweight.device.type != "cuda" or not HAS_TRITON:
+            return None
+        key = ("packed int GEMV", tuple(qweight.shape), self.bits, layer.group_size, layer.scales.dtype)
+        first = key not in timings
+        if first:
+            timings[key] = fastest_quant_gemv_config(qweight, layer.scales, layer.zeros, layer.group_size, self.bits)
+        self.gemv_config, table_ms, best_ms = timings[key]
+        if not first:
+            return None
+        k, n = qweight.shape[0] * 32 // self.bits, qweight.shape[1]
+        return f"int{self.bits} {k}x{n}: GEMV {self.gemv_config} {best_ms * 1e3:.1f} us (table {table_ms * 1e3:.1f} us)"
 
 
 class PackedIntExpertsMethod(ExpertsMethodBase):

@@ -90,6 +90,7 @@ else:
         QUANT_GEMM_CONFIGS,
         QUANT_GEMV_CONFIGS,
         QUANT_GEMV_TIMED,
+        SPLIT_K_MAX_ROWS,
         dequantize_int_rows,
         dequantize_triton,
         pack_int_rows,
@@ -99,7 +100,7 @@ else:
         gemv_table_config,
         quant_gemv_triton,
         reserve_dequant_scratch,
-        reserve_gemv_workspace,
+        reserve_split_k_workspace,
         unpack_int_rows,
     )
     from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
@@ -115,8 +116,8 @@ else:
         "paged_decode_attention_triton",
         "paged_prefill_attention", "paged_prefill_attention_ref", "paged_prefill_attention_triton",
         "DEQUANT_MIN_ROWS", "GEMV_MAX_ROWS", "QUANT_BITS", "QUANT_GEMM_CONFIGS", "QUANT_GEMV_CONFIGS",
-        "QUANT_GEMV_TIMED", "dequantize_int_rows", "dequantize_triton", "gemv_table_config", "pack_int_rows",
-        "reserve_dequant_scratch", "reserve_gemv_workspace",
+        "QUANT_GEMV_TIMED", "SPLIT_K_MAX_ROWS", "dequantize_int_rows", "dequantize_triton", "gemv_table_config", "pack_int_rows",
+        "reserve_dequant_scratch", "reserve_split_k_workspace",
         "unpack_int_rows",
         "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
         "GemmTiles", "MOE_CONFIGS", "MoeTiles", "QuantExperts", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",

@@ -123,13 +123,43 @@ def _codes_to_float(q):
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+# How a kernel's K-splits meet (SPLITS): one split stores its tile; the splits add into an fp32 output that a
+# cast follows; or they add into the zeroed workspace and the last one to arrive stores the tile.
+STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE = 0, 1, 2
+
+
 @triton.jit
-def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+def _store_split(acc, out_ptrs, ws_ptrs, mask, arrivals_ptr, tile, num_splits, SPLITS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue of a split-K tile `acc` [BLOCK_M, BLOCK_N] (see STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE)."""
+    if SPLITS == 0:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    elif SPLITS == 1:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        # The splits add into the zeroed fp32 workspace; the last to arrive at this tile (one counter per
+        # tile, as CUTLASS's split-K semaphore: barrier, then a release by one thread) takes the sums out,
+        # zeroing them again for the next call, and stores them in the output's dtype.
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            tl.debug_barrier()
+            # Read and zeroed in one atomic (at L2, where the other splits' adds landed), on the bits.
+            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                                  mask=mask, sem="relaxed")
+            bits = tl.where(mask, bits, 0)  # masked lanes return nothing defined
+            tl.store(out_ptrs, bits.to(tl.float32, bitcast=True).to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed")
+
+
+@triton.jit
+def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, arrivals_ptr, M, N, K, num_splits,
                        stride_xm, stride_qk, stride_sg, stride_om,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                        MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       COMPACT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                       COMPACT: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLITS: tl.constexpr):
     # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -145,7 +175,11 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # Split s of num_splits takes a run of whole K tiles (few rows leave too few column tiles to fill the SMs).
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), num_splits)
+    k_begin = tl.program_id(1) * tiles_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + tiles_per_split * BLOCK_K, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -178,7 +212,9 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    _store_split(acc, out_ptrs, ws_ptrs, m_mask[:, None] & n_mask[None, :], arrivals_ptr, pid, num_splits, SPLITS,
+                 BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -187,7 +223,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                        MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
-                       ONE_GROUP: tl.constexpr, REDUCE: tl.constexpr):
+                       ONE_GROUP: tl.constexpr, SPLITS: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -242,25 +278,8 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
                 acc += tl.sum(scale[None, :, :] * tile, axis=1)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    elif REDUCE:
-        # The splits add into the zeroed fp32 workspace; the last to arrive at this column tile (one
-        # counter per tile, as CUTLASS's split-K semaphore: barrier, then a release by one thread) takes
-        # the sums out, zeroing them again for the next call, and stores them in the output's dtype.
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            tl.debug_barrier()
-            # Read and zeroed in one atomic (at L2, where the other splits' adds landed), on the bits.
-            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
-                                  mask=out_mask, sem="relaxed")
-            tl.store(out_ptrs, bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(arrivals_ptr + tl.program_id(0), 0, sem="relaxed")
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    _store_split(acc, out_ptrs, ws_ptrs, out_mask, arrivals_ptr, tl.program_id(0), SPLIT_K, SPLITS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -287,9 +306,11 @@ def _dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, w_ptr, N, K, stride_qk, st
 
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-# Per device: (fp32 workspace of GEMV_MAX_ROWS x N values, int32 arrival counters per column tile), all
-# zero between calls (each call's last split zeroes what it used).
-_gemv_workspace: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Per device: (fp32 workspace of SPLIT_K_MAX_ROWS x N values, int32 arrival counters per output tile), all zero
+# between calls: each call's last split per tile zeroes what it used. The GPU runs one product at a time.
+_split_k_workspace: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+SPLIT_K_MAX_ROWS = 128  # the most rows a K-split product meets in the workspace
+_MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N of any config: one counter per tile of that size
 
 
 def reserve_dequant_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -300,17 +321,22 @@ def reserve_dequant_scratch(numel: int, dtype: torch.dtype, device: torch.device
         _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
 
 
-def reserve_gemv_workspace(n: int, device: torch.device) -> None:
-    """Grows the GEMV's split-K workspace to hold N = `n` outputs. Called at load time, so that CUDA-graph
-    capture never allocates it (a GEMV that finds it too small while capturing takes the memset + cast
-    path instead)."""
+def dequant_scratch(dtype: torch.dtype, device: torch.device, numel: int) -> torch.Tensor | None:
+    """The scratch reserved for `dtype` on `device` if it holds `numel` values, else None."""
+    scratch = _scratch.get((torch.device(device), dtype))
+    return scratch if scratch is not None and scratch.numel() >= numel else None
+
+
+def reserve_split_k_workspace(n: int, device: torch.device) -> None:
+    """Grows the K-splits' workspace to hold up to SPLIT_K_MAX_ROWS rows of N = `n` outputs. Called at load
+    time, so that CUDA-graph capture never allocates it (a product that finds it too small while capturing
+    adds into its output instead, with a memset before and a cast after)."""
     device = _indexed(device)
-    current = _gemv_workspace.get(device)
-    if current is None or current[0].numel() < GEMV_MAX_ROWS * n:
-        # Counters for the narrowest column tile of the table.
-        tiles = triton.cdiv(n, min(config[0] for config in QUANT_GEMV_CONFIGS))
-        _gemv_workspace[device] = (torch.zeros(GEMV_MAX_ROWS * n, dtype=torch.float32, device=device),
-                                   torch.zeros(tiles, dtype=torch.int32, device=device))
+    current = _split_k_workspace.get(device)
+    if current is None or current[0].numel() < SPLIT_K_MAX_ROWS * n:
+        tiles = triton.cdiv(SPLIT_K_MAX_ROWS, _MIN_TILE) * triton.cdiv(n, _MIN_TILE)
+        _split_k_workspace[device] = (torch.zeros(SPLIT_K_MAX_ROWS * n, dtype=torch.float32, device=device),
+                                      torch.zeros(tiles, dtype=torch.int32, device=device))
 
 
 def _indexed(device) -> torch.device:
@@ -321,15 +347,26 @@ def _indexed(device) -> torch.device:
     return device
 
 
-def _reserved_gemv_workspace(m: int, n: int, device: torch.device):
-    workspace = _gemv_workspace.get(device)
-    if workspace is None or workspace[0].numel() < m * n:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:
-            return None
-        reserve_gemv_workspace(n, device)
-        workspace = _gemv_workspace[device]
-    return workspace
+def _split_output(m: int, n: int, num_splits: int, meet_in_workspace: bool, x: torch.Tensor):
+    """(out, workspace, arrivals, SPLITS) for a product of `num_splits` K-splits: see STORE, ADD_INTO_OUTPUT,
+    MEET_IN_WORKSPACE. The workspace is made here when missing, except while a CUDA graph is captured."""
+    workspace = None
+    if num_splits > 1 and meet_in_workspace and m * n and m <= SPLIT_K_MAX_ROWS:
+        workspace = _split_k_workspace.get(x.device)
+        if workspace is None or workspace[0].numel() < m * n:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                workspace = None
+            else:
+                reserve_split_k_workspace(n, x.device)
+                workspace = _split_k_workspace[x.device]
+    if workspace is not None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        return out, workspace[0], workspace[1], MEET_IN_WORKSPACE
+    if num_splits > 1:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        return out, out, out, ADD_INTO_OUTPUT
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    return out, out, out, STORE
 
 
 def dequantize_triton(qweight, scales, zeros, group_size, bits, k, out):
@@ -351,7 +388,7 @@ def _kernel_group_size(group_size: int, k: int, block_k: int) -> int:
     return max(next_power_of_2(k), block_k) if group_size >= k else group_size
 
 
-def _gemm_config(m: int):
+def gemm_table_config(m: int):
     return next(config[1:] for config in QUANT_GEMM_CONFIGS if config[0] is None or m <= config[0])
 
 
@@ -361,29 +398,33 @@ def gemv_table_config(n: int):
     return QUANT_GEMV_CONFIGS[1] if n >= 16384 else QUANT_GEMV_CONFIGS[7]
 
 
-def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None):
+def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None, num_splits=1):
     """Triton version of `quant_gemm_ref` through the tiled GEMM; `config` overrides the table:
-    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, COMPACT)."""
+    (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, COMPACT). `num_splits` > 1 splits K among
+    that many programs per output tile, meeting in the workspace (few rows: too few tiles for the SMs)."""
     group_size = _check(x, qweight, scales, zeros, group_size, bits)
     block_m, block_n, block_k, group_m, num_warps, num_stages, compact = (
-        config or _gemm_config(x.shape[0]))
+        config or gemm_table_config(x.shape[0]))
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    num_splits = max(1, min(num_splits, triton.cdiv(k, block_k)))
+    if num_splits > 1 and min(block_m, block_n) < _MIN_TILE:
+        raise ValueError(f"K-splits need tiles of at least {_MIN_TILE}x{_MIN_TILE}, got {block_m}x{block_n}")
+    out, ws, arrivals, splits = _split_output(m, n, num_splits, True, x)
     if m == 0 or n == 0:
-        return out
+        return out.to(x.dtype)
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), num_splits)
     _quant_gemm_kernel[grid](
-        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0),
+        x, qweight, scales, zeros, out, ws, arrivals, m, n, k, num_splits, x.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=_kernel_group_size(group_size, k, block_k),
         BITS=bits, PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=group_m, COMPACT=compact,
         # Triton's CPU interpreter multiplies bf16's raw uint16 storage in tl.dot: go through fp32.
-        UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16,
+        UPCAST_DOT=not x.is_cuda and x.dtype == torch.bfloat16, SPLITS=splits,
         num_warps=num_warps, num_stages=num_stages)
-    return out
+    return out.to(x.dtype)
 
 
 def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
@@ -397,13 +438,9 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     block_n, block_kp, split_k, num_warps, num_stages, reduce = config or gemv_table_config(n)
     x = x if x.stride(1) == 1 else x.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    workspace = _reserved_gemv_workspace(m, n, x.device) if split_k > 1 and reduce and m and n else None
-    in_output = split_k > 1 and workspace is None  # the splits add into an fp32 output, cast after
-    out = (torch.zeros if in_output else torch.empty)(m, n, dtype=torch.float32 if in_output else x.dtype,
-                                                      device=x.device)
+    out, ws, arrivals, splits = _split_output(m, n, split_k, reduce, x)
     if m == 0 or n == 0:
         return out.to(x.dtype)
-    ws, arrivals = workspace if workspace is not None else (out, out)
     grid = (triton.cdiv(n, block_n), split_k)
     kernel_group_size = _kernel_group_size(group_size, k, block_kp * (32 // bits))
     _quant_gemv_kernel[grid](
@@ -411,21 +448,29 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
         scales.stride(0), out.stride(0), GROUP_SIZE=kernel_group_size, BITS=bits,
         PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_KP=block_kp, SPLIT_K=split_k,
-        ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0, REDUCE=workspace is not None,
+        ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0, SPLITS=splits,
         num_warps=num_warps, num_stages=num_stages)
     return out.to(x.dtype)
 
 
-def quant_gemm(x, qweight, scales, zeros, group_size, bits, gemv_config=None):
-    """CUDA fp16/bf16: Triton GEMV for M <= GEMV_MAX_ROWS (`gemv_config`, else the table's), GEMM below
-    DEQUANT_MIN_ROWS, else dequantize into the scratch reserved at load and cuBLAS; elsewhere the reference."""
+def quant_gemm(x, qweight, scales, zeros, group_size, bits, gemv_config=None, row_plan=None):
+    """CUDA fp16/bf16: Triton GEMV for M <= GEMV_MAX_ROWS (`gemv_config`, else the table's); up to the last
+    bucket of `row_plan` (start-up timing's ((max_rows, choice), ...): "dequant" or (GEMM config, num_splits))
+    its choice; otherwise the GEMM below DEQUANT_MIN_ROWS, else dequantize into the scratch reserved at load
+    and cuBLAS. Elsewhere the reference."""
     if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
         return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
-    if x.shape[0] <= GEMV_MAX_ROWS:
+    m = x.shape[0]
+    if m <= GEMV_MAX_ROWS:
         return quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, gemv_config)
     k, n = x.shape[1], qweight.shape[1]
-    scratch = _scratch.get((x.device, x.dtype))
-    if x.shape[0] < DEQUANT_MIN_ROWS or scratch is None or scratch.numel() < k * n:
+    choice = None
+    if row_plan and m <= row_plan[-1][0]:
+        choice = next(choice for max_rows, choice in row_plan if m <= max_rows)
+        if choice != "dequant":
+            return quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, *choice)
+    scratch = dequant_scratch(x.dtype, x.device, k * n)
+    if scratch is None or (choice is None and m < DEQUANT_MIN_ROWS):
         return quant_gemm_triton(x, qweight, scales, zeros, group_size, bits)
     _check(x, qweight, scales, zeros, group_size, bits)
     return x @ dequantize_triton(qweight, scales, zeros, group_size, bits, k, scratch)

@@ -2,7 +2,7 @@
 
     python scripts/bench_quant_gemm.py                    # W4 g128, M = 1 and 512, default tiles
     python scripts/bench_quant_gemm.py --sweep --bits 8   # also every config in the tables
-    python scripts/bench_quant_gemm.py --m 1 --timed      # the configs start-up timing tries, per shape
+    python scripts/bench_quant_gemm.py --m 1 16 64 --timed   # what start-up timing tries, per shape
 
 Each GEMV line names its config (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages, REDUCE): REDUCE False splits K
 into an fp32 output with a memset before and a cast after; True meets in the workspace, one kernel.
@@ -20,8 +20,11 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, QUANT_GEMV_TIMED, GEMV_MAX_ROWS,
-                                gemv_table_config, pack_int_rows, quant_gemm, quant_gemm_triton,
-                                quant_gemv_triton, reserve_gemv_workspace)
+                                SPLIT_K_MAX_ROWS, dequantize_triton, gemv_table_config, pack_int_rows, quant_gemm,
+                                quant_gemm_triton, quant_gemv_triton, reserve_dequant_scratch,
+                                reserve_split_k_workspace)
+from asyncserve.kernels.quant_gemm import dequant_scratch, gemm_table_config
+from asyncserve.layers.quantization.packed_int_timing import split_k_candidates
 from bench_common import measure_bandwidth, measure_matmul_rate
 
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
@@ -59,7 +62,7 @@ def _quantized(k, n, bits, group_size):
 def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, timed):
     """(our ms with the table's tiles, bf16 ms, our best ms of the start-up-timed configs or None)."""
     x = torch.randn(m, k, device="cuda", dtype=DTYPE)
-    reserve_gemv_workspace(n, x.device)  # as the layers do at load: graph capture allocates nothing
+    reserve_split_k_workspace(n, x.device)  # as the layers do at load: graph capture allocates nothing
     quant_bytes = k * n * bits // 8 + 2 * 2 * (-(-k // group_size)) * n
     weights = _copies(lambda: _quantized(k, n, bits, group_size), quant_bytes)
     dense = _copies(lambda: torch.randn(k, n, device="cuda", dtype=DTYPE), 2 * k * n)
@@ -79,6 +82,18 @@ def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, 
             ms = _time_cold(lambda w: quant_gemv_triton(x, *w, group_size, bits, config), weights)
             best_timed = ms if best_timed is None else min(best_timed, ms)
             print(f"    timed {config}{' (table)' if config == table else ''}: {ms * 1e3:8.1f} us", flush=True)
+    elif timed and m <= SPLIT_K_MAX_ROWS:  # what fastest_row_plan weighs for this many rows
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        candidates = [(gemm_table_config(m), 1)] + split_k_candidates(m, k, n, group_size, num_sms)
+        for config, num_splits in candidates:
+            ms = _time_cold(lambda w: quant_gemm_triton(x, *w, group_size, bits, config, num_splits), weights)
+            best_timed = ms if best_timed is None else min(best_timed, ms)
+            print(f"    timed GEMM {config} in {num_splits} K-splits: {ms * 1e3:8.1f} us", flush=True)
+        reserve_dequant_scratch(k * n, DTYPE, x.device)
+        scratch = dequant_scratch(DTYPE, x.device, k * n)
+        ms = _time_cold(lambda w: x @ dequantize_triton(*w, group_size, bits, k, scratch), weights)
+        best_timed = min(best_timed, ms)
+        print(f"    timed dequantize + cuBLAS: {ms * 1e3:8.1f} us", flush=True)
     if sweep:
         configs = (QUANT_GEMV_CONFIGS if gemv else
                    [c[1:] for c in QUANT_GEMM_CONFIGS] + EXTRA_GEMM_CONFIGS)
@@ -96,8 +111,8 @@ def main():
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="time every config of the tables")
     parser.add_argument("--timed", action="store_true",
-                        help="for M <= GEMV_MAX_ROWS, time the configs start-up timing tries "
-                             "(ASYNCSERVE_QUANT_GEMV_TUNE=1) and total the fastest per shape")
+                        help="for M <= SPLIT_K_MAX_ROWS, time what start-up timing tries (ASYNCSERVE_QUANT_TUNE=1: "
+                             "GEMV tiles; table GEMM, K-split GEMMs, dequantize + cuBLAS) and total the fastest")
     args = parser.parse_args()
     copy_rate, matmul_rate = measure_bandwidth(), measure_matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_rate / 1e9:.0f} GB/s, "
@@ -112,7 +127,7 @@ def main():
         # 32 layers of the four projections: the linear part of one 8B decode/prefill step.
         print(f"M={m}: 32 layers of projections {32 * ours_total:.2f} ms "
               f"(torch bf16 {32 * bf16_total:.2f} ms"
-              + (f"; the start-up-timed configs {32 * timed_total:.2f} ms" if args.timed and m <= GEMV_MAX_ROWS
+              + (f"; the start-up-timed choices {32 * timed_total:.2f} ms" if args.timed and m <= SPLIT_K_MAX_ROWS
                  else "") + ")", flush=True)
 
 

@@ -149,12 +149,12 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
   done
 fi
 if [ "$what" = int4 ]; then  # issue 28: the int4 GEMV's one-kernel K-splits and its start-up timing
-  # (ASYNCSERVE_QUANT_GEMV_TUNE=1) beside the table's tiles; the GPU tests first; vLLM's figure with the same
+  # (ASYNCSERVE_QUANT_TUNE=1) beside the table's tiles; the GPU tests first; vLLM's figure with the same
   # config when vLLM is staged (NO_VLLM=1 skips it)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_quant_gemm_gpu.py 2>&1 | tee "$OUT/quant_gemm_tests.log" | tail -4
   cd "$ROOT/scripts"
-  timeout 150 python3 bench_quant_gemm.py --m 1 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
-  for switches in "" "ASYNCSERVE_QUANT_GEMV_TUNE=1"; do
+  timeout 150 python3 bench_quant_gemm.py --m 1 16 64 512 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
+  for switches in "" "ASYNCSERVE_QUANT_TUNE=1"; do
     for m in llama-3.1-8b-gptq-int4 ${INT4_MODELS:-}; do
       env $switches timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
         | grep -E "floor|^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from asyncserve.kernels import (GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, QUANT_GEMV_TIMED, fused_add_rms_norm,
-                                gelu_tanh_and_mul, gemv_normed_triton, gemv_table_config, gemv_triton,
-                                quant_gemv_triton, silu_and_mul)
+from asyncserve.kernels import (GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, fused_add_rms_norm, gelu_tanh_and_mul,
+                                gemv_normed_triton, gemv_triton, silu_and_mul)
 
 # How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
 # config (see asyncserve.kernels.GEMV_CONFIGS).
@@ -46,7 +45,7 @@ _GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
 assert set(_GATED_ACTIVATIONS) == set(GEMV_ACTIVATIONS)
 
 
-def _time(fn, repeats: int = 30) -> float:
+def time_ms(fn, repeats: int = 30) -> float:
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,7 +62,7 @@ def _time(fn, repeats: int = 30) -> float:
 _COLD_BYTES = 256 << 20
 
 
-def _cold_timer(weight: torch.Tensor):
+def cold_timer(weight: torch.Tensor):
     """A function timing `run_one(w)` over copies of `weight` that the L2 cannot hold: ms per copy."""
     num_copies = max(1, min(16, _COLD_BYTES // (weight.numel() * weight.element_size())))
     copies = [weight] + [weight.clone() for _ in range(num_copies - 1)]
@@ -72,7 +71,7 @@ def _cold_timer(weight: torch.Tensor):
         def run():
             for copy in copies:
                 run_one(copy)
-        return _time(run, repeats=5) / len(copies)
+        return time_ms(run, repeats=5) / len(copies)
     return timed
 
 
@@ -90,7 +89,7 @@ def _fastest_config(timed, separate: float, run_config) -> tuple[tuple | None, f
 def fastest_single_row_kernel(weight: torch.Tensor) -> tuple[SingleRowKernel, float, float]:
     """(kernel, cuBLAS GEMM ms, its ms): None (cuBLAS GEMM) unless another is at least 5% faster."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    timed = _cold_timer(weight)
+    timed = cold_timer(weight)
     baseline = timed(lambda w: linear(x, w, None, None))
     candidates = ["mv"] + (list(GEMV_CONFIGS) if HAS_TRITON else [])
     best, best_time = None, 0.95 * baseline
@@ -111,7 +110,7 @@ def fastest_gated_row_kernel(weight: torch.Tensor, activation: str,
         return None, 0.0, 0.0
     gate_up = torch.randn(1, 2 * weight.shape[1], dtype=weight.dtype, device=weight.device)
     act = _GATED_ACTIVATIONS[activation]
-    timed = _cold_timer(weight)
+    timed = cold_timer(weight)
     separate = timed(lambda w: linear(act(gate_up), w, None, single_row))
     return _fastest_config(timed, separate, lambda w, config: linear_gated(gate_up, w, None, config, activation))
 
@@ -126,26 +125,7 @@ def fastest_normed_row_kernel(weight: torch.Tensor, single_row: SingleRowKernel)
     k = weight.shape[1]
     hidden, residual = (torch.randn(1, k, dtype=weight.dtype, device=weight.device) for _ in range(2))
     norm_weight = torch.ones(k, dtype=weight.dtype, device=weight.device)
-    timed = _cold_timer(weight)
+    timed = cold_timer(weight)
     separate = timed(lambda w: linear(fused_add_rms_norm(hidden, residual, norm_weight, 1e-6)[0], w, None, single_row))
     return _fastest_config(timed, separate,
                            lambda w, config: linear_normed(hidden, residual, norm_weight, 1e-6, w, None, config))
-
-
-@torch.inference_mode()
-def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                              bits: int) -> tuple[tuple, float, float]:
-    """(config, the table's ms, its ms) for a packed-integer weight's one-row GEMV: the table's own choice
-    unless another timed config is at least 5% faster."""
-    x = torch.randn(1, qweight.shape[0] * 32 // bits, dtype=scales.dtype, device=qweight.device)
-    timed = _cold_timer(qweight)
-    table = gemv_table_config(qweight.shape[1])
-    baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
-    best, best_time = table, 0.95 * baseline
-    for config in QUANT_GEMV_TIMED:
-        if config == table:
-            continue
-        elapsed = timed(lambda w, config=config: quant_gemv_triton(x, w, scales, zeros, group_size, bits, config))
-        if elapsed < best_time:
-            best, best_time = config, elapsed
-    return best, baseline, best_time if best != table else baseline

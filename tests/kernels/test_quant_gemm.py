@@ -150,51 +150,127 @@ def test_triton_gemv_matches_reference(triton_device, m, k, n, group_size, bits,
 
 
 @pytest.fixture
-def fresh_gemv_workspace(monkeypatch):
-    monkeypatch.setattr(quant_gemm_module, "_gemv_workspace", {})
-    return quant_gemm_module._gemv_workspace
+def fresh_workspace(monkeypatch):
+    monkeypatch.setattr(quant_gemm_module, "_split_k_workspace", {})
+    return quant_gemm_module._split_k_workspace
 
 
-def test_one_kernel_split_k_leaves_its_workspace_zeroed(triton_device, fresh_gemv_workspace):
-    """The last split of each column tile zeroes the sums it took and its counter: call after call (other
-    shapes in between, as a model's layers) gives the reference, and the workspace is zero after each."""
+SPLIT_GEMMS = [  # (m, k, n, group_size, bits, dtype, (BLOCK_M, BLOCK_N, ...), num_splits)
+    (5, 320, 72, 64, 4, torch.bfloat16, (16, 32, 64, 2, 4, 1, False), 2),  # partial last column tile
+    (17, 320, 40, 32, 4, torch.float16, (16, 32, 32, 2, 4, 1, True), 4),  # two row tiles, groups = K tile
+    (9, 160, 40, 160, 8, torch.float16, (16, 16, 32, 2, 4, 1, False), 8),  # 5 K tiles over 8 splits: some get none
+    (33, 96, 24, 32, 4, torch.bfloat16, (32, 16, 32, 2, 4, 1, False), 3),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group_size,bits,dtype,config,num_splits", SPLIT_GEMMS)
+def test_split_k_gemm_matches_reference(triton_device, fresh_workspace, m, k, n, group_size, bits, dtype, config,
+                                        num_splits):
+    qweight, scales, zeros, _ = random_quantized(k, n, group_size, bits, dtype, triton_device)
+    x = torch.randn(m, k, device=triton_device).to(dtype)
+    out = quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config, num_splits)
+    assert out.dtype == dtype
+    _assert_close_to_reference(out, x, qweight, scales, zeros, group_size, bits)
+    workspace, arrivals = fresh_workspace[torch.device(triton_device)]
+    assert not workspace.any() and not arrivals.any()
+
+
+def test_split_k_products_leave_their_workspace_zeroed(triton_device, fresh_workspace):
+    """The last split of each output tile zeroes the sums it took and its counter: call after call (other
+    shapes, the GEMV and the GEMM in between, as a model's layers) gives the reference each time."""
     device = torch.device(triton_device)
-    kernels.reserve_gemv_workspace(72, device)
-    workspace, arrivals = fresh_gemv_workspace[device]
-    config = (16, 4, 3, 4, 1, True)
+    kernels.reserve_split_k_workspace(72, device)
+    workspace, arrivals = fresh_workspace[device]
     layers = [random_quantized(k, n, 32, 4, torch.float16, triton_device, seed=seed)
               for seed, (k, n) in enumerate([(192, 72), (96, 40), (192, 72)])]
-    for round_ in range(2):
+    for rows in (2, 20, 3):
         for qweight, scales, zeros, _ in layers:
-            x = torch.randn(2, qweight.shape[0] * 8, device=triton_device).half()
-            out = quant_gemv_triton(x, qweight, scales, zeros, 32, 4, config)
+            x = torch.randn(rows, qweight.shape[0] * 8, device=triton_device).half()
+            if rows <= kernels.GEMV_MAX_ROWS:
+                out = quant_gemv_triton(x, qweight, scales, zeros, 32, 4, (16, 4, 3, 4, 1, True))
+            else:
+                out = quant_gemm_triton(x, qweight, scales, zeros, 32, 4, (16, 16, 32, 2, 4, 1, False), 3)
             _assert_close_to_reference(out, x, qweight, scales, zeros, 32, 4)
-            assert fresh_gemv_workspace[device][0] is workspace  # reserved big enough: never replaced
+            assert fresh_workspace[device][0] is workspace  # reserved big enough: never replaced
             assert not workspace.any() and not arrivals.any()
 
 
-def test_gemv_workspace_only_grows_and_is_made_when_missing(fresh_gemv_workspace):
+def test_split_k_workspace_only_grows_and_is_made_when_missing(fresh_workspace):
     cpu = torch.device("cpu")
-    kernels.reserve_gemv_workspace(64, cpu)
-    first = fresh_gemv_workspace[cpu]
-    assert first[0].numel() == kernels.GEMV_MAX_ROWS * 64 and not first[0].any() and not first[1].any()
-    kernels.reserve_gemv_workspace(32, cpu)
-    assert fresh_gemv_workspace[cpu] is first
-    kernels.reserve_gemv_workspace(128, cpu)
-    assert fresh_gemv_workspace[cpu][0].numel() == kernels.GEMV_MAX_ROWS * 128
-    fresh_gemv_workspace.clear()  # not reserved (outside a CUDA-graph capture): made on first use
-    assert quant_gemm_module._reserved_gemv_workspace(2, 40, cpu)[0].numel() == kernels.GEMV_MAX_ROWS * 40
+    rows = kernels.SPLIT_K_MAX_ROWS
+    kernels.reserve_split_k_workspace(64, cpu)
+    first = fresh_workspace[cpu]
+    assert first[0].numel() == rows * 64 and not first[0].any() and not first[1].any()
+    kernels.reserve_split_k_workspace(32, cpu)
+    assert fresh_workspace[cpu] is first
+    kernels.reserve_split_k_workspace(128, cpu)
+    assert fresh_workspace[cpu][0].numel() == rows * 128
+    fresh_workspace.clear()  # not reserved (outside a CUDA-graph capture): made on first use
+    out, workspace, _, splits = quant_gemm_module._split_output(2, 40, 3, True, torch.zeros(2, 8).half())
+    assert splits == quant_gemm_module.MEET_IN_WORKSPACE and workspace.numel() == rows * 40
+    assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("m,splits,meet", [(1, 1, True), (2, 3, False), (rows := 129, 3, True)])
+def test_split_k_outputs_without_the_workspace(fresh_workspace, m, splits, meet):
+    """One split stores its tile; splits told not to meet in the workspace, or with more rows than it holds,
+    add into a zeroed fp32 output (cast after)."""
+    out, _, _, mode = quant_gemm_module._split_output(m, 40, splits, meet, torch.zeros(m, 8).half())
+    if splits == 1:
+        assert mode == quant_gemm_module.STORE and out.dtype == torch.float16
+    else:
+        assert mode == quant_gemm_module.ADD_INTO_OUTPUT and out.dtype == torch.float32 and not out.any()
 
 
 def test_gemv_without_a_workspace_adds_into_the_output(triton_device, monkeypatch):
-    """While a CUDA graph is captured nothing may be allocated: a one-kernel config that finds no workspace
-    falls back to the splits adding into a zeroed fp32 output."""
-    monkeypatch.setattr(quant_gemm_module, "_reserved_gemv_workspace", lambda m, n, device: None)
-    qweight, scales, zeros, _ = random_quantized(320, 72, 64, 4, torch.bfloat16, triton_device)
-    x = torch.randn(1, 320, device=triton_device).bfloat16()
-    out = quant_gemv_triton(x, qweight, scales, zeros, 64, 4, (32, 8, 2, 4, 1, True))
-    assert out.dtype == torch.bfloat16
-    _assert_close_to_reference(out, x, qweight, scales, zeros, 64, 4)
+    """While a CUDA graph is captured nothing may be allocated: a config meant to meet in a workspace that
+    is missing falls back to the splits adding into a zeroed fp32 output."""
+    monkeypatch.setattr(quant_gemm_module, "_split_k_workspace", {})
+    monkeypatch.setattr(quant_gemm_module, "reserve_split_k_workspace", lambda n, device: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    qweight, scales, zeros, _ = random_quantized(320, 72, 64, 4, torch.bfloat16)
+    x = torch.randn(1, 320).bfloat16()
+    _, _, _, mode = quant_gemm_module._split_output(1, 72, 2, True, x)
+    assert mode == quant_gemm_module.ADD_INTO_OUTPUT
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("m,expected", [(5, ("gemm", (16, 64, 128, 8, 4, 3, False), 6)), (8, ("gemm", (16, 64, 128, 8, 4, 3, False), 6)),
+                                        (9, ("dequant",)), (128, ("dequant",)), (129, ("dequant",)),
+                                        (20, ("dequant",))])
+def test_cuda_dispatch_follows_the_row_plan(monkeypatch, m, expected):
+    """Rows past the GEMV take their bucket's choice (the first bucket holding them); past the last bucket the
+    table's rule (dequantize from DEQUANT_MIN_ROWS on, when the scratch is reserved)."""
+    calls = []
+    monkeypatch.setattr(quant_gemm_module, "quant_gemm_triton", lambda *args: calls.append(("gemm",) + args[6:]))
+    monkeypatch.setattr(quant_gemm_module, "dequantize_triton",
+                        lambda *args: calls.append(("dequant",)) or torch.zeros(64, 16, dtype=torch.bfloat16))
+    monkeypatch.setattr(quant_gemm_module, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(quant_gemm_module, "_scratch", {})
+    kernels.reserve_dequant_scratch(64 * 16, torch.bfloat16, torch.device("cpu"))
+    qweight, scales, zeros, _ = random_quantized(64, 16, 32, 4, torch.bfloat16)
+    plan = ((8, ((16, 64, 128, 8, 4, 3, False), 6)), (128, "dequant"))
+    quant_gemm(torch.randn(m, 64).bfloat16(), qweight, scales, zeros, 32, 4, None, plan)
+    assert calls == [expected]
+
+
+def test_split_k_candidates_fill_the_sms():
+    from asyncserve.layers.quantization.packed_int_timing import split_k_candidates
+    # 8 rows of the 8B's o_proj on 132 SMs: 64 column tiles of 64 -> 5 splits (2 waves), of 128 -> 9
+    assert split_k_candidates(8, 4096, 4096, 128, 132) == [((16, 64, 128, 8, 4, 3, False), 5),
+                                                          ((16, 128, 128, 8, 4, 3, False), 9)]
+    # 128 rows of gate_up: 2 x 448 (or 2 x 224) tiles already fill them; groups of 32 take K tiles of 64
+    assert split_k_candidates(128, 4096, 28672, 32, 132) == [((64, 64, 64, 8, 4, 3, False), 1),
+                                                            ((64, 128, 64, 8, 4, 3, False), 1)]
+    # short K: at least two K tiles per split
+    assert split_k_candidates(16, 512, 256, 128, 132)[0] == ((16, 64, 128, 8, 4, 3, False), 2)
+
+
+def test_split_k_needs_tiles_a_counter_covers():
+    qweight, scales, zeros, _ = random_quantized(64, 16, 32, 4)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        quant_gemm_triton(torch.randn(2, 64), qweight, scales, zeros, 32, 4, (8, 16, 32, 2, 4, 1, False), 2)
 
 
 def test_timed_gemv_configs_are_in_the_table():

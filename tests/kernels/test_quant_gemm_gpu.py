@@ -105,10 +105,10 @@ def test_one_kernel_split_k_replays_in_a_graph_and_leaves_the_workspace_zeroed(c
     its counters are zero after every replay (else the next call would add stale sums)."""
     import importlib
     module = importlib.import_module("asyncserve.kernels.quant_gemm")  # the package's quant_gemm is the function
-    from asyncserve.kernels import reserve_gemv_workspace
+    from asyncserve.kernels import reserve_split_k_workspace
     layers = [_quantized(k, n, 128, 4, torch.bfloat16, seed=i) for i, (k, n) in enumerate(LLAMA_8B_SHAPES)]
     for _, qweight, _, _ in layers:
-        reserve_gemv_workspace(qweight.shape[1], torch.device("cuda"))
+        reserve_split_k_workspace(qweight.shape[1], torch.device("cuda"))
     inputs = [x[:2].clone() for x, _, _, _ in layers]
     for static_x, (x, qweight, scales, zeros) in zip(inputs, layers):  # compile outside the capture
         quant_gemv_triton(static_x, qweight, scales, zeros, 128, 4, config)
@@ -116,8 +116,8 @@ def test_one_kernel_split_k_replays_in_a_graph_and_leaves_the_workspace_zeroed(c
     with torch.cuda.graph(graph):
         outs = [quant_gemv_triton(static_x, qweight, scales, zeros, 128, 4, config)
                 for static_x, (x, qweight, scales, zeros) in zip(inputs, layers)]
-    workspace, arrivals = module._gemv_workspace[inputs[0].device]
-    assert workspace.numel() >= 4 * 28672  # reserved before the capture: the captured kernels use it
+    workspace, arrivals = module._split_k_workspace[inputs[0].device]
+    assert workspace.numel() >= 128 * 28672  # reserved before the capture: the captured kernels use it
     for start in (100, 2000, 5000):
         for static_x, (x, _, _, _) in zip(inputs, layers):
             static_x.copy_(x[start:start + 2])
@@ -130,8 +130,20 @@ def test_one_kernel_split_k_replays_in_a_graph_and_leaves_the_workspace_zeroed(c
 
 def test_start_up_timing_picks_a_timed_config_that_matches_the_reference():
     from asyncserve.kernels import QUANT_GEMV_TIMED
-    from asyncserve.layers.single_row import fastest_quant_gemv_config
+    from asyncserve.layers.quantization.packed_int_timing import fastest_quant_gemv_config
     x, qweight, scales, zeros = _quantized(4096, 6144, 128, 4, torch.bfloat16)
     config, table_ms, best_ms = fastest_quant_gemv_config(qweight, scales, zeros, 128, 4)
     assert config in QUANT_GEMV_TIMED and 0 < best_ms <= table_ms
     _assert_close(quant_gemm(x[:1], qweight, scales, zeros, 128, 4, config), x[:1], qweight, scales, zeros, 128, 4)
+
+
+def test_start_up_row_plan_covers_the_buckets_and_its_choices_match_the_reference():
+    from asyncserve.kernels import reserve_dequant_scratch
+    from asyncserve.layers.quantization.packed_int_timing import ROW_BUCKETS, fastest_row_plan
+    x, qweight, scales, zeros = _quantized(4096, 4096, 128, 4, torch.bfloat16)
+    reserve_dequant_scratch(4096 * 4096, torch.bfloat16, x.device)
+    plan, report = fastest_row_plan(qweight, scales, zeros, 128, 4)
+    assert [rows for rows, _ in plan] == list(ROW_BUCKETS) and len(report) == len(ROW_BUCKETS)
+    for m in (5, 8, 13, 40, 64, 100, 128, 129):
+        _assert_close(quant_gemm(x[:m], qweight, scales, zeros, 128, 4, None, plan), x[:m], qweight, scales, zeros,
+                      128, 4)

@@ -277,17 +277,20 @@ def test_random_weights_in_the_checkpoints_format_run(fmt, tiny_model_dir, tmp_p
 
 # --- the one-row GEMV's tiles, timed at start-up per weight shape -----------------------------------
 
-def test_start_up_timing_sets_each_layers_gemv_tiles_once_per_shape(monkeypatch):
-    """With ASYNCSERVE_QUANT_GEMV_TUNE on, each packed layer takes the tiles timed for its shape (timed once
-    per shape, logged once) and passes them to the product; on the CPU nothing is timed."""
+def test_start_up_timing_sets_each_layers_products_once_per_shape(monkeypatch):
+    """With ASYNCSERVE_QUANT_TUNE on, each packed layer takes the GEMV tiles and the few-row plan timed for its
+    shape (timed once per shape, logged once) and passes them to the product; on the CPU nothing is timed."""
     from types import SimpleNamespace
     from asyncserve.layers.quantization import packed_int
     timed, products = [], []
-    monkeypatch.setattr(packed_int, "TUNE_QUANT_GEMV", True)
+    gemv, plan = (32, 64, 4, 4, 3, True), ((8, ((16, 64, 128, 8, 4, 3, False), 6)), (128, "dequant"))
+    report = [(8, "GEMM 16x64x128 in 6 K-splits", 0.02, 0.05), (128, "dequant", 0.06, 0.09)]
+    monkeypatch.setattr(packed_int, "TUNE_PACKED_INT", True)
     monkeypatch.setattr(packed_int, "HAS_TRITON", True)
     monkeypatch.setattr(packed_int, "fastest_quant_gemv_config",
-                        lambda qweight, *args: timed.append(qweight.shape) or ((32, 64, 4, 4, 3, True), 0.05, 0.04))
-    monkeypatch.setattr(packed_int, "quant_gemm", lambda *args: products.append(args[-1]) or args[0])
+                        lambda qweight, *args: timed.append(qweight.shape) or (gemv, 0.05, 0.04))
+    monkeypatch.setattr(packed_int, "fastest_row_plan", lambda *args: (plan, report))
+    monkeypatch.setattr(packed_int, "quant_gemm", lambda *args: products.append(args[-2:]) or args[0])
 
     def layer(shape, device="cuda"):
         qweight = SimpleNamespace(shape=shape, device=torch.device(device))
@@ -299,10 +302,12 @@ def test_start_up_timing_sets_each_layers_gemv_tiles_once_per_shape(monkeypatch)
     lines = [method.tune_single_row(layer(shape), timings)
              for method, shape in zip(methods, [(512, 6144), (512, 6144), (512, 4096)])]
     assert timed == [(512, 6144), (512, 4096)]
-    assert lines[0] == "int4 4096x6144: GEMV (32, 64, 4, 4, 3, True) 40.0 us (table 50.0 us)"
+    assert lines[0] == ("int4 4096x6144: 1 row GEMV (32, 64, 4, 4, 3, True) 40.0 us (table 50.0); "
+                        "8 rows GEMM 16x64x128 in 6 K-splits 20.0 us (table 50.0), 128 rows dequant 60.0 us (table 90.0)")
     assert lines[1] is None and lines[2].startswith("int4 4096x4096")
-    assert all(method.gemv_config == (32, 64, 4, 4, 3, True) for method in methods)
+    assert all(method.gemv_config == gemv and method.row_plan == plan for method in methods)
     methods[0].apply(layer((512, 6144)), torch.zeros(1, 4096), None)
-    assert products == [(32, 64, 4, 4, 3, True)]
+    assert products == [(gemv, plan)]
     cpu_method = GPTQLinearMethod(GPTQConfig(bits=4, group_size=128, desc_act=False, sym=True))
-    assert cpu_method.tune_single_row(layer((512, 6144), "cpu"), timings) is None and cpu_method.gemv_config is None
+    assert cpu_method.tune_single_row(layer((512, 6144), "cpu"), timings) is None
+    assert cpu_method.gemv_config is None and cpu_method.row_plan is None

@@ -117,7 +117,7 @@ def test_start_up_timing_keeps_a_fused_gemv_only_where_faster(fusion, monkeypatc
             before = len(calls)
             fn()
             return 1.0 if len(calls) == before else fused_cost  # the separate path records nothing
-        monkeypatch.setattr(single_row, "_time", fake_time)
+        monkeypatch.setattr(single_row, "time_ms", fake_time)
         for name in ("linear_gated", "linear_normed"):
             original = getattr(single_row, name)
             monkeypatch.setattr(single_row, name, lambda *a, _o=original: calls.append(1) or _o(*a))

@@ -12,14 +12,15 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels import HAS_TRITON, QuantExperts
-from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch, reserve_gemv_workspace
+from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch, reserve_split_k_workspace
 from asyncserve.layers.quantization.base import ExpertsMethodBase, LinearMethodBase, set_split_dims
-from asyncserve.layers.single_row import fastest_quant_gemv_config
+from asyncserve.layers.quantization.packed_int_timing import fastest_quant_gemv_config, fastest_row_plan
 
-# Start-up timing of each packed weight shape's one-row GEMV (the table's tiles against the one-kernel
-# K-splits). Built without a GPU run: on with ASYNCSERVE_QUANT_GEMV_TUNE=1 until the GPU tests and the
-# int4 batch-1 figure have run; the table's choice otherwise.
-TUNE_QUANT_GEMV = os.environ.get("ASYNCSERVE_QUANT_GEMV_TUNE") == "1"
+# Start-up timing of each packed weight shape's products (packed_int_timing.py): the one-row GEMV's tiles, and
+# per row bucket up to SPLIT_K_MAX_ROWS a K-split GEMM, the table's GEMM or dequantization + cuBLAS. Built
+# without a GPU run: on with ASYNCSERVE_QUANT_TUNE=1 until the GPU tests and the int4 figures have run; the
+# tables' choices otherwise.
+TUNE_PACKED_INT = os.environ.get("ASYNCSERVE_QUANT_TUNE") == "1"
 
 
 def scale_dtype() -> torch.dtype:
@@ -109,6 +110,7 @@ class PackedIntLinearMethod(LinearMethodBase):
         self.perm: torch.Tensor | None = None
         self.dtype = torch.get_default_dtype()  # the model's (activations') dtype, for scales and zeros
         self.gemv_config: tuple | None = None  # the one-row GEMV's tiles, when start-up timing chose them
+        self.row_plan: tuple | None = None  # what a few rows take (packed_int_timing.fastest_row_plan)
 
     def to_canonical(self, layer: nn.Module, q: torch.Tensor, zeros: torch.Tensor,
                      perm: torch.Tensor | None) -> None:
@@ -125,27 +127,33 @@ class PackedIntLinearMethod(LinearMethodBase):
         layer.zeros = nn.Parameter(zeros.to(scales.dtype), requires_grad=False)
         if q.is_cuda:  # many-row products dequantize into it, few rows may split K into it (see quant_gemm)
             reserve_dequant_scratch(q.numel(), scales.dtype, q.device)
-            reserve_gemv_workspace(q.shape[1], q.device)
+            reserve_split_k_workspace(q.shape[1], q.device)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        out = quant_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, self.bits, self.gemv_config)
+        out = quant_gemm(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, self.bits, self.gemv_config,
+                         self.row_plan)
         return out if bias is None else out + bias
 
     def tune_single_row(self, layer: nn.Module, timings: dict) -> str | None:
+        """Times this shape's one-row GEMV and its few-row products (once per shape; see TUNE_PACKED_INT)."""
         qweight = layer.qweight
-        if not TUNE_QUANT_GEMV or qweight.device.type != "cuda" or not HAS_TRITON:
+        if not TUNE_PACKED_INT or qweight.device.type != "cuda" or not HAS_TRITON:
             return None
-        key = ("packed int GEMV", tuple(qweight.shape), self.bits, layer.group_size, layer.scales.dtype)
+        key = ("packed int", tuple(qweight.shape), self.bits, layer.group_size, layer.scales.dtype)
         first = key not in timings
         if first:
-            timings[key] = fastest_quant_gemv_config(qweight, layer.scales, layer.zeros, layer.group_size, self.bits)
-        self.gemv_config, table_ms, best_ms = timings[key]
+            args = (qweight, layer.scales, layer.zeros, layer.group_size, self.bits)
+            timings[key] = fastest_quant_gemv_config(*args), fastest_row_plan(*args)
+        (self.gemv_config, table_ms, best_ms), (self.row_plan, report) = timings[key]
         if not first:
             return None
         k, n = qweight.shape[0] * 32 // self.bits, qweight.shape[1]
-        return f"int{self.bits} {k}x{n}: GEMV {self.gemv_config} {best_ms * 1e3:.1f} us (table {table_ms * 1e3:.1f} us)"
+        rows = ", ".join(f"{bucket} rows {name} {ms * 1e3:.1f} us (table {table * 1e3:.1f})"
+                         for bucket, name, ms, table in report)
+        return (f"int{self.bits} {k}x{n}: 1 row GEMV {self.gemv_config} {best_ms * 1e3:.1f} us "
+                f"(table {table_ms * 1e3:.1f}); {rows}")
 
 
 class PackedIntExpertsMethod(ExpertsMethodBase):

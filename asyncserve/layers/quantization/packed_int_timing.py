@@ -1,0 +1,85 @@
+"""Start-up timing of a packed-integer (GPTQ/AWQ) weight's products on this GPU, per weight shape.
+
+Few rows are bound by reading the packed weight, so what decides their speed is how many programs stream it
+at once: the table's tiles were chosen in one H100 sweep, and for 5-128 rows they leave most SMs idle
+(N / BLOCK_N column tiles, one program each). Timing the candidates once per shape at start-up (well under
+a second of GPU time; one Triton compile per tile shape) keeps what is fastest here: the one-row GEMV's
+tiles, and for each row bucket a K-split GEMM, the table's GEMM or dequantization into the scratch + cuBLAS.
+"""
+from __future__ import annotations
+
+import torch
+
+from asyncserve.kernels import GEMV_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, gemv_table_config, quant_gemv_triton
+from asyncserve.kernels.quant_gemm import dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm_triton
+from asyncserve.layers.single_row import cold_timer
+
+# The row counts a plan is timed at; rows in (previous, bucket] take that bucket's choice.
+ROW_BUCKETS = (8, 16, 32, 64, SPLIT_K_MAX_ROWS)
+DEQUANT = "dequant"  # a plan's choice: dequantize into the scratch, then cuBLAS
+# A plan: ((max_rows, choice), ...) by growing max_rows; choice DEQUANT or (GEMM config, num_splits).
+RowPlan = tuple
+
+
+@torch.inference_mode()
+def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                              bits: int) -> tuple[tuple, float, float]:
+    """(config, the table's ms, its ms) for a packed-integer weight's one-row GEMV: the table's own choice
+    unless another timed config is at least 5% faster."""
+    x = torch.randn(1, qweight.shape[0] * 32 // bits, dtype=scales.dtype, device=qweight.device)
+    timed = cold_timer(qweight)
+    table = gemv_table_config(qweight.shape[1])
+    baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
+    best, best_time = table, 0.95 * baseline
+    for config in QUANT_GEMV_TIMED:
+        if config == table:
+            continue
+        elapsed = timed(lambda w, config=config: quant_gemv_triton(x, w, scales, zeros, group_size, bits, config))
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    return best, baseline, best_time if best != table else baseline
+
+
+def split_k_candidates(rows: int, k: int, n: int, group_size: int, num_sms: int) -> list[tuple[tuple, int]]:
+    """(GEMM config, num_splits) pairs for `rows` rows: row tiles of the rows' power of two (16 to 64), 64 and
+    128 columns, K tiles of 128 (64 where groups are smaller), and as many K-splits as fill about two waves
+    of the SMs while each split keeps at least two K tiles."""
+    block_m = max(16, min(64, 1 << (rows - 1).bit_length()))
+    block_k = 128 if group_size % 128 == 0 or group_size >= k else 64
+    k_tiles = -(-k // block_k)
+    candidates = []
+    for block_n in (64, 128):
+        tiles = -(-rows // block_m) * -(-n // block_n)
+        num_splits = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2))
+        candidates.append(((block_m, block_n, block_k, 8, 4, 3, False), num_splits))
+    return candidates
+
+
+@torch.inference_mode()
+def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     bits: int) -> tuple[RowPlan, list[tuple[int, str, float, float]]]:
+    """(plan, report) for GEMV_MAX_ROWS < rows <= SPLIT_K_MAX_ROWS: per bucket of ROW_BUCKETS the fastest of
+    the table's GEMM, the K-split GEMMs and (where the scratch is reserved) dequantization + cuBLAS;
+    report rows are (bucket, what won, its ms, the table's ms)."""
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    num_sms = torch.cuda.get_device_properties(qweight.device).multi_processor_count
+    timed = cold_timer(qweight)
+    scratch = dequant_scratch(scales.dtype, qweight.device, k * n)
+    plan, report = [], []
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, k, dtype=scales.dtype, device=qweight.device)
+        table = (gemm_table_config(rows), 1)
+        candidates = [table] + split_k_candidates(rows, k, n, group_size, num_sms)
+        times = {}
+        for config, num_splits in candidates:
+            times[(config, num_splits)] = timed(lambda w, c=config, s=num_splits: quant_gemm_triton(
+                x, w, scales, zeros, group_size, bits, c, s))
+        if scratch is not None:
+            times[DEQUANT] = timed(lambda w: x @ dequantize_triton(w, scales, zeros, group_size, bits, k, scratch))
+        best = min(times, key=times.get)
+        plan.append((rows, best))
+        name = DEQUANT if best == DEQUANT else (
+            f"GEMM {best[0][0]}x{best[0][1]}x{best[0][2]}" + (f" in {best[1]} K-splits" if best[1] > 1 else ""))
+        report.append((rows, name, times[best], times[table]))
+    assert ROW_BUCKETS[0] > GEMV_MAX_ROWS
+    return tuple(plan), report

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Sample the server's event-loop thread every 2 ms from a watchdog thread and write, "
                              "to FILE, the stacks it was in while the loop had not ticked for 15 ms or more "
                              "(what the worst lag is made of), most frequent first.")
+    parser.add_argument("--emulate-device-ms", type=float, default=None, metavar="MS",
+                        help="Server only: each step's forward is replaced by a sleep of MS milliseconds (the GIL "
+                             "released, as while a CUDA graph replays) returning random hidden states, so the loop "
+                             "competes only with the step's host work, as on a GPU machine: the serving side's lag "
+                             "and CPU without the CPU model's Python (tokens: the LM head's argmax of noise).")
     parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
                         help="The server process's GIL switch interval (sys.setswitchinterval; Python's default "
                              "is 0.005): how long the loop may wait for the GIL held by the step thread.")
@@ -107,6 +112,20 @@ def thread_cpu() -> dict[str, float]:
 # ---- the server --------------------------------------------------------------------------------------
 
 
+def emulate_device(seconds: float) -> None:
+    """Every runner's forward becomes a sleep of `seconds` returning random hidden states (see
+    --emulate-device-ms)."""
+    import torch
+    from asyncserve.runner.model_runner import ModelRunner
+
+    def forward_step(self, batch, inputs):
+        time.sleep(seconds)
+        hidden_size = self.model.hf_config.hidden_size  # random states: varied tokens and text, as a model's
+        return torch.randn(inputs.input_ids.shape[0], hidden_size, dtype=self.config.model.dtype, device=self.device)
+
+    ModelRunner.forward_step = forward_step
+
+
 def serve(args) -> None:
     from aiohttp import web
 
@@ -120,6 +139,8 @@ def serve(args) -> None:
     from asyncserve.server.run import serve as serve_app
     from asyncserve.server.stall_stacks import STALL_STACKS_ENV
 
+    if args.emulate_device_ms is not None:
+        emulate_device(args.emulate_device_ms / 1e3)
     engine = AsyncEngine(EngineConfig(**engine_kwargs(args)))
     app = openai_app(engine, log_requests=False)
 
@@ -228,6 +249,8 @@ def _role_command(args, role: str) -> list[str]:
                "--warmup-tokens", str(args.warmup_tokens)]
     if args.model:
         command += ["--model", args.model]
+    if args.emulate_device_ms is not None and role == "server":
+        command += ["--emulate-device-ms", str(args.emulate_device_ms)]
     if args.profile and role == "server":
         command += ["--profile", os.path.abspath(args.profile)]
     if args.switch_interval and role == "server":

@@ -37,7 +37,7 @@ if __name__ != "asyncserve.kernels":
 
     _step_aside(__name__, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 else:
-    from ._triton import HAS_TRITON
+    from ._triton import HAS_TRITON, use_triton
     from .activation import (
         gelu_tanh_and_mul,
         gelu_tanh_and_mul_ref,
@@ -107,7 +107,7 @@ else:
     from .rotary_cache import rotary_write_kv_cache, rotary_write_kv_cache_ref, rotary_write_kv_cache_triton
 
     __all__ = [
-        "HAS_TRITON", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
+        "HAS_TRITON", "use_triton", "apply_token_bitmask", "apply_token_bitmask_ref", "apply_token_bitmask_triton",
         "GEMV_ACTIVATIONS", "GEMV_CONFIGS", "gemv_normed_ref", "gemv_normed_triton", "gemv_ref", "gemv_triton",
         "fused_add_rms_norm", "fused_add_rms_norm_ref", "fused_add_rms_norm_triton",
         "gelu_tanh_and_mul", "gelu_tanh_and_mul_ref", "gelu_tanh_and_mul_triton",

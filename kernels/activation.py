@@ -32,13 +32,9 @@ def swiglu_oai_and_mul_ref(x, alpha=1.702, limit=7.0):
 
 
 @triton.jit
-def _gated_act_kernel(out_ptr, x_ptr, stride_x, stride_out, intermediate, alpha, limit,
-                      BLOCK: tl.constexpr, ACTIVATION: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < intermediate
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+def gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    """act(gate) * up in float32 for ACTIVATION "silu", "gelu_tanh" or "swigluoai" (alpha, limit used by the
+    last only): what every kernel that applies a gated activation in registers computes."""
     if ACTIVATION == "gelu_tanh":  # 0.5 g (1 + tanh(u)) == g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         out = gate / (1.0 + tl.exp(-2.0 * inner)) * up
@@ -48,6 +44,18 @@ def _gated_act_kernel(out_ptr, x_ptr, stride_x, stride_out, intermediate, alpha,
         out = gate / (1.0 + tl.exp(-alpha * gate)) * (up + 1.0)
     else:
         out = gate / (1.0 + tl.exp(-gate)) * up
+    return out
+
+
+@triton.jit
+def _gated_act_kernel(out_ptr, x_ptr, stride_x, stride_out, intermediate, alpha, limit,
+                      BLOCK: tl.constexpr, ACTIVATION: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gated_activation(gate, up, alpha, limit, ACTIVATION)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

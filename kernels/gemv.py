@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import next_power_of_2, tl, triton
+from .activation import gated_activation
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the runner times these against cuBLAS per shape.
 GEMV_CONFIGS = ((8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 4, 3))
@@ -80,12 +81,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
                  ).to(x_ptr.dtype.element_ty).to(tl.float32)
         if ACTIVATION != "":  # x is the gate; the up half follows it
             up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-            if ACTIVATION == "gelu_tanh":  # g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
-                inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-                x = x / (1.0 + tl.exp(-2.0 * inner)) * up
-            else:
-                x = x / (1.0 + tl.exp(-x)) * up
-            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+            x = gated_activation(x, up, 0.0, 0.0, ACTIVATION).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if HAS_BIAS:

@@ -47,14 +47,14 @@ def select_experts(router_logits, top_k, renormalize):
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_lm, TOP_K: tl.constexpr,
-                  K_POW2: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """One token: the softmax of its router logits in float32, then its top-k, largest first (the lower
-    expert on a tie), rescaled to sum to 1 if RENORMALIZE: `select_experts` in one launch."""
-    row = tl.program_id(0).to(tl.int64)
+def top_k_experts(row_logits_ptr, num_experts, TOP_K: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+                  RENORMALIZE: tl.constexpr):
+    """One token's (weights float32 [K_POW2], expert ids int32 [K_POW2]), the first TOP_K valid: the softmax of
+    its router logits in float32, then its top-k, largest first (the lower expert on a tie), rescaled to sum
+    to 1 if RENORMALIZE."""
     experts = tl.arange(0, E_POW2)
     valid = experts < num_experts
-    logits = tl.load(logits_ptr + row * stride_lm + experts, mask=valid, other=float("-inf")).to(tl.float32)
+    logits = tl.load(row_logits_ptr + experts, mask=valid, other=float("-inf")).to(tl.float32)
     exps = tl.where(valid, tl.exp(logits - tl.max(logits, axis=0)), 0.0)
     remaining = tl.where(valid, exps / tl.sum(exps, axis=0), -1.0)  # probabilities are >= 0: -1 is taken
     slots = tl.arange(0, K_POW2)
@@ -68,6 +68,17 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_lm, TOP_
         remaining = tl.where(experts == chosen, -1.0, remaining)
     if RENORMALIZE:
         top_weights = top_weights / tl.sum(top_weights, axis=0)
+    return top_weights, top_ids
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_lm, TOP_K: tl.constexpr,
+                  K_POW2: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """One token per program: `select_experts` in one launch."""
+    row = tl.program_id(0).to(tl.int64)
+    top_weights, top_ids = top_k_experts(logits_ptr + row * stride_lm, num_experts, TOP_K, K_POW2, E_POW2,
+                                         RENORMALIZE)
+    slots = tl.arange(0, K_POW2)
     tl.store(weights_ptr + row * TOP_K + slots, top_weights, mask=slots < TOP_K)
     tl.store(ids_ptr + row * TOP_K + slots, top_ids, mask=slots < TOP_K)
 

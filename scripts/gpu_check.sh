@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|tune-moe|quant|int4|families|families23|structured|vllm|online|verify|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|moe-row|tune-moe|quant|int4|families|families23|structured|vllm|online|verify|
 #        vllm-offline|spec|spec-draft|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -146,6 +146,24 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
     done
     env $switches timeout 100 python3 profile_decode.py --model qwen2.5-0.5b 2>&1 | grep -E "kernels per step|graph replay" \
       | sed "s/^/[${switches:-default}] /"
+  done
+fi
+if [ "$what" = moe-row ]; then  # issue 22: one token's MoE layer in two kernels (ASYNCSERVE_MOE_ONE_ROW=1, start-up
+  # timing against the grouped path) beside the default; its GPU tests first; MODELS picks (default qwen3-30b-a3b);
+  # vLLM's batch-1 figure of the same config when vLLM is staged (NO_VLLM=1 skips it)
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_moe_row.py tests/gpu/test_moe_one_row_cuda.py 2>&1 \
+    | tee "$OUT/moe_row_tests.log" | tail -4
+  cd "$ROOT/scripts"
+  for switches in "" "ASYNCSERVE_MOE_ONE_ROW=1"; do
+    for m in ${MODELS:-qwen3-30b-a3b}; do
+      env $switches timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
+        | grep -E "floor|^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"
+    done
+  done
+  cd "$ROOT"
+  [ -z "${NO_VLLM:-}" ] && [ -d /tmp/vsite/vllm ] && for m in ${MODELS:-qwen3-30b-a3b}; do
+    PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 .vllm/bin/bench_vllm.py --workload latency \
+      --config scripts/model_configs/$m/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_latency_$m.jsonl"
   done
 fi
 if [ "$what" = int4 ]; then  # issue 28: the int4 GEMV's one-kernel K-splits and its start-up timing

@@ -5,11 +5,15 @@ Tensor-parallel as a dense MLP is: every rank holds every expert's slice of the 
 (gate|up rows, down columns), and the ranks' partial outputs are summed."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
-from asyncserve.kernels import fused_moe
+from asyncserve.kernels import fused_moe, use_triton
+from asyncserve.kernels.moe_row import MOE_ROW_CONFIGS, fused_moe_row_applies, fused_moe_row_triton
+from asyncserve.layers.single_row import time_ms
 from asyncserve.layers.parallel_state import all_reduce, tp_rank, tp_size
 from asyncserve.layers.quantization import QuantizationConfig, UnquantizedExpertsMethod
 from asyncserve.config.tp_shapes import divide
@@ -24,6 +28,11 @@ def expert_param_name(shard: str, tensor: str) -> str:
 
 
 SUPPORTED_EXPERT_METHODS = ("gptq", "awq", "fp8", "compressed-tensors")
+
+# One token's layer in two kernels (kernels/moe_row.py) where start-up timing finds it faster than the grouped
+# path's six. Built without a GPU run: on with ASYNCSERVE_MOE_ONE_ROW=1 until the GPU tests and the
+# Qwen3-30B-A3B batch-1 figure have run.
+TUNE_ONE_ROW_MOE = os.environ.get("ASYNCSERVE_MOE_ONE_ROW") == "1"
 
 
 class FusedMoE(nn.Module):
@@ -66,6 +75,7 @@ class FusedMoE(nn.Module):
         self.activation_options = {"activation": activation}
         if activation == "swigluoai":
             self.activation_options.update(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+        self.one_row_config = None  # a MOE_ROW_CONFIGS entry: one token takes the two-kernel path
 
     @torch.no_grad()
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: tuple[str, int]) -> None:
@@ -98,6 +108,51 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.quant_method.experts(self)
-        out = fused_moe(hidden, w13, w2, router_logits, self.top_k, self.renormalize,
-                        w13_bias=self.w13_bias, w2_bias=self.w2_bias, **self.activation_options)
+        moe = fused_moe
+        options = dict(w13_bias=self.w13_bias, w2_bias=self.w2_bias, **self.activation_options)
+        if self.one_row_config is not None and hidden.shape[0] == 1:
+            moe, options["config"] = fused_moe_row_triton, self.one_row_config
+        out = moe(hidden, w13, w2, router_logits, self.top_k, self.renormalize, **options)
         return all_reduce(out) if self.reduce_results else out
+
+    @torch.inference_mode()
+    def tune_single_row_fusions(self, timings: dict) -> list[str]:
+        """Times one token's layer through the grouped path and each MOE_ROW_CONFIGS entry (once per shape),
+        keeping the fastest two-kernel config where it beats the grouped path (see TUNE_ONE_ROW_MOE)."""
+        w13, w2 = self.quant_method.experts(self)
+        if not TUNE_ONE_ROW_MOE or not isinstance(w13, torch.Tensor) or not use_triton(w13):
+            return []
+        hidden = torch.randn(1, self.hidden_size, dtype=w13.dtype, device=w13.device)
+        if not fused_moe_row_applies(hidden, w13):
+            return []
+        key = ("one-row MoE", tuple(w13.shape), tuple(w2.shape), w13.dtype, self.top_k, self.renormalize,
+               self.w13_bias is not None, tuple(self.activation_options.items()))
+        first = key not in timings
+        if first:
+            timings[key] = fastest_one_row_moe(self, hidden, w13, w2)
+        self.one_row_config, grouped_ms, row_ms = timings[key]
+        if not first or self.one_row_config is None:
+            return []
+        return [f"MoE {self.num_experts} experts top-{self.top_k}, one token: two kernels {self.one_row_config} "
+                f"{row_ms * 1e3:.1f} us (grouped path {grouped_ms * 1e3:.1f} us)"]
+
+
+def fastest_one_row_moe(layer: FusedMoE, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):
+    """(config or None, grouped ms, its ms): each call routes to other experts (eight router logit rows in
+    turn), so the experts' weights come from memory as in decode, not from the L2."""
+    logits = [torch.randn(1, layer.num_experts, dtype=hidden.dtype, device=hidden.device) for _ in range(8)]
+    options = dict(w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, **layer.activation_options)
+
+    def timed(moe, **extra) -> float:
+        def run():
+            for row in logits:
+                moe(hidden, w13, w2, row, layer.top_k, layer.renormalize, **options, **extra)
+        return time_ms(run, repeats=5) / len(logits)
+
+    grouped = timed(fused_moe)
+    best, best_time = None, 0.95 * grouped
+    for config in MOE_ROW_CONFIGS:
+        elapsed = timed(fused_moe_row_triton, config=config)
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    return best, grouped, best_time if best is not None else grouped

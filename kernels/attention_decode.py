@@ -27,7 +27,7 @@ _SINGLE_PARTITION_MIN_LEN = 256
 # Only together with the short-context decode graphs (runner/decode_graphs.py), which capture a graph at that
 # bound. Without them a decode graph's bound is max_model_len, whose keys split into `size`-key partitions;
 # an eager step of a short context must split them the same way, or graphs and eager round differently.
-LONG_SINGLE_PARTITION = os.environ.get("ASYNCSERVE_SHORT_CONTEXT_GRAPHS") == "1"
+LONG_SINGLE_PARTITION = os.environ.get("ASYNCSERVE_SHORT_CONTEXT_GRAPHS", "1") != "0"
 
 
 @triton.jit

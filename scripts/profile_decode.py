@@ -19,12 +19,13 @@ def main():
     parser.add_argument("--model", default="qwen2.5-0.5b")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     args = parser.parse_args()
     from asyncserve import LLM, SamplingParams
     path, load_format = resolve_model(args.model)
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.context + 160, max_num_seqs=max(8, args.batch_size),
-              gpu_memory_utilization=0.5)
+              gpu_memory_utilization=args.gpu_memory_utilization)
     engine = llm.llm_engine
     runner = engine.executor.runner
     vocab = engine.model_config.vocab_size

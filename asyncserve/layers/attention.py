@@ -12,10 +12,10 @@ from asyncserve.kernels.attention_decode import single_partition_max_len
 from asyncserve.kernels.kv_scale import is_fp8
 from asyncserve.layers.parallel_state import tp_rank
 
-# Rotary and the cache write in one launch (kernels/rotary_cache.py) where the rotary offers its table. Built
-# and checked under Triton's interpreter only: off until a GPU run has checked it at real shapes
-# (tests/kernels/test_rotary_cache_gpu.py), since every attention model's GPU step would take it.
-FUSE_ROTARY_WITH_CACHE = os.environ.get("ASYNCSERVE_FUSED_ROTARY_CACHE") == "1"
+# Rotary and the cache write in one launch (kernels/rotary_cache.py) where the rotary offers its table. On by
+# default since an H100 run checked it at real shapes (tests/kernels/test_rotary_cache_gpu.py);
+# ASYNCSERVE_FUSED_ROTARY_CACHE=0 turns it off.
+FUSE_ROTARY_WITH_CACHE = os.environ.get("ASYNCSERVE_FUSED_ROTARY_CACHE", "1") != "0"
 
 
 @dataclass

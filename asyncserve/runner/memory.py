@@ -42,7 +42,7 @@ def num_kv_blocks(runner, config: Config) -> int:
     free_now, _ = torch.cuda.mem_get_info(model_config.device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(model_config.device)
     available = total * cache.gpu_memory_utilization - peak - max(0, used_by_others)
-    if state_bytes > state_share(runner, config, available):
+    if state_bytes and state_bytes > state_share(runner, config, available):
         # The peak counted the sampler over max_num_seqs rows (with a 248k vocabulary, gigabytes), and fewer
         # will run: measure again at about that many, then fit the slots to what it frees.
         fewer = int(state_share(runner, config, available) // state_bytes_per_slot(runner.model.state_layers()))

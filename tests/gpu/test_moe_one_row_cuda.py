@@ -1,19 +1,22 @@
 """Batch-1 decode of MoE families with the one-token two-kernel path (ASYNCSERVE_MOE_ONE_ROW, kernels/moe_row.py)
-forced on: greedy fp32 tokens equal transformers', in CUDA graphs and eagerly (SiLU experts of Mixtral, Qwen2-MoE
+forced on: greedy fp32 tokens equal transformers' (GPT-OSS: the CPU engine's where the installed transformers
+ignores the tiny config's SwiGLU limit), in CUDA graphs and eagerly (SiLU experts of Mixtral, Qwen2-MoE
 with its shared expert beside, Qwen3-MoE; GPT-OSS's biased experts with the clamped SwiGLU)."""
 from __future__ import annotations
 
 import pytest
 
-from asyncserve import SamplingParams
+from asyncserve import LLM, SamplingParams
 from tests.conftest import PROMPTS, hf_greedy
+from tests.gpu.test_engine_cuda import transformers_follows_the_config
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
-def test_one_token_moe_keeps_greedy_tokens(family, enforce_eager, make_cuda_llm, hf_reference, monkeypatch):
+def test_one_token_moe_keeps_greedy_tokens(family, enforce_eager, make_cuda_llm, hf_reference, tiny_model_dir,
+                                           monkeypatch):
     from asyncserve.kernels.moe_row import MOE_ROW_CONFIGS
     from asyncserve.layers import moe as moe_layer
     monkeypatch.setattr(moe_layer, "TUNE_ONE_ROW_MOE", True)
@@ -26,9 +29,15 @@ def test_one_token_moe_keeps_greedy_tokens(family, enforce_eager, make_cuda_llm,
     calls = []
     original = moe_layer.fused_moe_row_triton
     monkeypatch.setattr(moe_layer, "fused_moe_row_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
-    hf_model, tokenizer = hf_reference(family)
-    for prompt in PROMPTS[:2]:  # one request at a time: every decode step is one token
-        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
-        assert out[0].outputs[0].token_ids == hf_greedy(hf_model, tokenizer.encode(prompt), 16)
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    if transformers_follows_the_config(family):
+        hf_model, tokenizer = hf_reference(family)
+        expected = [hf_greedy(hf_model, tokenizer.encode(prompt), 16) for prompt in PROMPTS[:2]]
+    else:  # the CPU engine, which CI checks token for token against a transformers that reads the config
+        cpu = LLM(tiny_model_dir(family), device="cpu", dtype="float32")
+        expected = [o.outputs[0].token_ids for o in cpu.generate(PROMPTS[:2], params, use_tqdm=False)]
+    for prompt, tokens in zip(PROMPTS[:2], expected):  # one request at a time: every decode step is one token
+        out = llm.generate([prompt], params, use_tqdm=False)
+        assert out[0].outputs[0].token_ids == tokens
     if enforce_eager:  # graphs captured the kernels before this patch; eager steps call them each time
         assert calls

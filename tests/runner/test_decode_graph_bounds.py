@@ -17,7 +17,7 @@ def short_graphs_on(monkeypatch):
     monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", True)  # the kernel's side of the switch
 
 
-def test_off_by_default_one_graph_per_size(monkeypatch):
+def test_switched_off_one_graph_per_size(monkeypatch):
     monkeypatch.setattr(decode_graphs, "SHORT_CONTEXT_GRAPHS", False)
     monkeypatch.setattr(attention_decode, "LONG_SINGLE_PARTITION", False)
     assert context_bounds(_Model([2, 2]), 1, 32768) == [32768]

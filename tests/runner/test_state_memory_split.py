@@ -56,3 +56,15 @@ def test_states_that_fit_leave_max_num_seqs_and_profile_once(monkeypatch):
     runner, config, profiled = _setup(monkeypatch, max_num_seqs=16)
     memory.num_kv_blocks(runner, config)
     assert profiled == [16] and config.scheduler.max_num_seqs == 16
+
+
+def test_a_model_without_states_that_leaves_no_room_gets_the_memory_error(monkeypatch):
+    """No state layers and nothing left after the weights (a 61 GB model at gpu_memory_utilization=0.5 on an
+    80 GB card): the actionable MemoryError, not a division by the zero bytes of a state slot."""
+    import pytest
+    runner, config, _ = _setup(monkeypatch)
+    runner.model = SimpleNamespace(state_layers=lambda: [])
+    monkeypatch.setattr(memory, "state_bytes_per_slot", lambda layers: 0 if not layers else PER_SLOT)
+    config.cache.gpu_memory_utilization = 0.5
+    with pytest.raises(MemoryError, match="raise gpu_memory_utilization"):
+        memory.num_kv_blocks(runner, config)

@@ -17,10 +17,11 @@ from asyncserve.layers.single_row import (SingleRowKernel, fastest_gated_row_ker
 
 # Batch-1 fusions into the one-row GEMV, each kept only where timed faster at start-up: a gated MLP's
 # activation into its down projection, a layer's residual add and RMSNorm into the qkv and gate|up
-# projections after them. Built without a GPU run: on with ASYNCSERVE_FUSED_GATED_ROW=1 /
-# ASYNCSERVE_FUSED_NORM_ROW=1 until the GPU tests and the 0.5B figure have run.
-FUSE_GATED_ROW = os.environ.get("ASYNCSERVE_FUSED_GATED_ROW") == "1"
-FUSE_NORM_ROW = os.environ.get("ASYNCSERVE_FUSED_NORM_ROW") == "1"
+# projections after them. On by default since an H100 run (tests/gpu/test_one_row_fusions_cuda.py passed; see
+# runner/decode_graphs.py for the figures); ASYNCSERVE_FUSED_GATED_ROW=0 / ASYNCSERVE_FUSED_NORM_ROW=0 turn
+# them off.
+FUSE_GATED_ROW = os.environ.get("ASYNCSERVE_FUSED_GATED_ROW", "1") != "0"
+FUSE_NORM_ROW = os.environ.get("ASYNCSERVE_FUSED_NORM_ROW", "1") != "0"
 
 
 class UnquantizedLinearMethod(LinearMethodBase):

@@ -111,7 +111,7 @@ def main():
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="time every config of the tables")
     parser.add_argument("--timed", action="store_true",
-                        help="for M <= SPLIT_K_MAX_ROWS, time what start-up timing tries (ASYNCSERVE_QUANT_TUNE=1: "
+                        help="for M <= SPLIT_K_MAX_ROWS, time what start-up timing tries (on unless ASYNCSERVE_QUANT_TUNE=0: "
                              "GEMV tiles; table GEMM, K-split GEMMs, dequantize + cuBLAS) and total the fastest")
     args = parser.parse_args()
     copy_rate, matmul_rate = measure_bandwidth(), measure_matmul_rate()

@@ -127,18 +127,19 @@ if [ "$what" = online ]; then  # issue 22: asyncserve alone under `vllm bench se
   done
   kill -INT $AP; wait $AP; grep -E "lag|stall" "$OUT/serve/asyncserve_server.log" | tail -8
 fi
-if [ "$what" = verify ]; then  # what the sixth session changed after its GPU run, or did not get to: the tests it
-  # touched, and the 0.5B decode (VERIFY_MODELS adds models) with the two off-by-default switches beside the
-  # default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`); VERIFY_QUICK=1: the default and all on only
+if [ "$what" = verify ]; then  # the batch-1 work's GPU tests, and the 0.5B decode (VERIFY_MODELS adds models) with
+  # its switches (on by default) turned off beside the default (LoRA's grouped kernels: `LORA_SWITCHES=... lora`);
+  # VERIFY_QUICK=1: the default and all off only
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_cuda.py tests/gpu/test_decode_graph_bounds_cuda.py \
     tests/gpu/test_spec_decode_cuda.py tests/gpu/test_verify_graphs_cuda.py tests/kernels/test_decode_single_partition.py \
     tests/kernels/test_rotary_cache_gpu.py tests/gpu/test_one_row_fusions_cuda.py --durations=6 2>&1 \
     | tee "$OUT/verify_tests.log" | tail -12
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemv.py 2>&1 | tail -2  # the GEMVs on CUDA
   cd "$ROOT/scripts"
-  all_on="ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1 ASYNCSERVE_FUSED_GATED_ROW=1 ASYNCSERVE_FUSED_NORM_ROW=1"
-  variants=("" "ASYNCSERVE_FUSED_ROTARY_CACHE=1 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=1" "$all_on")
-  [ -n "${VERIFY_QUICK:-}" ] && variants=("" "$all_on")  # the default and every switch on
+  # the batch-1 switches are on by default: the default, the fusions off, and every switch off
+  all_off="ASYNCSERVE_FUSED_ROTARY_CACHE=0 ASYNCSERVE_SHORT_CONTEXT_GRAPHS=0 ASYNCSERVE_FUSED_GATED_ROW=0 ASYNCSERVE_FUSED_NORM_ROW=0"
+  variants=("" "ASYNCSERVE_FUSED_GATED_ROW=0 ASYNCSERVE_FUSED_NORM_ROW=0" "$all_off")
+  [ -n "${VERIFY_QUICK:-}" ] && variants=("" "$all_off")  # the default and every switch off
   for switches in "${variants[@]}"; do
     for m in qwen2.5-0.5b ${VERIFY_MODELS:-}; do
       env $switches timeout 150 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/verify_latency_$m.log" \
@@ -148,13 +149,13 @@ if [ "$what" = verify ]; then  # what the sixth session changed after its GPU ru
       | sed "s/^/[${switches:-default}] /"
   done
 fi
-if [ "$what" = moe-row ]; then  # issue 22: one token's MoE layer in two kernels (ASYNCSERVE_MOE_ONE_ROW=1, start-up
-  # timing against the grouped path) beside the default; its GPU tests first; MODELS picks (default qwen3-30b-a3b);
+if [ "$what" = moe-row ]; then  # issue 22: one token's MoE layer in two kernels (on by default, start-up timing
+  # against the grouped path) beside the grouped path (ASYNCSERVE_MOE_ONE_ROW=0); its GPU tests first; MODELS picks (default qwen3-30b-a3b);
   # vLLM's batch-1 figure of the same config when vLLM is staged (NO_VLLM=1 skips it)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_moe_row.py tests/gpu/test_moe_one_row_cuda.py 2>&1 \
     | tee "$OUT/moe_row_tests.log" | tail -4
   cd "$ROOT/scripts"
-  for switches in "" "ASYNCSERVE_MOE_ONE_ROW=1"; do
+  for switches in "" "ASYNCSERVE_MOE_ONE_ROW=0"; do
     for m in ${MODELS:-qwen3-30b-a3b}; do
       env $switches timeout 300 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
         | grep -E "floor|^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"
@@ -166,13 +167,13 @@ if [ "$what" = moe-row ]; then  # issue 22: one token's MoE layer in two kernels
       --config scripts/model_configs/$m/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_latency_$m.jsonl"
   done
 fi
-if [ "$what" = int4 ]; then  # issue 28: the int4 GEMV's one-kernel K-splits and its start-up timing
-  # (ASYNCSERVE_QUANT_TUNE=1) beside the table's tiles; the GPU tests first; vLLM's figure with the same
+if [ "$what" = int4 ]; then  # issue 28: the int4 products' start-up timing (on by default; one-kernel K-splits)
+  # beside the tables' choices (ASYNCSERVE_QUANT_TUNE=0); the GPU tests first; vLLM's figure with the same
   # config when vLLM is staged (NO_VLLM=1 skips it)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_quant_gemm_gpu.py 2>&1 | tee "$OUT/quant_gemm_tests.log" | tail -4
   cd "$ROOT/scripts"
   timeout 150 python3 bench_quant_gemm.py --m 1 16 64 512 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
-  for switches in "" "ASYNCSERVE_QUANT_TUNE=1"; do
+  for switches in "" "ASYNCSERVE_QUANT_TUNE=0"; do
     for m in llama-3.1-8b-gptq-int4 ${INT4_MODELS:-}; do
       env $switches timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
         | grep -E "floor|^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"

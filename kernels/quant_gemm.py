@@ -41,8 +41,8 @@ QUANT_GEMV_CONFIGS = ((16, 64, 1, 4, 3, False), (32, 64, 1, 4, 3, False), (32, 3
                       (16, 64, 2, 4, 3, False), (32, 64, 4, 4, 3, False),
                       (32, 64, 2, 4, 3, True), (32, 64, 4, 4, 3, True), (32, 32, 8, 4, 4, True),
                       (16, 64, 4, 4, 3, True))
-# What start-up timing (`fastest_quant_gemv_config` in layers/single_row.py) tries per weight shape: the table's choices and the one-kernel
-# K-splits, each one Triton compile.
+# What start-up timing (layers/quantization/packed_int_timing.py) tries per weight shape: the table's choices
+# and the one-kernel K-splits, each one Triton compile.
 QUANT_GEMV_TIMED = (QUANT_GEMV_CONFIGS[1], QUANT_GEMV_CONFIGS[7], QUANT_GEMV_CONFIGS[8], QUANT_GEMV_CONFIGS[9],
                     QUANT_GEMV_CONFIGS[10])
 
@@ -132,11 +132,11 @@ STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE = 0, 1, 2
 def _store_split(acc, out_ptrs, ws_ptrs, mask, arrivals_ptr, tile, num_splits, SPLITS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The epilogue of a split-K tile `acc` [BLOCK_M, BLOCK_N] (see STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE)."""
-    if SPLITS == 0:
+    if SPLITS == 0:  # STORE
         tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
-    elif SPLITS == 1:
+    elif SPLITS == 1:  # ADD_INTO_OUTPUT
         tl.atomic_add(out_ptrs, acc, mask=mask)
-    else:
+    else:  # MEET_IN_WORKSPACE
         # The splits add into the zeroed fp32 workspace; the last to arrive at this tile (one counter per
         # tile, as CUTLASS's split-K semaphore: barrier, then a release by one thread) takes the sums out,
         # zeroing them again for the next call, and stores them in the output's dtype.

@@ -39,9 +39,25 @@ def rotary_embedding_ref(positions, query, key, cos_sin_cache, is_neox):
 
 
 @triton.jit
+def norm_head_halves(first, second, dtype: tl.constexpr, norm_w_ptr, first_dims, second_dims, dims_mask, eps,
+                     HEAD_DIM: tl.constexpr):
+    """Each head's RMSNorm with `rms_norm_ref`'s roundings (normalized, rounded to `dtype`, times the weight,
+    rounded), for heads held as their two rotary halves [heads, HALF_PAD] in fp32 (full rotary: the halves
+    are the whole head). Returns the halves in fp32, each value one of `dtype`."""
+    inv_rms = 1.0 / tl.sqrt((tl.sum(first * first, axis=1) + tl.sum(second * second, axis=1)) / HEAD_DIM + eps)
+    inv_rms = inv_rms[:, None]
+    w1 = tl.load(norm_w_ptr + first_dims, mask=dims_mask, other=0.0).to(tl.float32)
+    w2 = tl.load(norm_w_ptr + second_dims, mask=dims_mask, other=0.0).to(tl.float32)
+    first = ((first * inv_rms).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+    second = ((second * inv_rms).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    return first, second
+
+
+@triton.jit
 def _rotate_heads(x_ptr, stride_t, stride_h, token, num_heads, cos, sin,
                   HEADS_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                  IS_NEOX: tl.constexpr):
+                  IS_NEOX: tl.constexpr, norm_w_ptr, eps, NORM: tl.constexpr):
+    """The heads of one token rotated in place (NORM: each head's RMSNorm by `norm_w_ptr` first)."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
     pairs = tl.arange(0, HALF_PAD)[None, :]
     mask = (heads < num_heads) & (pairs < HALF)
@@ -53,6 +69,9 @@ def _rotate_heads(x_ptr, stride_t, stride_h, token, num_heads, cos, sin,
     x1 = tl.load(row + first_dims, mask=mask, other=0.0)
     x2 = tl.load(row + second_dims, mask=mask, other=0.0)
     first, second = x1.to(tl.float32), x2.to(tl.float32)
+    if NORM:
+        first, second = norm_head_halves(first, second, x1.dtype, norm_w_ptr, first_dims, second_dims,
+                                         pairs < HALF, eps, 2 * HALF)
     tl.store(row + first_dims, (first * cos - second * sin).to(x1.dtype), mask=mask)
     tl.store(row + second_dims, (second * cos + first * sin).to(x1.dtype), mask=mask)
 
@@ -71,9 +90,9 @@ def _rotary_kernel(positions_ptr, query_ptr, key_ptr, cos_sin_ptr,
     cos = tl.load(cos_sin_row + pairs, mask=pairs < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_row + HALF + pairs, mask=pairs < HALF, other=0.0).to(tl.float32)
     _rotate_heads(query_ptr, stride_qt, stride_qh, token, num_heads, cos, sin,
-                  HEADS_PAD, HALF, HALF_PAD, IS_NEOX)
+                  HEADS_PAD, HALF, HALF_PAD, IS_NEOX, query_ptr, 0.0, False)
     _rotate_heads(key_ptr, stride_kt, stride_kh, token, num_kv_heads, cos, sin,
-                  KV_HEADS_PAD, HALF, HALF_PAD, IS_NEOX)
+                  KV_HEADS_PAD, HALF, HALF_PAD, IS_NEOX, key_ptr, 0.0, False)
 
 
 def rotary_embedding_triton(positions, query, key, cos_sin_cache, is_neox):

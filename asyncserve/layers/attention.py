@@ -16,6 +16,9 @@ from asyncserve.layers.parallel_state import tp_rank
 # default since an H100 run checked it at real shapes (tests/kernels/test_rotary_cache_gpu.py);
 # ASYNCSERVE_FUSED_ROTARY_CACHE=0 turns it off.
 FUSE_ROTARY_WITH_CACHE = os.environ.get("ASYNCSERVE_FUSED_ROTARY_CACHE", "1") != "0"
+# Per-head RMSNorms before the rotary (Qwen3's q_norm / k_norm) in that same launch. Built without a GPU run:
+# on with ASYNCSERVE_FUSED_QK_NORM=1 until tests/kernels/test_rotary_cache_gpu.py and a Qwen3 figure have run.
+FUSE_QK_NORM = os.environ.get("ASYNCSERVE_FUSED_QK_NORM") == "1"
 
 
 @dataclass
@@ -94,18 +97,29 @@ class PagedAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 meta: AttentionMetadata, rotary: nn.Module | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, head_norms: tuple | None = None) -> torch.Tensor:
         """Given `rotary` (a RotaryEmbedding) and `positions`, q and k are rotated here first: by it, or in
-        one launch with the cache write where it offers its table (`fused_table`) and the fusion is on."""
+        one launch with the cache write where it offers its table (`fused_table`) and the fusion is on.
+        `head_norms` (q_norm, k_norm: RMSNorm over head_dim) normalize each head before the rotary: in that
+        launch too where it takes them (plain RMSNorm, full rotary, FUSE_QK_NORM), else as their own ops."""
         num_tokens = query.shape[0]
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = self.kv_cache
         table = rotary.fused_table(positions) if rotary is not None and FUSE_ROTARY_WITH_CACHE else None
+        qk_norm = None
+        if head_norms is not None:
+            q_norm, k_norm = head_norms
+            if (FUSE_QK_NORM and table is not None and table.shape[-1] == self.head_dim
+                    and not q_norm.unit_offset and not k_norm.unit_offset and q_norm.eps == k_norm.eps):
+                qk_norm = (q_norm.weight, k_norm.weight, q_norm.eps)
+            else:
+                query = q_norm(query.reshape(-1, self.head_dim)).view(num_tokens, self.num_heads, self.head_dim)
+                key = k_norm(key.reshape(-1, self.head_dim)).view(num_tokens, self.num_kv_heads, self.head_dim)
         if table is not None:
             rotary_write_kv_cache(positions, query, key, value, k_cache, v_cache, meta.slot_mapping, table,
-                                  rotary.is_neox_style, **self._scales(k_cache))
+                                  rotary.is_neox_style, **self._scales(k_cache), qk_norm=qk_norm)
         else:
             if rotary is not None:
                 rotary(positions, query, key)

@@ -10,6 +10,7 @@ from asyncserve.kernels import fused_add_rms_norm, rms_norm
 class RMSNorm(nn.Module):
     is_norm = True  # random (dummy) weights leave it as built: see models/loader.py
     gemv_fusable = True  # a one-row GEMV may apply it to its input (kernels/gemv.py); not Gemma's form
+    unit_offset = False  # Gemma's form scales by (1 + weight)
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -27,6 +28,7 @@ class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: scales by (1 + weight), in fp32 (the checkpoint stores weight - 1)."""
 
     gemv_fusable = False
+    unit_offset = True
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__(hidden_size, eps)

@@ -48,12 +48,10 @@ class LlamaAttention(nn.Module):
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata):
         """The layer past its qkv projection ([T, (H + 2 Hkv) D], which PreNormBlock may fuse with its norm)."""
-        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:  # Qwen3 normalises each head before rotary
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.q_size)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.kv_size)
-        out = self.attn(q, k, v, meta, self.rotary, positions)        # rotates q, k: [T, H D]
+        # Qwen3 normalises each head before rotary: the attention does it, with the rotary where it can
+        head_norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        out = self.attn(q, k, v, meta, self.rotary, positions, head_norms)  # rotates q, k: [T, H D]
         return self.o_proj(out)
 
 

@@ -144,3 +144,58 @@ def test_cpu_dispatch_keeps_the_two_torch_ops(slots):
     rotary_write_kv_cache(positions, query, key, value, k_cache, v_cache, slot_mapping, _cos_sin_cache(16), False)
     assert torch.equal(query, expected_query) and torch.equal(key, expected_key)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def _head_norms(head_dim, device, dtype, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return ((torch.rand(head_dim, generator=gen) + 0.5).to(device, dtype),
+            (torch.rand(head_dim, generator=gen) + 0.5).to(device, dtype), 1e-6)
+
+
+def test_reference_with_head_norms_is_rms_norm_then_rotary_then_write():
+    from asyncserve.kernels import rms_norm_ref
+    _, query, key, value, positions = _step(4, 3, 1, 16, "cpu")
+    k_cache, v_cache = torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16)
+    q_weight, k_weight, eps = _head_norms(16, "cpu", torch.float32)
+    expected_query, expected_key = rotary_embedding_ref(positions, rms_norm_ref(query, q_weight, eps),
+                                                        rms_norm_ref(key, k_weight, eps), _cos_sin_cache(16), True)
+    rotary_write_kv_cache_ref(positions, query, key, value, k_cache, v_cache, torch.tensor([5, -1, 0, 7]),
+                              _cos_sin_cache(16), True, qk_norm=(q_weight, k_weight, eps))
+    assert torch.equal(query, expected_query) and torch.equal(key, expected_key)
+    assert torch.equal(k_cache[1, 1, 0], expected_key[0, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(14, 2, 64), (5, 1, 80), (32, 4, 128)])
+def test_triton_with_head_norms_matches_the_reference(triton_device, dtype, is_neox, num_heads, num_kv_heads,
+                                                      head_dim):
+    """Qwen3's q_norm / k_norm in the same launch: each head normalized with the norm kernel's roundings, then
+    rotated and written (head_dim 80: no power of two, padded lanes out of the mean)."""
+    num_tokens, num_blocks, block_size = 7, 4, 8
+    qkv, query, key, value, positions = _step(num_tokens, num_heads, num_kv_heads, head_dim, triton_device, dtype)
+    qkv.mul_(3)  # far from unit norm: the norm has work to do
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[[1, 5]] = -1
+    k_cache, v_cache = _pool(num_blocks, block_size, num_kv_heads, head_dim, triton_device, dtype)
+    cache = _cos_sin_cache(head_dim).to(triton_device)
+    norms = _head_norms(head_dim, triton_device, dtype)
+    expected_qkv, expected_k_cache, expected_v_cache = qkv.clone(), k_cache.clone(), v_cache.clone()
+    split = [num_heads, num_heads + num_kv_heads]
+    rotary_write_kv_cache_ref(positions, expected_qkv[:, :split[0]], expected_qkv[:, split[0]:split[1]],
+                              expected_qkv[:, split[1]:], expected_k_cache, expected_v_cache,
+                              slots.to(triton_device), cache, is_neox, qk_norm=norms)
+    rotary_write_kv_cache_triton(positions, query, key, value, k_cache, v_cache, slots.to(triton_device), cache,
+                                 is_neox, qk_norm=norms)
+    tolerance = TOLERANCE if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)  # one fp16 step at most
+    torch.testing.assert_close(qkv, expected_qkv, **tolerance)
+    torch.testing.assert_close(k_cache, expected_k_cache, **tolerance)
+    assert torch.equal(v_cache, expected_v_cache)
+
+
+def test_head_norms_need_full_rotary():
+    _, query, key, value, positions = _step(2, 2, 1, 32, "cpu")
+    with pytest.raises(ValueError, match="full rotary"):
+        rotary_write_kv_cache(positions, query, key, value, torch.zeros(1, 4, 1, 32), torch.zeros(1, 4, 1, 32),
+                              torch.tensor([0, 1]), _cos_sin_cache(16), True,
+                              qk_norm=_head_norms(32, "cpu", torch.float32))

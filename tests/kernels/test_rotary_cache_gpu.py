@@ -110,3 +110,39 @@ def test_replays_in_a_cuda_graph_with_new_positions_and_slots():
                                  table, True)
     assert torch.equal(qkv, expected_qkv)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 64, 3000])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 4)], ids=["qwen3-8b", "qwen3-30b-a3b"])
+def test_head_norms_in_the_launch_equal_the_norm_kernel_then_the_two(heads, kv_heads, num_tokens):
+    """Qwen3's q_norm / k_norm (ASYNCSERVE_FUSED_QK_NORM) inside the launch, against the RMSNorm kernel, the
+    rotary kernel and the cache write one after the other, in bf16 (the mean square summed in another order:
+    a bf16 step at most) and inside a CUDA graph."""
+    from asyncserve.kernels import rms_norm_triton
+    head_dim = 128
+    qkv, slots, positions, num_blocks = _step(num_tokens, heads, kv_heads, head_dim, torch.bfloat16)
+    qkv.mul_(4)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q_weight = (torch.rand(head_dim, generator=gen, device="cuda") + 0.5).bfloat16()
+    k_weight = (torch.rand(head_dim, generator=gen, device="cuda") + 0.5).bfloat16()
+    table = cos_sin_table(head_dim, 32768, 1e6, {"rope_type": "default"}).cuda()
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
+    k_cache, v_cache = (torch.zeros(shape, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    expected_qkv, expected_k, expected_v = qkv.clone(), k_cache.clone(), v_cache.clone()
+    query, key, value = _views(expected_qkv, heads, kv_heads)
+    query.copy_(rms_norm_triton(query, q_weight, 1e-6))
+    key.copy_(rms_norm_triton(key, k_weight, 1e-6))
+    rotary_embedding_triton(positions, query, key, table, True)
+    write_kv_cache_triton(key, value, expected_k, expected_v, slots)
+    static = qkv.clone()
+    graph = torch.cuda.CUDAGraph()
+    rotary_write_kv_cache_triton(positions, *_views(qkv, heads, kv_heads), k_cache, v_cache, slots, table, True,
+                                 qk_norm=(q_weight, k_weight, 1e-6))  # compiles outside the capture
+    with torch.cuda.graph(graph):
+        rotary_write_kv_cache_triton(positions, *_views(static, heads, kv_heads), k_cache, v_cache, slots, table,
+                                     True, qk_norm=(q_weight, k_weight, 1e-6))
+    k_cache.zero_()
+    graph.replay()
+    for got, want in ((qkv, expected_qkv), (static, expected_qkv), (k_cache, expected_k)):
+        torch.testing.assert_close(got.float(), want.float(), atol=0.07, rtol=0.02)
+    assert torch.equal(v_cache, expected_v)

@@ -58,3 +58,28 @@ def test_on_unless_set_to_zero(value, expected):
             " moe.TUNE_ONE_ROW_MOE, packed_int.TUNE_PACKED_INT])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str([expected] * 7)
+
+
+def test_head_norms_in_the_fused_call_keep_qwen3_exact(make_llm, hf_reference, monkeypatch):
+    """ASYNCSERVE_FUSED_QK_NORM=1: Qwen3's q_norm / k_norm go to the rotary + cache-write call (its reference
+    on the CPU) instead of running as their own ops; greedy tokens stay transformers'."""
+    calls = []
+    original = attention.rotary_write_kv_cache
+    monkeypatch.setattr(attention, "FUSE_QK_NORM", True)
+    monkeypatch.setattr(attention, "rotary_write_kv_cache",
+                        lambda *a, **k: calls.append(k.get("qk_norm") is not None) or original(*a, **k))
+    llm = make_llm("qwen3")
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), use_tqdm=False)
+    model, tokenizer = hf_reference("qwen3")
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(model, tokenizer.encode(p), MAX_NEW)
+                                                         for p in PROMPTS]
+    assert calls and all(calls)  # every layer's norms went into the one call
+
+
+def test_head_norms_stay_their_own_ops_when_the_switch_is_off(make_llm, monkeypatch):
+    calls = []
+    original = attention.rotary_write_kv_cache
+    monkeypatch.setattr(attention, "rotary_write_kv_cache",
+                        lambda *a, **k: calls.append(k.get("qk_norm") is not None) or original(*a, **k))
+    make_llm("qwen3").generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    assert calls and not any(calls)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, benchmarks; logs under $OUT (or ./gpu-logs).
 # Carry [".whl"], filled by scripts/gpu_wheels.sh here first.
-# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|moe-row|tune-moe|quant|int4|families|families23|structured|vllm|online|verify|
+# Usage: bash scripts/gpu_check.sh [tests|bench|all|extra|sharing|grid|moe|moe-row|tune-moe|quant|int4|qk-norm|families|families23|structured|vllm|online|verify|
 #        vllm-offline|spec|spec-draft|lora|vision|compare DIR|none]
 set -uo pipefail
 OUT=$(realpath -m "${OUT:-gpu-logs}"); mkdir -p "$OUT"
@@ -165,6 +165,17 @@ if [ "$what" = moe-row ]; then  # issue 22: one token's MoE layer in two kernels
   [ -z "${NO_VLLM:-}" ] && [ -d /tmp/vsite/vllm ] && for m in ${MODELS:-qwen3-30b-a3b}; do
     PYTHONPATH=/tmp/vsite:${PYTHONPATH:-} timeout 300 python3 .vllm/bin/bench_vllm.py --workload latency \
       --config scripts/model_configs/$m/config.json 2>&1 | grep '^{' | tee "$OUT/vllm_latency_$m.jsonl"
+  done
+fi
+if [ "$what" = qk-norm ]; then  # Qwen3's per-head norms inside the rotary + cache-write launch (ASYNCSERVE_FUSED_QK_NORM=1)
+  # beside the default; the kernel's GPU test first; MODELS picks (default qwen3-8b qwen3-30b-a3b)
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_rotary_cache_gpu.py -k head_norms 2>&1 | tail -2
+  cd "$ROOT/scripts"
+  for switches in "" "ASYNCSERVE_FUSED_QK_NORM=1"; do
+    for m in ${MODELS:-qwen3-8b qwen3-30b-a3b}; do
+      env $switches timeout 250 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
+        | grep -E "^asyncserve:" | sed "s/^/[${switches:-default}] $m /"
+    done
   done
 fi
 if [ "$what" = int4 ]; then  # issue 28: the int4 products' start-up timing (on by default; one-kernel K-splits)

@@ -13,7 +13,7 @@ from torch import nn
 from asyncserve.errors import ConfigError
 from asyncserve.kernels import fused_moe, use_triton
 from asyncserve.kernels.moe_row import MOE_ROW_CONFIGS, fused_moe_row_applies, fused_moe_row_triton
-from asyncserve.layers.single_row import time_ms
+from asyncserve.layers.single_row import fastest, time_ms
 from asyncserve.layers.parallel_state import all_reduce, tp_rank, tp_size
 from asyncserve.layers.quantization import QuantizationConfig, UnquantizedExpertsMethod
 from asyncserve.config.tp_shapes import divide
@@ -150,9 +150,5 @@ def fastest_one_row_moe(layer: FusedMoE, hidden: torch.Tensor, w13: torch.Tensor
         return time_ms(run, repeats=5) / len(logits)
 
     grouped = timed(fused_moe)
-    best, best_time = None, 0.95 * grouped
-    for config in MOE_ROW_CONFIGS:
-        elapsed = timed(fused_moe_row_triton, config=config)
-        if elapsed < best_time:
-            best, best_time = config, elapsed
-    return best, grouped, best_time if best is not None else grouped
+    best, best_time = fastest(MOE_ROW_CONFIGS, lambda config: timed(fused_moe_row_triton, config=config), grouped)
+    return best, grouped, best_time

@@ -83,18 +83,27 @@ def cold_timer(weight: torch.Tensor):
     return timed
 
 
+# A Triton kernel replaces cuBLAS (or a layer's standing path) only when it times at least 5% faster (cold
+# weights, graph replays).
+_MIN_GAIN = 0.95
+
+
+def fastest(candidates, time_candidate, baseline_ms: float, margin: float = _MIN_GAIN):
+    """(the fastest candidate under `margin` x `baseline_ms`, or None; its ms, or `baseline_ms`): what every
+    start-up choice of a kernel keeps. `time_candidate(candidate)` gives its ms."""
+    best, best_time = None, margin * baseline_ms
+    for candidate in candidates:
+        elapsed = time_candidate(candidate)
+        if elapsed < best_time:
+            best, best_time = candidate, elapsed
+    return best, best_time if best is not None else baseline_ms
+
+
 def _fastest_config(timed, separate: float, run_config) -> tuple[tuple | None, float, float]:
     """(the GEMV config faster than `separate` ms, if any, separate ms, its ms)."""
-    best, best_time = None, separate
-    for config in GEMV_CONFIGS:
-        elapsed = timed(lambda w, config=config: run_config(w, config))
-        if elapsed < best_time:
-            best, best_time = config, elapsed
+    best, best_time = fastest(GEMV_CONFIGS, lambda config: timed(lambda w: run_config(w, config)), separate,
+                              margin=1.0)
     return best, separate, best_time
-
-
-# A Triton GEMV replaces cuBLAS only when it times at least 5% faster (cold weights, graph replays).
-_MIN_GAIN = 0.95
 
 
 @torch.inference_mode()
@@ -104,11 +113,7 @@ def fastest_single_row_kernel(weight: torch.Tensor) -> tuple[SingleRowKernel, fl
     timed = cold_timer(weight)
     baseline = timed(lambda w: linear(x, w, None, None))
     candidates = ["mv"] + (list(GEMV_CONFIGS) if HAS_TRITON else [])
-    best, best_time = None, _MIN_GAIN * baseline
-    for candidate in candidates:
-        elapsed = timed(lambda w, candidate=candidate: linear(x, w, None, candidate))
-        if elapsed < best_time:
-            best, best_time = candidate, elapsed
+    best, best_time = fastest(candidates, lambda candidate: timed(lambda w: linear(x, w, None, candidate)), baseline)
     return best, baseline, best_time
 
 

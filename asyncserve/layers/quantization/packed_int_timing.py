@@ -12,7 +12,7 @@ import torch
 
 from asyncserve.kernels import GEMV_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, gemv_table_config, quant_gemv_triton
 from asyncserve.kernels.quant_gemm import dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm_triton
-from asyncserve.layers.single_row import cold_timer
+from asyncserve.layers.single_row import cold_timer, fastest
 
 # The row counts a plan is timed at; rows in (previous, bucket] take that bucket's choice.
 ROW_BUCKETS = (8, 16, 32, 64, SPLIT_K_MAX_ROWS)
@@ -30,14 +30,10 @@ def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros
     timed = cold_timer(qweight)
     table = gemv_table_config(qweight.shape[1])
     baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
-    best, best_time = table, 0.95 * baseline
-    for config in QUANT_GEMV_TIMED:
-        if config == table:
-            continue
-        elapsed = timed(lambda w, config=config: quant_gemv_triton(x, w, scales, zeros, group_size, bits, config))
-        if elapsed < best_time:
-            best, best_time = config, elapsed
-    return best, baseline, best_time if best != table else baseline
+    others = [config for config in QUANT_GEMV_TIMED if config != table]
+    best, best_time = fastest(others, lambda config: timed(
+        lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, config)), baseline)
+    return best or table, baseline, best_time
 
 
 def split_k_candidates(rows: int, k: int, n: int, group_size: int, num_sms: int) -> list[tuple[tuple, int]]:

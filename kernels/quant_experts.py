@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .quant_gemm import dequantize_int_rows
+from .int_packing import dequantize_int_rows
 
 
 class QuantExperts(NamedTuple):

@@ -13,8 +13,18 @@ while dequantizing costs one read of the packed weight and one write plus read o
 import torch
 
 from ._triton import next_power_of_2, tl, triton, use_triton
+from .int_packing import (
+    check_packed_operands,
+    dequantize_int_rows,
+    per_int32,
+)
+from .quant_gemv_mma import MmaGemvConfig, quant_gemm_mma
+from .split_k import (
+    MIN_TILE,
+    split_output,
+    store_split,
+)
 
-QUANT_BITS = (4, 8)
 GEMV_MAX_ROWS = 4
 DEQUANT_MIN_ROWS = 48
 
@@ -47,70 +57,9 @@ QUANT_GEMV_TIMED = (QUANT_GEMV_CONFIGS[1], QUANT_GEMV_CONFIGS[7], QUANT_GEMV_CON
                     QUANT_GEMV_CONFIGS[10])
 
 
-def _per_int32(bits: int) -> int:
-    if bits not in QUANT_BITS:
-        raise ValueError(f"quantized weights must have 4 or 8 bits, not {bits}")
-    return 32 // bits
-
-
-def pack_int_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """q [K, N] integers in [0, 2**bits) -> int32 [K * bits // 32, N], 32 // bits rows per int32."""
-    per = _per_int32(bits)
-    num_rows, num_cols = q.shape
-    if num_rows % per:
-        raise ValueError(f"K={num_rows} must be a multiple of {per} to pack {bits}-bit rows")
-    if q.numel() and (q.min() < 0 or q.max() >= 1 << bits):
-        raise ValueError(f"values to pack must lie in [0, {1 << bits})")
-    shifts = torch.arange(per, device=q.device, dtype=torch.int64) * bits
-    rows = q.to(torch.int64).reshape(num_rows // per, per, num_cols)
-    words = (rows << shifts[None, :, None]).sum(1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-
-
-def unpack_int_rows(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """int32 [K * bits // 32, N] -> int32 [K, N]: the inverse of `pack_int_rows`."""
-    per = _per_int32(bits)
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
-        raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
-                         f"got {qweight.dtype} {list(qweight.shape)}")
-    shifts = torch.arange(per, device=qweight.device, dtype=torch.int32) * bits
-    q = (qweight[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
-    return q.reshape(k, qweight.shape[1])
-
-
-def _check(x, qweight, scales, zeros, group_size, bits) -> int:
-    """Validates shapes and dtypes; returns the effective group size (K for one group)."""
-    per = _per_int32(bits)
-    if x.dim() != 2:
-        raise ValueError(f"x must be [M, K], got {list(x.shape)}")
-    k = x.shape[1]
-    group_size = k if group_size == -1 or group_size >= k else group_size  # one group
-    if group_size <= 0 or group_size % per:
-        raise ValueError(f"group_size {group_size} must be K ({k}), -1 or a positive multiple "
-                         f"of {per}")
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * per != k:
-        raise ValueError(f"qweight must be int32 [{k} * {bits} // 32, N], "
-                         f"got {qweight.dtype} {list(qweight.shape)}")
-    groups_shape = (-(-k // group_size), qweight.shape[1])
-    for name, tensor in (("scales", scales), ("zeros", zeros)):
-        if tuple(tensor.shape) != groups_shape or tensor.dtype != x.dtype:
-            raise ValueError(f"{name} must be {x.dtype} {list(groups_shape)}, "
-                             f"got {tensor.dtype} {list(tensor.shape)}")
-    return group_size
-
-
-def dequantize_int_rows(qweight, scales, zeros, group_size, bits, k, dtype=torch.float32):
-    """The float weight W [K, N] = (q - zeros[group]) * scales[group], in fp32 (or fp64)."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    group_size = k if group_size == -1 or group_size >= k else group_size
-    group = torch.arange(k, device=qweight.device) // group_size
-    q = unpack_int_rows(qweight, bits, k).to(compute)
-    return ((q - zeros.to(compute)[group]) * scales.to(compute)[group]).to(dtype)
-
-
 def quant_gemm_ref(x, qweight, scales, zeros, group_size, bits):
     """x [M, K] @ dequantized W [K, N] in fp32 (fp64 for fp64 x) -> [M, N] in x's dtype."""
-    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    group_size = check_packed_operands(x, qweight, scales, zeros, group_size, bits)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = dequantize_int_rows(qweight, scales, zeros, group_size, bits, x.shape[1], compute)
     return (x.to(compute) @ weight).to(x.dtype)
@@ -121,36 +70,6 @@ def _codes_to_float(q):
     """Codes in [0, 2**23) to fp32 exactly, without the quarter-rate integer conversion: with
     exponent bits 0x4B, q becomes the mantissa of the float 2**23 + q."""
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-# How a kernel's K-splits meet (SPLITS): one split stores its tile; the splits add into an fp32 output that a
-# cast follows; or they add into the zeroed workspace and the last one to arrive stores the tile.
-STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE = 0, 1, 2
-
-
-@triton.jit
-def _store_split(acc, out_ptrs, ws_ptrs, mask, arrivals_ptr, tile, num_splits, SPLITS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The epilogue of a split-K tile `acc` [BLOCK_M, BLOCK_N] (see STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE)."""
-    if SPLITS == 0:  # STORE
-        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
-    elif SPLITS == 1:  # ADD_INTO_OUTPUT
-        tl.atomic_add(out_ptrs, acc, mask=mask)
-    else:  # MEET_IN_WORKSPACE
-        # The splits add into the zeroed fp32 workspace; the last to arrive at this tile (one counter per
-        # tile, as CUTLASS's split-K semaphore: barrier, then a release by one thread) takes the sums out,
-        # zeroing them again for the next call, and stores them in the output's dtype.
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
-            tl.debug_barrier()
-            # Read and zeroed in one atomic (at L2, where the other splits' adds landed), on the bits.
-            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
-                                  mask=mask, sem="relaxed")
-            bits = tl.where(mask, bits, 0)  # masked lanes return nothing defined
-            tl.store(out_ptrs, bits.to(tl.float32, bitcast=True).to(out_ptrs.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed")
 
 
 @triton.jit
@@ -213,7 +132,7 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
             acc = tl.dot(x, w.to(x.dtype), acc)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    _store_split(acc, out_ptrs, ws_ptrs, m_mask[:, None] & n_mask[None, :], arrivals_ptr, pid, num_splits, SPLITS,
+    store_split(acc, out_ptrs, ws_ptrs, m_mask[:, None] & n_mask[None, :], arrivals_ptr, pid, num_splits, SPLITS,
                  BLOCK_M, BLOCK_N)
 
 
@@ -279,7 +198,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    _store_split(acc, out_ptrs, ws_ptrs, out_mask, arrivals_ptr, tl.program_id(0), SPLIT_K, SPLITS, BLOCK_M, BLOCK_N)
+    store_split(acc, out_ptrs, ws_ptrs, out_mask, arrivals_ptr, tl.program_id(0), SPLIT_K, SPLITS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -306,11 +225,6 @@ def _dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, w_ptr, N, K, stride_qk, st
 
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-# Per device: (fp32 workspace of SPLIT_K_MAX_ROWS x N values, int32 arrival counters per output tile), all zero
-# between calls: each call's last split per tile zeroes what it used. The GPU runs one product at a time.
-_split_k_workspace: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-SPLIT_K_MAX_ROWS = 128  # the most rows a K-split product meets in the workspace
-_MIN_TILE = 16  # the smallest BLOCK_M and BLOCK_N of any config: one counter per tile of that size
 
 
 def reserve_dequant_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -327,51 +241,9 @@ def dequant_scratch(dtype: torch.dtype, device: torch.device, numel: int) -> tor
     return scratch if scratch is not None and scratch.numel() >= numel else None
 
 
-def reserve_split_k_workspace(n: int, device: torch.device) -> None:
-    """Grows the K-splits' workspace to hold up to SPLIT_K_MAX_ROWS rows of N = `n` outputs. Called at load
-    time, so that CUDA-graph capture never allocates it (a product that finds it too small while capturing
-    adds into its output instead, with a memset before and a cast after)."""
-    device = _indexed(device)
-    current = _split_k_workspace.get(device)
-    if current is None or current[0].numel() < SPLIT_K_MAX_ROWS * n:
-        tiles = triton.cdiv(SPLIT_K_MAX_ROWS, _MIN_TILE) * triton.cdiv(n, _MIN_TILE)
-        _split_k_workspace[device] = (torch.zeros(SPLIT_K_MAX_ROWS * n, dtype=torch.float32, device=device),
-                                      torch.zeros(tiles, dtype=torch.int32, device=device))
-
-
-def _indexed(device) -> torch.device:
-    """'cuda' as the tensors' own 'cuda:<current>', so both name one workspace."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _split_output(m: int, n: int, num_splits: int, meet_in_workspace: bool, x: torch.Tensor):
-    """(out, workspace, arrivals, SPLITS) for a product of `num_splits` K-splits: see STORE, ADD_INTO_OUTPUT,
-    MEET_IN_WORKSPACE. The workspace is made here when missing, except while a CUDA graph is captured."""
-    workspace = None
-    if num_splits > 1 and meet_in_workspace and m * n and m <= SPLIT_K_MAX_ROWS:
-        workspace = _split_k_workspace.get(x.device)
-        if workspace is None or workspace[0].numel() < m * n:
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                workspace = None
-            else:
-                reserve_split_k_workspace(n, x.device)
-                workspace = _split_k_workspace[x.device]
-    if workspace is not None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        return out, workspace[0], workspace[1], MEET_IN_WORKSPACE
-    if num_splits > 1:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-        return out, out, out, ADD_INTO_OUTPUT
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    return out, out, out, STORE
-
-
 def dequantize_triton(qweight, scales, zeros, group_size, bits, k, out):
     """W [K, N] = (q - zeros) * scales into `out` (K * N values of the weight's float dtype)."""
-    per = _per_int32(bits)
+    per = per_int32(bits)
     n = qweight.shape[1]
     block_k, block_n = 64, 64
     weight = out[:k * n].view(k, n)
@@ -402,16 +274,16 @@ def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None, 
     """Triton version of `quant_gemm_ref` through the tiled GEMM; `config` overrides the table:
     (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, COMPACT). `num_splits` > 1 splits K among
     that many programs per output tile, meeting in the workspace (few rows: too few tiles for the SMs)."""
-    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    group_size = check_packed_operands(x, qweight, scales, zeros, group_size, bits)
     block_m, block_n, block_k, group_m, num_warps, num_stages, compact = (
         config or gemm_table_config(x.shape[0]))
     x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     n = qweight.shape[1]
     num_splits = max(1, min(num_splits, triton.cdiv(k, block_k)))
-    if num_splits > 1 and min(block_m, block_n) < _MIN_TILE:
-        raise ValueError(f"K-splits need tiles of at least {_MIN_TILE}x{_MIN_TILE}, got {block_m}x{block_n}")
-    out, ws, arrivals, splits = _split_output(m, n, num_splits, True, x)
+    if num_splits > 1 and min(block_m, block_n) < MIN_TILE:
+        raise ValueError(f"K-splits need tiles of at least {MIN_TILE}x{MIN_TILE}, got {block_m}x{block_n}")
+    out, ws, arrivals, splits = split_output(m, n, num_splits, True, x)
     if m == 0 or n == 0:
         return out.to(x.dtype)
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
@@ -430,7 +302,7 @@ def quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, config=None, 
 def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     """Triton version of `quant_gemm_ref` for M <= GEMV_MAX_ROWS: the packed weight streamed once;
     `config` overrides the choice: (BLOCK_N, BLOCK_KP, SPLIT_K, num_warps, num_stages, REDUCE)."""
-    group_size = _check(x, qweight, scales, zeros, group_size, bits)
+    group_size = check_packed_operands(x, qweight, scales, zeros, group_size, bits)
     m, k = x.shape
     if m > GEMV_MAX_ROWS:
         raise ValueError(f"the GEMV takes at most {GEMV_MAX_ROWS} rows, got {m}")
@@ -438,7 +310,7 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     block_n, block_kp, split_k, num_warps, num_stages, reduce = config or gemv_table_config(n)
     x = x if x.stride(1) == 1 else x.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    out, ws, arrivals, splits = _split_output(m, n, split_k, reduce, x)
+    out, ws, arrivals, splits = split_output(m, n, split_k, reduce, x)
     if m == 0 or n == 0:
         return out.to(x.dtype)
     grid = (triton.cdiv(n, block_n), split_k)
@@ -454,23 +326,28 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
 
 
 def quant_gemm(x, qweight, scales, zeros, group_size, bits, gemv_config=None, row_plan=None):
-    """CUDA fp16/bf16: Triton GEMV for M <= GEMV_MAX_ROWS (`gemv_config`, else the table's); up to the last
-    bucket of `row_plan` (start-up timing's ((max_rows, choice), ...): "dequant" or (GEMM config, num_splits))
-    its choice; otherwise the GEMM below DEQUANT_MIN_ROWS, else dequantize into the scratch reserved at load
-    and cuBLAS. Elsewhere the reference."""
+    """CUDA fp16/bf16: for M <= GEMV_MAX_ROWS `gemv_config` (a GEMV tile tuple, or an MmaGemvConfig for the
+    tensor-core product; else the table's GEMV); up to the last bucket of `row_plan` (start-up timing's
+    ((max_rows, choice), ...): "dequant", an MmaGemvConfig or (GEMM config, num_splits)) its choice; otherwise
+    the GEMM below DEQUANT_MIN_ROWS, else dequantize into the scratch reserved at load and cuBLAS. Elsewhere
+    the reference."""
     if not use_triton(x) or x.dtype not in (torch.float16, torch.bfloat16):
         return quant_gemm_ref(x, qweight, scales, zeros, group_size, bits)
     m = x.shape[0]
     if m <= GEMV_MAX_ROWS:
+        if isinstance(gemv_config, MmaGemvConfig):
+            return quant_gemm_mma(x, qweight, scales, zeros, group_size, bits, gemv_config)
         return quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, gemv_config)
     k, n = x.shape[1], qweight.shape[1]
     choice = None
     if row_plan and m <= row_plan[-1][0]:
         choice = next(choice for max_rows, choice in row_plan if m <= max_rows)
+        if isinstance(choice, MmaGemvConfig):
+            return quant_gemm_mma(x, qweight, scales, zeros, group_size, bits, choice)
         if choice != "dequant":
             return quant_gemm_triton(x, qweight, scales, zeros, group_size, bits, *choice)
     scratch = dequant_scratch(x.dtype, x.device, k * n)
     if scratch is None or (choice is None and m < DEQUANT_MIN_ROWS):
         return quant_gemm_triton(x, qweight, scales, zeros, group_size, bits)
-    _check(x, qweight, scales, zeros, group_size, bits)
+    check_packed_operands(x, qweight, scales, zeros, group_size, bits)
     return x @ dequantize_triton(qweight, scales, zeros, group_size, bits, k, scratch)

@@ -20,11 +20,11 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, QUANT_GEMV_TIMED, GEMV_MAX_ROWS,
-                                SPLIT_K_MAX_ROWS, dequantize_triton, gemv_table_config, pack_int_rows, quant_gemm,
-                                quant_gemm_triton, quant_gemv_triton, reserve_dequant_scratch,
-                                reserve_split_k_workspace)
+                                SPLIT_K_MAX_ROWS, MmaGemvConfig, dequantize_triton, gemv_table_config, mma_applies,
+                                pack_int_rows, quant_gemm, quant_gemm_mma, quant_gemm_triton, quant_gemv_triton,
+                                reserve_dequant_scratch, reserve_split_k_workspace)
 from asyncserve.kernels.quant_gemm import dequant_scratch, gemm_table_config
-from asyncserve.layers.quantization.packed_int_timing import split_k_candidates
+from asyncserve.layers.quantization.packed_int_timing import mma_candidates, split_k_candidates
 from bench_common import measure_bandwidth, measure_matmul_rate
 
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
@@ -38,6 +38,8 @@ _EXTRA_TILES = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128
 EXTRA_GEMM_CONFIGS = ([row[1:-1] + (True,) for row in QUANT_GEMM_CONFIGS]
                       + [tile + (compact,) for tile in _EXTRA_TILES for compact in (False, True)])
 DTYPE = torch.bfloat16
+# Tried by --timed --sweep besides the candidates: (BLOCK_N, BLOCK_M, SPLIT_K, warps, stages)
+_MMA_SWEEP = [MmaGemvConfig(n, 16, s, w, st) for n in (64, 128) for s in (1, 2, 4, 8) for w, st in ((4, 3), (4, 4), (8, 3))]
 
 
 def _copies(make, one_copy_bytes):
@@ -76,11 +78,19 @@ def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, 
           f"torch bf16 {bf16_ms * 1e3:8.1f} us", flush=True)
     gemv = m <= GEMV_MAX_ROWS
     best_timed = None
+    if timed and mma_applies(x, bits, group_size):  # the tensor-core product, as start-up timing tries it
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for config in mma_candidates(m, k, n, num_sms) + (_MMA_SWEEP if sweep else []):
+            config = config._replace(block_m=max(16, min(config.block_m, 1 << (m - 1).bit_length())))
+            ms = _time_cold(lambda w: quant_gemm_mma(x, *w, group_size, bits, config), weights)
+            best_timed = ms if best_timed is None else min(best_timed, ms)
+            print(f"    timed tensor-core {tuple(config)}: {ms * 1e3:8.1f} us "
+                  f"({(quant_bytes + io_bytes) / ms / 1e6:5.0f} GB/s)", flush=True)
     if timed and gemv:
         table = gemv_table_config(n)
         for config in QUANT_GEMV_TIMED:
             ms = _time_cold(lambda w: quant_gemv_triton(x, *w, group_size, bits, config), weights)
-            best_timed = ms if best_timed is None else min(best_timed, ms)
+            best_timed = min(best_timed, ms) if best_timed is not None else ms
             print(f"    timed {config}{' (table)' if config == table else ''}: {ms * 1e3:8.1f} us", flush=True)
     elif timed and m <= SPLIT_K_MAX_ROWS:  # what fastest_row_plan weighs for this many rows
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count

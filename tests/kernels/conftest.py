@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 _KERNEL_MODULES = ["_triton", "cache", "kv_scale", "attention_ref", "attention_cpu", "attention_window", "attention_decode",
                    "attention_prefill_tile", "attention_prefill_gqa", "attention_prefill_sdpa",
-                   "attention_prefill", "attention", "norm", "rotary", "rotary_cache", "activation", "gemv", "quant_gemm", "fp8_linear",
+                   "attention_prefill", "attention", "norm", "rotary", "rotary_cache", "activation", "gemv", "int_packing", "split_k", "quant_gemv_mma", "quant_gemm", "fp8_linear",
                    "moe_quant", "moe", "moe_row", "bitmask", "lora"]
 if os.environ.get("TRITON_INTERPRET") == "1" and "asyncserve.kernels" in sys.modules:
     # An earlier conftest imported the kernels as compiled GPU functions: re-decorate them.

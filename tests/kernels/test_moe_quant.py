@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asyncserve.kernels import GemmTiles, MoeTiles, QuantExperts, fused_moe, fused_moe_ref, fused_moe_triton
-from asyncserve.kernels.quant_gemm import pack_int_rows
+from asyncserve.kernels.int_packing import pack_int_rows
 
 
 def _int_experts(num_experts, n, k, group_size, bits, gen, dtype) -> QuantExperts:

@@ -13,6 +13,7 @@ from asyncserve.kernels import (HAS_TRITON, dequantize_int_rows, dequantize_trit
 
 # The package exports the function `quant_gemm`, which hides the module of the same name.
 quant_gemm_module = importlib.import_module("asyncserve.kernels.quant_gemm")
+split_k_module = importlib.import_module("asyncserve.kernels.split_k")
 
 
 def random_quantized(k, n, group_size, bits, dtype=torch.float32, device="cpu", seed=0):
@@ -151,8 +152,8 @@ def test_triton_gemv_matches_reference(triton_device, m, k, n, group_size, bits,
 
 @pytest.fixture
 def fresh_workspace(monkeypatch):
-    monkeypatch.setattr(quant_gemm_module, "_split_k_workspace", {})
-    return quant_gemm_module._split_k_workspace
+    monkeypatch.setattr(split_k_module, "_split_k_workspace", {})
+    return split_k_module._split_k_workspace
 
 
 SPLIT_GEMMS = [  # (m, k, n, group_size, bits, dtype, (BLOCK_M, BLOCK_N, ...), num_splits)
@@ -206,8 +207,8 @@ def test_split_k_workspace_only_grows_and_is_made_when_missing(fresh_workspace):
     kernels.reserve_split_k_workspace(128, cpu)
     assert fresh_workspace[cpu][0].numel() == rows * 128
     fresh_workspace.clear()  # not reserved (outside a CUDA-graph capture): made on first use
-    out, workspace, _, splits = quant_gemm_module._split_output(2, 40, 3, True, torch.zeros(2, 8).half())
-    assert splits == quant_gemm_module.MEET_IN_WORKSPACE and workspace.numel() == rows * 40
+    out, workspace, _, splits = split_k_module.split_output(2, 40, 3, True, torch.zeros(2, 8).half())
+    assert splits == split_k_module.MEET_IN_WORKSPACE and workspace.numel() == rows * 40
     assert out.dtype == torch.float16
 
 
@@ -215,24 +216,24 @@ def test_split_k_workspace_only_grows_and_is_made_when_missing(fresh_workspace):
 def test_split_k_outputs_without_the_workspace(fresh_workspace, m, splits, meet):
     """One split stores its tile; splits told not to meet in the workspace, or with more rows than it holds,
     add into a zeroed fp32 output (cast after)."""
-    out, _, _, mode = quant_gemm_module._split_output(m, 40, splits, meet, torch.zeros(m, 8).half())
+    out, _, _, mode = split_k_module.split_output(m, 40, splits, meet, torch.zeros(m, 8).half())
     if splits == 1:
-        assert mode == quant_gemm_module.STORE and out.dtype == torch.float16
+        assert mode == split_k_module.STORE and out.dtype == torch.float16
     else:
-        assert mode == quant_gemm_module.ADD_INTO_OUTPUT and out.dtype == torch.float32 and not out.any()
+        assert mode == split_k_module.ADD_INTO_OUTPUT and out.dtype == torch.float32 and not out.any()
 
 
 def test_gemv_without_a_workspace_adds_into_the_output(triton_device, monkeypatch):
     """While a CUDA graph is captured nothing may be allocated: a config meant to meet in a workspace that
     is missing falls back to the splits adding into a zeroed fp32 output."""
-    monkeypatch.setattr(quant_gemm_module, "_split_k_workspace", {})
-    monkeypatch.setattr(quant_gemm_module, "reserve_split_k_workspace", lambda n, device: None)
+    monkeypatch.setattr(split_k_module, "_split_k_workspace", {})
+    monkeypatch.setattr(split_k_module, "reserve_split_k_workspace", lambda n, device: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     qweight, scales, zeros, _ = random_quantized(320, 72, 64, 4, torch.bfloat16)
     x = torch.randn(1, 320).bfloat16()
-    _, _, _, mode = quant_gemm_module._split_output(1, 72, 2, True, x)
-    assert mode == quant_gemm_module.ADD_INTO_OUTPUT
+    _, _, _, mode = split_k_module.split_output(1, 72, 2, True, x)
+    assert mode == split_k_module.ADD_INTO_OUTPUT
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -103,9 +103,8 @@ def test_one_kernel_split_k_replays_in_a_graph_and_leaves_the_workspace_zeroed(c
     """The K-splits meet in the workspace reserved at load: graph replays with new inputs, over the four
     8B shapes in turn as a model's layers call them, give the reference each time, and the workspace and
     its counters are zero after every replay (else the next call would add stale sums)."""
-    import importlib
-    module = importlib.import_module("asyncserve.kernels.quant_gemm")  # the package's quant_gemm is the function
-    from asyncserve.kernels import reserve_split_k_workspace
+    from asyncserve.kernels import split_k
+    from asyncserve.kernels.split_k import reserve_split_k_workspace
     layers = [_quantized(k, n, 128, 4, torch.bfloat16, seed=i) for i, (k, n) in enumerate(LLAMA_8B_SHAPES)]
     for _, qweight, _, _ in layers:
         reserve_split_k_workspace(qweight.shape[1], torch.device("cuda"))
@@ -116,7 +115,7 @@ def test_one_kernel_split_k_replays_in_a_graph_and_leaves_the_workspace_zeroed(c
     with torch.cuda.graph(graph):
         outs = [quant_gemv_triton(static_x, qweight, scales, zeros, 128, 4, config)
                 for static_x, (x, qweight, scales, zeros) in zip(inputs, layers)]
-    workspace, arrivals = module._split_k_workspace[inputs[0].device]
+    workspace, arrivals = split_k._split_k_workspace[inputs[0].device]
     assert workspace.numel() >= 128 * 28672  # reserved before the capture: the captured kernels use it
     for start in (100, 2000, 5000):
         for static_x, (x, _, _, _) in zip(inputs, layers):
@@ -147,3 +146,30 @@ def test_start_up_row_plan_covers_the_buckets_and_its_choices_match_the_referenc
     for m in (5, 8, 13, 40, 64, 100, 128, 129):
         _assert_close(quant_gemm(x[:m], qweight, scales, zeros, 128, 4, None, plan), x[:m], qweight, scales, zeros,
                       128, 4)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+def test_tensor_core_product_at_real_shapes(k, n, dtype):
+    """kernels/quant_gemv_mma.py at the 8B's shapes, 1 to 64 rows, with the candidates start-up timing tries
+    (K-splits meeting in the workspace), also replayed in a CUDA graph with new inputs."""
+    from asyncserve.kernels import quant_gemm_mma
+    from asyncserve.kernels.split_k import reserve_split_k_workspace
+    from asyncserve.layers.quantization.packed_int_timing import mma_candidates
+    x, qweight, scales, zeros = _quantized(k, n, 128, 4, dtype)
+    reserve_split_k_workspace(n, x.device)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for m in (1, 2, 16, 17, 64):
+        for config in mma_candidates(m, k, n, num_sms):
+            _assert_close(quant_gemm_mma(x[:m], qweight, scales, zeros, 128, 4, config), x[:m], qweight, scales,
+                          zeros, 128, 4)
+    config = mma_candidates(1, k, n, num_sms)[0]
+    static_x = x[:1].clone()
+    quant_gemm_mma(static_x, qweight, scales, zeros, 128, 4, config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = quant_gemm_mma(static_x, qweight, scales, zeros, 128, 4, config)
+    for start in (100, 5000):
+        static_x.copy_(x[start:start + 1])
+        graph.replay()
+        _assert_close(out, static_x, qweight, scales, zeros, 128, 4)

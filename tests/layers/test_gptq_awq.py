@@ -8,7 +8,8 @@ import os
 
 import pytest
 import torch
-from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, unpack_int_rows
+from asyncserve.kernels.int_packing import pack_int_rows, unpack_int_rows
+from asyncserve.kernels.quant_gemm import quant_gemm
 from safetensors.torch import load_file, save_file
 
 from asyncserve import LLM, SamplingParams

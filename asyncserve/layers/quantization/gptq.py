@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from asyncserve.errors import ConfigError
-from asyncserve.kernels.quant_gemm import unpack_int_rows
+from asyncserve.kernels.int_packing import unpack_int_rows
 from asyncserve.layers.quantization.base import QuantizationConfig, WeightLoader, expert_param, set_split_dims
 from asyncserve.layers.quantization.packed_int import (
     PackedIntExpertsMethod,

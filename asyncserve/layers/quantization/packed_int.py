@@ -12,7 +12,10 @@ from torch import nn
 
 from asyncserve.errors import ConfigError
 from asyncserve.kernels import HAS_TRITON, QuantExperts
-from asyncserve.kernels.quant_gemm import pack_int_rows, quant_gemm, reserve_dequant_scratch, reserve_split_k_workspace
+from asyncserve.kernels.int_packing import pack_int_rows
+from asyncserve.kernels.quant_gemm import quant_gemm, reserve_dequant_scratch
+from asyncserve.kernels.quant_gemv_mma import MmaGemvConfig
+from asyncserve.kernels.split_k import reserve_split_k_workspace
 from asyncserve.layers.quantization.base import ExpertsMethodBase, LinearMethodBase, set_split_dims
 from asyncserve.layers.quantization.packed_int_timing import fastest_quant_gemv_config, fastest_row_plan
 
@@ -152,7 +155,9 @@ class PackedIntLinearMethod(LinearMethodBase):
         k, n = qweight.shape[0] * 32 // self.bits, qweight.shape[1]
         rows = ", ".join(f"{bucket} rows {name} {ms * 1e3:.1f} us (table {table * 1e3:.1f})"
                          for bucket, name, ms, table in report)
-        return (f"int{self.bits} {k}x{n}: 1 row GEMV {self.gemv_config} {best_ms * 1e3:.1f} us "
+        one_row = (f"tensor-core {tuple(self.gemv_config)}" if isinstance(self.gemv_config, MmaGemvConfig)
+                   else f"GEMV {self.gemv_config}")
+        return (f"int{self.bits} {k}x{n}: 1 row {one_row} {best_ms * 1e3:.1f} us "
                 f"(table {table_ms * 1e3:.1f}); {rows}")
 
 

@@ -4,21 +4,43 @@ Few rows are bound by reading the packed weight, so what decides their speed is 
 at once: the table's tiles were chosen in one H100 sweep, and for 5-128 rows they leave most SMs idle
 (N / BLOCK_N column tiles, one program each). Timing the candidates once per shape at start-up (well under
 a second of GPU time; one Triton compile per tile shape) keeps what is fastest here: the one-row GEMV's
-tiles, and for each row bucket a K-split GEMM, the table's GEMM or dequantization into the scratch + cuBLAS.
+tiles or the tensor-core product (kernels/quant_gemv_mma.py: int4 in 128-row groups), and for each row bucket
+a K-split GEMM, the table's GEMM, the tensor-core product (up to MMA_MAX_ROWS rows) or dequantization into the
+scratch + cuBLAS.
 """
 from __future__ import annotations
 
 import torch
 
-from asyncserve.kernels import GEMV_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, gemv_table_config, quant_gemv_triton
+from asyncserve.kernels import (GEMV_MAX_ROWS, MMA_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, MmaGemvConfig,
+                                gemv_table_config, mma_applies, quant_gemm_mma, quant_gemv_triton)
 from asyncserve.kernels.quant_gemm import dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm_triton
+from asyncserve.kernels.quant_gemv_mma import K_TILE
 from asyncserve.layers.single_row import cold_timer, fastest
 
 # The row counts a plan is timed at; rows in (previous, bucket] take that bucket's choice.
 ROW_BUCKETS = (8, 16, 32, 64, SPLIT_K_MAX_ROWS)
 DEQUANT = "dequant"  # a plan's choice: dequantize into the scratch, then cuBLAS
-# A plan: ((max_rows, choice), ...) by growing max_rows; choice DEQUANT or (GEMM config, num_splits).
+# A plan: ((max_rows, choice), ...) by growing max_rows; choice DEQUANT, an MmaGemvConfig or
+# (GEMM config, num_splits).
 RowPlan = tuple
+
+
+def mma_candidates(rows: int, k: int, n: int, num_sms: int) -> list[MmaGemvConfig]:
+    """Tensor-core product tiles for `rows` rows: 64 and 128 columns, the rows' power of two (16 to 64), and
+    as many K-splits as fill about two waves of the SMs while each split keeps at least two 128-deep tiles."""
+    block_m = max(16, min(MMA_MAX_ROWS, 1 << (rows - 1).bit_length()))
+    k_tiles = k // K_TILE
+    candidates = []
+    for block_n in (64, 128):
+        tiles = -(-rows // block_m) * -(-n // block_n)
+        split_k = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2))
+        candidates.append(MmaGemvConfig(block_n, block_m, split_k, 4, 3))
+    return candidates
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @torch.inference_mode()
@@ -31,8 +53,11 @@ def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros
     table = gemv_table_config(qweight.shape[1])
     baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
     others = [config for config in QUANT_GEMV_TIMED if config != table]
+    if mma_applies(x, bits, group_size):
+        others += mma_candidates(1, x.shape[1], qweight.shape[1], _num_sms(qweight.device))
     best, best_time = fastest(others, lambda config: timed(
-        lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, config)), baseline)
+        lambda w: quant_gemm_mma(x, w, scales, zeros, group_size, bits, config) if isinstance(config, MmaGemvConfig)
+        else quant_gemv_triton(x, w, scales, zeros, group_size, bits, config)), baseline)
     return best or table, baseline, best_time
 
 
@@ -55,10 +80,11 @@ def split_k_candidates(rows: int, k: int, n: int, group_size: int, num_sms: int)
 def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                      bits: int) -> tuple[RowPlan, list[tuple[int, str, float, float]]]:
     """(plan, report) for GEMV_MAX_ROWS < rows <= SPLIT_K_MAX_ROWS: per bucket of ROW_BUCKETS the fastest of
-    the table's GEMM, the K-split GEMMs and (where the scratch is reserved) dequantization + cuBLAS;
+    the table's GEMM, the K-split GEMMs, the tensor-core product where it applies and (where the scratch is
+    reserved) dequantization + cuBLAS;
     report rows are (bucket, what won, its ms, the table's ms)."""
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
-    num_sms = torch.cuda.get_device_properties(qweight.device).multi_processor_count
+    num_sms = _num_sms(qweight.device)
     timed = cold_timer(qweight)
     scratch = dequant_scratch(scales.dtype, qweight.device, k * n)
     plan, report = [], []
@@ -70,12 +96,23 @@ def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
         for config, num_splits in candidates:
             times[(config, num_splits)] = timed(lambda w, c=config, s=num_splits: quant_gemm_triton(
                 x, w, scales, zeros, group_size, bits, c, s))
+        if mma_applies(x, bits, group_size):
+            for config in mma_candidates(rows, k, n, num_sms):
+                times[config] = timed(lambda w, c=config: quant_gemm_mma(x, w, scales, zeros, group_size, bits, c))
         if scratch is not None:
             times[DEQUANT] = timed(lambda w: x @ dequantize_triton(w, scales, zeros, group_size, bits, k, scratch))
         best = min(times, key=times.get)
         plan.append((rows, best))
-        name = DEQUANT if best == DEQUANT else (
-            f"GEMM {best[0][0]}x{best[0][1]}x{best[0][2]}" + (f" in {best[1]} K-splits" if best[1] > 1 else ""))
-        report.append((rows, name, times[best], times[table]))
+        report.append((rows, _choice_name(best), times[best], times[table]))
     assert ROW_BUCKETS[0] > GEMV_MAX_ROWS
     return tuple(plan), report
+
+
+def _choice_name(choice) -> str:
+    if choice == DEQUANT:
+        return DEQUANT
+    if isinstance(choice, MmaGemvConfig):
+        return (f"tensor-core {choice.block_m}x{choice.block_n}"
+                + (f" in {choice.split_k} K-splits" if choice.split_k > 1 else ""))
+    config, num_splits = choice
+    return f"GEMM {config[0]}x{config[1]}x{config[2]}" + (f" in {num_splits} K-splits" if num_splits > 1 else "")

@@ -71,12 +71,13 @@ def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr
         offs_kp = tile * ROWS + tl.arange(0, ROWS)
         packed = tl.load(qw_ptr + offs_kp[None, :] * stride_qk + offs_n[:, None], mask=n_mask[:, None], other=0)
         dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        x_part = tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)  # summed over the rows once per tile, not per j
         for j in tl.static_range(8):
             w = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
             x = tl.load(x_rows + (offs_kp * 8 + j)[:, None], mask=m_mask[None, :], other=0.0)  # [ROWS, BLOCK_M]
             dot = tl.dot(w, x, dot)
-            x_sum += tl.sum(x.to(tl.float32), axis=0)
+            x_part += x.to(tl.float32)
+        x_sum = tl.sum(x_part, axis=0)
         group = tile * (ROWS * 8) // GROUP_SIZE
         scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)

@@ -39,7 +39,7 @@ EXTRA_GEMM_CONFIGS = ([row[1:-1] + (True,) for row in QUANT_GEMM_CONFIGS]
                       + [tile + (compact,) for tile in _EXTRA_TILES for compact in (False, True)])
 DTYPE = torch.bfloat16
 # Tried by --timed --sweep besides the candidates: (BLOCK_N, BLOCK_M, SPLIT_K, warps, stages)
-_MMA_SWEEP = [MmaGemvConfig(n, 16, s, w, st) for n in (64, 128) for s in (1, 2, 4, 8) for w, st in ((4, 3), (4, 4), (8, 3))]
+_MMA_SWEEP = [MmaGemvConfig(n, 16, s, w, st) for n in (32, 64, 128) for s in (1, 2, 4, 8) for w, st in ((4, 3), (4, 4), (8, 3))]
 
 
 def _copies(make, one_copy_bytes):

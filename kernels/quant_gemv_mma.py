@@ -1,4 +1,4 @@
-"""int4 products of few rows (1 to 64) on the tensor cores, for GPTQ's packed layout (int_packing).
+"""int4 products of few rows (1 to 128) on the tensor cores, for GPTQ's packed layout (int_packing).
 
 Why: the CUDA-core GEMV spends five to six instructions on every weight code (shift, mask, the float
 conversion trick, the zero, the FMA with a broadcast x) and so reads the packed weight at about a third of
@@ -25,8 +25,8 @@ from .split_k import split_output, store_split
 
 
 class MmaGemvConfig(NamedTuple):
-    """Tiles of the tensor-core product: output columns per program, rows of x per program (16, 32 or 64;
-    the MMA's smallest N is 8, Triton's dot 16), K-splits (meeting in the workspace), warps and stages."""
+    """Tiles of the tensor-core product: output columns per program, rows of x per program (16 to 128; the
+    MMA's smallest N is 8, Triton's dot 16), K-splits (meeting in the workspace), warps and stages."""
     block_n: int
     block_m: int
     split_k: int
@@ -35,7 +35,7 @@ class MmaGemvConfig(NamedTuple):
 
 
 K_TILE = 128  # one tile is 16 packed int32 rows: one MMA of depth 16 per code position
-MMA_MAX_ROWS = 64
+MMA_MAX_ROWS = 128  # the K-split workspace's rows (split_k.SPLIT_K_MAX_ROWS)
 # (magic bit pattern, its value) per activation dtype: MAGIC | q is the float MAGIC + q for q < 16
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 

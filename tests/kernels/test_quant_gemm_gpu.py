@@ -159,7 +159,7 @@ def test_tensor_core_product_at_real_shapes(k, n, dtype):
     x, qweight, scales, zeros = _quantized(k, n, 128, 4, dtype)
     reserve_split_k_workspace(n, x.device)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for m in (1, 2, 16, 17, 64):
+    for m in (1, 2, 16, 17, 64, 128):
         for config in mma_candidates(m, k, n, num_sms):
             _assert_close(quant_gemm_mma(x[:m], qweight, scales, zeros, 128, 4, config), x[:m], qweight, scales,
                           zeros, 128, 4)

@@ -21,6 +21,7 @@ CASES = [  # (m, k, n, group_size, config): partial column tiles, rows past 16, 
     (5, 512, 64, 256, MmaGemvConfig(64, 16, 3, 4, 2)),  # groups of two tiles
     (40, 384, 24, 128, MmaGemvConfig(16, 16, 5, 4, 2)),  # three row tiles of 16; 5 splits over 3 tiles
     (64, 128, 48, 128, MmaGemvConfig(32, 64, 1, 4, 2)),
+    (100, 256, 40, 128, MmaGemvConfig(32, 128, 2, 8, 2)),  # one row tile of 128, partly empty
 ]
 
 
@@ -107,4 +108,6 @@ def test_candidates_fill_the_sms():
     # gate_up: 448 tiles of 64 fill them already
     assert mma_candidates(1, 4096, 28672, 132)[0] == MmaGemvConfig(64, 16, 1, 4, 3)
     # 40 rows take row tiles of 64; short K keeps two tiles per split
-    assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(64, 64, 2, 4, 3), MmaGemvConfig(128, 64, 2, 4, 3)]
+    assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(64, 64, 2, 4, 3), MmaGemvConfig(128, 64, 2, 8, 3)]
+    # 128 rows of 128 columns: eight warps hold the two accumulators
+    assert mma_candidates(128, 4096, 4096, 132)[1] == MmaGemvConfig(128, 128, 9, 8, 3)

@@ -27,15 +27,16 @@ RowPlan = tuple
 
 
 def mma_candidates(rows: int, k: int, n: int, num_sms: int) -> list[MmaGemvConfig]:
-    """Tensor-core product tiles for `rows` rows: 64 and 128 columns, the rows' power of two (16 to 64), and
-    as many K-splits as fill about two waves of the SMs while each split keeps at least two 128-deep tiles."""
+    """Tensor-core product tiles for `rows` rows: 64 and 128 columns, the rows' power of two (16 to 128), eight
+    warps where a tile's two fp32 accumulators would not fit four warps' registers, and as many K-splits as
+    fill about two waves of the SMs while each split keeps at least two 128-deep tiles."""
     block_m = max(16, min(MMA_MAX_ROWS, 1 << (rows - 1).bit_length()))
     k_tiles = k // K_TILE
     candidates = []
     for block_n in (64, 128):
         tiles = -(-rows // block_m) * -(-n // block_n)
         split_k = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2))
-        candidates.append(MmaGemvConfig(block_n, block_m, split_k, 4, 3))
+        candidates.append(MmaGemvConfig(block_n, block_m, split_k, 8 if block_n * block_m >= 8192 else 4, 3))
     return candidates
 
 

@@ -7,11 +7,15 @@ well under a second and keeps whichever is fastest on this GPU, library version 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.nn import functional as F
 
 from asyncserve.kernels import (GEMV_ACTIVATIONS, GEMV_CONFIGS, HAS_TRITON, fused_add_rms_norm, gelu_tanh_and_mul,
                                 gemv_normed_triton, gemv_triton, silu_and_mul)
+
+logger = logging.getLogger("asyncserve")
 
 # How a one-row product runs: None = cuBLAS GEMM, "mv" = cuBLAS matrix-vector, or a Triton GEMV
 # config (see asyncserve.kernels.GEMV_CONFIGS).
@@ -93,7 +97,12 @@ def fastest(candidates, time_candidate, baseline_ms: float, margin: float = _MIN
     start-up choice of a kernel keeps. `time_candidate(candidate)` gives its ms."""
     best, best_time = None, margin * baseline_ms
     for candidate in candidates:
-        elapsed = time_candidate(candidate)
+        try:
+            elapsed = time_candidate(candidate)
+        except Exception as exc:  # a tile this GPU cannot compile or fit (Triton's errors): not a candidate
+            logger.warning("start-up timing skips %s: %s: %s", candidate, type(exc).__name__,
+                           str(exc).splitlines()[0] if str(exc) else "")
+            continue
         if elapsed < best_time:
             best, best_time = candidate, elapsed
     return best, best_time if best is not None else baseline_ms

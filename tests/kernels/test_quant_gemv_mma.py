@@ -111,3 +111,17 @@ def test_candidates_fill_the_sms():
     assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(64, 64, 2, 4, 3), MmaGemvConfig(128, 64, 2, 8, 3)]
     # 128 rows of 128 columns: eight warps hold the two accumulators
     assert mma_candidates(128, 4096, 4096, 132)[1] == MmaGemvConfig(128, 128, 9, 8, 3)
+
+
+def test_start_up_timing_tries_it_only_when_switched_on(monkeypatch):
+    """Off until it has run on a GPU: ASYNCSERVE_QUANT_MMA=1 adds the candidates (Ampere or newer)."""
+    from asyncserve.layers.quantization import packed_int_timing
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(packed_int_timing, "MMA_CANDIDATES", False)
+    assert not packed_int_timing._mma_usable(x, 4, 128)
+    monkeypatch.setattr(packed_int_timing, "MMA_CANDIDATES", True)
+    assert packed_int_timing._mma_usable(x, 4, 128)
+    assert not packed_int_timing._mma_usable(x, 8, 128)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert not packed_int_timing._mma_usable(x, 4, 128)

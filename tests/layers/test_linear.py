@@ -129,3 +129,19 @@ def test_start_up_timing_keeps_a_fused_gemv_only_where_faster(fusion, monkeypatc
         assert len(calls) == len(GEMV_CONFIGS)
         monkeypatch.undo()
         monkeypatch.setattr(single_row, "_COLD_BYTES", 0)
+
+
+def test_start_up_timing_skips_a_candidate_that_fails(caplog):
+    """A tile this GPU cannot compile or fit (Triton raises) is left out with one warning; the others are
+    still weighed."""
+    from asyncserve.layers.single_row import fastest
+
+    def time_candidate(candidate):
+        if candidate == "too big":
+            raise RuntimeError("out of resources: shared memory\nmore detail")
+        return {"slow": 2.0, "fast": 0.5}[candidate]
+
+    with caplog.at_level("WARNING", logger="asyncserve"):
+        assert fastest(["slow", "too big", "fast"], time_candidate, 1.0) == ("fast", 0.5)
+    assert "skips too big: RuntimeError: out of resources: shared memory" in caplog.text
+    assert "more detail" not in caplog.text

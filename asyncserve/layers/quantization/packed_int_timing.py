@@ -10,6 +10,8 @@ scratch + cuBLAS.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from asyncserve.kernels import (GEMV_MAX_ROWS, MMA_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, MmaGemvConfig,
@@ -17,6 +19,16 @@ from asyncserve.kernels import (GEMV_MAX_ROWS, MMA_MAX_ROWS, QUANT_GEMV_TIMED, S
 from asyncserve.kernels.quant_gemm import dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm_triton
 from asyncserve.kernels.quant_gemv_mma import K_TILE
 from asyncserve.layers.single_row import cold_timer, fastest
+
+# The tensor-core product joins the candidates with ASYNCSERVE_QUANT_MMA=1: off until it has run on a GPU
+# (tested in Triton's interpreter and compiled for sm_90a only). Ampere or newer: bf16 MMA.
+MMA_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA", "0") == "1"
+
+
+def _mma_usable(x: torch.Tensor, bits: int, group_size: int) -> bool:
+    return (MMA_CANDIDATES and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and mma_applies(x, bits, group_size))
+
 
 # The row counts a plan is timed at; rows in (previous, bucket] take that bucket's choice.
 ROW_BUCKETS = (8, 16, 32, 64, SPLIT_K_MAX_ROWS)
@@ -54,7 +66,7 @@ def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros
     table = gemv_table_config(qweight.shape[1])
     baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
     others = [config for config in QUANT_GEMV_TIMED if config != table]
-    if mma_applies(x, bits, group_size):
+    if _mma_usable(x, bits, group_size):
         others += mma_candidates(1, x.shape[1], qweight.shape[1], _num_sms(qweight.device))
     best, best_time = fastest(others, lambda config: timed(
         lambda w: quant_gemm_mma(x, w, scales, zeros, group_size, bits, config) if isinstance(config, MmaGemvConfig)
@@ -97,7 +109,7 @@ def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
         for config, num_splits in candidates:
             times[(config, num_splits)] = timed(lambda w, c=config, s=num_splits: quant_gemm_triton(
                 x, w, scales, zeros, group_size, bits, c, s))
-        if mma_applies(x, bits, group_size):
+        if _mma_usable(x, bits, group_size):
             for config in mma_candidates(rows, k, n, num_sms):
                 times[config] = timed(lambda w, c=config: quant_gemm_mma(x, w, scales, zeros, group_size, bits, c))
         if scratch is not None:

@@ -3,6 +3,7 @@
     python scripts/bench_quant_gemm.py                    # W4 g128, M = 1 and 512, default tiles
     python scripts/bench_quant_gemm.py --sweep --bits 8   # also every config in the tables
     python scripts/bench_quant_gemm.py --m 1 16 64 --timed   # what start-up timing tries, per shape
+    python scripts/bench_quant_gemm.py --m 1 --timed --mma-sweep   # and more tensor-core tiles
 
 Each GEMV line names its config (BLOCK_N, BLOCK_KP, SPLIT_K, warps, stages, REDUCE): REDUCE False splits K
 into an fp32 output with a memset before and a cast after; True meets in the workspace, one kernel.
@@ -61,7 +62,7 @@ def _quantized(k, n, bits, group_size):
             torch.randint(0, 1 << bits, (num_groups, n), device="cuda").to(DTYPE))
 
 
-def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, timed):
+def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, timed, mma_sweep=False):
     """(our ms with the table's tiles, bf16 ms, our best ms of the start-up-timed configs or None)."""
     x = torch.randn(m, k, device="cuda", dtype=DTYPE)
     reserve_split_k_workspace(n, x.device)  # as the layers do at load: graph capture allocates nothing
@@ -80,7 +81,7 @@ def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, 
     best_timed = None
     if timed and mma_applies(x, bits, group_size):  # the tensor-core product, as start-up timing tries it
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for config in mma_candidates(m, k, n, num_sms) + (_MMA_SWEEP if sweep else []):
+        for config in mma_candidates(m, k, n, num_sms) + (_MMA_SWEEP if mma_sweep else []):
             config = config._replace(block_m=max(16, min(config.block_m, 1 << (m - 1).bit_length())))
             ms = _time_cold(lambda w: quant_gemm_mma(x, *w, group_size, bits, config), weights)
             best_timed = ms if best_timed is None else min(best_timed, ms)
@@ -120,6 +121,8 @@ def main():
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--sweep", action="store_true", help="time every config of the tables")
+    parser.add_argument("--mma-sweep", action="store_true",
+                        help="with --timed: also every tensor-core tile of the sweep list (int4, groups of 128)")
     parser.add_argument("--timed", action="store_true",
                         help="for M <= SPLIT_K_MAX_ROWS, time what start-up timing tries (on unless ASYNCSERVE_QUANT_TUNE=0: "
                              "GEMV tiles; table GEMM, K-split GEMMs, dequantize + cuBLAS) and total the fastest")
@@ -131,7 +134,7 @@ def main():
         ours_total = bf16_total = timed_total = 0.0
         for name, (k, n) in SHAPES.items():
             ours, bf16, best_timed = bench_shape(name, k, n, m, args.bits, args.group_size, copy_rate,
-                                                 matmul_rate, args.sweep, args.timed)
+                                                 matmul_rate, args.sweep, args.timed, args.mma_sweep)
             ours_total, bf16_total = ours_total + ours, bf16_total + bf16
             timed_total += best_timed if best_timed is not None else ours
         # 32 layers of the four projections: the linear part of one 8B decode/prefill step.

@@ -183,15 +183,18 @@ if [ "$what" = int4 ]; then  # issue 28: the int4 products' start-up timing (on 
   # beside the tables' choices (ASYNCSERVE_QUANT_TUNE=0); the GPU tests first; vLLM's figure with the same
   # config when vLLM is staged (NO_VLLM=1 skips it)
   # (INT4_SWEEP=1 also times every tensor-core tile of the sweep list at one row)
-  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_gemm_gpu.py tests/kernels/test_quant_gemv_mma.py 2>&1 \
+  # (INT4_TESTS_K: a -k expression picking among the tests, e.g. "tensor_core or replays")
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_gemm_gpu.py tests/kernels/test_quant_gemv_mma.py \
+    ${INT4_TESTS_K:+-k "$INT4_TESTS_K"} 2>&1 \
     | tee "$OUT/quant_gemm_tests.log" | tail -4
   cd "$ROOT/scripts"
   timeout 200 python3 bench_quant_gemm.py --m 1 16 64 128 512 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
-  [ -n "${INT4_SWEEP:-}" ] && timeout 200 python3 bench_quant_gemm.py --m 1 --timed --sweep 2>&1 | tee "$OUT/bench_quant_sweep.log" \
+  [ -n "${INT4_SWEEP:-}" ] && timeout 150 python3 bench_quant_gemm.py --m 1 --timed --mma-sweep 2>&1 | tee "$OUT/bench_quant_sweep.log" \
     | grep -E "^[a-zA-Z]|tensor-core"
-  for switches in "ASYNCSERVE_QUANT_MMA=1" "" "ASYNCSERVE_QUANT_TUNE=0"; do
+  for switches in ${INT4_SWITCHES:-ASYNCSERVE_QUANT_MMA=1 default}; do  # e.g. "default ASYNCSERVE_QUANT_TUNE=0"
+    [ "$switches" = default ] && switches=""
     for m in llama-3.1-8b-gptq-int4 ${INT4_MODELS:-}; do
-      env $switches timeout 200 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
+      env $switches timeout 150 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \
         | grep -E "floor|^asyncserve:|one-row products" | cut -c1-600 | sed "s/^/[${switches:-default}] $m /"
     done
   done

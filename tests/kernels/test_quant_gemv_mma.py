@@ -3,6 +3,9 @@ sizes (CPU interpreter in fp16, whose tl.dot is exact there; bf16 too on a GPU),
 the dispatcher and start-up timing reach it."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,8 +116,15 @@ def test_candidates_fill_the_sms():
     assert mma_candidates(128, 4096, 4096, 132)[1] == MmaGemvConfig(128, 128, 9, 8, 3)
 
 
-def test_start_up_timing_tries_it_only_when_switched_on(monkeypatch):
-    """Off until it has run on a GPU: ASYNCSERVE_QUANT_MMA=1 adds the candidates (Ampere or newer)."""
+def test_start_up_timing_tries_it_unless_switched_off(monkeypatch):
+    """A candidate on Ampere or newer unless ASYNCSERVE_QUANT_MMA=0."""
+    read = "from asyncserve.layers.quantization import packed_int_timing as t; print(t.MMA_CANDIDATES)"
+    for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "ASYNCSERVE_QUANT_MMA"}
+        if value is not None:
+            env["ASYNCSERVE_QUANT_MMA"] = value
+        result = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == expected
     from asyncserve.layers.quantization import packed_int_timing
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

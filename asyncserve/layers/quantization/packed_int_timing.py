@@ -20,9 +20,10 @@ from asyncserve.kernels.quant_gemm import dequant_scratch, dequantize_triton, ge
 from asyncserve.kernels.quant_gemv_mma import K_TILE
 from asyncserve.layers.single_row import cold_timer, fastest
 
-# The tensor-core product joins the candidates with ASYNCSERVE_QUANT_MMA=1: off until it has run on a GPU
-# (tested in Triton's interpreter and compiled for sm_90a only). Ampere or newer: bf16 MMA.
-MMA_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA", "0") == "1"
+# The tensor-core product is among the candidates (Ampere or newer: bf16 MMA) unless ASYNCSERVE_QUANT_MMA=0:
+# on an H100 its GPU tests passed and timing chose it for 8-64 rows of the 8B's projections, 1.4-1.9x
+# faster than what it replaced at 16 rows (docs/benchmarks.md, ninth session); one row keeps the GEMV.
+MMA_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA", "1") != "0"
 
 
 def _mma_usable(x: torch.Tensor, bits: int, group_size: int) -> bool:

@@ -13,6 +13,9 @@ The product is computed transposed (out^T = W^T x^T, "swap AB"): the weight tile
 whose rows fill the 64-row tensor-core tile, so that on Hopper it is fed from registers where it was
 unpacked, and the few rows of x (padded to 16) are the right operand. The K order inside a tile is free:
 code j of every int32 of a 128-row group is one MMA over the 16 packed rows, with x's rows j, j + 8, ...
+Gathering those (every 8th element) costs eight times the L1 traffic of a contiguous read, which at 16 or
+more rows of x bounds the kernel (an H100 profile: docs/benchmarks.md); `permute_x` has the wrapper reorder
+x once per call (one copy of M x K values) so that each code position's elements lie contiguous.
 """
 
 from typing import NamedTuple
@@ -32,6 +35,7 @@ class MmaGemvConfig(NamedTuple):
     split_k: int
     num_warps: int
     num_stages: int
+    permute_x: bool = False  # x reordered once per call so each code position's elements lie contiguous
 
 
 K_TILE = 128  # one tile is 16 packed int32 rows: one MMA of depth 16 per code position
@@ -50,10 +54,10 @@ def mma_applies(x: torch.Tensor, bits: int, group_size: int) -> bool:
 
 @triton.jit
 def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, arrivals_ptr, M, N, K,
-                           stride_xm, stride_qk, stride_sg, stride_om,
+                           num_splits, stride_xm, stride_qk, stride_sg, stride_om,
                            GROUP_SIZE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VALUE: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                           SPLITS: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+                           PERMUTED_X: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,7 +66,7 @@ def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr
     m_mask = offs_m < M
     ROWS: tl.constexpr = 16  # packed int32 rows of one 128-deep K tile
     num_tiles = K // (ROWS * 8)
-    tiles_per_split = tl.cdiv(num_tiles, SPLIT_K)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)  # a run-time value: one compile for any split count
     first = tl.program_id(1) * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     x_rows = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
@@ -74,7 +78,11 @@ def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr
         x_part = tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)  # summed over the rows once per tile, not per j
         for j in tl.static_range(8):
             w = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
-            x = tl.load(x_rows + (offs_kp * 8 + j)[:, None], mask=m_mask[None, :], other=0.0)  # [ROWS, BLOCK_M]
+            if PERMUTED_X:  # code position j's 16 elements of this tile, contiguous
+                offs_k = tile * (ROWS * 8) + j * ROWS + tl.arange(0, ROWS)
+            else:
+                offs_k = offs_kp * 8 + j
+            x = tl.load(x_rows + offs_k[:, None], mask=m_mask[None, :], other=0.0)  # [ROWS, BLOCK_M]
             dot = tl.dot(w, x, dot)
             x_part += x.to(tl.float32)
         x_sum = tl.sum(x_part, axis=0)
@@ -86,7 +94,7 @@ def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tile_id = pid_m * tl.num_programs(0) + pid_n
-    store_split(out, out_ptrs, ws_ptrs, m_mask[:, None] & n_mask[None, :], arrivals_ptr, tile_id, SPLIT_K, SPLITS,
+    store_split(out, out_ptrs, ws_ptrs, m_mask[:, None] & n_mask[None, :], arrivals_ptr, tile_id, num_splits, SPLITS,
                  BLOCK_M, BLOCK_N)
 
 
@@ -102,6 +110,8 @@ def quant_gemm_mma(x, qweight, scales, zeros, group_size, bits, config: MmaGemvC
     n = qweight.shape[1]
     block_m = max(16, min(config.block_m, triton.next_power_of_2(m)))
     split_k = max(1, min(config.split_k, k // K_TILE))
+    if config.permute_x:  # [M, tiles, 16 packed rows, 8 codes] -> [M, tiles, 8 codes, 16 packed rows]
+        x = x.reshape(m, k // K_TILE, K_TILE // 8, 8).transpose(2, 3).reshape(m, k)
     x = x if x.stride(1) == 1 else x.contiguous()
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
     out, ws, arrivals, splits = split_output(m, n, split_k, True, x)
@@ -110,8 +120,7 @@ def quant_gemm_mma(x, qweight, scales, zeros, group_size, bits, config: MmaGemvC
     magic, magic_value = _MAGIC[x.dtype]
     grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, block_m))
     _quant_gemm_mma_kernel[grid](
-        x, qweight, scales, zeros, out, ws, arrivals, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
-        out.stride(0), GROUP_SIZE=group_size if group_size < k else triton.next_power_of_2(k),
-        MAGIC=magic, MAGIC_VALUE=magic_value, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLIT_K=split_k,
-        SPLITS=splits, num_warps=config.num_warps, num_stages=config.num_stages)
+        x, qweight, scales, zeros, out, ws, arrivals, m, n, k, split_k, x.stride(0), qweight.stride(0),
+        scales.stride(0), out.stride(0), GROUP_SIZE=group_size if group_size < k else triton.next_power_of_2(k),
+        MAGIC=magic, MAGIC_VALUE=magic_value, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLITS=splits, PERMUTED_X=config.permute_x, num_warps=config.num_warps, num_stages=config.num_stages)
     return out.to(x.dtype)

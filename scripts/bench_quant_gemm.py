@@ -39,8 +39,9 @@ _EXTRA_TILES = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 128
 EXTRA_GEMM_CONFIGS = ([row[1:-1] + (True,) for row in QUANT_GEMM_CONFIGS]
                       + [tile + (compact,) for tile in _EXTRA_TILES for compact in (False, True)])
 DTYPE = torch.bfloat16
-# Tried by --timed --sweep besides the candidates: (BLOCK_N, BLOCK_M, SPLIT_K, warps, stages)
-_MMA_SWEEP = [MmaGemvConfig(n, 16, s, w, st) for n in (32, 64, 128) for s in (1, 2, 4, 8) for w, st in ((4, 3), (4, 4), (8, 3))]
+# Tried by --timed --mma-sweep besides the candidates: (BLOCK_N, BLOCK_M, SPLIT_K, warps, stages, permute_x)
+_MMA_SWEEP = [MmaGemvConfig(n, 16, s, w, st, permute_x) for permute_x in (False, True) for n in (32, 64, 128)
+              for s in (1, 2, 4, 8) for w, st in ((4, 3), (4, 4), (8, 3))]
 
 
 def _copies(make, one_copy_bytes):

@@ -25,6 +25,11 @@ CASES = [  # (m, k, n, group_size, config): partial column tiles, rows past 16, 
     (40, 384, 24, 128, MmaGemvConfig(16, 16, 5, 4, 2)),  # three row tiles of 16; 5 splits over 3 tiles
     (64, 128, 48, 128, MmaGemvConfig(32, 64, 1, 4, 2)),
     (100, 256, 40, 128, MmaGemvConfig(32, 128, 2, 8, 2)),  # one row tile of 128, partly empty
+    # x reordered once per call: the same cases' shapes
+    (1, 256, 40, 128, MmaGemvConfig(32, 16, 1, 4, 2, True)),
+    (3, 384, 72, 128, MmaGemvConfig(32, 16, 2, 4, 2, True)),
+    (17, 256, 33, -1, MmaGemvConfig(32, 32, 1, 4, 2, True)),
+    (40, 384, 24, 128, MmaGemvConfig(16, 16, 5, 4, 2, True)),
 ]
 
 
@@ -107,13 +112,17 @@ def test_dispatcher_takes_the_tensor_core_product_where_chosen(monkeypatch, m, p
 def test_candidates_fill_the_sms():
     from asyncserve.layers.quantization.packed_int_timing import mma_candidates
     # one row of the 8B's o_proj on 132 SMs: 64 column tiles of 64 -> 5 splits (2 waves), 32 of 128 -> 9
-    assert mma_candidates(1, 4096, 4096, 132) == [MmaGemvConfig(64, 16, 5, 4, 3), MmaGemvConfig(128, 16, 9, 4, 3)]
+    assert mma_candidates(1, 4096, 4096, 132) == [MmaGemvConfig(64, 16, 5, 4, 3), MmaGemvConfig(128, 16, 9, 4, 3),
+                                                  MmaGemvConfig(64, 16, 5, 4, 3, True),
+                                                  MmaGemvConfig(128, 16, 9, 4, 3, True)]
     # gate_up: 448 tiles of 64 fill them already
     assert mma_candidates(1, 4096, 28672, 132)[0] == MmaGemvConfig(64, 16, 1, 4, 3)
-    # 40 rows take row tiles of 64; short K keeps two tiles per split
-    assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(64, 64, 2, 4, 3), MmaGemvConfig(128, 64, 2, 8, 3)]
+    # 40 rows take row tiles of 64; short K keeps two tiles per split; x reordered at both widths
+    assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(128, 64, 2, 8, 3), MmaGemvConfig(64, 64, 2, 4, 3, True),
+                                                 MmaGemvConfig(128, 64, 2, 8, 3, True)]
     # 128 rows of 128 columns: eight warps hold the two accumulators
-    assert mma_candidates(128, 4096, 4096, 132)[1] == MmaGemvConfig(128, 128, 9, 8, 3)
+    assert mma_candidates(128, 4096, 4096, 132)[0] == MmaGemvConfig(128, 128, 9, 8, 3)
+
 
 
 def test_start_up_timing_tries_it_unless_switched_off(monkeypatch):

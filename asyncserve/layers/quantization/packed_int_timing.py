@@ -42,15 +42,19 @@ RowPlan = tuple
 def mma_candidates(rows: int, k: int, n: int, num_sms: int) -> list[MmaGemvConfig]:
     """Tensor-core product tiles for `rows` rows: 64 and 128 columns, the rows' power of two (16 to 128), eight
     warps where a tile's two fp32 accumulators would not fit four warps' registers, and as many K-splits as
-    fill about two waves of the SMs while each split keeps at least two 128-deep tiles."""
+    fill about two waves of the SMs while each split keeps at least two 128-deep tiles; x reordered once per
+    call (`permute_x`) at both widths, beside x gathered in the kernel (at 128 columns only past one row: the
+    tile that won at 8-32 rows on an H100 before the reordering existed)."""
     block_m = max(16, min(MMA_MAX_ROWS, 1 << (rows - 1).bit_length()))
     k_tiles = k // K_TILE
-    candidates = []
-    for block_n in (64, 128):
+
+    def config(block_n: int, permute_x: bool) -> MmaGemvConfig:
         tiles = -(-rows // block_m) * -(-n // block_n)
         split_k = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2))
-        candidates.append(MmaGemvConfig(block_n, block_m, split_k, 8 if block_n * block_m >= 8192 else 4, 3))
-    return candidates
+        return MmaGemvConfig(block_n, block_m, split_k, 8 if block_n * block_m >= 8192 else 4, 3, permute_x)
+
+    gathered = [config(64, False), config(128, False)] if rows == 1 else [config(128, False)]
+    return gathered + [config(64, True), config(128, True)]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -126,7 +130,7 @@ def _choice_name(choice) -> str:
     if choice == DEQUANT:
         return DEQUANT
     if isinstance(choice, MmaGemvConfig):
-        return (f"tensor-core {choice.block_m}x{choice.block_n}"
+        return (f"tensor-core {choice.block_m}x{choice.block_n}" + (" (x reordered)" if choice.permute_x else "")
                 + (f" in {choice.split_k} K-splits" if choice.split_k > 1 else ""))
     config, num_splits = choice
     return f"GEMM {config[0]}x{config[1]}x{config[2]}" + (f" in {num_splits} K-splits" if num_splits > 1 else "")

@@ -1,11 +1,12 @@
 """int4 products of few rows (1 to 128) on the tensor cores, for GPTQ's packed layout (int_packing).
 
-Why: the CUDA-core GEMV spends five to six instructions on every weight code (shift, mask, the float
-conversion trick, the zero, the FMA with a broadcast x) and so reads the packed weight at about a third of
-the memory rate. Here a code costs a shift, a mask-and-or and half a byte permute: OR-ing the 4-bit code q
-into the exponent pattern of 128.0 (bf16, 0x4300) or 1024.0 (fp16, 0x6400) gives the float MAGIC + q
-exactly, with no conversion instruction, and the tensor cores do the multiply-adds. The zero and the scale
-come out of the sum, once per group and output:
+Why: the CUDA-core kernels spend five to six instructions on every weight code (shift, mask, the float
+conversion trick, the zero, an FMA per row of x), so a few rows of x cost nearly a few times one row. Here a
+code costs a shift, a mask-and-or and half a byte permute: OR-ing the 4-bit code q into the exponent pattern
+of 128.0 (bf16, 0x4300) or 1024.0 (fp16, 0x6400) gives the float MAGIC + q exactly, with no conversion
+instruction, and the tensor cores do the multiply-adds of up to 128 rows at once. On an H100 start-up timing
+keeps it for 8 to 64 rows (16 rows of the 8B's projections: 4.36 ms for 32 layers against 6.35 ms, bf16
+5.21 ms); one row keeps the GEMV. The zero and the scale come out of the sum, once per group and output:
 
     sum_k x_k (q_k - z) s = s * (sum_k x_k (MAGIC + q_k) - (MAGIC + z) * sum_k x_k)
 
@@ -14,7 +15,7 @@ whose rows fill the 64-row tensor-core tile, so that on Hopper it is fed from re
 unpacked, and the few rows of x (padded to 16) are the right operand. The K order inside a tile is free:
 code j of every int32 of a 128-row group is one MMA over the 16 packed rows, with x's rows j, j + 8, ...
 Gathering those (every 8th element) costs eight times the L1 traffic of a contiguous read, which at 16 or
-more rows of x bounds the kernel (an H100 profile: docs/benchmarks.md); `permute_x` has the wrapper reorder
+more rows of x slows the kernel most (docs/benchmarks.md, ninth session); `permute_x` has the wrapper reorder
 x once per call (one copy of M x K values) so that each code position's elements lie contiguous.
 """
 

@@ -120,6 +120,8 @@ def test_candidates_fill_the_sms():
     # 40 rows take row tiles of 64; short K keeps two tiles per split; x reordered at both widths
     assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(128, 64, 2, 8, 3), MmaGemvConfig(64, 64, 2, 4, 3, True),
                                                  MmaGemvConfig(128, 64, 2, 8, 3, True)]
+    # without the reordered form (start-up timing's default until a GPU run)
+    assert mma_candidates(40, 512, 256, 132, permute_x=False) == [MmaGemvConfig(128, 64, 2, 8, 3)]
     # 128 rows of 128 columns: eight warps hold the two accumulators
     assert mma_candidates(128, 4096, 4096, 132)[0] == MmaGemvConfig(128, 128, 9, 8, 3)
 

@@ -24,6 +24,9 @@ from asyncserve.layers.single_row import cold_timer, fastest
 # on an H100 its GPU tests passed and timing chose it for 8-64 rows of the 8B's projections, 1.4-1.9x
 # faster than what it replaced at 16 rows (docs/benchmarks.md, ninth session); one row keeps the GEMV.
 MMA_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA", "1") != "0"
+# Its form with x reordered once per call joins them with ASYNCSERVE_QUANT_MMA_PERMUTE_X=1: off until it has
+# run on a GPU (interpreter-tested, compiled for sm_90a only).
+PERMUTED_X_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA_PERMUTE_X", "0") == "1"
 
 
 def _mma_usable(x: torch.Tensor, bits: int, group_size: int) -> bool:
@@ -39,12 +42,12 @@ DEQUANT = "dequant"  # a plan's choice: dequantize into the scratch, then cuBLAS
 RowPlan = tuple
 
 
-def mma_candidates(rows: int, k: int, n: int, num_sms: int) -> list[MmaGemvConfig]:
+def mma_candidates(rows: int, k: int, n: int, num_sms: int, permute_x: bool = True) -> list[MmaGemvConfig]:
     """Tensor-core product tiles for `rows` rows: 64 and 128 columns, the rows' power of two (16 to 128), eight
     warps where a tile's two fp32 accumulators would not fit four warps' registers, and as many K-splits as
-    fill about two waves of the SMs while each split keeps at least two 128-deep tiles; x reordered once per
-    call (`permute_x`) at both widths, beside x gathered in the kernel (at 128 columns only past one row: the
-    tile that won at 8-32 rows on an H100 before the reordering existed)."""
+    fill about two waves of the SMs while each split keeps at least two 128-deep tiles. x gathered in the
+    kernel at both widths for one row, at 128 columns past it (the tile that won at 8-32 rows on an H100),
+    and with `permute_x` x reordered once per call at both widths."""
     block_m = max(16, min(MMA_MAX_ROWS, 1 << (rows - 1).bit_length()))
     k_tiles = k // K_TILE
 
@@ -54,7 +57,7 @@ def mma_candidates(rows: int, k: int, n: int, num_sms: int) -> list[MmaGemvConfi
         return MmaGemvConfig(block_n, block_m, split_k, 8 if block_n * block_m >= 8192 else 4, 3, permute_x)
 
     gathered = [config(64, False), config(128, False)] if rows == 1 else [config(128, False)]
-    return gathered + [config(64, True), config(128, True)]
+    return gathered + ([config(64, True), config(128, True)] if permute_x else [])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -72,7 +75,7 @@ def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros
     baseline = timed(lambda w: quant_gemv_triton(x, w, scales, zeros, group_size, bits, table))
     others = [config for config in QUANT_GEMV_TIMED if config != table]
     if _mma_usable(x, bits, group_size):
-        others += mma_candidates(1, x.shape[1], qweight.shape[1], _num_sms(qweight.device))
+        others += mma_candidates(1, x.shape[1], qweight.shape[1], _num_sms(qweight.device), PERMUTED_X_CANDIDATES)
     best, best_time = fastest(others, lambda config: timed(
         lambda w: quant_gemm_mma(x, w, scales, zeros, group_size, bits, config) if isinstance(config, MmaGemvConfig)
         else quant_gemv_triton(x, w, scales, zeros, group_size, bits, config)), baseline)
@@ -115,7 +118,7 @@ def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
             times[(config, num_splits)] = timed(lambda w, c=config, s=num_splits: quant_gemm_triton(
                 x, w, scales, zeros, group_size, bits, c, s))
         if _mma_usable(x, bits, group_size):
-            for config in mma_candidates(rows, k, n, num_sms):
+            for config in mma_candidates(rows, k, n, num_sms, PERMUTED_X_CANDIDATES):
                 times[config] = timed(lambda w, c=config: quant_gemm_mma(x, w, scales, zeros, group_size, bits, c))
         if scratch is not None:
             times[DEQUANT] = timed(lambda w: x @ dequantize_triton(w, scales, zeros, group_size, bits, k, scratch))

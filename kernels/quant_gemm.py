@@ -1,10 +1,9 @@
 """Weight-only quantized products x[M, K] @ W[K, N] with W stored as 4- or 8-bit integers.
 
-Layout (GPTQ's, after act-order rows are pre-permuted at load so the hot loop has no gather):
-`qweight` int32 [K * bits // 32, N] packs 32 // bits consecutive K-rows per int32, lowest bits
-first; W[k, n] = (q[k, n] - zeros[k // g, n]) * scales[k // g, n], `zeros` in the integer domain.
+Layout: GPTQ's (int_packing), act-order rows pre-permuted at load so the hot loop has no gather.
 The Triton kernels dequantize in registers: a GEMV that streams the packed weight once for
-M <= GEMV_MAX_ROWS (batch-1 decode is bound by reading it) and a tiled tl.dot GEMM for small M. From
+M <= GEMV_MAX_ROWS (batch-1 decode is bound by reading it) and a tiled tl.dot GEMM for small M; int4 of up
+to 128 rows may take the tensor-core product instead (quant_gemv_mma), where start-up timing chose it. From
 DEQUANT_MIN_ROWS rows on, the weight is dequantized into a shared bf16/fp16 scratch matrix and
 multiplied by cuBLAS: measured on an H100, our fused tiles ran at a quarter of cuBLAS's rate there,
 while dequantizing costs one read of the packed weight and one write plus read of the dense one.
@@ -13,17 +12,9 @@ while dequantizing costs one read of the packed weight and one write plus read o
 import torch
 
 from ._triton import next_power_of_2, tl, triton, use_triton
-from .int_packing import (
-    check_packed_operands,
-    dequantize_int_rows,
-    per_int32,
-)
+from .int_packing import check_packed_operands, dequantize_int_rows, per_int32
 from .quant_gemv_mma import MmaGemvConfig, quant_gemm_mma
-from .split_k import (
-    MIN_TILE,
-    split_output,
-    store_split,
-)
+from .split_k import MIN_TILE, split_output, store_split
 
 GEMV_MAX_ROWS = 4
 DEQUANT_MIN_ROWS = 48

@@ -17,7 +17,7 @@ STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE = 0, 1, 2
 
 @triton.jit
 def store_split(acc, out_ptrs, ws_ptrs, mask, arrivals_ptr, tile, num_splits, SPLITS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The epilogue of a split-K tile `acc` [BLOCK_M, BLOCK_N] (see STORE, ADD_INTO_OUTPUT, MEET_IN_WORKSPACE)."""
     if SPLITS == 0:  # STORE
         tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)

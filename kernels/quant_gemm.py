@@ -124,7 +124,7 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     store_split(acc, out_ptrs, ws_ptrs, m_mask[:, None] & n_mask[None, :], arrivals_ptr, pid, num_splits, SPLITS,
-                 BLOCK_M, BLOCK_N)
+                BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import torch
 
 from ._triton import tl, triton
 from .int_packing import check_packed_operands
-from .split_k import split_output, store_split
+from .split_k import SPLIT_K_MAX_ROWS, split_output, store_split
 
 
 class MmaGemvConfig(NamedTuple):
@@ -40,7 +40,7 @@ class MmaGemvConfig(NamedTuple):
 
 
 K_TILE = 128  # one tile is 16 packed int32 rows: one MMA of depth 16 per code position
-MMA_MAX_ROWS = 128  # the K-split workspace's rows (split_k.SPLIT_K_MAX_ROWS)
+MMA_MAX_ROWS = SPLIT_K_MAX_ROWS  # as many rows as the K-splits' workspace holds
 # (magic bit pattern, its value) per activation dtype: MAGIC | q is the float MAGIC + q for q < 16
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 

@@ -16,7 +16,8 @@ import torch
 
 from asyncserve.kernels import (GEMV_MAX_ROWS, MMA_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, MmaGemvConfig,
                                 gemv_table_config, mma_applies, quant_gemm_mma, quant_gemv_triton)
-from asyncserve.kernels.quant_gemm import dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm_triton
+from asyncserve.kernels.quant_gemm import (dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm,
+                                           quant_gemm_triton)
 from asyncserve.kernels.quant_gemv_mma import K_TILE
 from asyncserve.layers.single_row import cold_timer, fastest
 
@@ -76,9 +77,8 @@ def fastest_quant_gemv_config(qweight: torch.Tensor, scales: torch.Tensor, zeros
     others = [config for config in QUANT_GEMV_TIMED if config != table]
     if _mma_usable(x, bits, group_size):
         others += mma_candidates(1, x.shape[1], qweight.shape[1], _num_sms(qweight.device), PERMUTED_X_CANDIDATES)
-    best, best_time = fastest(others, lambda config: timed(
-        lambda w: quant_gemm_mma(x, w, scales, zeros, group_size, bits, config) if isinstance(config, MmaGemvConfig)
-        else quant_gemv_triton(x, w, scales, zeros, group_size, bits, config)), baseline)
+    best, best_time = fastest(others, lambda config: timed(  # the dispatcher runs either kind of config
+        lambda w: quant_gemm(x, w, scales, zeros, group_size, bits, config)), baseline)
     return best or table, baseline, best_time
 
 

@@ -9,6 +9,8 @@ multiplied by cuBLAS: measured on an H100, our fused tiles ran at a quarter of c
 while dequantizing costs one read of the packed weight and one write plus read of the dense one.
 """
 
+import struct
+
 import torch
 
 from ._triton import next_power_of_2, tl, triton, use_triton
@@ -48,6 +50,11 @@ QUANT_GEMV_TIMED = (QUANT_GEMV_CONFIGS[1], QUANT_GEMV_CONFIGS[7], QUANT_GEMV_CON
                     QUANT_GEMV_CONFIGS[10])
 
 
+def _float_bits(value: float) -> int:
+    """The fp32 bit pattern of `value`, as the int32 a kernel argument takes."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
 def quant_gemm_ref(x, qweight, scales, zeros, group_size, bits):
     """x [M, K] @ dequantized W [K, N] in fp32 (fp64 for fp64 x) -> [M, N] in x's dtype."""
     group_size = check_packed_operands(x, qweight, scales, zeros, group_size, bits)
@@ -61,6 +68,23 @@ def _codes_to_float(q):
     """Codes in [0, 2**23) to fp32 exactly, without the quarter-rate integer conversion: with
     exponent bits 0x4B, q becomes the mantissa of the float 2**23 + q."""
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _offset_code(packed, J: tl.constexpr, BITS: tl.constexpr, offset_bits):
+    """Code J of each int32 as the float 2**BITS + code: the code moved to the top of the mantissa of 2**BITS,
+    in one shift and one mask-and-or (no conversion, no subtraction; callers take 2**BITS times the sum of x
+    back out once per tile). `offset_bits` is the bit pattern of 2**BITS, a kernel argument so that the
+    compiler keeps it in a register and the mask and the OR become one LOP3 (as constants they take two).
+    An arithmetic right shift is fine: the mask drops the sign bits."""
+    SHIFT: tl.constexpr = 23 - BITS - J * BITS
+    if SHIFT > 0:
+        moved = packed << SHIFT
+    elif SHIFT < 0:
+        moved = packed >> -SHIFT
+    else:
+        moved = packed
+    return ((moved & (((1 << BITS) - 1) << (23 - BITS))) | offset_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -128,10 +152,9 @@ def _quant_gemm_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, arrivals_ptr, M, N, K,
+def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, arrivals_ptr, M, N, K, offset_bits,
                        stride_xm, stride_qk, stride_sg, stride_om,
-                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                       MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
                        ONE_GROUP: tl.constexpr, SPLITS: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -144,6 +167,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
     end_row = tl.minimum(first_row + rows_per_split, packed_rows)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_rows = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)  # BLOCK_M == 1: per packed row until the end
     for row0 in range(first_row, end_row, BLOCK_KP):  # a tile starts inside K: its group exists
         offs_kp = row0 + tl.arange(0, BLOCK_KP)
         kp_mask = offs_kp < packed_rows
@@ -157,27 +181,28 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
             group_offs = (offs_kp * PER // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
             group_mask = kpn_mask
         scale = tl.load(scales_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32)
-        # sum_k x (q - z) s = s * (sum_k x q - z * sum_k x) over the PER rows of one int32, which
-        # share a group (GROUP_SIZE is a multiple of PER): one scale multiply per packed int32.
-        if BLOCK_M == 1:  # batch-1 decode: 2-D tiles only
+        # The codes come as 2**BITS + q (_offset_code), so the zero point is taken as 2**BITS + z:
+        # sum_k x (q - z) s = s * (sum_k x (2**BITS + q) - (2**BITS + z) * sum_k x) over the PER rows of one
+        # int32, which share a group (GROUP_SIZE is a multiple of PER): one scale multiply per packed int32.
+        zero = tl.load(zeros_ptr + group_offs, mask=group_mask, other=0.0).to(tl.float32) + (1 << BITS)
+        if BLOCK_M == 1:  # batch-1 decode: 2-D tiles, summed over K once after the loop (no shuffles inside)
             x_dot_q = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_KP,), dtype=tl.float32)
             for j in tl.static_range(PER):
                 x = tl.load(x_ptr + offs_kp * PER + j, mask=kp_mask, other=0.0).to(tl.float32)
-                x_dot_q += x[:, None] * _codes_to_float((packed >> (j * BITS)) & MASK)
+                x_dot_q += x[:, None] * _offset_code(packed, j, BITS, offset_bits)
                 x_sum += x
             if ONE_GROUP:
-                acc += (scale * (tl.sum(x_dot_q, axis=0) - zero * tl.sum(x_sum, axis=0)))[None, :]
+                acc_rows += scale[None, :] * (x_dot_q - zero[None, :] * x_sum[:, None])
             else:
-                acc += tl.sum(scale * (x_dot_q - zero * x_sum[:, None]), axis=0)[None, :]
+                acc_rows += scale * (x_dot_q - zero * x_sum[:, None])
         else:  # a few rows share each dequantized code: [BLOCK_M, BLOCK_KP, BLOCK_N] tiles
             x_dot_q = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_M, BLOCK_KP), dtype=tl.float32)
             for j in tl.static_range(PER):
                 x = tl.load(x_rows + (offs_kp * PER + j)[None, :],
                             mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
-                q = _codes_to_float((packed >> (j * BITS)) & MASK)
+                q = _offset_code(packed, j, BITS, offset_bits)
                 x_dot_q += x[:, :, None] * q[None, :, :]
                 x_sum += x
             if ONE_GROUP:
@@ -186,6 +211,8 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr, ar
             else:
                 tile = x_dot_q - zero[None, :, :] * x_sum[:, :, None]
                 acc += tl.sum(scale[None, :, :] * tile, axis=1)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_rows, axis=0)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -307,9 +334,9 @@ def quant_gemv_triton(x, qweight, scales, zeros, group_size, bits, config=None):
     grid = (triton.cdiv(n, block_n), split_k)
     kernel_group_size = _kernel_group_size(group_size, k, block_kp * (32 // bits))
     _quant_gemv_kernel[grid](
-        x, qweight, scales, zeros, out, ws, arrivals, m, n, k, x.stride(0), qweight.stride(0),
-        scales.stride(0), out.stride(0), GROUP_SIZE=kernel_group_size, BITS=bits,
-        PER=32 // bits, MASK=(1 << bits) - 1, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
+        x, qweight, scales, zeros, out, ws, arrivals, m, n, k, _float_bits(1 << bits), x.stride(0),
+        qweight.stride(0), scales.stride(0), out.stride(0), GROUP_SIZE=kernel_group_size, BITS=bits,
+        PER=32 // bits, BLOCK_M=next_power_of_2(m), BLOCK_N=block_n,
         BLOCK_KP=block_kp, SPLIT_K=split_k,
         ONE_GROUP=kernel_group_size % (block_kp * (32 // bits)) == 0, SPLITS=splits,
         num_warps=num_warps, num_stages=num_stages)

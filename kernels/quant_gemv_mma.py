@@ -1,14 +1,14 @@
 """int4 products of few rows (1 to 128) on the tensor cores, for GPTQ's packed layout (int_packing).
 
-Why: the CUDA-core kernels spend five to six instructions on every weight code (shift, mask, the float
-conversion trick, the zero, an FMA per row of x), so a few rows of x cost nearly a few times one row. Here a
-code costs a shift, a mask-and-or and half a byte permute: OR-ing the 4-bit code q into the exponent pattern
-of 128.0 (bf16, 0x4300) or 1024.0 (fp16, 0x6400) gives the float MAGIC + q exactly, with no conversion
-instruction, and the tensor cores do the multiply-adds of up to 128 rows at once. On an H100 start-up timing
-keeps it for 8 to 64 rows (16 rows of the 8B's projections: 4.36 ms for 32 layers against 6.35 ms, bf16
-5.21 ms); one row keeps the GEMV. The zero and the scale come out of the sum, once per group and output:
-
-    sum_k x_k (q_k - z) s = s * (sum_k x_k (MAGIC + q_k) - (MAGIC + z) * sum_k x_k)
+Why: the CUDA-core kernels spend several instructions on every weight code and one FMA per code and row of
+x, so a few rows of x cost nearly a few times one row. Here the tensor cores do the multiply-adds of up to 128
+rows at once, and a code costs a shift, a mask-and-or, half a byte permute and half a packed subtraction:
+OR-ing the 4-bit code q into the exponent pattern of 128.0 (bf16, 0x4300) or 1024.0 (fp16, 0x6400) gives the
+float MAGIC + q exactly, with no conversion instruction, and subtracting MAGIC + z (z the group's zero point,
+an integer in every canonical layout) leaves q - z exactly; the scale multiplies each group's sum once per
+output. On an H100 start-up timing kept the first version (which took MAGIC + z times the sum of x out of each
+group's sum instead, costing more than the unpacking at 64 rows) for 8 to 64 rows (16 rows of the 8B's
+projections: 4.36 ms for 32 layers against 6.35 ms, bf16 5.21 ms); one row keeps the GEMV.
 
 The product is computed transposed (out^T = W^T x^T, "swap AB"): the weight tile is the MMA's left operand,
 whose rows fill the 64-row tensor-core tile, so that on Hopper it is fed from registers where it was
@@ -75,22 +75,22 @@ def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr
     for tile in range(first, last):
         offs_kp = tile * ROWS + tl.arange(0, ROWS)
         packed = tl.load(qw_ptr + offs_kp[None, :] * stride_qk + offs_n[:, None], mask=n_mask[:, None], other=0)
+        group = tile * (ROWS * 8) // GROUP_SIZE
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
+        # (MAGIC + q) - (MAGIC + z) = q - z exactly in x's dtype for integer zero points (every canonical
+        # layout's): two codes per packed subtraction, and no sum of x to take back out.
+        offset = (zero + MAGIC_VALUE).to(x_ptr.dtype.element_ty)[:, None]
         dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_part = tl.zeros((ROWS, BLOCK_M), dtype=tl.float32)  # summed over the rows once per tile, not per j
         for j in tl.static_range(8):
-            w = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+            w = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True) - offset
             if PERMUTED_X:  # code position j's 16 elements of this tile, contiguous
                 offs_k = tile * (ROWS * 8) + j * ROWS + tl.arange(0, ROWS)
             else:
                 offs_k = offs_kp * 8 + j
             x = tl.load(x_rows + offs_k[:, None], mask=m_mask[None, :], other=0.0)  # [ROWS, BLOCK_M]
             dot = tl.dot(w, x, dot)
-            x_part += x.to(tl.float32)
-        x_sum = tl.sum(x_part, axis=0)
-        group = tile * (ROWS * 8) // GROUP_SIZE
-        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += scale[:, None] * (dot - (MAGIC_VALUE + zero)[:, None] * x_sum[None, :])
+        acc += scale[:, None] * dot
     out = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]

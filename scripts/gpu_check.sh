@@ -179,8 +179,8 @@ if [ "$what" = qk-norm ]; then  # Qwen3's per-head norms inside the rotary + cac
   done
 fi
 if [ "$what" = int4 ]; then  # issue 28: the int4 products' start-up timing (on by default; one-kernel K-splits;
-  # the tensor-core product among the candidates unless ASYNCSERVE_QUANT_MMA=0, its reordered-x form with
-  # ASYNCSERVE_QUANT_MMA_PERMUTE_X=1; INT4_SWITCHES lists the latency runs, e.g. "default ASYNCSERVE_QUANT_TUNE=0")
+  # the tensor-core product among the candidates unless ASYNCSERVE_QUANT_MMA=0, its reordered-x form unless
+  # ASYNCSERVE_QUANT_MMA_PERMUTE_X=0; INT4_SWITCHES lists the latency runs, e.g. "default ASYNCSERVE_QUANT_TUNE=0")
   # beside the tables' choices (ASYNCSERVE_QUANT_TUNE=0); the GPU tests first; vLLM's figure with the same
   # config when vLLM is staged (NO_VLLM=1 skips it)
   # (INT4_SWEEP=1 also times every tensor-core tile of the sweep list at one row)
@@ -192,7 +192,7 @@ if [ "$what" = int4 ]; then  # issue 28: the int4 products' start-up timing (on 
   timeout 200 python3 bench_quant_gemm.py --m 1 16 64 128 512 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
   [ -n "${INT4_SWEEP:-}" ] && timeout 150 python3 bench_quant_gemm.py --m 1 --timed --mma-sweep 2>&1 | tee "$OUT/bench_quant_sweep.log" \
     | grep -E "^[a-zA-Z]|tensor-core"
-  for switches in ${INT4_SWITCHES:-default ASYNCSERVE_QUANT_MMA_PERMUTE_X=1 ASYNCSERVE_QUANT_MMA=0}; do
+  for switches in ${INT4_SWITCHES:-default ASYNCSERVE_QUANT_MMA_PERMUTE_X=0 ASYNCSERVE_QUANT_MMA=0}; do
     [ "$switches" = default ] && switches=""
     for m in llama-3.1-8b-gptq-int4 ${INT4_MODELS:-}; do
       env $switches timeout 150 python3 bench_latency.py --model $m --no-hf 2>&1 | tee -a "$OUT/latency_$m.log" \

@@ -53,7 +53,7 @@ def test_matches_reference_and_leaves_the_workspace_zeroed(triton_device, monkey
 
 def test_zero_points_and_scales_come_out_exactly(triton_device):
     """Codes equal to their zero point give exactly 0, and a code one above it exactly the scale: the
-    MAGIC + q trick and the zero term taken out of the sum are exact, not merely close."""
+    MAGIC + q trick and the subtraction of MAGIC + z are exact, not merely close."""
     k, n = 256, 32
     q = torch.randint(0, 16, (k, n), dtype=torch.int32)
     zeros = q.reshape(2, 128, n)[:, 0].float()  # per group, the first code of each column
@@ -120,7 +120,7 @@ def test_candidates_fill_the_sms():
     # 40 rows take row tiles of 64; short K keeps two tiles per split; x reordered at both widths
     assert mma_candidates(40, 512, 256, 132) == [MmaGemvConfig(128, 64, 2, 8, 3), MmaGemvConfig(64, 64, 2, 4, 3, True),
                                                  MmaGemvConfig(128, 64, 2, 8, 3, True)]
-    # without the reordered form (start-up timing's default until a GPU run)
+    # without the reordered form (ASYNCSERVE_QUANT_MMA_PERMUTE_X=0)
     assert mma_candidates(40, 512, 256, 132, permute_x=False) == [MmaGemvConfig(128, 64, 2, 8, 3)]
     # 128 rows of 128 columns: eight warps hold the two accumulators
     assert mma_candidates(128, 4096, 4096, 132)[0] == MmaGemvConfig(128, 128, 9, 8, 3)

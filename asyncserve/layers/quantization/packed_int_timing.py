@@ -25,9 +25,11 @@ from asyncserve.layers.single_row import cold_timer, fastest
 # on an H100 its GPU tests passed and timing chose it for 8-64 rows of the 8B's projections, 1.4-1.9x
 # faster than what it replaced at 16 rows (docs/benchmarks.md, ninth session); one row keeps the GEMV.
 MMA_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA", "1") != "0"
-# Its form with x reordered once per call joins them with ASYNCSERVE_QUANT_MMA_PERMUTE_X=1: off until it has
-# run on a GPU (interpreter-tested, compiled for sm_90a only).
-PERMUTED_X_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA_PERMUTE_X", "0") == "1"
+# Its form with x reordered once per call joins them unless ASYNCSERVE_QUANT_MMA_PERMUTE_X=0. Not yet run on a
+# GPU (interpreter-tested); compiled for sm_90a its loop has no barrier (x reaches shared memory by pipelined
+# asynchronous copies) and 350-373 instructions per 128-deep tile at 16-64 rows, where the gathered form has 16
+# barriers and 404 (docs/benchmarks.md, tenth session). Timing keeps it only where it measures faster.
+PERMUTED_X_CANDIDATES = os.environ.get("ASYNCSERVE_QUANT_MMA_PERMUTE_X", "1") != "0"
 
 
 def _mma_usable(x: torch.Tensor, bits: int, group_size: int) -> bool:

@@ -98,7 +98,7 @@ else:
         quant_gemv_triton,
         reserve_dequant_scratch,
     )
-    from .quant_gemv_mma import MMA_MAX_ROWS, MmaGemvConfig, mma_applies, quant_gemm_mma
+    from .quant_gemv_mma import MMA_TILE_ROWS, MmaGemvConfig, mma_applies, quant_gemm_mma
     from .split_k import SPLIT_K_MAX_ROWS, reserve_split_k_workspace
     from .rotary import rotary_embedding, rotary_embedding_ref, rotary_embedding_triton
     from .rotary_cache import rotary_write_kv_cache, rotary_write_kv_cache_ref, rotary_write_kv_cache_triton
@@ -117,7 +117,7 @@ else:
         "reserve_dequant_scratch", "reserve_split_k_workspace",
         "unpack_int_rows",
         "quant_gemm", "quant_gemm_ref", "quant_gemm_triton", "quant_gemv_triton",
-        "MMA_MAX_ROWS", "MmaGemvConfig", "mma_applies", "quant_gemm_mma",
+        "MMA_TILE_ROWS", "MmaGemvConfig", "mma_applies", "quant_gemm_mma",
         "GemmTiles", "MOE_CONFIGS", "MoeTiles", "QuantExperts", "fused_moe", "fused_moe_ref", "fused_moe_triton", "max_padded_entries",
         "moe_align_block_size_ref", "moe_align_block_size_triton", "select_experts", "select_experts_triton",
         "rms_norm", "rms_norm_ref", "rms_norm_triton",

@@ -1,4 +1,5 @@
-"""int4 products of few rows (1 to 128) on the tensor cores, for GPTQ's packed layout (int_packing).
+"""int4 products on the tensor cores, for GPTQ's packed layout (int_packing): few rows (1 to 128, K split to
+fill the SMs) and, in row tiles of up to 128 without K-splits, prefill-sized ones without a dense copy.
 
 Why: the CUDA-core kernels spend several instructions on every weight code and one FMA per code and row of
 x, so a few rows of x cost nearly a few times one row. Here the tensor cores do the multiply-adds of up to 128
@@ -40,17 +41,16 @@ class MmaGemvConfig(NamedTuple):
 
 
 K_TILE = 128  # one tile is 16 packed int32 rows: one MMA of depth 16 per code position
-MMA_MAX_ROWS = SPLIT_K_MAX_ROWS  # as many rows as the K-splits' workspace holds
+MMA_TILE_ROWS = 128  # the largest row tile (the MMA's N): more rows take more row tiles
 # (magic bit pattern, its value) per activation dtype: MAGIC | q is the float MAGIC + q for q < 16
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
 def mma_applies(x: torch.Tensor, bits: int, group_size: int) -> bool:
-    """int4 of bf16/fp16 activations, K and the groups in whole 128-row tiles, at most MMA_MAX_ROWS rows."""
+    """int4 of bf16/fp16 activations, K and the groups in whole 128-row tiles."""
     k = x.shape[1]
     group_size = k if group_size == -1 or group_size >= k else group_size
-    return (bits == 4 and x.dtype in _MAGIC and x.shape[0] <= MMA_MAX_ROWS and k % K_TILE == 0
-            and group_size % K_TILE == 0)
+    return bits == 4 and x.dtype in _MAGIC and k % K_TILE == 0 and group_size % K_TILE == 0
 
 
 @triton.jit
@@ -100,17 +100,17 @@ def _quant_gemm_mma_kernel(x_ptr, qw_ptr, scales_ptr, zeros_ptr, out_ptr, ws_ptr
 
 
 def quant_gemm_mma(x, qweight, scales, zeros, group_size, bits, config: MmaGemvConfig):
-    """x [M, K] @ the int4 weight, M <= MMA_MAX_ROWS, on the tensor cores (see `mma_applies`); same contract
-    as `quant_gemm_ref` up to fp32 summation order."""
+    """x [M, K] @ the int4 weight on the tensor cores (see `mma_applies`); same contract as `quant_gemm_ref` up
+    to fp32 summation order. K is split only for up to SPLIT_K_MAX_ROWS rows (the workspace's), one split past
+    that, where the row tiles fill the SMs anyway."""
     group_size = check_packed_operands(x, qweight, scales, zeros, group_size, bits)
     if not mma_applies(x, bits, group_size):
         raise ValueError(f"the tensor-core product takes int4 weights of bf16/fp16 activations, K and groups in "
-                         f"multiples of {K_TILE} and at most {MMA_MAX_ROWS} rows; got {bits} bits, {x.dtype}, "
-                         f"K={x.shape[1]}, group {group_size}, {x.shape[0]} rows")
+                         f"multiples of {K_TILE}; got {bits} bits, {x.dtype}, K={x.shape[1]}, group {group_size}")
     m, k = x.shape
     n = qweight.shape[1]
-    block_m = max(16, min(config.block_m, triton.next_power_of_2(m)))
-    split_k = max(1, min(config.split_k, k // K_TILE))
+    block_m = max(16, min(config.block_m, MMA_TILE_ROWS, triton.next_power_of_2(m)))
+    split_k = max(1, min(config.split_k, k // K_TILE)) if m <= SPLIT_K_MAX_ROWS else 1
     if config.permute_x:  # [M, tiles, 16 packed rows, 8 codes] -> [M, tiles, 8 codes, 16 packed rows]
         x = x.reshape(m, k // K_TILE, K_TILE // 8, 8).transpose(2, 3).reshape(m, k)
     x = x if x.stride(1) == 1 else x.contiguous()

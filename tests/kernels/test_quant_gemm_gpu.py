@@ -143,7 +143,7 @@ def test_start_up_row_plan_covers_the_buckets_and_its_choices_match_the_referenc
     reserve_dequant_scratch(4096 * 4096, torch.bfloat16, x.device)
     plan, report = fastest_row_plan(qweight, scales, zeros, 128, 4)
     assert [rows for rows, _ in plan] == list(ROW_BUCKETS) and len(report) == len(ROW_BUCKETS)
-    for m in (5, 8, 13, 40, 64, 100, 128, 129):
+    for m in (5, 8, 13, 40, 64, 100, 128, 129, 300, 512, 1000, 1024, 1025):
         _assert_close(quant_gemm(x[:m], qweight, scales, zeros, 128, 4, None, plan), x[:m], qweight, scales, zeros,
                       128, 4)
 
@@ -151,15 +151,16 @@ def test_start_up_row_plan_covers_the_buckets_and_its_choices_match_the_referenc
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
 def test_tensor_core_product_at_real_shapes(k, n, dtype):
-    """kernels/quant_gemv_mma.py at the 8B's shapes, 1 to 64 rows, with the candidates start-up timing tries
-    (K-splits meeting in the workspace), also replayed in a CUDA graph with new inputs."""
+    """kernels/quant_gemv_mma.py at the 8B's shapes, 1 to 1,000 rows, with the candidates start-up timing tries
+    (K-splits meeting in the workspace up to 128 rows, row tiles past them), also replayed in a CUDA graph with
+    new inputs."""
     from asyncserve.kernels import quant_gemm_mma
     from asyncserve.kernels.split_k import reserve_split_k_workspace
     from asyncserve.layers.quantization.packed_int_timing import mma_candidates
     x, qweight, scales, zeros = _quantized(k, n, 128, 4, dtype)
     reserve_split_k_workspace(n, x.device)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for m in (1, 2, 16, 17, 64, 128):
+    for m in (1, 2, 16, 17, 64, 128, 200, 1000):
         for config in mma_candidates(m, k, n, num_sms):
             _assert_close(quant_gemm_mma(x[:m], qweight, scales, zeros, 128, 4, config), x[:m], qweight, scales,
                           zeros, 128, 4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import asyncserve.kernels as kernels
-from asyncserve.kernels import MMA_MAX_ROWS, MmaGemvConfig, mma_applies, quant_gemm, quant_gemm_mma
+from asyncserve.kernels import MmaGemvConfig, SPLIT_K_MAX_ROWS, mma_applies, quant_gemm, quant_gemm_mma
 from tests.kernels.test_quant_gemm import _assert_close_to_reference, random_quantized
 
 quant_gemm_module = importlib.import_module("asyncserve.kernels.quant_gemm")
@@ -30,6 +30,8 @@ CASES = [  # (m, k, n, group_size, config): partial column tiles, rows past 16, 
     (3, 384, 72, 128, MmaGemvConfig(32, 16, 2, 4, 2, True)),
     (17, 256, 33, -1, MmaGemvConfig(32, 32, 1, 4, 2, True)),
     (40, 384, 24, 128, MmaGemvConfig(16, 16, 5, 4, 2, True)),
+    # past the workspace's rows: two row tiles of 128, the three K-splits asked for taken as one
+    (SPLIT_K_MAX_ROWS + 22, 256, 40, 128, MmaGemvConfig(32, 128, 3, 8, 2, True)),
 ]
 
 
@@ -72,12 +74,12 @@ def test_zero_points_and_scales_come_out_exactly(triton_device):
 
 @pytest.mark.parametrize("bits,k,group_size,rows,dtype,applies", [
     (4, 4096, 128, 1, torch.bfloat16, True),
-    (4, 4096, -1, MMA_MAX_ROWS, torch.float16, True),
+    (4, 4096, -1, SPLIT_K_MAX_ROWS, torch.float16, True),
     (4, 4096, 256, 1, torch.bfloat16, True),
     (8, 4096, 128, 1, torch.bfloat16, False),  # 8-bit codes do not fit bf16's 7-bit mantissa above 128
     (4, 4096, 32, 1, torch.bfloat16, False),  # groups smaller than a 128-deep tile
     (4, 4160, 128, 1, torch.bfloat16, False),  # K not in whole tiles
-    (4, 4096, 128, MMA_MAX_ROWS + 1, torch.bfloat16, False),
+    (4, 4096, 128, 2048, torch.bfloat16, True),  # prefill: row tiles, K not split
     (4, 4096, 128, 1, torch.float32, False),
 ])
 def test_what_it_applies_to(bits, k, group_size, rows, dtype, applies):
@@ -124,6 +126,10 @@ def test_candidates_fill_the_sms():
     assert mma_candidates(40, 512, 256, 132, permute_x=False) == [MmaGemvConfig(128, 64, 2, 8, 3)]
     # 128 rows of 128 columns: eight warps hold the two accumulators
     assert mma_candidates(128, 4096, 4096, 132)[0] == MmaGemvConfig(128, 128, 9, 8, 3)
+    # prefill's rows: row tiles of 128, K not split (the workspace holds 128 rows)
+    assert mma_candidates(512, 4096, 4096, 132) == [MmaGemvConfig(128, 128, 1, 8, 3),
+                                                    MmaGemvConfig(64, 128, 1, 8, 3, True),
+                                                    MmaGemvConfig(128, 128, 1, 8, 3, True)]
 
 
 

@@ -304,7 +304,7 @@ def test_start_up_timing_sets_each_layers_products_once_per_shape(monkeypatch):
              for method, shape in zip(methods, [(512, 6144), (512, 6144), (512, 4096)])]
     assert timed == [(512, 6144), (512, 4096)]
     assert lines[0] == ("int4 4096x6144: 1 row GEMV (32, 64, 4, 4, 3, True) 40.0 us (table 50.0); "
-                        "8 rows GEMM 16x64x128 in 6 K-splits 20.0 us (table 50.0), 128 rows dequant 60.0 us (table 90.0)")
+                        "8 rows GEMM 16x64x128 in 6 K-splits 20.0 us (untimed 50.0), 128 rows dequant 60.0 us (untimed 90.0)")
     assert lines[1] is None and lines[2].startswith("int4 4096x4096")
     assert all(method.gemv_config == gemv and method.row_plan == plan for method in methods)
     methods[0].apply(layer((512, 6144)), torch.zeros(1, 4096), None)

@@ -153,8 +153,8 @@ class PackedIntLinearMethod(LinearMethodBase):
         if not first:
             return None
         k, n = qweight.shape[0] * 32 // self.bits, qweight.shape[1]
-        rows = ", ".join(f"{bucket} rows {name} {ms * 1e3:.1f} us (table {table * 1e3:.1f})"
-                         for bucket, name, ms, table in report)
+        rows = ", ".join(f"{bucket} rows {name} {ms * 1e3:.1f} us (untimed {baseline * 1e3:.1f})"
+                         for bucket, name, ms, baseline in report)
         one_row = (f"tensor-core {tuple(self.gemv_config)}" if isinstance(self.gemv_config, MmaGemvConfig)
                    else f"GEMV {self.gemv_config}")
         return (f"int{self.bits} {k}x{n}: 1 row {one_row} {best_ms * 1e3:.1f} us "

@@ -5,8 +5,8 @@ at once: the table's tiles were chosen in one H100 sweep, and for 5-128 rows the
 (N / BLOCK_N column tiles, one program each). Timing the candidates once per shape at start-up (well under
 a second of GPU time; one Triton compile per tile shape) keeps what is fastest here: the one-row GEMV's
 tiles or the tensor-core product (kernels/quant_gemv_mma.py: int4 in 128-row groups), and for each row bucket
-a K-split GEMM, the table's GEMM, the tensor-core product (up to MMA_MAX_ROWS rows) or dequantization into the
-scratch + cuBLAS.
+a K-split GEMM, the table's GEMM, the tensor-core product or dequantization into the scratch + cuBLAS (past
+SPLIT_K_MAX_ROWS rows, prefill's: the tensor-core product in row tiles without K-splits, or dequantization).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from asyncserve.kernels import (GEMV_MAX_ROWS, MMA_MAX_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, MmaGemvConfig,
+from asyncserve.kernels import (GEMV_MAX_ROWS, MMA_TILE_ROWS, QUANT_GEMV_TIMED, SPLIT_K_MAX_ROWS, MmaGemvConfig,
                                 gemv_table_config, mma_applies, quant_gemm_mma, quant_gemv_triton)
 from asyncserve.kernels.quant_gemm import (dequant_scratch, dequantize_triton, gemm_table_config, quant_gemm,
                                            quant_gemm_triton)
@@ -37,8 +37,9 @@ def _mma_usable(x: torch.Tensor, bits: int, group_size: int) -> bool:
             and mma_applies(x, bits, group_size))
 
 
-# The row counts a plan is timed at; rows in (previous, bucket] take that bucket's choice.
-ROW_BUCKETS = (8, 16, 32, 64, SPLIT_K_MAX_ROWS)
+# The row counts a plan is timed at; rows in (previous, bucket] take that bucket's choice, rows past the last
+# dequantization + cuBLAS (where the fused product's unpacking, repeated per row tile, outweighs one dense copy).
+ROW_BUCKETS = (8, 16, 32, 64, SPLIT_K_MAX_ROWS, 256, 512, 1024)
 DEQUANT = "dequant"  # a plan's choice: dequantize into the scratch, then cuBLAS
 # A plan: ((max_rows, choice), ...) by growing max_rows; choice DEQUANT, an MmaGemvConfig or
 # (GEMM config, num_splits).
@@ -50,13 +51,13 @@ def mma_candidates(rows: int, k: int, n: int, num_sms: int, permute_x: bool = Tr
     warps where a tile's two fp32 accumulators would not fit four warps' registers, and as many K-splits as
     fill about two waves of the SMs while each split keeps at least two 128-deep tiles. x gathered in the
     kernel at both widths for one row, at 128 columns past it (the tile that won at 8-32 rows on an H100),
-    and with `permute_x` x reordered once per call at both widths."""
-    block_m = max(16, min(MMA_MAX_ROWS, 1 << (rows - 1).bit_length()))
+    and with `permute_x` x reordered once per call at both widths. Past SPLIT_K_MAX_ROWS rows, K is not split."""
+    block_m = max(16, min(MMA_TILE_ROWS, 1 << (rows - 1).bit_length()))
     k_tiles = k // K_TILE
 
     def config(block_n: int, permute_x: bool) -> MmaGemvConfig:
         tiles = -(-rows // block_m) * -(-n // block_n)
-        split_k = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2))
+        split_k = max(1, min(-(-2 * num_sms // tiles), k_tiles // 2)) if rows <= SPLIT_K_MAX_ROWS else 1
         return MmaGemvConfig(block_n, block_m, split_k, 8 if block_n * block_m >= 8192 else 4, 3, permute_x)
 
     gathered = [config(64, False), config(128, False)] if rows == 1 else [config(128, False)]
@@ -102,10 +103,11 @@ def split_k_candidates(rows: int, k: int, n: int, group_size: int, num_sms: int)
 @torch.inference_mode()
 def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                      bits: int) -> tuple[RowPlan, list[tuple[int, str, float, float]]]:
-    """(plan, report) for GEMV_MAX_ROWS < rows <= SPLIT_K_MAX_ROWS: per bucket of ROW_BUCKETS the fastest of
-    the table's GEMM, the K-split GEMMs, the tensor-core product where it applies and (where the scratch is
-    reserved) dequantization + cuBLAS;
-    report rows are (bucket, what won, its ms, the table's ms)."""
+    """(plan, report) for GEMV_MAX_ROWS < rows <= ROW_BUCKETS[-1]: per bucket the fastest of the tensor-core
+    product where it applies, dequantization + cuBLAS where the scratch is reserved, and up to SPLIT_K_MAX_ROWS
+    rows the table's GEMM and the K-split GEMMs; past them the baseline is what runs without a plan
+    (dequantization, or the table's GEMM without a scratch);
+    report rows are (bucket, what won, its ms, the baseline's ms)."""
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     num_sms = _num_sms(qweight.device)
     timed = cold_timer(qweight)
@@ -114,9 +116,11 @@ def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, k, dtype=scales.dtype, device=qweight.device)
         table = (gemm_table_config(rows), 1)
-        candidates = [table] + split_k_candidates(rows, k, n, group_size, num_sms)
+        gemms = [table] + split_k_candidates(rows, k, n, group_size, num_sms) if rows <= SPLIT_K_MAX_ROWS else []
+        if scratch is None and not gemms:
+            gemms = [table]
         times = {}
-        for config, num_splits in candidates:
+        for config, num_splits in gemms:
             times[(config, num_splits)] = timed(lambda w, c=config, s=num_splits: quant_gemm_triton(
                 x, w, scales, zeros, group_size, bits, c, s))
         if _mma_usable(x, bits, group_size):
@@ -124,9 +128,10 @@ def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
                 times[config] = timed(lambda w, c=config: quant_gemm_mma(x, w, scales, zeros, group_size, bits, c))
         if scratch is not None:
             times[DEQUANT] = timed(lambda w: x @ dequantize_triton(w, scales, zeros, group_size, bits, k, scratch))
+        baseline = table if table in times else DEQUANT
         best = min(times, key=times.get)
         plan.append((rows, best))
-        report.append((rows, _choice_name(best), times[best], times[table]))
+        report.append((rows, _choice_name(best), times[best], times[baseline]))
     assert ROW_BUCKETS[0] > GEMV_MAX_ROWS
     return tuple(plan), report
 

@@ -123,5 +123,6 @@ def quant_gemm_mma(x, qweight, scales, zeros, group_size, bits, config: MmaGemvC
     _quant_gemm_mma_kernel[grid](
         x, qweight, scales, zeros, out, ws, arrivals, m, n, k, split_k, x.stride(0), qweight.stride(0),
         scales.stride(0), out.stride(0), GROUP_SIZE=group_size if group_size < k else triton.next_power_of_2(k),
-        MAGIC=magic, MAGIC_VALUE=magic_value, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLITS=splits, PERMUTED_X=config.permute_x, num_warps=config.num_warps, num_stages=config.num_stages)
+        MAGIC=magic, MAGIC_VALUE=magic_value, BLOCK_N=config.block_n, BLOCK_M=block_m, SPLITS=splits,
+        PERMUTED_X=config.permute_x, num_warps=config.num_warps, num_stages=config.num_stages)
     return out.to(x.dtype)

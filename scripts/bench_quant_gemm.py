@@ -25,7 +25,7 @@ from asyncserve.kernels import (QUANT_GEMM_CONFIGS, QUANT_GEMV_CONFIGS, QUANT_GE
                                 pack_int_rows, quant_gemm, quant_gemm_mma, quant_gemm_triton, quant_gemv_triton,
                                 reserve_dequant_scratch, reserve_split_k_workspace)
 from asyncserve.kernels.quant_gemm import dequant_scratch, gemm_table_config
-from asyncserve.layers.quantization.packed_int_timing import mma_candidates, split_k_candidates
+from asyncserve.layers.quantization.packed_int_timing import ROW_BUCKETS, mma_candidates, split_k_candidates
 from bench_common import measure_bandwidth, measure_matmul_rate
 
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
@@ -94,17 +94,17 @@ def bench_shape(name, k, n, m, bits, group_size, copy_rate, matmul_rate, sweep, 
             ms = _time_cold(lambda w: quant_gemv_triton(x, *w, group_size, bits, config), weights)
             best_timed = min(best_timed, ms) if best_timed is not None else ms
             print(f"    timed {config}{' (table)' if config == table else ''}: {ms * 1e3:8.1f} us", flush=True)
-    elif timed and m <= SPLIT_K_MAX_ROWS:  # what fastest_row_plan weighs for this many rows
+    elif timed and m <= ROW_BUCKETS[-1]:  # what fastest_row_plan weighs for this many rows
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count
         candidates = [(gemm_table_config(m), 1)] + split_k_candidates(m, k, n, group_size, num_sms)
-        for config, num_splits in candidates:
+        for config, num_splits in candidates if m <= SPLIT_K_MAX_ROWS else []:
             ms = _time_cold(lambda w: quant_gemm_triton(x, *w, group_size, bits, config, num_splits), weights)
             best_timed = ms if best_timed is None else min(best_timed, ms)
             print(f"    timed GEMM {config} in {num_splits} K-splits: {ms * 1e3:8.1f} us", flush=True)
         reserve_dequant_scratch(k * n, DTYPE, x.device)
         scratch = dequant_scratch(DTYPE, x.device, k * n)
         ms = _time_cold(lambda w: x @ dequantize_triton(*w, group_size, bits, k, scratch), weights)
-        best_timed = min(best_timed, ms)
+        best_timed = ms if best_timed is None else min(best_timed, ms)
         print(f"    timed dequantize + cuBLAS: {ms * 1e3:8.1f} us", flush=True)
     if sweep:
         configs = (QUANT_GEMV_CONFIGS if gemv else
@@ -125,8 +125,9 @@ def main():
     parser.add_argument("--mma-sweep", action="store_true",
                         help="with --timed: also every tensor-core tile of the sweep list (int4, groups of 128)")
     parser.add_argument("--timed", action="store_true",
-                        help="for M <= SPLIT_K_MAX_ROWS, time what start-up timing tries (on unless ASYNCSERVE_QUANT_TUNE=0: "
-                             "GEMV tiles; table GEMM, K-split GEMMs, dequantize + cuBLAS) and total the fastest")
+                        help="for M up to the row plan's last bucket, time what start-up timing tries (on unless "
+                             "ASYNCSERVE_QUANT_TUNE=0: GEMV tiles; tensor-core product, table GEMM, K-split GEMMs, "
+                             "dequantize + cuBLAS) and total the fastest")
     args = parser.parse_args()
     copy_rate, matmul_rate = measure_bandwidth(), measure_matmul_rate()
     print(f"{torch.cuda.get_device_name()}: copy {copy_rate / 1e9:.0f} GB/s, "
@@ -141,7 +142,7 @@ def main():
         # 32 layers of the four projections: the linear part of one 8B decode/prefill step.
         print(f"M={m}: 32 layers of projections {32 * ours_total:.2f} ms "
               f"(torch bf16 {32 * bf16_total:.2f} ms"
-              + (f"; the start-up-timed choices {32 * timed_total:.2f} ms" if args.timed and m <= SPLIT_K_MAX_ROWS
+              + (f"; the start-up-timed choices {32 * timed_total:.2f} ms" if args.timed and m <= ROW_BUCKETS[-1]
                  else "") + ")", flush=True)
 
 

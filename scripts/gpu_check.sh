@@ -189,7 +189,11 @@ if [ "$what" = int4 ]; then  # issue 28: the int4 products' start-up timing (on 
     ${INT4_TESTS_K:+-k "$INT4_TESTS_K"} 2>&1 \
     | tee "$OUT/quant_gemm_tests.log" | tail -4
   cd "$ROOT/scripts"
-  timeout 200 python3 bench_quant_gemm.py --m 1 16 64 128 512 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
+  # (INT4_BASE=DIR: the same kernel timings from another checkout first, e.g. .baseline made by git archive)
+  [ -n "${INT4_BASE:-}" ] && (base=$(realpath "$ROOT/$INT4_BASE"); ln -sfn ../kernels "$base/asyncserve/kernels"; \
+    cd "$base/scripts" && PYTHONPATH="$base:${PYTHONPATH:-}" timeout 200 python3 bench_quant_gemm.py --m 1 16 64 128 512 --timed \
+    2>&1 | tee "$OUT/bench_quant_gemv_base.log" | grep -E "^M=" | sed "s/^/[base] /")
+  timeout 260 python3 bench_quant_gemm.py --m 1 16 64 128 512 1024 --timed 2>&1 | tee "$OUT/bench_quant_gemv.log" | grep -E "^[a-zA-Z]|timed"
   [ -n "${INT4_SWEEP:-}" ] && timeout 150 python3 bench_quant_gemm.py --m 1 --timed --mma-sweep 2>&1 | tee "$OUT/bench_quant_sweep.log" \
     | grep -E "^[a-zA-Z]|tensor-core"
   for switches in ${INT4_SWITCHES:-default ASYNCSERVE_QUANT_MMA_PERMUTE_X=0 ASYNCSERVE_QUANT_MMA=0}; do

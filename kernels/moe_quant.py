@@ -15,7 +15,7 @@ import torch
 from ._triton import tl, triton
 from .moe_tiles import moe_config, table_tiles
 from .quant_experts import QuantExperts
-from .quant_gemm import _codes_to_float, _kernel_group_size
+from .quant_gemm import _biased_codes, _kernel_group_size
 
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -67,7 +67,7 @@ def _moe_quant_gemm_kernel(a_ptr, b_ptr, scales_ptr, zeros_ptr, c_ptr, weights_p
         else:  # each int32 loaded once per row it holds (L1 hits), its codes dequantized in fp32
             packed = tl.load(b_expert + (offs_k // PER)[:, None] * stride_bk + offs_n[None, :], mask=kn_mask,
                              other=0)
-            q = _codes_to_float((packed >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1))
+            q = _biased_codes((packed >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1))  # 2**23 + q
             if GROUP_SIZE % BLOCK_K == 0:  # the whole K tile lies in one group: one row of scales
                 group_offs = (k0 // GROUP_SIZE) * stride_sg + offs_n[None, :]
                 group_mask = n_mask[None, :]
@@ -75,8 +75,8 @@ def _moe_quant_gemm_kernel(a_ptr, b_ptr, scales_ptr, zeros_ptr, c_ptr, weights_p
                 group_offs = (offs_k // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
                 group_mask = kn_mask
             scale = tl.load(scale_rows + group_offs, mask=group_mask, other=0.0).to(tl.float32)
-            zero = tl.load(zero_rows + group_offs, mask=group_mask, other=0.0).to(tl.float32)
-            b = (q - zero) * scale
+            zero = tl.load(zero_rows + group_offs, mask=group_mask, other=0.0).to(tl.float32) + 8388608.0
+            b = (q - zero) * scale  # q - z exactly: one subtraction per code
         if UPCAST_DOT:
             acc = tl.dot(a.to(tl.float32), b.to(a.dtype).to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:

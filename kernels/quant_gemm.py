@@ -64,10 +64,16 @@ def quant_gemm_ref(x, qweight, scales, zeros, group_size, bits):
 
 
 @triton.jit
+def _biased_codes(q):
+    """Codes in [0, 2**23) as the fp32 2**23 + q exactly, without the quarter-rate integer conversion: with
+    exponent bits 0x4B, q becomes the mantissa. (2**23 + q) - (2**23 + z) = q - z exactly for integer z."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _codes_to_float(q):
-    """Codes in [0, 2**23) to fp32 exactly, without the quarter-rate integer conversion: with
-    exponent bits 0x4B, q becomes the mantissa of the float 2**23 + q."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    """Codes in [0, 2**23) to fp32 exactly (see _biased_codes)."""
+    return _biased_codes(q) - 8388608.0
 
 
 @triton.jit

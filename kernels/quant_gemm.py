@@ -2,11 +2,12 @@
 
 Layout: GPTQ's (int_packing), act-order rows pre-permuted at load so the hot loop has no gather.
 The Triton kernels dequantize in registers: a GEMV that streams the packed weight once for
-M <= GEMV_MAX_ROWS (batch-1 decode is bound by reading it) and a tiled tl.dot GEMM for small M; int4 of up
-to 128 rows may take the tensor-core product instead (quant_gemv_mma), where start-up timing chose it. From
-DEQUANT_MIN_ROWS rows on, the weight is dequantized into a shared bf16/fp16 scratch matrix and
-multiplied by cuBLAS: measured on an H100, our fused tiles ran at a quarter of cuBLAS's rate there,
-while dequantizing costs one read of the packed weight and one write plus read of the dense one.
+M <= GEMV_MAX_ROWS (batch-1 decode is bound by reading it) and a tiled tl.dot GEMM for small M; int4 may
+take the tensor-core product instead (quant_gemv_mma) wherever start-up timing's row plan chose it (up to its
+last bucket). Otherwise, from DEQUANT_MIN_ROWS rows on, the weight is dequantized into a shared bf16/fp16
+scratch matrix and multiplied by cuBLAS: measured on an H100, our fused tl.dot tiles ran at a quarter of
+cuBLAS's rate there, while dequantizing costs one read of the packed weight and one write plus read of the
+dense one.
 """
 
 import struct

@@ -116,9 +116,10 @@ def fastest_row_plan(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, k, dtype=scales.dtype, device=qweight.device)
         table = (gemm_table_config(rows), 1)
-        gemms = [table] + split_k_candidates(rows, k, n, group_size, num_sms) if rows <= SPLIT_K_MAX_ROWS else []
-        if scratch is None and not gemms:
-            gemms = [table]
+        if rows <= SPLIT_K_MAX_ROWS:
+            gemms = [table] + split_k_candidates(rows, k, n, group_size, num_sms)
+        else:  # past the workspace's rows: no K-splits; the table's GEMM only where nothing dequantizes
+            gemms = [] if scratch is not None else [table]
         times = {}
         for config, num_splits in gemms:
             times[(config, num_splits)] = timed(lambda w, c=config, s=num_splits: quant_gemm_triton(
